@@ -1,0 +1,96 @@
+//! `GET /api/v1/events`: the event bus as Server-Sent Events. A new stream starts with a snapshot;
+//! a stream resumed with `Last-Event-ID` gets what it missed, or a fresh snapshot if the ring no
+//! longer holds it.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use futures_util::Stream;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::AppState;
+use crate::events::{Envelope, Since};
+use crate::registry::Registry;
+
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+pub async fn stream(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let reader = Reader {
+        wake: app.registry.bus().watch(),
+        registry: app.registry.clone(),
+        cursor: resume,
+        pending: VecDeque::new(),
+        cancel: app.cancel.clone(),
+    };
+    let events = futures_util::stream::unfold(reader, |mut r| async move {
+        let event = r.next().await?;
+        Some((Ok(event), r))
+    });
+    Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
+
+struct Reader {
+    registry: Arc<Registry>,
+    wake: watch::Receiver<u64>,
+    /// The id of the last event this client has; `None` means it needs a snapshot.
+    cursor: Option<u64>,
+    pending: VecDeque<Arc<Envelope>>,
+    cancel: CancellationToken,
+}
+
+impl Reader {
+    async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(env) = self.pending.pop_front() {
+                self.cursor = Some(env.id);
+                return Some(
+                    SseEvent::default()
+                        .id(env.id.to_string())
+                        .event(env.event.kind())
+                        .data(env.json()),
+                );
+            }
+            let Some(cursor) = self.cursor else {
+                let snap = self.registry.snapshot();
+                self.cursor = Some(snap.last_event_id);
+                let data = json!({
+                    "type": "snapshot",
+                    "services": snap.services,
+                    "route_errors": snap.route_errors,
+                });
+                return Some(
+                    SseEvent::default()
+                        .id(snap.last_event_id.to_string())
+                        .event("snapshot")
+                        .data(data.to_string()),
+                );
+            };
+            // Mark the current value seen before reading, so a publish after the read wakes us.
+            self.wake.borrow_and_update();
+            match self.registry.bus().since(cursor) {
+                Since::Gap => self.cursor = None,
+                Since::Events(events) if !events.is_empty() => self.pending.extend(events),
+                Since::Events(_) => {
+                    tokio::select! {
+                        changed = self.wake.changed() => changed.ok()?,
+                        () = self.cancel.cancelled() => return None,
+                    }
+                }
+            }
+        }
+    }
+}

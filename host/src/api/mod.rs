@@ -1,0 +1,105 @@
+//! The HTTP API: services, catalog, events (SSE), health and metrics, served on every configured
+//! listener (TCP or unix socket) from one router.
+
+mod auth;
+mod error;
+mod events;
+mod json;
+mod services;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use tokio_util::sync::CancellationToken;
+
+pub use auth::Tokens;
+pub use error::ApiError;
+
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+/// What the handlers share.
+pub struct Shared {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub tokens: Option<Tokens>,
+    /// Cancelled at shutdown, so that long-lived event streams end and the server can stop.
+    pub cancel: CancellationToken,
+}
+
+pub type AppState = Arc<Shared>;
+
+pub fn router(state: AppState, max_body: usize) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route(
+            "/api/v1/services",
+            get(services::list).post(services::register),
+        )
+        .route(
+            "/api/v1/services/{key}",
+            get(services::get_one).delete(services::deregister),
+        )
+        .route("/api/v1/services/{key}/lease", put(services::renew))
+        .route("/api/v1/catalog", get(services::catalog))
+        .route("/api/v1/route-errors", get(services::route_errors))
+        .route("/api/v1/events", get(events::stream))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .with_state(state)
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.render(app.registry.counts()),
+    )
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no such endpoint: {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+async fn count_requests(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    // Only standard methods become label values, so clients cannot grow the series without bound.
+    let method = match *req.method() {
+        Method::GET
+        | Method::HEAD
+        | Method::POST
+        | Method::PUT
+        | Method::DELETE
+        | Method::PATCH => req.method().as_str().to_owned(),
+        _ => "other".to_owned(),
+    };
+    let response = next.run(req).await;
+    app.metrics
+        .api_requests
+        .with_label_values(&[method.as_str(), response.status().as_str()])
+        .inc();
+    response
+}

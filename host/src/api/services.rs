@@ -1,0 +1,179 @@
+//! `/api/v1/services` and `/api/v1/catalog`: registration with leases, renewal, deregistration,
+//! and the read views.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::json::{JsonBody, OptionalJsonBody};
+use crate::model::{
+    CatalogEntry, InstanceId, LeaseView, Meta, Protocol, RouteInput, ServiceName, Upstream,
+    UpstreamAddr, check_meta, check_weight,
+};
+use crate::registry::{Grant, Registration};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    name: String,
+    upstream: String,
+    weight: Option<u32>,
+    host: Option<String>,
+    hosts: Option<Vec<String>>,
+    path: Option<String>,
+    protocol: Option<Protocol>,
+    listen: Option<String>,
+    ttl_secs: Option<u64>,
+    public: Option<bool>,
+    strategy: Option<String>,
+    meta: Option<Meta>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    ttl_secs: Option<u64>,
+}
+
+#[derive(Serialize)]
+pub struct GrantBody {
+    id: InstanceId,
+    name: ServiceName,
+    lease: LeaseView,
+}
+
+impl From<Grant> for GrantBody {
+    fn from(g: Grant) -> Self {
+        Self {
+            id: g.id,
+            name: g.name,
+            lease: LeaseView::new(g.ttl, g.expires_at),
+        }
+    }
+}
+
+impl RegisterRequest {
+    fn into_registration(self) -> Result<Registration, ApiError> {
+        let name = ServiceName::parse(&self.name)?;
+        let route = RouteInput {
+            host: self.host.as_deref(),
+            hosts: self.hosts.as_deref(),
+            path: self.path.as_deref(),
+            protocol: self.protocol,
+            listen: self.listen.as_deref(),
+            strategy: self.strategy.as_deref(),
+            public: self.public,
+            ..RouteInput::new(&name)
+        }
+        .validate()?;
+        let upstream = Upstream {
+            addr: UpstreamAddr::parse(&self.upstream)?,
+            weight: check_weight(self.weight.unwrap_or(1))?,
+        };
+        let meta = self.meta.unwrap_or_default();
+        check_meta(&meta)?;
+        Ok(Registration {
+            name,
+            upstream,
+            route,
+            ttl: self.ttl_secs.map(Duration::from_secs),
+            meta,
+        })
+    }
+}
+
+fn parse_name(raw: &str) -> Result<ServiceName, ApiError> {
+    Ok(ServiceName::parse(raw)?)
+}
+
+fn parse_id(raw: &str) -> Result<InstanceId, ApiError> {
+    raw.parse().map_err(|_| {
+        ApiError::bad_request(Some("id".into()), format!("{raw:?} is not an instance id"))
+    })
+}
+
+pub async fn register(
+    State(app): State<AppState>,
+    caller: Caller,
+    JsonBody(req): JsonBody<RegisterRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let reg = req.into_registration()?;
+    caller.may_change(&reg.name)?;
+    let grant = app.registry.register(reg)?;
+    let status = if grant.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(GrantBody::from(grant))))
+}
+
+pub async fn renew(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    OptionalJsonBody(req): OptionalJsonBody<RenewRequest>,
+) -> Result<Json<GrantBody>, ApiError> {
+    let id = parse_id(&id)?;
+    let name = app
+        .registry
+        .instance_service(id)
+        .ok_or_else(|| ApiError::from(crate::registry::RegistryError::UnknownInstance(id)))?;
+    caller.may_change(&name)?;
+    let ttl = req.and_then(|r| r.ttl_secs).map(Duration::from_secs);
+    Ok(Json(app.registry.renew(id, ttl)?.into()))
+}
+
+pub async fn deregister(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    let name = app
+        .registry
+        .instance_service(id)
+        .ok_or_else(|| ApiError::from(crate::registry::RegistryError::UnknownInstance(id)))?;
+    caller.may_change(&name)?;
+    app.registry.deregister(id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn list(State(app): State<AppState>) -> impl IntoResponse {
+    Json(json!({ "services": app.registry.services() }))
+}
+
+pub async fn get_one(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let name = parse_name(&name)?;
+    let service = app
+        .registry
+        .service(&name)
+        .ok_or_else(|| ApiError::not_found(format!("no service named {name:?}")))?;
+    Ok(Json(service))
+}
+
+pub async fn catalog(State(app): State<AppState>) -> impl IntoResponse {
+    let services: Vec<CatalogEntry> = app
+        .registry
+        .services()
+        .iter()
+        .filter(|s| s.public)
+        .map(CatalogEntry::from)
+        .collect();
+    Json(json!({ "services": services }))
+}
+
+pub async fn route_errors(State(app): State<AppState>) -> impl IntoResponse {
+    Json(json!({ "errors": app.registry.route_errors() }))
+}

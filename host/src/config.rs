@@ -1,0 +1,376 @@
+//! Configuration: command-line flags, each also settable from a `HARBOR_*` environment variable,
+//! over an optional TOML file, over defaults. The result is one validated [`Config`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+use crate::registry::LeaseLimits;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "harbor",
+    version,
+    about = "Single-host service registry and proxy controller",
+    long_about = "Harbor keeps a registry of services — static ones from .route files, ephemeral \
+                  ones registered over its REST API with a TTL lease — and makes a reverse proxy \
+                  route to them.\n\nEvery flag can also be set from the environment variable \
+                  shown beside it, or in a TOML file given with --config (same names, with '_' \
+                  for '-')."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon (the default when no command is given).
+    Run,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// TOML configuration file; flags and environment variables override it.
+    #[arg(long, env = "HARBOR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Directory of .route files, followed live. [default: /etc/harbor/routes.d]
+    #[arg(long, env = "HARBOR_ROUTES", value_name = "DIR")]
+    pub routes: Option<PathBuf>,
+
+    /// Where ephemeral registrations are kept across restarts. [default: /var/lib/harbor]
+    #[arg(long, env = "HARBOR_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// API listener: ADDR:PORT or unix:/path/to.sock; repeat or comma-separate for several.
+    /// [default: 127.0.0.1:7070]
+    #[arg(long, env = "HARBOR_API", value_name = "ADDR", value_delimiter = ',')]
+    pub api: Vec<ListenAddr>,
+
+    /// Which proxy Harbor drives. [default: embedded]
+    #[arg(long, env = "HARBOR_BACKEND", value_enum)]
+    pub backend: Option<BackendKind>,
+
+    /// Where the embedded HTTP proxy listens. [default: 127.0.0.1:8080]
+    #[arg(long, env = "HARBOR_PROXY_LISTEN", value_name = "ADDR")]
+    pub proxy_listen: Option<SocketAddr>,
+
+    /// Directory of custom plugins (.wasm components).
+    #[arg(long, env = "HARBOR_PLUGINS", value_name = "DIR")]
+    pub plugins: Option<PathBuf>,
+
+    /// Bearer tokens for mutating API calls, one per line: `TOKEN [SERVICE-PREFIX]`.
+    #[arg(long, env = "HARBOR_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Shortest lease a registration may ask for. [default: 1s]
+    #[arg(long, env = "HARBOR_TTL_MIN", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub ttl_min: Option<Duration>,
+
+    /// Longest lease a registration may ask for. [default: 24h]
+    #[arg(long, env = "HARBOR_TTL_MAX", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub ttl_max: Option<Duration>,
+
+    /// Lease given when a registration names no TTL. [default: 30s]
+    #[arg(long, env = "HARBOR_TTL_DEFAULT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub ttl_default: Option<Duration>,
+
+    /// Re-read the routes directory this often even without change events; 0 turns it off.
+    /// [default: 30s]
+    #[arg(long, env = "HARBOR_RESCAN_INTERVAL", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub rescan_interval: Option<Duration>,
+
+    /// Do not watch the routes directory for changes (rely on rescans and SIGHUP).
+    #[arg(long, env = "HARBOR_NO_WATCH")]
+    pub no_watch: bool,
+
+    /// Largest API request body, in bytes. [default: 65536]
+    #[arg(long, env = "HARBOR_MAX_BODY", value_name = "BYTES")]
+    pub max_body: Option<usize>,
+
+    /// Log format. [default: text]
+    #[arg(long, env = "HARBOR_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(ValueEnum, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Harbor is the proxy.
+    #[default]
+    Embedded,
+    /// Drive Caddy through its admin API.
+    Caddy,
+    /// Drive Envoy through dynamic configuration files.
+    Envoy,
+}
+
+#[derive(ValueEnum, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Where an API listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path, e.g. unix:/run/harbor/api.sock".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        s.parse()
+            .map(ListenAddr::Tcp)
+            .map_err(|_| format!("{s:?} is neither ADDR:PORT nor unix:/path"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => a.fmt(f),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// The config file: the same settings as the flags.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    routes: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    api: Option<Vec<ListenAddr>>,
+    backend: Option<BackendKind>,
+    proxy_listen: Option<SocketAddr>,
+    plugins: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    #[serde(default, with = "opt_duration")]
+    ttl_min: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    ttl_max: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    ttl_default: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    rescan_interval: Option<Duration>,
+    watch: Option<bool>,
+    max_body: Option<usize>,
+    log_format: Option<LogFormat>,
+}
+
+mod opt_duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let raw = String::deserialize(d)?;
+        humantime::parse_duration(&raw)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("{raw:?}: {e}")))
+    }
+}
+
+/// The daemon's settings, resolved and checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub routes_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub api: Vec<ListenAddr>,
+    pub backend: BackendKind,
+    pub proxy_listen: SocketAddr,
+    pub plugins_dir: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub lease: LeaseLimits,
+    pub rescan_interval: Option<Duration>,
+    pub watch: bool,
+    pub max_body: usize,
+    pub log_format: LogFormat,
+    /// Events kept for clients that resume a stream.
+    pub event_ring: usize,
+    /// Longest a change waits before the state file is rewritten.
+    pub state_flush: Duration,
+}
+
+impl Config {
+    /// Defaults with the given directories; the starting point for tests and embedding.
+    pub fn new(routes_dir: impl Into<PathBuf>, state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            routes_dir: routes_dir.into(),
+            state_dir: state_dir.into(),
+            api: vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 7070)))],
+            backend: BackendKind::Embedded,
+            proxy_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            plugins_dir: None,
+            token_file: None,
+            lease: LeaseLimits::default(),
+            rescan_interval: Some(Duration::from_secs(30)),
+            watch: true,
+            max_body: 64 * 1024,
+            log_format: LogFormat::Text,
+            event_ring: 4096,
+            state_flush: Duration::from_millis(500),
+        }
+    }
+
+    pub fn from_args(args: RunArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let mut c = Config::new(
+            args.routes
+                .or(file.routes)
+                .unwrap_or_else(|| "/etc/harbor/routes.d".into()),
+            args.state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| "/var/lib/harbor".into()),
+        );
+        if !args.api.is_empty() {
+            c.api = args.api;
+        } else if let Some(api) = file.api {
+            c.api = api;
+        }
+        c.backend = args.backend.or(file.backend).unwrap_or_default();
+        c.proxy_listen = args
+            .proxy_listen
+            .or(file.proxy_listen)
+            .unwrap_or(c.proxy_listen);
+        c.plugins_dir = args.plugins.or(file.plugins);
+        c.token_file = args.token_file.or(file.token_file);
+        c.lease.min = args.ttl_min.or(file.ttl_min).unwrap_or(c.lease.min);
+        c.lease.max = args.ttl_max.or(file.ttl_max).unwrap_or(c.lease.max);
+        c.lease.default = args
+            .ttl_default
+            .or(file.ttl_default)
+            .unwrap_or(c.lease.default);
+        if let Some(every) = args.rescan_interval.or(file.rescan_interval) {
+            c.rescan_interval = (!every.is_zero()).then_some(every);
+        }
+        c.watch = !args.no_watch && file.watch.unwrap_or(true);
+        c.max_body = args.max_body.or(file.max_body).unwrap_or(c.max_body);
+        c.log_format = args.log_format.or(file.log_format).unwrap_or_default();
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let l = &self.lease;
+        if l.min.is_zero() || l.min > l.max {
+            bail!(
+                "lease bounds: --ttl-min ({}) must be above zero and at most --ttl-max ({})",
+                humantime::format_duration(l.min),
+                humantime::format_duration(l.max)
+            );
+        }
+        if l.default < l.min || l.default > l.max {
+            bail!(
+                "--ttl-default ({}) must lie within --ttl-min and --ttl-max",
+                humantime::format_duration(l.default)
+            );
+        }
+        if self.api.is_empty() {
+            bail!("at least one --api listener is needed");
+        }
+        if self.max_body < 1024 {
+            bail!("--max-body must be at least 1024 bytes");
+        }
+        Ok(())
+    }
+}
+
+fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("in the config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("harbor.toml");
+        std::fs::write(
+            &file,
+            "routes = \"/srv/routes\"\napi = [\"127.0.0.1:9000\", \"unix:/tmp/h.sock\"]\nttl_max = \"1h\"\nwatch = false\n",
+        )
+        .unwrap();
+        let args = RunArgs {
+            config: Some(file),
+            routes: Some("/other".into()),
+            ..RunArgs::default()
+        };
+        let c = Config::from_args(args).unwrap();
+        assert_eq!(c.routes_dir, PathBuf::from("/other"));
+        assert_eq!(c.api[1], ListenAddr::Unix("/tmp/h.sock".into()));
+        assert_eq!(c.lease.max, Duration::from_secs(3600));
+        assert!(!c.watch);
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/harbor"));
+    }
+
+    #[test]
+    fn bad_config_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("harbor.toml");
+        std::fs::write(&file, "routs = \"/x\"\n").unwrap();
+        let err = Config::from_args(RunArgs {
+            config: Some(file),
+            ..RunArgs::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("routs"), "{err:#}");
+
+        let err = Config::from_args(RunArgs {
+            ttl_min: Some(Duration::from_secs(10)),
+            ttl_max: Some(Duration::from_secs(5)),
+            ..RunArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("ttl-min"), "{err}");
+    }
+
+    #[test]
+    fn cli_parses() {
+        let cli = Cli::try_parse_from([
+            "harbor",
+            "--api",
+            "127.0.0.1:0,unix:/tmp/a.sock",
+            "--backend",
+            "caddy",
+            "--ttl-max",
+            "2h",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.api.len(), 2);
+        assert_eq!(cli.run.backend, Some(BackendKind::Caddy));
+        assert!(Cli::try_parse_from(["harbor", "--api", "nowhere"]).is_err());
+    }
+}

@@ -1,0 +1,198 @@
+//! Starting and stopping a whole daemon in-process: build the registry, restore saved state,
+//! load the routes, bind the listeners, and run the background tasks until shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, Shared, Tokens};
+use crate::config::{BackendKind, Config, ListenAddr};
+use crate::events::EventBus;
+use crate::metrics::Metrics;
+use crate::registry::{self, Registry};
+use crate::routes::{self, WatchOptions};
+use crate::store::{self, Store};
+
+/// A running daemon.
+pub struct Harbor {
+    registry: Arc<Registry>,
+    api_addrs: Vec<SocketAddr>,
+    unix_sockets: Vec<PathBuf>,
+    rescan: Arc<Notify>,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+/// Starts a daemon; it runs until [`Harbor::shutdown`].
+pub async fn start(config: Config) -> anyhow::Result<Harbor> {
+    config.validate()?;
+    let metrics = Arc::new(Metrics::new().context("cannot set up metrics")?);
+    let bus = Arc::new(EventBus::new(config.event_ring));
+    let registry = Arc::new(Registry::new(bus, metrics.clone(), config.lease));
+    let cancel = CancellationToken::new();
+
+    let store = Arc::new(Store::open(&config.state_dir)?);
+    let restored = store::restore(&store, &registry);
+
+    // The first read of the routes happens before the API answers, so a client never sees a
+    // half-loaded registry.
+    let dir = config.routes_dir.clone();
+    let files = tokio::task::spawn_blocking(move || routes::scan(&dir))
+        .await?
+        .with_context(|| {
+            format!(
+                "cannot read the routes directory {}",
+                config.routes_dir.display()
+            )
+        })?;
+    if !config.routes_dir.exists() {
+        tracing::warn!(dir = %config.routes_dir.display(), "the routes directory does not exist; no static services until it does");
+    }
+    registry.apply_routes(files);
+
+    let tokens = config.token_file.as_deref().map(Tokens::load).transpose()?;
+    let shared = Arc::new(Shared {
+        registry: registry.clone(),
+        metrics,
+        tokens,
+        cancel: cancel.clone(),
+    });
+    let app = api::router(shared.clone(), config.max_body);
+
+    let mut tasks = JoinSet::new();
+    let mut api_addrs = Vec::new();
+    let mut unix_sockets = Vec::new();
+    for listen in &config.api {
+        let app = app.clone();
+        let stop = cancel.clone();
+        match listen {
+            ListenAddr::Tcp(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for the API on {addr}"))?;
+                api_addrs.push(listener.local_addr()?);
+                tasks.spawn(async move {
+                    let served = axum::serve(listener, app)
+                        .with_graceful_shutdown(stop.cancelled_owned())
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "API listener failed");
+                    }
+                });
+            }
+            ListenAddr::Unix(path) => {
+                let listener = bind_unix(path)?;
+                unix_sockets.push(path.clone());
+                tasks.spawn(async move {
+                    let served = axum::serve(listener, app)
+                        .with_graceful_shutdown(stop.cancelled_owned())
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "API listener failed");
+                    }
+                });
+            }
+        }
+    }
+
+    tasks.spawn(registry::reaper(registry.clone(), cancel.clone()));
+    tasks.spawn(store::persist(
+        registry.clone(),
+        store,
+        config.state_flush,
+        cancel.clone(),
+    ));
+    let rescan = Arc::new(Notify::new());
+    tasks.spawn(routes::watch(
+        registry.clone(),
+        config.routes_dir.clone(),
+        WatchOptions {
+            notify: config.watch,
+            rescan_every: config.rescan_interval,
+        },
+        rescan.clone(),
+        cancel.clone(),
+    ));
+
+    let counts = registry.counts();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        api = %config.api.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        routes = %config.routes_dir.display(),
+        static_services = counts.static_services,
+        route_errors = counts.route_errors,
+        restored_instances = restored,
+        backend = ?config.backend,
+        "harbor started"
+    );
+    if config.backend != BackendKind::Embedded {
+        tracing::warn!(backend = ?config.backend, "this build has no adapter for that backend yet; Harbor keeps the registry and API only");
+    }
+
+    Ok(Harbor {
+        registry,
+        api_addrs,
+        unix_sockets,
+        rescan,
+        cancel,
+        tasks,
+    })
+}
+
+fn bind_unix(path: &PathBuf) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    // A socket file left by an earlier run would make bind fail; anything else is not ours.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        } else {
+            anyhow::bail!("{} exists and is not a socket", path.display());
+        }
+    }
+    UnixListener::bind(path)
+        .with_context(|| format!("cannot listen for the API on unix:{}", path.display()))
+}
+
+impl Harbor {
+    /// The bound address of the first TCP API listener (useful with port 0).
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_addrs.first().copied()
+    }
+
+    pub fn api_addrs(&self) -> &[SocketAddr] {
+        &self.api_addrs
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Re-reads the routes directory now (what SIGHUP does).
+    pub fn rescan(&self) {
+        self.rescan.notify_one();
+    }
+
+    /// Stops accepting, ends event streams, saves the registrations and waits for every task.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        while let Some(done) = self.tasks.join_next().await {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "a task failed during shutdown");
+            }
+        }
+        for path in &self.unix_sockets {
+            let _ = std::fs::remove_file(path);
+        }
+        tracing::info!("harbor stopped");
+    }
+}

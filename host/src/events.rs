@@ -1,0 +1,282 @@
+//! Typed events and the bus that carries them: a bounded ring of recent events that a subscriber
+//! reads from its own cursor, so that a live stream and a resumed one (`Last-Event-ID`) are the
+//! same code, and a subscriber that falls too far behind is told to start again from a snapshot.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::model::{InstanceId, InstanceView, LeaseView, ServiceName, ServiceView, UpstreamAddr};
+
+/// A change in Harbor's state. Services events carry the whole service as it now is, so a
+/// consumer can upsert by name; instance events say what happened to one instance.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    ServiceAdded {
+        service: ServiceView,
+    },
+    ServiceUpdated {
+        service: ServiceView,
+    },
+    ServiceRemoved {
+        name: ServiceName,
+    },
+    InstanceRegistered {
+        name: ServiceName,
+        instance: InstanceView,
+    },
+    InstanceRenewed {
+        name: ServiceName,
+        id: InstanceId,
+        lease: LeaseView,
+    },
+    InstanceExpired {
+        name: ServiceName,
+        id: InstanceId,
+        upstream: UpstreamAddr,
+    },
+    InstanceDeregistered {
+        name: ServiceName,
+        id: InstanceId,
+        upstream: UpstreamAddr,
+        reason: DeregisterReason,
+    },
+    RouteFileError {
+        #[serde(flatten)]
+        error: RouteFileError,
+    },
+    RouteFileRecovered {
+        file: String,
+    },
+    StateFileError {
+        file: String,
+        reason: String,
+    },
+}
+
+impl Event {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::ServiceAdded { .. } => "service_added",
+            Event::ServiceUpdated { .. } => "service_updated",
+            Event::ServiceRemoved { .. } => "service_removed",
+            Event::InstanceRegistered { .. } => "instance_registered",
+            Event::InstanceRenewed { .. } => "instance_renewed",
+            Event::InstanceExpired { .. } => "instance_expired",
+            Event::InstanceDeregistered { .. } => "instance_deregistered",
+            Event::RouteFileError { .. } => "route_file_error",
+            Event::RouteFileRecovered { .. } => "route_file_recovered",
+            Event::StateFileError { .. } => "state_file_error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeregisterReason {
+    /// The client asked for it.
+    Request,
+    /// A static route file now declares the same service name.
+    ReplacedByStatic,
+}
+
+/// Why a route file is not in force, with the place in the file where the problem is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouteFileError {
+    pub file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub column: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for RouteFileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+/// One published event with its id. The JSON is rendered once, by whichever subscriber asks
+/// first.
+#[derive(Debug)]
+pub struct Envelope {
+    pub id: u64,
+    pub event: Event,
+    json: OnceLock<String>,
+}
+
+impl Envelope {
+    pub fn json(&self) -> &str {
+        self.json.get_or_init(|| {
+            serde_json::to_string(&self.event).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "event could not be rendered as JSON");
+                String::from("{}")
+            })
+        })
+    }
+}
+
+/// What a subscriber at some cursor gets next.
+pub enum Since {
+    /// Every event after the cursor, in order (possibly none yet).
+    Events(Vec<Arc<Envelope>>),
+    /// The cursor is older than the ring, or from an earlier run: start over from a snapshot.
+    Gap,
+}
+
+pub struct EventBus {
+    ring: Mutex<Ring>,
+    latest: watch::Sender<u64>,
+}
+
+struct Ring {
+    last_id: u64,
+    capacity: usize,
+    events: VecDeque<Arc<Envelope>>,
+}
+
+impl EventBus {
+    /// Ids start from the wall clock in microseconds, so they keep increasing across restarts and
+    /// a client resuming with an id from an earlier run is recognised as being behind.
+    pub fn new(capacity: usize) -> Self {
+        let start = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let (latest, _) = watch::channel(start);
+        Self {
+            ring: Mutex::new(Ring {
+                last_id: start,
+                capacity: capacity.max(1),
+                events: VecDeque::with_capacity(capacity.clamp(1, 4096)),
+            }),
+            latest,
+        }
+    }
+
+    pub fn publish(&self, event: Event) -> u64 {
+        tracing::debug!(event = event.kind(), "event");
+        let id = {
+            let mut ring = lock(&self.ring);
+            ring.last_id += 1;
+            let id = ring.last_id;
+            if ring.events.len() == ring.capacity {
+                ring.events.pop_front();
+            }
+            ring.events.push_back(Arc::new(Envelope {
+                id,
+                event,
+                json: OnceLock::new(),
+            }));
+            id
+        };
+        self.latest.send_replace(id);
+        id
+    }
+
+    pub fn last_id(&self) -> u64 {
+        lock(&self.ring).last_id
+    }
+
+    /// A receiver that wakes when something is published.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.latest.subscribe()
+    }
+
+    pub fn since(&self, cursor: u64) -> Since {
+        let ring = lock(&self.ring);
+        if cursor == ring.last_id {
+            return Since::Events(Vec::new());
+        }
+        let Some(oldest) = ring.events.front().map(|e| e.id) else {
+            return Since::Gap;
+        };
+        if cursor > ring.last_id || cursor + 1 < oldest {
+            return Since::Gap;
+        }
+        let skip = (cursor + 1 - oldest) as usize;
+        Since::Events(ring.events.iter().skip(skip).cloned().collect())
+    }
+}
+
+/// Locks a mutex, carrying on with the data if a panicking thread poisoned it: every critical
+/// section in Harbor leaves its data consistent at each step, so the data stays usable.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn removed(name: &str) -> Event {
+        Event::ServiceRemoved {
+            name: ServiceName::parse(name).unwrap(),
+        }
+    }
+
+    fn ids(since: Since) -> Vec<u64> {
+        match since {
+            Since::Events(v) => v.iter().map(|e| e.id).collect(),
+            Since::Gap => panic!("unexpected gap"),
+        }
+    }
+
+    #[test]
+    fn resumes_from_any_cursor_in_the_ring() {
+        let bus = EventBus::new(3);
+        let start = bus.last_id();
+        let a = bus.publish(removed("a"));
+        let b = bus.publish(removed("b"));
+        assert_eq!(ids(bus.since(start)), vec![a, b]);
+        assert_eq!(ids(bus.since(a)), vec![b]);
+        assert!(ids(bus.since(b)).is_empty());
+        assert!(a > start && b == a + 1);
+    }
+
+    #[test]
+    fn a_cursor_behind_the_ring_or_from_the_future_is_a_gap() {
+        let bus = EventBus::new(2);
+        let start = bus.last_id();
+        for n in ["a", "b", "c"] {
+            bus.publish(removed(n));
+        }
+        assert!(matches!(bus.since(start), Since::Gap));
+        assert_eq!(ids(bus.since(start + 1)), vec![start + 2, start + 3]);
+        assert!(matches!(bus.since(start + 10), Since::Gap));
+    }
+
+    #[test]
+    fn a_new_bus_starts_after_ids_of_an_earlier_one() {
+        let first = EventBus::new(8);
+        let id = first.publish(removed("a"));
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let second = EventBus::new(8);
+        assert!(second.last_id() > id);
+        assert!(matches!(second.since(id), Since::Gap));
+    }
+
+    #[test]
+    fn events_render_with_their_type() {
+        let bus = EventBus::new(2);
+        bus.publish(removed("a"));
+        let Since::Events(v) = bus.since(bus.last_id() - 1) else {
+            panic!("gap")
+        };
+        assert_eq!(v[0].json(), r#"{"type":"service_removed","name":"a"}"#);
+    }
+}

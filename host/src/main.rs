@@ -1,0 +1,57 @@
+//! The `harbor` binary: parse flags, set up logging, run the daemon until a signal stops it.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use harbor::config::{Cli, Command, Config, LogFormat};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_args(cli.run) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("harbor: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_format);
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(config).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let harbor = harbor::start(config).await?;
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => harbor.rescan(),
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    tracing::info!("shutting down");
+    harbor.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! Prometheus metrics: one registry per daemon (so daemons started side by side in tests keep
+//! their own counts), rendered in the text exposition format.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    TextEncoder,
+};
+
+use crate::registry::Counts;
+
+pub struct Metrics {
+    registry: prometheus::Registry,
+    pub services: IntGaugeVec,
+    pub instances: IntGauge,
+    pub route_file_errors_active: IntGauge,
+    pub leases_granted: IntCounter,
+    pub leases_renewed: IntCounter,
+    pub leases_expired: IntCounter,
+    pub instances_deregistered: IntCounter,
+    pub lease_expiry_lateness: Histogram,
+    pub route_file_errors: IntCounter,
+    pub api_requests: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = prometheus::Registry::new_custom(Some("harbor".to_owned()), None)?;
+        let services = IntGaugeVec::new(
+            Opts::new("services", "Services in the registry, by kind"),
+            &["kind"],
+        )?;
+        let instances = IntGauge::new("instances", "Live ephemeral instances")?;
+        let route_file_errors_active = IntGauge::new(
+            "route_file_errors_active",
+            "Route files currently rejected (their last good version is in force)",
+        )?;
+        let leases_granted =
+            IntCounter::new("leases_granted_total", "Leases granted to new instances")?;
+        let leases_renewed = IntCounter::new(
+            "leases_renewed_total",
+            "Lease renewals, including idempotent re-registrations",
+        )?;
+        let leases_expired = IntCounter::new(
+            "leases_expired_total",
+            "Instances removed because their lease ran out",
+        )?;
+        let instances_deregistered = IntCounter::new(
+            "instances_deregistered_total",
+            "Instances removed on request",
+        )?;
+        let lease_expiry_lateness = Histogram::with_opts(
+            HistogramOpts::new(
+                "lease_expiry_lateness_seconds",
+                "Time from a lease's deadline to the instance's removal",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
+        )?;
+        let route_file_errors =
+            IntCounter::new("route_file_errors_total", "Route file versions rejected")?;
+        let api_requests = IntCounterVec::new(
+            Opts::new("api_requests_total", "API requests by method and status"),
+            &["method", "status"],
+        )?;
+        registry.register(Box::new(services.clone()))?;
+        registry.register(Box::new(instances.clone()))?;
+        registry.register(Box::new(route_file_errors_active.clone()))?;
+        registry.register(Box::new(leases_granted.clone()))?;
+        registry.register(Box::new(leases_renewed.clone()))?;
+        registry.register(Box::new(leases_expired.clone()))?;
+        registry.register(Box::new(instances_deregistered.clone()))?;
+        registry.register(Box::new(lease_expiry_lateness.clone()))?;
+        registry.register(Box::new(route_file_errors.clone()))?;
+        registry.register(Box::new(api_requests.clone()))?;
+        Ok(Self {
+            registry,
+            services,
+            instances,
+            route_file_errors_active,
+            leases_granted,
+            leases_renewed,
+            leases_expired,
+            instances_deregistered,
+            lease_expiry_lateness,
+            route_file_errors,
+            api_requests,
+        })
+    }
+
+    /// Renders every metric, with the gauges read from the registry's current counts.
+    pub fn render(&self, counts: Counts) -> String {
+        self.services
+            .with_label_values(&["static"])
+            .set(counts.static_services as i64);
+        self.services
+            .with_label_values(&["ephemeral"])
+            .set(counts.ephemeral_services as i64);
+        self.instances.set(counts.instances as i64);
+        self.route_file_errors_active
+            .set(counts.route_errors as i64);
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "metrics could not be rendered");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

@@ -1,0 +1,276 @@
+//! Parsing one `.route` file: TOML, one service per file, named by the file. Every error names the
+//! file, the line and column, and the field.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::ops::Range;
+
+use serde::Deserialize;
+use serde::de::{self, MapAccess, Visitor};
+use toml::Spanned;
+
+use crate::events::RouteFileError;
+use crate::model::{
+    FieldError, Meta, Protocol, RouteInput, ServiceName, Upstream, UpstreamAddr, check_meta,
+    check_weight,
+};
+use crate::registry::{ParsedRoute, StaticSpec};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    host: Option<Spanned<String>>,
+    hosts: Option<Spanned<Vec<String>>>,
+    path: Option<Spanned<String>>,
+    upstreams: Option<Spanned<Vec<Spanned<RawUpstream>>>>,
+    public: Option<Spanned<bool>>,
+    strategy: Option<Spanned<String>>,
+    protocol: Option<Spanned<Protocol>>,
+    listen: Option<Spanned<String>>,
+    meta: Option<Spanned<Meta>>,
+}
+
+/// An upstream is either `"host:port"` or `{ addr = "host:port", weight = 2 }`.
+struct RawUpstream {
+    addr: String,
+    weight: Option<u32>,
+}
+
+impl<'de> Deserialize<'de> for RawUpstream {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            addr: String,
+            weight: Option<u32>,
+        }
+        struct UpstreamVisitor;
+        impl<'de> Visitor<'de> for UpstreamVisitor {
+            type Value = RawUpstream;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#""host:port" or { addr = "host:port", weight = N }"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawUpstream, E> {
+                Ok(RawUpstream {
+                    addr: v.to_owned(),
+                    weight: None,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawUpstream, A::Error> {
+                let t = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawUpstream {
+                    addr: t.addr,
+                    weight: t.weight,
+                })
+            }
+        }
+        d.deserialize_any(UpstreamVisitor)
+    }
+}
+
+/// Where in the text a byte offset stands, 1-based.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}
+
+/// Parses a route file's text. `name` comes from the file name.
+pub fn parse_route(
+    file: &str,
+    name: &ServiceName,
+    text: &str,
+) -> Result<ParsedRoute, RouteFileError> {
+    let error_at = |span: Option<Range<usize>>, field: Option<&str>, reason: String| {
+        let (line, column) = span.map(|s| line_col(text, s.start)).unzip();
+        RouteFileError {
+            file: file.to_owned(),
+            line,
+            column,
+            field: field.map(str::to_owned),
+            reason,
+        }
+    };
+    let raw: RawRoute = toml::from_str(text)
+        .map_err(|e| error_at(e.span(), None, e.message().trim_end().to_owned()))?;
+
+    let mut positions = HashMap::new();
+    let mut spans: HashMap<&'static str, Range<usize>> = HashMap::new();
+    macro_rules! note {
+        ($($field:ident),*) => {$(
+            if let Some(v) = &raw.$field {
+                spans.insert(stringify!($field), v.span());
+                positions.insert(stringify!($field), line_col(text, v.span().start));
+            }
+        )*};
+    }
+    note!(
+        host, hosts, path, upstreams, public, strategy, protocol, listen, meta
+    );
+    let at_field = |e: FieldError| {
+        let span = spans.get(e.field.as_str()).cloned();
+        error_at(span, Some(&e.field), e.reason)
+    };
+
+    let route = RouteInput {
+        name,
+        host: raw.host.as_ref().map(|s| s.get_ref().as_str()),
+        hosts: raw.hosts.as_ref().map(|s| s.get_ref().as_slice()),
+        path: raw.path.as_ref().map(|s| s.get_ref().as_str()),
+        protocol: raw.protocol.as_ref().map(|s| *s.get_ref()),
+        listen: raw.listen.as_ref().map(|s| s.get_ref().as_str()),
+        strategy: raw.strategy.as_ref().map(|s| s.get_ref().as_str()),
+        public: raw.public.as_ref().map(|s| *s.get_ref()),
+    }
+    .validate()
+    .map_err(at_field)?;
+
+    let Some(list) = raw.upstreams else {
+        return Err(error_at(
+            None,
+            Some("upstreams"),
+            "a route needs upstreams, e.g. upstreams = [\"127.0.0.1:3000\"]".to_owned(),
+        ));
+    };
+    let list_span = list.span();
+    let list = list.into_inner();
+    if list.is_empty() {
+        return Err(error_at(
+            Some(list_span),
+            Some("upstreams"),
+            "upstreams is empty; a route needs at least one".to_owned(),
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut upstreams = Vec::with_capacity(list.len());
+    for item in list {
+        let span = item.span();
+        let raw = item.into_inner();
+        let addr = UpstreamAddr::parse(&raw.addr)
+            .map_err(|e| error_at(Some(span.clone()), Some("upstreams"), e.reason))?;
+        let weight = check_weight(raw.weight.unwrap_or(1))
+            .map_err(|e| error_at(Some(span.clone()), Some("upstreams"), e.reason))?;
+        if !seen.insert(addr.clone()) {
+            return Err(error_at(
+                Some(span),
+                Some("upstreams"),
+                format!("upstream {addr} is listed twice"),
+            ));
+        }
+        upstreams.push(Upstream { addr, weight });
+    }
+
+    let meta: BTreeMap<String, String> = raw.meta.map(Spanned::into_inner).unwrap_or_default();
+    check_meta(&meta).map_err(at_field)?;
+    Ok(ParsedRoute {
+        spec: StaticSpec {
+            route,
+            upstreams,
+            meta,
+        },
+        positions,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Match;
+
+    fn parse(text: &str) -> Result<ParsedRoute, RouteFileError> {
+        parse_route("web.route", &ServiceName::parse("web").unwrap(), text)
+    }
+
+    #[test]
+    fn full_http_route() {
+        let p = parse(
+            r#"
+host = "grafana.localhost"
+path = "/app"
+upstreams = ["127.0.0.1:3000", { addr = "127.0.0.1:3001", weight = 3 }]
+public = true
+strategy = "least-connections"
+meta = { team = "ops" }
+"#,
+        )
+        .unwrap();
+        let Match::Http { hosts, path } = &p.spec.route.matcher else {
+            panic!("not http")
+        };
+        assert_eq!(hosts[0].as_str(), "grafana.localhost");
+        assert_eq!(path.as_str(), "/app");
+        assert_eq!(p.spec.upstreams[1].weight, 3);
+        assert!(p.spec.route.public);
+        assert_eq!(p.spec.route.strategy.as_str(), "least-connections");
+        assert_eq!(p.spec.meta["team"], "ops");
+        assert_eq!(p.positions["path"], (3, 8));
+    }
+
+    #[test]
+    fn tcp_route() {
+        let p = parse(
+            "protocol = \"tcp\"\nlisten = \"127.0.0.1:15432\"\nupstreams = [\"127.0.0.1:5432\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            p.spec.route.matcher,
+            Match::Tcp {
+                listen: "127.0.0.1:15432".parse().unwrap()
+            }
+        );
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let cases = [
+            ("upstreams = [\"127.0.0.1:1\"]\nhost = \n", 2, None),
+            ("upstreams = [\"127.0.0.1:1\"]\ncolour = \"red\"\n", 2, None),
+            (
+                "host = \"a.com\"\n\nupstreams = [\"127.0.0.1\"]\n",
+                3,
+                Some("upstreams"),
+            ),
+            (
+                "upstreams = [\"127.0.0.1:1\"]\nhost = \"bad host\"\n",
+                2,
+                Some("host"),
+            ),
+            (
+                "upstreams = [\"127.0.0.1:1\"]\nprotocol = \"udp\"\n",
+                2,
+                None,
+            ),
+            (
+                "upstreams = [{ addr = \"127.0.0.1:1\", weight = 0 }]\n",
+                1,
+                Some("upstreams"),
+            ),
+            (
+                "upstreams = [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n",
+                1,
+                Some("upstreams"),
+            ),
+            (
+                "protocol = \"tcp\"\nlisten = \"nowhere\"\nupstreams = [\"127.0.0.1:1\"]\n",
+                2,
+                Some("listen"),
+            ),
+        ];
+        for (text, line, field) in cases {
+            let err = parse(text).unwrap_err();
+            assert_eq!(err.line, Some(line), "{text:?}: {err}");
+            assert_eq!(err.field.as_deref(), field, "{text:?}: {err}");
+            assert_eq!(err.file, "web.route");
+            assert!(!err.reason.is_empty());
+        }
+        let missing = parse("host = \"a.com\"\n").unwrap_err();
+        assert_eq!(missing.field.as_deref(), Some("upstreams"));
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = parse("upstreams = [\"127.0.0.1:1\"]\ncolour = \"red\"\n").unwrap_err();
+        assert!(err.reason.contains("colour"), "{err}");
+    }
+}
