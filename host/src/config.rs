@@ -215,6 +215,8 @@ pub struct Config {
     pub event_ring: usize,
     /// Longest a change waits before the state file is rewritten.
     pub state_flush: Duration,
+    /// How often an idle event stream gets a keep-alive comment.
+    pub sse_keep_alive: Duration,
 }
 
 impl Config {
@@ -235,6 +237,7 @@ impl Config {
             log_format: LogFormat::Text,
             event_ring: 4096,
             state_flush: Duration::from_millis(500),
+            sse_keep_alive: Duration::from_secs(15),
         }
     }
 

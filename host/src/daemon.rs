@@ -16,7 +16,7 @@ use crate::config::{BackendKind, Config, ListenAddr};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::registry::{self, Registry};
-use crate::routes::{self, WatchOptions};
+use crate::routes::{self, Follower, WatchOptions};
 use crate::store::{self, Store};
 
 /// A running daemon.
@@ -40,6 +40,13 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     let store = Arc::new(Store::open(&config.state_dir)?);
     let restored = store::restore(&store, &registry);
 
+    let follower = Follower::new(
+        config.routes_dir.clone(),
+        WatchOptions {
+            notify: config.watch,
+            rescan_every: config.rescan_interval,
+        },
+    );
     // The first read of the routes happens before the API answers, so a client never sees a
     // half-loaded registry.
     let dir = config.routes_dir.clone();
@@ -62,6 +69,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         metrics,
         tokens,
         cancel: cancel.clone(),
+        sse_keep_alive: config.sse_keep_alive,
     });
     let app = api::router(shared.clone(), config.max_body);
 
@@ -76,7 +84,9 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
                 let listener = TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("cannot listen for the API on {addr}"))?;
-                api_addrs.push(listener.local_addr()?);
+                let bound = listener.local_addr()?;
+                tracing::info!(addr = %bound, "API listening");
+                api_addrs.push(bound);
                 tasks.spawn(async move {
                     let served = axum::serve(listener, app)
                         .with_graceful_shutdown(stop.cancelled_owned())
@@ -88,6 +98,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
             }
             ListenAddr::Unix(path) => {
                 let listener = bind_unix(path)?;
+                tracing::info!(addr = %listen, "API listening");
                 unix_sockets.push(path.clone());
                 tasks.spawn(async move {
                     let served = axum::serve(listener, app)
@@ -109,16 +120,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         cancel.clone(),
     ));
     let rescan = Arc::new(Notify::new());
-    tasks.spawn(routes::watch(
-        registry.clone(),
-        config.routes_dir.clone(),
-        WatchOptions {
-            notify: config.watch,
-            rescan_every: config.rescan_interval,
-        },
-        rescan.clone(),
-        cancel.clone(),
-    ));
+    tasks.spawn(follower.run(registry.clone(), rescan.clone(), cancel.clone()));
 
     let counts = registry.counts();
     tracing::info!(

@@ -5,7 +5,6 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -18,8 +17,6 @@ use tokio_util::sync::CancellationToken;
 use super::AppState;
 use crate::events::{Envelope, Since};
 use crate::registry::Registry;
-
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 pub async fn stream(
     State(app): State<AppState>,
@@ -40,7 +37,7 @@ pub async fn stream(
         let event = r.next().await?;
         Some((Ok(event), r))
     });
-    Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+    Sse::new(events).keep_alive(KeepAlive::new().interval(app.sse_keep_alive))
 }
 
 struct Reader {

@@ -30,6 +30,7 @@ pub struct Shared {
     pub tokens: Option<Tokens>,
     /// Cancelled at shutdown, so that long-lived event streams end and the server can stop.
     pub cancel: CancellationToken,
+    pub sse_keep_alive: std::time::Duration,
 }
 
 pub type AppState = Arc<Shared>;

@@ -1,1 +1,293 @@
+use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::events::Since;
+use crate::model::{RouteInput, UpstreamAddr};
+
+fn registry() -> Arc<Registry> {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    Arc::new(Registry::new(
+        Arc::new(EventBus::new(1024)),
+        metrics,
+        LeaseLimits::default(),
+    ))
+}
+
+fn name(n: &str) -> ServiceName {
+    ServiceName::parse(n).unwrap()
+}
+
+fn reg(service: &str, upstream: &str, ttl_secs: u64) -> Registration {
+    let name = name(service);
+    Registration {
+        route: RouteInput::new(&name).validate().unwrap(),
+        name,
+        upstream: Upstream {
+            addr: UpstreamAddr::parse(upstream).unwrap(),
+            weight: 1,
+        },
+        ttl: Some(Duration::from_secs(ttl_secs)),
+        meta: Meta::new(),
+    }
+}
+
+fn event_kinds(r: &Registry, since: u64) -> Vec<&'static str> {
+    match r.bus().since(since) {
+        Since::Events(v) => v.iter().map(|e| e.event.kind()).collect(),
+        Since::Gap => panic!("gap"),
+    }
+}
+
+fn static_file(file: &str, text: &str) -> RouteFile {
+    let stem = file.trim_end_matches(".route");
+    let name = ServiceName::parse(stem).unwrap();
+    RouteFile {
+        file: file.to_owned(),
+        parsed: crate::routes::parse_route(file, &name, text),
+        name: Some(name),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn reaper_expires_at_the_deadline_and_renewal_postpones_it() {
+    let r = registry();
+    let cancel = CancellationToken::new();
+    tokio::spawn(reaper(r.clone(), cancel.clone()));
+
+    let short = r.register(reg("api", "127.0.0.1:9001", 2)).unwrap();
+    let long = r.register(reg("api", "127.0.0.1:9002", 5)).unwrap();
+    assert!(short.created && long.created);
+
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    r.renew(short.id, None).unwrap(); // now due at 3.5 s
+    tokio::time::sleep(Duration::from_millis(1_999)).await;
+    assert_eq!(r.counts().instances, 2, "renewed lease expired early");
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    assert_eq!(r.counts().instances, 1, "lease outlived its deadline");
+    assert!(matches!(
+        r.renew(short.id, None),
+        Err(RegistryError::UnknownInstance(_))
+    ));
+
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(r.counts().instances, 0);
+    assert!(
+        r.service(&name("api")).is_none(),
+        "empty service not removed"
+    );
+    assert_eq!(r.live_leases(), 0);
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_earlier_deadline_wakes_the_sleeping_reaper() {
+    let r = registry();
+    tokio::spawn(reaper(r.clone(), CancellationToken::new()));
+    r.register(reg("slow", "127.0.0.1:9001", 100)).unwrap();
+    tokio::task::yield_now().await; // the reaper now sleeps until 100 s
+    r.register(reg("fast", "127.0.0.1:9002", 1)).unwrap();
+    tokio::time::sleep(Duration::from_millis(1_001)).await;
+    assert!(r.service(&name("fast")).is_none());
+    assert!(r.service(&name("slow")).is_some());
+}
+
+#[tokio::test]
+async fn same_name_and_upstream_is_idempotent() {
+    let r = registry();
+    let first = r.register(reg("api", "127.0.0.1:9001", 10)).unwrap();
+    let again = r.register(reg("api", "127.0.0.1:9001", 20)).unwrap();
+    assert_eq!(first.id, again.id);
+    assert!(!again.created);
+    assert_eq!(again.ttl, Duration::from_secs(20));
+    assert_eq!(r.counts().instances, 1);
+    assert_eq!(r.live_leases(), 1);
+}
+
+#[tokio::test]
+async fn events_describe_each_change() {
+    let r = registry();
+    let start = r.bus().last_id();
+    let a = r.register(reg("api", "127.0.0.1:9001", 10)).unwrap();
+    let b = r.register(reg("api", "127.0.0.1:9002", 10)).unwrap();
+    r.renew(a.id, None).unwrap();
+    r.deregister(a.id).unwrap();
+    r.deregister(b.id).unwrap();
+    assert_eq!(
+        event_kinds(&r, start),
+        [
+            "service_added",
+            "instance_registered",
+            "instance_registered",
+            "instance_renewed",
+            "instance_deregistered",
+            "instance_deregistered",
+            "service_removed"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn ttl_bounds_and_conflicts_are_refused_without_change() {
+    let r = registry();
+    assert!(matches!(
+        r.register(reg("api", "127.0.0.1:9001", 0)),
+        Err(RegistryError::TtlOutOfBounds { .. })
+    ));
+    assert!(matches!(
+        r.register(reg("api", "127.0.0.1:9001", 100_000)),
+        Err(RegistryError::TtlOutOfBounds { .. })
+    ));
+    r.register(reg("api", "127.0.0.1:9001", 10)).unwrap();
+
+    // Another service may not take api.localhost at path /.
+    let mut thief = reg("thief", "127.0.0.1:9002", 10);
+    thief.route = r
+        .service(&name("api"))
+        .map(|_| {
+            let n = name("thief");
+            RouteInput {
+                host: Some("api.localhost"),
+                ..RouteInput::new(&n)
+            }
+            .validate()
+            .unwrap()
+        })
+        .unwrap();
+    let err = r.register(thief).unwrap_err();
+    assert!(matches!(err, RegistryError::Claimed { .. }), "{err}");
+    assert_eq!(err.field(), Some("host"));
+
+    // A second instance must share the service's routing.
+    let mut odd = reg("api", "127.0.0.1:9003", 10);
+    odd.route.public = true;
+    let err = r.register(odd).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RegistryError::RouteMismatch {
+                field: "public",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(r.counts().instances, 1);
+    assert!(r.service(&name("thief")).is_none());
+}
+
+#[tokio::test]
+async fn a_bad_route_file_keeps_the_last_good_version() {
+    let r = registry();
+    r.apply_routes(vec![static_file(
+        "web.route",
+        "upstreams = [\"127.0.0.1:3000\"]\n",
+    )]);
+    let good = r.service(&name("web")).unwrap();
+    assert_eq!(good.upstreams[0].addr.as_str(), "127.0.0.1:3000");
+
+    r.apply_routes(vec![static_file(
+        "web.route",
+        "upstreams = [\"127.0.0.1:3000\"\n",
+    )]);
+    let kept = r.service(&name("web")).unwrap();
+    assert_eq!(kept.upstreams, good.upstreams);
+    let errors = r.route_errors();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].file, "web.route");
+    assert!(errors[0].line.is_some());
+
+    r.apply_routes(vec![static_file(
+        "web.route",
+        "upstreams = [\"127.0.0.1:3001\"]\n",
+    )]);
+    assert_eq!(
+        r.service(&name("web")).unwrap().upstreams[0].addr.as_str(),
+        "127.0.0.1:3001"
+    );
+    assert!(r.route_errors().is_empty());
+
+    r.apply_routes(vec![]);
+    assert!(r.service(&name("web")).is_none());
+}
+
+#[tokio::test]
+async fn duplicate_listen_addresses_go_to_the_incumbent() {
+    let r = registry();
+    let tcp = |port: u16| {
+        format!(
+            "protocol = \"tcp\"\nlisten = \"127.0.0.1:{port}\"\nupstreams = [\"127.0.0.1:5432\"]\n"
+        )
+    };
+    r.apply_routes(vec![static_file("pg.route", &tcp(15432))]);
+    // A file that sorts first asks for the same port: the running service keeps it.
+    r.apply_routes(vec![
+        static_file("a-pg.route", &tcp(15432)),
+        static_file("pg.route", &tcp(15432)),
+    ]);
+    assert!(r.service(&name("pg")).is_some());
+    assert!(r.service(&name("a-pg")).is_none());
+    let errors = r.route_errors();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].file, "a-pg.route");
+    assert_eq!(errors[0].line, Some(2));
+    assert_eq!(errors[0].field.as_deref(), Some("listen"));
+
+    // Once the incumbent moves, the other file gets the port on the next scan.
+    r.apply_routes(vec![
+        static_file("a-pg.route", &tcp(15432)),
+        static_file("pg.route", &tcp(15433)),
+    ]);
+    assert!(r.service(&name("a-pg")).is_some());
+    assert!(r.route_errors().is_empty());
+}
+
+#[tokio::test]
+async fn a_route_file_takes_over_an_ephemeral_name() {
+    let r = registry();
+    let grant = r.register(reg("api", "127.0.0.1:9001", 60)).unwrap();
+    let start = r.bus().last_id();
+    r.apply_routes(vec![static_file(
+        "api.route",
+        "upstreams = [\"127.0.0.1:3000\"]\n",
+    )]);
+    let svc = r.service(&name("api")).unwrap();
+    assert_eq!(svc.kind, Kind::Static);
+    assert!(matches!(
+        r.renew(grant.id, None),
+        Err(RegistryError::UnknownInstance(_))
+    ));
+    assert!(matches!(
+        r.register(reg("api", "127.0.0.1:9001", 60)),
+        Err(RegistryError::StaticName(_))
+    ));
+    assert_eq!(
+        event_kinds(&r, start),
+        ["instance_deregistered", "service_added"]
+    );
+    assert_eq!(r.live_leases(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn restore_keeps_live_leases_and_drops_expired_ones() {
+    let r = registry();
+    r.register(reg("api", "127.0.0.1:9001", 60)).unwrap();
+    let mut saved = r.ephemeral_instances();
+    assert_eq!(saved.len(), 1);
+    let mut expired = saved[0].clone();
+    expired.id = InstanceId::random();
+    expired.registration.upstream.addr = UpstreamAddr::parse("127.0.0.1:9002").unwrap();
+    expired.expires_at = SystemTime::now() - Duration::from_secs(1);
+    saved.push(expired);
+
+    let fresh = registry();
+    assert_eq!(fresh.restore(saved.clone()), 1);
+    let svc = fresh.service(&name("api")).unwrap();
+    assert_eq!(svc.instances.len(), 1);
+    assert_eq!(svc.instances[0].id, saved[0].id);
+    let remaining = fresh.expire_due(Instant::now()).unwrap() - Instant::now();
+    assert!(remaining <= Duration::from_secs(60) && remaining > Duration::from_secs(58));
+}

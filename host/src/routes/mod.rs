@@ -121,43 +121,63 @@ pub struct WatchOptions {
     pub rescan_every: Option<Duration>,
 }
 
-/// Follows `dir` until cancelled. `trigger` forces a full re-read (SIGHUP, tests).
-pub async fn watch(
-    registry: Arc<Registry>,
+/// Follows the routes directory. Created before the first scan, so that no change made after
+/// the daemon has started can slip between that scan and the watch.
+pub struct Follower {
     dir: PathBuf,
     options: WatchOptions,
-    trigger: Arc<Notify>,
-    cancel: CancellationToken,
-) {
-    let kick = Arc::new(Notify::new());
-    let mut watcher = None;
-    let arm = |watcher: &mut Option<notify::RecommendedWatcher>| {
-        if options.notify && watcher.is_none() {
-            *watcher = start_watcher(&dir, kick.clone());
-        }
-    };
-    arm(&mut watcher);
-    let mut ticker = options.rescan_every.map(|every| {
-        let mut t = tokio::time::interval_at(Instant::now() + every, every);
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        t
-    });
-    loop {
-        let tick = async {
-            match ticker.as_mut() {
-                Some(t) => {
-                    t.tick().await;
-                }
-                None => std::future::pending().await,
-            }
+    kick: Arc<Notify>,
+    watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Follower {
+    pub fn new(dir: PathBuf, options: WatchOptions) -> Self {
+        let mut follower = Self {
+            dir,
+            options,
+            kick: Arc::new(Notify::new()),
+            watcher: None,
         };
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = kick.notified() => settle(&kick).await,
-            () = trigger.notified() => tracing::info!(dir = %dir.display(), "re-reading routes"),
-            () = tick => arm(&mut watcher),
+        follower.arm();
+        follower
+    }
+
+    /// Starts watching if asked to and not yet watching (the directory may appear later).
+    fn arm(&mut self) {
+        if self.options.notify && self.watcher.is_none() {
+            self.watcher = start_watcher(&self.dir, self.kick.clone());
         }
-        rescan(&registry, &dir).await;
+    }
+
+    /// Applies changes until cancelled. `trigger` forces a full re-read (SIGHUP).
+    pub async fn run(
+        mut self,
+        registry: Arc<Registry>,
+        trigger: Arc<Notify>,
+        cancel: CancellationToken,
+    ) {
+        let mut ticker = self.options.rescan_every.map(|every| {
+            let mut t = tokio::time::interval_at(Instant::now() + every, every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        loop {
+            let tick = async {
+                match ticker.as_mut() {
+                    Some(t) => {
+                        t.tick().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = self.kick.notified() => settle(&self.kick).await,
+                () = trigger.notified() => tracing::info!(dir = %self.dir.display(), "re-reading routes"),
+                () = tick => self.arm(),
+            }
+            rescan(&registry, &self.dir).await;
+        }
     }
 }
 

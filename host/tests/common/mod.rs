@@ -1,0 +1,270 @@
+//! Shared test harness: a real daemon in-process on 127.0.0.1:0 with temporary directories, an
+//! HTTP client, a Server-Sent Events reader, and waiting on conditions with deadlines.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use harbor::config::ListenAddr;
+use harbor::{Config, Harbor};
+use serde_json::Value;
+use tempfile::TempDir;
+
+pub struct TestHarbor {
+    pub harbor: Option<Harbor>,
+    pub base: String,
+    pub routes: TempDir,
+    pub state: TempDir,
+    pub client: reqwest::Client,
+    configure: fn(&mut Config),
+}
+
+fn no_change(_: &mut Config) {}
+
+pub async fn start() -> TestHarbor {
+    start_with(no_change).await
+}
+
+/// Starts a daemon whose config `configure` may adjust (it must not change the directories).
+pub async fn start_with(configure: fn(&mut Config)) -> TestHarbor {
+    let routes = tempfile::tempdir().expect("routes dir");
+    let state = tempfile::tempdir().expect("state dir");
+    launch(routes, state, configure).await
+}
+
+async fn launch(routes: TempDir, state: TempDir, configure: fn(&mut Config)) -> TestHarbor {
+    init_logging();
+    let mut config = Config::new(routes.path(), state.path());
+    config.api = vec![ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr"))];
+    config.state_flush = Duration::from_millis(20);
+    configure(&mut config);
+    let harbor = harbor::start(config).await.expect("harbor starts");
+    let base = format!("http://{}", harbor.api_addr().expect("a TCP API listener"));
+    TestHarbor {
+        harbor: Some(harbor),
+        base,
+        routes,
+        state,
+        client: reqwest::Client::new(),
+        configure,
+    }
+}
+
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+impl TestHarbor {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn write_route(&self, file: &str, text: &str) {
+        write_atomically(&self.routes.path().join(file), text);
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self.client.get(self.url(path)).send().await.expect("GET");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let resp = self
+            .client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn put(&self, path: &str) -> (u16, Value) {
+        let resp = self.client.put(self.url(path)).send().await.expect("PUT");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn delete(&self, path: &str) -> u16 {
+        let resp = self
+            .client
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("DELETE");
+        resp.status().as_u16()
+    }
+
+    /// Registers an instance and returns the 201 body.
+    pub async fn register(&self, body: Value) -> Value {
+        let (status, grant) = self.post("/api/v1/services", body).await;
+        assert_eq!(status, 201, "registration refused: {grant}");
+        grant
+    }
+
+    /// The service named `name`, or `None` if it does not exist.
+    pub async fn service(&self, name: &str) -> Option<Value> {
+        let (status, body) = self.get(&format!("/api/v1/services/{name}")).await;
+        match status {
+            200 => Some(body),
+            404 => None,
+            other => panic!("GET service {name}: {other} {body}"),
+        }
+    }
+
+    pub async fn events(&self, last_event_id: Option<&str>) -> SseReader {
+        let mut req = self.client.get(self.url("/api/v1/events"));
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let resp = req.send().await.expect("GET events");
+        assert_eq!(resp.status(), 200);
+        let content_type = resp.headers()["content-type"]
+            .to_str()
+            .unwrap_or("")
+            .to_owned();
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
+        SseReader {
+            body: Box::pin(resp.bytes_stream()),
+            buf: String::new(),
+            comments: 0,
+        }
+    }
+
+    /// Stops the daemon and starts a new one on the same directories (on a new port).
+    pub async fn restart(mut self) -> TestHarbor {
+        if let Some(h) = self.harbor.take() {
+            h.shutdown().await;
+        }
+        launch(self.routes, self.state, self.configure).await
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(h) = self.harbor.take() {
+            h.shutdown().await;
+        }
+    }
+
+    pub fn harbor(&self) -> &Harbor {
+        self.harbor.as_ref().expect("running")
+    }
+}
+
+/// Writes a file the way editors do: a temp file in the same directory, then rename.
+pub fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).expect("write temp");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: Value,
+}
+
+pub struct SseReader {
+    body: std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = reqwest::Result<axum::body::Bytes>> + Send>,
+    >,
+    buf: String,
+    /// Comment lines (keep-alives) seen so far.
+    pub comments: usize,
+}
+
+impl SseReader {
+    /// The next event, or `None` if none comes within `within`.
+    pub async fn next_within(&mut self, within: Duration) -> Option<SseEvent> {
+        tokio::time::timeout(within, self.next_event())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The next event within five seconds; panics otherwise.
+    pub async fn next(&mut self) -> SseEvent {
+        self.next_within(Duration::from_secs(5))
+            .await
+            .expect("an event within 5 s")
+    }
+
+    /// Skips events until one of type `kind` arrives (within five seconds).
+    pub async fn next_of(&mut self, kind: &str) -> SseEvent {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_within(left).await {
+                Some(e) if e.event == kind => return e,
+                Some(_) => continue,
+                None => panic!("no {kind} event within 5 s"),
+            }
+        }
+    }
+
+    async fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut id = None;
+                let mut event = String::from("message");
+                let mut data = String::new();
+                for line in block.lines() {
+                    if line.starts_with(':') {
+                        self.comments += 1;
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                    }
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                let data = serde_json::from_str(&data).expect("event data is JSON");
+                return Some(SseEvent { id, event, data });
+            }
+            let chunk = self.body.next().await?.ok()?;
+            self.buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, panicking with `what` after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Parses an RFC 3339 timestamp from the API into a `SystemTime`.
+pub fn parse_time(v: &Value) -> std::time::SystemTime {
+    humantime::parse_rfc3339(v.as_str().expect("timestamp string")).expect("RFC 3339")
+}
