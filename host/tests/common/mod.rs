@@ -268,3 +268,22 @@ where
 pub fn parse_time(v: &Value) -> std::time::SystemTime {
     humantime::parse_rfc3339(v.as_str().expect("timestamp string")).expect("RFC 3339")
 }
+
+/// The registry listing without live countdowns, for comparing state before and after.
+pub fn without_countdowns(mut v: Value) -> Value {
+    match &mut v {
+        Value::Object(map) => {
+            map.remove("remaining_ms");
+            for child in map.values_mut() {
+                *child = without_countdowns(child.take());
+            }
+        }
+        Value::Array(items) => {
+            for child in items.iter_mut() {
+                *child = without_countdowns(child.take());
+            }
+        }
+        _ => {}
+    }
+    v
+}
