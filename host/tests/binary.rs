@@ -62,10 +62,12 @@ fn spawn(args: &[&str]) -> (Daemon, String) {
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let line = strip_ansi(&line);
-            if line.contains("API listening") {
-                if let Some(addr) = line.split("addr=").nth(1) {
-                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
-                }
+            if let Some(addr) = line
+                .contains("API listening")
+                .then(|| line.split("addr=").nth(1))
+                .flatten()
+            {
+                let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
             }
         }
     });

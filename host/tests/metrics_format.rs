@@ -20,9 +20,18 @@ async fn metrics_pass_promtool() {
         return;
     }
     let h = common::start().await;
-    h.register(json!({"name": "api", "upstream": "127.0.0.1:9001"})).await;
+    h.register(json!({"name": "api", "upstream": "127.0.0.1:9001"}))
+        .await;
     h.post("/api/v1/services", json!({})).await;
-    let text = h.client.get(h.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = h
+        .client
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
 
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
@@ -31,7 +40,12 @@ async fn metrics_pass_promtool() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
