@@ -121,6 +121,16 @@ pub enum LogFormat {
     Json,
 }
 
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Embedded => "embedded",
+            BackendKind::Caddy => "caddy",
+            BackendKind::Envoy => "envoy",
+        })
+    }
+}
+
 /// Where an API listener binds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {

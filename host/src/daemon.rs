@@ -130,11 +130,11 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         static_services = counts.static_services,
         route_errors = counts.route_errors,
         restored_instances = restored,
-        backend = ?config.backend,
+        backend = %config.backend,
         "harbor started"
     );
     if config.backend != BackendKind::Embedded {
-        tracing::warn!(backend = ?config.backend, "this build has no adapter for that backend yet; Harbor keeps the registry and API only");
+        tracing::warn!(backend = %config.backend, "this build has no adapter for that backend yet; Harbor keeps the registry and API only");
     }
 
     Ok(Harbor {
