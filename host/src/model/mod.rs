@@ -1,0 +1,147 @@
+//! The service model: validated names and addresses ([`names`]), routing attributes
+//! ([`route`]), and the one set of serde views shared by the API, the event stream and Gangway.
+
+mod names;
+mod route;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+pub use names::{
+    FieldError, HostName, InstanceId, PathPrefix, ServiceName, StrategyName, UpstreamAddr,
+};
+pub use route::{
+    Claim, Kind, MAX_WEIGHT, Match, Meta, Protocol, Route, RouteInput, Upstream, check_meta,
+    check_weight,
+};
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LeaseView {
+    pub ttl_secs: u64,
+    pub expires_at: String,
+    pub remaining_ms: u64,
+}
+
+impl LeaseView {
+    pub fn new(ttl: Duration, expires_at: SystemTime) -> Self {
+        let remaining = expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        Self {
+            ttl_secs: ttl.as_secs(),
+            expires_at: timestamp(expires_at),
+            remaining_ms: remaining.as_millis() as u64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceView {
+    pub id: InstanceId,
+    pub upstream: UpstreamAddr,
+    pub weight: u32,
+    pub registered_at: String,
+    pub lease: LeaseView,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: Meta,
+}
+
+/// A service as the operator API and the event stream show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceView {
+    pub name: ServiceName,
+    pub kind: Kind,
+    pub protocol: Protocol,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostName>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathPrefix>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    pub strategy: StrategyName,
+    pub public: bool,
+    pub upstreams: Vec<Upstream>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<InstanceView>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: Meta,
+    /// The route file a static service comes from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+impl ServiceView {
+    pub fn route_fields(route: &Route) -> (Vec<HostName>, Option<PathPrefix>, Option<SocketAddr>) {
+        match &route.matcher {
+            Match::Http { hosts, path } => (hosts.clone(), Some(path.clone()), None),
+            Match::Tcp { listen } => (Vec::new(), None, Some(*listen)),
+        }
+    }
+}
+
+/// A public service as anyone may see it: no instance ids (they are renewal capabilities), no
+/// metadata, no file paths.
+#[derive(Debug, Clone, Serialize)]
+pub struct CatalogEntry {
+    pub name: ServiceName,
+    pub kind: Kind,
+    pub protocol: Protocol,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostName>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathPrefix>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    pub strategy: StrategyName,
+    pub upstreams: Vec<CatalogUpstream>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CatalogUpstream {
+    pub addr: UpstreamAddr,
+    pub weight: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+impl From<&ServiceView> for CatalogEntry {
+    fn from(s: &ServiceView) -> Self {
+        let upstreams = if s.kind == Kind::Ephemeral {
+            s.instances
+                .iter()
+                .map(|i| CatalogUpstream {
+                    addr: i.upstream.clone(),
+                    weight: i.weight,
+                    expires_at: Some(i.lease.expires_at.clone()),
+                })
+                .collect()
+        } else {
+            s.upstreams
+                .iter()
+                .map(|u| CatalogUpstream {
+                    addr: u.addr.clone(),
+                    weight: u.weight,
+                    expires_at: None,
+                })
+                .collect()
+        };
+        Self {
+            name: s.name.clone(),
+            kind: s.kind,
+            protocol: s.protocol,
+            hosts: s.hosts.clone(),
+            path: s.path.clone(),
+            listen: s.listen,
+            strategy: s.strategy.clone(),
+            upstreams,
+        }
+    }
+}
