@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -85,6 +86,13 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
                     .await
                     .with_context(|| format!("cannot listen for the API on {addr}"))?;
                 let bound = listener.local_addr()?;
+                // Event-stream frames are small writes; without NODELAY they wait on Nagle and the
+                // client's delayed ACK (tens of milliseconds on loopback).
+                let listener = listener.tap_io(|tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                });
                 tracing::info!(addr = %bound, "API listening");
                 api_addrs.push(bound);
                 tasks.spawn(async move {
