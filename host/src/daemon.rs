@@ -95,27 +95,13 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
                 });
                 tracing::info!(addr = %bound, "API listening");
                 api_addrs.push(bound);
-                tasks.spawn(async move {
-                    let served = axum::serve(listener, app)
-                        .with_graceful_shutdown(stop.cancelled_owned())
-                        .await;
-                    if let Err(e) = served {
-                        tracing::error!(error = %e, "API listener failed");
-                    }
-                });
+                tasks.spawn(serve(listener, app, stop));
             }
             ListenAddr::Unix(path) => {
                 let listener = bind_unix(path)?;
                 tracing::info!(addr = %listen, "API listening");
                 unix_sockets.push(path.clone());
-                tasks.spawn(async move {
-                    let served = axum::serve(listener, app)
-                        .with_graceful_shutdown(stop.cancelled_owned())
-                        .await;
-                    if let Err(e) = served {
-                        tracing::error!(error = %e, "API listener failed");
-                    }
-                });
+                tasks.spawn(serve(listener, app, stop));
             }
         }
     }
@@ -153,6 +139,19 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         cancel,
         tasks,
     })
+}
+
+async fn serve<L>(listener: L, app: axum::Router, stop: CancellationToken)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "API listener failed");
+    }
 }
 
 fn bind_unix(path: &PathBuf) -> anyhow::Result<UnixListener> {

@@ -18,7 +18,7 @@ use crate::model::{
     CatalogEntry, InstanceId, LeaseView, Meta, Protocol, RouteInput, ServiceName, Upstream,
     UpstreamAddr, check_meta, check_weight,
 };
-use crate::registry::{Grant, Registration};
+use crate::registry::{Grant, Registration, RegistryError};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -94,10 +94,17 @@ fn parse_name(raw: &str) -> Result<ServiceName, ApiError> {
     Ok(ServiceName::parse(raw)?)
 }
 
-fn parse_id(raw: &str) -> Result<InstanceId, ApiError> {
-    raw.parse().map_err(|_| {
+/// The live instance `raw` names, if the caller may change its service.
+fn authorized_instance(app: &AppState, caller: &Caller, raw: &str) -> Result<InstanceId, ApiError> {
+    let id: InstanceId = raw.parse().map_err(|_| {
         ApiError::bad_request(Some("id".into()), format!("{raw:?} is not an instance id"))
-    })
+    })?;
+    let name = app
+        .registry
+        .instance_service(id)
+        .ok_or(RegistryError::UnknownInstance(id))?;
+    caller.may_change(&name)?;
+    Ok(id)
 }
 
 pub async fn register(
@@ -122,12 +129,7 @@ pub async fn renew(
     Path(id): Path<String>,
     OptionalJsonBody(req): OptionalJsonBody<RenewRequest>,
 ) -> Result<Json<GrantBody>, ApiError> {
-    let id = parse_id(&id)?;
-    let name = app
-        .registry
-        .instance_service(id)
-        .ok_or_else(|| ApiError::from(crate::registry::RegistryError::UnknownInstance(id)))?;
-    caller.may_change(&name)?;
+    let id = authorized_instance(&app, &caller, &id)?;
     let ttl = req.and_then(|r| r.ttl_secs).map(Duration::from_secs);
     Ok(Json(app.registry.renew(id, ttl)?.into()))
 }
@@ -137,12 +139,7 @@ pub async fn deregister(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id = parse_id(&id)?;
-    let name = app
-        .registry
-        .instance_service(id)
-        .ok_or_else(|| ApiError::from(crate::registry::RegistryError::UnknownInstance(id)))?;
-    caller.may_change(&name)?;
+    let id = authorized_instance(&app, &caller, &id)?;
     app.registry.deregister(id)?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -117,6 +117,17 @@ impl Registry {
             }
         };
 
+        let fresh = || {
+            Instance::new(
+                id,
+                reg.upstream.clone(),
+                reg.meta.clone(),
+                registered_at,
+                ttl,
+                deadline,
+                expires_at,
+            )
+        };
         let mut changed = false;
         let (id, created) = match existing {
             Some(Some((id, old_deadline))) => {
@@ -140,15 +151,7 @@ impl Registry {
                 (id, false)
             }
             Some(None) => {
-                let inst = Instance::new(
-                    id,
-                    reg.upstream,
-                    reg.meta,
-                    registered_at,
-                    ttl,
-                    deadline,
-                    expires_at,
-                );
+                let inst = fresh();
                 let id = inst.id;
                 if let Some(Service {
                     body: Body::Ephemeral(instances),
@@ -160,15 +163,7 @@ impl Registry {
                 (id, true)
             }
             None => {
-                let inst = Instance::new(
-                    id,
-                    reg.upstream,
-                    reg.meta,
-                    registered_at,
-                    ttl,
-                    deadline,
-                    expires_at,
-                );
+                let inst = fresh();
                 let id = inst.id;
                 take_claims(&mut state.claims, &name, &reg.route);
                 let body = Body::Ephemeral(BTreeMap::from([(addr.clone(), inst)]));
