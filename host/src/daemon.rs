@@ -14,15 +14,20 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, Shared, Tokens};
 use crate::config::{BackendKind, Config, ListenAddr};
+use crate::dirwatch::{DirWatch, WatchOptions};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
+use crate::plugins::{self, DirState, PluginEngine, Reporter, Strategies};
 use crate::registry::{self, Registry};
-use crate::routes::{self, Follower, WatchOptions};
+use crate::routes;
+use crate::routing::{self, RoutingTable};
 use crate::store::{self, Store};
 
 /// A running daemon.
 pub struct Harbor {
     registry: Arc<Registry>,
+    strategies: Arc<Strategies>,
+    routing: Arc<RoutingTable>,
     api_addrs: Vec<SocketAddr>,
     unix_sockets: Vec<PathBuf>,
     rescan: Arc<Notify>,
@@ -38,10 +43,34 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     let registry = Arc::new(Registry::new(bus, metrics.clone(), config.lease));
     let cancel = CancellationToken::new();
 
+    let plugin_dir_state = Arc::new(std::sync::Mutex::new(DirState::default()));
     let store = Arc::new(Store::open(&config.state_dir)?);
+
+    let engine = PluginEngine::shared()?;
+    let reporter = Arc::new(Reporter::new(registry.bus().clone(), metrics.clone()));
+    let cache = Some(config.state_dir.join("plugin-cache"));
+    let strategies =
+        tokio::task::spawn_blocking(move || Strategies::new(engine, cache, reporter)).await??;
+    let known = strategies.clone();
+    registry.set_strategy_check(Box::new(move |name| known.knows(name)));
+    // Custom strategies load before the routes, so that route files may name them.
+    let plugin_watch = match &config.plugins_dir {
+        Some(dir) => {
+            let watch = DirWatch::new(
+                dir.clone(),
+                WatchOptions {
+                    notify: config.watch,
+                    rescan_every: config.rescan_interval,
+                },
+            );
+            plugins::rescan_dir(&strategies, dir, &plugin_dir_state).await;
+            Some(watch)
+        }
+        None => None,
+    };
     let restored = store::restore(&store, &registry);
 
-    let follower = Follower::new(
+    let follower = DirWatch::new(
         config.routes_dir.clone(),
         WatchOptions {
             notify: config.watch,
@@ -71,6 +100,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         tokens,
         cancel: cancel.clone(),
         sse_keep_alive: config.sse_keep_alive,
+        strategies: strategies.clone(),
     });
     let app = api::router(shared.clone(), config.max_body);
 
@@ -107,6 +137,21 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     }
 
     tasks.spawn(registry::reaper(registry.clone(), cancel.clone()));
+    let routing = Arc::new(RoutingTable::new(strategies.clone()));
+    routing.sync(&registry.services());
+    tasks.spawn(routing::follow(
+        routing.clone(),
+        registry.clone(),
+        cancel.clone(),
+    ));
+    if let Some(watch) = plugin_watch {
+        let (strategies, state) = (strategies.clone(), plugin_dir_state.clone());
+        let dir = watch.dir().to_owned();
+        tasks.spawn(watch.run(Arc::new(Notify::new()), cancel.clone(), move || {
+            let (strategies, state, dir) = (strategies.clone(), state.clone(), dir.clone());
+            async move { plugins::rescan_dir(&strategies, &dir, &state).await }
+        }));
+    }
     tasks.spawn(store::persist(
         registry.clone(),
         store,
@@ -114,7 +159,12 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         cancel.clone(),
     ));
     let rescan = Arc::new(Notify::new());
-    tasks.spawn(follower.run(registry.clone(), rescan.clone(), cancel.clone()));
+    tasks.spawn(routes::follow(
+        follower,
+        registry.clone(),
+        rescan.clone(),
+        cancel.clone(),
+    ));
 
     let counts = registry.counts();
     tracing::info!(
@@ -122,6 +172,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         api = %config.api.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
         routes = %config.routes_dir.display(),
         static_services = counts.static_services,
+        strategies = strategies.names().len(),
         route_errors = counts.route_errors,
         restored_instances = restored,
         backend = %config.backend,
@@ -133,6 +184,8 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
 
     Ok(Harbor {
         registry,
+        strategies,
+        routing,
         api_addrs,
         unix_sockets,
         rescan,
@@ -184,6 +237,14 @@ impl Harbor {
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    pub fn strategies(&self) -> &Arc<Strategies> {
+        &self.strategies
+    }
+
+    pub fn routing(&self) -> &Arc<RoutingTable> {
+        &self.routing
     }
 
     /// Re-reads the routes directory now (what SIGHUP does).

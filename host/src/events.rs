@@ -56,6 +56,32 @@ pub enum Event {
         file: String,
         reason: String,
     },
+    PluginLoaded {
+        name: String,
+        version: String,
+        hash: String,
+        source: String,
+    },
+    PluginRejected {
+        source: String,
+        reason: String,
+    },
+    PluginFault {
+        name: String,
+        fault: crate::plugins::FaultKind,
+        message: String,
+    },
+    PluginDisabled {
+        name: String,
+        seconds: f64,
+    },
+    PluginRemoved {
+        name: String,
+    },
+    StrategyChanged {
+        name: ServiceName,
+        strategy: String,
+    },
 }
 
 impl Event {
@@ -71,6 +97,12 @@ impl Event {
             Event::RouteFileError { .. } => "route_file_error",
             Event::RouteFileRecovered { .. } => "route_file_recovered",
             Event::StateFileError { .. } => "state_file_error",
+            Event::PluginLoaded { .. } => "plugin_loaded",
+            Event::PluginRejected { .. } => "plugin_rejected",
+            Event::PluginFault { .. } => "plugin_fault",
+            Event::PluginDisabled { .. } => "plugin_disabled",
+            Event::PluginRemoved { .. } => "plugin_removed",
+            Event::StrategyChanged { .. } => "strategy_changed",
         }
     }
 }

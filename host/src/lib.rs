@@ -8,6 +8,9 @@
 //! | [`model`]  | validated names and addresses, routes, the views shared by API, SSE and Gangway |
 //! | [`registry`] | services, instances, leases (one deadline queue, one reaper), claims |
 //! | [`routes`] | `.route` parsing and following the routes directory |
+//! | [`dirwatch`] | following a directory: debounced change events plus periodic rescans |
+//! | [`plugins`] | the WebAssembly runtime: strategies, sandboxing, hot swap |
+//! | [`routing`] | one load balancer per service, kept in step with the registry |
 //! | [`events`] | typed events and the bus (a ring read from per-subscriber cursors) |
 //! | [`store`]  | ephemeral registrations saved across restarts |
 //! | [`api`]    | the HTTP API: services, catalog, events, health, metrics |
@@ -17,11 +20,14 @@
 pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod dirwatch;
 pub mod events;
 pub mod metrics;
 pub mod model;
+pub mod plugins;
 pub mod registry;
 pub mod routes;
+pub mod routing;
 pub mod store;
 
 pub use config::Config;

@@ -20,6 +20,9 @@ pub struct Metrics {
     pub lease_expiry_lateness: Histogram,
     pub route_file_errors: IntCounter,
     pub api_requests: IntCounterVec,
+    pub plugin_faults: IntCounterVec,
+    pub plugin_fallback_picks: IntCounterVec,
+    pub plugin_loads: IntCounterVec,
 }
 
 impl Metrics {
@@ -63,6 +66,27 @@ impl Metrics {
             Opts::new("api_requests_total", "API requests by method and status"),
             &["method", "status"],
         )?;
+        let plugin_faults = IntCounterVec::new(
+            Opts::new(
+                "plugin_faults_total",
+                "Strategy plugin calls that trapped, timed out, ran out of memory or answered wrongly",
+            ),
+            &["plugin", "kind"],
+        )?;
+        let plugin_fallback_picks = IntCounterVec::new(
+            Opts::new(
+                "plugin_fallback_picks_total",
+                "Picks made by the host's round-robin because the strategy could not answer",
+            ),
+            &["plugin"],
+        )?;
+        let plugin_loads = IntCounterVec::new(
+            Opts::new("plugin_loads_total", "Plugin components checked, by result"),
+            &["result"],
+        )?;
+        registry.register(Box::new(plugin_faults.clone()))?;
+        registry.register(Box::new(plugin_fallback_picks.clone()))?;
+        registry.register(Box::new(plugin_loads.clone()))?;
         registry.register(Box::new(services.clone()))?;
         registry.register(Box::new(instances.clone()))?;
         registry.register(Box::new(route_file_errors_active.clone()))?;
@@ -85,6 +109,9 @@ impl Metrics {
             lease_expiry_lateness,
             route_file_errors,
             api_requests,
+            plugin_faults,
+            plugin_fallback_picks,
+            plugin_loads,
         })
     }
 

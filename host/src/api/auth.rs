@@ -90,6 +90,19 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Plugins affect every service, so only tokens without a prefix may change them.
+    pub fn unrestricted(&self) -> Result<(), ApiError> {
+        match &self.prefix {
+            Some(prefix) => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "this token is limited to services starting with {prefix:?}; plugins need an unrestricted token"
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub fn may_change(&self, name: &ServiceName) -> Result<(), ApiError> {
         match &self.prefix {
             Some(prefix) if !name.as_str().starts_with(prefix.as_str()) => Err(ApiError::new(

@@ -63,7 +63,10 @@ impl From<FieldError> for ApiError {
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         let status = match e {
-            RegistryError::UnknownInstance(_) => StatusCode::NOT_FOUND,
+            RegistryError::UnknownInstance(_) | RegistryError::UnknownService(_) => {
+                StatusCode::NOT_FOUND
+            }
+            RegistryError::UnknownStrategy(_) => StatusCode::BAD_REQUEST,
             RegistryError::StaticName(_)
             | RegistryError::Claimed { .. }
             | RegistryError::RouteMismatch { .. } => StatusCode::CONFLICT,

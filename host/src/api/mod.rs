@@ -5,6 +5,7 @@ mod auth;
 mod error;
 mod events;
 mod json;
+mod plugins;
 mod services;
 
 use std::sync::Arc;
@@ -31,6 +32,7 @@ pub struct Shared {
     /// Cancelled at shutdown, so that long-lived event streams end and the server can stop.
     pub cancel: CancellationToken,
     pub sse_keep_alive: std::time::Duration,
+    pub strategies: Arc<crate::plugins::Strategies>,
 }
 
 pub type AppState = Arc<Shared>;
@@ -48,6 +50,19 @@ pub fn router(state: AppState, max_body: usize) -> Router {
             get(services::get_one).delete(services::deregister),
         )
         .route("/api/v1/services/{key}/lease", put(services::renew))
+        .route(
+            "/api/v1/services/{key}/strategy",
+            put(plugins::set_strategy),
+        )
+        .route("/api/v1/plugins", get(plugins::list))
+        .route(
+            "/api/v1/plugins/{name}",
+            put(plugins::upload)
+                .delete(plugins::remove)
+                .layer(DefaultBodyLimit::max(
+                    crate::plugins::MAX_COMPONENT_BYTES as usize,
+                )),
+        )
         .route("/api/v1/catalog", get(services::catalog))
         .route("/api/v1/route-errors", get(services::route_errors))
         .route("/api/v1/events", get(events::stream))

@@ -30,6 +30,7 @@ impl Registry {
     /// with the same name and upstream.
     pub fn register(&self, reg: Registration) -> Result<Grant, RegistryError> {
         let ttl = self.check_ttl(reg.ttl)?;
+        self.check_strategy(&reg.route.strategy)?;
         let now = SystemTime::now();
         let mut state = lock(&self.state);
         let grant = self.insert_instance(&mut state, reg, None, now, now + ttl, ttl)?;

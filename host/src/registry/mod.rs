@@ -17,11 +17,11 @@ use tokio::time::Instant;
 pub use lease::{LeaseLimits, reaper};
 pub use statics::{ParsedRoute, RouteFile, StaticSpec};
 
-use crate::events::{EventBus, RouteFileError, lock};
+use crate::events::{Event, EventBus, RouteFileError, lock};
 use crate::metrics::Metrics;
 use crate::model::{
     Claim, InstanceId, InstanceView, Kind, LeaseView, Meta, Route, ServiceName, ServiceView,
-    Upstream, UpstreamAddr, timestamp,
+    StrategyName, Upstream, UpstreamAddr, timestamp,
 };
 use lease::DeadlineQueue;
 
@@ -61,6 +61,10 @@ pub enum RegistryError {
         field: &'static str,
         name: ServiceName,
     },
+    #[error("no strategy named {0:?} is loaded")]
+    UnknownStrategy(StrategyName),
+    #[error("no service named {0:?}")]
+    UnknownService(ServiceName),
     #[error("ttl_secs must be from {} to {}, got {}", .min.as_secs(), .max.as_secs(), .got.as_secs())]
     TtlOutOfBounds {
         got: Duration,
@@ -77,6 +81,8 @@ impl RegistryError {
             RegistryError::Claimed { claim, .. } => Some(claim.field()),
             RegistryError::RouteMismatch { field, .. } => Some(field),
             RegistryError::TtlOutOfBounds { .. } => Some("ttl_secs"),
+            RegistryError::UnknownStrategy(_) => Some("strategy"),
+            RegistryError::UnknownService(_) => Some("name"),
         }
     }
 }
@@ -113,7 +119,11 @@ pub struct Registry {
     limits: LeaseLimits,
     reaper_wake: Notify,
     ephemeral_changed: Notify,
+    /// Whether a strategy name is loaded; every name is accepted until this is set.
+    strategy_known: std::sync::OnceLock<StrategyCheck>,
 }
+
+pub type StrategyCheck = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 #[derive(Default)]
 struct State {
@@ -187,7 +197,54 @@ impl Registry {
             limits,
             reaper_wake: Notify::new(),
             ephemeral_changed: Notify::new(),
+            strategy_known: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Makes registrations, route files and strategy changes name only loaded strategies.
+    pub fn set_strategy_check(&self, check: StrategyCheck) {
+        if self.strategy_known.set(check).is_err() {
+            tracing::warn!("the strategy check was already set");
+        }
+    }
+
+    fn check_strategy(&self, strategy: &StrategyName) -> Result<(), RegistryError> {
+        match self.strategy_known.get() {
+            Some(known) if !known(strategy.as_str()) => {
+                Err(RegistryError::UnknownStrategy(strategy.clone()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Changes a service's strategy at runtime. For a static service this lasts until its
+    /// route file changes.
+    pub fn set_strategy(
+        &self,
+        name: &ServiceName,
+        strategy: StrategyName,
+    ) -> Result<ServiceView, RegistryError> {
+        self.check_strategy(&strategy)?;
+        let mut state = lock(&self.state);
+        let svc = state
+            .services
+            .get_mut(name)
+            .ok_or_else(|| RegistryError::UnknownService(name.clone()))?;
+        let ephemeral = matches!(svc.body, Body::Ephemeral(_));
+        if svc.route.strategy != strategy {
+            svc.route.strategy = strategy;
+            if let Some(service) = state.view(name) {
+                self.bus.publish(Event::ServiceUpdated { service });
+            }
+        }
+        let view = state
+            .view(name)
+            .ok_or_else(|| RegistryError::UnknownService(name.clone()))?;
+        drop(state);
+        if ephemeral {
+            self.ephemeral_changed.notify_one();
+        }
+        Ok(view)
     }
 
     pub fn bus(&self) -> &Arc<EventBus> {

@@ -37,7 +37,8 @@ impl Registry {
     pub fn apply_routes(&self, mut files: Vec<RouteFile>) {
         files.sort_by(|a, b| a.file.cmp(&b.file));
         let mut state = lock(&self.state);
-        let (accepted, errors) = resolve(&state, &files);
+        let known = |s: &str| self.strategy_known.get().is_none_or(|check| check(s));
+        let (accepted, errors) = resolve(&state, &files, &known);
         self.converge_statics(&mut state, accepted);
         self.converge_errors(&mut state, errors);
     }
@@ -159,6 +160,7 @@ impl Registry {
 fn resolve(
     state: &State,
     files: &[RouteFile],
+    strategy_known: &dyn Fn(&str) -> bool,
 ) -> (
     BTreeMap<ServiceName, (StaticSpec, String)>,
     BTreeMap<String, RouteFileError>,
@@ -208,6 +210,22 @@ fn resolve(
 
     for (name, f, parsed) in pending {
         if let Some(p) = parsed {
+            let strategy = p.spec.route.strategy.as_str();
+            if !strategy_known(strategy) {
+                let (line, column) = p.positions.get("strategy").copied().unzip();
+                errors.insert(
+                    f.file.clone(),
+                    RouteFileError {
+                        file: f.file.clone(),
+                        line,
+                        column,
+                        field: Some("strategy".to_owned()),
+                        reason: format!("no strategy named {strategy:?} is loaded"),
+                    },
+                );
+                keep_previous(state, &mut taken, &mut accepted, name, &f.file);
+                continue;
+            }
             match first_conflict(&taken, name, &p.spec.route) {
                 None => {
                     claim_all(&mut taken, name, &p.spec.route);
@@ -229,14 +247,26 @@ fn resolve(
                 }
             }
         }
-        if let Some((old, old_file)) = current(name).filter(|(_, file)| **file == f.file)
-            && first_conflict(&taken, name, &old.route).is_none()
-        {
-            claim_all(&mut taken, name, &old.route);
-            accepted.insert(name.clone(), (old.clone(), old_file.clone()));
-        }
+        keep_previous(state, &mut taken, &mut accepted, name, &f.file);
     }
     (accepted, errors)
+}
+
+/// A file in error keeps the version it had in force, if that still fits.
+fn keep_previous(
+    state: &State,
+    taken: &mut HashMap<Claim, ServiceName>,
+    accepted: &mut BTreeMap<ServiceName, (StaticSpec, String)>,
+    name: &ServiceName,
+    file: &str,
+) {
+    if let Some(Body::Static(old, old_file)) = state.services.get(name).map(|s| &s.body)
+        && old_file == file
+        && first_conflict(taken, name, &old.route).is_none()
+    {
+        claim_all(taken, name, &old.route);
+        accepted.insert(name.clone(), (old.clone(), old_file.clone()));
+    }
 }
 
 fn first_conflict(

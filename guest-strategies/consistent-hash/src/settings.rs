@@ -1,0 +1,101 @@
+//! `consistent-hash`'s one setting, the Maglev table size, as `configure` accepts it.
+//!
+//! `configure` applies to balancers created afterwards, so the size sits in a static that
+//! [`crate::maglev::Maglev::new`] reads once; a running balancer keeps the size it was built with
+//! so that a configure call never moves keys behind a route's back.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use harbor_strategy_common::config::Settings;
+
+/// Maglev's recommended size (as in Envoy): a prime, far above the backend count so that each
+/// backend's share is even to a fraction of a percent.
+pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+/// Below this, shares of a handful of backends are visibly uneven.
+pub const MIN_TABLE_SIZE: u32 = 101;
+/// About 4 MB of table per balancer; more buys nothing measurable.
+pub const MAX_TABLE_SIZE: u32 = 1_000_003;
+
+static TABLE_SIZE: AtomicU32 = AtomicU32::new(DEFAULT_TABLE_SIZE);
+
+/// The table size for balancers created from now on.
+pub fn table_size() -> u32 {
+    TABLE_SIZE.load(Ordering::Relaxed)
+}
+
+/// Validates `text` and, if it is acceptable, applies it; `{}` restores the default.
+pub fn configure(text: &str) -> Result<(), String> {
+    let size = parse(text)?;
+    TABLE_SIZE.store(size, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The table size `text` asks for: `{}` (or blank) or `{"table_size": N}` with N a prime in
+/// [`MIN_TABLE_SIZE`]`..=`[`MAX_TABLE_SIZE`].
+pub fn parse(text: &str) -> Result<u32, String> {
+    let mut settings = Settings::parse(text)?;
+    let size = settings.take_u64("table_size")?;
+    settings.finish(crate::NAME, &["table_size"])?;
+    let Some(size) = size else {
+        return Ok(DEFAULT_TABLE_SIZE);
+    };
+    let valid = u32::try_from(size)
+        .ok()
+        .filter(|n| (MIN_TABLE_SIZE..=MAX_TABLE_SIZE).contains(n) && is_prime(*n));
+    valid.ok_or_else(|| {
+        format!(
+            "`table_size` must be a prime from {MIN_TABLE_SIZE} to {MAX_TABLE_SIZE} \
+             ({DEFAULT_TABLE_SIZE} by default), got {size}"
+        )
+    })
+}
+
+/// Maglev's permutations cover the whole table only when its size is prime.
+fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let n = u64::from(n);
+    (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blank_and_empty_mean_the_default() {
+        for text in ["", " ", "{}", "{ }"] {
+            assert_eq!(parse(text), Ok(DEFAULT_TABLE_SIZE), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn accepts_primes_in_range() {
+        assert_eq!(parse(r#"{"table_size": 101}"#), Ok(101));
+        assert_eq!(parse(r#"{"table_size": 5003}"#), Ok(5003));
+        assert_eq!(parse(r#"{"table_size": 1000003}"#), Ok(MAX_TABLE_SIZE));
+    }
+
+    #[test]
+    fn refuses_composites_out_of_range_and_unknown_keys() {
+        for size in ["65536", "97", "1000033", "4294967311", "0", "1"] {
+            let err = parse(&format!(r#"{{"table_size": {size}}}"#)).expect_err(size);
+            assert!(
+                err.contains("must be a prime") && err.ends_with(size),
+                "{err}"
+            );
+        }
+        let err = parse(r#"{"size": 101}"#).expect_err("unknown key");
+        assert!(err.contains("no setting `size`"), "{err}");
+        assert!(parse(r#"{"table_size": "101"}"#).is_err());
+    }
+
+    #[test]
+    fn primality() {
+        let primes: Vec<u32> = (0..30).filter(|&n| is_prime(n)).collect();
+        assert_eq!(primes, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
+        assert!(is_prime(DEFAULT_TABLE_SIZE) && is_prime(MAX_TABLE_SIZE));
+        assert!(!is_prime(1_000_001));
+    }
+}

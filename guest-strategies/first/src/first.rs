@@ -1,0 +1,86 @@
+//! First: always the first candidate in list order, so traffic fills one backend and spills to
+//! the next only when that one is unhealthy or a retry excludes it (HAProxy's `first`, without
+//! its `maxconn` limit: spilling on load would need a per-backend limit the contract does not
+//! carry). Useful to keep idle backends idle, e.g. so that they can be scaled down, or for an
+//! active/standby pair listed in order of preference.
+
+use harbor_strategy_common::{Backends, PickRequest};
+
+pub struct First {
+    backends: Backends,
+}
+
+impl First {
+    pub fn new(backends: Backends) -> Self {
+        Self { backends }
+    }
+
+    pub fn rebuild(&mut self, backends: Backends) {
+        self.backends = backends;
+    }
+
+    pub fn pick(&self, request: &PickRequest) -> Option<u32> {
+        self.backends.candidates(request.exclude).first()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use harbor_strategy_common::Backend;
+
+    fn backends(health: &[bool]) -> Backends {
+        health
+            .iter()
+            .enumerate()
+            .map(|(i, &healthy)| Backend::new(format!("10.0.0.{i}:80"), 1, healthy))
+            .collect()
+    }
+
+    fn pick(first: &First, sequence: u64, exclude: &[u32]) -> Option<u32> {
+        first.pick(&PickRequest {
+            sequence,
+            entropy: sequence.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            hash_key: None,
+            exclude,
+        })
+    }
+
+    #[test]
+    fn always_the_first_healthy_backend() {
+        let first = First::new(backends(&[false, true, true]));
+        assert!((0..100).all(|n| pick(&first, n, &[]) == Some(1)));
+    }
+
+    #[test]
+    fn a_retry_spills_to_the_next() {
+        let first = First::new(backends(&[true, true, true]));
+        assert_eq!(pick(&first, 0, &[0]), Some(1));
+        assert_eq!(pick(&first, 0, &[0, 1]), Some(2));
+        assert_eq!(pick(&first, 0, &[0, 1, 2]), None);
+    }
+
+    #[test]
+    fn with_nothing_healthy_the_first_of_all() {
+        let first = First::new(backends(&[false, false]));
+        assert_eq!(pick(&first, 3, &[]), Some(0));
+        let first = First::new(backends(&[true, false, false]));
+        assert_eq!(pick(&first, 3, &[0]), Some(1));
+    }
+
+    #[test]
+    fn follows_backends_joining_leaving_and_recovering() {
+        let mut first = First::new(backends(&[]));
+        assert_eq!(pick(&first, 0, &[]), None);
+        first.rebuild(backends(&[false, true]));
+        assert_eq!(pick(&first, 0, &[]), Some(1));
+        first.rebuild(backends(&[true, true]));
+        assert_eq!(
+            pick(&first, 0, &[]),
+            Some(0),
+            "the preferred backend recovered"
+        );
+        first.rebuild(backends(&[true]));
+        assert_eq!(pick(&first, 0, &[]), Some(0));
+    }
+}

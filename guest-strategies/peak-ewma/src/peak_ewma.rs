@@ -1,0 +1,182 @@
+//! Peak EWMA (Linkerd's balancer): power of two choices where a backend's cost is its latency
+//! EWMA times the requests it would be queued behind, `ewma × (in_flight + 1)`, per unit of
+//! weight.
+//!
+//! The host keeps the EWMA (it sees every response and it survives hot swaps), so the strategy
+//! asks for no outcomes. A backend with no measurement yet is assumed to answer in 30 ms, as
+//! Linkerd does: low enough that new backends get traffic and a measurement, high enough that
+//! they do not take everything from measured fast ones. The `+ 1` makes an idle slow backend
+//! still cost more than an idle fast one.
+
+use harbor_strategy_common::load::cmp_per_weight;
+use harbor_strategy_common::{Backends, Load, PickRequest};
+
+/// The latency assumed before the host has measured one.
+pub const DEFAULT_RTT_NS: u64 = 30_000_000;
+
+pub struct PeakEwma {
+    backends: Backends,
+}
+
+impl PeakEwma {
+    pub fn new(backends: Backends) -> Self {
+        Self { backends }
+    }
+
+    pub fn rebuild(&mut self, backends: Backends) {
+        self.backends = backends;
+    }
+
+    pub fn pick(&self, request: &PickRequest, load: &impl Load) -> Option<u32> {
+        let (a, b) = self
+            .backends
+            .candidates(request.exclude)
+            .random_pair(request.entropy)?;
+        let Some(b) = b else { return Some(a) };
+        let b_is_cheaper = cmp_per_weight(
+            cost(load, b),
+            self.backends.weight(b),
+            cost(load, a),
+            self.backends.weight(a),
+        )
+        .is_lt();
+        Some(if b_is_cheaper { b } else { a })
+    }
+}
+
+fn cost(load: &impl Load, index: u32) -> u128 {
+    let rtt = match load.latency_ewma_ns(index) {
+        0 => DEFAULT_RTT_NS,
+        measured => measured,
+    };
+    u128::from(rtt) * (u128::from(load.in_flight(index)) + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use harbor_strategy_common::Backend;
+    use harbor_strategy_common::hash::mix64;
+    use harbor_strategy_common::load::FixedLoad;
+
+    const MS: u64 = 1_000_000;
+
+    fn backends(spec: &[(u32, bool)]) -> Backends {
+        spec.iter()
+            .enumerate()
+            .map(|(i, &(weight, healthy))| Backend::new(format!("10.0.0.{i}:80"), weight, healthy))
+            .collect()
+    }
+
+    fn load(in_flight: &[u32], latency_ms: &[u64]) -> FixedLoad {
+        FixedLoad {
+            in_flight: in_flight.to_vec(),
+            latency_ewma_ns: latency_ms.iter().map(|ms| ms * MS).collect(),
+        }
+    }
+
+    fn counts(pe: &PeakEwma, picks: u64, exclude: &[u32], load: &FixedLoad) -> Vec<u64> {
+        let mut counts = vec![0; pe.backends.len()];
+        for n in 0..picks {
+            let request = PickRequest {
+                sequence: n,
+                entropy: mix64(n),
+                exclude,
+                ..Default::default()
+            };
+            counts[pe.pick(&request, load).expect("a candidate") as usize] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn the_faster_backend_wins() {
+        let pe = PeakEwma::new(backends(&[(1, true), (1, true)]));
+        assert_eq!(counts(&pe, 100, &[], &load(&[0, 0], &[100, 10])), [0, 100]);
+    }
+
+    #[test]
+    fn unmeasured_backends_count_as_30_ms() {
+        let pe = PeakEwma::new(backends(&[(1, true), (1, true)]));
+        assert_eq!(counts(&pe, 100, &[], &load(&[0, 0], &[0, 31])), [100, 0]);
+        assert_eq!(counts(&pe, 100, &[], &load(&[0, 0], &[0, 29])), [0, 100]);
+    }
+
+    #[test]
+    fn queued_requests_make_a_fast_backend_expensive() {
+        let pe = PeakEwma::new(backends(&[(1, true), (1, true)]));
+        // 10 ms × 10 > 50 ms × 1.
+        assert_eq!(counts(&pe, 100, &[], &load(&[9, 0], &[10, 50])), [0, 100]);
+        // 10 ms × 4 < 50 ms × 1.
+        assert_eq!(counts(&pe, 100, &[], &load(&[3, 0], &[10, 50])), [100, 0]);
+    }
+
+    #[test]
+    fn cost_is_weighed() {
+        let pe = PeakEwma::new(backends(&[(4, true), (1, true)]));
+        // 40 ms / 4 < 20 ms / 1.
+        assert_eq!(counts(&pe, 100, &[], &load(&[0, 0], &[40, 20])), [100, 0]);
+        let pe = PeakEwma::new(backends(&[(1, true), (1, true)]));
+        assert_eq!(counts(&pe, 100, &[], &load(&[0, 0], &[40, 20])), [0, 100]);
+    }
+
+    #[test]
+    fn the_slowest_of_many_is_never_picked_and_the_fastest_most() {
+        let pe = PeakEwma::new(backends(&[(1, true); 4]));
+        let got = counts(&pe, 10_000, &[], &load(&[0; 4], &[20, 500, 5, 40]));
+        assert_eq!(got[1], 0, "{got:?}");
+        assert!(got[2] > got[0] && got[0] > got[3], "{got:?}");
+    }
+
+    #[test]
+    fn skips_unhealthy_and_excluded() {
+        let pe = PeakEwma::new(backends(&[(1, true), (1, false), (1, true)]));
+        let fast_unhealthy = load(&[0, 0, 0], &[50, 1, 40]);
+        assert_eq!(counts(&pe, 100, &[], &fast_unhealthy), [0, 0, 100]);
+        assert_eq!(counts(&pe, 100, &[2], &fast_unhealthy), [100, 0, 0]);
+        assert_eq!(counts(&pe, 100, &[0, 2], &fast_unhealthy), [0, 100, 0]);
+        let nothing = PickRequest {
+            exclude: &[0, 1, 2],
+            ..Default::default()
+        };
+        assert_eq!(pe.pick(&nothing, &fast_unhealthy), None);
+    }
+
+    #[test]
+    fn balances_over_all_when_none_is_healthy() {
+        let pe = PeakEwma::new(backends(&[(1, false), (1, false)]));
+        assert_eq!(counts(&pe, 100, &[], &load(&[0, 0], &[9, 3])), [0, 100]);
+    }
+
+    #[test]
+    fn follows_backends_joining_and_leaving() {
+        let mut pe = PeakEwma::new(backends(&[]));
+        assert_eq!(
+            pe.pick(&PickRequest::default(), &FixedLoad::default()),
+            None
+        );
+        pe.rebuild(backends(&[(1, true)]));
+        assert_eq!(counts(&pe, 10, &[], &load(&[5], &[900])), [10]);
+        pe.rebuild(backends(&[(1, true), (1, true)]));
+        let got = counts(&pe, 10, &[], &load(&[5, 0], &[900]));
+        assert_eq!(
+            got,
+            [0, 10],
+            "a new backend at the default 30 ms beats a slow one"
+        );
+        pe.rebuild(backends(&[(1, true), (1, false)]));
+        assert_eq!(counts(&pe, 10, &[], &load(&[5, 0], &[900])), [10, 0]);
+    }
+
+    #[test]
+    fn extreme_values_do_not_overflow() {
+        let pe = PeakEwma::new(backends(&[(10_000, true), (1, true)]));
+        let got = counts(
+            &pe,
+            10,
+            &[],
+            &load(&[u32::MAX, u32::MAX], &[u64::MAX / MS; 2]),
+        );
+        assert_eq!(got.iter().sum::<u64>(), 10);
+    }
+}

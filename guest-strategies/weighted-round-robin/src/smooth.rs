@@ -1,0 +1,177 @@
+//! nginx's smooth weighted round-robin.
+//!
+//! Every pick adds each candidate's weight to its running value, takes the candidate with the
+//! largest value and subtracts the candidates' total weight from it. Over any window of
+//! `total` picks each backend gets exactly its weight's share, and a heavy backend's turns are
+//! spread out (5:1:1 gives `a a b a c a a`, not `a a a a a b c`).
+//!
+//! The running values live in the balancer, so each worker thread's balancer interleaves on its
+//! own; shares still hold per worker and therefore overall. They are carried across rebuilds by
+//! address, so a health flap or a backend joining does not restart every backend's turn.
+
+use std::collections::HashMap;
+
+use harbor_strategy_common::{Backends, PickRequest};
+
+pub struct SmoothWeighted {
+    backends: Backends,
+    /// Running value per backend index.
+    current: Vec<i64>,
+}
+
+impl SmoothWeighted {
+    pub fn new(backends: Backends) -> Self {
+        let current = vec![0; backends.len()];
+        Self { backends, current }
+    }
+
+    pub fn rebuild(&mut self, backends: Backends) {
+        let carried: HashMap<&str, i64> = self
+            .backends
+            .as_slice()
+            .iter()
+            .zip(&self.current)
+            .map(|(b, &value)| (b.address.as_str(), value))
+            .collect();
+        let current = backends
+            .as_slice()
+            .iter()
+            .map(|b| carried.get(b.address.as_str()).copied().unwrap_or(0))
+            .collect();
+        self.current = current;
+        self.backends = backends;
+    }
+
+    pub fn pick(&mut self, request: &PickRequest) -> Option<u32> {
+        let candidates = self.backends.candidates(request.exclude);
+        let total = i64::try_from(candidates.total_weight()).ok()?;
+        let mut best: Option<(u32, i64)> = None;
+        for i in candidates.iter() {
+            let weight = i64::try_from(self.backends.weight(i)).ok()?;
+            let value = self.current.get_mut(i as usize)?;
+            *value += weight;
+            // Strictly greater: ties go to the earlier backend, as in nginx.
+            if best.is_none_or(|(_, top)| *value > top) {
+                best = Some((i, *value));
+            }
+        }
+        let (chosen, _) = best?;
+        if let Some(value) = self.current.get_mut(chosen as usize) {
+            *value -= total;
+        }
+        Some(chosen)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use harbor_strategy_common::Backend;
+
+    fn backends(spec: &[(&str, u32, bool)]) -> Backends {
+        spec.iter()
+            .map(|&(address, weight, healthy)| Backend::new(address, weight, healthy))
+            .collect()
+    }
+
+    fn pick(wrr: &mut SmoothWeighted, exclude: &[u32]) -> Option<u32> {
+        wrr.pick(&PickRequest {
+            exclude,
+            ..Default::default()
+        })
+    }
+
+    fn counts(wrr: &mut SmoothWeighted, picks: usize, slots: usize) -> Vec<usize> {
+        let mut counts = vec![0; slots];
+        for _ in 0..picks {
+            counts[pick(wrr, &[]).expect("a candidate") as usize] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn interleaves_like_nginx() {
+        let mut wrr =
+            SmoothWeighted::new(backends(&[("a", 5, true), ("b", 1, true), ("c", 1, true)]));
+        let order: Vec<_> = (0..7)
+            .map(|_| pick(&mut wrr, &[]).expect("a candidate"))
+            .collect();
+        assert_eq!(order, [0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn honours_weights_within_one_percent() {
+        let weights = [1, 3, 7, 10, 29, 50];
+        let spec: Vec<_> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| (["a", "b", "c", "d", "e", "f"][i], w, true))
+            .collect();
+        let mut wrr = SmoothWeighted::new(backends(&spec));
+        let total: u32 = weights.iter().sum();
+        let picks = 100_003;
+        let got = counts(&mut wrr, picks, weights.len());
+        for (i, &w) in weights.iter().enumerate() {
+            let want = picks as f64 * f64::from(w) / f64::from(total);
+            let error = (got[i] as f64 - want).abs() / want;
+            assert!(
+                error < 0.01,
+                "backend {i}: {} picks, want {want:.0}",
+                got[i]
+            );
+        }
+    }
+
+    #[test]
+    fn skips_unhealthy_and_excluded() {
+        let mut wrr =
+            SmoothWeighted::new(backends(&[("a", 2, true), ("b", 1, false), ("c", 1, true)]));
+        assert_eq!(counts(&mut wrr, 300, 3), [200, 0, 100]);
+        for _ in 0..10 {
+            assert_eq!(pick(&mut wrr, &[0]), Some(2));
+        }
+        assert_eq!(pick(&mut wrr, &[0, 2]), Some(1), "falls back to unhealthy");
+        assert_eq!(pick(&mut wrr, &[0, 1, 2]), None);
+    }
+
+    #[test]
+    fn balances_over_all_when_none_is_healthy() {
+        let mut wrr = SmoothWeighted::new(backends(&[("a", 1, false), ("b", 3, false)]));
+        assert_eq!(counts(&mut wrr, 400, 2), [100, 300]);
+    }
+
+    #[test]
+    fn nothing_to_pick_without_backends() {
+        assert_eq!(
+            pick(&mut SmoothWeighted::new(Backends::default()), &[]),
+            None
+        );
+    }
+
+    #[test]
+    fn shares_follow_backends_joining_leaving_and_reweighting() {
+        let mut wrr = SmoothWeighted::new(backends(&[("a", 1, true), ("b", 1, true)]));
+        assert_eq!(counts(&mut wrr, 100, 2), [50, 50]);
+        wrr.rebuild(backends(&[("a", 1, true), ("b", 1, true), ("c", 2, true)]));
+        assert_eq!(counts(&mut wrr, 400, 3), [100, 100, 200]);
+        wrr.rebuild(backends(&[("c", 2, true), ("a", 1, true)]));
+        assert_eq!(
+            counts(&mut wrr, 300, 2),
+            [200, 100],
+            "indexes moved with b gone"
+        );
+        wrr.rebuild(backends(&[("c", 2, false), ("a", 1, true)]));
+        assert_eq!(counts(&mut wrr, 10, 2), [0, 10]);
+        wrr.rebuild(backends(&[("c", 1, true), ("a", 3, true)]));
+        assert_eq!(counts(&mut wrr, 400, 2), [100, 300]);
+    }
+
+    #[test]
+    fn running_values_survive_a_health_flap() {
+        let spec = [("a", 1, true), ("b", 1, true)];
+        let mut wrr = SmoothWeighted::new(backends(&spec));
+        assert_eq!(pick(&mut wrr, &[]), Some(0));
+        wrr.rebuild(backends(&spec));
+        assert_eq!(pick(&mut wrr, &[]), Some(1), "b's turn is not forgotten");
+    }
+}

@@ -1,0 +1,107 @@
+//! Custom strategies from the plugin directory: every `*.wasm` file is checked and, if it
+//! passes, put in force under the name it describes; a changed file is checked again (the old
+//! version serves until the new one passes); a removed file takes its strategy out of force.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::catalog::Strategies;
+use super::engine::content_hash;
+use super::strategy::Source;
+
+/// Components larger than this are refused unread.
+pub const MAX_COMPONENT_BYTES: u64 = 32 << 20;
+
+/// What the directory held at the last scan: path → content hash.
+#[derive(Default)]
+pub struct DirState {
+    seen: HashMap<PathBuf, String>,
+}
+
+/// Applies the directory's current contents. Runs blocking file reads and compiles: call it
+/// from a blocking thread.
+pub fn scan(strategies: &Strategies, dir: &Path, state: &mut DirState) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return forget_missing(strategies, state, &[]);
+        }
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot read the plugin directory; plugins unchanged");
+            return;
+        }
+    };
+    let mut present = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if !file_name.ends_with(".wasm") || file_name.starts_with('.') {
+            continue;
+        }
+        present.push(path.clone());
+        let source = Source::File(path.display().to_string());
+        let bytes = match read(&path) {
+            Ok(bytes) => bytes,
+            Err(reason) => {
+                tracing::warn!(file = %path.display(), reason, "plugin file not loaded");
+                continue;
+            }
+        };
+        let hash = content_hash(&bytes);
+        if state.seen.get(&path) == Some(&hash) {
+            continue;
+        }
+        state.seen.insert(path.clone(), hash);
+        // A rejection is reported by the catalog (log, event, API); the old version keeps
+        // serving and the file is checked again when it changes.
+        let _ = strategies.install(&bytes, source, None);
+    }
+    forget_missing(strategies, state, &present);
+}
+
+fn forget_missing(strategies: &Strategies, state: &mut DirState, present: &[PathBuf]) {
+    let gone: Vec<PathBuf> = state
+        .seen
+        .keys()
+        .filter(|p| !present.contains(p))
+        .cloned()
+        .collect();
+    for path in gone {
+        state.seen.remove(&path);
+        let source = Source::File(path.display().to_string());
+        if let Some(name) = strategies.name_from(&source) {
+            strategies.remove(&name);
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    if meta.len() > MAX_COMPONENT_BYTES {
+        return Err(format!(
+            "{} bytes; a plugin may be at most {MAX_COMPONENT_BYTES}",
+            meta.len()
+        ));
+    }
+    std::fs::read(path).map_err(|e| format!("cannot read: {e}"))
+}
+
+/// Scans on a blocking thread, keeping the state between scans.
+pub async fn rescan(
+    strategies: &Arc<Strategies>,
+    dir: &Path,
+    state: &Arc<std::sync::Mutex<DirState>>,
+) {
+    let (strategies, dir, state) = (strategies.clone(), dir.to_owned(), state.clone());
+    let done = tokio::task::spawn_blocking(move || {
+        let mut state = crate::events::lock(&state);
+        scan(&strategies, &dir, &mut state);
+    })
+    .await;
+    if let Err(e) = done {
+        tracing::error!(error = %e, "plugin directory scan failed");
+    }
+}

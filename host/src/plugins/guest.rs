@@ -1,0 +1,188 @@
+//! The strategy world's bindings (generated once, here, from `wit/strategy`), the state each
+//! guest store carries, and the linker that gives a strategy its only capabilities: the `load`
+//! import, random numbers and clocks. Every other import traps.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use wasmtime::component::{Component, ComponentType, HasSelf, Linker, Lower};
+use wasmtime::{Engine, StoreLimits, StoreLimitsBuilder};
+
+use super::load::LoadTable;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit/strategy",
+        world: "plugin",
+    });
+}
+
+pub use bindings::exports::harbor::strategy::strategy::{Backend, Description, Outcome, Request};
+pub use bindings::{Plugin, PluginPre};
+
+/// The version of the strategy contract this host speaks.
+pub const CONTRACT: &str = "harbor:strategy@0.1.0";
+
+/// Linear memory a strategy instance may use.
+pub const MEMORY_LIMIT: usize = 32 << 20;
+
+pub struct GuestState {
+    limits: StoreLimits,
+    /// The loads of the route being picked for; set before each call that may read them.
+    pub loads: Option<Arc<LoadTable>>,
+}
+
+impl GuestState {
+    pub fn new() -> Self {
+        Self {
+            limits: StoreLimitsBuilder::new()
+                .memory_size(MEMORY_LIMIT)
+                .instances(4)
+                .tables(16)
+                .memories(4)
+                .trap_on_grow_failure(true)
+                .build(),
+            loads: None,
+        }
+    }
+
+    pub fn limits(&mut self) -> &mut StoreLimits {
+        &mut self.limits
+    }
+}
+
+impl bindings::harbor::strategy::load::Host for GuestState {
+    fn in_flight(&mut self, index: u32) -> u32 {
+        self.loads
+            .as_ref()
+            .map_or(0, |l| l.in_flight(index as usize))
+    }
+
+    fn latency_ewma_ns(&mut self, index: u32) -> u64 {
+        self.loads
+            .as_ref()
+            .map_or(0, |l| l.latency_ewma_ns(index as usize))
+    }
+}
+
+impl bindings::harbor::strategy::types::Host for GuestState {}
+
+/// The imports every strategy may use.
+pub fn base_linker(engine: &Engine) -> anyhow::Result<Linker<GuestState>> {
+    let mut linker = Linker::new(engine);
+    bindings::harbor::strategy::load::add_to_linker::<GuestState, HasSelf<GuestState>>(
+        &mut linker,
+        |s| s,
+    )
+    .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    Ok(linker)
+}
+
+/// `wasi:clocks/wall-clock.datetime`.
+#[derive(ComponentType, Lower, Clone, Copy)]
+#[component(record)]
+struct Datetime {
+    seconds: u64,
+    nanoseconds: u32,
+}
+
+/// Prepares a component for instantiation. Of WASI it gets only what is pure and harmless
+/// (random numbers, clocks), defined under the exact versions it imports; everything else it
+/// imports (files, sockets, stdio, environment) is linked to a trap, so asking for it is allowed
+/// but using it fails.
+pub fn prepare(
+    base: &Linker<GuestState>,
+    engine: &Engine,
+    component: &Component,
+) -> anyhow::Result<PluginPre<GuestState>> {
+    let err = |e: wasmtime::Error| anyhow::anyhow!("{e:#}");
+    let mut linker = base.clone();
+    for (name, _) in component.component_type().imports(engine) {
+        define_pure_wasi(&mut linker, name).map_err(err)?;
+    }
+    linker
+        .define_unknown_imports_as_traps(component)
+        .map_err(err)?;
+    let pre = linker.instantiate_pre(component).map_err(err)?;
+    PluginPre::new(pre).map_err(|e| {
+        anyhow::anyhow!("the component does not export {CONTRACT}'s `strategy` interface: {e:#}")
+    })
+}
+
+fn define_pure_wasi(linker: &mut Linker<GuestState>, import: &str) -> wasmtime::Result<()> {
+    let Some(interface) = import.split('@').next() else {
+        return Ok(());
+    };
+    match interface {
+        "wasi:random/insecure-seed" => {
+            let mut i = linker.instance(import)?;
+            i.func_wrap("insecure-seed", |_, (): ()| {
+                Ok(((fastrand::u64(..), fastrand::u64(..)),))
+            })?;
+        }
+        "wasi:random/insecure" => {
+            let mut i = linker.instance(import)?;
+            i.func_wrap("get-insecure-random-u64", |_, (): ()| {
+                Ok((fastrand::u64(..),))
+            })?;
+            i.func_wrap("get-insecure-random-bytes", |_, (len,): (u64,)| {
+                Ok((random_bytes(len, fastrand::fill)?,))
+            })?;
+        }
+        "wasi:random/random" => {
+            let mut i = linker.instance(import)?;
+            i.func_wrap("get-random-u64", |_, (): ()| {
+                let mut buf = [0u8; 8];
+                getrandom::getrandom(&mut buf).map_err(|e| wasmtime::format_err!("{e}"))?;
+                Ok((u64::from_le_bytes(buf),))
+            })?;
+            i.func_wrap("get-random-bytes", |_, (len,): (u64,)| {
+                Ok((random_bytes(len, |buf| {
+                    if getrandom::getrandom(buf).is_err() {
+                        fastrand::fill(buf);
+                    }
+                })?,))
+            })?;
+        }
+        "wasi:clocks/monotonic-clock" => {
+            let mut i = linker.instance(import)?;
+            i.func_wrap("now", |_, (): ()| Ok((monotonic_ns(),)))?;
+            i.func_wrap("resolution", |_, (): ()| Ok((1u64,)))?;
+        }
+        "wasi:clocks/wall-clock" => {
+            let mut i = linker.instance(import)?;
+            i.func_wrap("now", |_, (): ()| {
+                let d = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                Ok((Datetime {
+                    seconds: d.as_secs(),
+                    nanoseconds: d.subsec_nanos(),
+                },))
+            })?;
+            i.func_wrap("resolution", |_, (): ()| {
+                Ok((Datetime {
+                    seconds: 0,
+                    nanoseconds: 1,
+                },))
+            })?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Random bytes for a guest, refusing absurd requests instead of allocating them.
+fn random_bytes(len: u64, fill: impl FnOnce(&mut [u8])) -> wasmtime::Result<Vec<u8>> {
+    if len > 1 << 20 {
+        wasmtime::bail!("asked for {len} random bytes; at most 1 MiB per call");
+    }
+    let mut buf = vec![0u8; len as usize];
+    fill(&mut buf);
+    Ok(buf)
+}
+
+fn monotonic_ns() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}

@@ -1,0 +1,34 @@
+//! The WebAssembly plugin runtime. Strategies are components implementing `wit/strategy`;
+//! each runs sandboxed (no ambient authority, a deadline per call, a memory cap), per thread
+//! (no shared store to queue on), and behind a breaker; when one cannot answer, the host's own
+//! round-robin picks.
+//!
+//! | module | owns |
+//! |---|---|
+//! | `engine` | the wasmtime engine, the epoch ticker, the precompiled-component cache |
+//! | `guest` | the generated bindings, the guest store's state, the linker |
+//! | `strategy` | one loaded component: the admission check, the fault breaker |
+//! | `shard` | per-thread instances and the guest side of a pick |
+//! | `balancer` | a route's backends, live load, pick sequence and fallback |
+//! | `load` | per-backend in-flight counts and latency EWMA |
+//! | `catalog` | strategies by name, built-ins, install / remove / list |
+//! | `report` | events and metrics |
+
+mod balancer;
+mod catalog;
+mod dir;
+mod engine;
+mod guest;
+mod load;
+mod report;
+mod shard;
+mod strategy;
+
+pub use balancer::{BackendSet, BackendSpec, Balancer, Picked, fallback};
+pub use catalog::{DEFAULT_STRATEGY, PluginInfo, Slot, Strategies};
+pub use dir::{DirState, MAX_COMPONENT_BYTES, rescan as rescan_dir, scan as scan_dir};
+pub use engine::{PluginEngine, content_hash};
+pub use guest::{CONTRACT, Outcome};
+pub use load::{BackendLoad, InFlight};
+pub use report::{FaultKind, Reporter};
+pub use strategy::{Rejected, Source};

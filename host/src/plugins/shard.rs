@@ -1,0 +1,187 @@
+//! Per-thread guest instances. Each thread that picks gets its own store and instance of each
+//! strategy version, holding one `balancer` resource per route, so picks on different threads
+//! never wait on each other and no lock is held across a guest call.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::{Arc, Weak};
+
+use wasmtime::Store;
+use wasmtime::component::ResourceAny;
+
+use super::balancer::BackendSet;
+use super::guest::{GuestState, Plugin, Request};
+use super::report::FaultKind;
+use super::strategy::{CALL_DEADLINE_TICKS, Loaded, SETUP_DEADLINE_TICKS, classify};
+
+struct Shard {
+    store: Store<GuestState>,
+    plugin: Plugin,
+    /// Which strategy version this instance belongs to; dead once that version is replaced.
+    owner: Weak<Loaded>,
+    balancers: HashMap<u64, Resource>,
+}
+
+struct Resource {
+    handle: ResourceAny,
+    /// The backend-set version the guest last saw.
+    version: u64,
+    /// Dead once the route's balancer is dropped.
+    alive: Weak<()>,
+}
+
+thread_local! {
+    static SHARDS: RefCell<HashMap<u64, Shard>> = RefCell::new(HashMap::new());
+}
+
+/// A failed guest call. The instance it happened in has been discarded.
+pub struct Fault {
+    pub kind: FaultKind,
+    pub message: String,
+}
+
+/// Asks the strategy for a backend of `set` on behalf of route balancer `id`.
+pub fn pick(
+    loaded: &Arc<Loaded>,
+    id: u64,
+    alive: &Arc<()>,
+    set: &Arc<BackendSet>,
+    request: &Request,
+) -> Result<Option<u32>, Fault> {
+    SHARDS.with(|cell| {
+        let Ok(mut shards) = cell.try_borrow_mut() else {
+            return Err(Fault {
+                kind: FaultKind::Trap,
+                message: "re-entered the strategy runtime".into(),
+            });
+        };
+        if !shards.contains_key(&loaded.generation) {
+            sweep(&mut shards);
+        }
+        let shard = match shards.entry(loaded.generation) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => v.insert(Shard::new(loaded)?),
+        };
+        let result = shard.pick(id, alive, set, request);
+        if result.is_err() {
+            // A trap leaves the instance unusable; the next pick on this thread starts afresh.
+            shards.remove(&loaded.generation);
+        }
+        result
+    })
+}
+
+/// Drops this thread's instances of strategy versions that have been replaced.
+fn sweep(shards: &mut HashMap<u64, Shard>) {
+    shards.retain(|_, s| s.owner.strong_count() > 0);
+}
+
+impl Shard {
+    fn new(loaded: &Arc<Loaded>) -> Result<Self, Fault> {
+        let fault = |e: wasmtime::Error| {
+            let (kind, message) = classify(&e);
+            Fault { kind, message }
+        };
+        let mut store = super::strategy::new_store(&loaded.engine);
+        store.set_epoch_deadline(SETUP_DEADLINE_TICKS);
+        let plugin = loaded.pre.instantiate(&mut store).map_err(fault)?;
+        store.set_epoch_deadline(SETUP_DEADLINE_TICKS);
+        plugin
+            .harbor_strategy_strategy()
+            .call_configure(&mut store, &loaded.config)
+            .map_err(fault)?
+            .map_err(|reason| Fault {
+                kind: FaultKind::Trap,
+                message: format!("configure refused: {reason}"),
+            })?;
+        Ok(Self {
+            store,
+            plugin,
+            owner: Arc::downgrade(loaded),
+            balancers: HashMap::new(),
+        })
+    }
+
+    fn pick(
+        &mut self,
+        id: u64,
+        alive: &Arc<()>,
+        set: &Arc<BackendSet>,
+        request: &Request,
+    ) -> Result<Option<u32>, Fault> {
+        let fault = |e: wasmtime::Error| {
+            let (kind, message) = classify(&e);
+            Fault { kind, message }
+        };
+        let api = self.plugin.harbor_strategy_strategy().balancer();
+        // Point the load import at this route's counters (an Arc swap only when the route or
+        // its backend set changed since the last pick on this thread).
+        let data = self.store.data_mut();
+        if !data
+            .loads
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(l, &set.loads))
+        {
+            data.loads = Some(set.loads.clone());
+        }
+
+        let handle = match self.balancers.get_mut(&id) {
+            Some(r) if r.version == set.version => r.handle,
+            Some(r) => {
+                self.store.set_epoch_deadline(SETUP_DEADLINE_TICKS);
+                api.call_rebuild(&mut self.store, r.handle, set.guest_backends())
+                    .map_err(fault)?;
+                r.version = set.version;
+                r.handle
+            }
+            None => {
+                self.balancers.retain(|_, r| r.alive.strong_count() > 0);
+                self.store.set_epoch_deadline(SETUP_DEADLINE_TICKS);
+                let handle = api
+                    .call_constructor(&mut self.store, set.guest_backends())
+                    .map_err(fault)?;
+                self.balancers.insert(
+                    id,
+                    Resource {
+                        handle,
+                        version: set.version,
+                        alive: Arc::downgrade(alive),
+                    },
+                );
+                handle
+            }
+        };
+        self.store.set_epoch_deadline(CALL_DEADLINE_TICKS);
+        api.call_pick(&mut self.store, handle, request)
+            .map_err(fault)
+    }
+}
+
+/// Reports an outcome to the strategy on this thread, if it has a balancer for the route.
+pub fn done(
+    loaded: &Arc<Loaded>,
+    id: u64,
+    index: u32,
+    outcome: super::guest::Outcome,
+    latency_ns: u64,
+) {
+    SHARDS.with(|cell| {
+        let Ok(mut shards) = cell.try_borrow_mut() else {
+            return;
+        };
+        let Some(shard) = shards.get_mut(&loaded.generation) else {
+            return;
+        };
+        let Some(handle) = shard.balancers.get(&id).map(|r| r.handle) else {
+            return;
+        };
+        let api = shard.plugin.harbor_strategy_strategy().balancer();
+        shard.store.set_epoch_deadline(CALL_DEADLINE_TICKS);
+        if let Err(e) = api.call_done(&mut shard.store, handle, index, outcome, latency_ns) {
+            let (kind, message) = classify(&e);
+            loaded.fault(kind, &message);
+            shards.remove(&loaded.generation);
+        }
+    });
+}

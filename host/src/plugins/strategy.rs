@@ -1,0 +1,347 @@
+//! One loaded strategy component: compiled, checked before it may serve (the admission check),
+//! and guarded by a breaker that takes it out of service, with backoff, when it keeps failing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use wasmtime::Store;
+use wasmtime::component::Linker;
+
+use super::engine::{PluginEngine, content_hash};
+use super::guest::{self, Backend, Description, GuestState, PluginPre, Request};
+use super::report::{FaultKind, Reporter};
+use crate::model::StrategyName;
+
+/// Deadline of a pick or an outcome report, in epoch ticks: far above what a pick costs
+/// (microseconds), well under the time a stuck pick may hold a connection.
+pub const CALL_DEADLINE_TICKS: u64 = 25;
+/// Deadline of set-up work (instantiation, describe, configure, building a balancer, which may
+/// fill a large table), in epoch ticks. It is off the request path but for the first pick after
+/// a backend change.
+pub const SETUP_DEADLINE_TICKS: u64 = 1_000;
+/// Faults within one breaker window that take a plugin out of service.
+const FAULTS_TO_TRIP: u32 = 5;
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Where a plugin came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Builtin,
+    File(String),
+    Api,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Builtin => f.write_str("builtin"),
+            Source::File(path) => write!(f, "file:{path}"),
+            Source::Api => f.write_str("api"),
+        }
+    }
+}
+
+/// Why a component may not serve.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Rejected(pub String);
+
+pub struct Loaded {
+    /// Unique per load, so per-thread instances of an older version are never reused.
+    pub generation: u64,
+    pub name: StrategyName,
+    pub description: Description,
+    pub hash: String,
+    pub source: Source,
+    pub loaded_at: SystemTime,
+    pub(super) engine: Arc<PluginEngine>,
+    pub(super) pre: PluginPre<GuestState>,
+    pub(super) config: String,
+    pub(super) reporter: Arc<Reporter>,
+    breaker: Breaker,
+}
+
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+impl Loaded {
+    /// Compiles `bytes` and checks that the component can serve: it instantiates, implements
+    /// this contract version, describes itself with a valid name, accepts the default
+    /// configuration, and answers a sample of picks correctly within its deadline.
+    pub fn admit(
+        engine: &Arc<PluginEngine>,
+        cache_dir: Option<&std::path::Path>,
+        base: &Linker<GuestState>,
+        bytes: &[u8],
+        source: Source,
+        reporter: Arc<Reporter>,
+    ) -> Result<Self, Rejected> {
+        let component = engine.compile(bytes, cache_dir).map_err(|e| {
+            Rejected(format!(
+                "not a WebAssembly component Harbor can load: {e:#}"
+            ))
+        })?;
+        let pre = guest::prepare(base, engine.engine(), &component)
+            .map_err(|e| Rejected(format!("{e:#}")))?;
+        let mut store = new_store(engine);
+        let plugin = call(&mut store, SETUP_DEADLINE_TICKS, |s| pre.instantiate(s))
+            .map_err(|e| Rejected(format!("instantiating failed: {e}")))?;
+        let api = plugin.harbor_strategy_strategy();
+        let description = call(&mut store, SETUP_DEADLINE_TICKS, |s| api.call_describe(s))
+            .map_err(|e| Rejected(format!("describe failed: {e}")))?;
+        let name = StrategyName::parse(&description.name)
+            .map_err(|e| Rejected(format!("describe returned an unusable name: {}", e.reason)))?;
+        let config = "{}".to_owned();
+        call(&mut store, SETUP_DEADLINE_TICKS, |s| {
+            api.call_configure(s, &config)
+        })
+        .map_err(|e| Rejected(format!("configure failed: {e}")))?
+        .map_err(|reason| Rejected(format!("refuses the default configuration: {reason}")))?;
+        sample_picks(&mut store, &plugin, description.wants_outcomes)?;
+        Ok(Self {
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+            name,
+            description,
+            hash: content_hash(bytes),
+            source,
+            loaded_at: SystemTime::now(),
+            engine: engine.clone(),
+            pre,
+            config,
+            reporter,
+            breaker: Breaker::default(),
+        })
+    }
+
+    /// Whether the breaker lets calls through now.
+    pub fn in_service(&self) -> bool {
+        self.breaker.closed()
+    }
+
+    pub fn faults(&self) -> u64 {
+        self.breaker.total.load(Ordering::Relaxed)
+    }
+
+    pub fn disabled_for(&self) -> Option<Duration> {
+        self.breaker.remaining()
+    }
+
+    /// Records a failed call; may take the plugin out of service for a while.
+    pub fn fault(&self, kind: FaultKind, message: &str) {
+        self.reporter.fault(&self.name, kind, message);
+        if let Some(backoff) = self.breaker.record_fault() {
+            self.reporter.disabled(&self.name, backoff);
+        }
+    }
+
+    pub fn succeeded(&self) {
+        self.breaker.record_success();
+    }
+}
+
+pub(super) fn new_store(engine: &PluginEngine) -> Store<GuestState> {
+    let mut store = Store::new(engine.engine(), GuestState::new());
+    store.limiter(|s| s.limits());
+    store
+}
+
+/// Runs one guest call under a deadline (in epoch ticks), describing a failure in words.
+pub(super) fn call<T>(
+    store: &mut Store<GuestState>,
+    ticks: u64,
+    f: impl FnOnce(&mut Store<GuestState>) -> wasmtime::Result<T>,
+) -> Result<T, String> {
+    store.set_epoch_deadline(ticks);
+    f(store).map_err(|e| {
+        let (kind, message) = classify(&e);
+        format!("{kind}: {message}")
+    })
+}
+
+/// Sorts a guest failure into what happened, for events and metrics, with a one-line message:
+/// the trap and the guest function it happened in.
+pub fn classify(e: &wasmtime::Error) -> (FaultKind, String) {
+    let trap = e.downcast_ref::<wasmtime::Trap>().copied();
+    let root = e.root_cause().to_string();
+    let kind = match trap {
+        Some(wasmtime::Trap::Interrupt) => FaultKind::Timeout,
+        _ if root.contains("memory") && root.contains("grow") => FaultKind::Memory,
+        _ => FaultKind::Trap,
+    };
+    let mut message = match kind {
+        FaultKind::Timeout => "ran past its deadline and was interrupted".to_owned(),
+        _ => trap.map_or(root, |t| t.to_string()),
+    };
+    if let Some(frame) = e
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .and_then(|bt| bt.frames().iter().find_map(|f| f.func_name()))
+    {
+        message.push_str(&format!(" (in {frame})"));
+    }
+    (kind, message)
+}
+
+fn sample_backends(n: u32, unhealthy: Option<u32>) -> Vec<Backend> {
+    (0..n)
+        .map(|i| Backend {
+            address: format!("127.0.0.1:{}", 10_000 + i),
+            weight: i + 1,
+            healthy: Some(i) != unhealthy,
+            labels: Vec::new(),
+        })
+        .collect()
+}
+
+/// Picks on sample backend sets: every answer must be a usable, non-excluded index. The
+/// set-up deadline applies, not the pick deadline: on a busy machine a correct pick can be
+/// descheduled past the short one, and a looping pick is caught either way.
+fn sample_picks(
+    store: &mut Store<GuestState>,
+    plugin: &guest::Plugin,
+    wants_outcomes: bool,
+) -> Result<(), Rejected> {
+    let balancer = plugin.harbor_strategy_strategy().balancer();
+    let backends = sample_backends(4, None);
+    store.data_mut().loads = Some(Arc::new(super::load::LoadTable::default()));
+    let resource = call(store, SETUP_DEADLINE_TICKS, |s| {
+        balancer.call_constructor(s, &backends)
+    })
+    .map_err(|e| Rejected(format!("creating a balancer failed: {e}")))?;
+    let check = |store: &mut Store<GuestState>, n: u32, request: Request| {
+        let excluded = request.exclude.clone();
+        match call(store, CALL_DEADLINE_TICKS, |s| {
+            balancer.call_pick(s, resource, &request)
+        }) {
+            Err(e) => Err(Rejected(format!("pick failed: {e}"))),
+            Ok(None) => Err(Rejected(format!(
+                "pick chose nothing although {n} backends are usable"
+            ))),
+            Ok(Some(i)) if i >= n => Err(Rejected(format!(
+                "pick returned index {i} for a list of {n}"
+            ))),
+            Ok(Some(i)) if excluded.contains(&i) => Err(Rejected(format!(
+                "pick returned index {i}, which the request excluded"
+            ))),
+            Ok(Some(i)) => Ok(i),
+        }
+    };
+    let started = Instant::now();
+    for seq in 0..200u64 {
+        let request = Request {
+            sequence: seq,
+            entropy: seq.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            hash_key: (seq % 2 == 0).then_some(seq.wrapping_mul(31)),
+            exclude: if seq % 5 == 0 { vec![0, 1] } else { Vec::new() },
+        };
+        let i = check(store, 4, request)?;
+        if wants_outcomes {
+            call(store, SETUP_DEADLINE_TICKS, |s| {
+                balancer.call_done(s, resource, i, guest::Outcome::Success, 1_000_000)
+            })
+            .map_err(|e| Rejected(format!("done failed: {e}")))?;
+        }
+    }
+    let fewer = sample_backends(3, Some(1));
+    call(store, SETUP_DEADLINE_TICKS, |s| {
+        balancer.call_rebuild(s, resource, &fewer)
+    })
+    .map_err(|e| Rejected(format!("rebuild failed: {e}")))?;
+    for seq in 0..50u64 {
+        let request = Request {
+            sequence: seq,
+            entropy: seq.wrapping_mul(0xD1B5_4A32_D192_ED03),
+            hash_key: Some(seq),
+            exclude: Vec::new(),
+        };
+        check(store, 3, request)?;
+    }
+    tracing::debug!(elapsed = ?started.elapsed(), "strategy sample picks passed");
+    Ok(())
+}
+
+/// Counts faults in a window; too many take the plugin out of service for a backoff that
+/// doubles each time it trips, and a success after a trip resets it.
+#[derive(Default)]
+struct Breaker {
+    total: AtomicU64,
+    window_faults: AtomicU32,
+    window_start_ms: AtomicU64,
+    trips: AtomicU32,
+    disabled_until_ms: AtomicU64,
+}
+
+const WINDOW_MS: u64 = 10_000;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Breaker {
+    fn closed(&self) -> bool {
+        let until = self.disabled_until_ms.load(Ordering::Relaxed);
+        until == 0 || now_ms() >= until
+    }
+
+    fn remaining(&self) -> Option<Duration> {
+        let until = self.disabled_until_ms.load(Ordering::Relaxed);
+        let now = now_ms();
+        (until > now).then(|| Duration::from_millis(until - now))
+    }
+
+    /// Returns the backoff if this fault trips the breaker.
+    fn record_fault(&self) -> Option<Duration> {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let start = self.window_start_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(start) > WINDOW_MS {
+            self.window_start_ms.store(now, Ordering::Relaxed);
+            self.window_faults.store(0, Ordering::Relaxed);
+        }
+        if self.window_faults.fetch_add(1, Ordering::Relaxed) + 1 < FAULTS_TO_TRIP {
+            return None;
+        }
+        self.window_faults.store(0, Ordering::Relaxed);
+        let trips = self.trips.fetch_add(1, Ordering::Relaxed);
+        let backoff = FIRST_BACKOFF
+            .saturating_mul(1 << trips.min(16))
+            .min(MAX_BACKOFF);
+        self.disabled_until_ms
+            .store(now + backoff.as_millis() as u64, Ordering::Relaxed);
+        Some(backoff)
+    }
+
+    fn record_success(&self) {
+        // A relaxed read per pick; the writes happen only after a trip.
+        if self.trips.load(Ordering::Relaxed) > 0 && self.closed() {
+            self.trips.store(0, Ordering::Relaxed);
+            self.disabled_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breaker_trips_after_repeated_faults_and_backs_off() {
+        let b = Breaker::default();
+        for _ in 0..FAULTS_TO_TRIP - 1 {
+            assert!(b.record_fault().is_none());
+        }
+        assert_eq!(b.record_fault(), Some(FIRST_BACKOFF));
+        assert!(!b.closed());
+        for _ in 0..FAULTS_TO_TRIP - 1 {
+            b.record_fault();
+        }
+        assert_eq!(b.record_fault(), Some(FIRST_BACKOFF * 2));
+        assert_eq!(
+            b.total.load(Ordering::Relaxed),
+            u64::from(FAULTS_TO_TRIP) * 2
+        );
+    }
+}

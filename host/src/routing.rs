@@ -1,0 +1,100 @@
+//! The routing table: one load balancer per service, reconciled from the registry whenever it
+//! changes. Consumers (the embedded proxy) read an immutable snapshot and never take the
+//! registry's lock per connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Kind, ServiceName, ServiceView};
+use crate::plugins::{BackendSpec, Balancer, Slot, Strategies};
+use crate::registry::Registry;
+
+pub struct RoutingTable {
+    strategies: Arc<Strategies>,
+    table: ArcSwap<HashMap<ServiceName, Arc<Balancer>>>,
+}
+
+impl RoutingTable {
+    pub fn new(strategies: Arc<Strategies>) -> Self {
+        Self {
+            strategies,
+            table: ArcSwap::default(),
+        }
+    }
+
+    pub fn balancer(&self, name: &ServiceName) -> Option<Arc<Balancer>> {
+        self.table.load().get(name).cloned()
+    }
+
+    /// Brings the table to `services`: balancers of services that stay are updated in place, so
+    /// their sequence and load counters carry on.
+    pub fn sync(&self, services: &[ServiceView]) {
+        let current = self.table.load();
+        let mut next = HashMap::with_capacity(services.len());
+        for service in services {
+            let backends = backends_of(service);
+            let slot = self.slot_for(service.strategy.as_str());
+            let balancer = match current.get(&service.name) {
+                Some(existing) => {
+                    existing.set_backends(backends);
+                    if existing.strategy_name() != slot.name {
+                        existing.set_strategy(slot);
+                    }
+                    existing.clone()
+                }
+                None => Arc::new(Balancer::new(slot, backends)),
+            };
+            next.insert(service.name.clone(), balancer);
+        }
+        self.table.store(Arc::new(next));
+    }
+
+    /// The slot for a strategy name; a name no strategy ever had gets the default's slot.
+    fn slot_for(&self, name: &str) -> Arc<Slot> {
+        self.strategies
+            .slot(name)
+            .unwrap_or_else(|| self.strategies.default_slot())
+    }
+}
+
+fn backends_of(service: &ServiceView) -> Vec<BackendSpec> {
+    match service.kind {
+        // An instance's metadata doubles as its labels (e.g. track=canary).
+        Kind::Ephemeral => service
+            .instances
+            .iter()
+            .map(|i| BackendSpec {
+                address: i.upstream.to_string(),
+                weight: i.weight,
+                healthy: true,
+                labels: i.meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            })
+            .collect(),
+        Kind::Static => service
+            .upstreams
+            .iter()
+            .map(|u| BackendSpec {
+                address: u.addr.to_string(),
+                weight: u.weight,
+                healthy: true,
+                labels: Vec::new(),
+            })
+            .collect(),
+    }
+}
+
+/// Keeps the table in step with the registry until cancelled.
+pub async fn follow(table: Arc<RoutingTable>, registry: Arc<Registry>, cancel: CancellationToken) {
+    let mut changes = registry.bus().watch();
+    loop {
+        changes.borrow_and_update();
+        table.sync(&registry.services());
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = cancel.cancelled() => return,
+        }
+    }
+}
