@@ -23,11 +23,29 @@ pub use bindings::{Plugin, PluginPre};
 /// The version of the strategy contract this host speaks.
 pub const CONTRACT: &str = "harbor:strategy@0.1.0";
 
+/// How long past its deadline a call is watched before it may be stopped (epoch ticks), and
+/// how much CPU it must burn in that time to be stopped.
+const GRACE_TICKS: u64 = 10;
+const GRACE_CPU: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// CPU time the calling thread has used, if the system can tell.
+fn thread_cpu_time() -> Option<std::time::Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID needs nothing else.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
 /// Linear memory a strategy instance may use.
 pub const MEMORY_LIMIT: usize = 32 << 20;
 
 pub struct GuestState {
     limits: StoreLimits,
+    /// The thread's CPU time when the current call first reached its deadline.
+    overrun_from: Option<std::time::Duration>,
     /// The loads of the route being picked for; set before each call that may read them.
     pub loads: Option<Arc<LoadTable>>,
 }
@@ -35,6 +53,7 @@ pub struct GuestState {
 impl GuestState {
     pub fn new() -> Self {
         Self {
+            overrun_from: None,
             limits: StoreLimitsBuilder::new()
                 .memory_size(MEMORY_LIMIT)
                 .instances(4)
@@ -48,6 +67,31 @@ impl GuestState {
 
     pub fn limits(&mut self) -> &mut StoreLimits {
         &mut self.limits
+    }
+
+    /// Starts the deadline of a new call.
+    pub fn start_call(&mut self) {
+        self.overrun_from = None;
+    }
+
+    /// Decides, when a call reaches its (wall-clock) epoch deadline, whether the guest has
+    /// really been running that long. A thread descheduled on a busy machine has not: it gets
+    /// more time. A guest that keeps the CPU for a grace period past the deadline is stopped.
+    pub fn on_deadline(&mut self) -> wasmtime::Result<wasmtime::UpdateDeadline> {
+        // Without a CPU clock the deadline is a plain wall-clock one.
+        let Some(cpu) = thread_cpu_time() else {
+            return Ok(wasmtime::UpdateDeadline::Interrupt);
+        };
+        match self.overrun_from {
+            None => {
+                self.overrun_from = Some(cpu);
+                Ok(wasmtime::UpdateDeadline::Continue(GRACE_TICKS))
+            }
+            Some(from) if cpu.saturating_sub(from) >= GRACE_CPU => {
+                Ok(wasmtime::UpdateDeadline::Interrupt)
+            }
+            Some(_) => Ok(wasmtime::UpdateDeadline::Continue(GRACE_TICKS)),
+        }
     }
 }
 

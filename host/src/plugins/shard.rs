@@ -13,7 +13,7 @@ use wasmtime::component::ResourceAny;
 use super::balancer::BackendSet;
 use super::guest::{GuestState, Plugin, Request};
 use super::report::FaultKind;
-use super::strategy::{CALL_DEADLINE_TICKS, Loaded, SETUP_DEADLINE_TICKS, classify};
+use super::strategy::{CALL_DEADLINE_TICKS, Loaded, SETUP_DEADLINE_TICKS, arm, classify};
 
 struct Shard {
     store: Store<GuestState>,
@@ -84,9 +84,9 @@ impl Shard {
             Fault { kind, message }
         };
         let mut store = super::strategy::new_store(&loaded.engine);
-        store.set_epoch_deadline(SETUP_DEADLINE_TICKS);
+        arm(&mut store, SETUP_DEADLINE_TICKS);
         let plugin = loaded.pre.instantiate(&mut store).map_err(fault)?;
-        store.set_epoch_deadline(SETUP_DEADLINE_TICKS);
+        arm(&mut store, SETUP_DEADLINE_TICKS);
         plugin
             .harbor_strategy_strategy()
             .call_configure(&mut store, &loaded.config)
@@ -129,7 +129,7 @@ impl Shard {
         let handle = match self.balancers.get_mut(&id) {
             Some(r) if r.version == set.version => r.handle,
             Some(r) => {
-                self.store.set_epoch_deadline(SETUP_DEADLINE_TICKS);
+                arm(&mut self.store, SETUP_DEADLINE_TICKS);
                 api.call_rebuild(&mut self.store, r.handle, set.guest_backends())
                     .map_err(fault)?;
                 r.version = set.version;
@@ -137,7 +137,7 @@ impl Shard {
             }
             None => {
                 self.balancers.retain(|_, r| r.alive.strong_count() > 0);
-                self.store.set_epoch_deadline(SETUP_DEADLINE_TICKS);
+                arm(&mut self.store, SETUP_DEADLINE_TICKS);
                 let handle = api
                     .call_constructor(&mut self.store, set.guest_backends())
                     .map_err(fault)?;
@@ -152,7 +152,7 @@ impl Shard {
                 handle
             }
         };
-        self.store.set_epoch_deadline(CALL_DEADLINE_TICKS);
+        arm(&mut self.store, CALL_DEADLINE_TICKS);
         api.call_pick(&mut self.store, handle, request)
             .map_err(fault)
     }
@@ -177,7 +177,7 @@ pub fn done(
             return;
         };
         let api = shard.plugin.harbor_strategy_strategy().balancer();
-        shard.store.set_epoch_deadline(CALL_DEADLINE_TICKS);
+        arm(&mut shard.store, CALL_DEADLINE_TICKS);
         if let Err(e) = api.call_done(&mut shard.store, handle, index, outcome, latency_ns) {
             let (kind, message) = classify(&e);
             loaded.fault(kind, &message);

@@ -143,7 +143,14 @@ impl Loaded {
 pub(super) fn new_store(engine: &PluginEngine) -> Store<GuestState> {
     let mut store = Store::new(engine.engine(), GuestState::new());
     store.limiter(|s| s.limits());
+    store.epoch_deadline_callback(|mut ctx| ctx.data_mut().on_deadline());
     store
+}
+
+/// Sets the deadline of the next guest call, `ticks` epochs from now.
+pub(super) fn arm(store: &mut Store<GuestState>, ticks: u64) {
+    store.data_mut().start_call();
+    store.set_epoch_deadline(ticks);
 }
 
 /// Runs one guest call under a deadline (in epoch ticks), describing a failure in words.
@@ -152,7 +159,7 @@ pub(super) fn call<T>(
     ticks: u64,
     f: impl FnOnce(&mut Store<GuestState>) -> wasmtime::Result<T>,
 ) -> Result<T, String> {
-    store.set_epoch_deadline(ticks);
+    arm(store, ticks);
     f(store).map_err(|e| {
         let (kind, message) = classify(&e);
         format!("{kind}: {message}")
@@ -210,7 +217,7 @@ fn sample_picks(
     .map_err(|e| Rejected(format!("creating a balancer failed: {e}")))?;
     let check = |store: &mut Store<GuestState>, n: u32, request: Request| {
         let excluded = request.exclude.clone();
-        match call(store, CALL_DEADLINE_TICKS, |s| {
+        match call(store, SETUP_DEADLINE_TICKS, |s| {
             balancer.call_pick(s, resource, &request)
         }) {
             Err(e) => Err(Rejected(format!("pick failed: {e}"))),

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod guests;
+
 use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -1,0 +1,50 @@
+//! Two versions of one strategy, told apart by their picks: the default build always picks
+//! backend 0, the `second` build always picks backend 1. Tests swap them under load.
+
+wit_bindgen::generate!({ path: "../../../../wit/strategy", world: "plugin" });
+
+use exports::harbor::strategy::strategy::{
+    Backend, Description, Guest, GuestBalancer, Outcome, Request,
+};
+
+const CHOICE: u32 = if cfg!(feature = "second") { 1 } else { 0 };
+
+struct Component;
+
+impl Guest for Component {
+    type Balancer = Swapper;
+
+    fn describe() -> Description {
+        Description {
+            name: "swapper".into(),
+            version: if cfg!(feature = "second") { "2" } else { "1" }.into(),
+            wants_outcomes: false,
+            uses_hash_key: false,
+        }
+    }
+
+    fn configure(_config: String) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+pub struct Swapper;
+
+impl GuestBalancer for Swapper {
+    fn new(_backends: Vec<Backend>) -> Self {
+        Swapper
+    }
+
+    fn rebuild(&self, _backends: Vec<Backend>) {}
+
+    fn pick(&self, request: Request) -> Option<u32> {
+        // Excluded or not, the admission check needs a usable answer: take the next free one.
+        (CHOICE..CHOICE + 8)
+            .map(|i| i % 3)
+            .find(|i| !request.exclude.contains(i))
+    }
+
+    fn done(&self, _index: u32, _outcome: Outcome, _latency_ns: u64) {}
+}
+
+export!(Component);
