@@ -34,6 +34,19 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon (the default when no command is given).
     Run,
+    /// Work with plugin components.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PluginCommand {
+    /// Run the admission check on a component file, offline: it must instantiate, implement
+    /// harbor:strategy@0.1.0, describe itself and answer sample picks within its deadline.
+    Check {
+        /// The component (.wasm) to check.
+        file: PathBuf,
+    },
 }
 
 #[derive(Args, Debug, Default)]

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use harbor::config::{Cli, Command, Config, LogFormat};
+use harbor::config::{Cli, Command, Config, LogFormat, PluginCommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -23,6 +23,9 @@ fn init_logging(format: LogFormat) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Plugin(PluginCommand::Check { file })) = &cli.command {
+        return check_plugin(file);
+    }
     let config = match Config::from_args(cli.run) {
         Ok(config) => config,
         Err(e) => {
@@ -31,14 +34,44 @@ async fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
-    let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(config).await,
-    };
+    let result = run(config).await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `harbor plugin check FILE`: prints what the component is, or why it may not serve.
+fn check_plugin(file: &std::path::Path) -> ExitCode {
+    let bytes = match std::fs::read(file) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            eprintln!("harbor: cannot read {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let source = harbor::plugins::Source::File(file.display().to_string());
+    match harbor::plugins::check(&bytes, source) {
+        Ok(Ok(info)) => {
+            println!(
+                "ok: strategy {} {} ({} bytes, sha256 {})",
+                info.name.unwrap_or_default(),
+                info.version.unwrap_or_default(),
+                bytes.len(),
+                info.hash.unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(Err(rejected)) => {
+            eprintln!("refused: {}", rejected.0);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("harbor: {e:#}");
+            ExitCode::from(2)
         }
     }
 }

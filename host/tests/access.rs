@@ -99,8 +99,25 @@ async fn mutating_calls_need_a_token_and_stay_within_its_prefix() {
         .unwrap();
     assert_eq!(delete.status(), 204);
 
+    // Plugins affect every service: a prefix-limited token may not upload one.
+    let upload = h
+        .client
+        .put(h.url("/api/v1/plugins/anything"))
+        .bearer_auth(PREVIEW)
+        .header("content-type", "application/wasm")
+        .body(b"\0asm".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upload.status(), 403);
+
     // Reads stay open.
-    for path in ["/api/v1/catalog", "/healthz", "/api/v1/services"] {
+    for path in [
+        "/api/v1/catalog",
+        "/healthz",
+        "/api/v1/services",
+        "/api/v1/plugins",
+    ] {
         assert_eq!(h.get(path).await.0, 200, "{path}");
     }
     let events = h.client.get(h.url("/api/v1/events")).send().await.unwrap();

@@ -183,6 +183,47 @@ fn bad_flags_are_refused_with_a_reason() {
 }
 
 #[test]
+fn plugin_check_runs_the_admission_check_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("canary.wasm");
+    std::fs::write(
+        &good,
+        common::guests::component("strategy-example-canary", &[]),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["plugin", "check"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("ok: strategy example-canary"),
+        "{stdout}"
+    );
+
+    let bad = dir.path().join("bad.wasm");
+    std::fs::write(
+        &bad,
+        common::guests::component("harbor-test-wrong-version", &[]),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["plugin", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("harbor:strategy@0.1.0"), "{stderr}");
+}
+
+#[test]
 fn help_names_every_environment_variable() {
     let out = Command::new(BIN)
         .arg("--help")

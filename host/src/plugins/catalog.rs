@@ -291,6 +291,16 @@ impl Strategies {
     }
 }
 
+/// Runs the admission check on a component without a daemon (`harbor plugin check`).
+pub fn check(bytes: &[u8], source: Source) -> anyhow::Result<Result<PluginInfo, Rejected>> {
+    let engine = PluginEngine::shared()?;
+    let base = guest::base_linker(engine.engine())?;
+    let bus = Arc::new(crate::events::EventBus::new(16));
+    let metrics = Arc::new(crate::metrics::Metrics::new()?);
+    let reporter = Arc::new(Reporter::new(bus, metrics));
+    Ok(Loaded::admit(&engine, None, &base, bytes, source, reporter).map(|l| info(&l, None)))
+}
+
 fn info(loaded: &Loaded, last_error: Option<String>) -> PluginInfo {
     let disabled = loaded.disabled_for();
     PluginInfo {

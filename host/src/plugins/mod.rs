@@ -25,7 +25,7 @@ mod shard;
 mod strategy;
 
 pub use balancer::{BackendSet, BackendSpec, Balancer, Picked, fallback};
-pub use catalog::{DEFAULT_STRATEGY, PluginInfo, Slot, Strategies};
+pub use catalog::{DEFAULT_STRATEGY, PluginInfo, Slot, Strategies, check};
 pub use dir::{DirState, MAX_COMPONENT_BYTES, rescan as rescan_dir, scan as scan_dir};
 pub use engine::{PluginEngine, content_hash};
 pub use guest::{CONTRACT, Outcome};

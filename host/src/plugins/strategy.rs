@@ -79,7 +79,8 @@ impl Loaded {
     ) -> Result<Self, Rejected> {
         let component = engine.compile(bytes, cache_dir).map_err(|e| {
             Rejected(format!(
-                "not a WebAssembly component Harbor can load: {e:#}"
+                "not a WebAssembly component Harbor can load: {}",
+                one_line(&e)
             ))
         })?;
         let pre = guest::prepare(base, engine.engine(), &component)
@@ -164,6 +165,18 @@ pub(super) fn call<T>(
         let (kind, message) = classify(&e);
         format!("{kind}: {message}")
     })
+}
+
+/// The innermost cause of an error on one line, without dumps of the bytes involved.
+fn one_line(e: &anyhow::Error) -> String {
+    let root = e.root_cause().to_string();
+    let first = root.lines().next().unwrap_or_default();
+    first
+        .split(" - expected=")
+        .next()
+        .unwrap_or(first)
+        .trim()
+        .to_owned()
 }
 
 /// Sorts a guest failure into what happened, for events and metrics, with a one-line message:

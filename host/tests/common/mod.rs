@@ -21,28 +21,29 @@ pub struct TestHarbor {
     pub routes: TempDir,
     pub state: TempDir,
     pub client: reqwest::Client,
-    configure: fn(&mut Config),
+    configure: Configure,
 }
 
-fn no_change(_: &mut Config) {}
+type Configure = std::sync::Arc<dyn Fn(&mut Config) + Send + Sync>;
 
 pub async fn start() -> TestHarbor {
-    start_with(no_change).await
+    start_with(|_| {}).await
 }
 
-/// Starts a daemon whose config `configure` may adjust (it must not change the directories).
-pub async fn start_with(configure: fn(&mut Config)) -> TestHarbor {
+/// Starts a daemon whose config `configure` may adjust (it must not change the directories);
+/// a restart applies it again.
+pub async fn start_with(configure: impl Fn(&mut Config) + Send + Sync + 'static) -> TestHarbor {
     let routes = tempfile::tempdir().expect("routes dir");
     let state = tempfile::tempdir().expect("state dir");
-    launch(routes, state, configure).await
+    launch(routes, state, std::sync::Arc::new(configure)).await
 }
 
-async fn launch(routes: TempDir, state: TempDir, configure: fn(&mut Config)) -> TestHarbor {
+async fn launch(routes: TempDir, state: TempDir, configure: Configure) -> TestHarbor {
     init_logging();
     let mut config = Config::new(routes.path(), state.path());
     config.api = vec![ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr"))];
     config.state_flush = Duration::from_millis(20);
-    configure(&mut config);
+    (*configure)(&mut config);
     let harbor = harbor::start(config).await.expect("harbor starts");
     let base = format!("http://{}", harbor.api_addr().expect("a TCP API listener"));
     TestHarbor {

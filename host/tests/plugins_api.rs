@@ -1,0 +1,345 @@
+//! Plugins through the daemon: the list, uploads (checked before they serve), the plugin
+//! directory followed live, strategy changes at runtime, and unknown strategies refused.
+
+mod common;
+
+use std::time::Duration;
+
+use common::guests::component;
+use common::{eventually, start, start_with};
+use harbor::model::ServiceName;
+use serde_json::{Value, json};
+
+async fn upload(
+    h: &common::TestHarbor,
+    name: &str,
+    bytes: Vec<u8>,
+    content_type: &str,
+) -> (u16, Value) {
+    let resp = h
+        .client
+        .put(h.url(&format!("/api/v1/plugins/{name}")))
+        .header("content-type", content_type)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn plugin<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
+    list["plugins"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name)
+}
+
+#[tokio::test]
+async fn builtins_are_listed_and_uploads_are_checked_before_they_serve() {
+    let h = start().await;
+    let (status, list) = h.get("/api/v1/plugins").await;
+    assert_eq!(status, 200);
+    for name in [
+        "round-robin",
+        "weighted-round-robin",
+        "random",
+        "least-connections",
+        "least-request",
+        "consistent-hash",
+        "first",
+        "peak-ewma",
+    ] {
+        let p = plugin(&list, name).unwrap_or_else(|| panic!("{name} not listed: {list}"));
+        assert_eq!(p["source"], "builtin");
+        assert_eq!(p["state"], "active");
+        assert_eq!(p["kind"], "strategy");
+        assert_eq!(p["hash"].as_str().map(str::len), Some(64));
+    }
+
+    let mut events = h.events(None).await;
+    events.next().await;
+    let canary = component("strategy-example-canary", &[]);
+    let (status, body) = upload(&h, "example-canary", canary.clone(), "application/wasm").await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["name"], "example-canary");
+    assert_eq!(body["source"], "api");
+    assert_eq!(
+        events.next_of("plugin_loaded").await.data["name"],
+        "example-canary"
+    );
+
+    // A service may now use it, and an instance's metadata reaches the strategy as labels.
+    h.register(json!({"name": "web", "upstream": "127.0.0.1:9001", "strategy": "example-canary", "meta": {"track": "canary"}}))
+        .await;
+    let (status, err) = h
+        .post(
+            "/api/v1/services",
+            json!({"name": "web2", "upstream": "127.0.0.1:9002", "strategy": "no-such"}),
+        )
+        .await;
+    assert_eq!(
+        (status, err["field"].as_str()),
+        (400, Some("strategy")),
+        "{err}"
+    );
+
+    // Garbage under the same name is refused and the good version keeps serving.
+    let (status, err) = upload(
+        &h,
+        "example-canary",
+        b"garbage".to_vec(),
+        "application/wasm",
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(err["field"], "component");
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a WebAssembly component"),
+        "{err}"
+    );
+    assert!(events.next_of("plugin_rejected").await.data["reason"].is_string());
+    let (_, list) = h.get("/api/v1/plugins").await;
+    let p = plugin(&list, "example-canary").unwrap();
+    assert_eq!(p["state"], "active");
+    assert!(
+        p["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("not a WebAssembly"),
+        "{p}"
+    );
+    let balancer = h
+        .harbor()
+        .routing()
+        .balancer(&ServiceName::parse("web").unwrap())
+        .unwrap();
+    assert!(!balancer.pick(None, &[]).unwrap().fallback);
+
+    // The same bytes again: 200, not 201.
+    assert_eq!(
+        upload(&h, "example-canary", canary.clone(), "application/wasm")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        upload(&h, "example-canary", canary, "text/plain").await.0,
+        415
+    );
+    let (status, err) = upload(
+        &h,
+        "canary",
+        component("strategy-example-canary", &[]),
+        "application/wasm",
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        err["error"].as_str().unwrap().contains("describes itself"),
+        "{err}"
+    );
+
+    // Custom strategies can be removed, built-ins cannot.
+    let del = h
+        .client
+        .delete(h.url("/api/v1/plugins/round-robin"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 409);
+    let del = h
+        .client
+        .delete(h.url("/api/v1/plugins/example-canary"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 204);
+    events.next_of("plugin_removed").await;
+    // The route keeps working on the host's round-robin.
+    assert!(balancer.pick(None, &[]).unwrap().fallback);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_services_strategy_changes_at_runtime() {
+    let h = start().await;
+    h.write_route(
+        "api.route",
+        "upstreams = [\"127.0.0.1:9001\", \"127.0.0.1:9002\"]\nstrategy = \"round-robin\"\n",
+    );
+    eventually(Duration::from_secs(1), "route loaded", || async {
+        h.service("api").await
+    })
+    .await;
+    let name = ServiceName::parse("api").unwrap();
+    let routing = h.harbor().routing().clone();
+    eventually(Duration::from_secs(1), "balancer built", || {
+        let routing = routing.clone();
+        let name = name.clone();
+        async move { routing.balancer(&name) }
+    })
+    .await;
+
+    let resp = h
+        .client
+        .put(h.url("/api/v1/services/api/strategy"))
+        .json(&json!({"strategy": "first"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["strategy"], "first");
+    eventually(Duration::from_millis(500), "balancer switched", || {
+        let routing = routing.clone();
+        let name = name.clone();
+        async move { (routing.balancer(&name)?.strategy_name() == "first").then_some(()) }
+    })
+    .await;
+    let b = routing.balancer(&name).unwrap();
+    assert!((0..6).all(|_| b.pick(None, &[]).unwrap().index == 0));
+
+    // The override lasts through rescans of an unchanged file: once another file has been
+    // picked up, the whole directory has been read again.
+    h.write_route("other.route", "upstreams = [\"127.0.0.1:9003\"]\n");
+    eventually(Duration::from_secs(1), "rescan", || async {
+        h.service("other").await
+    })
+    .await;
+    assert_eq!(h.service("api").await.unwrap()["strategy"], "first");
+
+    let bad = h
+        .client
+        .put(h.url("/api/v1/services/api/strategy"))
+        .json(&json!({"strategy": "nope"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let missing = h
+        .client
+        .put(h.url("/api/v1/services/ghost/strategy"))
+        .json(&json!({"strategy": "first"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_route_file_naming_an_unknown_strategy_is_reported_and_the_last_good_version_kept() {
+    let h = start().await;
+    h.write_route(
+        "svc.route",
+        "upstreams = [\"127.0.0.1:9001\"]\nstrategy = \"random\"\n",
+    );
+    eventually(Duration::from_secs(1), "route loaded", || async {
+        h.service("svc").await
+    })
+    .await;
+    h.write_route(
+        "svc.route",
+        "upstreams = [\"127.0.0.1:9002\"]\nstrategy = \"fancy\"\n",
+    );
+    let err = eventually(Duration::from_secs(1), "error reported", || async {
+        let (_, body) = h.get("/api/v1/route-errors").await;
+        body["errors"].as_array().and_then(|e| e.first().cloned())
+    })
+    .await;
+    assert_eq!(err["field"], "strategy");
+    assert_eq!(err["line"], 2);
+    let svc = h.service("svc").await.unwrap();
+    assert_eq!(svc["strategy"], "random");
+    assert_eq!(svc["upstreams"][0]["addr"], "127.0.0.1:9001");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_plugin_directory_is_read_at_start_and_followed_live() {
+    let plugins = tempfile::tempdir().unwrap();
+    let dir = plugins.path().to_owned();
+    let file = dir.join("dyn.wasm");
+    std::fs::write(&file, component("harbor-test-swapper", &[])).unwrap();
+    let configured = dir.clone();
+    let h = start_with(move |c| c.plugins_dir = Some(configured.clone())).await;
+    let listed = |version: &'static str| {
+        let h = &h;
+        move || async move {
+            let (_, list) = h.get("/api/v1/plugins").await;
+            (plugin(&list, "swapper")?["version"] == version).then_some(())
+        }
+    };
+    let (_, list) = h.get("/api/v1/plugins").await;
+    let p = plugin(&list, "swapper").unwrap_or_else(|| panic!("not loaded at start: {list}"));
+    assert_eq!(p["version"], "1");
+    assert!(p["source"].as_str().unwrap().ends_with("dyn.wasm"), "{p}");
+    // A route file may name it, since plugins load before routes.
+    h.write_route(
+        "swapped.route",
+        "upstreams = [\"127.0.0.1:9001\"]\nstrategy = \"swapper\"\n",
+    );
+    eventually(Duration::from_secs(1), "route using the plugin", || async {
+        h.service("swapped").await
+    })
+    .await;
+
+    // Changed (written elsewhere and renamed in, as deploy tools do): swapped.
+    let tmp = dir.join(".dyn.tmp");
+    std::fs::write(&tmp, component("harbor-test-swapper", &["second"])).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    eventually(
+        Duration::from_secs(1),
+        "changed plugin swapped",
+        listed("2"),
+    )
+    .await;
+
+    // A broken file is reported and hurts nothing else.
+    std::fs::write(dir.join("broken.wasm"), b"not a component").unwrap();
+    let rejected = eventually(Duration::from_secs(1), "broken plugin reported", || async {
+        let (_, list) = h.get("/api/v1/plugins").await;
+        list["plugins"]
+            .as_array()?
+            .iter()
+            .find(|p| p["state"] == "rejected")
+            .cloned()
+    })
+    .await;
+    assert!(
+        rejected["source"]
+            .as_str()
+            .unwrap()
+            .ends_with("broken.wasm"),
+        "{rejected}"
+    );
+    eventually(
+        Duration::from_secs(1),
+        "good plugin unaffected",
+        listed("2"),
+    )
+    .await;
+
+    // Removed: unloaded, and its route falls back to the host's round-robin.
+    std::fs::remove_file(&file).unwrap();
+    eventually(
+        Duration::from_secs(1),
+        "removed plugin unloaded",
+        || async {
+            let (_, list) = h.get("/api/v1/plugins").await;
+            plugin(&list, "swapper").is_none().then_some(())
+        },
+    )
+    .await;
+    let b = h
+        .harbor()
+        .routing()
+        .balancer(&ServiceName::parse("swapped").unwrap())
+        .unwrap();
+    assert!(b.pick(None, &[]).unwrap().fallback);
+    h.shutdown().await;
+}
