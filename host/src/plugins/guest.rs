@@ -25,8 +25,8 @@ pub const CONTRACT: &str = "harbor:strategy@0.1.0";
 
 /// How long past its deadline a call is watched before it may be stopped (epoch ticks), and
 /// how much CPU it must burn in that time to be stopped.
-const GRACE_TICKS: u64 = 10;
-const GRACE_CPU: std::time::Duration = std::time::Duration::from_millis(5);
+const GRACE_TICKS: u64 = 5;
+const GRACE_CPU: std::time::Duration = std::time::Duration::from_millis(4);
 
 /// CPU time the calling thread has used, if the system can tell.
 fn thread_cpu_time() -> Option<std::time::Duration> {

@@ -15,7 +15,7 @@ use crate::model::StrategyName;
 
 /// Deadline of a pick or an outcome report, in epoch ticks: far above what a pick costs
 /// (microseconds), well under the time a stuck pick may hold a connection.
-pub const CALL_DEADLINE_TICKS: u64 = 25;
+pub const CALL_DEADLINE_TICKS: u64 = 20;
 /// Deadline of set-up work (instantiation, describe, configure, building a balancer, which may
 /// fill a large table), in epoch ticks. It is off the request path but for the first pick after
 /// a backend change.
