@@ -343,3 +343,80 @@ async fn the_plugin_directory_is_read_at_start_and_followed_live() {
     assert!(b.pick(None, &[]).unwrap().fallback);
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_misbehaving_plugin_never_takes_the_daemon_down() {
+    let h = start().await;
+    let mut events = h.events(None).await;
+    events.next().await;
+    let (status, body) = upload(
+        &h,
+        "misbehaving",
+        component("harbor-test-misbehaving", &[]),
+        "application/wasm",
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    h.register(json!({"name": "fragile", "upstream": "127.0.0.1:9001", "strategy": "misbehaving"}))
+        .await;
+    h.register(json!({"name": "fragile", "upstream": "127.0.0.1:9002", "strategy": "misbehaving"}))
+        .await;
+    let name = ServiceName::parse("fragile").unwrap();
+    let routing = h.harbor().routing().clone();
+    let b = eventually(
+        Duration::from_secs(1),
+        "balancer with both upstreams",
+        || {
+            let (routing, name) = (routing.clone(), name.clone());
+            async move {
+                routing
+                    .balancer(&name)
+                    .filter(|b| b.backends().backends.len() == 2)
+            }
+        },
+    )
+    .await;
+
+    // Picks run on the proxy's threads; here a blocking thread stands in for one.
+    let picks = tokio::task::spawn_blocking(move || {
+        [0xDEAD_0001u64, 0xDEAD_0002, 0xDEAD_0003, 0xDEAD_0004]
+            .map(|key| b.pick(Some(key), &[]).map(|p| p.fallback))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        picks,
+        [Some(true); 4],
+        "every pick is answered by the fallback"
+    );
+
+    for fault in ["timeout", "memory", "trap", "bad_answer"] {
+        let e = events.next_of("plugin_fault").await;
+        assert_eq!(e.data["fault"], fault);
+        assert_eq!(e.data["name"], "misbehaving");
+    }
+    assert_eq!(h.get("/healthz").await.0, 200);
+    let metrics = h
+        .client
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for kind in ["timeout", "memory", "trap", "bad_answer"] {
+        let line =
+            format!("harbor_plugin_faults_total{{kind=\"{kind}\",plugin=\"misbehaving\"}} 1");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line}\n{metrics}"
+        );
+    }
+    // Still registering, still listing.
+    h.register(json!({"name": "after", "upstream": "127.0.0.1:9003"}))
+        .await;
+    let (_, list) = h.get("/api/v1/plugins").await;
+    assert_eq!(plugin(&list, "misbehaving").unwrap()["faults"], 4);
+    h.shutdown().await;
+}
