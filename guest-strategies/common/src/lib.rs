@@ -1,17 +1,26 @@
-//! Logic shared by Harbor's built-in load-balancing strategies, kept free of wit-bindgen so that
-//! every strategy's algorithm can be unit-tested natively and the wasm glue stays thin.
+//! The guest SDK of Harbor's built-in load-balancing strategies. A strategy crate implements
+//! [`Algorithm`] in a plain module, unit-tested natively, and its `lib.rs` makes a component of
+//! it with one line, `harbor_strategy_common::strategy!(round_robin::RoundRobin);` (see
+//! [`strategy!`] for a whole example).
 //!
+//! - [`algorithm`]: the [`Algorithm`] trait, what differs from one strategy to the next.
+//! - [`guest`]: the glue to the WIT contract, written once, and the [`strategy!`] macro.
+//! - [`bindings`]: the contract's bindings, generated once by wit-bindgen for every strategy.
 //! - [`backends`]: the compact backend list a balancer keeps, and the candidate set of one pick
 //!   (health, retries' exclusions, the "panic" fallback when nothing is healthy).
 //! - [`hash`]: stable hashing of addresses and turning the host's random bits into choices.
 //! - [`load`]: the host's live load seen through a trait, and load-per-weight comparisons.
 //! - [`config`]: the strict, flat JSON settings that `configure` accepts.
 
+pub mod algorithm;
 pub mod backends;
+pub mod bindings;
 pub mod config;
+pub mod guest;
 pub mod hash;
 pub mod load;
 
+pub use algorithm::Algorithm;
 pub use backends::{Backend, Backends, Candidates};
 pub use load::Load;
 

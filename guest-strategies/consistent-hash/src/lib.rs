@@ -1,76 +1,8 @@
-//! The `consistent-hash` strategy as a WebAssembly component. This file is only the glue
-//! between the WIT contract and [`maglev`], which holds the algorithm and its tests, and
-//! [`settings`], which holds what `configure` accepts (`{}` or `{"table_size": N}`, N prime).
+//! The `consistent-hash` strategy as a WebAssembly component: [`maglev`] holds the algorithm
+//! and its tests, [`settings`] what `configure` accepts (`{}` or `{"table_size": N}`, N prime);
+//! `strategy!` is the glue to the WIT contract.
 
 mod maglev;
 mod settings;
 
-use std::cell::RefCell;
-
-use exports::harbor::strategy::strategy::{
-    Backend, Description, Guest, GuestBalancer, Outcome, Request,
-};
-use harbor_strategy_common::{Backends, PickRequest};
-
-wit_bindgen::generate!({ path: "../../wit/strategy", world: "plugin" });
-
-const NAME: &str = "consistent-hash";
-
-struct Strategy;
-
-export!(Strategy);
-
-impl Guest for Strategy {
-    type Balancer = Balancer;
-
-    fn describe() -> Description {
-        Description {
-            name: NAME.into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            wants_outcomes: false,
-            uses_hash_key: true,
-        }
-    }
-
-    fn configure(config: String) -> Result<(), String> {
-        settings::configure(&config)
-    }
-}
-
-struct Balancer(RefCell<maglev::Maglev>);
-
-impl GuestBalancer for Balancer {
-    fn new(backends: Vec<Backend>) -> Self {
-        Self(RefCell::new(maglev::Maglev::new(
-            view(backends),
-            settings::table_size(),
-        )))
-    }
-
-    fn rebuild(&self, backends: Vec<Backend>) {
-        self.0.borrow_mut().rebuild(view(backends));
-    }
-
-    fn pick(&self, request: Request) -> Option<u32> {
-        self.0.borrow().pick(&PickRequest {
-            sequence: request.sequence,
-            entropy: request.entropy,
-            hash_key: request.hash_key,
-            exclude: &request.exclude,
-        })
-    }
-
-    /// Never called: `describe` asks for no outcomes.
-    fn done(&self, _index: u32, _outcome: Outcome, _latency_ns: u64) {}
-}
-
-fn view(backends: Vec<Backend>) -> Backends {
-    backends
-        .into_iter()
-        .map(|b| harbor_strategy_common::Backend {
-            address: b.address,
-            weight: b.weight,
-            healthy: b.healthy,
-        })
-        .collect()
-}
+harbor_strategy_common::strategy!(maglev::Maglev);

@@ -15,7 +15,9 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 use harbor_strategy_common::hash::{fnv1a64, mix64, uniform};
-use harbor_strategy_common::{Backends, PickRequest};
+use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
+
+use crate::settings;
 
 /// Slots a pick walks past a missing backend before falling back to hashing over the candidates
 /// directly: only reached when nearly every backend in the table is out, and it bounds the pick.
@@ -30,19 +32,20 @@ pub struct Maglev {
     table: Table,
 }
 
-impl Maglev {
-    /// A balancer over `backends` with a table of `table_size` slots, which must be prime (the
-    /// settings module validates it) so that every permutation covers every slot.
-    pub fn new(backends: Backends, table_size: u32) -> Self {
-        let table = Table::build(&backends, table_size);
-        Self {
-            backends,
-            table_size,
-            table,
-        }
+impl Algorithm for Maglev {
+    const NAME: &'static str = "consistent-hash";
+    const USES_HASH_KEY: bool = true;
+
+    fn configure(text: &str) -> Result<(), String> {
+        settings::configure(text)
     }
 
-    pub fn rebuild(&mut self, backends: Backends) {
+    /// With the table size configured now, which the balancer keeps (see [`settings`]).
+    fn new(backends: Backends) -> Self {
+        Self::with_table_size(backends, settings::table_size())
+    }
+
+    fn rebuild(&mut self, backends: Backends) {
         let same_shape = self.backends.len() == backends.len()
             && self
                 .backends
@@ -56,7 +59,7 @@ impl Maglev {
         self.backends = backends;
     }
 
-    pub fn pick(&self, request: &PickRequest) -> Option<u32> {
+    fn pick(&mut self, request: &PickRequest, _load: &impl Load) -> Option<u32> {
         let candidates = self.backends.candidates(request.exclude);
         if candidates.is_empty() {
             return None;
@@ -74,6 +77,19 @@ impl Maglev {
         }
         let len = candidates.len() as u64;
         candidates.nth(usize::try_from(uniform(mix64(key), len)).ok()?)
+    }
+}
+
+impl Maglev {
+    /// A balancer over `backends` with a table of `table_size` slots, which must be prime (the
+    /// settings module validates it) so that every permutation covers every slot.
+    pub fn with_table_size(backends: Backends, table_size: u32) -> Self {
+        let table = Table::build(&backends, table_size);
+        Self {
+            backends,
+            table_size,
+            table,
+        }
     }
 
     #[cfg(test)]
@@ -195,6 +211,7 @@ fn fill(backends: &Backends, size: u64) -> Vec<u32> {
 mod tests {
     use super::*;
     use harbor_strategy_common::Backend;
+    use harbor_strategy_common::load::FixedLoad;
     use std::collections::HashMap;
 
     const SIZE: u32 = crate::settings::DEFAULT_TABLE_SIZE;
@@ -218,16 +235,19 @@ mod tests {
             .collect()
     }
 
-    fn pick_key(m: &Maglev, key: u64, exclude: &[u32]) -> Option<u32> {
-        m.pick(&PickRequest {
-            hash_key: Some(key),
-            exclude,
-            ..Default::default()
-        })
+    fn pick_key(m: &mut Maglev, key: u64, exclude: &[u32]) -> Option<u32> {
+        m.pick(
+            &PickRequest {
+                hash_key: Some(key),
+                exclude,
+                ..Default::default()
+            },
+            &FixedLoad::default(),
+        )
     }
 
     /// Key → address of the backend it lands on.
-    fn assignment(m: &Maglev) -> Vec<String> {
+    fn assignment(m: &mut Maglev) -> Vec<String> {
         (0..KEYS)
             .map(|key| {
                 let i = pick_key(m, key, &[]).expect("a candidate");
@@ -240,9 +260,32 @@ mod tests {
         before.iter().zip(after).filter(|(b, a)| b == a).count()
     }
 
+    /// `configure` applies to balancers created afterwards; a running balancer keeps its table
+    /// size, so that configuring never moves a route's keys. (The only test that configures:
+    /// the others build with an explicit size.)
+    #[test]
+    fn settings_apply_to_balancers_created_afterwards() {
+        let table_size = |m: &Maglev| m.slot_counts().iter().sum::<usize>();
+        let mut before = Maglev::new(list(&ten()));
+        assert_eq!(Maglev::configure(r#"{"table_size": 101}"#), Ok(()));
+        let after = Maglev::new(list(&ten()));
+        assert!(Maglev::configure(r#"{"table_size": 100}"#).is_err());
+        let after_a_refusal = Maglev::new(list(&ten()));
+        assert_eq!(Maglev::configure("{}"), Ok(()));
+        before.rebuild(list(&ten()[..9]));
+        assert_eq!(table_size(&before), SIZE as usize);
+        assert_eq!(table_size(&after), 101);
+        assert_eq!(
+            table_size(&after_a_refusal),
+            101,
+            "a refusal keeps the old settings"
+        );
+        assert_eq!(table_size(&Maglev::new(list(&ten()))), SIZE as usize);
+    }
+
     #[test]
     fn slots_follow_weights() {
-        let m = Maglev::new(
+        let m = Maglev::with_table_size(
             backends(&[
                 ("a:1", 1, true),
                 ("b:1", 2, true),
@@ -264,7 +307,7 @@ mod tests {
 
     #[test]
     fn equal_weights_share_evenly() {
-        let m = Maglev::new(list(&ten()), SIZE);
+        let m = Maglev::with_table_size(list(&ten()), SIZE);
         let counts = m.slot_counts();
         let (min, max) = (counts.iter().min(), counts.iter().max());
         assert!(
@@ -275,20 +318,20 @@ mod tests {
 
     #[test]
     fn the_same_key_lands_on_the_same_backend() {
-        let m = Maglev::new(list(&ten()), SIZE);
+        let mut m = Maglev::with_table_size(list(&ten()), SIZE);
         for key in [0, 1, 42, u64::MAX] {
-            let first = pick_key(&m, key, &[]);
-            assert!((0..5).all(|_| pick_key(&m, key, &[]) == first));
+            let first = pick_key(&mut m, key, &[]);
+            assert!((0..5).all(|_| pick_key(&mut m, key, &[]) == first));
         }
     }
 
     #[test]
     fn list_order_does_not_matter() {
         let mut spec = ten();
-        let a = assignment(&Maglev::new(list(&spec), SIZE));
+        let a = assignment(&mut Maglev::with_table_size(list(&spec), SIZE));
         spec.reverse();
         spec.swap(2, 7);
-        let b = assignment(&Maglev::new(list(&spec), SIZE));
+        let b = assignment(&mut Maglev::with_table_size(list(&spec), SIZE));
         assert_eq!(kept(&a, &b), KEYS as usize);
     }
 
@@ -298,13 +341,13 @@ mod tests {
     #[test]
     fn a_backend_leaving_moves_little_more_than_its_keys() {
         let spec = ten();
-        let before = assignment(&Maglev::new(list(&spec), SIZE));
+        let before = assignment(&mut Maglev::with_table_size(list(&spec), SIZE));
         for leaving in 0..spec.len() {
             let mut rest = spec.clone();
             let gone = rest.remove(leaving).0;
-            let mut m = Maglev::new(list(&spec), SIZE);
+            let mut m = Maglev::with_table_size(list(&spec), SIZE);
             m.rebuild(list(&rest));
-            let after = assignment(&m);
+            let after = assignment(&mut m);
             let kept_all = kept(&before, &after) as f64 / KEYS as f64;
             let stayed = before.iter().filter(|a| **a != gone).count();
             let kept_stayed = kept(&before, &after) as f64 / stayed as f64;
@@ -320,10 +363,10 @@ mod tests {
     #[test]
     fn a_backend_joining_takes_little_more_than_its_share() {
         let spec = ten();
-        let mut m = Maglev::new(list(&spec[..9]), SIZE);
-        let before = assignment(&m);
+        let mut m = Maglev::with_table_size(list(&spec[..9]), SIZE);
+        let before = assignment(&mut m);
         m.rebuild(list(&spec));
-        let after = assignment(&m);
+        let after = assignment(&mut m);
         let moved = before.iter().zip(&after).filter(|(b, a)| b != a);
         let (mut to_new, mut elsewhere) = (0, 0);
         for (_, a) in moved {
@@ -347,12 +390,12 @@ mod tests {
     #[test]
     fn an_unhealthy_backend_spreads_its_keys_and_gets_them_back() {
         let spec = ten();
-        let mut m = Maglev::new(list(&spec), SIZE);
-        let before = assignment(&m);
+        let mut m = Maglev::with_table_size(list(&spec), SIZE);
+        let before = assignment(&mut m);
         let mut sick = spec.clone();
         sick[3].2 = false;
         m.rebuild(list(&sick));
-        let during = assignment(&m);
+        let during = assignment(&mut m);
         let mut moved_to: HashMap<&str, usize> = HashMap::new();
         for (b, d) in before.iter().zip(&during) {
             if *b == spec[3].0 {
@@ -368,24 +411,24 @@ mod tests {
             "spread over every other backend: {moved_to:?}"
         );
         m.rebuild(list(&spec));
-        assert_eq!(assignment(&m), before);
+        assert_eq!(assignment(&mut m), before);
     }
 
     #[test]
     fn an_excluded_backend_is_walked_past() {
-        let m = Maglev::new(list(&ten()), SIZE);
+        let mut m = Maglev::with_table_size(list(&ten()), SIZE);
         for key in 0..1_000 {
-            let first = pick_key(&m, key, &[]).expect("a candidate");
-            let retry = pick_key(&m, key, &[first]).expect("another candidate");
+            let first = pick_key(&mut m, key, &[]).expect("a candidate");
+            let retry = pick_key(&mut m, key, &[first]).expect("another candidate");
             assert_ne!(first, retry);
             assert_eq!(
-                pick_key(&m, key, &[first]),
+                pick_key(&mut m, key, &[first]),
                 Some(retry),
                 "retries are stable too"
             );
         }
         let all: Vec<u32> = (0..10).collect();
-        assert_eq!(pick_key(&m, 5, &all), None);
+        assert_eq!(pick_key(&mut m, 5, &all), None);
     }
 
     #[test]
@@ -394,10 +437,10 @@ mod tests {
             .map(|i| (format!("10.1.{}.{}:80", i / 256, i % 256), 1, false))
             .collect();
         spec[1_234].2 = true;
-        let m = Maglev::new(list(&spec), 4_001);
-        assert!((0..200).all(|key| pick_key(&m, key, &[]) == Some(1_234)));
+        let mut m = Maglev::with_table_size(list(&spec), 4_001);
+        assert!((0..200).all(|key| pick_key(&mut m, key, &[]) == Some(1_234)));
         assert_eq!(
-            pick_key(&m, 9, &[1_234]).map(|i| i != 1_234),
+            pick_key(&mut m, 9, &[1_234]).map(|i| i != 1_234),
             Some(true),
             "fallback"
         );
@@ -406,23 +449,28 @@ mod tests {
     #[test]
     fn nothing_healthy_balances_over_all_by_key() {
         let mut spec = ten();
-        let healthy = assignment(&Maglev::new(list(&spec), SIZE));
+        let healthy = assignment(&mut Maglev::with_table_size(list(&spec), SIZE));
         for backend in &mut spec {
             backend.2 = false;
         }
-        assert_eq!(assignment(&Maglev::new(list(&spec), SIZE)), healthy);
+        assert_eq!(
+            assignment(&mut Maglev::with_table_size(list(&spec), SIZE)),
+            healthy
+        );
     }
 
     #[test]
     fn without_a_key_picks_spread_by_entropy() {
-        let m = Maglev::new(list(&ten()), SIZE);
+        let mut m = Maglev::with_table_size(list(&ten()), SIZE);
         let mut counts = [0u32; 10];
         for n in 0..50_000 {
             let request = PickRequest {
                 entropy: mix64(n),
                 ..Default::default()
             };
-            counts[m.pick(&request).expect("a candidate") as usize] += 1;
+            counts[m
+                .pick(&request, &FixedLoad::default())
+                .expect("a candidate") as usize] += 1;
         }
         assert!(
             counts.iter().all(|&c| (4_700..=5_300).contains(&c)),
@@ -432,17 +480,17 @@ mod tests {
 
     #[test]
     fn nothing_to_pick_without_backends() {
-        let mut m = Maglev::new(Backends::default(), SIZE);
-        assert_eq!(pick_key(&m, 1, &[]), None);
+        let mut m = Maglev::with_table_size(Backends::default(), SIZE);
+        assert_eq!(pick_key(&mut m, 1, &[]), None);
         m.rebuild(list(&ten()));
-        assert!(pick_key(&m, 1, &[]).is_some());
+        assert!(pick_key(&mut m, 1, &[]).is_some());
         m.rebuild(Backends::default());
-        assert_eq!(pick_key(&m, 1, &[]), None);
+        assert_eq!(pick_key(&mut m, 1, &[]), None);
     }
 
     #[test]
     fn a_small_table_still_fills_and_hashes() {
-        let m = Maglev::new(list(&ten()), 101);
+        let m = Maglev::with_table_size(list(&ten()), 101);
         let counts = m.slot_counts();
         assert_eq!(counts.iter().sum::<usize>(), 101);
         assert!(counts.iter().all(|&c| c == 10 || c == 11), "{counts:?}");
@@ -454,7 +502,7 @@ mod tests {
             .map(|i| (format!("10.2.{}.{}:80", i / 256, i % 256), 1, true))
             .collect();
         spec[0].1 = 10_000;
-        let m = Maglev::new(list(&spec), SIZE);
+        let m = Maglev::with_table_size(list(&spec), SIZE);
         let heavy = m.slot_counts()[0] as f64 / f64::from(SIZE);
         let want = 10_000.0 / 10_499.0;
         assert!((heavy - want).abs() < 0.01, "{heavy} vs {want}");

@@ -1,12 +1,15 @@
 //! `consistent-hash`'s one setting, the Maglev table size, as `configure` accepts it.
 //!
 //! `configure` applies to balancers created afterwards, so the size sits in a static that
-//! [`crate::maglev::Maglev::new`] reads once; a running balancer keeps the size it was built with
+//! [`Maglev::new`] reads once; a running balancer keeps the size it was built with
 //! so that a configure call never moves keys behind a route's back.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use harbor_strategy_common::Algorithm;
 use harbor_strategy_common::config::Settings;
+
+use crate::maglev::Maglev;
 
 /// Maglev's recommended size (as in Envoy): a prime, far above the backend count so that each
 /// backend's share is even to a fraction of a percent.
@@ -35,7 +38,7 @@ pub fn configure(text: &str) -> Result<(), String> {
 pub fn parse(text: &str) -> Result<u32, String> {
     let mut settings = Settings::parse(text)?;
     let size = settings.take_u64("table_size")?;
-    settings.finish(crate::NAME, &["table_size"])?;
+    settings.finish(Maglev::NAME, &["table_size"])?;
     let Some(size) = size else {
         return Ok(DEFAULT_TABLE_SIZE);
     };

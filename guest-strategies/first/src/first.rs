@@ -4,22 +4,20 @@
 //! carry). Useful to keep idle backends idle, e.g. so that they can be scaled down, or for an
 //! active/standby pair listed in order of preference.
 
-use harbor_strategy_common::{Backends, PickRequest};
+use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
 
 pub struct First {
     backends: Backends,
 }
 
-impl First {
-    pub fn new(backends: Backends) -> Self {
+impl Algorithm for First {
+    const NAME: &'static str = "first";
+
+    fn new(backends: Backends) -> Self {
         Self { backends }
     }
 
-    pub fn rebuild(&mut self, backends: Backends) {
-        self.backends = backends;
-    }
-
-    pub fn pick(&self, request: &PickRequest) -> Option<u32> {
+    fn pick(&mut self, request: &PickRequest, _load: &impl Load) -> Option<u32> {
         self.backends.candidates(request.exclude).first()
     }
 }
@@ -28,6 +26,7 @@ impl First {
 mod tests {
     use super::*;
     use harbor_strategy_common::Backend;
+    use harbor_strategy_common::load::FixedLoad;
 
     fn backends(health: &[bool]) -> Backends {
         health
@@ -37,50 +36,53 @@ mod tests {
             .collect()
     }
 
-    fn pick(first: &First, sequence: u64, exclude: &[u32]) -> Option<u32> {
-        first.pick(&PickRequest {
-            sequence,
-            entropy: sequence.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            hash_key: None,
-            exclude,
-        })
+    fn pick(first: &mut First, sequence: u64, exclude: &[u32]) -> Option<u32> {
+        first.pick(
+            &PickRequest {
+                sequence,
+                entropy: sequence.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                hash_key: None,
+                exclude,
+            },
+            &FixedLoad::default(),
+        )
     }
 
     #[test]
     fn always_the_first_healthy_backend() {
-        let first = First::new(backends(&[false, true, true]));
-        assert!((0..100).all(|n| pick(&first, n, &[]) == Some(1)));
+        let mut first = First::new(backends(&[false, true, true]));
+        assert!((0..100).all(|n| pick(&mut first, n, &[]) == Some(1)));
     }
 
     #[test]
     fn a_retry_spills_to_the_next() {
-        let first = First::new(backends(&[true, true, true]));
-        assert_eq!(pick(&first, 0, &[0]), Some(1));
-        assert_eq!(pick(&first, 0, &[0, 1]), Some(2));
-        assert_eq!(pick(&first, 0, &[0, 1, 2]), None);
+        let mut first = First::new(backends(&[true, true, true]));
+        assert_eq!(pick(&mut first, 0, &[0]), Some(1));
+        assert_eq!(pick(&mut first, 0, &[0, 1]), Some(2));
+        assert_eq!(pick(&mut first, 0, &[0, 1, 2]), None);
     }
 
     #[test]
     fn with_nothing_healthy_the_first_of_all() {
-        let first = First::new(backends(&[false, false]));
-        assert_eq!(pick(&first, 3, &[]), Some(0));
-        let first = First::new(backends(&[true, false, false]));
-        assert_eq!(pick(&first, 3, &[0]), Some(1));
+        let mut first = First::new(backends(&[false, false]));
+        assert_eq!(pick(&mut first, 3, &[]), Some(0));
+        let mut first = First::new(backends(&[true, false, false]));
+        assert_eq!(pick(&mut first, 3, &[0]), Some(1));
     }
 
     #[test]
     fn follows_backends_joining_leaving_and_recovering() {
         let mut first = First::new(backends(&[]));
-        assert_eq!(pick(&first, 0, &[]), None);
+        assert_eq!(pick(&mut first, 0, &[]), None);
         first.rebuild(backends(&[false, true]));
-        assert_eq!(pick(&first, 0, &[]), Some(1));
+        assert_eq!(pick(&mut first, 0, &[]), Some(1));
         first.rebuild(backends(&[true, true]));
         assert_eq!(
-            pick(&first, 0, &[]),
+            pick(&mut first, 0, &[]),
             Some(0),
             "the preferred backend recovered"
         );
         first.rebuild(backends(&[true]));
-        assert_eq!(pick(&first, 0, &[]), Some(0));
+        assert_eq!(pick(&mut first, 0, &[]), Some(0));
     }
 }

@@ -10,22 +10,20 @@
 //! tied backends take turns instead of the first one taking every new connection.
 
 use harbor_strategy_common::load::cmp_per_weight;
-use harbor_strategy_common::{Backends, Load, PickRequest};
+use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
 
 pub struct LeastConnections {
     backends: Backends,
 }
 
-impl LeastConnections {
-    pub fn new(backends: Backends) -> Self {
+impl Algorithm for LeastConnections {
+    const NAME: &'static str = "least-connections";
+
+    fn new(backends: Backends) -> Self {
         Self { backends }
     }
 
-    pub fn rebuild(&mut self, backends: Backends) {
-        self.backends = backends;
-    }
-
-    pub fn pick(&self, request: &PickRequest, load: &impl Load) -> Option<u32> {
+    fn pick(&mut self, request: &PickRequest, load: &impl Load) -> Option<u32> {
         let candidates = self.backends.candidates(request.exclude);
         let len = u64::try_from(candidates.len()).ok().filter(|&n| n > 0)?;
         let start = usize::try_from(request.sequence % len).ok()?;
@@ -62,7 +60,7 @@ mod tests {
     }
 
     fn pick(
-        lc: &LeastConnections,
+        lc: &mut LeastConnections,
         sequence: u64,
         exclude: &[u32],
         load: &FixedLoad,
@@ -78,7 +76,7 @@ mod tests {
     }
 
     /// Picks `n` connections that stay open, the host counting each one as in flight.
-    fn open(lc: &LeastConnections, n: u64, load: &mut FixedLoad) {
+    fn open(lc: &mut LeastConnections, n: u64, load: &mut FixedLoad) {
         load.in_flight.resize(lc.backends.len(), 0);
         for sequence in 0..n {
             let i = pick(lc, sequence, &[], load).expect("a candidate");
@@ -88,45 +86,45 @@ mod tests {
 
     #[test]
     fn picks_the_fewest_in_flight() {
-        let lc = LeastConnections::new(backends(&[(1, true), (1, true), (1, true)]));
+        let mut lc = LeastConnections::new(backends(&[(1, true), (1, true), (1, true)]));
         let load = FixedLoad::with_in_flight([5, 2, 7]);
-        assert!((0..10).all(|s| pick(&lc, s, &[], &load) == Some(1)));
+        assert!((0..10).all(|s| pick(&mut lc, s, &[], &load) == Some(1)));
     }
 
     #[test]
     fn ties_take_turns() {
-        let lc = LeastConnections::new(backends(&[(1, true), (1, true), (1, true), (1, true)]));
+        let mut lc = LeastConnections::new(backends(&[(1, true), (1, true), (1, true), (1, true)]));
         let load = FixedLoad::with_in_flight([1, 0, 1, 0]);
-        let got: Vec<_> = (0..4).map(|s| pick(&lc, s, &[], &load)).collect();
+        let got: Vec<_> = (0..4).map(|s| pick(&mut lc, s, &[], &load)).collect();
         assert_eq!(got, [1, 1, 3, 3].map(Some));
         let idle = FixedLoad::default();
-        let got: Vec<_> = (0..5).map(|s| pick(&lc, s, &[], &idle)).collect();
+        let got: Vec<_> = (0..5).map(|s| pick(&mut lc, s, &[], &idle)).collect();
         assert_eq!(got, [0, 1, 2, 3, 0].map(Some));
     }
 
     #[test]
     fn load_is_weighed() {
-        let lc = LeastConnections::new(backends(&[(3, true), (1, true)]));
+        let mut lc = LeastConnections::new(backends(&[(3, true), (1, true)]));
         // 2/3 < 1/1.
         assert_eq!(
-            pick(&lc, 0, &[], &FixedLoad::with_in_flight([2, 1])),
+            pick(&mut lc, 0, &[], &FixedLoad::with_in_flight([2, 1])),
             Some(0)
         );
         // 4/3 > 1/1.
         assert_eq!(
-            pick(&lc, 0, &[], &FixedLoad::with_in_flight([4, 1])),
+            pick(&mut lc, 0, &[], &FixedLoad::with_in_flight([4, 1])),
             Some(1)
         );
         let mut load = FixedLoad::default();
-        open(&lc, 400, &mut load);
+        open(&mut lc, 400, &mut load);
         assert_eq!(load.in_flight, [300, 100]);
     }
 
     #[test]
     fn open_connections_spread_evenly() {
-        let lc = LeastConnections::new(backends(&[(1, true); 5]));
+        let mut lc = LeastConnections::new(backends(&[(1, true); 5]));
         let mut load = FixedLoad::with_in_flight([10, 0, 0, 0, 0]);
-        open(&lc, 40, &mut load);
+        open(&mut lc, 40, &mut load);
         assert_eq!(
             load.in_flight, [10; 5],
             "the busy backend waited for the rest"
@@ -135,23 +133,23 @@ mod tests {
 
     #[test]
     fn skips_unhealthy_and_excluded() {
-        let lc = LeastConnections::new(backends(&[(1, true), (1, false), (1, true)]));
+        let mut lc = LeastConnections::new(backends(&[(1, true), (1, false), (1, true)]));
         let load = FixedLoad::with_in_flight([3, 0, 1]);
-        assert_eq!(pick(&lc, 0, &[], &load), Some(2));
-        assert_eq!(pick(&lc, 0, &[2], &load), Some(0));
+        assert_eq!(pick(&mut lc, 0, &[], &load), Some(2));
+        assert_eq!(pick(&mut lc, 0, &[2], &load), Some(0));
         assert_eq!(
-            pick(&lc, 0, &[0, 2], &load),
+            pick(&mut lc, 0, &[0, 2], &load),
             Some(1),
             "falls back to unhealthy"
         );
-        assert_eq!(pick(&lc, 0, &[0, 1, 2], &load), None);
+        assert_eq!(pick(&mut lc, 0, &[0, 1, 2], &load), None);
     }
 
     #[test]
     fn balances_over_all_when_none_is_healthy() {
-        let lc = LeastConnections::new(backends(&[(1, false), (1, false)]));
+        let mut lc = LeastConnections::new(backends(&[(1, false), (1, false)]));
         assert_eq!(
-            pick(&lc, 0, &[], &FixedLoad::with_in_flight([4, 2])),
+            pick(&mut lc, 0, &[], &FixedLoad::with_in_flight([4, 2])),
             Some(1)
         );
     }
@@ -159,20 +157,20 @@ mod tests {
     #[test]
     fn follows_backends_joining_and_leaving() {
         let mut lc = LeastConnections::new(backends(&[]));
-        assert_eq!(pick(&lc, 0, &[], &FixedLoad::default()), None);
+        assert_eq!(pick(&mut lc, 0, &[], &FixedLoad::default()), None);
         lc.rebuild(backends(&[(1, true), (1, true)]));
         let mut load = FixedLoad::default();
-        open(&lc, 10, &mut load);
+        open(&mut lc, 10, &mut load);
         assert_eq!(load.in_flight, [5, 5]);
         // A new backend takes every new connection until it catches up.
         lc.rebuild(backends(&[(1, true), (1, true), (1, true)]));
         load.in_flight.push(0);
-        let got: Vec<_> = (0..5).map(|s| pick(&lc, s, &[], &load)).collect();
+        let got: Vec<_> = (0..5).map(|s| pick(&mut lc, s, &[], &load)).collect();
         assert_eq!(got, [2; 5].map(Some));
-        open(&lc, 5, &mut load);
+        open(&mut lc, 5, &mut load);
         assert_eq!(load.in_flight, [5, 5, 5]);
         lc.rebuild(backends(&[(1, true), (1, false), (1, true)]));
-        open(&lc, 4, &mut load);
+        open(&mut lc, 4, &mut load);
         assert_eq!(load.in_flight, [7, 5, 7]);
     }
 }

@@ -9,22 +9,20 @@
 //! to weight, while under load the comparison drives `in_flight / weight` towards equal.
 
 use harbor_strategy_common::load::cmp_per_weight;
-use harbor_strategy_common::{Backends, Load, PickRequest};
+use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
 
 pub struct LeastRequest {
     backends: Backends,
 }
 
-impl LeastRequest {
-    pub fn new(backends: Backends) -> Self {
+impl Algorithm for LeastRequest {
+    const NAME: &'static str = "least-request";
+
+    fn new(backends: Backends) -> Self {
         Self { backends }
     }
 
-    pub fn rebuild(&mut self, backends: Backends) {
-        self.backends = backends;
-    }
-
-    pub fn pick(&self, request: &PickRequest, load: &impl Load) -> Option<u32> {
+    fn pick(&mut self, request: &PickRequest, load: &impl Load) -> Option<u32> {
         let (a, b) = self
             .backends
             .candidates(request.exclude)
@@ -55,7 +53,7 @@ mod tests {
             .collect()
     }
 
-    fn pick(lr: &LeastRequest, n: u64, exclude: &[u32], load: &FixedLoad) -> Option<u32> {
+    fn pick(lr: &mut LeastRequest, n: u64, exclude: &[u32], load: &FixedLoad) -> Option<u32> {
         let request = PickRequest {
             sequence: n,
             entropy: mix64(n),
@@ -65,7 +63,7 @@ mod tests {
         lr.pick(&request, load)
     }
 
-    fn counts(lr: &LeastRequest, picks: u64, exclude: &[u32], load: &FixedLoad) -> Vec<u64> {
+    fn counts(lr: &mut LeastRequest, picks: u64, exclude: &[u32], load: &FixedLoad) -> Vec<u64> {
         let mut counts = vec![0; lr.backends.len()];
         for n in 0..picks {
             counts[pick(lr, n, exclude, load).expect("a candidate") as usize] += 1;
@@ -75,9 +73,9 @@ mod tests {
 
     #[test]
     fn the_busiest_backend_is_never_picked() {
-        let lr = LeastRequest::new(backends(&[(1, true); 4]));
+        let mut lr = LeastRequest::new(backends(&[(1, true); 4]));
         let load = FixedLoad::with_in_flight([0, 9, 1, 2]);
-        let got = counts(&lr, 10_000, &[], &load);
+        let got = counts(&mut lr, 10_000, &[], &load);
         assert_eq!(got[1], 0);
         // The idle backend wins every pair it is in: 3 of the 6 pairs.
         assert!((4_700..=5_300).contains(&got[0]), "{got:?}");
@@ -85,8 +83,8 @@ mod tests {
 
     #[test]
     fn idle_split_follows_weights() {
-        let lr = LeastRequest::new(backends(&[(1, true), (2, true), (7, true)]));
-        let got = counts(&lr, 100_000, &[], &FixedLoad::default());
+        let mut lr = LeastRequest::new(backends(&[(1, true), (2, true), (7, true)]));
+        let got = counts(&mut lr, 100_000, &[], &FixedLoad::default());
         for (i, share) in [(0, 0.1), (1, 0.2), (2, 0.7)] {
             let got = got[i] as f64 / 100_000.0;
             assert!((got - share).abs() < 0.01, "backend {i}: {got} vs {share}");
@@ -95,24 +93,24 @@ mod tests {
 
     #[test]
     fn load_is_weighed() {
-        let lr = LeastRequest::new(backends(&[(3, true), (1, true)]));
+        let mut lr = LeastRequest::new(backends(&[(3, true), (1, true)]));
         // Two candidates: every pick compares both. 2/3 < 1/1; 4/3 > 1/1.
         assert_eq!(
-            counts(&lr, 100, &[], &FixedLoad::with_in_flight([2, 1])),
+            counts(&mut lr, 100, &[], &FixedLoad::with_in_flight([2, 1])),
             [100, 0]
         );
         assert_eq!(
-            counts(&lr, 100, &[], &FixedLoad::with_in_flight([4, 1])),
+            counts(&mut lr, 100, &[], &FixedLoad::with_in_flight([4, 1])),
             [0, 100]
         );
     }
 
     #[test]
     fn open_requests_spread_by_weight() {
-        let lr = LeastRequest::new(backends(&[(1, true), (1, true), (2, true)]));
+        let mut lr = LeastRequest::new(backends(&[(1, true), (1, true), (2, true)]));
         let mut load = FixedLoad::with_in_flight([0, 0, 0]);
         for n in 0..4_000 {
-            let i = pick(&lr, n, &[], &load).expect("a candidate");
+            let i = pick(&mut lr, n, &[], &load).expect("a candidate");
             load.in_flight[i as usize] += 1;
         }
         let [a, b, c] = [0, 1, 2].map(|i| load.in_flight[i]);
@@ -124,33 +122,36 @@ mod tests {
 
     #[test]
     fn skips_unhealthy_and_excluded() {
-        let lr = LeastRequest::new(backends(&[(1, true), (1, false), (1, true), (1, true)]));
+        let mut lr = LeastRequest::new(backends(&[(1, true), (1, false), (1, true), (1, true)]));
         let load = FixedLoad::default();
-        assert_eq!(counts(&lr, 1_000, &[], &load)[1], 0);
-        let got = counts(&lr, 1_000, &[0, 3], &load);
+        assert_eq!(counts(&mut lr, 1_000, &[], &load)[1], 0);
+        let got = counts(&mut lr, 1_000, &[0, 3], &load);
         assert_eq!(got, [0, 0, 1_000, 0]);
-        let got = counts(&lr, 1_000, &[0, 2, 3], &load);
+        let got = counts(&mut lr, 1_000, &[0, 2, 3], &load);
         assert_eq!(got, [0, 1_000, 0, 0], "falls back to unhealthy");
-        assert_eq!(pick(&lr, 0, &[0, 1, 2, 3], &load), None);
+        assert_eq!(pick(&mut lr, 0, &[0, 1, 2, 3], &load), None);
     }
 
     #[test]
     fn balances_over_all_when_none_is_healthy() {
-        let lr = LeastRequest::new(backends(&[(1, false), (1, false)]));
-        let got = counts(&lr, 100, &[], &FixedLoad::with_in_flight([3, 1]));
+        let mut lr = LeastRequest::new(backends(&[(1, false), (1, false)]));
+        let got = counts(&mut lr, 100, &[], &FixedLoad::with_in_flight([3, 1]));
         assert_eq!(got, [0, 100]);
     }
 
     #[test]
     fn follows_backends_joining_and_leaving() {
         let mut lr = LeastRequest::new(backends(&[]));
-        assert_eq!(pick(&lr, 0, &[], &FixedLoad::default()), None);
+        assert_eq!(pick(&mut lr, 0, &[], &FixedLoad::default()), None);
         lr.rebuild(backends(&[(1, true)]));
-        assert_eq!(counts(&lr, 10, &[], &FixedLoad::with_in_flight([9])), [10]);
+        assert_eq!(
+            counts(&mut lr, 10, &[], &FixedLoad::with_in_flight([9])),
+            [10]
+        );
         lr.rebuild(backends(&[(1, true), (1, true)]));
-        let got = counts(&lr, 10, &[], &FixedLoad::with_in_flight([9, 0]));
+        let got = counts(&mut lr, 10, &[], &FixedLoad::with_in_flight([9, 0]));
         assert_eq!(got, [0, 10], "the new, idle backend wins");
         lr.rebuild(backends(&[(1, false), (1, true)]));
-        assert_eq!(counts(&lr, 10, &[], &FixedLoad::default()), [0, 10]);
+        assert_eq!(counts(&mut lr, 10, &[], &FixedLoad::default()), [0, 10]);
     }
 }

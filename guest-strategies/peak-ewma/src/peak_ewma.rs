@@ -9,7 +9,7 @@
 //! still cost more than an idle fast one.
 
 use harbor_strategy_common::load::cmp_per_weight;
-use harbor_strategy_common::{Backends, Load, PickRequest};
+use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
 
 /// The latency assumed before the host has measured one.
 pub const DEFAULT_RTT_NS: u64 = 30_000_000;
@@ -18,16 +18,14 @@ pub struct PeakEwma {
     backends: Backends,
 }
 
-impl PeakEwma {
-    pub fn new(backends: Backends) -> Self {
+impl Algorithm for PeakEwma {
+    const NAME: &'static str = "peak-ewma";
+
+    fn new(backends: Backends) -> Self {
         Self { backends }
     }
 
-    pub fn rebuild(&mut self, backends: Backends) {
-        self.backends = backends;
-    }
-
-    pub fn pick(&self, request: &PickRequest, load: &impl Load) -> Option<u32> {
+    fn pick(&mut self, request: &PickRequest, load: &impl Load) -> Option<u32> {
         let (a, b) = self
             .backends
             .candidates(request.exclude)
@@ -75,7 +73,7 @@ mod tests {
         }
     }
 
-    fn counts(pe: &PeakEwma, picks: u64, exclude: &[u32], load: &FixedLoad) -> Vec<u64> {
+    fn counts(pe: &mut PeakEwma, picks: u64, exclude: &[u32], load: &FixedLoad) -> Vec<u64> {
         let mut counts = vec![0; pe.backends.len()];
         for n in 0..picks {
             let request = PickRequest {
@@ -91,50 +89,71 @@ mod tests {
 
     #[test]
     fn the_faster_backend_wins() {
-        let pe = PeakEwma::new(backends(&[(1, true), (1, true)]));
-        assert_eq!(counts(&pe, 100, &[], &load(&[0, 0], &[100, 10])), [0, 100]);
+        let mut pe = PeakEwma::new(backends(&[(1, true), (1, true)]));
+        assert_eq!(
+            counts(&mut pe, 100, &[], &load(&[0, 0], &[100, 10])),
+            [0, 100]
+        );
     }
 
     #[test]
     fn unmeasured_backends_count_as_30_ms() {
-        let pe = PeakEwma::new(backends(&[(1, true), (1, true)]));
-        assert_eq!(counts(&pe, 100, &[], &load(&[0, 0], &[0, 31])), [100, 0]);
-        assert_eq!(counts(&pe, 100, &[], &load(&[0, 0], &[0, 29])), [0, 100]);
+        let mut pe = PeakEwma::new(backends(&[(1, true), (1, true)]));
+        assert_eq!(
+            counts(&mut pe, 100, &[], &load(&[0, 0], &[0, 31])),
+            [100, 0]
+        );
+        assert_eq!(
+            counts(&mut pe, 100, &[], &load(&[0, 0], &[0, 29])),
+            [0, 100]
+        );
     }
 
     #[test]
     fn queued_requests_make_a_fast_backend_expensive() {
-        let pe = PeakEwma::new(backends(&[(1, true), (1, true)]));
+        let mut pe = PeakEwma::new(backends(&[(1, true), (1, true)]));
         // 10 ms × 10 > 50 ms × 1.
-        assert_eq!(counts(&pe, 100, &[], &load(&[9, 0], &[10, 50])), [0, 100]);
+        assert_eq!(
+            counts(&mut pe, 100, &[], &load(&[9, 0], &[10, 50])),
+            [0, 100]
+        );
         // 10 ms × 4 < 50 ms × 1.
-        assert_eq!(counts(&pe, 100, &[], &load(&[3, 0], &[10, 50])), [100, 0]);
+        assert_eq!(
+            counts(&mut pe, 100, &[], &load(&[3, 0], &[10, 50])),
+            [100, 0]
+        );
     }
 
     #[test]
     fn cost_is_weighed() {
-        let pe = PeakEwma::new(backends(&[(4, true), (1, true)]));
+        let mut pe = PeakEwma::new(backends(&[(4, true), (1, true)]));
         // 40 ms / 4 < 20 ms / 1.
-        assert_eq!(counts(&pe, 100, &[], &load(&[0, 0], &[40, 20])), [100, 0]);
-        let pe = PeakEwma::new(backends(&[(1, true), (1, true)]));
-        assert_eq!(counts(&pe, 100, &[], &load(&[0, 0], &[40, 20])), [0, 100]);
+        assert_eq!(
+            counts(&mut pe, 100, &[], &load(&[0, 0], &[40, 20])),
+            [100, 0]
+        );
+        let mut pe = PeakEwma::new(backends(&[(1, true), (1, true)]));
+        assert_eq!(
+            counts(&mut pe, 100, &[], &load(&[0, 0], &[40, 20])),
+            [0, 100]
+        );
     }
 
     #[test]
     fn the_slowest_of_many_is_never_picked_and_the_fastest_most() {
-        let pe = PeakEwma::new(backends(&[(1, true); 4]));
-        let got = counts(&pe, 10_000, &[], &load(&[0; 4], &[20, 500, 5, 40]));
+        let mut pe = PeakEwma::new(backends(&[(1, true); 4]));
+        let got = counts(&mut pe, 10_000, &[], &load(&[0; 4], &[20, 500, 5, 40]));
         assert_eq!(got[1], 0, "{got:?}");
         assert!(got[2] > got[0] && got[0] > got[3], "{got:?}");
     }
 
     #[test]
     fn skips_unhealthy_and_excluded() {
-        let pe = PeakEwma::new(backends(&[(1, true), (1, false), (1, true)]));
+        let mut pe = PeakEwma::new(backends(&[(1, true), (1, false), (1, true)]));
         let fast_unhealthy = load(&[0, 0, 0], &[50, 1, 40]);
-        assert_eq!(counts(&pe, 100, &[], &fast_unhealthy), [0, 0, 100]);
-        assert_eq!(counts(&pe, 100, &[2], &fast_unhealthy), [100, 0, 0]);
-        assert_eq!(counts(&pe, 100, &[0, 2], &fast_unhealthy), [0, 100, 0]);
+        assert_eq!(counts(&mut pe, 100, &[], &fast_unhealthy), [0, 0, 100]);
+        assert_eq!(counts(&mut pe, 100, &[2], &fast_unhealthy), [100, 0, 0]);
+        assert_eq!(counts(&mut pe, 100, &[0, 2], &fast_unhealthy), [0, 100, 0]);
         let nothing = PickRequest {
             exclude: &[0, 1, 2],
             ..Default::default()
@@ -144,8 +163,8 @@ mod tests {
 
     #[test]
     fn balances_over_all_when_none_is_healthy() {
-        let pe = PeakEwma::new(backends(&[(1, false), (1, false)]));
-        assert_eq!(counts(&pe, 100, &[], &load(&[0, 0], &[9, 3])), [0, 100]);
+        let mut pe = PeakEwma::new(backends(&[(1, false), (1, false)]));
+        assert_eq!(counts(&mut pe, 100, &[], &load(&[0, 0], &[9, 3])), [0, 100]);
     }
 
     #[test]
@@ -156,23 +175,23 @@ mod tests {
             None
         );
         pe.rebuild(backends(&[(1, true)]));
-        assert_eq!(counts(&pe, 10, &[], &load(&[5], &[900])), [10]);
+        assert_eq!(counts(&mut pe, 10, &[], &load(&[5], &[900])), [10]);
         pe.rebuild(backends(&[(1, true), (1, true)]));
-        let got = counts(&pe, 10, &[], &load(&[5, 0], &[900]));
+        let got = counts(&mut pe, 10, &[], &load(&[5, 0], &[900]));
         assert_eq!(
             got,
             [0, 10],
             "a new backend at the default 30 ms beats a slow one"
         );
         pe.rebuild(backends(&[(1, true), (1, false)]));
-        assert_eq!(counts(&pe, 10, &[], &load(&[5, 0], &[900])), [10, 0]);
+        assert_eq!(counts(&mut pe, 10, &[], &load(&[5, 0], &[900])), [10, 0]);
     }
 
     #[test]
     fn extreme_values_do_not_overflow() {
-        let pe = PeakEwma::new(backends(&[(10_000, true), (1, true)]));
+        let mut pe = PeakEwma::new(backends(&[(10_000, true), (1, true)]));
         let got = counts(
-            &pe,
+            &mut pe,
             10,
             &[],
             &load(&[u32::MAX, u32::MAX], &[u64::MAX / MS; 2]),

@@ -4,22 +4,20 @@
 //! Stateless, so workers need no coordination and a rebuild forgets nothing. Without retries a
 //! pick is a binary search over precomputed running weights.
 
-use harbor_strategy_common::{Backends, PickRequest};
+use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
 
 pub struct WeightedRandom {
     backends: Backends,
 }
 
-impl WeightedRandom {
-    pub fn new(backends: Backends) -> Self {
+impl Algorithm for WeightedRandom {
+    const NAME: &'static str = "random";
+
+    fn new(backends: Backends) -> Self {
         Self { backends }
     }
 
-    pub fn rebuild(&mut self, backends: Backends) {
-        self.backends = backends;
-    }
-
-    pub fn pick(&self, request: &PickRequest) -> Option<u32> {
+    fn pick(&mut self, request: &PickRequest, _load: &impl Load) -> Option<u32> {
         self.backends
             .candidates(request.exclude)
             .random(request.entropy)
@@ -31,6 +29,7 @@ mod tests {
     use super::*;
     use harbor_strategy_common::Backend;
     use harbor_strategy_common::hash::mix64;
+    use harbor_strategy_common::load::FixedLoad;
 
     fn backends(spec: &[(u32, bool)]) -> Backends {
         spec.iter()
@@ -39,7 +38,7 @@ mod tests {
             .collect()
     }
 
-    fn shares(random: &WeightedRandom, exclude: &[u32], slots: usize) -> Vec<f64> {
+    fn shares(random: &mut WeightedRandom, exclude: &[u32], slots: usize) -> Vec<f64> {
         let picks = 200_000;
         let mut counts = vec![0u32; slots];
         for n in 0..picks {
@@ -48,7 +47,9 @@ mod tests {
                 exclude,
                 ..Default::default()
             };
-            counts[random.pick(&request).expect("a candidate") as usize] += 1;
+            counts[random
+                .pick(&request, &FixedLoad::default())
+                .expect("a candidate") as usize] += 1;
         }
         counts
             .iter()
@@ -67,35 +68,40 @@ mod tests {
 
     #[test]
     fn shares_follow_weights() {
-        let random = WeightedRandom::new(backends(&[(1, true), (1, true), (2, true), (4, true)]));
-        assert_close(&shares(&random, &[], 4), &[0.125, 0.125, 0.25, 0.5]);
+        let mut random =
+            WeightedRandom::new(backends(&[(1, true), (1, true), (2, true), (4, true)]));
+        assert_close(&shares(&mut random, &[], 4), &[0.125, 0.125, 0.25, 0.5]);
     }
 
     #[test]
     fn skips_unhealthy_and_excluded() {
-        let random = WeightedRandom::new(backends(&[(1, true), (1, false), (2, true), (1, true)]));
-        assert_close(&shares(&random, &[], 4), &[0.25, 0.0, 0.5, 0.25]);
-        assert_close(&shares(&random, &[2], 4), &[0.5, 0.0, 0.0, 0.5]);
+        let mut random =
+            WeightedRandom::new(backends(&[(1, true), (1, false), (2, true), (1, true)]));
+        assert_close(&shares(&mut random, &[], 4), &[0.25, 0.0, 0.5, 0.25]);
+        assert_close(&shares(&mut random, &[2], 4), &[0.5, 0.0, 0.0, 0.5]);
     }
 
     #[test]
     fn balances_over_all_when_none_is_healthy() {
-        let random = WeightedRandom::new(backends(&[(1, false), (3, false)]));
-        assert_close(&shares(&random, &[], 2), &[0.25, 0.75]);
-        let random = WeightedRandom::new(backends(&[(1, true), (3, false)]));
-        assert_close(&shares(&random, &[0], 2), &[0.0, 1.0]);
+        let mut random = WeightedRandom::new(backends(&[(1, false), (3, false)]));
+        assert_close(&shares(&mut random, &[], 2), &[0.25, 0.75]);
+        let mut random = WeightedRandom::new(backends(&[(1, true), (3, false)]));
+        assert_close(&shares(&mut random, &[0], 2), &[0.0, 1.0]);
     }
 
     #[test]
     fn nothing_to_pick_when_empty_or_all_excluded() {
         let request = PickRequest::default();
-        assert_eq!(WeightedRandom::new(backends(&[])).pick(&request), None);
+        assert_eq!(
+            WeightedRandom::new(backends(&[])).pick(&request, &FixedLoad::default()),
+            None
+        );
         let request = PickRequest {
             exclude: &[0],
             ..request
         };
         assert_eq!(
-            WeightedRandom::new(backends(&[(1, true)])).pick(&request),
+            WeightedRandom::new(backends(&[(1, true)])).pick(&request, &FixedLoad::default()),
             None
         );
     }
@@ -103,24 +109,24 @@ mod tests {
     #[test]
     fn shares_follow_backends_joining_and_leaving() {
         let mut random = WeightedRandom::new(backends(&[(1, true), (1, true)]));
-        assert_close(&shares(&random, &[], 2), &[0.5, 0.5]);
+        assert_close(&shares(&mut random, &[], 2), &[0.5, 0.5]);
         random.rebuild(backends(&[(1, true), (1, true), (2, true)]));
-        assert_close(&shares(&random, &[], 3), &[0.25, 0.25, 0.5]);
+        assert_close(&shares(&mut random, &[], 3), &[0.25, 0.25, 0.5]);
         random.rebuild(backends(&[(1, true), (1, false), (2, true)]));
-        assert_close(&shares(&random, &[], 3), &[1.0 / 3.0, 0.0, 2.0 / 3.0]);
+        assert_close(&shares(&mut random, &[], 3), &[1.0 / 3.0, 0.0, 2.0 / 3.0]);
         random.rebuild(backends(&[(2, true)]));
-        assert_close(&shares(&random, &[], 1), &[1.0]);
+        assert_close(&shares(&mut random, &[], 1), &[1.0]);
     }
 
     #[test]
     fn extreme_entropy_stays_in_range() {
-        let random = WeightedRandom::new(backends(&[(1, true), (10_000, true)]));
+        let mut random = WeightedRandom::new(backends(&[(1, true), (10_000, true)]));
         for entropy in [0, 1, u64::MAX - 1, u64::MAX] {
             let request = PickRequest {
                 entropy,
                 ..Default::default()
             };
-            assert!(random.pick(&request).is_some());
+            assert!(random.pick(&request, &FixedLoad::default()).is_some());
         }
     }
 }

@@ -4,22 +4,20 @@
 //! the whole route with no state here; a per-balancer counter would cycle per worker and send
 //! bursts to the same backend from each. Weights are ignored (that is `weighted-round-robin`).
 
-use harbor_strategy_common::{Backends, PickRequest};
+use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
 
 pub struct RoundRobin {
     backends: Backends,
 }
 
-impl RoundRobin {
-    pub fn new(backends: Backends) -> Self {
+impl Algorithm for RoundRobin {
+    const NAME: &'static str = "round-robin";
+
+    fn new(backends: Backends) -> Self {
         Self { backends }
     }
 
-    pub fn rebuild(&mut self, backends: Backends) {
-        self.backends = backends;
-    }
-
-    pub fn pick(&self, request: &PickRequest) -> Option<u32> {
+    fn pick(&mut self, request: &PickRequest, _load: &impl Load) -> Option<u32> {
         let candidates = self.backends.candidates(request.exclude);
         let len = u64::try_from(candidates.len()).ok().filter(|&n| n > 0)?;
         let turn = usize::try_from(request.sequence % len).ok()?;
@@ -31,6 +29,7 @@ impl RoundRobin {
 mod tests {
     use super::*;
     use harbor_strategy_common::Backend;
+    use harbor_strategy_common::load::FixedLoad;
 
     fn backends(health: &[bool]) -> Backends {
         health
@@ -40,63 +39,66 @@ mod tests {
             .collect()
     }
 
-    fn picks(rr: &RoundRobin, from: u64, count: u64, exclude: &[u32]) -> Vec<Option<u32>> {
+    fn picks(rr: &mut RoundRobin, from: u64, count: u64, exclude: &[u32]) -> Vec<Option<u32>> {
         (0..count)
             .map(|k| {
                 let sequence = from.wrapping_add(k);
-                rr.pick(&PickRequest {
-                    sequence,
-                    exclude,
-                    ..Default::default()
-                })
+                rr.pick(
+                    &PickRequest {
+                        sequence,
+                        exclude,
+                        ..Default::default()
+                    },
+                    &FixedLoad::default(),
+                )
             })
             .collect()
     }
 
     #[test]
     fn cycles_exactly_ignoring_weights() {
-        let rr = RoundRobin::new(backends(&[true, true, true]));
-        let got = picks(&rr, 0, 7, &[]);
+        let mut rr = RoundRobin::new(backends(&[true, true, true]));
+        let got = picks(&mut rr, 0, 7, &[]);
         let want = [0, 1, 2, 0, 1, 2, 0].map(Some);
         assert_eq!(got, want);
     }
 
     #[test]
     fn skips_unhealthy_and_excluded() {
-        let rr = RoundRobin::new(backends(&[true, false, true, true]));
-        assert_eq!(picks(&rr, 0, 6, &[]), [0, 2, 3, 0, 2, 3].map(Some));
-        assert_eq!(picks(&rr, 0, 4, &[2]), [0, 3, 0, 3].map(Some));
+        let mut rr = RoundRobin::new(backends(&[true, false, true, true]));
+        assert_eq!(picks(&mut rr, 0, 6, &[]), [0, 2, 3, 0, 2, 3].map(Some));
+        assert_eq!(picks(&mut rr, 0, 4, &[2]), [0, 3, 0, 3].map(Some));
     }
 
     #[test]
     fn with_nothing_healthy_cycles_over_all() {
-        let rr = RoundRobin::new(backends(&[false, false]));
-        assert_eq!(picks(&rr, 5, 4, &[]), [1, 0, 1, 0].map(Some));
+        let mut rr = RoundRobin::new(backends(&[false, false]));
+        assert_eq!(picks(&mut rr, 5, 4, &[]), [1, 0, 1, 0].map(Some));
     }
 
     #[test]
     fn nothing_to_pick_when_empty_or_all_excluded() {
-        let rr = RoundRobin::new(backends(&[]));
-        assert_eq!(picks(&rr, 0, 1, &[]), [None]);
-        let rr = RoundRobin::new(backends(&[true, true]));
-        assert_eq!(picks(&rr, 0, 1, &[0, 1]), [None]);
+        let mut rr = RoundRobin::new(backends(&[]));
+        assert_eq!(picks(&mut rr, 0, 1, &[]), [None]);
+        let mut rr = RoundRobin::new(backends(&[true, true]));
+        assert_eq!(picks(&mut rr, 0, 1, &[0, 1]), [None]);
     }
 
     #[test]
     fn follows_backends_joining_leaving_and_recovering() {
         let mut rr = RoundRobin::new(backends(&[true, true]));
-        assert_eq!(picks(&rr, 0, 2, &[]), [0, 1].map(Some));
+        assert_eq!(picks(&mut rr, 0, 2, &[]), [0, 1].map(Some));
         rr.rebuild(backends(&[true, true, true]));
-        assert_eq!(picks(&rr, 0, 3, &[]), [0, 1, 2].map(Some));
+        assert_eq!(picks(&mut rr, 0, 3, &[]), [0, 1, 2].map(Some));
         rr.rebuild(backends(&[true, false, true]));
-        assert_eq!(picks(&rr, 0, 4, &[]), [0, 2, 0, 2].map(Some));
+        assert_eq!(picks(&mut rr, 0, 4, &[]), [0, 2, 0, 2].map(Some));
         rr.rebuild(backends(&[true]));
-        assert_eq!(picks(&rr, 0, 2, &[]), [0, 0].map(Some));
+        assert_eq!(picks(&mut rr, 0, 2, &[]), [0, 0].map(Some));
     }
 
     #[test]
     fn a_huge_sequence_still_cycles() {
-        let rr = RoundRobin::new(backends(&[true, true, true]));
-        assert_eq!(picks(&rr, u64::MAX - 1, 2, &[]), [2, 0].map(Some));
+        let mut rr = RoundRobin::new(backends(&[true, true, true]));
+        assert_eq!(picks(&mut rr, u64::MAX - 1, 2, &[]), [2, 0].map(Some));
     }
 }

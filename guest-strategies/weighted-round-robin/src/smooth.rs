@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use harbor_strategy_common::{Backends, PickRequest};
+use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
 
 pub struct SmoothWeighted {
     backends: Backends,
@@ -19,13 +19,15 @@ pub struct SmoothWeighted {
     current: Vec<i64>,
 }
 
-impl SmoothWeighted {
-    pub fn new(backends: Backends) -> Self {
+impl Algorithm for SmoothWeighted {
+    const NAME: &'static str = "weighted-round-robin";
+
+    fn new(backends: Backends) -> Self {
         let current = vec![0; backends.len()];
         Self { backends, current }
     }
 
-    pub fn rebuild(&mut self, backends: Backends) {
+    fn rebuild(&mut self, backends: Backends) {
         let carried: HashMap<&str, i64> = self
             .backends
             .as_slice()
@@ -42,7 +44,7 @@ impl SmoothWeighted {
         self.backends = backends;
     }
 
-    pub fn pick(&mut self, request: &PickRequest) -> Option<u32> {
+    fn pick(&mut self, request: &PickRequest, _load: &impl Load) -> Option<u32> {
         let candidates = self.backends.candidates(request.exclude);
         let total = i64::try_from(candidates.total_weight()).ok()?;
         let mut best: Option<(u32, i64)> = None;
@@ -67,6 +69,7 @@ impl SmoothWeighted {
 mod tests {
     use super::*;
     use harbor_strategy_common::Backend;
+    use harbor_strategy_common::load::FixedLoad;
 
     fn backends(spec: &[(&str, u32, bool)]) -> Backends {
         spec.iter()
@@ -75,10 +78,13 @@ mod tests {
     }
 
     fn pick(wrr: &mut SmoothWeighted, exclude: &[u32]) -> Option<u32> {
-        wrr.pick(&PickRequest {
-            exclude,
-            ..Default::default()
-        })
+        wrr.pick(
+            &PickRequest {
+                exclude,
+                ..Default::default()
+            },
+            &FixedLoad::default(),
+        )
     }
 
     fn counts(wrr: &mut SmoothWeighted, picks: usize, slots: usize) -> Vec<usize> {

@@ -1,0 +1,38 @@
+//! What a built-in strategy implements: its algorithm, free of the WIT contract so that it is
+//! unit-tested natively. [`crate::strategy!`] makes a component of it.
+
+use crate::{Backends, Load, PickRequest, config};
+
+/// One route's balancer: built when the route's backends are known, rebuilt when they change,
+/// asked for a backend on every new connection or request.
+///
+/// The host creates one per route and worker thread, and calls it one call at a time, so the
+/// balancer's state needs no locking and `pick` may change it (`weighted-round-robin` does).
+pub trait Algorithm: Sized + 'static {
+    /// The name routes use to select the strategy, e.g. `round-robin`.
+    const NAME: &'static str;
+    /// Whether picks read [`PickRequest::hash_key`], which the host then computes.
+    const USES_HASH_KEY: bool = false;
+
+    /// Validates settings (JSON text) and applies them to balancers created afterwards; `Err`
+    /// refuses them with a reason shown to whoever applied them, and the old settings stay.
+    /// By default there are no settings: only `{}` or blank text is accepted.
+    fn configure(settings: &str) -> Result<(), String> {
+        config::expect_none(Self::NAME, settings)
+    }
+
+    /// A balancer over the route's backends, with the settings configured now.
+    fn new(backends: Backends) -> Self;
+
+    /// Takes the route's new backend list (backends added, removed, re-weighted or changing
+    /// health). By default the balancer is built afresh; an algorithm with state worth carrying
+    /// over, or settings fixed at creation, overrides this.
+    fn rebuild(&mut self, backends: Backends) {
+        *self = Self::new(backends);
+    }
+
+    /// The index of the backend for this pick, or `None` when there is no backend or every one
+    /// is excluded. `load` is the host's live load (the `load` import in wasm, numbers in tests);
+    /// algorithms that do not balance by load ignore it.
+    fn pick(&mut self, request: &PickRequest, load: &impl Load) -> Option<u32>;
+}
