@@ -6,10 +6,16 @@
 //! 64 backends, and one or two threads picking on the same balancer at once (one route, many
 //! connections: the realistic case, and the one where contention or queueing would show).
 //!
-//! Each thread warms up, then times batches of picks until a time budget runs out; the figures
-//! are the median and p99 of the batch means. Run with `cargo bench -p harbor --bench picks`. It
-//! is a benchmark, not a test: a missed target is reported, not a failure. A pick that falls back
-//! to the host's own round-robin is a failure, because then the wasm path was not measured.
+//! Each thread warms up, then times batches of picks until its time slice runs out; the figures
+//! are the median and p99 of the batch means. The configurations take turns over several rounds,
+//! so a noisy spell on the shared machine lands on all of them alike. Each thread also reads how
+//! long it sat runnable but off the CPU (`/proc/thread-self/schedstat`), so a slow configuration
+//! on a busy machine can be told apart from picks that wait on each other.
+//!
+//! Run with `cargo bench -p harbor --bench picks`; `-- least-connections` (any part of a strategy
+//! name) runs only the matching strategies, e.g. under `perf`. It is a benchmark, not a test: a
+//! missed target is reported, not a failure. A pick that falls back to the host's own round-robin
+//! is a failure, because then the wasm path was not measured.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -30,8 +36,10 @@ const WARMUP_PICKS: usize = 10_000;
 /// Picks per timed batch: long enough that reading the clock is noise, short enough that a batch
 /// descheduled by other work on the machine is one outlier among thousands.
 const BATCH: usize = 1_000;
-/// Timing per thread and configuration; with the batch cap below, it bounds the run.
-const BUDGET: Duration = Duration::from_secs(1);
+/// Rounds over all configurations, and timing per thread, configuration and round: 1 s per
+/// configuration in all. With the batch cap below, they bound the run.
+const ROUNDS: u32 = 10;
+const SLICE: Duration = Duration::from_millis(100);
 const MAX_BATCHES: usize = 100_000;
 
 /// The target from the issue.
@@ -64,14 +72,45 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     eprintln!("compiling the built-in strategies (a few seconds)...");
     let strategies = strategies()?;
-    let mut rows = Vec::new();
-    for kind in Kind::ALL {
+    let mut routes = Vec::new();
+    for kind in selected_kinds() {
         for size in ROUTE_SIZES {
-            rows.extend(measure_route(&strategies, kind, size)?);
+            routes.push(Route::new(&strategies, kind, size)?);
         }
     }
-    print_report(&rows, started.elapsed());
+    let mut configs: Vec<Config> = routes
+        .iter()
+        .flat_map(|route| THREAD_COUNTS.map(|threads| Config::new(route, threads)))
+        .collect();
+    let cpu_before = CpuUse::now();
+    for round in 1..=ROUNDS {
+        eprintln!(
+            "round {round} of {ROUNDS}: {} configurations",
+            configs.len()
+        );
+        for config in &mut configs {
+            config.run();
+        }
+    }
+    let others = cpu_before
+        .zip(CpuUse::now())
+        .map(|(b, a)| a.others_since(&b));
+    let rows: Vec<Row> = configs.into_iter().map(Config::finish).collect();
+    print_report(&rows, others, started.elapsed());
     Ok(())
+}
+
+/// The strategies named on the command line (any part of a name), or all. Cargo passes
+/// `--bench` to a benchmark without the standard harness; flags are not names.
+fn selected_kinds() -> Vec<Kind> {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    Kind::ALL
+        .into_iter()
+        .filter(|k| filters.is_empty() || filters.iter().any(|f| k.name().contains(f.as_str())))
+        .collect()
 }
 
 /// The strategy catalog with its built-ins compiled, as the daemon sets it up.
@@ -95,6 +134,72 @@ fn route(size: usize) -> Vec<BackendSpec> {
         .collect()
 }
 
+/// One strategy on one route, both ways. The same balancer serves every thread count, as one
+/// route serves all of a daemon's connections.
+struct Route {
+    kind: Kind,
+    size: usize,
+    wasm: Wasm,
+    native: NativeRoute,
+}
+
+impl Route {
+    fn new(strategies: &Strategies, kind: Kind, size: usize) -> anyhow::Result<Self> {
+        let slot = strategies
+            .slot(kind.name())
+            .with_context(|| format!("no built-in strategy named {}", kind.name()))?;
+        let backends = route(size);
+        Ok(Self {
+            kind,
+            size,
+            wasm: Wasm(Balancer::new(slot, backends.clone())),
+            native: NativeRoute::new(&backends),
+        })
+    }
+
+    fn measure_native(&self, threads: usize) -> Vec<ThreadRun> {
+        match self.kind {
+            Kind::RoundRobin => measure(&NativeRoundRobin(&self.native), threads),
+            Kind::LeastConnections => measure(&NativeLeastConnections(&self.native), threads),
+        }
+    }
+}
+
+/// A route picked on by some number of threads, with the timings gathered so far.
+struct Config<'a> {
+    route: &'a Route,
+    threads: usize,
+    wasm: Samples,
+    native: Samples,
+}
+
+impl<'a> Config<'a> {
+    fn new(route: &'a Route, threads: usize) -> Self {
+        Self {
+            route,
+            threads,
+            wasm: Samples::default(),
+            native: Samples::default(),
+        }
+    }
+
+    /// One round: a slice of wasm picks, then a slice of native ones.
+    fn run(&mut self) {
+        self.wasm.add(measure(&self.route.wasm, self.threads));
+        self.native.add(self.route.measure_native(self.threads));
+    }
+
+    fn finish(self) -> Row {
+        Row {
+            kind: self.route.kind,
+            size: self.route.size,
+            threads: self.threads,
+            wasm: self.wasm.timing(),
+            native: self.native.timing(),
+        }
+    }
+}
+
 /// One line of the report: a strategy, a route size and a thread count, timed both ways.
 struct Row {
     kind: Kind,
@@ -102,39 +207,6 @@ struct Row {
     threads: usize,
     wasm: Timing,
     native: Timing,
-}
-
-/// Measures one strategy on one route size with each thread count. The same balancer serves
-/// every thread count, as one route serves all of a daemon's connections.
-fn measure_route(strategies: &Strategies, kind: Kind, size: usize) -> anyhow::Result<Vec<Row>> {
-    let slot = strategies
-        .slot(kind.name())
-        .with_context(|| format!("no built-in strategy named {}", kind.name()))?;
-    let backends = route(size);
-    let wasm = Wasm(Balancer::new(slot, backends.clone()));
-    let native = NativeRoute::new(&backends);
-    let rows = THREAD_COUNTS
-        .iter()
-        .map(|&threads| {
-            eprintln!(
-                "measuring {} / {size} backends / {threads} thread(s)",
-                kind.name()
-            );
-            let wasm = measure(&wasm, threads);
-            let native = match kind {
-                Kind::RoundRobin => measure(&NativeRoundRobin(&native), threads),
-                Kind::LeastConnections => measure(&NativeLeastConnections(&native), threads),
-            };
-            Row {
-                kind,
-                size,
-                threads,
-                wasm,
-                native,
-            }
-        })
-        .collect();
-    Ok(rows)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -263,6 +335,18 @@ struct Timing {
     pooled: Summary,
     /// Each thread's median, in thread order.
     per_thread: Vec<f64>,
+    /// Share of the timed wall-clock time the threads spent runnable but not running, when the
+    /// kernel reports it: CPU stolen by other work, not time spent picking.
+    runq_share: Option<f64>,
+}
+
+/// One thread's timed window.
+struct ThreadRun {
+    /// ns per pick of each batch.
+    means: Vec<f64>,
+    wall: Duration,
+    /// Time runnable but off the CPU during the window.
+    waited: Option<Duration>,
 }
 
 #[derive(Clone, Copy)]
@@ -271,11 +355,11 @@ struct Summary {
     p99: f64,
 }
 
-/// Runs `threads` threads picking on `picker` at once; each starts timing only when all have
-/// warmed up, so their timed batches overlap.
-fn measure<P: Picker>(picker: &P, threads: usize) -> Timing {
+/// Runs `threads` threads picking on `picker` at once for one slice; each starts timing only
+/// when all have warmed up, so their timed batches overlap.
+fn measure<P: Picker>(picker: &P, threads: usize) -> Vec<ThreadRun> {
     let barrier = Barrier::new(threads);
-    let mut per_thread: Vec<Vec<f64>> = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|_| scope.spawn(|| time_batches(picker, &barrier)))
             .collect();
@@ -286,23 +370,61 @@ fn measure<P: Picker>(picker: &P, threads: usize) -> Timing {
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
             })
             .collect()
-    });
-    let medians = per_thread.iter_mut().map(|m| summarize(m).median).collect();
-    let mut pooled: Vec<f64> = per_thread.concat();
-    Timing {
-        pooled: summarize(&mut pooled),
-        per_thread: medians,
+    })
+}
+
+/// The slices of one configuration and way of picking, per thread (the nth thread of every
+/// round counts as the same thread).
+#[derive(Default)]
+struct Samples {
+    threads: Vec<ThreadRun>,
+}
+
+impl Samples {
+    fn add(&mut self, runs: Vec<ThreadRun>) {
+        for (i, run) in runs.into_iter().enumerate() {
+            match self.threads.get_mut(i) {
+                Some(so_far) => so_far.append(run),
+                None => self.threads.push(run),
+            }
+        }
+    }
+
+    fn timing(mut self) -> Timing {
+        let per_thread = self
+            .threads
+            .iter_mut()
+            .map(|t| summarize(&mut t.means).median)
+            .collect();
+        let waited: Option<Duration> = self.threads.iter().map(|t| t.waited).sum();
+        let wall: Duration = self.threads.iter().map(|t| t.wall).sum();
+        let mut pooled: Vec<f64> = self.threads.into_iter().flat_map(|t| t.means).collect();
+        Timing {
+            pooled: summarize(&mut pooled),
+            per_thread,
+            runq_share: waited.map(|w| w.as_secs_f64() / wall.as_secs_f64()),
+        }
+    }
+}
+
+impl ThreadRun {
+    fn append(&mut self, other: ThreadRun) {
+        self.means.extend(other.means);
+        self.wall += other.wall;
+        self.waited = self.waited.zip(other.waited).map(|(a, b)| a + b);
     }
 }
 
 /// One thread's part: warm up, wait for the others, then batch means (ns per pick) until the
-/// budget runs out.
-fn time_batches<P: Picker>(picker: &P, barrier: &Barrier) -> Vec<f64> {
+/// slice runs out.
+fn time_batches<P: Picker>(picker: &P, barrier: &Barrier) -> ThreadRun {
     for _ in 0..WARMUP_PICKS {
         black_box(picker.pick(black_box(NO_EXCLUDE)));
     }
     barrier.wait();
-    let until = Instant::now() + BUDGET;
+    let waited_before = runqueue_wait();
+    let started = Instant::now();
+    let until = started + SLICE;
     let mut means = Vec::with_capacity(MAX_BATCHES);
     while means.len() < MAX_BATCHES {
         let start = Instant::now();
@@ -315,7 +437,68 @@ fn time_batches<P: Picker>(picker: &P, barrier: &Barrier) -> Vec<f64> {
             break;
         }
     }
-    means
+    ThreadRun {
+        means,
+        wall: started.elapsed(),
+        waited: runqueue_wait()
+            .zip(waited_before)
+            .map(|(after, before)| after.saturating_sub(before)),
+    }
+}
+
+/// How long this thread has been runnable but waiting for a CPU, from the second field of
+/// `/proc/thread-self/schedstat` (absent without schedstats or outside Linux).
+fn runqueue_wait() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns = stat.split_whitespace().nth(1)?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
+/// CPU time used so far, in clock ticks: by the whole machine (steal included: a vCPU the
+/// hypervisor gave to someone else) and by this process. The difference over the rounds is the
+/// other work that competed with the picks, which on this shared machine moves the medians.
+struct CpuUse {
+    machine_busy: u64,
+    machine_total: u64,
+    ours: u64,
+}
+
+impl CpuUse {
+    fn now() -> Option<Self> {
+        // The first line of /proc/stat: cpu user nice system idle iowait irq softirq steal ...
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|t| t.parse().ok())
+            .collect::<Option<_>>()?;
+        let idle = ticks.get(3)? + ticks.get(4)?;
+        let machine_total: u64 = ticks.iter().sum();
+        // /proc/self/stat: utime and stime are the 12th and 13th fields after the command name.
+        let own = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let fields: Vec<&str> = own.rsplit_once(')')?.1.split_whitespace().collect();
+        let ours = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(Self {
+            machine_busy: machine_total - idle,
+            machine_total,
+            ours,
+        })
+    }
+
+    /// Cores' worth of CPU that others used since `before`.
+    fn others_since(&self, before: &CpuUse) -> f64 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let total = self
+            .machine_total
+            .saturating_sub(before.machine_total)
+            .max(1) as f64;
+        let busy = self.machine_busy.saturating_sub(before.machine_busy);
+        let ours = self.ours.saturating_sub(before.ours);
+        busy.saturating_sub(ours) as f64 / total * cores
+    }
 }
 
 /// Sorts `values` and takes the median and the p99 (nearest rank).
@@ -334,20 +517,26 @@ fn summarize(values: &mut [f64]) -> Summary {
 // ---------------------------------------------------------------------------------------------
 // Report
 
-fn print_report(rows: &[Row], elapsed: Duration) {
+fn print_report(rows: &[Row], others: Option<f64>, elapsed: Duration) {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load: Vec<&str> = load.split_whitespace().take(3).collect();
     println!();
     println!("Balancer::pick (wasm guest) vs the same strategy in native Rust, ns per pick");
+    let others = others.map_or_else(|| "unknown".to_owned(), |c| format!("{c:.2}"));
     println!(
-        "machine: {cores} cores, shared with other work (load average now: {}); \
-         figures are medians (and p99s) of {BATCH}-pick batch means, ~{}s per thread and configuration",
-        load.join(" "),
-        BUDGET.as_secs()
+        "machine: {cores} cores, shared with other work: it used {others} cores on average \
+         during the rounds (load average now: {})",
+        load.join(" ")
     );
     println!(
-        "2-thread rows pool both threads' batches; per-thread medians are listed on the right"
+        "figures are medians (and p99s) of {BATCH}-pick batch means over {ROUNDS} rounds of \
+         {} ms per thread and configuration; 2-thread rows pool both threads' batches",
+        SLICE.as_millis()
+    );
+    println!(
+        "runq = share of the timed window the picking threads sat runnable but off the CPU \
+         (other work on the machine)"
     );
     println!();
     print_picks(rows);
@@ -360,14 +549,20 @@ fn print_report(rows: &[Row], elapsed: Duration) {
 
 fn print_picks(rows: &[Row]) {
     println!(
-        "{:<18} {:>8} {:>7} | {:>11} {:>8} | {:>13} {:>8} | {:>11} | per-thread medians wasm ; native",
+        "{:<18} {:>8} {:>7} | {:^24} | {:^24} | {:>11} | per-thread medians",
+        "", "", "", "wasm", "native", ""
+    );
+    println!(
+        "{:<18} {:>8} {:>7} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>11} | wasm ; native",
         "strategy",
         "backends",
         "threads",
-        "wasm median",
+        "median",
         "p99",
-        "native median",
+        "runq",
+        "median",
         "p99",
+        "runq",
         "wasm/native"
     );
     for row in rows {
@@ -381,34 +576,56 @@ fn print_picks(rows: &[Row]) {
             String::new()
         };
         println!(
-            "{:<18} {:>8} {:>7} | {:>11.1} {:>8.1} | {:>13.1} {:>8.1} | {:>10.1}x | {per_thread}",
+            "{:<18} {:>8} {:>7} | {} | {} | {:>10.1}x | {per_thread}",
             row.kind.name(),
             row.size,
             row.threads,
-            row.wasm.pooled.median,
-            row.wasm.pooled.p99,
-            row.native.pooled.median,
-            row.native.pooled.p99,
+            cells(&row.wasm),
+            cells(&row.native),
             row.wasm.pooled.median / row.native.pooled.median,
         );
     }
 }
 
-/// Two threads against one: a ratio near 1 means picks do not wait on each other.
+/// Median, p99 and run-queue share, aligned under the headers.
+fn cells(t: &Timing) -> String {
+    format!(
+        "{:>8.1} {:>8.1} {:>6}",
+        t.pooled.median,
+        t.pooled.p99,
+        percent(t.runq_share)
+    )
+}
+
+fn percent(share: Option<f64>) -> String {
+    share.map_or_else(|| "n/a".to_owned(), |s| format!("{:.0}%", s * 100.0))
+}
+
+/// Two threads against one: a ratio near 1 means picks do not wait on each other. A high
+/// run-queue share in the 2-thread row means the machine, not the balancer, held them back.
 fn print_queueing(rows: &[Row]) {
     println!("queueing: 2-thread median / 1-thread median (near 1.0 = picks do not queue)");
     println!(
-        "{:<18} {:>8} | {:>8} {:>8} {:>6} | {:>9} {:>9} {:>6}",
-        "strategy", "backends", "wasm 1T", "wasm 2T", "ratio", "native 1T", "native 2T", "ratio"
+        "{:<18} {:>8} | {:>8} {:>8} {:>6} {:>8} | {:>9} {:>9} {:>6}",
+        "strategy",
+        "backends",
+        "wasm 1T",
+        "wasm 2T",
+        "ratio",
+        "2T runq",
+        "native 1T",
+        "native 2T",
+        "ratio"
     );
     for (one, two) in pairs(rows) {
         let (w1, w2) = (one.wasm.pooled.median, two.wasm.pooled.median);
         let (n1, n2) = (one.native.pooled.median, two.native.pooled.median);
         println!(
-            "{:<18} {:>8} | {w1:>8.1} {w2:>8.1} {:>6.2} | {n1:>9.1} {n2:>9.1} {:>6.2}",
+            "{:<18} {:>8} | {w1:>8.1} {w2:>8.1} {:>6.2} {:>8} | {n1:>9.1} {n2:>9.1} {:>6.2}",
             one.kind.name(),
             one.size,
-            w2 / w1,
+            queueing(one, two),
+            percent(two.wasm.runq_share),
             n2 / n1
         );
     }
@@ -433,10 +650,12 @@ fn print_verdict(rows: &[Row]) {
             row.wasm.pooled.median
         );
     }
-    if let Some((one, two)) = pairs(rows).max_by(|a, b| queueing(a).total_cmp(&queueing(b))) {
+    let worst =
+        pairs(rows).max_by(|(a1, a2), (b1, b2)| queueing(a1, a2).total_cmp(&queueing(b1, b2)));
+    if let Some((one, two)) = worst {
         println!(
             "  worst wasm 2T/1T ratio: {:.2} ({} / {} backends)",
-            queueing(&(one, two)),
+            queueing(one, two),
             one.kind.name(),
             one.size
         );
@@ -452,7 +671,7 @@ fn pairs(rows: &[Row]) -> impl Iterator<Item = (&Row, &Row)> {
     })
 }
 
-fn queueing((one, two): &(&Row, &Row)) -> f64 {
+fn queueing(one: &Row, two: &Row) -> f64 {
     two.wasm.pooled.median / one.wasm.pooled.median
 }
 
