@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Weak};
 
 use wasmtime::Store;
@@ -20,7 +20,7 @@ struct Shard {
     plugin: Plugin,
     /// Which strategy version this instance belongs to; dead once that version is replaced.
     owner: Weak<Loaded>,
-    balancers: HashMap<u64, Resource>,
+    balancers: IdMap<Resource>,
 }
 
 struct Resource {
@@ -31,8 +31,31 @@ struct Resource {
     alive: Weak<()>,
 }
 
+/// Maps keyed by ids Harbor hands out itself (generations, balancer ids): unique, never chosen
+/// by a client, so a multiply is hash enough, and SipHash would cost the pick path three times.
+type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 thread_local! {
-    static SHARDS: RefCell<HashMap<u64, Shard>> = RefCell::new(HashMap::new());
+    static SHARDS: RefCell<IdMap<Shard>> = RefCell::new(IdMap::default());
 }
 
 /// A failed guest call. The instance it happened in has been discarded.
@@ -56,12 +79,14 @@ pub fn pick(
                 message: "re-entered the strategy runtime".into(),
             });
         };
-        if !shards.contains_key(&loaded.generation) {
-            sweep(&mut shards);
-        }
-        let shard = match shards.entry(loaded.generation) {
-            Entry::Occupied(o) => o.into_mut(),
-            Entry::Vacant(v) => v.insert(Shard::new(loaded)?),
+        let shard = match shards.get_mut(&loaded.generation) {
+            Some(shard) => shard,
+            None => {
+                sweep(&mut shards);
+                shards
+                    .entry(loaded.generation)
+                    .or_insert(Shard::new(loaded)?)
+            }
         };
         let result = shard.pick(id, alive, set, request);
         if result.is_err() {
@@ -73,7 +98,7 @@ pub fn pick(
 }
 
 /// Drops this thread's instances of strategy versions that have been replaced.
-fn sweep(shards: &mut HashMap<u64, Shard>) {
+fn sweep(shards: &mut IdMap<Shard>) {
     shards.retain(|_, s| s.owner.strong_count() > 0);
 }
 
@@ -99,7 +124,7 @@ impl Shard {
             store,
             plugin,
             owner: Arc::downgrade(loaded),
-            balancers: HashMap::new(),
+            balancers: IdMap::default(),
         })
     }
 
