@@ -23,15 +23,7 @@ async fn metrics_pass_promtool() {
     h.register(json!({"name": "api", "upstream": "127.0.0.1:9001"}))
         .await;
     h.post("/api/v1/services", json!({})).await;
-    let text = h
-        .client
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = h.metrics().await;
 
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])

@@ -396,15 +396,7 @@ async fn a_misbehaving_plugin_never_takes_the_daemon_down() {
         assert_eq!(e.data["name"], "misbehaving");
     }
     assert_eq!(h.get("/healthz").await.0, 200);
-    let metrics = h
-        .client
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     for kind in ["timeout", "memory", "trap", "bad_answer"] {
         let line =
             format!("harbor_plugin_faults_total{{kind=\"{kind}\",plugin=\"misbehaving\"}} 1");

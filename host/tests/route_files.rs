@@ -120,17 +120,7 @@ async fn a_malformed_edit_keeps_the_last_good_version_and_names_file_and_line() 
     let (_, listed) = h.get("/api/v1/route-errors").await;
     assert_eq!(listed["errors"], Value::Array(vec![]));
 
-    let (_, metrics) = (
-        0,
-        h.client
-            .get(h.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains("harbor_route_file_errors_total 2"),
         "{metrics}"

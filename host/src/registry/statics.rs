@@ -32,6 +32,20 @@ pub struct ParsedRoute {
     pub positions: HashMap<&'static str, (usize, usize)>,
 }
 
+impl ParsedRoute {
+    /// An error about `field` of this file, placed where the field stands in it.
+    fn error_at(&self, file: &str, field: &str, reason: String) -> RouteFileError {
+        let (line, column) = self.positions.get(field).copied().unzip();
+        RouteFileError {
+            file: file.to_owned(),
+            line,
+            column,
+            field: Some(field.to_owned()),
+            reason,
+        }
+    }
+}
+
 impl Registry {
     /// Makes the static services match a full scan of the routes directory.
     pub fn apply_routes(&self, mut files: Vec<RouteFile>) {
@@ -212,17 +226,8 @@ fn resolve(
         if let Some(p) = parsed {
             let strategy = p.spec.route.strategy.as_str();
             if !strategy_known(strategy) {
-                let (line, column) = p.positions.get("strategy").copied().unzip();
-                errors.insert(
-                    f.file.clone(),
-                    RouteFileError {
-                        file: f.file.clone(),
-                        line,
-                        column,
-                        field: Some("strategy".to_owned()),
-                        reason: format!("no strategy named {strategy:?} is loaded"),
-                    },
-                );
+                let reason = format!("no strategy named {strategy:?} is loaded");
+                errors.insert(f.file.clone(), p.error_at(&f.file, "strategy", reason));
                 keep_previous(state, &mut taken, &mut accepted, name, &f.file);
                 continue;
             }
@@ -233,17 +238,8 @@ fn resolve(
                     continue;
                 }
                 Some((claim, owner)) => {
-                    let (line, column) = p.positions.get(claim.field()).copied().unzip();
-                    errors.insert(
-                        f.file.clone(),
-                        RouteFileError {
-                            file: f.file.clone(),
-                            line,
-                            column,
-                            field: Some(claim.field().to_owned()),
-                            reason: format!("{claim} is already taken by service {owner:?}"),
-                        },
-                    );
+                    let reason = format!("{claim} is already taken by service {owner:?}");
+                    errors.insert(f.file.clone(), p.error_at(&f.file, claim.field(), reason));
                 }
             }
         }

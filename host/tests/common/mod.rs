@@ -108,6 +108,18 @@ impl TestHarbor {
         resp.status().as_u16()
     }
 
+    /// The Prometheus exposition text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let resp = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert_eq!(resp.status(), 200);
+        resp.text().await.expect("metrics text")
+    }
+
     /// Registers an instance and returns the 201 body.
     pub async fn register(&self, body: Value) -> Value {
         let (status, grant) = self.post("/api/v1/services", body).await;
