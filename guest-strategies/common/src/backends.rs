@@ -276,6 +276,16 @@ impl<'a> Candidates<'a> {
         Some((first, second))
     }
 
+    /// Power of two choices: two distinct weighted draws, and the one with the lower
+    /// `cost / weight` wins (the first draw on a tie).
+    pub fn two_choices(&self, entropy: u64, cost: impl Fn(u32) -> u128) -> Option<u32> {
+        let (a, b) = self.random_pair(entropy)?;
+        let Some(b) = b else { return Some(a) };
+        let weight = |i| self.backends.weight(i);
+        let b_wins = crate::load::cmp_per_weight(cost(b), weight(b), cost(a), weight(a)).is_lt();
+        Some(if b_wins { b } else { a })
+    }
+
     fn prefix(&self) -> &'a [u64] {
         if self.healthy_only {
             &self.backends.healthy_prefix

@@ -8,7 +8,6 @@
 //! The draws are weighted and ties keep the first draw, so an idle route splits in proportion
 //! to weight, while under load the comparison drives `in_flight / weight` towards equal.
 
-use harbor_strategy_common::load::cmp_per_weight;
 use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
 
 pub struct LeastRequest {
@@ -23,19 +22,9 @@ impl Algorithm for LeastRequest {
     }
 
     fn pick(&mut self, request: &PickRequest, load: &impl Load) -> Option<u32> {
-        let (a, b) = self
-            .backends
+        self.backends
             .candidates(request.exclude)
-            .random_pair(request.entropy)?;
-        let Some(b) = b else { return Some(a) };
-        let b_is_lighter = cmp_per_weight(
-            u128::from(load.in_flight(b)),
-            self.backends.weight(b),
-            u128::from(load.in_flight(a)),
-            self.backends.weight(a),
-        )
-        .is_lt();
-        Some(if b_is_lighter { b } else { a })
+            .two_choices(request.entropy, |i| u128::from(load.in_flight(i)))
     }
 }
 

@@ -8,7 +8,6 @@
 //! they do not take everything from measured fast ones. The `+ 1` makes an idle slow backend
 //! still cost more than an idle fast one.
 
-use harbor_strategy_common::load::cmp_per_weight;
 use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
 
 /// The latency assumed before the host has measured one.
@@ -26,19 +25,9 @@ impl Algorithm for PeakEwma {
     }
 
     fn pick(&mut self, request: &PickRequest, load: &impl Load) -> Option<u32> {
-        let (a, b) = self
-            .backends
+        self.backends
             .candidates(request.exclude)
-            .random_pair(request.entropy)?;
-        let Some(b) = b else { return Some(a) };
-        let b_is_cheaper = cmp_per_weight(
-            cost(load, b),
-            self.backends.weight(b),
-            cost(load, a),
-            self.backends.weight(a),
-        )
-        .is_lt();
-        Some(if b_is_cheaper { b } else { a })
+            .two_choices(request.entropy, |i| cost(load, i))
     }
 }
 
