@@ -138,10 +138,11 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
 
     tasks.spawn(registry::reaper(registry.clone(), cancel.clone()));
     let routing = Arc::new(RoutingTable::new(strategies.clone()));
-    routing.sync(&registry.services());
+    let routed_as_of = routing::build(&routing, &registry);
     tasks.spawn(routing::follow(
         routing.clone(),
         registry.clone(),
+        routed_as_of,
         cancel.clone(),
     ));
     if let Some(watch) = plugin_watch {

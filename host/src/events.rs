@@ -85,6 +85,19 @@ pub enum Event {
 }
 
 impl Event {
+    /// Whether the event changes which backends a service routes to, or how.
+    pub fn changes_routing(&self) -> bool {
+        matches!(
+            self,
+            Event::ServiceAdded { .. }
+                | Event::ServiceUpdated { .. }
+                | Event::ServiceRemoved { .. }
+                | Event::InstanceRegistered { .. }
+                | Event::InstanceExpired { .. }
+                | Event::InstanceDeregistered { .. }
+        )
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Event::ServiceAdded { .. } => "service_added",
@@ -300,6 +313,19 @@ mod tests {
         let second = EventBus::new(8);
         assert!(second.last_id() > id);
         assert!(matches!(second.since(id), Since::Gap));
+    }
+
+    #[test]
+    fn renewals_and_plugin_events_do_not_change_routing() {
+        let name = ServiceName::parse("a").unwrap();
+        assert!(removed("a").changes_routing());
+        let renewed = Event::InstanceRenewed {
+            name,
+            id: InstanceId::random(),
+            lease: LeaseView::new(std::time::Duration::from_secs(1), SystemTime::now()),
+        };
+        assert!(!renewed.changes_routing());
+        assert!(!Event::PluginRemoved { name: "x".into() }.changes_routing());
     }
 
     #[test]

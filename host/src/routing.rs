@@ -8,6 +8,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
+use crate::events::Since;
 use crate::model::{Kind, ServiceName, ServiceView};
 use crate::plugins::{BackendSpec, Balancer, Slot, Strategies};
 use crate::registry::Registry;
@@ -36,7 +37,7 @@ impl RoutingTable {
         let mut next = HashMap::with_capacity(services.len());
         for service in services {
             let backends = backends_of(service);
-            let slot = self.slot_for(service.strategy.as_str());
+            let slot = self.slot_for(service.route.strategy.as_str());
             let balancer = match current.get(&service.name) {
                 Some(existing) => {
                     existing.set_backends(backends);
@@ -86,12 +87,42 @@ fn backends_of(service: &ServiceView) -> Vec<BackendSpec> {
     }
 }
 
-/// Keeps the table in step with the registry until cancelled.
-pub async fn follow(table: Arc<RoutingTable>, registry: Arc<Registry>, cancel: CancellationToken) {
-    let mut changes = registry.bus().watch();
+/// Builds the table from the registry; returns the event id it is current as of, for
+/// [`follow`].
+pub fn build(table: &RoutingTable, registry: &Registry) -> u64 {
+    let cursor = registry.bus().last_id();
+    table.sync(&registry.services());
+    cursor
+}
+
+/// Keeps the table in step with the registry from event `cursor` on, until cancelled. Only
+/// events that change what routes where cause a rebuild: renewals, route-file errors and plugin
+/// events do not.
+pub async fn follow(
+    table: Arc<RoutingTable>,
+    registry: Arc<Registry>,
+    mut cursor: u64,
+    cancel: CancellationToken,
+) {
+    let bus = registry.bus().clone();
+    let mut changes = bus.watch();
     loop {
+        // Mark the current value seen before reading, so a publish after the read wakes us;
+        // reading first also catches what happened before this task subscribed.
         changes.borrow_and_update();
-        table.sync(&registry.services());
+        let relevant = match bus.since(cursor) {
+            Since::Events(events) => {
+                cursor = events.last().map_or(cursor, |e| e.id);
+                events.iter().any(|e| e.event.changes_routing())
+            }
+            Since::Gap => {
+                cursor = bus.last_id();
+                true
+            }
+        };
+        if relevant {
+            table.sync(&registry.services());
+        }
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
             () = cancel.cancelled() => return,
