@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::Event;
 use crate::model::{
-    HostName, InstanceId, Meta, Protocol, RouteInput, ServiceName, ServiceView, Upstream,
+    HostName, InstanceId, Meta, Protocol, RouteInput, RouteView, ServiceName, Upstream,
     UpstreamAddr, check_weight,
 };
 use crate::registry::{Registration, Registry, RestoredInstance};
@@ -73,17 +73,17 @@ fn from_unix_ms(ms: u64) -> SystemTime {
 impl StoredInstance {
     fn from_restored(inst: &RestoredInstance) -> Self {
         let reg = &inst.registration;
-        let (hosts, path, listen) = ServiceView::route_fields(&reg.route);
+        let route = RouteView::from(&reg.route);
         Self {
             id: inst.id,
             name: reg.name.to_string(),
             upstream: reg.upstream.addr.to_string(),
             weight: reg.upstream.weight,
-            protocol: reg.route.protocol(),
-            hosts: hosts.iter().map(HostName::to_string).collect(),
-            path: path.map(|p| p.to_string()),
-            listen: listen.map(|l| l.to_string()),
-            strategy: reg.route.strategy.to_string(),
+            protocol: route.protocol,
+            hosts: route.hosts.iter().map(HostName::to_string).collect(),
+            path: route.path.map(|p| p.to_string()),
+            listen: route.listen.map(|l| l.to_string()),
+            strategy: route.strategy.to_string(),
             public: reg.route.public,
             meta: reg.meta.clone(),
             ttl_ms: reg.ttl.map_or(0, |t| t.as_millis() as u64),

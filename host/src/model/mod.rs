@@ -54,11 +54,9 @@ pub struct InstanceView {
     pub meta: Meta,
 }
 
-/// A service as the operator API and the event stream show it.
+/// How a service is matched and balanced, as every view shows it.
 #[derive(Debug, Clone, Serialize)]
-pub struct ServiceView {
-    pub name: ServiceName,
-    pub kind: Kind,
+pub struct RouteView {
     pub protocol: Protocol,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<HostName>,
@@ -67,6 +65,31 @@ pub struct ServiceView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
     pub strategy: StrategyName,
+}
+
+impl From<&Route> for RouteView {
+    fn from(route: &Route) -> Self {
+        let (hosts, path, listen) = match &route.matcher {
+            Match::Http { hosts, path } => (hosts.clone(), Some(path.clone()), None),
+            Match::Tcp { listen } => (Vec::new(), None, Some(*listen)),
+        };
+        Self {
+            protocol: route.protocol(),
+            hosts,
+            path,
+            listen,
+            strategy: route.strategy.clone(),
+        }
+    }
+}
+
+/// A service as the operator API and the event stream show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceView {
+    pub name: ServiceName,
+    pub kind: Kind,
+    #[serde(flatten)]
+    pub route: RouteView,
     pub public: bool,
     pub upstreams: Vec<Upstream>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -78,29 +101,14 @@ pub struct ServiceView {
     pub source: Option<String>,
 }
 
-impl ServiceView {
-    pub fn route_fields(route: &Route) -> (Vec<HostName>, Option<PathPrefix>, Option<SocketAddr>) {
-        match &route.matcher {
-            Match::Http { hosts, path } => (hosts.clone(), Some(path.clone()), None),
-            Match::Tcp { listen } => (Vec::new(), None, Some(*listen)),
-        }
-    }
-}
-
 /// A public service as anyone may see it: no instance ids (they are renewal capabilities), no
 /// metadata, no file paths.
 #[derive(Debug, Clone, Serialize)]
 pub struct CatalogEntry {
     pub name: ServiceName,
     pub kind: Kind,
-    pub protocol: Protocol,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub hosts: Vec<HostName>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<PathPrefix>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub listen: Option<SocketAddr>,
-    pub strategy: StrategyName,
+    #[serde(flatten)]
+    pub route: RouteView,
     pub upstreams: Vec<CatalogUpstream>,
 }
 
@@ -136,11 +144,7 @@ impl From<&ServiceView> for CatalogEntry {
         Self {
             name: s.name.clone(),
             kind: s.kind,
-            protocol: s.protocol,
-            hosts: s.hosts.clone(),
-            path: s.path.clone(),
-            listen: s.listen,
-            strategy: s.strategy.clone(),
+            route: s.route.clone(),
             upstreams,
         }
     }

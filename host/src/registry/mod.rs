@@ -20,8 +20,8 @@ pub use statics::{ParsedRoute, RouteFile, StaticSpec};
 use crate::events::{Event, EventBus, RouteFileError, lock};
 use crate::metrics::Metrics;
 use crate::model::{
-    Claim, InstanceId, InstanceView, Kind, LeaseView, Meta, Route, ServiceName, ServiceView,
-    StrategyName, Upstream, UpstreamAddr, timestamp,
+    Claim, InstanceId, InstanceView, Kind, LeaseView, Meta, Route, RouteView, ServiceName,
+    ServiceView, StrategyName, Upstream, UpstreamAddr, timestamp,
 };
 use lease::DeadlineQueue;
 
@@ -310,15 +310,10 @@ impl Registry {
 impl State {
     fn view(&self, name: &ServiceName) -> Option<ServiceView> {
         let svc = self.services.get(name)?;
-        let (hosts, path, listen) = ServiceView::route_fields(&svc.route);
         let mut view = ServiceView {
             name: name.clone(),
             kind: Kind::Static,
-            protocol: svc.route.protocol(),
-            hosts,
-            path,
-            listen,
-            strategy: svc.route.strategy.clone(),
+            route: RouteView::from(&svc.route),
             public: svc.route.public,
             upstreams: Vec::new(),
             instances: Vec::new(),
