@@ -93,6 +93,9 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     }
     registry.apply_routes(files);
 
+    let routing = Arc::new(RoutingTable::new(strategies.clone()));
+    let routed_as_of = routing::build(&routing, &registry);
+
     let tokens = config.token_file.as_deref().map(Tokens::load).transpose()?;
     let shared = Arc::new(Shared {
         registry: registry.clone(),
@@ -101,6 +104,9 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         cancel: cancel.clone(),
         sse_keep_alive: config.sse_keep_alive,
         strategies: strategies.clone(),
+        routing: routing.clone(),
+        backend: config.backend,
+        started_at: std::time::SystemTime::now(),
     });
     let app = api::router(shared.clone(), config.max_body);
 
@@ -137,8 +143,6 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     }
 
     tasks.spawn(registry::reaper(registry.clone(), cancel.clone()));
-    let routing = Arc::new(RoutingTable::new(strategies.clone()));
-    let routed_as_of = routing::build(&routing, &registry);
     tasks.spawn(routing::follow(
         routing.clone(),
         registry.clone(),

@@ -82,6 +82,12 @@ pub enum Event {
         name: ServiceName,
         strategy: String,
     },
+    /// An upstream of a service went down or came back (health check or connect cooldown).
+    UpstreamHealth {
+        name: ServiceName,
+        upstream: String,
+        healthy: bool,
+    },
 }
 
 impl Event {
@@ -116,6 +122,7 @@ impl Event {
             Event::PluginDisabled { .. } => "plugin_disabled",
             Event::PluginRemoved { .. } => "plugin_removed",
             Event::StrategyChanged { .. } => "strategy_changed",
+            Event::UpstreamHealth { .. } => "upstream_health",
         }
     }
 }

@@ -13,6 +13,14 @@ use crate::model::{Kind, ServiceName, ServiceView};
 use crate::plugins::{BackendSpec, Balancer, Slot, Strategies};
 use crate::registry::Registry;
 
+/// One upstream's live state, as dashboards show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UpstreamState {
+    pub address: String,
+    pub healthy: bool,
+    pub in_flight: u32,
+}
+
 pub struct RoutingTable {
     strategies: Arc<Strategies>,
     table: ArcSwap<HashMap<ServiceName, Arc<Balancer>>>,
@@ -28,6 +36,23 @@ impl RoutingTable {
 
     pub fn balancer(&self, name: &ServiceName) -> Option<Arc<Balancer>> {
         self.table.load().get(name).cloned()
+    }
+
+    /// Each upstream of a service with its health and in-flight count, in the service's order.
+    pub fn upstream_states(&self, name: &ServiceName) -> Vec<UpstreamState> {
+        let Some(balancer) = self.balancer(name) else {
+            return Vec::new();
+        };
+        let set = balancer.backends();
+        set.backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| UpstreamState {
+                address: b.address.clone(),
+                healthy: b.healthy,
+                in_flight: set.loads.in_flight(i),
+            })
+            .collect()
     }
 
     /// Brings the table to `services`: balancers of services that stay are updated in place, so

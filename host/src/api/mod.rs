@@ -33,6 +33,10 @@ pub struct Shared {
     pub cancel: CancellationToken,
     pub sse_keep_alive: std::time::Duration,
     pub strategies: Arc<crate::plugins::Strategies>,
+    /// The live routing state: per-upstream health and load, for views that show them.
+    pub routing: Arc<crate::routing::RoutingTable>,
+    pub backend: crate::config::BackendKind,
+    pub started_at: std::time::SystemTime,
 }
 
 pub type AppState = Arc<Shared>;
