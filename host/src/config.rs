@@ -37,6 +37,13 @@ pub enum Command {
     /// Work with plugin components.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Run demo backends: HTTP requests are answered with which backend served them, anything
+    /// else is echoed back byte for byte.
+    Echo {
+        /// Addresses to listen on; repeat or comma-separate for several backends.
+        #[arg(long, required = true, value_name = "ADDR", value_delimiter = ',')]
+        listen: Vec<SocketAddr>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -112,6 +119,46 @@ pub struct RunArgs {
     /// Log format. [default: text]
     #[arg(long, env = "HARBOR_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+}
+
+/// The embedded proxy's knobs (its HTTP listener aside).
+#[derive(Args, Debug, Default)]
+#[command(next_help_heading = "Embedded proxy")]
+pub struct ProxyArgs {
+    /// Longest wait for a TCP connection to an upstream before trying another. [default: 3s]
+    #[arg(long, env = "HARBOR_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub connect_timeout: Option<Duration>,
+
+    /// Longest wait for an upstream's response headers before answering 504. [default: 60s]
+    #[arg(long, env = "HARBOR_UPSTREAM_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub upstream_timeout: Option<Duration>,
+
+    /// Other upstreams tried after a failed connect, per request or connection. [default: 2]
+    #[arg(long, env = "HARBOR_RETRIES", value_name = "N")]
+    pub retries: Option<u32>,
+
+    /// How long an upstream that refused a connection gets no new work. [default: 10s]
+    #[arg(long, env = "HARBOR_COOLDOWN", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub cooldown: Option<Duration>,
+
+    /// A TCP connection with no traffic either way for this long is closed. [default: 10m]
+    #[arg(long, env = "HARBOR_TCP_IDLE_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub tcp_idle_timeout: Option<Duration>,
+
+    /// TCP connections in flight across all tcp routes; more are closed at once. [default: 10000]
+    #[arg(long, env = "HARBOR_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// On shutdown, how long open connections may finish before they are cut. [default: 10s]
+    #[arg(long, env = "HARBOR_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub shutdown_grace: Option<Duration>,
+
+    /// Also run demo echo backends on these addresses (see `harbor echo`).
+    #[arg(long, env = "HARBOR_ECHO", value_name = "ADDR", value_delimiter = ',')]
+    pub echo: Vec<SocketAddr>,
 }
 
 #[derive(ValueEnum, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -205,6 +252,19 @@ struct FileConfig {
     watch: Option<bool>,
     max_body: Option<usize>,
     log_format: Option<LogFormat>,
+    #[serde(default, with = "opt_duration")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    upstream_timeout: Option<Duration>,
+    retries: Option<u32>,
+    #[serde(default, with = "opt_duration")]
+    cooldown: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    tcp_idle_timeout: Option<Duration>,
+    max_connections: Option<usize>,
+    #[serde(default, with = "opt_duration")]
+    shutdown_grace: Option<Duration>,
+    echo: Option<Vec<SocketAddr>>,
 }
 
 mod opt_duration {
@@ -240,6 +300,35 @@ pub struct Config {
     pub state_flush: Duration,
     /// How often an idle event stream gets a keep-alive comment.
     pub sse_keep_alive: Duration,
+    pub proxy: ProxySettings,
+}
+
+/// See [`ProxyArgs`] for what each setting means.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub retries: u32,
+    pub cooldown: Duration,
+    pub tcp_idle_timeout: Duration,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+    pub echo: Vec<SocketAddr>,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(3),
+            upstream_timeout: Duration::from_secs(60),
+            retries: 2,
+            cooldown: Duration::from_secs(10),
+            tcp_idle_timeout: Duration::from_secs(600),
+            max_connections: 10_000,
+            shutdown_grace: Duration::from_secs(10),
+            echo: Vec::new(),
+        }
+    }
 }
 
 impl Config {
@@ -261,6 +350,7 @@ impl Config {
             event_ring: 4096,
             state_flush: Duration::from_millis(500),
             sse_keep_alive: Duration::from_secs(15),
+            proxy: ProxySettings::default(),
         }
     }
 
@@ -301,6 +391,34 @@ impl Config {
         c.watch = !args.no_watch && file.watch.unwrap_or(true);
         c.max_body = args.max_body.or(file.max_body).unwrap_or(c.max_body);
         c.log_format = args.log_format.or(file.log_format).unwrap_or_default();
+        let (a, p) = (args.proxy, &mut c.proxy);
+        p.connect_timeout = a
+            .connect_timeout
+            .or(file.connect_timeout)
+            .unwrap_or(p.connect_timeout);
+        p.upstream_timeout = a
+            .upstream_timeout
+            .or(file.upstream_timeout)
+            .unwrap_or(p.upstream_timeout);
+        p.retries = a.retries.or(file.retries).unwrap_or(p.retries);
+        p.cooldown = a.cooldown.or(file.cooldown).unwrap_or(p.cooldown);
+        p.tcp_idle_timeout = a
+            .tcp_idle_timeout
+            .or(file.tcp_idle_timeout)
+            .unwrap_or(p.tcp_idle_timeout);
+        p.max_connections = a
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(p.max_connections);
+        p.shutdown_grace = a
+            .shutdown_grace
+            .or(file.shutdown_grace)
+            .unwrap_or(p.shutdown_grace);
+        if !a.echo.is_empty() {
+            p.echo = a.echo;
+        } else if let Some(echo) = file.echo {
+            p.echo = echo;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -325,6 +443,19 @@ impl Config {
         }
         if self.max_body < 1024 {
             bail!("--max-body must be at least 1024 bytes");
+        }
+        let p = &self.proxy;
+        if p.connect_timeout.is_zero() || p.upstream_timeout.is_zero() {
+            bail!("--connect-timeout and --upstream-timeout must be above zero");
+        }
+        if p.tcp_idle_timeout.is_zero() {
+            bail!("--tcp-idle-timeout must be above zero");
+        }
+        if p.max_connections == 0 {
+            bail!("--max-connections must be at least 1");
+        }
+        if p.retries > 16 {
+            bail!("--retries is at most 16");
         }
         Ok(())
     }

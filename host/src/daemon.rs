@@ -18,6 +18,7 @@ use crate::dirwatch::{DirWatch, WatchOptions};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::plugins::{self, DirState, PluginEngine, Reporter, Strategies};
+use crate::proxy::{self, Proxy, ProxyMetrics};
 use crate::registry::{self, Registry};
 use crate::routes;
 use crate::routing::{self, RoutingTable};
@@ -26,6 +27,8 @@ use crate::store::{self, Store};
 /// A running daemon.
 pub struct Harbor {
     registry: Arc<Registry>,
+    proxy: Proxy,
+    shutdown_grace: std::time::Duration,
     strategies: Arc<Strategies>,
     routing: Arc<RoutingTable>,
     api_addrs: Vec<SocketAddr>,
@@ -39,6 +42,8 @@ pub struct Harbor {
 pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     config.validate()?;
     let metrics = Arc::new(Metrics::new().context("cannot set up metrics")?);
+    let proxy_metrics =
+        Arc::new(ProxyMetrics::new(&metrics).context("cannot set up the proxy's metrics")?);
     let bus = Arc::new(EventBus::new(config.event_ring));
     let registry = Arc::new(Registry::new(bus, metrics.clone(), config.lease));
     let cancel = CancellationToken::new();
@@ -143,6 +148,22 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     }
 
     tasks.spawn(registry::reaper(registry.clone(), cancel.clone()));
+    for listener in crate::echo::bind(&config.proxy.echo).await? {
+        tasks.spawn(crate::echo::serve(listener, cancel.clone()));
+    }
+    let proxy = Proxy::start(
+        routing.clone(),
+        config.proxy.clone(),
+        proxy_metrics,
+        registry.bus().clone(),
+        proxy::Options {
+            // Caddy and Envoy carry HTTP themselves; only Envoy also carries tcp routes.
+            http: (config.backend == BackendKind::Embedded).then_some(config.proxy_listen),
+            tcp: config.backend != BackendKind::Envoy,
+        },
+        &mut tasks,
+    )
+    .await?;
     tasks.spawn(routing::follow(
         routing.clone(),
         registry.clone(),
@@ -189,6 +210,8 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
 
     Ok(Harbor {
         registry,
+        proxy,
+        shutdown_grace: config.proxy.shutdown_grace,
         strategies,
         routing,
         api_addrs,
@@ -257,8 +280,20 @@ impl Harbor {
         self.rescan.notify_one();
     }
 
-    /// Stops accepting, ends event streams, saves the registrations and waits for every task.
-    pub async fn shutdown(mut self) {
+    /// Where the embedded HTTP proxy listens, when it runs.
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        self.proxy.http_addr()
+    }
+
+    pub fn proxy(&self) -> &Proxy {
+        &self.proxy
+    }
+
+    /// Stops accepting, lets open proxy connections drain for the grace period, ends event
+    /// streams, saves the registrations and waits for every task. Returns how many proxy
+    /// connections had to be cut.
+    pub async fn shutdown(mut self) -> usize {
+        let cut = self.proxy.drain(self.shutdown_grace).await;
         self.cancel.cancel();
         while let Some(done) = self.tasks.join_next().await {
             if let Err(e) = done {
@@ -268,6 +303,7 @@ impl Harbor {
         for path in &self.unix_sockets {
             let _ = std::fs::remove_file(path);
         }
-        tracing::info!("harbor stopped");
+        tracing::info!(connections_cut = cut, "harbor stopped");
+        cut
     }
 }

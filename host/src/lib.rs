@@ -10,7 +10,9 @@
 //! | [`routes`] | `.route` parsing and following the routes directory |
 //! | [`dirwatch`] | following a directory: debounced change events plus periodic rescans |
 //! | [`plugins`] | the WebAssembly runtime: strategies, sandboxing, hot swap |
-//! | [`routing`] | one load balancer per service, kept in step with the registry |
+//! | [`routing`] | the routing snapshot: host/path and listen-address indexes, one load balancer per service |
+//! | [`proxy`]  | the embedded HTTP reverse proxy and L4 TCP proxy, health checks, upstream pools |
+//! | [`echo`]   | demo backends (`harbor echo`) |
 //! | [`events`] | typed events and the bus (a ring read from per-subscriber cursors) |
 //! | [`store`]  | ephemeral registrations saved across restarts |
 //! | [`api`]    | the HTTP API: services, catalog, events, health, metrics |
@@ -21,10 +23,12 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod dirwatch;
+pub mod echo;
 pub mod events;
 pub mod metrics;
 pub mod model;
 pub mod plugins;
+pub mod proxy;
 pub mod registry;
 pub mod routes;
 pub mod routing;

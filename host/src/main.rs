@@ -23,8 +23,10 @@ fn init_logging(format: LogFormat) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Plugin(PluginCommand::Check { file })) = &cli.command {
-        return check_plugin(file);
+    match &cli.command {
+        Some(Command::Plugin(PluginCommand::Check { file })) => return check_plugin(file),
+        Some(Command::Echo { listen }) => return echo(listen).await,
+        Some(Command::Run) | None => {}
     }
     let config = match Config::from_args(cli.run) {
         Ok(config) => config,
@@ -42,6 +44,36 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `harbor echo --listen ADDR,...`: demo backends until a signal stops them.
+async fn echo(addrs: &[std::net::SocketAddr]) -> ExitCode {
+    init_logging(LogFormat::Text);
+    let listeners = match harbor::echo::bind(addrs).await {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            eprintln!("harbor: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    for listener in listeners {
+        tokio::spawn(harbor::echo::serve(listener, stop.clone()));
+    }
+    let signals = async {
+        let mut terminate = signal(SignalKind::terminate())?;
+        tokio::select! {
+            _ = terminate.recv() => {}
+            r = tokio::signal::ctrl_c() => r?,
+        }
+        std::io::Result::Ok(())
+    };
+    if let Err(e) = signals.await {
+        eprintln!("harbor: cannot wait for signals: {e}");
+        return ExitCode::FAILURE;
+    }
+    stop.cancel();
+    ExitCode::SUCCESS
 }
 
 /// `harbor plugin check FILE`: prints what the component is, or why it may not serve.

@@ -115,6 +115,14 @@ impl Metrics {
         })
     }
 
+    /// Adds a collector owned elsewhere (the proxy's, for instance) to this daemon's registry.
+    pub fn register(
+        &self,
+        collector: Box<dyn prometheus::core::Collector>,
+    ) -> prometheus::Result<()> {
+        self.registry.register(collector)
+    }
+
     /// Renders every metric, with the gauges read from the registry's current counts.
     pub fn render(&self, counts: Counts) -> String {
         self.services

@@ -2,6 +2,7 @@
 //! ([`route`]), and the one set of serde views shared by the API, the event stream and Gangway.
 
 mod names;
+mod options;
 mod route;
 
 use std::collections::BTreeMap;
@@ -13,6 +14,7 @@ use serde::Serialize;
 pub use names::{
     FieldError, HostName, InstanceId, PathPrefix, ServiceName, StrategyName, UpstreamAddr,
 };
+pub use options::{HealthCheck, HealthInput, RouteOptions};
 pub use route::{
     Claim, Kind, MAX_WEIGHT, Match, Meta, Protocol, Route, RouteInput, Upstream, check_meta,
     check_weight,
@@ -99,6 +101,8 @@ pub struct ServiceView {
     /// The route file a static service comes from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    #[serde(skip_serializing_if = "RouteOptions::is_default")]
+    pub proxy: RouteOptions,
 }
 
 /// A public service as anyone may see it: no instance ids (they are renewal capabilities), no

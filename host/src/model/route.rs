@@ -77,6 +77,7 @@ pub struct Route {
     pub matcher: Match,
     pub strategy: StrategyName,
     pub public: bool,
+    pub options: super::RouteOptions,
 }
 
 impl Route {
@@ -195,6 +196,7 @@ impl<'a> RouteInput<'a> {
             matcher,
             strategy,
             public: self.public.unwrap_or(false),
+            options: super::RouteOptions::default(),
         })
     }
 }

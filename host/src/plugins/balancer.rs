@@ -2,8 +2,8 @@
 //! backend), a pick sequence shared by all threads, the strategy it uses (swappable at runtime),
 //! and the host's own round-robin for when the strategy cannot answer.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
@@ -43,6 +43,9 @@ pub struct Balancer {
     alive: Arc<()>,
     strategy: ArcSwap<Slot>,
     set: ArcSwap<BackendSet>,
+    /// Serialises the writers of `set` (registry sync, health changes), so that neither loses
+    /// the other's update; readers never take it.
+    writer: Mutex<()>,
     sequence: AtomicU64,
 }
 
@@ -81,6 +84,7 @@ impl Balancer {
                 loads: Arc::default(),
                 guest: Vec::new(),
             })),
+            writer: Mutex::new(()),
             sequence: AtomicU64::new(0),
         };
         balancer.set_backends(backends);
@@ -96,13 +100,13 @@ impl Balancer {
         self.strategy.store(strategy);
     }
 
-    /// Replaces the backend set, keeping the load counters of backends that stay.
+    /// Replaces the backend set, keeping the load counters (and so the health) of backends that
+    /// stay. A backend is healthy in the set when the registry says so and the proxy's health
+    /// checks and cooldowns have not taken it out.
     pub fn set_backends(&self, backends: Vec<BackendSpec>) {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.set.load();
-        if old.backends == backends && old.version > 0 {
-            return;
-        }
-        let loads = backends
+        let loads: Vec<Arc<BackendLoad>> = backends
             .iter()
             .map(|b| {
                 old.backends
@@ -112,6 +116,49 @@ impl Balancer {
                     .unwrap_or_default()
             })
             .collect();
+        let backends: Vec<BackendSpec> = backends
+            .into_iter()
+            .zip(&loads)
+            .map(|(mut b, load)| {
+                b.healthy = b.healthy && load.is_up();
+                b
+            })
+            .collect();
+        if old.backends == backends && old.version > 0 {
+            return;
+        }
+        self.publish(&old, backends, loads);
+    }
+
+    /// Re-reads the health of every backend; call after a health check or cooldown changed one.
+    /// Returns the set now in force.
+    pub fn refresh_health(&self) -> Arc<BackendSet> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.set.load_full();
+        let mut changed = false;
+        let backends = old
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let up = old.loads.get(i).is_none_or(|l| l.is_up());
+                changed |= b.healthy != up;
+                BackendSpec {
+                    healthy: up,
+                    ..b.clone()
+                }
+            })
+            .collect();
+        if changed {
+            let loads = (0..old.backends.len())
+                .filter_map(|i| old.loads.get(i).cloned())
+                .collect();
+            self.publish(&old, backends, loads);
+        }
+        self.set.load_full()
+    }
+
+    fn publish(&self, old: &BackendSet, backends: Vec<BackendSpec>, loads: Vec<Arc<BackendLoad>>) {
         let guest = backends
             .iter()
             .map(|b| Backend {
@@ -127,6 +174,11 @@ impl Balancer {
             loads: Arc::new(LoadTable::new(loads)),
             guest,
         }));
+    }
+
+    /// The sequence number of the next pick.
+    pub fn next_sequence(&self) -> u64 {
+        self.sequence.fetch_add(1, Ordering::Relaxed)
     }
 
     pub fn backends(&self) -> Arc<BackendSet> {

@@ -3,17 +3,56 @@
 //! of the backends it keeps and a request that started before the change still finishes on the
 //! right counter.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Default)]
 pub struct BackendLoad {
     in_flight: AtomicU32,
     ewma_ns: AtomicU64,
+    /// Set by the active health check after `fall` failures, cleared after `rise` passes.
+    check_down: AtomicBool,
+    /// Until when (in [`clock_ns`]) a failed connect keeps the backend out; 0 when not cooling.
+    cooldown_until: AtomicU64,
+}
+
+/// Nanoseconds on a monotonic clock private to this process, never 0.
+pub fn clock_ns() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    let base = *BASE.get_or_init(Instant::now);
+    base.elapsed().as_nanos().min(u128::from(u64::MAX - 1)) as u64 + 1
 }
 
 impl BackendLoad {
+    /// Whether the backend may get new work: not failed by its health check, not cooling down.
+    pub fn is_up(&self) -> bool {
+        if self.check_down.load(Ordering::Relaxed) {
+            return false;
+        }
+        let until = self.cooldown_until.load(Ordering::Relaxed);
+        until == 0 || clock_ns() >= until
+    }
+
+    /// Records a health check's verdict; true when it changed.
+    pub fn set_checked(&self, up: bool) -> bool {
+        self.check_down.swap(!up, Ordering::Relaxed) == up
+    }
+
+    /// Keeps the backend out for `cooldown`; true when it was not already cooling down.
+    pub fn cool_down(&self, cooldown: Duration) -> bool {
+        let now = clock_ns();
+        let until = now.saturating_add(cooldown.as_nanos().min(u128::from(u64::MAX)) as u64);
+        let before = self.cooldown_until.swap(until, Ordering::Relaxed);
+        before == 0 || before <= now
+    }
+
+    /// Ends a cooldown early (a connect succeeded); true when one was running.
+    pub fn clear_cooldown(&self) -> bool {
+        let before = self.cooldown_until.swap(0, Ordering::Relaxed);
+        before != 0 && before > clock_ns()
+    }
+
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }

@@ -19,7 +19,7 @@ mod catalog;
 mod dir;
 mod engine;
 mod guest;
-mod load;
+pub mod load;
 mod report;
 mod shard;
 mod strategy;

@@ -140,7 +140,8 @@ struct Service {
 }
 
 enum Body {
-    Static(StaticSpec, String),
+    // Boxed: a static spec is large and most services of a busy host are ephemeral.
+    Static(Box<StaticSpec>, String),
     Ephemeral(BTreeMap<UpstreamAddr, Instance>),
 }
 
@@ -319,6 +320,7 @@ impl State {
             instances: Vec::new(),
             meta: Meta::new(),
             source: None,
+            proxy: svc.route.options.clone(),
         };
         match &svc.body {
             Body::Static(spec, file) => {

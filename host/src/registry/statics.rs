@@ -83,7 +83,7 @@ impl Registry {
                 Some(Service {
                     body: Body::Static(old, old_file),
                     ..
-                }) if *old == spec && *old_file == file => continue,
+                }) if **old == spec && *old_file == file => continue,
                 Some(Service {
                     body: Body::Static(..),
                     ..
@@ -106,7 +106,7 @@ impl Registry {
                 name.clone(),
                 Service {
                     route,
-                    body: Body::Static(spec, file),
+                    body: Body::Static(Box::new(spec), file),
                 },
             );
             tracing::info!(service = %name, "static service {event}");
@@ -180,7 +180,7 @@ fn resolve(
     BTreeMap<String, RouteFileError>,
 ) {
     let current = |name: &ServiceName| match state.services.get(name).map(|s| &s.body) {
-        Some(Body::Static(spec, file)) => Some((spec, file)),
+        Some(Body::Static(spec, file)) => Some((&**spec, file)),
         _ => None,
     };
     let mut taken: HashMap<Claim, ServiceName> = HashMap::new();
@@ -261,7 +261,7 @@ fn keep_previous(
         && first_conflict(taken, name, &old.route).is_none()
     {
         claim_all(taken, name, &old.route);
-        accepted.insert(name.clone(), (old.clone(), old_file.clone()));
+        accepted.insert(name.clone(), ((**old).clone(), old_file.clone()));
     }
 }
 

@@ -11,8 +11,8 @@ use toml::Spanned;
 
 use crate::events::RouteFileError;
 use crate::model::{
-    FieldError, Meta, Protocol, RouteInput, ServiceName, Upstream, UpstreamAddr, check_meta,
-    check_weight,
+    FieldError, HealthInput, HostName, Meta, Protocol, Route, RouteInput, RouteOptions,
+    ServiceName, Upstream, UpstreamAddr, check_meta, check_weight,
 };
 use crate::registry::{ParsedRoute, StaticSpec};
 
@@ -28,6 +28,9 @@ struct RawRoute {
     protocol: Option<Spanned<Protocol>>,
     listen: Option<Spanned<String>>,
     meta: Option<Spanned<Meta>>,
+    upstream_host: Option<Spanned<String>>,
+    health: Option<Spanned<HealthInput>>,
+    max_connections: Option<Spanned<u32>>,
 }
 
 /// An upstream is either `"host:port"` or `{ addr = "host:port", weight = 2 }`.
@@ -68,6 +71,49 @@ impl<'de> Deserialize<'de> for RawUpstream {
     }
 }
 
+/// The proxy options of a route file, checked against its protocol.
+fn options(raw: &RawRoute, route: &Route) -> Result<RouteOptions, FieldError> {
+    let tcp = route.protocol() == Protocol::Tcp;
+    let upstream_host = match &raw.upstream_host {
+        Some(_) if tcp => {
+            return Err(FieldError::new(
+                "upstream_host",
+                "upstream_host sets the Host header of HTTP requests; a tcp route has none",
+            ));
+        }
+        Some(h) => Some(
+            HostName::parse(h.get_ref()).map_err(|e| FieldError::new("upstream_host", e.reason))?,
+        ),
+        None => None,
+    };
+    let max_connections = match &raw.max_connections {
+        Some(_) if !tcp => {
+            return Err(FieldError::new(
+                "max_connections",
+                "max_connections caps a tcp route's connections; set protocol = \"tcp\" or remove it",
+            ));
+        }
+        Some(n) if *n.get_ref() == 0 => {
+            return Err(FieldError::new(
+                "max_connections",
+                "max_connections must be at least 1",
+            ));
+        }
+        Some(n) => Some(*n.get_ref()),
+        None => None,
+    };
+    let health = raw
+        .health
+        .as_ref()
+        .map(|h| h.get_ref().validate())
+        .transpose()?;
+    Ok(RouteOptions {
+        upstream_host,
+        health,
+        max_connections,
+    })
+}
+
 /// Where in the text a byte offset stands, 1-based.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -106,14 +152,25 @@ pub fn parse_route(
         )*};
     }
     note!(
-        host, hosts, path, upstreams, public, strategy, protocol, listen, meta
+        host,
+        hosts,
+        path,
+        upstreams,
+        public,
+        strategy,
+        protocol,
+        listen,
+        meta,
+        upstream_host,
+        health,
+        max_connections
     );
     let at_field = |e: FieldError| {
         let span = spans.get(e.field.as_str()).cloned();
         error_at(span, Some(&e.field), e.reason)
     };
 
-    let route = RouteInput {
+    let mut route = RouteInput {
         name,
         host: raw.host.as_ref().map(|s| s.get_ref().as_str()),
         hosts: raw.hosts.as_ref().map(|s| s.get_ref().as_slice()),
@@ -125,6 +182,7 @@ pub fn parse_route(
     }
     .validate()
     .map_err(at_field)?;
+    route.options = options(&raw, &route).map_err(at_field)?;
 
     let Some(list) = raw.upstreams else {
         return Err(error_at(

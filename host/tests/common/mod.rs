@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod guests;
+pub mod upstreams;
 
 use std::future::Future;
 use std::path::Path;
@@ -42,6 +43,7 @@ async fn launch(routes: TempDir, state: TempDir, configure: Configure) -> TestHa
     init_logging();
     let mut config = Config::new(routes.path(), state.path());
     config.api = vec![ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr"))];
+    config.proxy_listen = "127.0.0.1:0".parse().expect("addr");
     config.state_flush = Duration::from_millis(20);
     (*configure)(&mut config);
     let harbor = harbor::start(config).await.expect("harbor starts");
@@ -66,6 +68,14 @@ fn init_logging() {
 }
 
 impl TestHarbor {
+    /// `http://ADDR` of the embedded HTTP proxy.
+    pub fn proxy_base(&self) -> String {
+        format!(
+            "http://{}",
+            self.harbor().proxy_addr().expect("the HTTP proxy runs")
+        )
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -2,14 +2,20 @@
 //! changes. Consumers (the embedded proxy) read an immutable snapshot and never take the
 //! registry's lock per connection.
 
-use std::collections::HashMap;
+mod hosts;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use hosts::{HostIndex, prefix_matches};
+
 use crate::events::Since;
-use crate::model::{Kind, ServiceName, ServiceView};
+use crate::model::{Kind, Match, RouteOptions, ServiceName, ServiceView};
 use crate::plugins::{BackendSpec, Balancer, Slot, Strategies};
 use crate::registry::Registry;
 
@@ -21,9 +27,27 @@ pub struct UpstreamState {
     pub in_flight: u32,
 }
 
+/// A routable service: how it is matched, its balancer and its proxy options.
+pub struct ServiceRoute {
+    pub name: ServiceName,
+    pub matcher: Match,
+    pub options: RouteOptions,
+    pub balancer: Arc<Balancer>,
+}
+
+/// What routes where, as of one registry state; immutable once published.
+#[derive(Default)]
+pub struct Snapshot {
+    pub services: HashMap<ServiceName, Arc<ServiceRoute>>,
+    pub http: HostIndex<ServiceRoute>,
+    pub tcp: BTreeMap<SocketAddr, Arc<ServiceRoute>>,
+}
+
 pub struct RoutingTable {
     strategies: Arc<Strategies>,
-    table: ArcSwap<HashMap<ServiceName, Arc<Balancer>>>,
+    table: ArcSwap<Snapshot>,
+    /// Counts published snapshots, so that listeners and health checkers can follow changes.
+    published: watch::Sender<u64>,
 }
 
 impl RoutingTable {
@@ -31,11 +55,25 @@ impl RoutingTable {
         Self {
             strategies,
             table: ArcSwap::default(),
+            published: watch::Sender::new(0),
         }
     }
 
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.table.load_full()
+    }
+
+    /// Wakes on every new snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.published.subscribe()
+    }
+
     pub fn balancer(&self, name: &ServiceName) -> Option<Arc<Balancer>> {
-        self.table.load().get(name).cloned()
+        self.table
+            .load()
+            .services
+            .get(name)
+            .map(|r| r.balancer.clone())
     }
 
     /// Each upstream of a service with its health and in-flight count, in the service's order.
@@ -59,23 +97,49 @@ impl RoutingTable {
     /// their sequence and load counters carry on.
     pub fn sync(&self, services: &[ServiceView]) {
         let current = self.table.load();
-        let mut next = HashMap::with_capacity(services.len());
+        let mut next = Snapshot::default();
         for service in services {
             let backends = backends_of(service);
             let slot = self.slot_for(service.route.strategy.as_str());
-            let balancer = match current.get(&service.name) {
+            let balancer = match current.services.get(&service.name) {
                 Some(existing) => {
-                    existing.set_backends(backends);
-                    if existing.strategy_name() != slot.name {
-                        existing.set_strategy(slot);
+                    let balancer = existing.balancer.clone();
+                    balancer.set_backends(backends);
+                    if balancer.strategy_name() != slot.name {
+                        balancer.set_strategy(slot);
                     }
-                    existing.clone()
+                    balancer
                 }
                 None => Arc::new(Balancer::new(slot, backends)),
             };
-            next.insert(service.name.clone(), balancer);
+            let matcher = match (&service.route.listen, &service.route.path) {
+                (Some(listen), _) => Match::Tcp { listen: *listen },
+                (None, path) => Match::Http {
+                    hosts: service.route.hosts.clone(),
+                    path: path.clone().unwrap_or_default(),
+                },
+            };
+            let route = Arc::new(ServiceRoute {
+                name: service.name.clone(),
+                matcher,
+                options: service.proxy.clone(),
+                balancer,
+            });
+            match &route.matcher {
+                Match::Http { hosts, path } => {
+                    for host in hosts {
+                        next.http
+                            .insert(host.as_str(), path.as_str(), route.clone());
+                    }
+                }
+                Match::Tcp { listen } => {
+                    next.tcp.insert(*listen, route.clone());
+                }
+            }
+            next.services.insert(service.name.clone(), route);
         }
         self.table.store(Arc::new(next));
+        self.published.send_modify(|n| *n += 1);
     }
 
     /// The slot for a strategy name; a name no strategy ever had gets the default's slot.

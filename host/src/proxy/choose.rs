@@ -1,0 +1,134 @@
+//! Choosing an upstream for one request or connection: the route's strategy picks, the proxy
+//! connects, and a failed connect cools the upstream down and tries another (bounded, never one
+//! already tried). When no upstream is healthy the answer is immediate, not a hung client.
+
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::plugins::{Outcome, Picked};
+use crate::routing::ServiceRoute;
+
+use super::Shared;
+use super::health;
+use super::metrics::{ErrorKind, UpstreamMetrics};
+
+/// An upstream chosen and connected.
+pub struct Chosen<C> {
+    pub picked: Picked,
+    pub conn: C,
+    pub metrics: Arc<UpstreamMetrics>,
+}
+
+#[derive(Debug)]
+pub enum Failure {
+    /// Every upstream is held out by health checks or cooldowns (or the route has none).
+    NoHealthy,
+    /// Connecting failed on every upstream tried.
+    Unreachable(String),
+}
+
+impl Failure {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Failure::NoHealthy => ErrorKind::NoHealthyUpstream,
+            Failure::Unreachable(_) => ErrorKind::Connect,
+        }
+    }
+}
+
+/// The consistent-hash key of a client address.
+pub fn client_key(ip: IpAddr) -> u64 {
+    // FNV-1a: fixed, so that a client hashes the same way across restarts and versions.
+    let octets = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    octets.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Picks and connects, retrying other upstreams on a failed connect.
+pub async fn choose<C, F, Fut>(
+    shared: &Arc<Shared>,
+    route: &ServiceRoute,
+    hash_key: Option<u64>,
+    mut connect: F,
+) -> Result<Chosen<C>, Failure>
+where
+    F: FnMut(Arc<str>) -> Fut,
+    Fut: Future<Output = io::Result<C>>,
+{
+    let balancer = &route.balancer;
+    let service = route.name.as_str();
+    let mut exclude: Vec<u32> = Vec::new();
+    let mut retries = 0;
+    let mut last_error = String::new();
+    loop {
+        let usable = |set: &crate::plugins::BackendSet, exclude: &[u32]| {
+            set.backends
+                .iter()
+                .enumerate()
+                .any(|(i, b)| b.healthy && !exclude.contains(&(i as u32)))
+        };
+        if !usable(&balancer.backends(), &exclude) {
+            return Err(if exclude.is_empty() {
+                Failure::NoHealthy
+            } else {
+                Failure::Unreachable(last_error)
+            });
+        }
+        let Some(picked) = balancer.pick(hash_key, &exclude) else {
+            return Err(Failure::NoHealthy);
+        };
+        let index = picked.index as u32;
+        if !picked.backend().healthy {
+            // A strategy that ignores health (a custom one, or the fallback) does not get to
+            // send work to an upstream that is held out.
+            exclude.push(index);
+            continue;
+        }
+        let address: Arc<str> = picked.backend().address.as_str().into();
+        let metrics = shared.metrics.upstream(service, &address);
+        metrics.picks.inc();
+        let started = Instant::now();
+        let attempt =
+            tokio::time::timeout(shared.settings.connect_timeout, connect(address.clone()));
+        let error = match attempt.await {
+            Ok(Ok(conn)) => {
+                if picked.load().is_some_and(|l| l.clear_cooldown()) {
+                    health::changed(shared, route, &address, true);
+                }
+                return Ok(Chosen {
+                    picked,
+                    conn,
+                    metrics,
+                });
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!(
+                "no connection within {}",
+                humantime::format_duration(shared.settings.connect_timeout)
+            ),
+        };
+        shared.metrics.error(service, ErrorKind::Connect);
+        tracing::warn!(service, upstream = %address, error = %error, "cannot connect to upstream");
+        balancer.done(&picked, Outcome::ConnectError, started.elapsed());
+        if picked
+            .load()
+            .is_some_and(|l| l.cool_down(shared.settings.cooldown))
+        {
+            health::cooling(shared, route, &address);
+        }
+        last_error = format!("{address}: {error}");
+        exclude.push(index);
+        if retries >= shared.settings.retries {
+            return Err(Failure::Unreachable(last_error));
+        }
+        retries += 1;
+        shared.metrics.retry(service);
+    }
+}

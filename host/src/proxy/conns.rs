@@ -1,0 +1,59 @@
+//! Open connections, counted so that shutdown can wait for them to drain and say how many it
+//! had to cut.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Default)]
+pub struct Connections {
+    open: AtomicUsize,
+    drained: Notify,
+    /// Asks HTTP connections to finish their current request and close.
+    pub finish: CancellationToken,
+    /// Closes every connection at once: the grace period is over.
+    pub cut: CancellationToken,
+}
+
+/// One open connection; dropping it closes the count.
+pub struct Open(Arc<Connections>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.drained.notify_waiters();
+        }
+    }
+}
+
+impl Connections {
+    pub fn open(self: &Arc<Self>) -> Open {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Open(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Lets connections finish for up to `grace`, then cuts the rest; returns how many were cut.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.finish.cancel();
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let drained = self.drained.notified();
+            if self.count() == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                break;
+            }
+        }
+        let cut = self.count();
+        self.cut.cancel();
+        cut
+    }
+}

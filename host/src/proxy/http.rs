@@ -1,0 +1,315 @@
+//! The embedded HTTP reverse proxy: HTTP/1.1 and HTTP/2 (cleartext) from clients, HTTP/1.1 over
+//! pooled keep-alive connections to upstreams, upgrades (WebSocket and others) tunnelled.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::plugins::Outcome;
+use crate::routing::ServiceRoute;
+
+use super::body::{ClientBody, Flight, Lease, ResponseBody, UpstreamBody, text};
+use super::choose::{Failure, choose, client_key};
+use super::copy::{self, Tally};
+use super::headers::{add_forwarded, append_via, strip_hop_by_hop, upgrade_of};
+use super::metrics::ErrorKind;
+use super::pool;
+use super::{Shared, accept_backoff};
+
+/// Accepts until `stop`, serving each connection on its own task.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(hyper_util::rt::TokioTimer::new());
+    // Slow-loris guard: a client gets this long to send its request headers.
+    builder.http1().header_read_timeout(Duration::from_secs(30));
+    let mut failures = 0u32;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => {
+                failures = 0;
+                conn
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "HTTP proxy cannot accept; retrying");
+                accept_backoff(failures, &stop).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let open = shared.conns.open();
+        let shared = shared.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = shared.conns.finish.cancelled() => {
+                    // Finish the request in progress, answer no more on this connection.
+                    conn.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        () = shared.conns.cut.cancelled() => {}
+                    }
+                }
+            }
+            drop(open);
+        });
+    }
+}
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Response<ClientBody> {
+    let mut response = Response::new(text(format!("{body}\n")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The host a request is for: the URI's authority (HTTP/2, absolute-form) or the Host header.
+fn host_of(req: &Request<Incoming>) -> Option<String> {
+    if let Some(authority) = req.uri().authority() {
+        return Some(authority.as_str().to_owned());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+}
+
+async fn handle(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ClientBody> {
+    let Some(host) = host_of(&req) else {
+        shared.metrics.error("", ErrorKind::BadRequest);
+        return answer(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "the request names no host"}),
+        );
+    };
+    let snapshot = shared.routing.snapshot();
+    let Some(route) = snapshot.http.find(&host, req.uri().path()).cloned() else {
+        shared.metrics.error("", ErrorKind::NoRoute);
+        tracing::debug!(%host, path = req.uri().path(), "no route");
+        return answer(
+            StatusCode::NOT_FOUND,
+            json!({"error": "no route", "host": host, "path": req.uri().path()}),
+        );
+    };
+    drop(snapshot);
+    forward(shared, &route, peer, host, req).await
+}
+
+async fn forward(
+    shared: &Arc<Shared>,
+    route: &ServiceRoute,
+    peer: SocketAddr,
+    host: String,
+    mut req: Request<Incoming>,
+) -> Response<ClientBody> {
+    let service = route.name.as_str();
+    let pool = shared.pool.clone();
+    let chosen = choose(shared, route, Some(client_key(peer.ip())), |address| {
+        let pooled = pool.checkout(&address);
+        async move {
+            match pooled {
+                Some(sender) => Ok((sender, true)),
+                None => pool::connect(&address).await.map(|s| (s, false)),
+            }
+        }
+    })
+    .await;
+    let chosen = match chosen {
+        Ok(chosen) => chosen,
+        Err(failure) => {
+            shared.metrics.error(service, failure.kind());
+            return match failure {
+                Failure::NoHealthy => answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": "no healthy upstream", "service": service}),
+                ),
+                Failure::Unreachable(why) => {
+                    tracing::warn!(service, error = %why, "no upstream reachable");
+                    answer(
+                        StatusCode::BAD_GATEWAY,
+                        json!({"error": "upstream unreachable", "service": service}),
+                    )
+                }
+            };
+        }
+    };
+    let address: Arc<str> = chosen.picked.backend().address.as_str().into();
+    let metrics = chosen.metrics.clone();
+    let flight = Flight::new(chosen.picked.start(), metrics.in_flight.clone());
+    let (mut sender, mut pooled) = chosen.conn;
+
+    let client_upgrade =
+        upgrade_of(req.headers()).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
+    let version = req.version();
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, client_upgrade.as_ref().map(|(p, _)| p));
+    add_forwarded(&mut parts.headers, peer.ip(), &host, version);
+    let upstream_host = route
+        .options
+        .upstream_host
+        .as_ref()
+        .map(|h| h.as_str())
+        .unwrap_or(&host);
+    if let Ok(value) = HeaderValue::from_str(upstream_host) {
+        parts.headers.insert(header::HOST, value);
+    }
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+    parts.version = Version::HTTP_11;
+    let mut upstream_req =
+        Request::from_parts(parts, UpstreamBody::new(body, metrics.bytes_in.clone()));
+
+    let started = Instant::now();
+    let timeout = shared.settings.upstream_timeout;
+    let sent = loop {
+        match tokio::time::timeout(timeout, sender.try_send_request(upstream_req)).await {
+            Err(_) => break Err(ErrorKind::Timeout),
+            Ok(Ok(response)) => break Ok(response),
+            Ok(Err(mut e)) => match e.take_message() {
+                // A pooled connection the upstream had closed: the request never left, so it
+                // goes again on a new connection.
+                // (A fresh connection failing is the upstream's answer, not a stale socket.)
+                Some(unsent) if pooled => match pool::connect(&address).await {
+                    Ok(fresh) => {
+                        sender = fresh;
+                        pooled = false;
+                        upstream_req = unsent;
+                    }
+                    Err(connect) => {
+                        tracing::warn!(service, upstream = %address, error = %connect, "cannot reconnect to upstream");
+                        break Err(ErrorKind::Connect);
+                    }
+                },
+                _ => {
+                    tracing::warn!(service, upstream = %address, error = %e.error(), "upstream failed");
+                    break Err(ErrorKind::Upstream);
+                }
+            },
+        }
+    };
+    let elapsed = started.elapsed();
+    let mut response = match sent {
+        Ok(response) => response,
+        Err(kind) => {
+            shared.metrics.error(service, kind);
+            let (status, outcome, message) = match kind {
+                ErrorKind::Timeout => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    Outcome::Timeout,
+                    "upstream timed out",
+                ),
+                _ => (
+                    StatusCode::BAD_GATEWAY,
+                    Outcome::ServerError,
+                    "upstream failed",
+                ),
+            };
+            route.balancer.done(&chosen.picked, outcome, elapsed);
+            return answer(status, json!({"error": message, "service": service}));
+        }
+    };
+    let status = response.status();
+    metrics.count_status(status.as_u16());
+    metrics.duration.observe(elapsed.as_secs_f64());
+    let outcome = if status.is_server_error() {
+        Outcome::ServerError
+    } else {
+        Outcome::Success
+    };
+    route.balancer.done(&chosen.picked, outcome, elapsed);
+
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        let Some((protocol, client_side)) = client_upgrade else {
+            return answer(
+                StatusCode::BAD_GATEWAY,
+                json!({"error": "upstream switched protocols unasked", "service": service}),
+            );
+        };
+        let upstream_side = hyper::upgrade::on(&mut response);
+        let (mut parts, _) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers, Some(&protocol));
+        append_via(&mut parts.headers, version);
+        tunnel(shared, route, client_side, upstream_side, flight, metrics);
+        return Response::from_parts(parts, text(""));
+    }
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, None);
+    append_via(&mut parts.headers, version);
+    let lease = Lease {
+        pool: shared.pool.clone(),
+        address,
+        sender,
+    };
+    let body = ResponseBody::new(body, metrics.bytes_out.clone(), lease, flight);
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// Carries an upgraded connection both ways once client and upstream have both switched.
+fn tunnel(
+    shared: &Arc<Shared>,
+    route: &ServiceRoute,
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    flight: Flight,
+    metrics: Arc<super::metrics::UpstreamMetrics>,
+) {
+    let open = shared.conns.open();
+    let shared = shared.clone();
+    let service = route.name.clone();
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::debug!(%service, error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        metrics.connections.inc();
+        let tally = Tally {
+            inbound: &metrics.bytes_in,
+            outbound: &metrics.bytes_out,
+        };
+        let end = copy::duplex(
+            TokioIo::new(client),
+            TokioIo::new(upstream),
+            shared.settings.tcp_idle_timeout,
+            &shared.conns.cut,
+            tally,
+        )
+        .await;
+        tracing::debug!(%service, ?end, "upgraded connection closed");
+        drop(flight);
+        drop(open);
+    });
+}

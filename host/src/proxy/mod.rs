@@ -1,0 +1,164 @@
+//! The embedded proxy: an HTTP reverse proxy ([`http`]) in embedded mode, and the L4 TCP proxy
+//! ([`tcp`]) for `tcp` routes in every mode but Envoy's (a stock Caddy has no L4 proxy). Both
+//! read the routing snapshot, never the registry; upstreams are chosen by the route's strategy
+//! ([`choose`]), kept honest by health checks and cooldowns ([`health`]), and counted
+//! ([`metrics`]).
+
+mod body;
+mod choose;
+mod conns;
+mod copy;
+mod headers;
+mod health;
+mod http;
+pub mod metrics;
+mod pool;
+mod tcp;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ProxySettings;
+use crate::events::EventBus;
+use crate::routing::RoutingTable;
+
+pub use conns::Connections;
+pub use metrics::ProxyMetrics;
+
+/// What every proxy task shares.
+pub struct Shared {
+    pub routing: Arc<RoutingTable>,
+    pub settings: ProxySettings,
+    pub metrics: Arc<ProxyMetrics>,
+    pub bus: Arc<EventBus>,
+    pub conns: Arc<Connections>,
+    pool: Arc<pool::Pool>,
+    tcp_open: Arc<AtomicUsize>,
+}
+
+/// A running proxy.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    http_addr: Option<SocketAddr>,
+    /// Stops the listeners (and the tasks that follow the routing table).
+    stop_accepting: CancellationToken,
+}
+
+pub struct Options {
+    /// Where the HTTP proxy listens; `None` when another proxy carries HTTP.
+    pub http: Option<SocketAddr>,
+    /// Whether Harbor carries `tcp` routes.
+    pub tcp: bool,
+}
+
+impl Proxy {
+    pub async fn start(
+        routing: Arc<RoutingTable>,
+        settings: ProxySettings,
+        metrics: Arc<ProxyMetrics>,
+        bus: Arc<EventBus>,
+        options: Options,
+        tasks: &mut JoinSet<()>,
+    ) -> anyhow::Result<Self> {
+        let shared = Arc::new(Shared {
+            routing,
+            settings,
+            metrics,
+            bus,
+            conns: Arc::default(),
+            pool: Arc::default(),
+            tcp_open: Arc::default(),
+        });
+        let stop = CancellationToken::new();
+        let mut http_addr = None;
+        if let Some(addr) = options.http {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen for the HTTP proxy on {addr}: {e}"))?;
+            let bound = listener.local_addr()?;
+            tracing::info!(addr = %bound, "HTTP proxy listening");
+            http_addr = Some(bound);
+            tasks.spawn(http::serve(shared.clone(), listener, stop.clone()));
+        }
+        if options.tcp {
+            tasks.spawn(tcp::supervise(shared.clone(), stop.clone()));
+        }
+        tasks.spawn(health::supervise(shared.clone(), stop.clone()));
+        tasks.spawn(follow(shared.clone(), stop.clone()));
+        Ok(Self {
+            shared,
+            http_addr,
+            stop_accepting: stop,
+        })
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// Connections open now (HTTP connections, TCP connections, upgraded tunnels).
+    pub fn open_connections(&self) -> usize {
+        self.shared.conns.count()
+    }
+
+    /// Stops accepting, lets open connections finish for up to `grace`, then cuts the rest.
+    /// Returns how many were cut.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.stop_accepting.cancel();
+        let open = self.shared.conns.count();
+        if open > 0 {
+            tracing::info!(open, grace = %humantime::format_duration(grace), "draining connections");
+        }
+        let cut = self.shared.conns.drain(grace).await;
+        if cut > 0 {
+            self.shared.metrics.cut_at_shutdown.inc_by(cut as u64);
+            tracing::warn!(cut, "grace period over: connections cut");
+        } else if open > 0 {
+            tracing::info!("all connections finished");
+        }
+        cut
+    }
+}
+
+/// Keeps the metric handles and the connection pool in step with the routing table.
+async fn follow(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut changes = shared.routing.subscribe();
+    loop {
+        changes.borrow_and_update();
+        let snapshot = shared.routing.snapshot();
+        shared.metrics.refresh(&snapshot);
+        let live: std::collections::HashSet<String> = snapshot
+            .services
+            .values()
+            .flat_map(|r| {
+                r.balancer
+                    .backends()
+                    .backends
+                    .iter()
+                    .map(|b| b.address.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        shared.pool.retain(|address| live.contains(address));
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Waits before the next accept after a failure (out of file descriptors, usually): 5 ms
+/// doubling to 1 s, so a full descriptor table is not spun on.
+async fn accept_backoff(failures: u32, stop: &CancellationToken) {
+    let delay = Duration::from_millis(5u64 << failures.min(8)).min(Duration::from_secs(1));
+    tokio::select! {
+        () = tokio::time::sleep(delay) => {}
+        () = stop.cancelled() => {}
+    }
+}

@@ -1,0 +1,91 @@
+//! Keep-alive connections to upstreams, pooled per address. A connection goes back to the pool
+//! when its response body has been read to the end, and is taken out only once it is ready for
+//! another request, so a checkout never waits behind someone else's response.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::body::UpstreamBody;
+
+pub type Sender = SendRequest<UpstreamBody>;
+
+/// Idle connections kept per upstream; more are closed when they come back.
+const MAX_IDLE: usize = 256;
+/// Shorter than the keep-alive timeout of common servers (nginx 75 s, Go 90 s), so that the
+/// upstream rarely closes a connection just as it is reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection and when it went idle.
+type Idle = (Sender, Instant);
+
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
+}
+
+impl Pool {
+    /// An idle connection to `address` that is ready for a request.
+    pub fn checkout(&self, address: &str) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(address)?;
+        let mut busy = Vec::new();
+        let mut found = None;
+        while let Some((mut sender, since)) = list.pop() {
+            if sender.is_closed() || since.elapsed() > IDLE_TIMEOUT {
+                continue;
+            }
+            // Ready once the previous response has been read; not yet ready right after a give
+            // back, while the connection task catches up.
+            match sender.ready().now_or_never() {
+                Some(Ok(())) => {
+                    found = Some(sender);
+                    break;
+                }
+                Some(Err(_)) => {}
+                None => busy.push((sender, since)),
+            }
+        }
+        list.extend(busy);
+        found
+    }
+
+    pub fn give_back(&self, address: Arc<str>, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(address).or_default();
+        if list.len() < MAX_IDLE {
+            list.push((sender, Instant::now()));
+        }
+    }
+
+    /// Closes the idle connections of upstreams no route uses any more.
+    pub fn retain(&self, live: impl Fn(&str) -> bool) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|address, _| live(address));
+    }
+}
+
+/// Opens a new HTTP/1.1 connection to `address`, able to switch protocols for upgrades.
+pub async fn connect(address: &str) -> std::io::Result<Sender> {
+    let stream = TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    let address = address.to_owned();
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(upstream = %address, error = %e, "upstream connection ended");
+        }
+    });
+    Ok(sender)
+}

@@ -1,0 +1,539 @@
+//! The embedded HTTP reverse proxy, end to end on real sockets: routing by host and path,
+//! spreading by strategy, HTTP hygiene, upgrades, retries and cooldowns, health checks, error
+//! answers, and routing changes taking effect within 100 ms.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::upstreams::{Backend, HttpBackend, websocket_echo};
+use common::{TestHarbor, eventually};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Sends `GET path` for `host` through the proxy; returns the status and body.
+async fn get(h: &TestHarbor, host: &str, path: &str) -> (u16, String) {
+    let resp = h
+        .client
+        .get(format!("{}{path}", h.proxy_base()))
+        .header("host", host)
+        .send()
+        .await
+        .expect("request through the proxy");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.expect("body"))
+}
+
+fn served_by(body: &str) -> String {
+    body.lines()
+        .next()
+        .and_then(|l| l.strip_prefix("served by "))
+        .unwrap_or_else(|| panic!("not an echo answer: {body}"))
+        .to_owned()
+}
+
+fn route(upstreams: &[&Backend], extra: &str) -> String {
+    let list: Vec<String> = upstreams
+        .iter()
+        .map(|b| format!("\"{}\"", b.addr))
+        .collect();
+    format!(
+        "host = \"app.localhost\"\nupstreams = [{}]\n{extra}\n",
+        list.join(", ")
+    )
+}
+
+async fn routable(h: &TestHarbor, host: &str) {
+    eventually(Duration::from_secs(5), "the route to be served", || async {
+        (get(h, host, "/").await.0 == 200).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn round_robin_cycles_and_weights_hold() {
+    let backends = [
+        Backend::echo().await,
+        Backend::echo().await,
+        Backend::echo().await,
+    ];
+    let h = common::start().await;
+    h.write_route(
+        "app.route",
+        &route(
+            &backends.iter().collect::<Vec<_>>(),
+            "strategy = \"round-robin\"",
+        ),
+    );
+    routable(&h, "app.localhost").await;
+
+    let mut order = Vec::new();
+    for _ in 0..9 {
+        let (status, body) = get(&h, "app.localhost", "/").await;
+        assert_eq!(status, 200);
+        order.push(served_by(&body));
+    }
+    // Exact cycling: every window of three covers all three backends, in the same order.
+    for window in order.windows(4) {
+        assert_eq!(window[0], window[3], "{order:?}");
+    }
+    let distinct: std::collections::HashSet<_> = order.iter().collect();
+    assert_eq!(distinct.len(), 3, "{order:?}");
+
+    let weighted = format!(
+        "host = \"w.localhost\"\nstrategy = \"weighted-round-robin\"\nupstreams = [\"{}\", {{ addr = \"{}\", weight = 3 }}]\n",
+        backends[0].addr, backends[1].addr
+    );
+    h.write_route("w.route", &weighted);
+    routable(&h, "w.localhost").await;
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for _ in 0..400 {
+        let (_, body) = get(&h, "w.localhost", "/").await;
+        *counts.entry(served_by(&body)).or_default() += 1;
+    }
+    // Settle any pick made while the route appeared, then the ratio is exact per cycle of 4.
+    let heavy = counts[&backends[1].addr.to_string()];
+    assert!((298..=302).contains(&heavy), "{counts:?}");
+}
+
+#[tokio::test]
+async fn hosts_paths_and_wildcards_route_and_unknown_hosts_get_404() {
+    let (a, b, c) = (
+        Backend::echo().await,
+        Backend::echo().await,
+        Backend::echo().await,
+    );
+    let h = common::start().await;
+    h.write_route(
+        "root.route",
+        &format!("host = \"site.localhost\"\nupstreams = [\"{}\"]\n", a.addr),
+    );
+    h.write_route(
+        "api.route",
+        &format!(
+            "host = \"site.localhost\"\npath = \"/api\"\nupstreams = [\"{}\"]\n",
+            b.addr
+        ),
+    );
+    h.write_route(
+        "wild.route",
+        &format!(
+            "host = \"*.apps.localhost\"\nupstreams = [\"{}\"]\n",
+            c.addr
+        ),
+    );
+    routable(&h, "site.localhost").await;
+    eventually(Duration::from_secs(5), "all three routes", || async {
+        (get(&h, "x.apps.localhost", "/").await.0 == 200
+            && get(&h, "site.localhost", "/api").await.0 == 200)
+            .then_some(())
+    })
+    .await;
+
+    assert_eq!(
+        served_by(&get(&h, "site.localhost", "/").await.1),
+        a.addr.to_string()
+    );
+    assert_eq!(
+        served_by(&get(&h, "site.localhost", "/api/users?x=1").await.1),
+        b.addr.to_string()
+    );
+    assert_eq!(
+        served_by(&get(&h, "site.localhost", "/apix").await.1),
+        a.addr.to_string()
+    );
+    assert_eq!(
+        served_by(&get(&h, "SITE.localhost:80", "/api").await.1),
+        b.addr.to_string()
+    );
+    assert_eq!(
+        served_by(&get(&h, "any.apps.localhost", "/x").await.1),
+        c.addr.to_string()
+    );
+
+    let (status, body) = get(&h, "nowhere.localhost", "/").await;
+    assert_eq!(status, 404);
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON 404");
+    assert_eq!(body["error"], "no route");
+    assert_eq!(body["host"], "nowhere.localhost");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_stripped_and_forwarding_headers_set() {
+    let backend = Backend::echo().await;
+    let h = common::start().await;
+    h.write_route("app.route", &route(&[&backend], ""));
+    routable(&h, "app.localhost").await;
+
+    // Raw bytes, so that nothing between the test and the proxy rewrites the headers.
+    let addr = h.harbor().proxy_addr().expect("proxy");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            b"GET /headers HTTP/1.1\r\nHost: app.localhost\r\nConnection: keep-alive, X-Hop\r\n\
+              X-Hop: secret\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic eDp5\r\n\
+              TE: trailers\r\nX-Forwarded-For: 203.0.113.7\r\nX-Kept: yes\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("via: 1.1 harbor"),
+        "{head}"
+    );
+    let sent: HashMap<String, String> = body
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    for gone in ["x-hop", "keep-alive", "proxy-authorization", "te"] {
+        assert!(
+            !sent.contains_key(gone),
+            "{gone} reached the upstream: {sent:?}"
+        );
+    }
+    assert_ne!(
+        sent.get("connection").map(String::as_str),
+        Some("keep-alive, X-Hop")
+    );
+    assert_eq!(sent["x-kept"], "yes");
+    assert_eq!(sent["host"], "app.localhost", "the client's Host is kept");
+    assert_eq!(sent["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(sent["x-forwarded-proto"], "http");
+    assert_eq!(sent["x-forwarded-host"], "app.localhost");
+    assert_eq!(sent["via"], "1.1 harbor");
+
+    // A route may send another Host upstream.
+    h.write_route("other.route", &format!("host = \"other.localhost\"\nupstream_host = \"internal.example\"\nupstreams = [\"{}\"]\n", backend.addr));
+    routable(&h, "other.localhost").await;
+    let (_, body) = get(&h, "other.localhost", "/").await;
+    assert!(body.contains("\nhost: internal.example\n"), "{body}");
+    assert!(
+        body.contains("\nx-forwarded-host: other.localhost\n"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn http2_clients_are_served_and_bodies_stream_both_ways() {
+    let backend = Backend::echo().await;
+    let h = common::start().await;
+    h.write_route("app.route", &route(&[&backend], ""));
+    routable(&h, "app.localhost").await;
+
+    // HTTP/2 names the host in :authority, so the client must resolve the name to the proxy.
+    let addr = h.harbor().proxy_addr().expect("proxy");
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .resolve("app.localhost", addr)
+        .build()
+        .expect("client");
+    let resp = h2
+        .get(format!("http://app.localhost:{}/h2", addr.port()))
+        .send()
+        .await
+        .expect("h2 request");
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.expect("body");
+    assert!(body.contains("via: 2.0 harbor"), "{body}");
+
+    // 8 MiB up and back, sent in chunks: the echo backend streams it back.
+    let chunk = vec![b'x'; 64 * 1024];
+    let chunks =
+        futures_util::stream::iter((0..128).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+    let resp = h
+        .client
+        .post(format!("{}/upload", h.proxy_base()))
+        .header("host", "app.localhost")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.bytes().await.expect("echoed body").len(),
+        8 * 1024 * 1024
+    );
+}
+
+#[tokio::test]
+async fn websocket_upgrades_work_end_to_end() {
+    let upstream = websocket_echo().await;
+    let h = common::start().await;
+    h.write_route(
+        "ws.route",
+        &format!("host = \"ws.localhost\"\nupstreams = [\"{upstream}\"]\n"),
+    );
+    eventually(Duration::from_secs(5), "the ws route", || async {
+        (get(&h, "ws.localhost", "/").await.0 != 404).then_some(())
+    })
+    .await;
+
+    let addr = h.harbor().proxy_addr().expect("proxy");
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = http::Request::get("ws://ws.localhost/chat")
+        .header("host", "ws.localhost")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header(
+            "sec-websocket-key",
+            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
+        )
+        .body(())
+        .expect("request");
+    let (mut ws, response) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .expect("WebSocket handshake through the proxy");
+    assert_eq!(response.status(), 101);
+    for text in ["hello", "through", "harbor"] {
+        ws.send(tokio_tungstenite::tungstenite::Message::text(text))
+            .await
+            .expect("send");
+        let echoed = ws.next().await.expect("a message").expect("ok");
+        assert_eq!(echoed.into_text().expect("text").as_str(), text);
+    }
+    ws.close(None).await.expect("close");
+}
+
+#[tokio::test]
+async fn a_killed_upstream_is_retried_around_and_cooled_down() {
+    let (a, b) = (Backend::echo().await, Backend::echo().await);
+    let h = common::start_with(|c| c.proxy.cooldown = Duration::from_millis(400)).await;
+    h.write_route("app.route", &route(&[&a, &b], "strategy = \"round-robin\""));
+    routable(&h, "app.localhost").await;
+    let mut events = h.events(None).await;
+
+    let dead = a.addr;
+    a.kill();
+    // Every request succeeds: a refused connect is retried on the other upstream.
+    for _ in 0..20 {
+        let (status, body) = get(&h, "app.localhost", "/").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(served_by(&body), b.addr.to_string());
+    }
+    let event = events.next_of("upstream_health").await.data;
+    assert_eq!(event["upstream"], dead.to_string());
+    assert_eq!(event["healthy"], false);
+    let metrics = h.metrics().await;
+    let retries = metric(&metrics, "harbor_proxy_retries_total{service=\"app\"}");
+    // Cooled down after the first refusal: the other 19 requests did not try it again.
+    assert_eq!(retries, 1.0, "{metrics}");
+
+    // Back on the same port: after the cooldown, it gets work again.
+    let _revived = Backend::echo_on(dead).await;
+    eventually(
+        Duration::from_secs(5),
+        "the revived upstream to serve again",
+        || async {
+            let (_, body) = get(&h, "app.localhost", "/").await;
+            (served_by(&body) == dead.to_string()).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn health_checks_take_an_upstream_out_and_bring_it_back() {
+    let (a, b) = (
+        HttpBackend::start(Duration::ZERO).await,
+        HttpBackend::start(Duration::ZERO).await,
+    );
+    let h = common::start().await;
+    h.write_route(
+        "app.route",
+        &format!(
+            "host = \"app.localhost\"\nupstreams = [\"{}\", \"{}\"]\n[health]\npath = \"/healthz\"\ninterval = \"50ms\"\ntimeout = \"50ms\"\nrise = 2\nfall = 2\n",
+            a.addr, b.addr
+        ),
+    );
+    routable(&h, "app.localhost").await;
+    let served = |body: String| body.trim_start_matches("served by ").to_owned();
+
+    a.healthy.store(false, std::sync::atomic::Ordering::SeqCst);
+    eventually(
+        Duration::from_secs(5),
+        "the sick upstream to be taken out",
+        || async {
+            let states = h
+                .harbor()
+                .routing()
+                .upstream_states(&harbor::model::ServiceName::parse("app").expect("name"));
+            states
+                .iter()
+                .any(|s| s.address == a.addr.to_string() && !s.healthy)
+                .then_some(())
+        },
+    )
+    .await;
+    for _ in 0..10 {
+        let (status, body) = get(&h, "app.localhost", "/").await;
+        assert_eq!(status, 200);
+        assert_eq!(served(body), b.addr.to_string());
+    }
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains(&format!(
+            "harbor_proxy_upstream_healthy{{service=\"app\",upstream=\"{}\"}} 0",
+            a.addr
+        )),
+        "{metrics}"
+    );
+
+    // Both sick: fail fast with 503 rather than hang.
+    b.healthy.store(false, std::sync::atomic::Ordering::SeqCst);
+    eventually(
+        Duration::from_secs(5),
+        "a 503 with every upstream out",
+        || async {
+            let (status, body) = get(&h, "app.localhost", "/").await;
+            (status == 503).then_some(body)
+        },
+    )
+    .await;
+
+    a.healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    eventually(
+        Duration::from_secs(5),
+        "the recovered upstream to serve",
+        || async {
+            let (status, body) = get(&h, "app.localhost", "/").await;
+            (status == 200 && served(body) == a.addr.to_string()).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn unreachable_and_slow_upstreams_get_502_and_504() {
+    let slow = HttpBackend::start(Duration::from_secs(30)).await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let h = common::start_with(|c| c.proxy.upstream_timeout = Duration::from_millis(300)).await;
+    h.write_route(
+        "down.route",
+        &format!("host = \"down.localhost\"\nupstreams = [\"{closed}\"]\n"),
+    );
+    h.write_route(
+        "slow.route",
+        &format!(
+            "host = \"slow.localhost\"\nupstreams = [\"{}\"]\n",
+            slow.addr
+        ),
+    );
+    eventually(Duration::from_secs(5), "both routes", || async {
+        (get(&h, "down.localhost", "/").await.0 != 404
+            && get(&h, "slow.localhost", "/").await.0 != 404)
+            .then_some(())
+    })
+    .await;
+
+    // The first request finds it refusing (502); then it is cooling down: 503 at once.
+    let statuses: Vec<u16> =
+        futures_util::future::join_all((0..1).map(|_| get(&h, "down.localhost", "/")))
+            .await
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+    assert!(
+        statuses.iter().all(|s| *s == 502 || *s == 503),
+        "{statuses:?}"
+    );
+    let (status, body) = get(&h, "down.localhost", "/").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no healthy upstream"), "{body}");
+
+    let started = Instant::now();
+    let (status, body) = get(&h, "slow.localhost", "/hang").await;
+    assert_eq!(status, 504, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn registrations_route_and_expiries_stop_routing_within_100ms() {
+    let backend = Backend::echo().await;
+    let h = common::start().await;
+    let grant = h
+        .register(json!({"name": "eph", "upstream": backend.addr.to_string(), "ttl_secs": 1}))
+        .await;
+    let registered = Instant::now();
+    let routed = eventually(
+        Duration::from_millis(100),
+        "the registration to route",
+        || async { (get(&h, "eph.localhost", "/").await.0 == 200).then(|| registered.elapsed()) },
+    )
+    .await;
+    assert!(routed <= Duration::from_millis(100), "{routed:?}");
+
+    let expires = common::parse_time(&grant["lease"]["expires_at"]);
+    let until = expires
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(until).await;
+    let expired = Instant::now();
+    eventually(
+        Duration::from_millis(100),
+        "the expired instance to stop routing",
+        || async { (get(&h, "eph.localhost", "/").await.0 == 404).then_some(()) },
+    )
+    .await;
+    assert!(expired.elapsed() <= Duration::from_millis(100));
+}
+
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish() {
+    let backend = HttpBackend::start(Duration::from_millis(400)).await;
+    let mut h = common::start().await;
+    h.write_route(
+        "app.route",
+        &format!(
+            "host = \"app.localhost\"\nupstreams = [\"{}\"]\n",
+            backend.addr
+        ),
+    );
+    routable(&h, "app.localhost").await;
+
+    let (client, url) = (h.client.clone(), format!("{}/slow", h.proxy_base()));
+    let request = tokio::spawn(async move {
+        let resp = client
+            .get(url)
+            .header("host", "app.localhost")
+            .send()
+            .await
+            .expect("sent");
+        (resp.status().as_u16(), resp.text().await.expect("body"))
+    });
+    // In flight at the upstream, not merely connected: HTTP/1.1 lets a server close a
+    // connection whose request it has not read yet.
+    let name = harbor::model::ServiceName::parse("app").expect("name");
+    eventually(
+        Duration::from_secs(5),
+        "the request to be in flight",
+        || async {
+            let states = h.harbor().routing().upstream_states(&name);
+            (states.iter().any(|s| s.in_flight > 0)).then_some(())
+        },
+    )
+    .await;
+    let cut = h.harbor.take().expect("running").shutdown().await;
+    assert_eq!(cut, 0, "nothing was cut");
+    let (status, body) = request.await.expect("request task");
+    assert_eq!(status, 200);
+    assert!(body.starts_with("slow from"), "{body}");
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).map(str::trim))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
