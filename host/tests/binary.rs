@@ -47,8 +47,8 @@ impl Drop for Daemon {
     }
 }
 
-/// Starts the binary and returns it with the API address it logged.
-fn spawn(args: &[&str]) -> (Daemon, String) {
+/// Starts the binary and returns it with the API address it logged, and the HTTP proxy's.
+fn spawn(args: &[&str]) -> (Daemon, String, String) {
     let mut child = Command::new(BIN)
         .args(args)
         .env("RUST_LOG", "info")
@@ -56,25 +56,36 @@ fn spawn(args: &[&str]) -> (Daemon, String) {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("spawn harbor");
+        .expect("harbor starts");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let line = strip_ansi(&line);
-            if let Some(addr) = line
-                .contains("API listening")
-                .then(|| line.split("addr=").nth(1))
-                .flatten()
-            {
-                let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+            for what in ["API listening", "HTTP proxy listening"] {
+                if let Some(addr) = line
+                    .contains(what)
+                    .then(|| line.split("addr=").nth(1))
+                    .flatten()
+                {
+                    let addr = addr.split_whitespace().next().unwrap_or("").to_owned();
+                    let _ = tx.send((what, addr));
+                }
             }
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("harbor logs its API address");
-    (Daemon(child), format!("http://{addr}"))
+    let (mut api, mut proxy) = (None, None);
+    while api.is_none() || proxy.is_none() {
+        let (what, addr) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("harbor logs its API and proxy addresses");
+        match what {
+            "API listening" => api = Some(addr),
+            _ => proxy = Some(addr),
+        }
+    }
+    let url = |a: Option<String>| format!("http://{}", a.unwrap_or_default());
+    (Daemon(child), url(api), url(proxy))
 }
 
 fn signal(daemon: &Daemon, sig: &str) {
@@ -105,13 +116,18 @@ async fn runs_the_contrib_examples_rereads_on_sighup_and_stops_on_sigterm() {
         std::fs::copy(&path, routes.path().join(path.file_name().unwrap())).unwrap();
     }
     let state = tempfile::tempdir().unwrap();
-    let (mut child, base) = spawn(&[
+    // As the README runs it, with the demo echo backends on the ports the examples name.
+    let (mut child, base, proxy) = spawn(&[
         "--routes",
         routes.path().to_str().unwrap(),
         "--state-dir",
         state.path().to_str().unwrap(),
         "--api",
         "127.0.0.1:0",
+        "--proxy-listen",
+        "127.0.0.1:0",
+        "--echo",
+        "127.0.0.1:9001,127.0.0.1:9002",
         "--no-watch",
         "--rescan-interval",
         "0",
@@ -122,7 +138,43 @@ async fn runs_the_contrib_examples_rereads_on_sighup_and_stops_on_sigterm() {
         .iter()
         .map(|s| s["name"].as_str().unwrap_or("").to_owned())
         .collect();
-    assert_eq!(names, ["grafana", "postgres", "whoami"]);
+    assert_eq!(names, ["echo-tcp", "grafana", "postgres", "whoami"]);
+
+    // Traffic spreads 1:2 over the two echo backends, as whoami.route says.
+    let mut served = std::collections::BTreeMap::new();
+    for _ in 0..30 {
+        let body = client
+            .get(&proxy)
+            .header("host", "whoami.localhost")
+            .send()
+            .await
+            .expect("through the proxy")
+            .text()
+            .await
+            .expect("body");
+        let by = body.lines().next().unwrap_or("").to_owned();
+        *served.entry(by).or_insert(0) += 1;
+    }
+    assert_eq!(
+        served.into_iter().collect::<Vec<_>>(),
+        [
+            ("served by 127.0.0.1:9001".to_owned(), 10),
+            ("served by 127.0.0.1:9002".to_owned(), 20)
+        ]
+    );
+    // And the tcp example echoes.
+    let mut tcp = eventually(
+        Duration::from_secs(5),
+        "the tcp example to listen",
+        || async { tokio::net::TcpStream::connect("127.0.0.1:7001").await.ok() },
+    )
+    .await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(b"hello harbor\n").await.expect("write");
+    tcp.shutdown().await.expect("half-close");
+    let mut echoed = String::new();
+    tcp.read_to_string(&mut echoed).await.expect("read");
+    assert_eq!(echoed, "hello harbor\n");
     let errors: Value = client
         .get(format!("{base}/api/v1/route-errors"))
         .send()

@@ -20,10 +20,31 @@ async fn metrics_pass_promtool() {
         return;
     }
     let h = common::start().await;
-    h.register(json!({"name": "api", "upstream": "127.0.0.1:9001"}))
+    // Traffic through the proxy, so that its per-route and per-upstream series are present:
+    // a served request, a 404, and a refused upstream.
+    let backend = common::upstreams::Backend::echo().await;
+    h.register(json!({"name": "api", "upstream": backend.addr.to_string()}))
+        .await;
+    h.register(json!({"name": "gone", "upstream": "127.0.0.1:1"}))
         .await;
     h.post("/api/v1/services", json!({})).await;
+    for host in ["api.localhost", "gone.localhost", "nowhere.localhost"] {
+        h.client
+            .get(h.proxy_base())
+            .header("host", host)
+            .send()
+            .await
+            .expect("request through the proxy");
+    }
     let text = h.metrics().await;
+    for series in [
+        "harbor_proxy_requests_total{class=\"2xx_3xx\",service=\"api\"",
+        "harbor_proxy_request_duration_seconds_count{service=\"api\"",
+        "harbor_proxy_errors_total{kind=\"connect\",service=\"gone\"}",
+        "harbor_proxy_errors_total{kind=\"no_route\",service=\"\"}",
+    ] {
+        assert!(text.contains(series), "{series} missing:\n{text}");
+    }
 
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])

@@ -240,6 +240,7 @@ async fn forward(
         }
     };
     let status = response.status();
+    tracing::debug!(service, %peer, upstream = %address, status = status.as_u16(), ms = elapsed.as_secs_f64() * 1e3, "request");
     metrics.count_status(status.as_u16());
     metrics.duration.observe(elapsed.as_secs_f64());
     let outcome = if status.is_server_error() {
