@@ -156,6 +156,10 @@ pub struct ProxyArgs {
     #[arg(long, env = "HARBOR_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub shutdown_grace: Option<Duration>,
 
+    /// Relay TCP through 64 KiB user-space buffers instead of zero-copy splice(2).
+    #[arg(long, env = "HARBOR_NO_SPLICE")]
+    pub no_splice: bool,
+
     /// Also run demo echo backends on these addresses (see `harbor echo`).
     #[arg(long, env = "HARBOR_ECHO", value_name = "ADDR", value_delimiter = ',')]
     pub echo: Vec<SocketAddr>,
@@ -264,6 +268,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     #[serde(default, with = "opt_duration")]
     shutdown_grace: Option<Duration>,
+    splice: Option<bool>,
     echo: Option<Vec<SocketAddr>>,
 }
 
@@ -313,6 +318,7 @@ pub struct ProxySettings {
     pub tcp_idle_timeout: Duration,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
+    pub splice: bool,
     pub echo: Vec<SocketAddr>,
 }
 
@@ -326,6 +332,7 @@ impl Default for ProxySettings {
             tcp_idle_timeout: Duration::from_secs(600),
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(10),
+            splice: true,
             echo: Vec::new(),
         }
     }
@@ -414,6 +421,7 @@ impl Config {
             .shutdown_grace
             .or(file.shutdown_grace)
             .unwrap_or(p.shutdown_grace);
+        p.splice = !a.no_splice && file.splice.unwrap_or(true);
         if !a.echo.is_empty() {
             p.echo = a.echo;
         } else if let Some(echo) = file.echo {

@@ -74,9 +74,19 @@ async fn start(routes: &[(&str, String)]) -> TestHarbor {
 
 #[tokio::test]
 async fn half_close_still_delivers_the_whole_reply() {
+    half_close(true).await;
+}
+
+#[tokio::test]
+async fn half_close_still_delivers_the_whole_reply_without_splice() {
+    half_close(false).await;
+}
+
+async fn half_close(splice: bool) {
     let upstream = reverser().await;
     let listen = free_port();
-    let _h = start(&[("rev.route", tcp_route(listen, &[upstream], ""))]).await;
+    let h = common::start_with(move |c| c.proxy.splice = splice).await;
+    h.write_route("rev.route", &tcp_route(listen, &[upstream], ""));
 
     let mut stream = connect(listen).await;
     let message: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();

@@ -20,6 +20,8 @@ pub struct Chosen<C> {
     pub picked: Picked,
     pub conn: C,
     pub metrics: Arc<UpstreamMetrics>,
+    /// How long the connect took (near zero for a pooled connection).
+    pub connect_time: std::time::Duration,
 }
 
 #[derive(Debug)]
@@ -106,6 +108,7 @@ where
                     picked,
                     conn,
                     metrics,
+                    connect_time: started.elapsed(),
                 });
             }
             Ok(Err(e)) => e.to_string(),

@@ -13,6 +13,7 @@ mod health;
 mod http;
 pub mod metrics;
 mod pool;
+mod splice;
 mod tcp;
 
 use std::net::SocketAddr;

@@ -17,6 +17,7 @@ use crate::plugins::Outcome;
 use super::choose::{choose, client_key};
 use super::copy::{self, End, Tally};
 use super::metrics::ErrorKind;
+use super::splice;
 use super::{Shared, accept_backoff};
 
 /// How often a listener that could not bind tries again.
@@ -203,14 +204,12 @@ async fn relay(
         inbound: &metrics.bytes_in,
         outbound: &metrics.bytes_out,
     };
-    let end = copy::duplex(
-        client,
-        chosen.conn,
-        shared.settings.tcp_idle_timeout,
-        &shared.conns.cut,
-        tally,
-    )
-    .await;
+    let (idle, cut) = (shared.settings.tcp_idle_timeout, &shared.conns.cut);
+    let end = if shared.settings.splice {
+        splice::duplex(&client, &chosen.conn, idle, cut, tally).await
+    } else {
+        copy::duplex(client, chosen.conn, idle, cut, tally).await
+    };
     let elapsed = started.elapsed();
     metrics.duration.observe(elapsed.as_secs_f64());
     let outcome = match &end {
@@ -224,7 +223,11 @@ async fn relay(
         }
         End::Closed | End::Cut => Outcome::Success,
     };
-    route.balancer.done(&chosen.picked, outcome, elapsed);
+    // A connection's lifetime says nothing about the upstream's speed; its connect time does,
+    // so that is what latency-aware strategies (peak-EWMA) learn from.
+    route
+        .balancer
+        .done(&chosen.picked, outcome, chosen.connect_time);
     tracing::debug!(service, %peer, %upstream, ?end, "TCP connection closed");
     drop(flight);
 }
