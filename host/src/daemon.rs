@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::public::{self, PublicView};
 use crate::api::{self, Shared, Tokens};
 use crate::config::{BackendKind, Config, ListenAddr};
 use crate::dirwatch::{DirWatch, WatchOptions};
@@ -29,6 +30,7 @@ pub struct Harbor {
     strategies: Arc<Strategies>,
     routing: Arc<RoutingTable>,
     api_addrs: Vec<SocketAddr>,
+    gangway_addr: Option<SocketAddr>,
     unix_sockets: Vec<PathBuf>,
     rescan: Arc<Notify>,
     cancel: CancellationToken,
@@ -95,6 +97,14 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
 
     let routing = Arc::new(RoutingTable::new(strategies.clone()));
     let routed_as_of = routing::build(&routing, &registry);
+    let proxy_port =
+        (config.backend == BackendKind::Embedded).then_some(config.proxy_listen.port());
+    let public = Arc::new(PublicView::new(
+        config.event_ring,
+        config.backend,
+        proxy_port,
+    ));
+    let public_as_of = public::build(&public, &registry, &routing);
 
     let tokens = config.token_file.as_deref().map(Tokens::load).transpose()?;
     let shared = Arc::new(Shared {
@@ -107,6 +117,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         routing: routing.clone(),
         backend: config.backend,
         started_at: std::time::SystemTime::now(),
+        public: public.clone(),
     });
     let app = api::router(shared.clone(), config.max_body);
 
@@ -142,6 +153,27 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         }
     }
 
+    let gangway_addr = match config.gangway_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for Gangway on {addr}"))?;
+            let bound = listener.local_addr()?;
+            tracing::info!(addr = %bound, "Gangway listening");
+            let app = api::gangway::router(shared.clone());
+            tasks.spawn(serve(listener.tap_io(nodelay), app, cancel.clone()));
+            Some(bound)
+        }
+        None => None,
+    };
+    tasks.spawn(public::follow(
+        public,
+        registry.clone(),
+        routing.clone(),
+        strategies.clone(),
+        public_as_of,
+        cancel.clone(),
+    ));
     tasks.spawn(registry::reaper(registry.clone(), cancel.clone()));
     tasks.spawn(routing::follow(
         routing.clone(),
@@ -192,6 +224,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         strategies,
         routing,
         api_addrs,
+        gangway_addr,
         unix_sockets,
         rescan,
         cancel,
@@ -209,6 +242,13 @@ where
         .await;
     if let Err(e) = served {
         tracing::error!(error = %e, "API listener failed");
+    }
+}
+
+/// As on the API listeners: event-stream frames must not wait on Nagle.
+fn nodelay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
 }
 
@@ -234,6 +274,11 @@ impl Harbor {
     /// The bound address of the first TCP API listener (useful with port 0).
     pub fn api_addr(&self) -> Option<SocketAddr> {
         self.api_addrs.first().copied()
+    }
+
+    /// Where `--gangway-listen` bound, if it was given.
+    pub fn gangway_addr(&self) -> Option<SocketAddr> {
+        self.gangway_addr
     }
 
     pub fn api_addrs(&self) -> &[SocketAddr] {

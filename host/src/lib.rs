@@ -13,7 +13,7 @@
 //! | [`routing`] | one load balancer per service, kept in step with the registry |
 //! | [`events`] | typed events and the bus (a ring read from per-subscriber cursors) |
 //! | [`store`]  | ephemeral registrations saved across restarts |
-//! | [`api`]    | the HTTP API: services, catalog, events, health, metrics |
+//! | [`api`]    | the HTTP API: services, catalog, events, health, metrics; Gangway and its public view |
 //! | [`metrics`] | Prometheus metrics |
 //! | [`daemon`] | starting and stopping a whole daemon in-process |
 
