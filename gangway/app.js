@@ -62,7 +62,7 @@
   }
 
   function addressCell(svc) {
-    const td = h('td', { class: 'addr', 'data-label': 'Address' });
+    const td = h('td', { role: 'cell', class: 'addr', 'data-label': 'Address' });
     if (svc.protocol === 'tcp') {
       td.append(h('span', { class: 'mono', text: `tcp ${svc.listen || ''}` }));
       return td;
@@ -102,17 +102,17 @@
 
   function render(svc) {
     const leases = [];
-    const tr = h('tr', { 'data-name': svc.name, 'data-kind': svc.kind });
-    tr.append(h('th', { scope: 'row', text: svc.name }));
+    const tr = h('tr', { role: 'row', 'data-name': svc.name, 'data-kind': svc.kind });
+    tr.append(h('th', { role: 'rowheader', scope: 'row', text: svc.name }));
     tr.append(addressCell(svc));
-    tr.append(h('td', { 'data-label': 'Kind' }, h('span', { class: `kind ${svc.kind}`, text: svc.kind })));
+    tr.append(h('td', { role: 'cell', 'data-label': 'Kind' }, h('span', { class: `kind ${svc.kind}`, text: svc.kind })));
     const ups = h('ul', { class: 'ups' });
     for (const u of svc.upstreams || []) ups.append(upstreamItem(svc, u, leases));
     if (!svc.upstreams || svc.upstreams.length === 0) ups.append(h('li', { class: 'muted', text: 'none' }));
-    tr.append(h('td', { 'data-label': 'Upstreams' }, ups));
-    tr.append(h('td', { 'data-label': 'Strategy', class: 'mono', text: svc.strategy || '' }));
+    tr.append(h('td', { role: 'cell', 'data-label': 'Upstreams' }, ups));
+    tr.append(h('td', { role: 'cell', 'data-label': 'Strategy', class: 'mono', text: svc.strategy || '' }));
 
-    const leaseTd = h('td', { 'data-label': 'Lease' });
+    const leaseTd = h('td', { role: 'cell', 'data-label': 'Lease' });
     let last = null;
     for (const u of svc.upstreams || []) {
       const exp = expiresMs(u);

@@ -428,6 +428,15 @@ async fn after_a_restart_the_page_reconnects_and_shows_the_current_state() {
     open_page(&b, &h).await;
     assert_eq!(names_on_page(&b).await, ["api", "docs"]);
 
+    // Every state the connection indicator goes through from now on.
+    b.eval(
+        "window.__states = [];
+         const conn = document.getElementById('conn');
+         new MutationObserver(() => window.__states.push(conn.dataset.state))
+           .observe(conn, { attributes: true, attributeFilter: ['data-state'] });",
+        json!([]),
+    )
+    .await;
     std::fs::remove_file(h.routes.path().join("docs.route")).unwrap();
     h.write_route(
         "fresh.route",
@@ -443,6 +452,12 @@ async fn after_a_restart_the_page_reconnects_and_shows_the_current_state() {
          && document.getElementById('conn').dataset.state === 'live'",
     )
     .await;
+    let states = b.eval("return window.__states", json!([])).await;
+    assert_eq!(
+        states,
+        json!(["reconnecting", "live"]),
+        "the indicator said so"
+    );
     // The saved registration is back once, the deleted file's service is gone, the new one is
     // there.
     assert_eq!(names_on_page(&b).await, ["api", "fresh"]);
@@ -719,5 +734,41 @@ async fn the_gangway_listener_serves_the_page_and_public_data_only() {
     assert_eq!(status, 200);
     let page = h.client.get(h.url("/")).send().await.unwrap();
     assert_eq!(page.headers()["etag"].to_str().unwrap(), etag);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn plugin_events_reach_the_public_stream_as_name_and_state_only() {
+    let h = start().await;
+    let mut stream = h.sse("/api/v1/catalog/events", None).await;
+    let snapshot = stream.next().await;
+    let plugins = snapshot.data["status"]["plugins"].as_u64().unwrap();
+    let bus = h.harbor().registry().bus();
+    bus.publish(harbor::events::Event::RouteFileError {
+        error: harbor::events::RouteFileError {
+            file: "/etc/harbor/routes.d/private-thing.route".into(),
+            line: Some(1),
+            column: None,
+            field: None,
+            reason: "bad".into(),
+        },
+    });
+    bus.publish(harbor::events::Event::PluginFault {
+        name: "canary".into(),
+        fault: harbor::plugins::FaultKind::Trap,
+        message: "wasm trap at /home/someone/src/lib.rs:12".into(),
+    });
+    let e = stream.next().await;
+    assert_eq!(e.event, "plugin");
+    assert_eq!(
+        e.data,
+        json!({"type": "plugin", "name": "canary", "state": "fault", "plugins": plugins})
+    );
+    assert!(
+        stream
+            .next_within(Duration::from_millis(200))
+            .await
+            .is_none()
+    );
     h.shutdown().await;
 }
