@@ -234,7 +234,9 @@
     for (const tr of rows.values()) if (!tr.hidden) shown += 1;
     const total = rows.size;
     const noun = total === 1 ? 'service' : 'services';
-    ui.count.textContent = query ? `${shown} of ${total} ${noun}` : `${total} public ${noun}`;
+    const text = query ? `${shown} of ${total} ${noun}` : `${total} public ${noun}`;
+    // A live region: touch it only when it says something new.
+    if (ui.count.textContent !== text) ui.count.textContent = text;
     ui.empty.hidden = !loaded || total > 0;
     ui.table.hidden = loaded && total === 0;
     ui.nomatch.hidden = !(total > 0 && shown === 0);
@@ -281,6 +283,7 @@
     loaded = true;
     if (store.get('gangway.compact') === null) setCompact(rows.size > 100, false);
     updateCounts();
+    // How many snapshots this page has applied (a reconnect after a restart makes it two).
     document.documentElement.dataset.snapshot = String(Number(document.documentElement.dataset.snapshot || 0) + 1);
   }
 
