@@ -384,6 +384,28 @@ async fn a_private_service_never_reaches_the_page_or_the_public_stream() {
     )
     .await;
 
+    // Load changes without events; it is sampled and reaches the stream and the page.
+    let balancer = h
+        .harbor()
+        .routing()
+        .balancer(&harbor::model::ServiceName::parse("marker").unwrap())
+        .expect("marker is routed");
+    let picked: Vec<_> = (0..3)
+        .map(|_| balancer.pick(None, &[]).expect("a backend"))
+        .collect();
+    let _in_flight: Vec<_> = picked.iter().map(|p| p.start().expect("a load")).collect();
+    let loads = read_until(&mut public, "a load event", |e| e.event == "load").await;
+    let load = loads.last().unwrap();
+    assert_eq!(load.data["services"][0]["name"], "marker");
+    assert_eq!(load.data["services"][0]["upstreams"][0]["in_flight"], 3);
+    b.wait_for(
+        Duration::from_secs(2),
+        "the load shown",
+        "const l = document.querySelector('#rows tr[data-name=marker] .load');
+         return l && l.textContent === '3 in flight'",
+    )
+    .await;
+
     // The one-shot catalog agrees.
     let (_, catalog) = h.get("/api/v1/catalog").await;
     assert_eq!(catalog["services"].as_array().unwrap().len(), 1);

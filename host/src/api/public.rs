@@ -425,6 +425,7 @@ pub async fn stream(
         pending: VecDeque::new(),
         cancel: app.cancel.clone(),
         app: app.clone(),
+        retry_sent: false,
     };
     let events = futures_util::stream::unfold(reader, |mut r| async move {
         let event = r.next().await?;
@@ -461,19 +462,29 @@ struct Reader {
     cursor: Option<u64>,
     pending: VecDeque<Arc<PublicEvent>>,
     cancel: CancellationToken,
+    retry_sent: bool,
 }
 
 impl Reader {
+    /// The first event of a stream tells the browser how soon to reconnect: a resumed stream
+    /// may start without a snapshot, and a new `EventSource` has forgotten the old value.
+    fn with_retry(&mut self, event: SseEvent) -> SseEvent {
+        if std::mem::replace(&mut self.retry_sent, true) {
+            event
+        } else {
+            event.retry(RECONNECT_AFTER)
+        }
+    }
+
     async fn next(&mut self) -> Option<SseEvent> {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 self.cursor = Some(event.id);
-                return Some(
-                    SseEvent::default()
-                        .id(event.id.to_string())
-                        .event(event.kind)
-                        .data(event.data.as_str()),
-                );
+                let sse = SseEvent::default()
+                    .id(event.id.to_string())
+                    .event(event.kind)
+                    .data(event.data.as_str());
+                return Some(self.with_retry(sse));
             }
             let Some(cursor) = self.cursor else {
                 let (id, services) = self.app.public.snapshot();
@@ -483,13 +494,11 @@ impl Reader {
                     "services": services,
                     "status": self.app.public.status(&self.app),
                 });
-                return Some(
-                    SseEvent::default()
-                        .id(id.to_string())
-                        .event("snapshot")
-                        .retry(RECONNECT_AFTER)
-                        .data(data.to_string()),
-                );
+                let sse = SseEvent::default()
+                    .id(id.to_string())
+                    .event("snapshot")
+                    .data(data.to_string());
+                return Some(self.with_retry(sse));
             };
             self.wake.borrow_and_update();
             match self.app.public.since(cursor) {
