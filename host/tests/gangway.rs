@@ -149,8 +149,31 @@ async fn the_page_renders_the_static_services() {
         .await;
     assert_eq!(foreign, json!([]));
 
+    // Keyboard: `/` jumps to the filter, typing filters, Escape clears.
+    b.press("/").await;
+    let focused = b.eval("return document.activeElement.id", json!([])).await;
+    assert_eq!(focused, "filter");
+    b.type_into("#filter", "whoami.loc").await;
+    let count = b
+        .eval(
+            "return document.getElementById('count').textContent",
+            json!([]),
+        )
+        .await;
+    assert_eq!(count, "1 of 2 services");
+    b.press("\u{E00C}").await;
+    let count = b
+        .eval(
+            "return document.getElementById('count').textContent",
+            json!([]),
+        )
+        .await;
+    assert_eq!(count, "2 public services");
+
+    assert_contrast(&b, "light").await;
     b.screenshot("static-light.png").await;
     b.color_scheme("dark").await;
+    assert_contrast(&b, "dark").await;
     let bg = b
         .eval(
             "return getComputedStyle(document.body).backgroundColor",
@@ -171,6 +194,39 @@ async fn the_page_renders_the_static_services() {
     b.screenshot("static-phone.png").await;
     b.close().await;
     h.shutdown().await;
+}
+
+/// Every piece of text on the page against what is behind it: at least 4.5:1 (WCAG AA).
+async fn assert_contrast(b: &Browser, theme: &str) {
+    let low = b
+        .eval(
+            "const rgb = (c) => (c.match(/[\\d.]+/g) || []).map(Number);
+             const lum = ([r, g, b]) => {
+               const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+               return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+             };
+             const behind = (el) => {
+               for (let e = el; e; e = e.parentElement) {
+                 const c = rgb(getComputedStyle(e).backgroundColor);
+                 if (c.length === 3 || (c.length === 4 && c[3] > 0)) return c.slice(0, 3);
+               }
+               return [255, 255, 255];
+             };
+             const low = [];
+             const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+             while (walker.nextNode()) {
+               const el = walker.currentNode.parentElement;
+               if (!walker.currentNode.textContent.trim() || el.closest('[hidden], .sr-only, .skip')) continue;
+               const fg = lum(rgb(getComputedStyle(el).color));
+               const bg = lum(behind(el));
+               const ratio = (Math.max(fg, bg) + 0.05) / (Math.min(fg, bg) + 0.05);
+               if (ratio < 4.5) low.push(`${el.tagName}.${el.className}: ${ratio.toFixed(2)} '${walker.currentNode.textContent.trim()}'`);
+             }
+             return low",
+            json!([]),
+        )
+        .await;
+    assert_eq!(low, json!([]), "text below 4.5:1 in the {theme} theme");
 }
 
 #[tokio::test]

@@ -215,6 +215,19 @@ impl Browser {
             .await;
     }
 
+    /// Presses and releases one key on whatever has the focus (WebDriver key values, e.g.
+    /// `"\u{E00C}"` for Escape).
+    pub async fn press(&self, key: &str) {
+        self.cmd(
+            "/actions",
+            json!({"actions": [{"type": "key", "id": "keyboard", "actions": [
+                {"type": "keyDown", "value": key},
+                {"type": "keyUp", "value": key},
+            ]}]}),
+        )
+        .await;
+    }
+
     pub async fn set_window(&self, width: u32, height: u32) {
         self.cmd("/window/rect", json!({ "width": width, "height": height }))
             .await;
