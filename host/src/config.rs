@@ -83,6 +83,11 @@ pub struct RunArgs {
     #[arg(long, env = "HARBOR_PROXY_LISTEN", value_name = "ADDR")]
     pub proxy_listen: Option<SocketAddr>,
 
+    /// A second listener that serves only the Gangway dashboard and its public data (never the
+    /// mutating API), for exposing the dashboard while the API stays private.
+    #[arg(long, env = "HARBOR_GANGWAY_LISTEN", value_name = "ADDR")]
+    pub gangway_listen: Option<SocketAddr>,
+
     /// Directory of custom plugins (.wasm components).
     #[arg(long, env = "HARBOR_PLUGINS", value_name = "DIR")]
     pub plugins: Option<PathBuf>,
@@ -243,6 +248,7 @@ struct FileConfig {
     api: Option<Vec<ListenAddr>>,
     backend: Option<BackendKind>,
     proxy_listen: Option<SocketAddr>,
+    gangway_listen: Option<SocketAddr>,
     plugins: Option<PathBuf>,
     token_file: Option<PathBuf>,
     #[serde(default, with = "opt_duration")]
@@ -292,6 +298,8 @@ pub struct Config {
     pub api: Vec<ListenAddr>,
     pub backend: BackendKind,
     pub proxy_listen: SocketAddr,
+    /// Where Gangway alone is served, besides `/` on every API listener.
+    pub gangway_listen: Option<SocketAddr>,
     pub plugins_dir: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
     pub lease: LeaseLimits,
@@ -347,6 +355,7 @@ impl Config {
             api: vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 7070)))],
             backend: BackendKind::Embedded,
             proxy_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            gangway_listen: None,
             plugins_dir: None,
             token_file: None,
             lease: LeaseLimits::default(),
@@ -384,6 +393,7 @@ impl Config {
             .proxy_listen
             .or(file.proxy_listen)
             .unwrap_or(c.proxy_listen);
+        c.gangway_listen = args.gangway_listen.or(file.gangway_listen);
         c.plugins_dir = args.plugins.or(file.plugins);
         c.token_file = args.token_file.or(file.token_file);
         c.lease.min = args.ttl_min.or(file.ttl_min).unwrap_or(c.lease.min);
@@ -485,7 +495,7 @@ mod tests {
         let file = dir.path().join("harbor.toml");
         std::fs::write(
             &file,
-            "routes = \"/srv/routes\"\napi = [\"127.0.0.1:9000\", \"unix:/tmp/h.sock\"]\nttl_max = \"1h\"\nwatch = false\n",
+            "routes = \"/srv/routes\"\napi = [\"127.0.0.1:9000\", \"unix:/tmp/h.sock\"]\nttl_max = \"1h\"\nwatch = false\ngangway_listen = \"127.0.0.1:7071\"\n",
         )
         .unwrap();
         let args = RunArgs {
@@ -498,6 +508,7 @@ mod tests {
         assert_eq!(c.api[1], ListenAddr::Unix("/tmp/h.sock".into()));
         assert_eq!(c.lease.max, Duration::from_secs(3600));
         assert!(!c.watch);
+        assert_eq!(c.gangway_listen, Some("127.0.0.1:7071".parse().unwrap()));
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/harbor"));
     }
 
@@ -532,9 +543,15 @@ mod tests {
             "caddy",
             "--ttl-max",
             "2h",
+            "--gangway-listen",
+            "0.0.0.0:7071",
         ])
         .unwrap();
         assert_eq!(cli.run.api.len(), 2);
+        assert_eq!(
+            cli.run.gangway_listen,
+            Some("0.0.0.0:7071".parse().unwrap())
+        );
         assert_eq!(cli.run.backend, Some(BackendKind::Caddy));
         assert!(Cli::try_parse_from(["harbor", "--api", "nowhere"]).is_err());
     }

@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::public::{self, PublicView};
 use crate::api::{self, Shared, Tokens};
 use crate::config::{BackendKind, Config, ListenAddr};
 use crate::dirwatch::{DirWatch, WatchOptions};
@@ -32,6 +33,7 @@ pub struct Harbor {
     strategies: Arc<Strategies>,
     routing: Arc<RoutingTable>,
     api_addrs: Vec<SocketAddr>,
+    gangway_addr: Option<SocketAddr>,
     unix_sockets: Vec<PathBuf>,
     rescan: Arc<Notify>,
     cancel: CancellationToken,
@@ -100,6 +102,30 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
 
     let routing = Arc::new(RoutingTable::new(strategies.clone()));
     let routed_as_of = routing::build(&routing, &registry);
+    let mut tasks = JoinSet::new();
+    for listener in crate::echo::bind(&config.proxy.echo).await? {
+        tasks.spawn(crate::echo::serve(listener, cancel.clone()));
+    }
+    let proxy = Proxy::start(
+        routing.clone(),
+        config.proxy.clone(),
+        proxy_metrics,
+        registry.bus().clone(),
+        proxy::Options {
+            // Caddy and Envoy carry HTTP themselves; only Envoy also carries tcp routes.
+            http: (config.backend == BackendKind::Embedded).then_some(config.proxy_listen),
+            tcp: config.backend != BackendKind::Envoy,
+        },
+        &mut tasks,
+    )
+    .await?;
+    let proxy_port = proxy.http_addr().map(|a| a.port());
+    let public = Arc::new(PublicView::new(
+        config.event_ring,
+        config.backend,
+        proxy_port,
+    ));
+    let public_as_of = public::build(&public, &registry, &routing);
 
     let tokens = config.token_file.as_deref().map(Tokens::load).transpose()?;
     let shared = Arc::new(Shared {
@@ -112,10 +138,10 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         routing: routing.clone(),
         backend: config.backend,
         started_at: std::time::SystemTime::now(),
+        public: public.clone(),
     });
     let app = api::router(shared.clone(), config.max_body);
 
-    let mut tasks = JoinSet::new();
     let mut api_addrs = Vec::new();
     let mut unix_sockets = Vec::new();
     for listen in &config.api {
@@ -147,23 +173,28 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         }
     }
 
-    tasks.spawn(registry::reaper(registry.clone(), cancel.clone()));
-    for listener in crate::echo::bind(&config.proxy.echo).await? {
-        tasks.spawn(crate::echo::serve(listener, cancel.clone()));
-    }
-    let proxy = Proxy::start(
+    let gangway_addr = match config.gangway_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for Gangway on {addr}"))?;
+            let bound = listener.local_addr()?;
+            tracing::info!(addr = %bound, "Gangway listening");
+            let app = api::gangway::router(shared.clone());
+            tasks.spawn(serve(listener.tap_io(nodelay), app, cancel.clone()));
+            Some(bound)
+        }
+        None => None,
+    };
+    tasks.spawn(public::follow(
+        public,
+        registry.clone(),
         routing.clone(),
-        config.proxy.clone(),
-        proxy_metrics,
-        registry.bus().clone(),
-        proxy::Options {
-            // Caddy and Envoy carry HTTP themselves; only Envoy also carries tcp routes.
-            http: (config.backend == BackendKind::Embedded).then_some(config.proxy_listen),
-            tcp: config.backend != BackendKind::Envoy,
-        },
-        &mut tasks,
-    )
-    .await?;
+        strategies.clone(),
+        public_as_of,
+        cancel.clone(),
+    ));
+    tasks.spawn(registry::reaper(registry.clone(), cancel.clone()));
     tasks.spawn(routing::follow(
         routing.clone(),
         registry.clone(),
@@ -215,6 +246,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         strategies,
         routing,
         api_addrs,
+        gangway_addr,
         unix_sockets,
         rescan,
         cancel,
@@ -232,6 +264,13 @@ where
         .await;
     if let Err(e) = served {
         tracing::error!(error = %e, "API listener failed");
+    }
+}
+
+/// As on the API listeners: event-stream frames must not wait on Nagle.
+fn nodelay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
 }
 
@@ -257,6 +296,11 @@ impl Harbor {
     /// The bound address of the first TCP API listener (useful with port 0).
     pub fn api_addr(&self) -> Option<SocketAddr> {
         self.api_addrs.first().copied()
+    }
+
+    /// Where `--gangway-listen` bound, if it was given.
+    pub fn gangway_addr(&self) -> Option<SocketAddr> {
+        self.gangway_addr
     }
 
     pub fn api_addrs(&self) -> &[SocketAddr] {

@@ -15,7 +15,7 @@
 //! | [`echo`]   | demo backends (`harbor echo`) |
 //! | [`events`] | typed events and the bus (a ring read from per-subscriber cursors) |
 //! | [`store`]  | ephemeral registrations saved across restarts |
-//! | [`api`]    | the HTTP API: services, catalog, events, health, metrics |
+//! | [`api`]    | the HTTP API: services, catalog, events, health, metrics; Gangway and its public view |
 //! | [`metrics`] | Prometheus metrics |
 //! | [`daemon`] | starting and stopping a whole daemon in-process |
 

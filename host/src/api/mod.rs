@@ -4,8 +4,10 @@
 mod auth;
 mod error;
 mod events;
+pub mod gangway;
 mod json;
 mod plugins;
+pub mod public;
 mod services;
 
 use std::sync::Arc;
@@ -37,6 +39,8 @@ pub struct Shared {
     pub routing: Arc<crate::routing::RoutingTable>,
     pub backend: crate::config::BackendKind,
     pub started_at: std::time::SystemTime,
+    /// What Gangway and anyone else may see: public services, safe fields only.
+    pub public: Arc<public::PublicView>,
 }
 
 pub type AppState = Arc<Shared>;
@@ -70,6 +74,9 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/api/v1/catalog", get(services::catalog))
         .route("/api/v1/route-errors", get(services::route_errors))
         .route("/api/v1/events", get(events::stream))
+        .route("/api/v1/catalog/events", get(public::stream))
+        .route("/api/v1/status", get(public::status))
+        .merge(gangway::files())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

@@ -148,7 +148,12 @@ impl TestHarbor {
     }
 
     pub async fn events(&self, last_event_id: Option<&str>) -> SseReader {
-        let mut req = self.client.get(self.url("/api/v1/events"));
+        self.sse("/api/v1/events", last_event_id).await
+    }
+
+    /// An event stream at `path` (the operator's or the public one).
+    pub async fn sse(&self, path: &str, last_event_id: Option<&str>) -> SseReader {
+        let mut req = self.client.get(self.url(path));
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id);
         }

@@ -1,0 +1,530 @@
+//! The public view that Gangway (and anyone who can reach it) reads: public services only, with
+//! only the fields anyone may see, kept by one follower task in a ring of its own. Private
+//! services and events about them never enter the ring, and a service that turns private or goes
+//! away leaves it as a `service_removed`, so a public stream can never show something stale.
+//!
+//! The ring has its own ids (starting from the wall clock like the event bus, so they keep
+//! increasing across restarts), and a snapshot is taken under the same lock as the ring, so a
+//! subscriber's snapshot and the events after it always join up.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use futures_util::Stream;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::config::BackendKind;
+use crate::events::{Event, Since, lock};
+use crate::model::{CatalogEntry, CatalogUpstream, Kind, RouteView, ServiceName, ServiceView};
+use crate::plugins::Strategies;
+use crate::registry::Registry;
+use crate::routing::RoutingTable;
+
+/// How often the in-flight load of public upstreams is sampled; it changes without events.
+const LOAD_SAMPLE: Duration = Duration::from_secs(1);
+
+/// How long a browser waits before reconnecting a dropped stream (the SSE `retry` field).
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+
+/// One public event, rendered once.
+#[derive(Debug)]
+pub struct PublicEvent {
+    pub id: u64,
+    pub kind: &'static str,
+    pub data: String,
+}
+
+pub struct PublicView {
+    inner: Mutex<Inner>,
+    latest: watch::Sender<u64>,
+    backend: BackendKind,
+    /// The port people open HTTP services on, when Harbor is the proxy.
+    proxy_port: Option<u16>,
+}
+
+struct Inner {
+    services: BTreeMap<ServiceName, Value>,
+    /// Health reported by events, which wins over the routing table's until the next report.
+    health: HashMap<(ServiceName, String), bool>,
+    last_id: u64,
+    capacity: usize,
+    ring: VecDeque<Arc<PublicEvent>>,
+}
+
+/// A public service: the catalog's safe projection, plus live upstream state where known.
+#[derive(Serialize)]
+struct PublicService {
+    name: ServiceName,
+    kind: Kind,
+    #[serde(flatten)]
+    route: RouteView,
+    upstreams: Vec<PublicUpstream>,
+}
+
+#[derive(Serialize)]
+struct PublicUpstream {
+    #[serde(flatten)]
+    base: CatalogUpstream,
+    /// The lease length, so a page can tell a lease near its end from a long one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttl_secs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    healthy: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_flight: Option<u32>,
+}
+
+impl PublicView {
+    pub fn new(capacity: usize, backend: BackendKind, proxy_port: Option<u16>) -> Self {
+        let start = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let (latest, _) = watch::channel(start);
+        Self {
+            inner: Mutex::new(Inner {
+                services: BTreeMap::new(),
+                health: HashMap::new(),
+                last_id: start,
+                capacity: capacity.max(1),
+                ring: VecDeque::with_capacity(capacity.clamp(1, 4096)),
+            }),
+            latest,
+            backend,
+            proxy_port,
+        }
+    }
+
+    /// The public services and the id of the last public event they include.
+    pub fn snapshot(&self) -> (u64, Vec<Value>) {
+        let inner = lock(&self.inner);
+        (inner.last_id, inner.services.values().cloned().collect())
+    }
+
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.latest.subscribe()
+    }
+
+    /// Every public event after `cursor`, or `None` when the ring no longer reaches back to it
+    /// (or it is from another run): the subscriber starts again from a snapshot.
+    pub fn since(&self, cursor: u64) -> Option<Vec<Arc<PublicEvent>>> {
+        let inner = lock(&self.inner);
+        if cursor == inner.last_id {
+            return Some(Vec::new());
+        }
+        let oldest = inner.ring.front()?.id;
+        if cursor > inner.last_id || cursor + 1 < oldest {
+            return None;
+        }
+        let skip = (cursor + 1 - oldest) as usize;
+        Some(inner.ring.iter().skip(skip).cloned().collect())
+    }
+
+    fn render(&self, service: &ServiceView, routing: &RoutingTable) -> Option<Value> {
+        let entry = CatalogEntry::from(service);
+        let live = (self.backend == BackendKind::Embedded).then(|| {
+            routing
+                .upstream_states(&service.name)
+                .into_iter()
+                .map(|s| (s.address.clone(), s))
+                .collect::<HashMap<_, _>>()
+        });
+        let overrides = lock(&self.inner);
+        let upstreams = entry
+            .upstreams
+            .into_iter()
+            .enumerate()
+            .map(|(i, base)| {
+                let addr = base.addr.to_string();
+                let state = live.as_ref().and_then(|m| m.get(&addr));
+                let reported = overrides.health.get(&(service.name.clone(), addr));
+                let healthy = reported
+                    .copied()
+                    .or(state.map(|s| s.healthy))
+                    // An upstream the table has not picked up yet starts healthy and idle.
+                    .or(live.as_ref().map(|_| true));
+                let in_flight = state.map(|s| s.in_flight).or(live.as_ref().map(|_| 0));
+                PublicUpstream {
+                    ttl_secs: (service.kind == Kind::Ephemeral)
+                        .then(|| service.instances.get(i).map(|inst| inst.lease.ttl_secs))
+                        .flatten(),
+                    base,
+                    healthy,
+                    in_flight,
+                }
+            })
+            .collect();
+        drop(overrides);
+        let public = PublicService {
+            name: entry.name,
+            kind: entry.kind,
+            route: entry.route,
+            upstreams,
+        };
+        serde_json::to_value(&public)
+            .inspect_err(|e| tracing::error!(error = %e, "a public service could not be rendered"))
+            .ok()
+    }
+
+    /// Brings one service's public entry to the registry's current state, publishing the
+    /// difference if there is one.
+    fn refresh(&self, name: &ServiceName, registry: &Registry, routing: &RoutingTable) {
+        let current = registry.service(name);
+        let exists = current.is_some();
+        let rendered = current
+            .filter(|s| s.public)
+            .and_then(|s| self.render(&s, routing));
+        let mut inner = lock(&self.inner);
+        let id = match rendered {
+            Some(entry) => {
+                if inner.services.get(name) == Some(&entry) {
+                    return;
+                }
+                let data = json!({ "type": "service", "service": entry });
+                inner.services.insert(name.clone(), entry);
+                inner.push("service", &data)
+            }
+            None => {
+                if !exists {
+                    inner.health.retain(|(n, _), _| n != name);
+                }
+                if inner.services.remove(name).is_none() {
+                    return;
+                }
+                inner.push(
+                    "service_removed",
+                    &json!({ "type": "service_removed", "name": name }),
+                )
+            }
+        };
+        drop(inner);
+        self.latest.send_replace(id);
+    }
+
+    fn publish(&self, kind: &'static str, data: &Value) {
+        let id = lock(&self.inner).push(kind, data);
+        self.latest.send_replace(id);
+    }
+
+    /// Takes in a batch of registry events: every service they touch is brought up to date
+    /// once, however many events named it.
+    fn apply<'a>(
+        &self,
+        events: impl Iterator<Item = &'a Event>,
+        registry: &Registry,
+        routing: &RoutingTable,
+        strategies: &Strategies,
+    ) {
+        let mut touched = BTreeSet::new();
+        for event in events {
+            match event {
+                Event::ServiceAdded { service } | Event::ServiceUpdated { service } => {
+                    touched.insert(service.name.clone());
+                }
+                Event::ServiceRemoved { name }
+                | Event::InstanceRegistered { name, .. }
+                | Event::InstanceRenewed { name, .. }
+                | Event::InstanceExpired { name, .. }
+                | Event::InstanceDeregistered { name, .. }
+                | Event::StrategyChanged { name, .. } => {
+                    touched.insert(name.clone());
+                }
+                Event::UpstreamHealth {
+                    name,
+                    upstream,
+                    healthy,
+                } => {
+                    lock(&self.inner)
+                        .health
+                        .insert((name.clone(), upstream.clone()), *healthy);
+                    touched.insert(name.clone());
+                }
+                // Plugin names and states are safe to show; sources, hashes and messages may
+                // carry paths or internals, so they stay on the operator stream.
+                Event::PluginLoaded { name, .. } => self.plugin(name, "loaded", strategies),
+                Event::PluginFault { name, .. } => self.plugin(name, "fault", strategies),
+                Event::PluginDisabled { name, .. } => self.plugin(name, "disabled", strategies),
+                Event::PluginRemoved { name } => self.plugin(name, "removed", strategies),
+                Event::PluginRejected { .. }
+                | Event::RouteFileError { .. }
+                | Event::RouteFileRecovered { .. }
+                | Event::StateFileError { .. } => {}
+            }
+        }
+        for name in &touched {
+            self.refresh(name, registry, routing);
+        }
+    }
+
+    fn plugin(&self, name: &str, state: &str, strategies: &Strategies) {
+        self.publish(
+            "plugin",
+            &json!({
+                "type": "plugin",
+                "name": name,
+                "state": state,
+                "plugins": strategies.names().len(),
+            }),
+        );
+    }
+
+    /// Every service the registry or the public view knows, brought up to date: after a gap in
+    /// the bus, or at startup.
+    fn resync(&self, registry: &Registry, routing: &RoutingTable) {
+        let mut names: BTreeSet<ServiceName> =
+            registry.services().into_iter().map(|s| s.name).collect();
+        names.extend(lock(&self.inner).services.keys().cloned());
+        for name in &names {
+            self.refresh(name, registry, routing);
+        }
+    }
+
+    /// Load changes without events; the changed services go out together as one `load` event
+    /// so that a busy proxy costs one ring slot per sample, not one per service.
+    fn sample_load(&self, registry: &Registry, routing: &RoutingTable) {
+        if self.backend != BackendKind::Embedded {
+            return;
+        }
+        let names: Vec<ServiceName> = lock(&self.inner).services.keys().cloned().collect();
+        let mut changed = Vec::new();
+        for name in names {
+            let Some(entry) = registry
+                .service(&name)
+                .filter(|s| s.public)
+                .and_then(|s| self.render(&s, routing))
+            else {
+                continue;
+            };
+            let mut inner = lock(&self.inner);
+            if let Some(old) = inner.services.get_mut(&name)
+                && *old != entry
+            {
+                *old = entry.clone();
+                changed.push(entry);
+            }
+        }
+        if !changed.is_empty() {
+            self.publish("load", &json!({ "type": "load", "services": changed }));
+        }
+    }
+
+    /// What the status strip shows, for the status endpoint and the snapshot.
+    pub fn status(&self, app: &super::Shared) -> Value {
+        let now = SystemTime::now();
+        let uptime = now.duration_since(app.started_at).unwrap_or_default();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "backend": app.backend.to_string(),
+            // Whether the driven proxy matches the desired state; `null` while no adapter
+            // reports it (and for the embedded proxy, which is the desired state).
+            "in_sync": Value::Null,
+            "plugins": app.strategies.names().len(),
+            "started_at": crate::model::timestamp(app.started_at),
+            "uptime_secs": uptime.as_secs(),
+            "server_time_ms": now.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            "proxy_port": self.proxy_port,
+        })
+    }
+}
+
+impl Inner {
+    fn push(&mut self, kind: &'static str, data: &Value) -> u64 {
+        self.last_id += 1;
+        let id = self.last_id;
+        if self.ring.len() == self.capacity {
+            self.ring.pop_front();
+        }
+        self.ring.push_back(Arc::new(PublicEvent {
+            id,
+            kind,
+            data: data.to_string(),
+        }));
+        id
+    }
+}
+
+/// Fills the view from the registry; returns the bus id it is current as of, for [`follow`].
+pub fn build(view: &PublicView, registry: &Registry, routing: &RoutingTable) -> u64 {
+    let cursor = registry.bus().last_id();
+    view.resync(registry, routing);
+    cursor
+}
+
+/// Keeps the view in step with the registry from bus event `cursor` on, until cancelled.
+pub async fn follow(
+    view: Arc<PublicView>,
+    registry: Arc<Registry>,
+    routing: Arc<RoutingTable>,
+    strategies: Arc<Strategies>,
+    mut cursor: u64,
+    cancel: CancellationToken,
+) {
+    let bus = registry.bus().clone();
+    let mut changes = bus.watch();
+    let mut sample = tokio::time::interval(LOAD_SAMPLE);
+    sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        // Mark the current value seen before reading, so a publish after the read wakes us.
+        changes.borrow_and_update();
+        match bus.since(cursor) {
+            Since::Events(events) => {
+                cursor = events.last().map_or(cursor, |e| e.id);
+                view.apply(
+                    events.iter().map(|e| &e.event),
+                    &registry,
+                    &routing,
+                    &strategies,
+                );
+            }
+            Since::Gap => {
+                cursor = bus.last_id();
+                view.resync(&registry, &routing);
+            }
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = sample.tick() => view.sample_load(&registry, &routing),
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// `GET /api/v1/status`: what the status strip shows.
+pub async fn status(State(app): State<AppState>) -> impl IntoResponse {
+    Json(app.public.status(&app))
+}
+
+/// `GET /api/v1/catalog/events`: the public view as Server-Sent Events, snapshot first. A client
+/// resumes with the `Last-Event-ID` header (what `EventSource` sends by itself) or, when it had
+/// to open a new `EventSource`, with `?last_event_id=`; the header wins, being the newer.
+pub async fn stream(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let from_query = resume_param(query.as_deref())?;
+    let from_header = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let reader = Reader {
+        wake: app.public.watch(),
+        cursor: from_header.or(from_query),
+        pending: VecDeque::new(),
+        cancel: app.cancel.clone(),
+        app: app.clone(),
+        retry_sent: false,
+    };
+    let events = futures_util::stream::unfold(reader, |mut r| async move {
+        let event = r.next().await?;
+        Some((Ok(event), r))
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(app.sse_keep_alive)))
+}
+
+fn resume_param(query: Option<&str>) -> Result<Option<u64>, ApiError> {
+    let mut resume = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key != "last_event_id" {
+            return Err(ApiError::bad_request(
+                Some(key.to_owned()),
+                format!("unknown query parameter {key:?}; this stream takes only last_event_id"),
+            ));
+        }
+        let id = value.parse::<u64>().map_err(|_| {
+            ApiError::bad_request(
+                Some("last_event_id".into()),
+                format!("{value:?} is not an event id (a whole number)"),
+            )
+        })?;
+        resume = Some(id);
+    }
+    Ok(resume)
+}
+
+struct Reader {
+    app: AppState,
+    wake: watch::Receiver<u64>,
+    /// The id of the last event this client has; `None` means it needs a snapshot.
+    cursor: Option<u64>,
+    pending: VecDeque<Arc<PublicEvent>>,
+    cancel: CancellationToken,
+    retry_sent: bool,
+}
+
+impl Reader {
+    /// The first event of a stream tells the browser how soon to reconnect: a resumed stream
+    /// may start without a snapshot, and a new `EventSource` has forgotten the old value.
+    fn with_retry(&mut self, event: SseEvent) -> SseEvent {
+        if std::mem::replace(&mut self.retry_sent, true) {
+            event
+        } else {
+            event.retry(RECONNECT_AFTER)
+        }
+    }
+
+    async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                self.cursor = Some(event.id);
+                let sse = SseEvent::default()
+                    .id(event.id.to_string())
+                    .event(event.kind)
+                    .data(event.data.as_str());
+                return Some(self.with_retry(sse));
+            }
+            let Some(cursor) = self.cursor else {
+                let (id, services) = self.app.public.snapshot();
+                self.cursor = Some(id);
+                let data = json!({
+                    "type": "snapshot",
+                    "services": services,
+                    "status": self.app.public.status(&self.app),
+                });
+                let sse = SseEvent::default()
+                    .id(id.to_string())
+                    .event("snapshot")
+                    .data(data.to_string());
+                return Some(self.with_retry(sse));
+            };
+            self.wake.borrow_and_update();
+            match self.app.public.since(cursor) {
+                None => self.cursor = None,
+                Some(events) if !events.is_empty() => self.pending.extend(events),
+                Some(_) => {
+                    tokio::select! {
+                        changed = self.wake.changed() => changed.ok()?,
+                        () = self.cancel.cancelled() => return None,
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_resume_parameter_is_checked() {
+        assert_eq!(resume_param(None).unwrap(), None);
+        assert_eq!(resume_param(Some("last_event_id=42")).unwrap(), Some(42));
+        let err = resume_param(Some("last_event_id=abc")).unwrap_err();
+        assert_eq!(err.status(), axum::http::StatusCode::BAD_REQUEST);
+        assert!(resume_param(Some("since=1")).is_err());
+    }
+}
