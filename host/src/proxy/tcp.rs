@@ -81,6 +81,9 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     )?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit these from the listener on Linux: no system calls per client.
+    socket.set_tcp_nodelay(true)?;
+    socket.set_tcp_keepalive(&keepalive())?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
@@ -161,13 +164,16 @@ impl Drop for Slots {
     }
 }
 
+/// Finds peers that vanished without a FIN (a crashed host, a dropped NAT entry).
+fn keepalive() -> TcpKeepalive {
+    TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+}
+
 fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
-    // Finds peers that vanished without a FIN (a crashed host, a dropped NAT entry).
-    let keepalive = TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10));
-    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive());
 }
 
 async fn relay(
@@ -177,7 +183,6 @@ async fn relay(
     peer: SocketAddr,
 ) {
     let service = route.name.as_str();
-    tune(&client);
     let chosen = choose(
         shared,
         route,
