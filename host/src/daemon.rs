@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, Shared, Tokens};
 use crate::config::{BackendKind, Config, ListenAddr};
 use crate::dirwatch::{DirWatch, WatchOptions};
+use crate::dispatch;
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::plugins::{self, DirState, PluginEngine, Reporter, Strategies};
@@ -96,6 +97,17 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     let routing = Arc::new(RoutingTable::new(strategies.clone()));
     let routed_as_of = routing::build(&routing, &registry);
 
+    // The proxy may be down: the dispatcher starts anyway and converges once it is up.
+    let dispatcher = match config.backend {
+        BackendKind::Embedded => None,
+        _ => Some(dispatch::Dispatcher::new(
+            &config,
+            PluginEngine::shared()?,
+            registry.bus().clone(),
+            metrics.clone(),
+        )?),
+    };
+
     let tokens = config.token_file.as_deref().map(Tokens::load).transpose()?;
     let shared = Arc::new(Shared {
         registry: registry.clone(),
@@ -106,6 +118,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         strategies: strategies.clone(),
         routing: routing.clone(),
         backend: config.backend,
+        dispatcher: dispatcher.as_ref().map(|(d, _)| d.clone()),
         started_at: std::time::SystemTime::now(),
     });
     let app = api::router(shared.clone(), config.max_body);
@@ -143,6 +156,14 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     }
 
     tasks.spawn(registry::reaper(registry.clone(), cancel.clone()));
+    if let Some((dispatcher, pending)) = dispatcher {
+        tasks.spawn(dispatch::run(
+            dispatcher,
+            pending,
+            registry.clone(),
+            cancel.clone(),
+        ));
+    }
     tasks.spawn(routing::follow(
         routing.clone(),
         registry.clone(),
@@ -183,9 +204,6 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         backend = %config.backend,
         "harbor started"
     );
-    if config.backend != BackendKind::Embedded {
-        tracing::warn!(backend = %config.backend, "this build has no adapter for that backend yet; Harbor keeps the registry and API only");
-    }
 
     Ok(Harbor {
         registry,

@@ -11,6 +11,8 @@
 //! | [`dirwatch`] | following a directory: debounced change events plus periodic rescans |
 //! | [`plugins`] | the WebAssembly runtime: strategies, sandboxing, hot swap |
 //! | [`routing`] | one load balancer per service, kept in step with the registry |
+//! | [`backend`] | proxy backend adapters (Caddy, Envoy) as sandboxed components |
+//! | [`dispatch`] | keeping the active adapter's proxy in step with the registry |
 //! | [`events`] | typed events and the bus (a ring read from per-subscriber cursors) |
 //! | [`store`]  | ephemeral registrations saved across restarts |
 //! | [`api`]    | the HTTP API: services, catalog, events, health, metrics |
@@ -18,9 +20,11 @@
 //! | [`daemon`] | starting and stopping a whole daemon in-process |
 
 pub mod api;
+pub mod backend;
 pub mod config;
 pub mod daemon;
 pub mod dirwatch;
+pub mod dispatch;
 pub mod events;
 pub mod metrics;
 pub mod model;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod guests;
+pub mod proxies;
 
 use std::future::Future;
 use std::path::Path;

@@ -1,0 +1,273 @@
+//! Harbor driving a real Caddy through the Caddy adapter: routes from files and registrations
+//! reach Caddy's listener quickly, leave it on expiry and deletion, never disturb the user's own
+//! routes, come back after Caddy restarts from its Caddyfile, and survive a hand edit.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::proxies::{Caddy, Upstream, through};
+use common::{TestHarbor, eventually};
+use harbor::config::BackendKind;
+use serde_json::{Value, json};
+
+async fn harbor_for(caddy: &Caddy) -> TestHarbor {
+    let admin = caddy.admin_url().parse().expect("admin url");
+    let listen = caddy.listen_addr();
+    common::start_with(move |c| {
+        c.backend = BackendKind::Caddy;
+        c.caddy_admin = admin_clone(&admin);
+        c.caddy_listen = listen;
+        c.rescan_interval = Some(Duration::from_millis(200));
+    })
+    .await
+}
+
+fn admin_clone(a: &harbor::config::BaseUrl) -> harbor::config::BaseUrl {
+    a.clone()
+}
+
+/// Waits until `host` through Caddy answers `want`; returns how long it took.
+async fn until_routed(caddy: &Caddy, host: &str, want: &str, within: Duration) -> Duration {
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let addr = caddy.listen_addr();
+    eventually(
+        within,
+        &format!("{host} routed to {want} through Caddy"),
+        || {
+            let client = client.clone();
+            async move {
+                match through(&client, addr, host, "/").await {
+                    Some((200, body)) if body == want => Some(()),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    started.elapsed()
+}
+
+async fn until_gone(caddy: &Caddy, host: &str, within: Duration) {
+    let client = reqwest::Client::new();
+    let addr = caddy.listen_addr();
+    eventually(within, &format!("{host} no longer routed"), || {
+        let client = client.clone();
+        async move {
+            match through(&client, addr, host, "/").await {
+                Some((200, body)) if !body.is_empty() => None,
+                Some(_) => Some(()),
+                None => None,
+            }
+        }
+    })
+    .await;
+}
+
+async fn backend_status(h: &TestHarbor) -> Value {
+    let (status, body) = h.get("/api/v1/backend").await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+async fn user_route_works(caddy: &Caddy) {
+    let client = reqwest::Client::new();
+    let r = through(&client, caddy.listen_addr(), "127.0.0.1", "/user").await;
+    assert_eq!(r, Some((200, "user route".to_owned())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_and_registrations_reach_caddy_and_leave_it() {
+    let Some(caddy) = Caddy::start().await else {
+        return;
+    };
+    let h = harbor_for(&caddy).await;
+    let web = Upstream::start("web").await;
+    let api = Upstream::start("api").await;
+
+    h.write_route(
+        "web.route",
+        &format!("host = \"web.localhost\"\nupstreams = [\"{}\"]\n", web.addr),
+    );
+    let took = until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    assert!(
+        took < Duration::from_millis(500),
+        "route file took {took:?}"
+    );
+
+    let started = Instant::now();
+    h.register(json!({"name": "api", "upstream": api.addr.to_string(), "ttl_secs": 1, "host": "api.localhost"}))
+        .await;
+    let took = until_routed(&caddy, "api.localhost", "api", Duration::from_secs(3)).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "registration took {took:?}"
+    );
+    user_route_works(&caddy).await;
+
+    let status = backend_status(&h).await;
+    assert_eq!(status["adapter"], "caddy");
+    assert_eq!(status["backend"], "caddy");
+    assert!(status["applied_revision"].as_u64().is_some(), "{status}");
+
+    // The lease runs out (no renewal) and the file goes: both routes leave Caddy.
+    until_gone(&caddy, "api.localhost", Duration::from_secs(4)).await;
+    std::fs::remove_file(h.routes.path().join("web.route")).expect("remove route file");
+    until_gone(&caddy, "web.localhost", Duration::from_secs(3)).await;
+    user_route_works(&caddy).await;
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("harbor_backend_applies_total{adapter=\"caddy\",result=\"ok\"}"),
+        "{metrics}"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_caddy_gets_harbors_routes_back() {
+    let Some(mut caddy) = Caddy::start().await else {
+        return;
+    };
+    let h = harbor_for(&caddy).await;
+    let web = Upstream::start("web").await;
+    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
+        .await;
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    let mut events = h.events(None).await;
+
+    caddy.start_again().await;
+    let back = Instant::now();
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(4)).await;
+    assert!(
+        back.elapsed() < Duration::from_secs(2),
+        "routes came back after {:?}",
+        back.elapsed()
+    );
+    events.next_of("backend_drift").await;
+    user_route_works(&caddy).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_edit_of_harbors_route_is_repaired() {
+    let Some(caddy) = Caddy::start().await else {
+        return;
+    };
+    let h = harbor_for(&caddy).await;
+    let web = Upstream::start("web").await;
+    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
+        .await;
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    let mut events = h.events(None).await;
+
+    // Someone edits Harbor's routes by hand: web.localhost now answers something else.
+    let client = reqwest::Client::new();
+    let edited = client
+        .patch(format!("{}/id/harbor/handle/0/routes", caddy.admin_url()))
+        .json(&json!([{"match": [{"host": ["web.localhost"]}], "handle": [{"handler": "static_response", "body": "hijacked"}]}]))
+        .send()
+        .await
+        .expect("PATCH");
+    assert_eq!(edited.status(), 200);
+    let drift = events.next_of("backend_drift").await;
+    assert!(
+        drift.data["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("changed"),
+        "{:?}",
+        drift.data
+    );
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(2)).await;
+    user_route_works(&caddy).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harbor_starts_with_caddy_down_and_converges_when_it_comes_up() {
+    let Some(mut caddy) = Caddy::start().await else {
+        return;
+    };
+    caddy.kill();
+    let h = harbor_for(&caddy).await;
+    let web = Upstream::start("web").await;
+    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
+        .await;
+    let status = eventually(Duration::from_secs(3), "the failure shown", || async {
+        let s = backend_status(&h).await;
+        s["last_error"].as_str().is_some().then_some(s)
+    })
+    .await;
+    assert_eq!(status["in_sync"], false);
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable"),
+        "{status}"
+    );
+
+    caddy.start_again().await;
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(8)).await;
+    eventually(Duration::from_secs(3), "in sync", || async {
+        let s = backend_status(&h).await;
+        (s["in_sync"] == true).then_some(())
+    })
+    .await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_swaps_are_refused_and_the_old_adapter_keeps_serving() {
+    let Some(caddy) = Caddy::start().await else {
+        return;
+    };
+    let h = harbor_for(&caddy).await;
+    let web = Upstream::start("web").await;
+    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
+        .await;
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+
+    let put = |body: reqwest::Body, ct: &'static str| {
+        h.client
+            .put(h.url("/api/v1/backend"))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+    };
+    let r = put("{not json".into(), "application/json").await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = put(r#"{"adapter":"nginx"}"#.into(), "application/json")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = put(
+        r#"{"adapter":"caddy","config":{"route_id":"no spaces"}}"#.into(),
+        "application/json",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400, "{}", r.text().await.unwrap());
+    let r = put(b"\0asm garbage".to_vec().into(), "application/wasm")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("refused"),
+        "{body}"
+    );
+
+    let status = backend_status(&h).await;
+    assert_eq!(status["adapter"], "caddy");
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(1)).await;
+
+    // A good swap to the same built-in works and keeps the route.
+    let r = put(r#"{"adapter":"caddy"}"#.into(), "application/json")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(1)).await;
+    h.shutdown().await;
+}
