@@ -271,3 +271,122 @@ async fn bad_swaps_are_refused_and_the_old_adapter_keeps_serving() {
     until_routed(&caddy, "web.localhost", "web", Duration::from_secs(1)).await;
     h.shutdown().await;
 }
+
+/// Requests through Caddy in a loop until stopped: (successes, failures).
+fn load(
+    addr: std::net::SocketAddr,
+    host: &'static str,
+    want: &'static str,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<(u64, Vec<String>)>,
+) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let until = stop.clone();
+    let task = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let (mut ok, mut failed) = (0u64, Vec::new());
+        while !until.is_cancelled() {
+            match through(&client, addr, host, "/").await {
+                Some((200, body)) if body == want => ok += 1,
+                other => failed.push(format!("{other:?}")),
+            }
+        }
+        (ok, failed)
+    });
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapping_the_caddy_adapter_twenty_times_under_load_fails_no_request() {
+    let Some(caddy) = Caddy::start().await else {
+        return;
+    };
+    let original = common::guests::component("backend-caddy", &[]);
+    let rebuilt = common::guests::component("backend-caddy", &["rebuilt"]);
+    assert_ne!(original, rebuilt);
+    let h = harbor_for(&caddy).await;
+    let web = Upstream::start("web").await;
+    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
+        .await;
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+
+    let (stop, task) = load(caddy.listen_addr(), "web.localhost", "web");
+    for i in 0..20 {
+        let (bytes, version) = if i % 2 == 0 {
+            (rebuilt.clone(), "0.1.0+rebuilt")
+        } else {
+            (original.clone(), "0.1.0")
+        };
+        let r = h
+            .client
+            .put(h.url("/api/v1/backend?proxy=caddy"))
+            .header("content-type", "application/wasm")
+            .body(bytes)
+            .send()
+            .await
+            .expect("PUT backend");
+        let status: Value = r.json().await.expect("status");
+        assert_eq!(status["version"], version, "{status}");
+        assert_eq!(status["in_sync"], true, "{status}");
+    }
+    stop.cancel();
+    let (ok, failed) = task.await.expect("load task");
+    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), ok + failed.len() as u64, &failed[..failed.len().min(5)]);
+    assert!(ok > 20, "only {ok} requests went through");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_from_caddy_to_envoy_releases_caddys_routes() {
+    let Some(caddy) = Caddy::start().await else {
+        return;
+    };
+    let Some(mut envoy) = common::proxies::Envoy::prepare() else {
+        return;
+    };
+    let admin: harbor::config::BaseUrl = caddy.admin_url().parse().unwrap();
+    let envoy_admin: harbor::config::BaseUrl = envoy.admin_url().parse().unwrap();
+    let (listen, dir, envoy_listen) = (caddy.listen_addr(), envoy.xds.clone(), envoy.listen_addr());
+    let h = common::start_with(move |c| {
+        c.backend = BackendKind::Caddy;
+        c.caddy_admin = admin.clone();
+        c.caddy_listen = listen;
+        c.envoy_admin = envoy_admin.clone();
+        c.envoy_dir = dir.clone();
+        c.proxy_listen = envoy_listen;
+    })
+    .await;
+    let web = Upstream::start("web").await;
+    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
+        .await;
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+
+    // Envoy is not running: the new adapter writes its files but the swap still succeeds,
+    // since its files are its proxy's configuration.
+    let r = h
+        .client
+        .put(h.url("/api/v1/backend"))
+        .json(&json!({"adapter": "envoy"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    until_gone(&caddy, "web.localhost", Duration::from_secs(2)).await;
+    let id = reqwest::get(format!("{}/id/harbor", caddy.admin_url())).await.unwrap();
+    assert_eq!(id.status(), 404);
+    user_route_works(&caddy).await;
+    envoy.start_process().await;
+    let client = reqwest::Client::new();
+    eventually(Duration::from_secs(5), "web through Envoy", || {
+        let client = client.clone();
+        async move {
+            match through(&client, envoy_listen, "web.localhost", "/").await {
+                Some((200, b)) if b == "web" => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    h.shutdown().await;
+}
