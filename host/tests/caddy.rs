@@ -332,7 +332,13 @@ async fn swapping_the_caddy_adapter_twenty_times_under_load_fails_no_request() {
     }
     stop.cancel();
     let (ok, failed) = task.await.expect("load task");
-    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), ok + failed.len() as u64, &failed[..failed.len().min(5)]);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok + failed.len() as u64,
+        &failed[..failed.len().min(5)]
+    );
     assert!(ok > 20, "only {ok} requests went through");
     h.shutdown().await;
 }
@@ -373,7 +379,9 @@ async fn switching_from_caddy_to_envoy_releases_caddys_routes() {
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     until_gone(&caddy, "web.localhost", Duration::from_secs(2)).await;
-    let id = reqwest::get(format!("{}/id/harbor", caddy.admin_url())).await.unwrap();
+    let id = reqwest::get(format!("{}/id/harbor", caddy.admin_url()))
+        .await
+        .unwrap();
     assert_eq!(id.status(), 404);
     user_route_works(&caddy).await;
     envoy.start_process().await;
@@ -388,5 +396,51 @@ async fn switching_from_caddy_to_envoy_releases_caddys_routes() {
         }
     })
     .await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_that_traps_or_spins_is_refused_and_reported() {
+    let Some(caddy) = Caddy::start().await else {
+        return;
+    };
+    let h = harbor_for(&caddy).await;
+    let web = Upstream::start("web").await;
+    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
+        .await;
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    let mut events = h.events(None).await;
+
+    for (features, fault) in [(&[][..], "trap"), (&["spin"][..], "timeout")] {
+        let bytes = common::guests::component("harbor-test-bad-adapter", features);
+        let started = Instant::now();
+        let r = h
+            .client
+            .put(h.url("/api/v1/backend"))
+            .header("content-type", "application/wasm")
+            .body(bytes)
+            .send()
+            .await
+            .expect("PUT backend");
+        assert_eq!(r.status(), 502);
+        let body: Value = r.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().contains(fault), "{body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        let e = events.next_of("plugin_fault").await;
+        assert_eq!(e.data["fault"], fault, "{:?}", e.data);
+        let e = events.next_of("backend_swap_failed").await;
+        assert!(
+            e.data["reason"].as_str().unwrap().contains(fault),
+            "{:?}",
+            e.data
+        );
+        let status = backend_status(&h).await;
+        assert_eq!(status["version"], "0.1.0", "{status}");
+        until_routed(&caddy, "web.localhost", "web", Duration::from_secs(1)).await;
+    }
     h.shutdown().await;
 }
