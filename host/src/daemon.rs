@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, Shared, Tokens};
 use crate::config::{BackendKind, Config, ListenAddr};
 use crate::dirwatch::{DirWatch, WatchOptions};
-use crate::dispatch;
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::plugins::{self, DirState, PluginEngine, Reporter, Strategies};
@@ -23,6 +22,7 @@ use crate::registry::{self, Registry};
 use crate::routes;
 use crate::routing::{self, RoutingTable};
 use crate::store::{self, Store};
+use crate::{dispatch, dns};
 
 /// A running daemon.
 pub struct Harbor {
@@ -97,6 +97,19 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     let routing = Arc::new(RoutingTable::new(strategies.clone()));
     let routed_as_of = routing::build(&routing, &registry);
 
+    // Caddy follows instance churn through DNS (dynamic upstreams) instead of reloads.
+    let zone = match config.backend {
+        BackendKind::Caddy => {
+            let (socket, addr) = dns::bind()
+                .await
+                .context("cannot bind the upstream DNS responder")?;
+            let zone = Arc::new(dns::Zone::default());
+            let cursor = registry.bus().last_id();
+            zone.sync(&registry.services());
+            Some((zone, socket, addr, cursor))
+        }
+        _ => None,
+    };
     // The proxy may be down: the dispatcher starts anyway and converges once it is up.
     let dispatcher = match config.backend {
         BackendKind::Embedded => None,
@@ -105,6 +118,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
             PluginEngine::shared()?,
             registry.bus().clone(),
             metrics.clone(),
+            zone.as_ref().map(|(_, _, addr, _)| *addr),
         )?),
     };
 
@@ -156,6 +170,11 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     }
 
     tasks.spawn(registry::reaper(registry.clone(), cancel.clone()));
+    if let Some((zone, socket, addr, cursor)) = zone {
+        tracing::info!(%addr, "upstream DNS responder for Caddy listening");
+        tasks.spawn(dns::serve_udp(zone.clone(), socket, cancel.clone()));
+        tasks.spawn(dns::follow(zone, registry.clone(), cursor, cancel.clone()));
+    }
     if let Some((dispatcher, pending)) = dispatcher {
         tasks.spawn(dispatch::run(
             dispatcher,

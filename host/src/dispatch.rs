@@ -169,6 +169,8 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     status: Mutex<BackendStatus>,
     swaps: mpsc::Sender<SwapRequest>,
+    /// Harbor's DNS responder for Caddy's dynamic upstreams.
+    upstream_dns: Option<std::net::SocketAddr>,
 }
 
 /// Where the dispatcher's task picks up.
@@ -184,6 +186,7 @@ impl Dispatcher {
         engine: Arc<PluginEngine>,
         bus: Arc<EventBus>,
         metrics: Arc<Metrics>,
+        upstream_dns: Option<std::net::SocketAddr>,
     ) -> anyhow::Result<(Arc<Self>, Pending)> {
         let (swaps, rx) = mpsc::channel(4);
         let dispatcher = Arc::new(Self {
@@ -194,6 +197,7 @@ impl Dispatcher {
             metrics,
             status: Mutex::new(BackendStatus::default()),
             swaps,
+            upstream_dns,
         });
         let first = dispatcher.builtin_spec(config.backend, None)?;
         Ok((
@@ -237,7 +241,10 @@ impl Dispatcher {
         let c = &self.config;
         let (mut settings, capabilities) = match kind {
             BackendKind::Caddy => (
-                serde_json::json!({"listen": c.caddy_listen.to_string()}),
+                serde_json::json!({
+                    "listen": c.caddy_listen.to_string(),
+                    "upstream_dns": self.upstream_dns.map(|a| a.to_string()).unwrap_or_default(),
+                }),
                 Capabilities {
                     http: Some(c.caddy_admin.clone()),
                     files: None,

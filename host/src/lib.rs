@@ -13,6 +13,7 @@
 //! | [`routing`] | one load balancer per service, kept in step with the registry |
 //! | [`backend`] | proxy backend adapters (Caddy, Envoy) as sandboxed components |
 //! | [`dispatch`] | keeping the active adapter's proxy in step with the registry |
+//! | [`dns`] | a loopback SRV responder feeding Caddy's dynamic upstreams |
 //! | [`events`] | typed events and the bus (a ring read from per-subscriber cursors) |
 //! | [`store`]  | ephemeral registrations saved across restarts |
 //! | [`api`]    | the HTTP API: services, catalog, events, health, metrics |
@@ -25,6 +26,7 @@ pub mod config;
 pub mod daemon;
 pub mod dirwatch;
 pub mod dispatch;
+pub mod dns;
 pub mod events;
 pub mod metrics;
 pub mod model;

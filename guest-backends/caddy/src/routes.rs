@@ -17,6 +17,15 @@ pub struct Settings {
     pub listen: String,
     /// Retries of a failed upstream connection.
     pub retries: u32,
+    /// Harbor's DNS responder (`ip:port`); when set, services whose instances all have IPv4
+    /// addresses get `dynamic_upstreams` from it, so instance churn needs no reload.
+    pub upstream_dns: String,
+    /// The zone the responder answers for.
+    pub dns_zone: String,
+    /// How long Caddy keeps an answer.
+    pub dns_refresh: String,
+    /// Most instances a dynamic service may have (an answer must fit one UDP packet).
+    pub dns_max: usize,
 }
 
 impl Default for Settings {
@@ -26,6 +35,10 @@ impl Default for Settings {
             server: String::new(),
             listen: "127.0.0.1:8080".into(),
             retries: 2,
+            upstream_dns: String::new(),
+            dns_zone: "svc.harbor.".into(),
+            dns_refresh: "100ms".into(),
+            dns_max: 40,
         }
     }
 }
@@ -108,7 +121,35 @@ fn route(s: &Service<'_>, settings: &Settings, weighted: bool) -> Value {
         let base = s.path_prefix.trim_end_matches('/');
         matcher.insert("path".into(), json!([base, format!("{base}/*")]));
     }
-    let handler = if s.upstreams.is_empty() {
+    let dynamic = !settings.upstream_dns.is_empty()
+        && !s.upstreams.is_empty()
+        && s.upstreams.len() <= settings.dns_max
+        && s.upstreams
+            .iter()
+            .all(|(a, _)| a.parse::<std::net::SocketAddrV4>().is_ok());
+    let handler = if dynamic {
+        json!({
+            "handler": "reverse_proxy",
+            "dynamic_upstreams": {
+                "source": "srv",
+                "name": format!("{}.{}", s.name, settings.dns_zone),
+                "refresh": settings.dns_refresh,
+                "resolver": {"addresses": [format!("udp/{}", settings.upstream_dns)]},
+            },
+            // SRV targets are names in Harbor's zone: they resolve through it too.
+            "transport": {
+                "protocol": "http",
+                "resolver": {"addresses": [format!("udp/{}", settings.upstream_dns)]},
+            },
+            "load_balancing": {
+                "selection_policy": selection_policy(s.strategy, &[], false),
+                "retries": settings.retries,
+            },
+            "health_checks": {
+                "passive": {"fail_duration": "5s", "max_fails": 3},
+            },
+        })
+    } else if s.upstreams.is_empty() {
         json!({
             "handler": "static_response",
             "status_code": 503,
@@ -187,6 +228,23 @@ mod tests {
             w,
             json!({"policy": "weighted_round_robin", "weights": [1, 3]})
         );
+    }
+
+    #[test]
+    fn loopback_services_use_dynamic_upstreams_when_a_resolver_is_set() {
+        let hosts = vec!["a.localhost".to_owned()];
+        let settings = Settings {
+            upstream_dns: "127.0.0.1:5353".into(),
+            ..Settings::default()
+        };
+        let r = routes(&[svc("a", &hosts, "/", "random")], &settings, false);
+        let h = &r[0]["handle"][0];
+        assert_eq!(h["dynamic_upstreams"]["name"], "a.svc.harbor.");
+        assert!(h.get("upstreams").is_none());
+        let mut remote = svc("b", &hosts, "/", "random");
+        remote.upstreams.push(("10.0.0.1:80", 1));
+        let r = routes(&[remote], &settings, false);
+        assert!(r[0]["handle"][0]["upstreams"].is_array());
     }
 
     #[test]

@@ -129,6 +129,21 @@ impl Caddy {
     }
 }
 
+impl Drop for Caddy {
+    fn drop(&mut self) {
+        // A failing test shows what Caddy said.
+        if std::thread::panicking() {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("caddy.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            eprintln!(
+                "--- caddy.log (last lines, newest first) ---\n{}",
+                tail.join("\n")
+            );
+        }
+    }
+}
+
 fn spawn_caddy(dir: &Path) -> Process {
     let log = std::fs::File::create(dir.join("caddy.log")).expect("caddy log");
     let child = Command::new("caddy")
