@@ -444,3 +444,145 @@ async fn an_adapter_that_traps_or_spins_is_refused_and_reported() {
     }
     h.shutdown().await;
 }
+
+/// Loads `host` through Caddy with `concurrency` clients for `duration`: (requests, failures).
+async fn measure(
+    addr: std::net::SocketAddr,
+    host: &'static str,
+    want: &'static str,
+    concurrency: usize,
+    duration: Duration,
+) -> (u64, Vec<String>) {
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while Instant::now() < deadline {
+                match through(&client, addr, host, "/").await {
+                    Some((200, body)) if body == want => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let (mut ok, mut failed) = (0, Vec::new());
+    for t in tasks {
+        let (o, f) = t.await.expect("load task");
+        ok += o;
+        failed.extend(f);
+    }
+    (ok, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_churn_does_not_reload_caddy_or_hurt_a_loaded_service() {
+    let Some(caddy) = Caddy::start().await else {
+        return;
+    };
+    let h = harbor_for(&caddy).await;
+    let hot = Upstream::start("hot").await;
+    let cold = Upstream::start("cold").await;
+    h.register(json!({"name": "hot", "upstream": hot.addr.to_string(), "ttl_secs": 120, "host": "hot.localhost"}))
+        .await;
+    h.register(json!({"name": "cold", "upstream": cold.addr.to_string(), "ttl_secs": 120, "host": "cold.localhost"}))
+        .await;
+    until_routed(&caddy, "hot.localhost", "hot", Duration::from_secs(3)).await;
+    until_routed(&caddy, "cold.localhost", "cold", Duration::from_secs(3)).await;
+    // Live servers for the churning instances, so that a request sent to one succeeds.
+    let mut pool = Vec::new();
+    for i in 0..60 {
+        pool.push(Upstream::start(if i % 2 == 0 { "hot" } else { "cold" }).await);
+    }
+    let addrs: Vec<String> = pool.iter().map(|u| u.addr.to_string()).collect();
+
+    // Quiet and churning windows alternate, so that the machine's other load hits both alike;
+    // the churn adds up to 10 s at 50 registrations per second (each lease 1 s).
+    let (concurrency, window, rounds) = (4, Duration::from_secs(2), 5);
+    let churning = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let churn = {
+        let (client, base, stop, churning) = (
+            h.client.clone(),
+            h.base.clone(),
+            stop.clone(),
+            churning.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            let mut n = 0usize;
+            let mut registered = 0u64;
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                if !churning.load(std::sync::atomic::Ordering::Relaxed) {
+                    continue;
+                }
+                let (name, host) = if n % 2 == 0 {
+                    ("hot", "hot.localhost")
+                } else {
+                    ("cold", "cold.localhost")
+                };
+                let r = client
+                    .post(format!("{base}/api/v1/services"))
+                    .json(&json!({"name": name, "upstream": addrs[n % addrs.len()], "ttl_secs": 1, "host": host}))
+                    .send()
+                    .await
+                    .expect("register");
+                assert!(r.status().is_success(), "{}", r.status());
+                registered += 1;
+                n += 1;
+            }
+            registered
+        })
+    };
+    let writes_before = caddy.config_writes();
+    let (mut quiet, mut busy, mut failed) = (0u64, 0u64, Vec::new());
+    for _ in 0..rounds {
+        let (ok, f) = measure(
+            caddy.listen_addr(),
+            "hot.localhost",
+            "hot",
+            concurrency,
+            window,
+        )
+        .await;
+        quiet += ok;
+        failed.extend(f);
+        churning.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (ok, f) = measure(
+            caddy.listen_addr(),
+            "hot.localhost",
+            "hot",
+            concurrency,
+            window,
+        )
+        .await;
+        churning.store(false, std::sync::atomic::Ordering::Relaxed);
+        busy += ok;
+        failed.extend(f);
+    }
+    stop.cancel();
+    let registered = churn.await.expect("churn task");
+    let writes = caddy.config_writes() - writes_before;
+    let seconds = window.as_secs_f64() * rounds as f64;
+    let (quiet_rate, busy_rate) = (quiet as f64 / seconds, busy as f64 / seconds);
+    eprintln!(
+        "churn: {registered} registrations in {seconds} s; {quiet_rate:.0} req/s quiet, {busy_rate:.0} req/s under churn; {writes} Caddy config writes; {} failed",
+        failed.len()
+    );
+    assert!(registered >= 400, "only {registered} registrations");
+    assert!(
+        failed.is_empty(),
+        "{} requests failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(writes, 0, "instance churn reloaded Caddy");
+    assert!(
+        busy_rate >= 0.9 * quiet_rate,
+        "throughput fell from {quiet_rate:.0} to {busy_rate:.0} req/s"
+    );
+    h.shutdown().await;
+}

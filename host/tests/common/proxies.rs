@@ -120,6 +120,19 @@ impl Caddy {
         self.process.kill();
     }
 
+    /// Configuration writes Caddy's admin API has received so far (each one is a reload).
+    pub fn config_writes(&self) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("caddy.log")).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("\"logger\":\"admin.api\"") && l.contains("received request"))
+            .filter(|l| {
+                ["POST", "PUT", "PATCH", "DELETE"]
+                    .iter()
+                    .any(|m| l.contains(&format!("\"method\":\"{m}\"")))
+            })
+            .count()
+    }
+
     /// Starts Caddy again from its Caddyfile (the way a host reboot or `systemctl restart`
     /// does): whatever was added through the admin API is gone.
     pub async fn start_again(&mut self) {
