@@ -71,15 +71,19 @@ impl Files {
 
         // Endpoints first and listeners last: a new cluster finds its EDS file, a new route
         // finds its cluster, a new listener finds its routes.
+        let eds = |i: usize| i < self.settings.eds_max;
         let mut plan: Vec<(String, Value)> = Vec::new();
-        for s in &all {
-            plan.push((xds::eds_file(s.name), Value::Array(vec![xds::endpoints(s)])));
+        for (i, s) in all.iter().enumerate() {
+            if eds(i) {
+                plan.push((xds::eds_file(s.name), Value::Array(vec![xds::endpoints(s)])));
+            }
         }
         plan.push((
             "cds.json".into(),
             Value::Array(
                 all.iter()
-                    .map(|s| xds::cluster(s, &self.settings))
+                    .enumerate()
+                    .map(|(i, s)| xds::cluster(s, &self.settings, eds(i)))
                     .collect(),
             ),
         ));
@@ -114,7 +118,11 @@ impl Files {
                 .insert(name.clone(), (resources.clone(), state.revision));
         }
         // EDS files of services that are gone, once no cluster names them.
-        let keep: Vec<String> = all.iter().map(|s| xds::eds_file(s.name)).collect();
+        let keep: Vec<String> = all
+            .iter()
+            .take(self.settings.eds_max)
+            .map(|s| xds::eds_file(s.name))
+            .collect();
         let existing = files::list().map_err(AdapterError::Retryable)?;
         for name in existing {
             if name.starts_with("eds-") && name.ends_with(".json") && !keep.contains(&name) {

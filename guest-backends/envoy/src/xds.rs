@@ -24,6 +24,15 @@ pub struct Settings {
     /// Where the HTTP listener listens, `ip:port`.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Services whose endpoints get an EDS file of their own; the rest carry them inline in
+    /// CDS. Envoy opens one inotify instance per watched file, and the system's limit on
+    /// those (often 128 per user) is shared with every other watcher.
+    #[serde(default = "default_eds_max")]
+    pub eds_max: usize,
+}
+
+fn default_eds_max() -> usize {
+    32
 }
 
 fn default_listen() -> String {
@@ -98,20 +107,31 @@ pub fn discovery(version: u64, resources: Vec<Value>) -> Value {
     json!({"version_info": version.to_string(), "resources": resources})
 }
 
-pub fn cluster(s: &Service<'_>, settings: &Settings) -> Value {
-    json!({
+/// A service's cluster: its endpoints from its own EDS file when `eds`, else inline.
+pub fn cluster(s: &Service<'_>, settings: &Settings, eds: bool) -> Value {
+    let mut c = json!({
         "@type": CLUSTER,
         "name": cluster_name(s.name),
-        "type": "EDS",
         "connect_timeout": "1s",
         "lb_policy": lb_policy(s.strategy),
-        "eds_cluster_config": {
+    });
+    if eds {
+        c["type"] = json!("EDS");
+        c["eds_cluster_config"] = json!({
             "eds_config": {
                 "path_config_source": {"path": settings.path(&eds_file(s.name))},
                 "resource_api_version": "V3",
             },
-        },
-    })
+        });
+    } else {
+        let mut assignment = endpoints(s);
+        if let Some(map) = assignment.as_object_mut() {
+            map.remove("@type");
+        }
+        c["type"] = json!("STATIC");
+        c["load_assignment"] = assignment;
+    }
+    c
 }
 
 /// The endpoints of a service. `first` puts each upstream at its own priority, in order, so
