@@ -68,10 +68,10 @@ impl Bench {
     async fn routable(&self, host: &str, want: &str, from: Instant) -> anyhow::Result<Duration> {
         let deadline = from + Duration::from_secs(10);
         loop {
-            if let Some((200, body)) = proxies::through(&self.client, self.proxy, host, "/").await {
-                if body == want {
-                    return Ok(from.elapsed());
-                }
+            if let Some((200, body)) = proxies::through(&self.client, self.proxy, host, "/").await
+                && body == want
+            {
+                return Ok(from.elapsed());
             }
             ensure!(Instant::now() < deadline, "{host} never answered {want}");
             tokio::time::sleep(Duration::from_micros(500)).await;

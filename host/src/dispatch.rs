@@ -54,8 +54,19 @@ pub struct BackendStatus {
 /// The desired state in the host's own terms (comparable, unlike the generated types).
 #[derive(Debug, Clone, PartialEq)]
 struct Desired {
-    http: Vec<(String, Vec<String>, String, Vec<(String, u32)>, String)>,
-    tcp: Vec<(String, String, Vec<(String, u32)>, String)>,
+    http: Vec<DesiredService>,
+    tcp: Vec<DesiredService>,
+}
+
+/// One service: `hosts` and `path` for HTTP, `listen` for TCP.
+#[derive(Debug, Clone, PartialEq)]
+struct DesiredService {
+    name: String,
+    hosts: Vec<String>,
+    path: String,
+    listen: String,
+    upstreams: Vec<(String, u32)>,
+    strategy: String,
 }
 
 impl Desired {
@@ -63,29 +74,26 @@ impl Desired {
         let mut http = Vec::new();
         let mut tcp = Vec::new();
         for s in services {
-            let upstreams = upstreams_of(s);
-            let strategy = s.route.strategy.to_string();
+            let service = DesiredService {
+                name: s.name.to_string(),
+                hosts: s.route.hosts.iter().map(ToString::to_string).collect(),
+                path: s
+                    .route
+                    .path
+                    .as_ref()
+                    .map_or("/".to_owned(), ToString::to_string),
+                listen: s.route.listen.map(|l| l.to_string()).unwrap_or_default(),
+                upstreams: upstreams_of(s),
+                strategy: s.route.strategy.to_string(),
+            };
             match s.route.protocol {
-                Protocol::Http => http.push((
-                    s.name.to_string(),
-                    s.route.hosts.iter().map(ToString::to_string).collect(),
-                    s.route
-                        .path
-                        .as_ref()
-                        .map_or("/".to_owned(), ToString::to_string),
-                    upstreams,
-                    strategy,
-                )),
-                Protocol::Tcp if with_tcp => {
-                    if let Some(listen) = s.route.listen {
-                        tcp.push((s.name.to_string(), listen.to_string(), upstreams, strategy));
-                    }
-                }
+                Protocol::Http => http.push(service),
+                Protocol::Tcp if with_tcp && s.route.listen.is_some() => tcp.push(service),
                 Protocol::Tcp => {}
             }
         }
-        http.sort_by(|a, b| a.0.cmp(&b.0));
-        tcp.sort_by(|a, b| a.0.cmp(&b.0));
+        http.sort_by(|a, b| a.name.cmp(&b.name));
+        tcp.sort_by(|a, b| a.name.cmp(&b.name));
         Self { http, tcp }
     }
 
@@ -107,22 +115,22 @@ impl Desired {
             http: self
                 .http
                 .iter()
-                .map(|(name, hosts, path, u, strategy)| HttpService {
-                    name: name.clone(),
-                    hosts: hosts.clone(),
-                    path_prefix: path.clone(),
-                    upstreams: ups(u),
-                    strategy: strategy.clone(),
+                .map(|s| HttpService {
+                    name: s.name.clone(),
+                    hosts: s.hosts.clone(),
+                    path_prefix: s.path.clone(),
+                    upstreams: ups(&s.upstreams),
+                    strategy: s.strategy.clone(),
                 })
                 .collect(),
             tcp: self
                 .tcp
                 .iter()
-                .map(|(name, listen, u, strategy)| TcpService {
-                    name: name.clone(),
-                    listen: listen.clone(),
-                    upstreams: ups(u),
-                    strategy: strategy.clone(),
+                .map(|s| TcpService {
+                    name: s.name.clone(),
+                    listen: s.listen.clone(),
+                    upstreams: ups(&s.upstreams),
+                    strategy: s.strategy.clone(),
                 })
                 .collect(),
         }

@@ -312,8 +312,8 @@ async fn swapping_the_caddy_adapter_twenty_times_under_load_fails_no_request() {
     until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
 
     let (stop, task) = load(caddy.listen_addr(), "web.localhost", "web");
-    for i in 0..20 {
-        let (bytes, version) = if i % 2 == 0 {
+    for i in 0..20u32 {
+        let (bytes, version) = if i.is_multiple_of(2) {
             (rebuilt.clone(), "0.1.0+rebuilt")
         } else {
             (original.clone(), "0.1.0")
@@ -493,8 +493,8 @@ async fn instance_churn_does_not_reload_caddy_or_hurt_a_loaded_service() {
     until_routed(&caddy, "cold.localhost", "cold", Duration::from_secs(3)).await;
     // Live servers for the churning instances, so that a request sent to one succeeds.
     let mut pool = Vec::new();
-    for i in 0..60 {
-        pool.push(Upstream::start(if i % 2 == 0 { "hot" } else { "cold" }).await);
+    for i in 0..60u32 {
+        pool.push(Upstream::start(if i.is_multiple_of(2) { "hot" } else { "cold" }).await);
     }
     let addrs: Vec<String> = pool.iter().map(|u| u.addr.to_string()).collect();
 
@@ -519,7 +519,7 @@ async fn instance_churn_does_not_reload_caddy_or_hurt_a_loaded_service() {
                 if !churning.load(std::sync::atomic::Ordering::Relaxed) {
                     continue;
                 }
-                let (name, host) = if n % 2 == 0 {
+                let (name, host) = if n.is_multiple_of(2) {
                     ("hot", "hot.localhost")
                 } else {
                     ("cold", "cold.localhost")

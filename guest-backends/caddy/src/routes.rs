@@ -242,7 +242,7 @@ mod tests {
         assert_eq!(h["dynamic_upstreams"]["name"], "a.svc.harbor.");
         assert!(h.get("upstreams").is_none());
         let mut remote = svc("b", &hosts, "/", "random");
-        remote.upstreams.push(("10.0.0.1:80", 1));
+        remote.upstreams.push(("backend.internal:80", 1));
         let r = routes(&[remote], &settings, false);
         assert!(r[0]["handle"][0]["upstreams"].is_array());
     }

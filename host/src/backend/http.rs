@@ -178,6 +178,14 @@ impl BoundHttp {
         body: Vec<u8>,
     ) -> Result<Response, HttpError> {
         check_path(path).map_err(HttpError::Forbidden)?;
+        if let Some((name, _)) = headers
+            .iter()
+            .find(|(name, _)| RESERVED.contains(&name.to_ascii_lowercase().as_str()))
+        {
+            return Err(HttpError::Forbidden(format!(
+                "the header {name:?} is set by the host"
+            )));
+        }
         let method = hyper::Method::from_bytes(method.as_bytes())
             .map_err(|_| HttpError::Forbidden(format!("{method:?} is not an HTTP method")))?;
         let host = match &self.base.target {
@@ -191,11 +199,6 @@ impl BoundHttp {
                 .uri(uri.as_str())
                 .header(hyper::header::HOST, host.as_str());
             for (name, value) in headers {
-                if RESERVED.contains(&name.to_ascii_lowercase().as_str()) {
-                    return Err(HttpError::Forbidden(format!(
-                        "the header {name:?} is set by the host"
-                    )));
-                }
                 req = req.header(name.as_str(), value.as_str());
             }
             req.body(Full::new(Bytes::from(body.clone())))

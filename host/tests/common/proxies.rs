@@ -57,10 +57,10 @@ async fn wait_http(url: &str, within: Duration) {
     let client = reqwest::Client::new();
     let deadline = std::time::Instant::now() + within;
     loop {
-        if let Ok(r) = client.get(url).send().await {
-            if r.status().is_success() {
-                return;
-            }
+        if let Ok(r) = client.get(url).send().await
+            && r.status().is_success()
+        {
+            return;
         }
         assert!(
             std::time::Instant::now() < deadline,

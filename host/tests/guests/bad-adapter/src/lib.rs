@@ -34,7 +34,8 @@ impl Guest for Bad {
                 n = std::hint::black_box(n.wrapping_mul(31).wrapping_add(7));
             }
         }
-        core::arch::wasm32::unreachable()
+        // A panic is a trap in a component.
+        panic!("apply is broken on purpose")
     }
 
     fn probe() -> Result<ProbeReport, AdapterError> {
