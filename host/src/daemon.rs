@@ -189,12 +189,25 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         routed_as_of,
         cancel.clone(),
     ));
+    let adapter_files = dispatch::AdapterFiles::default();
+    if let (Some(d), Some(dir)) = (&shared.dispatcher, &config.plugins_dir) {
+        // After the dispatcher task has started: the swap waits for it.
+        let (d, dir, files) = (d.clone(), dir.clone(), adapter_files.clone());
+        tasks.spawn(async move { dispatch::rescan_adapters(&d, &dir, &files).await });
+    }
     if let Some(watch) = plugin_watch {
         let (strategies, state) = (strategies.clone(), plugin_dir_state.clone());
         let dir = watch.dir().to_owned();
+        let dispatcher = shared.dispatcher.clone();
         tasks.spawn(watch.run(Arc::new(Notify::new()), cancel.clone(), move || {
             let (strategies, state, dir) = (strategies.clone(), state.clone(), dir.clone());
-            async move { plugins::rescan_dir(&strategies, &dir, &state).await }
+            let (dispatcher, files) = (dispatcher.clone(), adapter_files.clone());
+            async move {
+                plugins::rescan_dir(&strategies, &dir, &state).await;
+                if let Some(d) = dispatcher {
+                    dispatch::rescan_adapters(&d, &dir, &files).await;
+                }
+            }
         }));
     }
     tasks.spawn(store::persist(

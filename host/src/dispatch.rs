@@ -690,3 +690,63 @@ impl Reconciler {
             .unwrap_or_default()
     }
 }
+
+/// What the plugin directory's adapter files held at the last scan: path → content hash.
+pub type AdapterFiles = Arc<Mutex<std::collections::HashMap<std::path::PathBuf, String>>>;
+
+/// Swaps in each `backend-*.wasm` in the plugin directory that is new or changed since the
+/// last scan (the last in name order wins). A refused file is not tried again until it changes;
+/// a removed one changes nothing: the adapter in force keeps serving.
+pub async fn rescan_adapters(
+    dispatcher: &Arc<Dispatcher>,
+    dir: &std::path::Path,
+    seen: &AdapterFiles,
+) {
+    let dir = dir.to_owned();
+    let found = tokio::task::spawn_blocking(move || {
+        let mut files: Vec<(std::path::PathBuf, Result<Vec<u8>, String>)> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with(crate::plugins::ADAPTER_PREFIX) && n.ends_with(".wasm")
+                })
+            })
+            .map(|p| {
+                let bytes = crate::plugins::read_component(&p);
+                (p, bytes)
+            })
+            .collect();
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        files
+    })
+    .await
+    .unwrap_or_default();
+    for (path, bytes) in found {
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(reason) => {
+                tracing::warn!(file = %path.display(), reason, "adapter file not loaded");
+                continue;
+            }
+        };
+        let hash = crate::plugins::content_hash(&bytes);
+        if lock(seen).get(&path) == Some(&hash) {
+            continue;
+        }
+        lock(seen).insert(path.clone(), hash);
+        let source = path.display().to_string();
+        let spec = match dispatcher.spec_for(dispatcher.kind(), bytes.into(), source.clone(), None)
+        {
+            Ok(spec) => spec,
+            Err(e) => {
+                tracing::warn!(file = %source, error = %e, "adapter file not loaded");
+                continue;
+            }
+        };
+        // A refusal is logged and published by the swap itself.
+        let _ = dispatcher.swap(spec).await;
+    }
+}

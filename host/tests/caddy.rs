@@ -586,3 +586,57 @@ async fn instance_churn_does_not_reload_caddy_or_hurt_a_loaded_service() {
     );
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_dropped_in_the_plugin_directory_takes_over() {
+    let Some(caddy) = Caddy::start().await else {
+        return;
+    };
+    let plugins = tempfile::tempdir().expect("plugins dir");
+    let rebuilt = common::guests::component("backend-caddy", &["rebuilt"]);
+    let admin: harbor::config::BaseUrl = caddy.admin_url().parse().unwrap();
+    let (listen, dir) = (caddy.listen_addr(), plugins.path().to_owned());
+    let h = common::start_with(move |c| {
+        c.backend = BackendKind::Caddy;
+        c.caddy_admin = admin.clone();
+        c.caddy_listen = listen;
+        c.plugins_dir = Some(dir.clone());
+        c.rescan_interval = Some(Duration::from_millis(200));
+    })
+    .await;
+    let web = Upstream::start("web").await;
+    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
+        .await;
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    let mut events = h.events(None).await;
+
+    // A garbage file is refused; the built-in adapter keeps serving.
+    std::fs::write(
+        plugins.path().join("backend-broken.wasm"),
+        b"not a component",
+    )
+    .unwrap();
+    let failed = events.next_of("backend_swap_failed").await;
+    assert!(
+        failed.data["source"]
+            .as_str()
+            .unwrap()
+            .ends_with("backend-broken.wasm"),
+        "{:?}",
+        failed.data
+    );
+    assert_eq!(backend_status(&h).await["version"], "0.1.0");
+
+    common::write_bytes_atomically(&plugins.path().join("backend-caddy.wasm"), &rebuilt);
+    let swapped = events.next_of("backend_swapped").await;
+    assert_eq!(swapped.data["version"], "0.1.0+rebuilt");
+    assert_eq!(backend_status(&h).await["version"], "0.1.0+rebuilt");
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(1)).await;
+    // The strategies' scanner leaves adapter files alone.
+    let (_, plugins_list) = h.get("/api/v1/plugins").await;
+    assert!(
+        !plugins_list.to_string().contains("backend-"),
+        "{plugins_list}"
+    );
+    h.shutdown().await;
+}

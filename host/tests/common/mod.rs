@@ -186,6 +186,13 @@ pub fn write_atomically(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).expect("rename");
 }
 
+/// Writes bytes the same way: a temp file in the same directory, then rename.
+pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, bytes).expect("write temp");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
 /// One Server-Sent Event.
 #[derive(Debug, Clone)]
 pub struct SseEvent {
