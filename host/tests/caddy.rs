@@ -11,6 +11,10 @@ use common::{TestHarbor, eventually};
 use harbor::config::BackendKind;
 use serde_json::{Value, json};
 
+/// Tests in this file run in parallel, except those that measure throughput: they hold this
+/// lock exclusively, the others share it.
+static EXCLUSIVE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 async fn harbor_for(caddy: &Caddy) -> TestHarbor {
     let admin = caddy.admin_url().parse().expect("admin url");
     let listen = caddy.listen_addr();
@@ -79,6 +83,7 @@ async fn user_route_works(caddy: &Caddy) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_and_registrations_reach_caddy_and_leave_it() {
+    let _turn = EXCLUSIVE.read().await;
     let Some(caddy) = Caddy::start().await else {
         return;
     };
@@ -126,6 +131,7 @@ async fn files_and_registrations_reach_caddy_and_leave_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_caddy_gets_harbors_routes_back() {
+    let _turn = EXCLUSIVE.read().await;
     let Some(mut caddy) = Caddy::start().await else {
         return;
     };
@@ -151,6 +157,7 @@ async fn a_restarted_caddy_gets_harbors_routes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_edit_of_harbors_route_is_repaired() {
+    let _turn = EXCLUSIVE.read().await;
     let Some(caddy) = Caddy::start().await else {
         return;
     };
@@ -186,6 +193,7 @@ async fn a_hand_edit_of_harbors_route_is_repaired() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn harbor_starts_with_caddy_down_and_converges_when_it_comes_up() {
+    let _turn = EXCLUSIVE.read().await;
     let Some(mut caddy) = Caddy::start().await else {
         return;
     };
@@ -220,6 +228,7 @@ async fn harbor_starts_with_caddy_down_and_converges_when_it_comes_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_swaps_are_refused_and_the_old_adapter_keeps_serving() {
+    let _turn = EXCLUSIVE.read().await;
     let Some(caddy) = Caddy::start().await else {
         return;
     };
@@ -299,6 +308,7 @@ fn load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapping_the_caddy_adapter_twenty_times_under_load_fails_no_request() {
+    let _turn = EXCLUSIVE.write().await;
     let Some(caddy) = Caddy::start().await else {
         return;
     };
@@ -345,6 +355,7 @@ async fn swapping_the_caddy_adapter_twenty_times_under_load_fails_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switching_from_caddy_to_envoy_releases_caddys_routes() {
+    let _turn = EXCLUSIVE.read().await;
     let Some(caddy) = Caddy::start().await else {
         return;
     };
@@ -401,6 +412,7 @@ async fn switching_from_caddy_to_envoy_releases_caddys_routes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adapter_that_traps_or_spins_is_refused_and_reported() {
+    let _turn = EXCLUSIVE.read().await;
     let Some(caddy) = Caddy::start().await else {
         return;
     };
@@ -479,6 +491,7 @@ async fn measure(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_churn_does_not_reload_caddy_or_hurt_a_loaded_service() {
+    let _turn = EXCLUSIVE.write().await;
     let Some(caddy) = Caddy::start().await else {
         return;
     };
@@ -589,6 +602,7 @@ async fn instance_churn_does_not_reload_caddy_or_hurt_a_loaded_service() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adapter_dropped_in_the_plugin_directory_takes_over() {
+    let _turn = EXCLUSIVE.read().await;
     let Some(caddy) = Caddy::start().await else {
         return;
     };
