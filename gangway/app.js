@@ -357,6 +357,9 @@
     on('service', (d) => upsert(d.service));
     on('service_removed', (d) => removeService(d.name));
     on('load', (d) => { for (const svc of d.services || []) upsert(svc); });
+    on('backend', (d) => {
+      if (status && typeof d.in_sync === 'boolean') setStatus({ ...status, in_sync: d.in_sync });
+    });
     on('plugin', (d) => {
       if (status && typeof d.plugins === 'number') {
         status.plugins = d.plugins;

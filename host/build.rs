@@ -1,4 +1,5 @@
-//! Builds the built-in strategy components (guest-strategies/, wasm32-wasip2) so that the
+//! Builds the built-in strategy and backend adapter components (guest-strategies/,
+//! guest-backends/, wasm32-wasip2) so that the
 //! `harbor` binary carries them and `cargo run` / `cargo test` need no other step. The guests are
 //! built by a nested cargo with its own target directory, so it never waits on the outer build's
 //! lock; the wasm target is added through rustup when missing.
@@ -23,6 +24,12 @@ const BUILTINS: &[(&str, &str)] = &[
     ("strategy-peak-ewma", "strategy_peak_ewma"),
 ];
 
+/// (package, file stem of its component) of the built-in backend adapters.
+const BACKENDS: &[(&str, &str)] = &[
+    ("backend-caddy", "backend_caddy"),
+    ("backend-envoy", "backend_envoy"),
+];
+
 fn main() {
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));
     let root = manifest_dir
@@ -31,6 +38,10 @@ fn main() {
     println!(
         "cargo:rerun-if-changed={}",
         root.join("guest-strategies").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("guest-backends").display()
     );
     println!("cargo:rerun-if-changed={}", root.join("wit").display());
     println!("cargo:rerun-if-env-changed=HARBOR_GUEST_TARGET_DIR");
@@ -44,8 +55,14 @@ fn main() {
 
     let out = PathBuf::from(env("OUT_DIR"));
     let built = target_dir.join(TARGET).join("release");
+    embed(&built, &out, BUILTINS, "builtins.rs");
+    embed(&built, &out, BACKENDS, "backends.rs");
+}
+
+/// Copies components into OUT_DIR and writes the `include_bytes!` table `table` of them.
+fn embed(built: &Path, out: &Path, components: &[(&str, &str)], table_file: &str) {
     let mut table = String::from("&[\n");
-    for (package, stem) in BUILTINS {
+    for (package, stem) in components {
         let from = built.join(format!("{stem}.wasm"));
         let to = out.join(format!("{stem}.wasm"));
         std::fs::copy(&from, &to)
@@ -55,7 +72,7 @@ fn main() {
         ));
     }
     table.push_str("]\n");
-    std::fs::write(out.join("builtins.rs"), table).expect("write builtins.rs");
+    std::fs::write(out.join(table_file), table).expect("write the component table");
 }
 
 fn env(name: &str) -> String {
@@ -93,7 +110,7 @@ fn build_guests(root: &Path, target_dir: &Path) {
     cmd.current_dir(root)
         .args(["build", "--release", "--target", TARGET, "--target-dir"])
         .arg(target_dir);
-    for (package, _) in BUILTINS {
+    for (package, _) in BUILTINS.iter().chain(BACKENDS) {
         cmd.args(["-p", package]);
     }
     // The outer build's settings are for the host, not for wasm guests.
@@ -115,6 +132,6 @@ fn build_guests(root: &Path, target_dir: &Path) {
         .expect("run cargo to build the guest components");
     assert!(
         status.success(),
-        "building the built-in strategies for {TARGET} failed (see the output above)"
+        "building the built-in components for {TARGET} failed (see the output above)"
     );
 }

@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
+pub use crate::backend::BaseUrl;
 use crate::registry::LeaseLimits;
 
 #[derive(Parser, Debug)]
@@ -120,6 +121,24 @@ pub struct RunArgs {
     /// Largest API request body, in bytes. [default: 65536]
     #[arg(long, env = "HARBOR_MAX_BODY", value_name = "BYTES")]
     pub max_body: Option<usize>,
+
+    /// Caddy's admin API: http://HOST:PORT or unix:/path/to/admin.sock.
+    /// [default: http://127.0.0.1:2019]
+    #[arg(long, env = "HARBOR_CADDY_ADMIN", value_name = "URL")]
+    pub caddy_admin: Option<BaseUrl>,
+
+    /// Where Harbor's Caddy server listens when Caddy has none there yet.
+    /// [default: 127.0.0.1:8080]
+    #[arg(long, env = "HARBOR_CADDY_LISTEN", value_name = "ADDR")]
+    pub caddy_listen: Option<SocketAddr>,
+
+    /// Directory of Envoy's dynamic configuration files. [default: <state-dir>/envoy]
+    #[arg(long, env = "HARBOR_ENVOY_DIR", value_name = "DIR")]
+    pub envoy_dir: Option<PathBuf>,
+
+    /// Envoy's admin address: http://HOST:PORT or unix:/path. [default: http://127.0.0.1:9901]
+    #[arg(long, env = "HARBOR_ENVOY_ADMIN", value_name = "URL")]
+    pub envoy_admin: Option<BaseUrl>,
 
     /// Log format. [default: text]
     #[arg(long, env = "HARBOR_LOG_FORMAT", value_enum)]
@@ -276,6 +295,18 @@ struct FileConfig {
     shutdown_grace: Option<Duration>,
     splice: Option<bool>,
     echo: Option<Vec<SocketAddr>>,
+    caddy_admin: Option<BaseUrl>,
+    caddy_listen: Option<SocketAddr>,
+    envoy_dir: Option<PathBuf>,
+    envoy_admin: Option<BaseUrl>,
+}
+
+impl<'de> Deserialize<'de> for BaseUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 mod opt_duration {
@@ -307,6 +338,10 @@ pub struct Config {
     pub watch: bool,
     pub max_body: usize,
     pub log_format: LogFormat,
+    pub caddy_admin: BaseUrl,
+    pub caddy_listen: SocketAddr,
+    pub envoy_dir: PathBuf,
+    pub envoy_admin: BaseUrl,
     /// Events kept for clients that resume a stream.
     pub event_ring: usize,
     /// Longest a change waits before the state file is rewritten.
@@ -349,9 +384,11 @@ impl Default for ProxySettings {
 impl Config {
     /// Defaults with the given directories; the starting point for tests and embedding.
     pub fn new(routes_dir: impl Into<PathBuf>, state_dir: impl Into<PathBuf>) -> Self {
+        let state_dir = state_dir.into();
         Self {
             routes_dir: routes_dir.into(),
-            state_dir: state_dir.into(),
+            envoy_dir: state_dir.join("envoy"),
+            state_dir,
             api: vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 7070)))],
             backend: BackendKind::Embedded,
             proxy_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
@@ -363,6 +400,9 @@ impl Config {
             watch: true,
             max_body: 64 * 1024,
             log_format: LogFormat::Text,
+            caddy_admin: BaseUrl::tcp("127.0.0.1:2019"),
+            caddy_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            envoy_admin: BaseUrl::tcp("127.0.0.1:9901"),
             event_ring: 4096,
             state_flush: Duration::from_millis(500),
             sse_keep_alive: Duration::from_secs(15),
@@ -436,6 +476,19 @@ impl Config {
             p.echo = a.echo;
         } else if let Some(echo) = file.echo {
             p.echo = echo;
+        }
+        if let Some(admin) = args.caddy_admin.or(file.caddy_admin) {
+            c.caddy_admin = admin;
+        }
+        c.caddy_listen = args
+            .caddy_listen
+            .or(file.caddy_listen)
+            .unwrap_or(c.caddy_listen);
+        if let Some(dir) = args.envoy_dir.or(file.envoy_dir) {
+            c.envoy_dir = dir;
+        }
+        if let Some(admin) = args.envoy_admin.or(file.envoy_admin) {
+            c.envoy_admin = admin;
         }
         c.validate()?;
         Ok(c)
@@ -545,8 +598,12 @@ mod tests {
             "2h",
             "--gangway-listen",
             "0.0.0.0:7071",
+            "--caddy-admin",
+            "unix:/run/caddy/admin.sock",
         ])
         .unwrap();
+        assert!(cli.run.caddy_admin.is_some());
+        assert!(Cli::try_parse_from(["harbor", "--caddy-admin", "127.0.0.1:2019"]).is_err());
         assert_eq!(cli.run.api.len(), 2);
         assert_eq!(
             cli.run.gangway_listen,

@@ -24,6 +24,7 @@ use crate::registry::{self, Registry};
 use crate::routes;
 use crate::routing::{self, RoutingTable};
 use crate::store::{self, Store};
+use crate::{dispatch, dns};
 
 /// A running daemon.
 pub struct Harbor {
@@ -127,6 +128,31 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     ));
     let public_as_of = public::build(&public, &registry, &routing);
 
+    // Caddy follows instance churn through DNS (dynamic upstreams) instead of reloads.
+    let zone = match config.backend {
+        BackendKind::Caddy => {
+            let (socket, addr) = dns::bind()
+                .await
+                .context("cannot bind the upstream DNS responder")?;
+            let zone = Arc::new(dns::Zone::default());
+            let cursor = registry.bus().last_id();
+            zone.sync(&registry.services());
+            Some((zone, socket, addr, cursor))
+        }
+        _ => None,
+    };
+    // The proxy may be down: the dispatcher starts anyway and converges once it is up.
+    let dispatcher = match config.backend {
+        BackendKind::Embedded => None,
+        _ => Some(dispatch::Dispatcher::new(
+            &config,
+            PluginEngine::shared()?,
+            registry.bus().clone(),
+            metrics.clone(),
+            zone.as_ref().map(|(_, _, addr, _)| *addr),
+        )?),
+    };
+
     let tokens = config.token_file.as_deref().map(Tokens::load).transpose()?;
     let shared = Arc::new(Shared {
         registry: registry.clone(),
@@ -137,6 +163,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         strategies: strategies.clone(),
         routing: routing.clone(),
         backend: config.backend,
+        dispatcher: dispatcher.as_ref().map(|(d, _)| d.clone()),
         started_at: std::time::SystemTime::now(),
         public: public.clone(),
     });
@@ -195,18 +222,44 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         cancel.clone(),
     ));
     tasks.spawn(registry::reaper(registry.clone(), cancel.clone()));
+    if let Some((zone, socket, addr, cursor)) = zone {
+        tracing::info!(%addr, "upstream DNS responder for Caddy listening");
+        tasks.spawn(dns::serve_udp(zone.clone(), socket, cancel.clone()));
+        tasks.spawn(dns::follow(zone, registry.clone(), cursor, cancel.clone()));
+    }
+    if let Some((dispatcher, pending)) = dispatcher {
+        tasks.spawn(dispatch::run(
+            dispatcher,
+            pending,
+            registry.clone(),
+            cancel.clone(),
+        ));
+    }
     tasks.spawn(routing::follow(
         routing.clone(),
         registry.clone(),
         routed_as_of,
         cancel.clone(),
     ));
+    let adapter_files = dispatch::AdapterFiles::default();
+    if let (Some(d), Some(dir)) = (&shared.dispatcher, &config.plugins_dir) {
+        // After the dispatcher task has started: the swap waits for it.
+        let (d, dir, files) = (d.clone(), dir.clone(), adapter_files.clone());
+        tasks.spawn(async move { dispatch::rescan_adapters(&d, &dir, &files).await });
+    }
     if let Some(watch) = plugin_watch {
         let (strategies, state) = (strategies.clone(), plugin_dir_state.clone());
         let dir = watch.dir().to_owned();
+        let dispatcher = shared.dispatcher.clone();
         tasks.spawn(watch.run(Arc::new(Notify::new()), cancel.clone(), move || {
             let (strategies, state, dir) = (strategies.clone(), state.clone(), dir.clone());
-            async move { plugins::rescan_dir(&strategies, &dir, &state).await }
+            let (dispatcher, files) = (dispatcher.clone(), adapter_files.clone());
+            async move {
+                plugins::rescan_dir(&strategies, &dir, &state).await;
+                if let Some(d) = dispatcher {
+                    dispatch::rescan_adapters(&d, &dir, &files).await;
+                }
+            }
         }));
     }
     tasks.spawn(store::persist(
@@ -235,9 +288,6 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         backend = %config.backend,
         "harbor started"
     );
-    if config.backend != BackendKind::Embedded {
-        tracing::warn!(backend = %config.backend, "this build has no adapter for that backend yet; Harbor keeps the registry and API only");
-    }
 
     Ok(Harbor {
         registry,

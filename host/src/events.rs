@@ -88,6 +88,37 @@ pub enum Event {
         upstream: String,
         healthy: bool,
     },
+    /// The proxy was brought to a registry revision.
+    BackendApplied {
+        adapter: String,
+        revision: u64,
+        services: usize,
+        millis: f64,
+    },
+    /// Bringing the proxy to a revision failed; `retryable` says whether Harbor keeps trying.
+    BackendFailed {
+        adapter: String,
+        revision: u64,
+        reason: String,
+        retryable: bool,
+    },
+    /// The proxy no longer runs what Harbor applied (restarted, reloaded, edited by hand).
+    BackendDrift {
+        adapter: String,
+        detail: String,
+    },
+    /// Another adapter took over; `released` when the old one removed its configuration.
+    BackendSwapped {
+        from: String,
+        to: String,
+        version: String,
+        released: bool,
+    },
+    /// A new adapter was refused; the current one keeps serving.
+    BackendSwapFailed {
+        source: String,
+        reason: String,
+    },
 }
 
 impl Event {
@@ -123,6 +154,11 @@ impl Event {
             Event::PluginRemoved { .. } => "plugin_removed",
             Event::StrategyChanged { .. } => "strategy_changed",
             Event::UpstreamHealth { .. } => "upstream_health",
+            Event::BackendApplied { .. } => "backend_applied",
+            Event::BackendFailed { .. } => "backend_failed",
+            Event::BackendDrift { .. } => "backend_drift",
+            Event::BackendSwapped { .. } => "backend_swapped",
+            Event::BackendSwapFailed { .. } => "backend_swap_failed",
         }
     }
 }

@@ -13,6 +13,9 @@
 //! | [`routing`] | the routing snapshot: host/path and listen-address indexes, one load balancer per service |
 //! | [`proxy`]  | the embedded HTTP reverse proxy and L4 TCP proxy, health checks, upstream pools |
 //! | [`echo`]   | demo backends (`harbor echo`) |
+//! | [`backend`] | proxy backend adapters (Caddy, Envoy) as sandboxed components |
+//! | [`dispatch`] | keeping the active adapter's proxy in step with the registry |
+//! | [`dns`] | a loopback SRV responder feeding Caddy's dynamic upstreams |
 //! | [`events`] | typed events and the bus (a ring read from per-subscriber cursors) |
 //! | [`store`]  | ephemeral registrations saved across restarts |
 //! | [`api`]    | the HTTP API: services, catalog, events, health, metrics; Gangway and its public view |
@@ -20,9 +23,12 @@
 //! | [`daemon`] | starting and stopping a whole daemon in-process |
 
 pub mod api;
+pub mod backend;
 pub mod config;
 pub mod daemon;
 pub mod dirwatch;
+pub mod dispatch;
+pub mod dns;
 pub mod echo;
 pub mod events;
 pub mod metrics;

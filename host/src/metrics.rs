@@ -23,6 +23,7 @@ pub struct Metrics {
     pub plugin_faults: IntCounterVec,
     pub plugin_fallback_picks: IntCounterVec,
     pub plugin_loads: IntCounterVec,
+    pub backend: BackendMetrics,
 }
 
 impl Metrics {
@@ -84,6 +85,7 @@ impl Metrics {
             Opts::new("plugin_loads_total", "Plugin components checked, by result"),
             &["result"],
         )?;
+        let backend = BackendMetrics::new(&registry)?;
         registry.register(Box::new(plugin_faults.clone()))?;
         registry.register(Box::new(plugin_fallback_picks.clone()))?;
         registry.register(Box::new(plugin_loads.clone()))?;
@@ -112,6 +114,7 @@ impl Metrics {
             plugin_faults,
             plugin_fallback_picks,
             plugin_loads,
+            backend,
         })
     }
 
@@ -139,5 +142,62 @@ impl Metrics {
             tracing::error!(error = %e, "metrics could not be rendered");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// The dispatcher's metrics: applies, drift, swaps, and whether the proxy is in step.
+pub struct BackendMetrics {
+    pub applies: IntCounterVec,
+    pub apply_seconds: Histogram,
+    pub drifts: IntCounterVec,
+    pub swaps: IntCounterVec,
+    pub in_sync: IntGauge,
+}
+
+impl BackendMetrics {
+    fn new(registry: &prometheus::Registry) -> prometheus::Result<Self> {
+        let applies = IntCounterVec::new(
+            Opts::new(
+                "backend_applies_total",
+                "Desired states given to the backend adapter, by result (ok, retryable, rejected, fault)",
+            ),
+            &["adapter", "result"],
+        )?;
+        let apply_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "backend_apply_seconds",
+                "Time a successful apply took, including the proxy's own reload",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )?;
+        let drifts = IntCounterVec::new(
+            Opts::new(
+                "backend_drift_total",
+                "Times the proxy was found not running what Harbor applied",
+            ),
+            &["adapter"],
+        )?;
+        let swaps = IntCounterVec::new(
+            Opts::new("backend_swaps_total", "Backend adapter swaps, by result"),
+            &["result"],
+        )?;
+        let in_sync = IntGauge::new(
+            "backend_in_sync",
+            "1 when the proxy runs the registry's last applied state",
+        )?;
+        registry.register(Box::new(applies.clone()))?;
+        registry.register(Box::new(apply_seconds.clone()))?;
+        registry.register(Box::new(drifts.clone()))?;
+        registry.register(Box::new(swaps.clone()))?;
+        registry.register(Box::new(in_sync.clone()))?;
+        Ok(Self {
+            applies,
+            apply_seconds,
+            drifts,
+            swaps,
+            in_sync,
+        })
     }
 }

@@ -2,6 +2,7 @@
 //! listener (TCP or unix socket) from one router.
 
 mod auth;
+mod backend;
 mod error;
 mod events;
 pub mod gangway;
@@ -38,6 +39,8 @@ pub struct Shared {
     /// The live routing state: per-upstream health and load, for views that show them.
     pub routing: Arc<crate::routing::RoutingTable>,
     pub backend: crate::config::BackendKind,
+    /// Drives Caddy or Envoy; `None` in embedded mode.
+    pub dispatcher: Option<Arc<crate::dispatch::Dispatcher>>,
     pub started_at: std::time::SystemTime,
     /// What Gangway and anyone else may see: public services, safe fields only.
     pub public: Arc<public::PublicView>,
@@ -67,6 +70,14 @@ pub fn router(state: AppState, max_body: usize) -> Router {
             "/api/v1/plugins/{name}",
             put(plugins::upload)
                 .delete(plugins::remove)
+                .layer(DefaultBodyLimit::max(
+                    crate::plugins::MAX_COMPONENT_BYTES as usize,
+                )),
+        )
+        .route(
+            "/api/v1/backend",
+            get(backend::status)
+                .put(backend::swap)
                 .layer(DefaultBodyLimit::max(
                     crate::plugins::MAX_COMPONENT_BYTES as usize,
                 )),

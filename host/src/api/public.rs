@@ -257,7 +257,14 @@ impl PublicView {
                 Event::PluginFault { name, .. } => self.plugin(name, "fault", strategies),
                 Event::PluginDisabled { name, .. } => self.plugin(name, "disabled", strategies),
                 Event::PluginRemoved { name } => self.plugin(name, "removed", strategies),
-                Event::PluginRejected { .. }
+                // Whether the driven proxy is in sync, and with which adapter; reasons and
+                // details may name internals, so they stay on the operator stream.
+                Event::BackendApplied { adapter, .. } => self.backend(adapter, "applied", true),
+                Event::BackendFailed { adapter, .. } => self.backend(adapter, "failed", false),
+                Event::BackendDrift { adapter, .. } => self.backend(adapter, "drift", false),
+                Event::BackendSwapped { to, .. } => self.backend(to, "swapped", false),
+                Event::BackendSwapFailed { .. }
+                | Event::PluginRejected { .. }
                 | Event::RouteFileError { .. }
                 | Event::RouteFileRecovered { .. }
                 | Event::StateFileError { .. } => {}
@@ -266,6 +273,13 @@ impl PublicView {
         for name in &touched {
             self.refresh(name, registry, routing);
         }
+    }
+
+    fn backend(&self, adapter: &str, state: &str, in_sync: bool) {
+        self.publish(
+            "backend",
+            &json!({ "type": "backend", "adapter": adapter, "state": state, "in_sync": in_sync }),
+        );
     }
 
     fn plugin(&self, name: &str, state: &str, strategies: &Strategies) {
@@ -327,9 +341,9 @@ impl PublicView {
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "backend": app.backend.to_string(),
-            // Whether the driven proxy matches the desired state; `null` while no adapter
-            // reports it (and for the embedded proxy, which is the desired state).
-            "in_sync": Value::Null,
+            // Whether the driven proxy matches the desired state; `null` for the embedded
+            // proxy, which is the desired state.
+            "in_sync": app.dispatcher.as_ref().map(|d| d.status().in_sync),
             "plugins": app.strategies.names().len(),
             "started_at": crate::model::timestamp(app.started_at),
             "uptime_secs": uptime.as_secs(),

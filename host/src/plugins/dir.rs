@@ -1,6 +1,7 @@
 //! Custom strategies from the plugin directory: every `*.wasm` file is checked and, if it
 //! passes, put in force under the name it describes; a changed file is checked again (the old
 //! version serves until the new one passes); a removed file takes its strategy out of force.
+//! Files named `backend-*.wasm` are backend adapters, which the dispatcher loads instead.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,9 @@ use std::sync::Arc;
 use super::catalog::Strategies;
 use super::engine::content_hash;
 use super::strategy::Source;
+
+/// The file name prefix of backend adapters in the plugin directory.
+pub const ADAPTER_PREFIX: &str = "backend-";
 
 /// Components larger than this are refused unread.
 pub const MAX_COMPONENT_BYTES: u64 = 32 << 20;
@@ -39,6 +43,9 @@ pub fn scan(strategies: &Strategies, dir: &Path, state: &mut DirState) {
             continue;
         };
         if !file_name.ends_with(".wasm") || file_name.starts_with('.') {
+            continue;
+        }
+        if file_name.starts_with(ADAPTER_PREFIX) {
             continue;
         }
         present.push(path.clone());
@@ -78,7 +85,7 @@ fn forget_missing(strategies: &Strategies, state: &mut DirState, present: &[Path
     }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, String> {
+pub fn read(path: &Path) -> Result<Vec<u8>, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
     if meta.len() > MAX_COMPONENT_BYTES {
         return Err(format!(

@@ -153,7 +153,9 @@ pub fn prepare(
     })
 }
 
-fn define_pure_wasi(linker: &mut Linker<GuestState>, import: &str) -> wasmtime::Result<()> {
+/// Defines the harmless WASI interface `import` names (random numbers, clocks), if it is one;
+/// shared by every plugin world.
+pub fn define_pure_wasi<T: 'static>(linker: &mut Linker<T>, import: &str) -> wasmtime::Result<()> {
     let Some(interface) = import.split('@').next() else {
         return Ok(());
     };

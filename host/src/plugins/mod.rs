@@ -26,9 +26,12 @@ mod strategy;
 
 pub use balancer::{BackendSet, BackendSpec, Balancer, Picked, fallback};
 pub use catalog::{DEFAULT_STRATEGY, PluginInfo, Slot, Strategies, check};
-pub use dir::{DirState, MAX_COMPONENT_BYTES, rescan as rescan_dir, scan as scan_dir};
-pub use engine::{PluginEngine, content_hash};
-pub use guest::{CONTRACT, Outcome};
+pub use dir::{
+    ADAPTER_PREFIX, DirState, MAX_COMPONENT_BYTES, read as read_component, rescan as rescan_dir,
+    scan as scan_dir,
+};
+pub use engine::{EPOCH_TICK, PluginEngine, content_hash};
+pub use guest::{CONTRACT, Outcome, define_pure_wasi};
 pub use load::{BackendLoad, InFlight};
 pub use report::{FaultKind, Reporter};
-pub use strategy::{Rejected, Source};
+pub use strategy::{Rejected, Source, classify};

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod guests;
+pub mod proxies;
 pub mod upstreams;
 
 use std::future::Future;
@@ -197,6 +198,13 @@ impl TestHarbor {
 pub fn write_atomically(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp~");
     std::fs::write(&tmp, text).expect("write temp");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// Writes bytes the same way: a temp file in the same directory, then rename.
+pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, bytes).expect("write temp");
     std::fs::rename(&tmp, path).expect("rename");
 }
 

@@ -1,0 +1,68 @@
+//! The Caddy backend adapter. Harbor owns one container route in one Caddy server, marked with
+//! an `@id`, and keeps its services inside it as `reverse_proxy` routes; nothing else in Caddy's
+//! configuration is touched.
+//!
+//! - [`routes`]: the desired state as Caddy route JSON (pure, unit-tested natively).
+//! - [`admin`]: the admin API through the host's bound HTTP client: reads with `ETag`, writes
+//!   with `If-Match`, the container route found or created.
+
+mod admin;
+pub mod routes;
+
+mod bindings {
+    wit_bindgen::generate!({
+        path: "../../wit/backend",
+        world: "adapter-plugin",
+    });
+}
+
+use std::cell::RefCell;
+
+use bindings::exports::harbor::backend::adapter::{
+    AdapterError, Description, DesiredState, Guest, ProbeReport,
+};
+
+use admin::Admin;
+use routes::Settings;
+
+const VERSION: &str = if cfg!(feature = "rebuilt") {
+    concat!(env!("CARGO_PKG_VERSION"), "+rebuilt")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
+thread_local! {
+    static ADMIN: RefCell<Admin> = RefCell::new(Admin::new(Settings::default()));
+}
+
+struct Caddy;
+
+impl Guest for Caddy {
+    fn describe() -> Description {
+        Description {
+            name: "caddy".into(),
+            version: VERSION.into(),
+            supports_tcp: false,
+        }
+    }
+
+    fn configure(config: String) -> Result<(), String> {
+        let settings = Settings::parse(&config)?;
+        ADMIN.with(|a| *a.borrow_mut() = Admin::new(settings));
+        Ok(())
+    }
+
+    fn apply(state: DesiredState) -> Result<u64, AdapterError> {
+        ADMIN.with(|a| a.borrow_mut().apply(&state))
+    }
+
+    fn probe() -> Result<ProbeReport, AdapterError> {
+        ADMIN.with(|a| a.borrow_mut().probe())
+    }
+
+    fn release() -> Result<(), AdapterError> {
+        ADMIN.with(|a| a.borrow_mut().release())
+    }
+}
+
+bindings::export!(Caddy with_types_in bindings);

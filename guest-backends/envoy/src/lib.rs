@@ -1,0 +1,77 @@
+//! The Envoy backend adapter. Harbor's services become Envoy dynamic configuration files in one
+//! directory: listeners (LDS), clusters (CDS), one route configuration (RDS) and one endpoint
+//! file per cluster (EDS), each replaced atomically through the host's file capability. The
+//! host's HTTP capability is bound to Envoy's admin address, which `probe` reads.
+//!
+//! - [`xds`]: the desired state as xDS JSON (pure, unit-tested natively).
+//! - [`sync`]: writing only the files that changed, and reading Envoy's verdict back.
+
+mod sync;
+pub mod xds;
+
+mod bindings {
+    wit_bindgen::generate!({
+        path: "../../wit/backend",
+        world: "adapter-plugin",
+    });
+}
+
+use std::cell::RefCell;
+
+use bindings::exports::harbor::backend::adapter::{
+    AdapterError, Description, DesiredState, Guest, ProbeReport,
+};
+
+use sync::Files;
+use xds::Settings;
+
+const VERSION: &str = if cfg!(feature = "rebuilt") {
+    concat!(env!("CARGO_PKG_VERSION"), "+rebuilt")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
+thread_local! {
+    static FILES: RefCell<Option<Files>> = const { RefCell::new(None) };
+}
+
+struct Envoy;
+
+fn with_files<R>(f: impl FnOnce(&mut Files) -> Result<R, AdapterError>) -> Result<R, AdapterError> {
+    FILES.with(|cell| match cell.borrow_mut().as_mut() {
+        Some(files) => f(files),
+        None => Err(AdapterError::Rejected(
+            "the Envoy adapter is not configured".into(),
+        )),
+    })
+}
+
+impl Guest for Envoy {
+    fn describe() -> Description {
+        Description {
+            name: "envoy".into(),
+            version: VERSION.into(),
+            supports_tcp: true,
+        }
+    }
+
+    fn configure(config: String) -> Result<(), String> {
+        let settings = Settings::parse(&config)?;
+        FILES.with(|cell| *cell.borrow_mut() = Some(Files::new(settings)));
+        Ok(())
+    }
+
+    fn apply(state: DesiredState) -> Result<u64, AdapterError> {
+        with_files(|f| f.apply(&state))
+    }
+
+    fn probe() -> Result<ProbeReport, AdapterError> {
+        with_files(|f| f.probe())
+    }
+
+    fn release() -> Result<(), AdapterError> {
+        with_files(|f| f.release())
+    }
+}
+
+bindings::export!(Envoy with_types_in bindings);

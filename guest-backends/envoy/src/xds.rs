@@ -1,0 +1,296 @@
+//! The desired state as Envoy xDS resources: one HTTP listener whose connection manager takes
+//! its routes from RDS, one EDS cluster per service, a virtual host per host name, and a
+//! `tcp_proxy` listener per TCP service.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ROUTES: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// The route configuration's name, which the listener asks RDS for.
+pub const ROUTE_CONFIG: &str = "harbor_routes";
+
+/// The adapter's settings (the JSON given to `configure`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The directory's absolute path as Envoy sees it (the files name each other by path).
+    pub dir: String,
+    /// Where the HTTP listener listens, `ip:port`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Services whose endpoints get an EDS file of their own; the rest carry them inline in
+    /// CDS. Envoy opens one inotify instance per watched file, and the system's limit on
+    /// those (often 128 per user) is shared with every other watcher.
+    #[serde(default = "default_eds_max")]
+    pub eds_max: usize,
+}
+
+fn default_eds_max() -> usize {
+    32
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:10000".into()
+}
+
+impl Settings {
+    pub fn parse(json: &str) -> Result<Self, String> {
+        let s: Settings =
+            serde_json::from_str(json).map_err(|e| format!("envoy adapter settings: {e}"))?;
+        if !s.dir.starts_with('/') {
+            return Err(format!("dir {:?} must be an absolute path", s.dir));
+        }
+        split_addr(&s.listen).ok_or_else(|| format!("listen {:?} must be IP:PORT", s.listen))?;
+        Ok(s)
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        format!("{}/{file}", self.dir.trim_end_matches('/'))
+    }
+}
+
+/// `ip:port` (or `[v6]:port`) split for a `socket_address`.
+pub fn split_addr(addr: &str) -> Option<(String, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    Some((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port,
+    ))
+}
+
+fn socket_address(addr: &str) -> Value {
+    let (host, port) = split_addr(addr).unwrap_or_else(|| (addr.to_owned(), 0));
+    json!({"socket_address": {"address": host, "port_value": port}})
+}
+
+/// A service as the adapter sees it, free of the generated binding types.
+#[derive(Debug, Clone)]
+pub struct Service<'a> {
+    pub name: &'a str,
+    /// Host names and path prefix (HTTP), or the listen address (TCP).
+    pub hosts: &'a [String],
+    pub path_prefix: &'a str,
+    pub listen: Option<&'a str>,
+    pub upstreams: Vec<(&'a str, u32)>,
+    pub strategy: &'a str,
+}
+
+pub fn cluster_name(service: &str) -> String {
+    format!("harbor_{service}")
+}
+
+pub fn eds_file(service: &str) -> String {
+    format!("eds-{service}.json")
+}
+
+/// Envoy's policy for a Harbor strategy.
+pub fn lb_policy(strategy: &str) -> &'static str {
+    match strategy {
+        "least-connections" | "least-request" | "peak-ewma" => "LEAST_REQUEST",
+        "random" => "RANDOM",
+        "consistent-hash" => "RING_HASH",
+        "maglev" => "MAGLEV",
+        _ => "ROUND_ROBIN",
+    }
+}
+
+pub fn discovery(version: u64, resources: Vec<Value>) -> Value {
+    json!({"version_info": version.to_string(), "resources": resources})
+}
+
+/// A service's cluster: its endpoints from its own EDS file when `eds`, else inline.
+pub fn cluster(s: &Service<'_>, settings: &Settings, eds: bool) -> Value {
+    let mut c = json!({
+        "@type": CLUSTER,
+        "name": cluster_name(s.name),
+        "connect_timeout": "1s",
+        "lb_policy": lb_policy(s.strategy),
+    });
+    if eds {
+        c["type"] = json!("EDS");
+        c["eds_cluster_config"] = json!({
+            "eds_config": {
+                "path_config_source": {"path": settings.path(&eds_file(s.name))},
+                "resource_api_version": "V3",
+            },
+        });
+    } else {
+        let mut assignment = endpoints(s);
+        if let Some(map) = assignment.as_object_mut() {
+            map.remove("@type");
+        }
+        c["type"] = json!("STATIC");
+        c["load_assignment"] = assignment;
+    }
+    c
+}
+
+/// The endpoints of a service. `first` puts each upstream at its own priority, in order, so
+/// Envoy sends everything to the first healthy one.
+pub fn endpoints(s: &Service<'_>) -> Value {
+    let endpoint = |addr: &str, weight: u32| json!({"endpoint": {"address": socket_address(addr)}, "load_balancing_weight": weight.max(1)});
+    let groups: Vec<Value> = if s.strategy == "first" {
+        s.upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, (a, w))| json!({"priority": i, "lb_endpoints": [endpoint(a, *w)]}))
+            .collect()
+    } else if s.upstreams.is_empty() {
+        Vec::new()
+    } else {
+        vec![
+            json!({"lb_endpoints": s.upstreams.iter().map(|(a, w)| endpoint(a, *w)).collect::<Vec<_>>()}),
+        ]
+    };
+    json!({"@type": ENDPOINTS, "cluster_name": cluster_name(s.name), "endpoints": groups})
+}
+
+/// One route configuration: a virtual host per host name, longer path prefixes first.
+pub fn route_config(http: &[Service<'_>]) -> Value {
+    let mut by_host: BTreeMap<&str, Vec<&Service<'_>>> = BTreeMap::new();
+    for s in http {
+        for h in s.hosts {
+            by_host.entry(h.as_str()).or_default().push(s);
+        }
+    }
+    let vhosts: Vec<Value> = by_host
+        .into_iter()
+        .map(|(host, mut services)| {
+            services.sort_by(|a, b| {
+                b.path_prefix
+                    .len()
+                    .cmp(&a.path_prefix.len())
+                    .then(a.name.cmp(b.name))
+            });
+            let routes: Vec<Value> = services
+                .iter()
+                .map(|s| {
+                    let prefix = s.path_prefix.trim_end_matches('/');
+                    let matcher = if prefix.is_empty() {
+                        json!({"prefix": "/"})
+                    } else {
+                        json!({"path_separated_prefix": prefix})
+                    };
+                    let mut route = json!({"cluster": cluster_name(s.name), "timeout": "0s"});
+                    if lb_policy(s.strategy) == "RING_HASH" {
+                        route["hash_policy"] =
+                            json!([{"connection_properties": {"source_ip": true}}]);
+                    }
+                    json!({"match": matcher, "route": route})
+                })
+                .collect();
+            json!({"name": format!("host_{host}"), "domains": [host], "routes": routes})
+        })
+        .collect();
+    json!({"@type": ROUTES, "name": ROUTE_CONFIG, "virtual_hosts": vhosts})
+}
+
+pub fn http_listener(settings: &Settings) -> Value {
+    let (host, port) = split_addr(&settings.listen).unwrap_or(("127.0.0.1".into(), 10000));
+    json!({
+        "@type": LISTENER,
+        "name": "harbor_http",
+        "address": {"socket_address": {"address": host, "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "harbor_http",
+                "strip_any_host_port": true,
+                "rds": {
+                    "route_config_name": ROUTE_CONFIG,
+                    "config_source": {
+                        "path_config_source": {"path": settings.path("rds.json")},
+                        "resource_api_version": "V3",
+                    },
+                },
+                "http_filters": [{
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                }],
+            },
+        }]}],
+    })
+}
+
+pub fn tcp_listener(s: &Service<'_>) -> Value {
+    json!({
+        "@type": LISTENER,
+        "name": format!("harbor_tcp_{}", s.name),
+        "address": socket_address(s.listen.unwrap_or_default()),
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.tcp_proxy",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                "stat_prefix": format!("harbor_tcp_{}", s.name),
+                "cluster": cluster_name(s.name),
+            },
+        }]}],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc<'a>(
+        name: &'a str,
+        hosts: &'a [String],
+        path: &'a str,
+        strategy: &'a str,
+    ) -> Service<'a> {
+        Service {
+            name,
+            hosts,
+            path_prefix: path,
+            listen: None,
+            upstreams: vec![("127.0.0.1:9001", 1), ("127.0.0.1:9002", 3)],
+            strategy,
+        }
+    }
+
+    #[test]
+    fn strategies_map_to_envoy_policies() {
+        assert_eq!(lb_policy("round-robin"), "ROUND_ROBIN");
+        assert_eq!(lb_policy("weighted-round-robin"), "ROUND_ROBIN");
+        assert_eq!(lb_policy("least-connections"), "LEAST_REQUEST");
+        assert_eq!(lb_policy("random"), "RANDOM");
+        assert_eq!(lb_policy("consistent-hash"), "RING_HASH");
+        assert_eq!(lb_policy("maglev"), "MAGLEV");
+    }
+
+    #[test]
+    fn one_virtual_host_per_host_longest_prefix_first() {
+        let h = vec!["a.localhost".to_owned()];
+        let rc = route_config(&[
+            svc("a", &h, "/", "random"),
+            svc("b", &h, "/api", "consistent-hash"),
+        ]);
+        let vh = &rc["virtual_hosts"][0];
+        assert_eq!(vh["domains"], json!(["a.localhost"]));
+        assert_eq!(vh["routes"][0]["match"]["path_separated_prefix"], "/api");
+        assert!(vh["routes"][0]["route"]["hash_policy"].is_array());
+        assert_eq!(vh["routes"][1]["route"]["cluster"], "harbor_a");
+    }
+
+    #[test]
+    fn first_puts_each_upstream_at_its_own_priority() {
+        let h = vec![];
+        let e = endpoints(&svc("a", &h, "/", "first"));
+        assert_eq!(e["endpoints"][1]["priority"], 1);
+        let e = endpoints(&svc("a", &h, "/", "round-robin"));
+        assert_eq!(
+            e["endpoints"][0]["lb_endpoints"][1]["load_balancing_weight"],
+            3
+        );
+    }
+}

@@ -1,0 +1,104 @@
+//! `/api/v1/backend`: the active backend adapter and whether the proxy is in step (`GET`), and
+//! swapping the adapter at runtime (`PUT`), either for a built-in one by name with settings
+//! (`{"adapter": "caddy", "config": {...}}`) or for an uploaded component
+//! (`Content-Type: application/wasm`, `?proxy=caddy|envoy` naming the capabilities it gets).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::json::parse;
+use crate::config::BackendKind;
+use crate::dispatch::SwapError;
+
+pub async fn status(State(app): State<AppState>) -> impl IntoResponse {
+    match &app.dispatcher {
+        Some(d) => {
+            let mut body = serde_json::to_value(d.status()).unwrap_or_default();
+            body["backend"] = json!(d.kind().to_string());
+            Json(body)
+        }
+        None => Json(json!({"backend": "embedded", "adapter": null, "in_sync": true})),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwapBody {
+    /// A built-in adapter: `caddy` or `envoy`.
+    adapter: BackendKind,
+    /// Settings replacing the defaults key by key.
+    #[serde(default)]
+    config: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+pub struct SwapQuery {
+    proxy: Option<BackendKind>,
+}
+
+fn is_component(headers: &HeaderMap) -> bool {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/wasm")
+}
+
+pub async fn swap(
+    State(app): State<AppState>,
+    caller: Caller,
+    Query(query): Query<SwapQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.unrestricted()?;
+    let Some(dispatcher) = &app.dispatcher else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "Harbor runs the embedded proxy (--backend embedded); there is no adapter to swap",
+        ));
+    };
+    let spec = if is_component(&headers) {
+        let kind = query.proxy.unwrap_or(dispatcher.kind());
+        dispatcher.spec_for(kind, Arc::from(&body[..]), "upload".into(), None)
+    } else {
+        let request: SwapBody = parse(&headers, &body)?;
+        if request.adapter == BackendKind::Embedded {
+            return Err(ApiError::bad_request(
+                Some("adapter".into()),
+                "the embedded proxy has no adapter; name caddy or envoy",
+            ));
+        }
+        if request.config.as_ref().is_some_and(|c| !c.is_object()) {
+            return Err(ApiError::bad_request(
+                Some("config".into()),
+                "config must be a JSON object of the adapter's settings",
+            ));
+        }
+        dispatcher.builtin_spec(request.adapter, request.config.as_ref())
+    }
+    .map_err(|e| ApiError::bad_request(None, format!("{e:#}")))?;
+    match dispatcher.swap(spec).await {
+        Ok(status) => Ok(Json(status)),
+        Err(e @ SwapError::Load(_)) => Err(ApiError::bad_request(
+            Some("component".into()),
+            format!("the adapter was refused: {e}"),
+        )),
+        Err(e @ SwapError::Apply(_)) => Err(ApiError::new(StatusCode::BAD_GATEWAY, e.to_string())),
+        Err(e @ SwapError::Stopped) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            e.to_string(),
+        )),
+    }
+}

@@ -1,0 +1,324 @@
+//! A tiny authoritative DNS responder on loopback that answers `SRV` queries for
+//! `<service>.svc.harbor.` with the service's live instances. Caddy's `dynamic_upstreams` asks
+//! it, so an instance coming or going changes where Caddy proxies without a config reload.
+//!
+//! Only what Caddy's resolver needs is implemented: one question per query; `SRV` answers whose
+//! targets are short names for IPv4 addresses (`i7f000001.` for 127.0.0.1), and `A` answers for
+//! those names (Caddy dials SRV targets by name, through the same resolver); `NXDOMAIN` for
+//! unknown names, `NODATA` for other types, and the `TC` bit when an answer does not fit the
+//! client's UDP size. SRV targets are never compressed (RFC 2782; Go rejects them), which is
+//! why they are kept short: about 40 instances fit the 1,232 bytes Go's resolver accepts.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::Since;
+use crate::model::{Kind, Protocol, ServiceView};
+use crate::registry::Registry;
+
+/// The zone Harbor answers for.
+pub const ZONE: &str = "svc.harbor.";
+
+const TYPE_A: u16 = 1;
+const TYPE_SRV: u16 = 33;
+const CLASS_IN: u16 = 1;
+/// Largest answer without EDNS (RFC 1035).
+const PLAIN_UDP: usize = 512;
+
+/// One SRV record: the instance's address and weight.
+type Record = (std::net::Ipv4Addr, u16, u16);
+
+/// The instances of each service that the responder can name: those with an IPv4 address.
+#[derive(Default)]
+pub struct Zone {
+    table: ArcSwap<HashMap<String, Vec<Record>>>,
+}
+
+impl Zone {
+    /// Rebuilds the table from the registry's services.
+    pub fn sync(&self, services: &[ServiceView]) {
+        let mut table = HashMap::with_capacity(services.len());
+        for s in services {
+            if s.route.protocol != Protocol::Http {
+                continue;
+            }
+            let upstreams: Vec<(String, u32)> = match s.kind {
+                Kind::Ephemeral => s
+                    .instances
+                    .iter()
+                    .map(|i| (i.upstream.to_string(), i.weight))
+                    .collect(),
+                Kind::Static => s
+                    .upstreams
+                    .iter()
+                    .map(|u| (u.addr.to_string(), u.weight))
+                    .collect(),
+            };
+            let records = upstreams
+                .iter()
+                .filter_map(|(addr, weight)| {
+                    let addr: std::net::SocketAddrV4 = addr.parse().ok()?;
+                    Some((
+                        *addr.ip(),
+                        addr.port(),
+                        (*weight).min(u16::MAX as u32) as u16,
+                    ))
+                })
+                .collect();
+            table.insert(format!("{}.{ZONE}", s.name), records);
+        }
+        self.table.store(Arc::new(table));
+    }
+
+    fn lookup(&self, name: &str) -> Option<Vec<Record>> {
+        self.table.load().get(name).cloned()
+    }
+}
+
+/// The answer to one DNS query, or `None` for a packet that is not one.
+pub fn answer(query: &[u8], zone: &Zone) -> Option<Vec<u8>> {
+    if query.len() < 12 || query[2] & 0x80 != 0 {
+        return None;
+    }
+    let qdcount = u16::from_be_bytes([query[4], query[5]]);
+    if qdcount != 1 {
+        return None;
+    }
+    // The question: labels, then type and class.
+    let mut pos = 12;
+    let mut name = String::new();
+    loop {
+        let len = *query.get(pos)? as usize;
+        pos += 1;
+        if len == 0 {
+            break;
+        }
+        if len > 63 {
+            return None;
+        }
+        let label = query.get(pos..pos + len)?;
+        name.push_str(&String::from_utf8_lossy(label).to_ascii_lowercase());
+        name.push('.');
+        pos += len;
+    }
+    let qtype = u16::from_be_bytes([*query.get(pos)?, *query.get(pos + 1)?]);
+    let question_end = pos + 4;
+    query.get(..question_end)?;
+    let limit = edns_size(query, question_end).unwrap_or(PLAIN_UDP);
+
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(&query[0..2]);
+    let rd = query[2] & 0x01;
+    let host = host_ip(&name);
+    let records = zone.lookup(&name);
+    let known = records.is_some() || host.is_some();
+    // NXDOMAIN inside the zone, REFUSED outside it.
+    let rcode = match (known, name.ends_with(ZONE) || host.is_some()) {
+        (true, _) => 0,
+        (false, true) => 3,
+        (false, false) => 5,
+    };
+    out.push(0x84 | rd); // QR, AA
+    out.push(rcode);
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0, 0, 0]); // an, ns, ar: filled below
+    out.extend_from_slice(&query[12..question_end]);
+    let mut count = 0u16;
+    if let (Some(ip), TYPE_A) = (host, qtype) {
+        out.extend_from_slice(&[0xC0, 0x0C]);
+        out.extend_from_slice(&TYPE_A.to_be_bytes());
+        out.extend_from_slice(&CLASS_IN.to_be_bytes());
+        out.extend_from_slice(&0u32.to_be_bytes());
+        out.extend_from_slice(&4u16.to_be_bytes());
+        out.extend_from_slice(&ip.octets());
+        count = 1;
+    }
+    if let (Some(records), TYPE_SRV) = (records, qtype) {
+        for (ip, port, weight) in records {
+            let mut rr = Vec::with_capacity(32);
+            rr.extend_from_slice(&[0xC0, 0x0C]); // the question's name
+            rr.extend_from_slice(&TYPE_SRV.to_be_bytes());
+            rr.extend_from_slice(&CLASS_IN.to_be_bytes());
+            rr.extend_from_slice(&0u32.to_be_bytes()); // TTL 0: Caddy's refresh decides
+            let label = host_label(ip);
+            let mut target = vec![label.len() as u8];
+            target.extend_from_slice(label.as_bytes());
+            target.push(0);
+            rr.extend_from_slice(&((6 + target.len()) as u16).to_be_bytes());
+            rr.extend_from_slice(&0u16.to_be_bytes()); // priority
+            rr.extend_from_slice(&weight.max(1).to_be_bytes());
+            rr.extend_from_slice(&port.to_be_bytes());
+            rr.extend_from_slice(&target);
+            if out.len() + rr.len() > limit {
+                out[2] |= 0x02; // TC: the client asks again over TCP
+                break;
+            }
+            out.extend_from_slice(&rr);
+            count += 1;
+        }
+    }
+    out[6..8].copy_from_slice(&count.to_be_bytes());
+    Some(out)
+}
+
+/// The name standing for `ip`: `i` and its eight hex digits (127.0.0.1 is `i7f000001`).
+fn host_label(ip: std::net::Ipv4Addr) -> String {
+    format!("i{:08x}", u32::from(ip))
+}
+
+/// The address an `i7f000001.` name stands for.
+fn host_ip(name: &str) -> Option<std::net::Ipv4Addr> {
+    let hex = name.strip_suffix('.')?.strip_prefix('i')?;
+    if hex.len() != 8 {
+        return None;
+    }
+    u32::from_str_radix(hex, 16)
+        .ok()
+        .map(std::net::Ipv4Addr::from)
+}
+
+/// The UDP size the client advertises in an EDNS OPT record, if it sent one.
+fn edns_size(query: &[u8], question_end: usize) -> Option<usize> {
+    let arcount = u16::from_be_bytes([query[10], query[11]]);
+    if arcount == 0 {
+        return None;
+    }
+    // An OPT record: root name (0), type 41, class = UDP size.
+    let rest = query.get(question_end..)?;
+    if rest.len() >= 5 && rest[0] == 0 && u16::from_be_bytes([rest[1], rest[2]]) == 41 {
+        let size = u16::from_be_bytes([rest[3], rest[4]]) as usize;
+        return Some(size.clamp(PLAIN_UDP, 4096));
+    }
+    None
+}
+
+/// Answers queries on `socket` until cancelled.
+pub async fn serve_udp(zone: Arc<Zone>, socket: UdpSocket, cancel: CancellationToken) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (len, from) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "DNS receive failed");
+                    continue;
+                }
+            },
+            () = cancel.cancelled() => return,
+        };
+        if let Some(reply) = answer(&buf[..len], &zone) {
+            let _ = socket.send_to(&reply, from).await;
+        }
+    }
+}
+
+/// Binds the responder on a free loopback port.
+pub async fn bind() -> anyhow::Result<(UdpSocket, SocketAddr)> {
+    let socket = UdpSocket::bind("127.0.0.1:0").await?;
+    let addr = socket.local_addr()?;
+    Ok((socket, addr))
+}
+
+/// Keeps the zone in step with the registry from event `cursor` on. Unlike the proxy's
+/// configuration, instance changes are applied at once: they cost nothing here.
+pub async fn follow(
+    zone: Arc<Zone>,
+    registry: Arc<Registry>,
+    mut cursor: u64,
+    cancel: CancellationToken,
+) {
+    let bus = registry.bus().clone();
+    let mut changes = bus.watch();
+    loop {
+        changes.borrow_and_update();
+        let relevant = match bus.since(cursor) {
+            Since::Events(events) => {
+                cursor = events.last().map_or(cursor, |e| e.id);
+                events.iter().any(|e| e.event.changes_routing())
+            }
+            Since::Gap => {
+                cursor = bus.last_id();
+                true
+            }
+        };
+        if relevant {
+            zone.sync(&registry.services());
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(name: &str, qtype: u16) -> Vec<u8> {
+        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in name.trim_end_matches('.').split('.') {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&CLASS_IN.to_be_bytes());
+        q
+    }
+
+    fn zone_with(records: Vec<(u16, u16)>) -> Zone {
+        let records = records
+            .into_iter()
+            .map(|(port, weight)| (std::net::Ipv4Addr::LOCALHOST, port, weight))
+            .collect();
+        let zone = Zone::default();
+        let mut t = HashMap::new();
+        t.insert(format!("web.{ZONE}"), records);
+        zone.table.store(Arc::new(t));
+        zone
+    }
+
+    #[test]
+    fn srv_answers_name_each_instance_port() {
+        let zone = zone_with(vec![(9001, 1), (9002, 3)]);
+        let a = answer(&query("web.svc.harbor.", TYPE_SRV), &zone).unwrap();
+        assert_eq!(&a[0..2], &[0x12, 0x34]);
+        assert_eq!(a[3] & 0x0f, 0, "NOERROR");
+        assert_eq!(u16::from_be_bytes([a[6], a[7]]), 2);
+        // The last record: priority, weight, port, then the uncompressed target.
+        let tail = &a[a.len() - 17..];
+        assert_eq!(&tail[2..4], &3u16.to_be_bytes());
+        assert_eq!(&tail[4..6], &9002u16.to_be_bytes());
+        assert_eq!(&tail[6..], b"\x09i7f000001\x00");
+    }
+
+    #[test]
+    fn unknown_names_and_types() {
+        let zone = zone_with(vec![(9001, 1)]);
+        let a = answer(&query("nope.svc.harbor.", TYPE_SRV), &zone).unwrap();
+        assert_eq!(a[3] & 0x0f, 3, "NXDOMAIN");
+        let a = answer(&query("web.svc.harbor.", 1), &zone).unwrap();
+        assert_eq!(a[3] & 0x0f, 0);
+        assert_eq!(u16::from_be_bytes([a[6], a[7]]), 0, "NODATA");
+        let a = answer(&query("i0a010203.", TYPE_A), &zone).unwrap();
+        assert_eq!(u16::from_be_bytes([a[6], a[7]]), 1);
+        assert_eq!(&a[a.len() - 4..], &[10, 1, 2, 3]);
+        let a = answer(&query("example.com.", TYPE_A), &zone).unwrap();
+        assert_eq!(a[3] & 0x0f, 5, "REFUSED");
+        assert!(answer(&[1, 2, 3], &zone).is_none());
+    }
+
+    #[test]
+    fn big_answers_are_truncated_to_the_udp_size() {
+        let zone = zone_with((0..100).map(|i| (9000 + i, 1)).collect());
+        let a = answer(&query("web.svc.harbor.", TYPE_SRV), &zone).unwrap();
+        assert!(a.len() <= PLAIN_UDP);
+        assert_eq!(a[2] & 0x02, 0x02, "TC");
+    }
+}

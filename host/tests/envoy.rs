@@ -1,0 +1,202 @@
+//! Harbor driving a real Envoy through the Envoy adapter and xDS files: a registration becomes
+//! routable through Envoy's listener, instance churn goes through EDS, expiry removes the
+//! route, a restarted Envoy comes back with Harbor's routes, TCP services become `tcp_proxy`
+//! listeners, and an update Envoy rejects is reported rather than lost.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::proxies::{Envoy, Upstream, free_port, through};
+use common::{TestHarbor, eventually};
+use harbor::config::BackendKind;
+use serde_json::{Value, json};
+
+async fn harbor_for(envoy: &Envoy) -> TestHarbor {
+    let admin: harbor::config::BaseUrl = envoy.admin_url().parse().expect("admin url");
+    let dir = envoy.xds.clone();
+    let listen = envoy.listen_addr();
+    common::start_with(move |c| {
+        c.backend = BackendKind::Envoy;
+        c.envoy_admin = admin.clone();
+        c.envoy_dir = dir.clone();
+        c.proxy_listen = listen;
+    })
+    .await
+}
+
+async fn until_routed(envoy: &Envoy, host: &str, want: &str, within: Duration) -> Duration {
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let addr = envoy.listen_addr();
+    eventually(
+        within,
+        &format!("{host} routed to {want} through Envoy"),
+        || {
+            let client = client.clone();
+            async move {
+                match through(&client, addr, host, "/").await {
+                    Some((200, body)) if body == want => Some(()),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    started.elapsed()
+}
+
+async fn backend_status(h: &TestHarbor) -> Value {
+    let (status, body) = h.get("/api/v1/backend").await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_route_expire_and_restart_through_envoy() {
+    let Some(mut envoy) = Envoy::prepare() else {
+        return;
+    };
+    let h = harbor_for(&envoy).await;
+    eventually(Duration::from_secs(3), "the first xDS files", || async {
+        envoy.xds.join("lds.json").exists().then_some(())
+    })
+    .await;
+    envoy.start_process().await;
+
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    h.register(json!({"name": "web", "upstream": a.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
+        .await;
+    until_routed(&envoy, "web.localhost", "a", Duration::from_secs(5)).await;
+    let status = eventually(Duration::from_secs(3), "in sync", || async {
+        let s = backend_status(&h).await;
+        (s["in_sync"] == true).then_some(s)
+    })
+    .await;
+    assert_eq!(status["adapter"], "envoy");
+    assert_eq!(status["supports_tcp"], true);
+
+    // A second instance of the same service: only its EDS file changes.
+    let cds_before = std::fs::read(envoy.xds.join("cds.json")).unwrap();
+    let grant = h
+        .register(json!({"name": "web", "upstream": b.addr.to_string(), "ttl_secs": 1, "host": "web.localhost"}))
+        .await;
+    assert!(grant["id"].is_string());
+    let client = reqwest::Client::new();
+    eventually(Duration::from_secs(3), "both instances serving", || {
+        let client = client.clone();
+        let addr = envoy.listen_addr();
+        async move {
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..10 {
+                if let Some((200, body)) = through(&client, addr, "web.localhost", "/").await {
+                    seen.insert(body);
+                }
+            }
+            (seen.len() == 2).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        std::fs::read(envoy.xds.join("cds.json")).unwrap(),
+        cds_before,
+        "instance churn rewrote CDS"
+    );
+
+    // b's lease runs out: only a serves.
+    eventually(Duration::from_secs(5), "b expired from Envoy", || {
+        let client = client.clone();
+        let addr = envoy.listen_addr();
+        async move {
+            for _ in 0..10 {
+                match through(&client, addr, "web.localhost", "/").await {
+                    Some((200, body)) if body == "a" => {}
+                    _ => return None,
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+
+    // Envoy restarts: it reads Harbor's files again.
+    envoy.start_process().await;
+    until_routed(&envoy, "web.localhost", "a", Duration::from_secs(5)).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_services_become_tcp_proxy_listeners() {
+    let Some(mut envoy) = Envoy::prepare() else {
+        return;
+    };
+    let h = harbor_for(&envoy).await;
+    eventually(Duration::from_secs(3), "the first xDS files", || async {
+        envoy.xds.join("lds.json").exists().then_some(())
+    })
+    .await;
+    envoy.start_process().await;
+    let a = Upstream::start("tcp-a").await;
+    let port = free_port();
+    h.write_route(
+        "db.route",
+        &format!(
+            "protocol = \"tcp\"\nlisten = \"127.0.0.1:{port}\"\nupstreams = [\"{}\"]\n",
+            a.addr
+        ),
+    );
+    let client = reqwest::Client::new();
+    eventually(
+        Duration::from_secs(5),
+        "the tcp listener forwarding",
+        || {
+            let client = client.clone();
+            async move {
+                match through(&client, ([127, 0, 0, 1], port).into(), "x", "/").await {
+                    Some((200, body)) if body == "tcp-a" => Some(()),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_envoy_rejects_is_reported() {
+    let Some(mut envoy) = Envoy::prepare() else {
+        return;
+    };
+    let h = harbor_for(&envoy).await;
+    eventually(Duration::from_secs(3), "the first xDS files", || async {
+        envoy.xds.join("lds.json").exists().then_some(())
+    })
+    .await;
+    envoy.start_process().await;
+    let a = Upstream::start("a").await;
+    h.register(json!({"name": "web", "upstream": a.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
+        .await;
+    until_routed(&envoy, "web.localhost", "a", Duration::from_secs(5)).await;
+    let mut events = h.events(None).await;
+
+    // A DNS name is a valid upstream for Harbor, but not an EDS endpoint address for Envoy.
+    h.register(json!({"name": "named", "upstream": "backend.invalid:80", "ttl_secs": 60, "host": "named.localhost"}))
+        .await;
+    let failed = events.next_of("backend_failed").await;
+    assert!(
+        failed.data["reason"].as_str().unwrap().contains("rejected"),
+        "{:?}",
+        failed.data
+    );
+    let status = backend_status(&h).await;
+    assert_eq!(status["in_sync"], false, "{status}");
+    assert!(
+        status["last_error"].as_str().unwrap().contains("rejected"),
+        "{status}"
+    );
+    // What Envoy ran before keeps serving.
+    until_routed(&envoy, "web.localhost", "a", Duration::from_secs(2)).await;
+    h.shutdown().await;
+}

@@ -1,0 +1,50 @@
+//! An adapter that loads fine and then fails every `apply`: it traps, or with the `spin`
+//! feature never returns. Harbor must refuse it as a swap and keep the adapter in force.
+
+mod bindings {
+    wit_bindgen::generate!({
+        path: "../../../../wit/backend",
+        world: "adapter-plugin",
+    });
+}
+
+use bindings::exports::harbor::backend::adapter::{
+    AdapterError, Description, DesiredState, Guest, ProbeReport,
+};
+
+struct Bad;
+
+impl Guest for Bad {
+    fn describe() -> Description {
+        Description {
+            name: "caddy".into(),
+            version: "0.0.1-bad".into(),
+            supports_tcp: false,
+        }
+    }
+
+    fn configure(_: String) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn apply(state: DesiredState) -> Result<u64, AdapterError> {
+        if cfg!(feature = "spin") {
+            let mut n = state.revision;
+            loop {
+                n = std::hint::black_box(n.wrapping_mul(31).wrapping_add(7));
+            }
+        }
+        // A panic is a trap in a component.
+        panic!("apply is broken on purpose")
+    }
+
+    fn probe() -> Result<ProbeReport, AdapterError> {
+        Err(AdapterError::Retryable("never in sync".into()))
+    }
+
+    fn release() -> Result<(), AdapterError> {
+        Ok(())
+    }
+}
+
+bindings::export!(Bad with_types_in bindings);
