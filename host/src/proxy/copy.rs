@@ -2,6 +2,7 @@
 //! that ends shuts down the write side of the other stream (half-close) while the opposite
 //! direction carries on, and the connection closes after `idle` without traffic either way.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -46,24 +47,52 @@ where
 {
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
-    // Activity as nanoseconds since `base`, on tokio's clock so that tests can pause it.
-    let base = tokio::time::Instant::now();
-    let last = AtomicU64::new(0);
-    let since = move || base.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
-    let inbound = pump(
-        &mut client_read,
-        &mut upstream_write,
-        &last,
-        since,
-        tally.inbound,
-    );
+    let clock = Activity::new();
+    let inbound = pump(&mut client_read, &mut upstream_write, &clock, tally.inbound);
     let outbound = pump(
         &mut upstream_read,
         &mut client_write,
-        &last,
-        since,
+        &clock,
         tally.outbound,
     );
+    drive(inbound, outbound, &clock, idle, cut).await
+}
+
+/// When traffic last moved, as nanoseconds on tokio's clock (so that tests can pause it).
+pub struct Activity {
+    base: tokio::time::Instant,
+    last: AtomicU64,
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        Self {
+            base: tokio::time::Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64
+    }
+
+    pub fn touch(&self) {
+        self.last.store(self.now(), Ordering::Relaxed);
+    }
+
+    fn quiet(&self) -> u64 {
+        self.now().saturating_sub(self.last.load(Ordering::Relaxed))
+    }
+}
+
+/// Runs both directions until both end, one fails, nothing moves for `idle`, or `cut` fires.
+pub async fn drive(
+    inbound: impl Future<Output = std::io::Result<()>>,
+    outbound: impl Future<Output = std::io::Result<()>>,
+    activity: &Activity,
+    idle: Duration,
+    cut: &CancellationToken,
+) -> End {
     tokio::pin!(inbound, outbound);
     let (mut in_done, mut out_done) = (false, false);
     let idle_ns = idle.as_nanos().min(u128::from(u64::MAX)) as u64;
@@ -81,7 +110,7 @@ where
             () = tokio::time::sleep_until(check) => {
                 // Traffic resets no timer; the deadline is recomputed from the last activity
                 // only when it fires, so a busy connection pays nothing per read.
-                let quiet = since().saturating_sub(last.load(Ordering::Relaxed));
+                let quiet = activity.quiet();
                 if quiet >= idle_ns {
                     return End::Idle;
                 }
@@ -98,8 +127,7 @@ where
 async fn pump<R, W>(
     from: &mut R,
     to: &mut W,
-    last: &AtomicU64,
-    now: impl Fn() -> u64,
+    activity: &Activity,
     tally: &IntCounter,
 ) -> std::io::Result<()>
 where
@@ -114,7 +142,7 @@ where
             return to.shutdown().await;
         }
         to.write_all(&buf[..n]).await?;
-        last.store(now(), Ordering::Relaxed);
+        activity.touch();
         tally.inc_by(n as u64);
     }
 }

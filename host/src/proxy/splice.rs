@@ -5,7 +5,6 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus::IntCounter;
@@ -13,7 +12,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::copy::{End, Tally};
+use super::copy::{Activity, End, Tally, drive};
 
 /// Bytes moved per splice call and the pipe's capacity: Linux's default pipe holds 64 KiB;
 /// a larger pipe means fewer wake-ups per megabyte.
@@ -27,38 +26,10 @@ pub async fn duplex(
     cut: &CancellationToken,
     tally: Tally<'_>,
 ) -> End {
-    let base = tokio::time::Instant::now();
-    let last = AtomicU64::new(0);
-    let since = move || base.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
-    let inbound = pump(client, upstream, &last, since, tally.inbound);
-    let outbound = pump(upstream, client, &last, since, tally.outbound);
-    tokio::pin!(inbound, outbound);
-    let (mut in_done, mut out_done) = (false, false);
-    let idle_ns = idle.as_nanos().min(u128::from(u64::MAX)) as u64;
-    let mut check = tokio::time::Instant::now() + idle;
-    loop {
-        tokio::select! {
-            r = &mut inbound, if !in_done => {
-                if let Err(e) = r { return End::Failed(e.to_string()) }
-                in_done = true;
-            }
-            r = &mut outbound, if !out_done => {
-                if let Err(e) = r { return End::Failed(e.to_string()) }
-                out_done = true;
-            }
-            () = tokio::time::sleep_until(check) => {
-                let quiet = since().saturating_sub(last.load(Ordering::Relaxed));
-                if quiet >= idle_ns {
-                    return End::Idle;
-                }
-                check += Duration::from_nanos(idle_ns - quiet);
-            }
-            () = cut.cancelled() => return End::Cut,
-        }
-        if in_done && out_done {
-            return End::Closed;
-        }
-    }
+    let activity = Activity::new();
+    let inbound = pump(client, upstream, &activity, tally.inbound);
+    let outbound = pump(upstream, client, &activity, tally.outbound);
+    drive(inbound, outbound, &activity, idle, cut).await
 }
 
 struct Pipe {
@@ -161,8 +132,7 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
-    last: &AtomicU64,
-    now: impl Fn() -> u64,
+    activity: &Activity,
     tally: &IntCounter,
 ) -> io::Result<()> {
     let mut pipe = Lent::take()?;
@@ -196,7 +166,7 @@ async fn pump(
                 Err(e) => return Err(e),
             }
         }
-        last.store(now(), Ordering::Relaxed);
+        activity.touch();
         tally.inc_by(moved as u64);
     }
 }
