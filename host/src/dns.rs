@@ -17,7 +17,6 @@ use arc_swap::ArcSwap;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-use crate::events::Since;
 use crate::model::{Kind, Protocol, ServiceView};
 use crate::registry::Registry;
 
@@ -229,31 +228,11 @@ pub async fn bind() -> anyhow::Result<(UdpSocket, SocketAddr)> {
 pub async fn follow(
     zone: Arc<Zone>,
     registry: Arc<Registry>,
-    mut cursor: u64,
+    cursor: u64,
     cancel: CancellationToken,
 ) {
-    let bus = registry.bus().clone();
-    let mut changes = bus.watch();
-    loop {
-        changes.borrow_and_update();
-        let relevant = match bus.since(cursor) {
-            Since::Events(events) => {
-                cursor = events.last().map_or(cursor, |e| e.id);
-                events.iter().any(|e| e.event.changes_routing())
-            }
-            Since::Gap => {
-                cursor = bus.last_id();
-                true
-            }
-        };
-        if relevant {
-            zone.sync(&registry.services());
-        }
-        tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
-            () = cancel.cancelled() => return,
-        }
-    }
+    crate::routing::on_routing_changes(&registry, cursor, &cancel, |services| zone.sync(services))
+        .await;
 }
 
 #[cfg(test)]

@@ -184,14 +184,24 @@ pub fn build(table: &RoutingTable, registry: &Registry) -> u64 {
     cursor
 }
 
-/// Keeps the table in step with the registry from event `cursor` on, until cancelled. Only
-/// events that change what routes where cause a rebuild: renewals, route-file errors and plugin
-/// events do not.
+/// Keeps the table in step with the registry from event `cursor` on, until cancelled.
 pub async fn follow(
     table: Arc<RoutingTable>,
     registry: Arc<Registry>,
-    mut cursor: u64,
+    cursor: u64,
     cancel: CancellationToken,
+) {
+    on_routing_changes(&registry, cursor, &cancel, |services| table.sync(services)).await;
+}
+
+/// Calls `apply` with the registry's services after every batch of events from `cursor` on that
+/// changes what routes where, until cancelled. Renewals, route-file errors and plugin events
+/// cause no call; a gap in the event ring (a follower too far behind) causes one.
+pub async fn on_routing_changes(
+    registry: &Registry,
+    mut cursor: u64,
+    cancel: &CancellationToken,
+    mut apply: impl FnMut(&[ServiceView]),
 ) {
     let bus = registry.bus().clone();
     let mut changes = bus.watch();
@@ -210,7 +220,7 @@ pub async fn follow(
             }
         };
         if relevant {
-            table.sync(&registry.services());
+            apply(&registry.services());
         }
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
