@@ -19,6 +19,8 @@ use super::metrics::{ErrorKind, UpstreamMetrics};
 pub struct Chosen<C> {
     pub picked: Picked,
     pub conn: C,
+    /// The upstream's address, shared with the connection pool's key.
+    pub address: Arc<str>,
     pub metrics: Arc<UpstreamMetrics>,
     /// How long the connect took (near zero for a pooled connection).
     pub connect_time: std::time::Duration,
@@ -107,6 +109,7 @@ where
                 return Ok(Chosen {
                     picked,
                     conn,
+                    address,
                     metrics,
                     connect_time: started.elapsed(),
                 });

@@ -162,7 +162,7 @@ async fn forward(
             };
         }
     };
-    let address: Arc<str> = chosen.picked.backend().address.as_str().into();
+    let address = chosen.address.clone();
     let metrics = chosen.metrics.clone();
     let flight = Flight::new(chosen.picked.start(), metrics.in_flight.clone());
     let (mut sender, mut pooled) = chosen.conn;
