@@ -256,6 +256,42 @@ fn every_builtin_avoids_unhealthy_backends_and_survives_an_empty_set() {
 }
 
 #[test]
+fn routes_come_and_go_on_one_instance_and_retries_reach_the_guest() {
+    let rt = runtime();
+    for name in [
+        "round-robin",
+        "weighted-round-robin",
+        "random",
+        "least-connections",
+        "least-request",
+        "consistent-hash",
+        "first",
+        "peak-ewma",
+    ] {
+        // Routes made and dropped on this thread: each gets a number in this thread's instance,
+        // a dropped one is forgotten and its number reused, and none sees another's backends.
+        let keep = balancer(&rt, name, backends(&[1, 1]));
+        for round in 0..12usize {
+            let size = 3 + round % 4;
+            let b = balancer(&rt, name, backends(&vec![1; size]));
+            for key in 0..5u64 {
+                let first = b.pick(Some(key), &[]).unwrap();
+                assert!(!first.fallback && first.index < size, "{name}");
+                // A retry carries what was tried, and the guest picks another.
+                let tried = [first.index as u32];
+                let retry = b.pick(Some(key), &tried).unwrap();
+                assert!(!retry.fallback && retry.index < size, "{name}");
+                assert_ne!(retry.index, first.index, "{name}");
+            }
+            let kept = keep.pick(None, &[]).unwrap();
+            assert!(!kept.fallback && kept.index < 2, "{name}");
+        }
+        // Every backend excluded: the strategy answers none, and so does the balancer.
+        assert!(keep.pick(None, &[0, 1]).is_none(), "{name}");
+    }
+}
+
+#[test]
 fn misbehaving_guests_are_contained_and_the_pick_falls_back() {
     let rt = runtime();
     let info = rt
@@ -342,7 +378,7 @@ fn components_that_cannot_serve_are_refused_with_a_reason() {
     assert!(garbage.contains("not a WebAssembly component"), "{garbage}");
 
     let wrong = refused(&component("harbor-test-wrong-version", &[]));
-    assert!(wrong.contains("harbor:strategy@0.1.0"), "{wrong}");
+    assert!(wrong.contains("harbor:strategy@0.2.0"), "{wrong}");
 
     let stuck_component = component("harbor-test-misbehaving", &["stuck"]);
     let stuck = refused(&stuck_component);

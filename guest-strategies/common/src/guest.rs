@@ -1,29 +1,70 @@
 //! The glue between the WIT contract and an [`Algorithm`], written once for every built-in
-//! strategy: `describe` and `configure` from the algorithm's constants and settings, a
-//! `balancer` resource holding the algorithm, the host's records turned into [`Backends`] and
+//! strategy: `describe` and `configure` from the algorithm's constants and settings, a table of
+//! routes each holding one algorithm, the host's records turned into [`Backends`] and
 //! [`PickRequest`], and the `load` import read through [`Load`].
 //!
 //! A strategy crate exports it with [`strategy!`](crate::strategy); nothing here needs to be
 //! named directly.
 
-use std::cell::RefCell;
+use std::cell::{Cell, OnceCell};
 
 use crate::bindings::exports::harbor::strategy::strategy::{
-    Backend, Description, Guest, GuestBalancer, Outcome, Request,
+    Backend, Description, Guest, Outcome, Route,
 };
 use crate::bindings::harbor::strategy::load;
 use crate::{Algorithm, Backends, Load, PickRequest};
 
 /// A strategy crate's component, as [`strategy!`](crate::strategy) declares it: the algorithm it
-/// exports and the crate's version, which `describe` reports.
+/// exports, the crate's version, which `describe` reports, and the table of its routes.
 pub trait Component: 'static {
     type Algorithm: Algorithm;
     const VERSION: &'static str;
+
+    /// Runs `f` on the component's routes. [`strategy!`](crate::strategy) keeps them in a
+    /// thread-local: an instance runs one call at a time, so it is never found borrowed.
+    fn with_routes<R>(f: impl FnOnce(&mut Routes<Self::Algorithm>) -> R) -> R;
+}
+
+/// One algorithm per route, indexed by the host's route numbers (small, reused after `forget`).
+pub struct Routes<A> {
+    table: Vec<Option<A>>,
+}
+
+impl<A> Default for Routes<A> {
+    fn default() -> Self {
+        Self { table: Vec::new() }
+    }
+}
+
+impl<A: Algorithm> Routes<A> {
+    /// Builds the route's algorithm on its first backend list, rebuilds it on later ones.
+    pub fn rebuild(&mut self, route: Route, backends: Backends) {
+        let i = route as usize;
+        if self.table.len() <= i {
+            self.table.resize_with(i + 1, || None);
+        }
+        match &mut self.table[i] {
+            Some(algorithm) => algorithm.rebuild(backends),
+            empty => *empty = Some(A::new(backends)),
+        }
+    }
+
+    pub fn forget(&mut self, route: Route) {
+        if let Some(slot) = self.table.get_mut(route as usize) {
+            *slot = None;
+        }
+        while self.table.last().is_some_and(Option::is_none) {
+            self.table.pop();
+        }
+    }
+
+    /// The route's algorithm; none for a route the host never built (or forgot).
+    pub fn get(&mut self, route: Route) -> Option<&mut A> {
+        self.table.get_mut(route as usize)?.as_mut()
+    }
 }
 
 impl<C: Component> Guest for C {
-    type Balancer = Balancer<C::Algorithm>;
-
     fn describe() -> Description {
         Description {
             name: C::Algorithm::NAME.into(),
@@ -36,35 +77,43 @@ impl<C: Component> Guest for C {
     fn configure(config: String) -> Result<(), String> {
         C::Algorithm::configure(&config)
     }
-}
 
-/// The `balancer` resource: one route's algorithm. wit-bindgen hands resources `&self`; the
-/// instance runs one call at a time, so the `RefCell` never finds it borrowed.
-pub struct Balancer<A>(RefCell<A>);
-
-impl<A: Algorithm> GuestBalancer for Balancer<A> {
-    fn new(backends: Vec<Backend>) -> Self {
-        Self(RefCell::new(A::new(view(backends))))
+    fn rebuild(route: Route, backends: Vec<Backend>) {
+        C::with_routes(|routes| routes.rebuild(route, view(backends)));
     }
 
-    fn rebuild(&self, backends: Vec<Backend>) {
-        self.0.borrow_mut().rebuild(view(backends));
+    fn forget(route: Route) {
+        C::with_routes(|routes| routes.forget(route));
     }
 
-    fn pick(&self, request: Request) -> Option<u32> {
-        self.0.borrow_mut().pick(
-            &PickRequest {
-                sequence: request.sequence,
-                entropy: request.entropy,
-                hash_key: request.hash_key,
-                exclude: &request.exclude,
-            },
-            &HostLoad,
-        )
+    fn pick(route: Route, sequence: u64, entropy: u64, hash_key: Option<u64>) -> Option<u32> {
+        let request = PickRequest {
+            sequence,
+            entropy,
+            hash_key,
+            exclude: &[],
+        };
+        C::with_routes(|routes| routes.get(route)?.pick(&request, &HostLoad::default()))
+    }
+
+    fn retry(
+        route: Route,
+        sequence: u64,
+        entropy: u64,
+        hash_key: Option<u64>,
+        exclude: Vec<u32>,
+    ) -> Option<u32> {
+        let request = PickRequest {
+            sequence,
+            entropy,
+            hash_key,
+            exclude: &exclude,
+        };
+        C::with_routes(|routes| routes.get(route)?.pick(&request, &HostLoad::default()))
     }
 
     /// Never called: `describe` asks for no outcomes.
-    fn done(&self, _index: u32, _outcome: Outcome, _latency_ns: u64) {}
+    fn done(_route: Route, _index: u32, _outcome: Outcome, _latency_ns: u64) {}
 }
 
 /// The parts of the host's backend records that algorithms use (labels are left out).
@@ -81,11 +130,34 @@ fn view(backends: Vec<Backend>) -> Backends {
 
 /// The host's live load, read through the `load` import. Only wasm reads it: natively the
 /// import is a stub, which is why algorithms take any [`Load`] and their tests pass numbers.
-struct HostLoad;
+///
+/// The first few in-flight reads of a pick are one `in-flight` call each, as cheap as it gets
+/// for an algorithm that looks at two or three backends (power of two choices). Past
+/// [`SINGLE_READS`], the pick is scanning: every backend's count is fetched with one
+/// `in-flight-all` call, so a scan costs a handful of host calls whatever the route's size.
+#[derive(Default)]
+struct HostLoad {
+    reads: Cell<u32>,
+    in_flight: OnceCell<Vec<u32>>,
+}
+
+/// In-flight reads per pick made one by one; an `in-flight-all` costs about as much as five.
+const SINGLE_READS: u32 = 4;
 
 impl Load for HostLoad {
     fn in_flight(&self, index: u32) -> u32 {
-        load::in_flight(index)
+        if self.in_flight.get().is_none() {
+            let reads = self.reads.get();
+            if reads < SINGLE_READS {
+                self.reads.set(reads + 1);
+                return load::in_flight(index);
+            }
+        }
+        self.in_flight
+            .get_or_init(load::in_flight_all)
+            .get(index as usize)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn latency_ewma_ns(&self, index: u32) -> u64 {
@@ -95,9 +167,9 @@ impl Load for HostLoad {
 
 /// Exports an [`Algorithm`] as the crate's strategy component: `describe` reports the
 /// algorithm's [`NAME`](Algorithm::NAME) and [`USES_HASH_KEY`](Algorithm::USES_HASH_KEY) and
-/// the crate's version, `configure` calls [`Algorithm::configure`], and each `balancer` holds
-/// one instance of the algorithm. Use it once, in the crate's `lib.rs`, with the crate built as
-/// a `cdylib`:
+/// the crate's version, `configure` calls [`Algorithm::configure`], and each route the host
+/// builds holds one instance of the algorithm. Use it once, in the crate's `lib.rs`, with the
+/// crate built as a `cdylib`:
 ///
 /// ```
 /// use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
@@ -128,6 +200,16 @@ macro_rules! strategy {
             impl $crate::guest::Component for Strategy {
                 type Algorithm = $algorithm;
                 const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+
+                fn with_routes<R>(
+                    f: impl FnOnce(&mut $crate::guest::Routes<$algorithm>) -> R,
+                ) -> R {
+                    ::std::thread_local! {
+                        static ROUTES: ::std::cell::RefCell<$crate::guest::Routes<$algorithm>> =
+                            ::std::cell::RefCell::new(::std::default::Default::default());
+                    }
+                    ROUTES.with_borrow_mut(f)
+                }
             }
 
             // Finds the binding types through `default_bindings_module`.
@@ -140,6 +222,7 @@ macro_rules! strategy {
 mod tests {
     use super::*;
     use crate::load::FixedLoad;
+    use std::cell::RefCell;
 
     /// Records what the glue hands it; reads no load, so it runs natively.
     struct Recorder {
@@ -185,9 +268,17 @@ mod tests {
 
     struct Test;
 
+    thread_local! {
+        static TEST_ROUTES: RefCell<Routes<Recorder>> = RefCell::new(Routes::default());
+    }
+
     impl Component for Test {
         type Algorithm = Recorder;
         const VERSION: &'static str = "9.8.7";
+
+        fn with_routes<R>(f: impl FnOnce(&mut Routes<Recorder>) -> R) -> R {
+            TEST_ROUTES.with_borrow_mut(f)
+        }
     }
 
     fn backend(address: &str, weight: u32, healthy: bool) -> Backend {
@@ -214,37 +305,40 @@ mod tests {
     }
 
     #[test]
-    fn the_balancer_passes_backends_and_requests_through() {
-        let balancer = <Balancer<Recorder> as GuestBalancer>::new(vec![
-            backend("a:80", 3, false),
-            backend("b:80", 1, true),
-        ]);
-        let request = Request {
-            sequence: 7,
-            entropy: 11,
-            hash_key: Some(13),
-            exclude: vec![5],
-        };
-        assert_eq!(balancer.pick(request), Some(1));
-        balancer.rebuild(vec![backend("c:80", 2, true)]);
-        let request = Request {
-            sequence: 8,
-            entropy: 12,
-            hash_key: None,
-            exclude: vec![],
-        };
-        assert_eq!(balancer.pick(request), Some(0));
+    fn routes_pass_backends_and_picks_through() {
+        assert_eq!(<Test as Guest>::pick(1, 0, 0, None), None, "not built yet");
+        <Test as Guest>::rebuild(1, vec![backend("a:80", 3, false), backend("b:80", 1, true)]);
+        assert_eq!(<Test as Guest>::retry(1, 7, 11, Some(13), vec![5]), Some(1));
+        <Test as Guest>::rebuild(1, vec![backend("c:80", 2, true)]);
+        assert_eq!(<Test as Guest>::pick(1, 8, 12, None), Some(0));
+        <Test as Guest>::rebuild(0, vec![backend("d:80", 1, true), backend("e:80", 1, true)]);
+        assert_eq!(<Test as Guest>::retry(0, 9, 0, None, vec![0]), Some(1));
 
-        let recorder = balancer.0.borrow();
-        assert_eq!(recorder.rebuilds, 1);
+        Test::with_routes(|routes| {
+            let recorder = routes.get(1).expect("route 1");
+            assert_eq!(recorder.rebuilds, 1);
+            assert_eq!(
+                recorder.backends.as_slice(),
+                [crate::Backend::new("c:80", 2, true)]
+            );
+            assert_eq!(
+                recorder.picks,
+                [(7, 11, Some(13), vec![5]), (8, 12, None, vec![])]
+            );
+            assert_eq!(routes.get(0).expect("route 0").rebuilds, 0);
+        });
+
+        <Test as Guest>::forget(1);
+        assert_eq!(<Test as Guest>::pick(1, 10, 0, None), None, "forgotten");
         assert_eq!(
-            recorder.backends.as_slice(),
-            [crate::Backend::new("c:80", 2, true)]
+            <Test as Guest>::pick(0, 10, 0, None),
+            Some(0),
+            "others stay"
         );
-        assert_eq!(
-            recorder.picks,
-            [(7, 11, Some(13), vec![5]), (8, 12, None, vec![])]
-        );
+        <Test as Guest>::rebuild(1, vec![backend("f:80", 1, true)]);
+        Test::with_routes(|routes| {
+            assert_eq!(routes.get(1).expect("rebuilt").rebuilds, 0, "built afresh");
+        });
     }
 
     #[test]

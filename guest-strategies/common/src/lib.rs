@@ -24,8 +24,8 @@ pub use algorithm::Algorithm;
 pub use backends::{Backend, Backends, Candidates};
 pub use load::Load;
 
-/// What one pick knows, borrowed from the host's `request` so that algorithms need not see the
-/// generated binding types.
+/// What one pick knows, gathered from the host's `pick` or `retry` call so that algorithms need
+/// not see the generated bindings. `exclude` is empty on a first try.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PickRequest<'a> {
     /// The route's pick counter, shared by all worker threads.

@@ -10,14 +10,12 @@
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-// Generates, from the WIT contract: the record types (`Backend`, `Request`, ...), the `Guest` and
-// `GuestBalancer` traits this file implements, and the `load` functions the host provides. The
-// path is relative to this crate's Cargo.toml.
+// Generates, from the WIT contract: the record types (`Backend`, `Description`, ...), the `Guest`
+// trait this file implements, and the `load` functions the host provides. The path is relative
+// to this crate's Cargo.toml.
 wit_bindgen::generate!({ path: "../../wit/strategy", world: "plugin" });
 
-use exports::harbor::strategy::strategy::{
-    Backend, Description, Guest, GuestBalancer, Outcome, Request,
-};
+use exports::harbor::strategy::strategy::{Backend, Description, Guest, Outcome, Route};
 
 /// The name routes use to select this strategy (`strategy = "example-canary"`).
 const NAME: &str = "example-canary";
@@ -26,19 +24,23 @@ const NAME: &str = "example-canary";
 const DEFAULT_CANARY_PERCENT: u64 = 5;
 
 /// The percentage set by the last successful `configure`. The contract applies a configuration
-/// to balancers created afterwards, so each balancer copies this when it is created. (A wasm
+/// to routes built afterwards, so each route's balancer copies this when it is created. (A wasm
 /// instance runs one call at a time; the atomic is just the simplest safe global in Rust.)
 static CANARY_PERCENT: AtomicU64 = AtomicU64::new(DEFAULT_CANARY_PERCENT);
 
-/// The type the component exports; `export!` wires the WIT exports to its trait impls.
+thread_local! {
+    /// One balancer per route, indexed by the host's route numbers (small numbers from 0, reused
+    /// after `forget`). An instance runs one call at a time, so the `RefCell` is all the locking
+    /// needed; on wasm a thread-local is a plain global.
+    static ROUTES: RefCell<Vec<Option<Balancer>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The type the component exports; `export!` wires the WIT exports to its trait impl.
 struct Canary;
 
 export!(Canary);
 
 impl Guest for Canary {
-    /// The host creates one `Balancer` per route (and worker thread) through this type.
-    type Balancer = Balancer;
-
     fn describe() -> Description {
         Description {
             name: NAME.into(),
@@ -56,6 +58,74 @@ impl Guest for Canary {
         CANARY_PERCENT.store(percent, Ordering::Relaxed);
         Ok(())
     }
+
+    /// Called before a route's first pick (build its balancer) and whenever its backends change
+    /// (keep the balancer's settings, take the new list).
+    fn rebuild(route: Route, backends: Vec<Backend>) {
+        ROUTES.with_borrow_mut(|routes| {
+            let i = route as usize;
+            if routes.len() <= i {
+                routes.resize_with(i + 1, || None);
+            }
+            match &mut routes[i] {
+                Some(balancer) => balancer.rebuild(backends),
+                empty => {
+                    *empty = Some(Balancer::with_percent(
+                        backends,
+                        CANARY_PERCENT.load(Ordering::Relaxed),
+                    ))
+                }
+            }
+        });
+    }
+
+    fn forget(route: Route) {
+        ROUTES.with_borrow_mut(|routes| {
+            if let Some(balancer) = routes.get_mut(route as usize) {
+                *balancer = None;
+            }
+        });
+    }
+
+    /// A request's first try: nothing is excluded.
+    fn pick(route: Route, sequence: u64, entropy: u64, _hash_key: Option<u64>) -> Option<u32> {
+        let request = Request {
+            sequence,
+            entropy,
+            exclude: &[],
+        };
+        ROUTES.with_borrow(|routes| routes.get(route as usize)?.as_ref()?.pick(&request))
+    }
+
+    /// A retry: `exclude` lists the backends this request already tried.
+    fn retry(
+        route: Route,
+        sequence: u64,
+        entropy: u64,
+        _hash_key: Option<u64>,
+        exclude: Vec<u32>,
+    ) -> Option<u32> {
+        let request = Request {
+            sequence,
+            entropy,
+            exclude: &exclude,
+        };
+        ROUTES.with_borrow(|routes| routes.get(route as usize)?.as_ref()?.pick(&request))
+    }
+
+    fn done(_route: Route, _index: u32, _outcome: Outcome, _latency_ns: u64) {
+        // Not called: `describe` said `wants_outcomes: false`.
+    }
+}
+
+/// What one pick knows.
+struct Request<'a> {
+    /// The route's pick counter, shared by the host's threads.
+    sequence: u64,
+    /// 64 fresh random bits.
+    entropy: u64,
+    /// Backends a retry already tried; empty on a first try.
+    exclude: &'a [u32],
 }
 
 /// Reads `{"canary_percent": N}` (N from 0 to 100); `{}` or nothing means the default.
@@ -107,19 +177,10 @@ struct Target {
     healthy: bool,
 }
 
-/// One route's state. The host calls `&self` methods, hence the `RefCell` for `rebuild`.
+/// One route's state.
 struct Balancer {
     canary_percent: u64,
-    targets: RefCell<Vec<Target>>,
-}
-
-impl Balancer {
-    fn with_percent(backends: Vec<Backend>, canary_percent: u64) -> Self {
-        Self {
-            canary_percent,
-            targets: RefCell::new(targets(backends)),
-        }
-    }
+    targets: Vec<Target>,
 }
 
 /// Keeps only what picks need, so that a pick never looks at labels or addresses.
@@ -136,17 +197,19 @@ fn targets(backends: Vec<Backend>) -> Vec<Target> {
         .collect()
 }
 
-impl GuestBalancer for Balancer {
-    fn new(backends: Vec<Backend>) -> Self {
-        Self::with_percent(backends, CANARY_PERCENT.load(Ordering::Relaxed))
+impl Balancer {
+    fn with_percent(backends: Vec<Backend>, canary_percent: u64) -> Self {
+        Self {
+            canary_percent,
+            targets: targets(backends),
+        }
     }
 
-    fn rebuild(&self, backends: Vec<Backend>) {
-        *self.targets.borrow_mut() = targets(backends);
+    fn rebuild(&mut self, backends: Vec<Backend>) {
+        self.targets = targets(backends);
     }
 
-    fn pick(&self, request: Request) -> Option<u32> {
-        let targets = self.targets.borrow();
+    fn pick(&self, request: &Request) -> Option<u32> {
         // `entropy` is 64 fresh random bits per pick: the low part decides the group (the
         // modulo bias of `% 100` on 64 bits is far below anything measurable)...
         let to_canary = request.entropy % 100 < self.canary_percent;
@@ -155,17 +218,13 @@ impl GuestBalancer for Balancer {
         // instead of failing it; only when nothing at all is healthy are unhealthy backends used.
         for healthy_only in [true, false] {
             for canary in [to_canary, !to_canary] {
-                if let Some(index) = choose(&targets, canary, healthy_only, &request) {
+                if let Some(index) = choose(&self.targets, canary, healthy_only, request) {
                     return Some(index);
                 }
             }
         }
         // Empty list, or a retry has excluded every backend: the host handles "no backend".
         None
-    }
-
-    fn done(&self, _index: u32, _outcome: Outcome, _latency_ns: u64) {
-        // Not called: `describe` said `wants_outcomes: false`.
     }
 }
 
@@ -220,19 +279,18 @@ mod tests {
         x ^ (x >> 31)
     }
 
-    fn request(n: u64, exclude: &[u32]) -> Request {
+    fn request(n: u64, exclude: &[u32]) -> Request<'_> {
         Request {
             sequence: n,
             entropy: entropy(n),
-            hash_key: None,
-            exclude: exclude.to_vec(),
+            exclude,
         }
     }
 
     fn counts(balancer: &Balancer, picks: u64, slots: usize) -> Vec<u64> {
         let mut counts = vec![0; slots];
         for n in 0..picks {
-            let index = balancer.pick(request(n, &[])).expect("a backend");
+            let index = balancer.pick(&request(n, &[])).expect("a backend");
             counts[index as usize] += 1;
         }
         counts
@@ -290,7 +348,7 @@ mod tests {
     #[test]
     fn a_group_with_nothing_healthy_spills_to_the_other() {
         let backends = vec![backend("s:80", false, true), backend("c:80", true, false)];
-        let balancer = Balancer::with_percent(backends, 50);
+        let mut balancer = Balancer::with_percent(backends, 50);
         assert_eq!(counts(&balancer, 1_000, 2), [1_000, 0]);
         // Nothing healthy at all: unhealthy backends beat no backend.
         balancer.rebuild(vec![
@@ -307,14 +365,14 @@ mod tests {
             5,
         );
         for n in 0..100 {
-            assert_eq!(balancer.pick(request(n, &[0])), Some(1));
+            assert_eq!(balancer.pick(&request(n, &[0])), Some(1));
         }
-        assert_eq!(balancer.pick(request(0, &[0, 1])), None);
+        assert_eq!(balancer.pick(&request(0, &[0, 1])), None);
     }
 
     #[test]
     fn no_backends_no_pick() {
         let balancer = Balancer::with_percent(Vec::new(), 5);
-        assert_eq!(balancer.pick(request(0, &[])), None);
+        assert_eq!(balancer.pick(&request(0, &[])), None);
     }
 }

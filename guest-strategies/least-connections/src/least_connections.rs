@@ -9,7 +9,6 @@
 //! Ties (an idle route ties everywhere) are broken by starting the scan at `sequence % len`, so
 //! tied backends take turns instead of the first one taking every new connection.
 
-use harbor_strategy_common::load::cmp_per_weight;
 use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
 
 pub struct LeastConnections {
@@ -31,12 +30,14 @@ impl Algorithm for LeastConnections {
             .iter()
             .skip(start)
             .chain(candidates.iter().take(start));
-        let mut best: Option<(u32, u128, u64)> = None;
+        // (index, in flight, weight). Both are at most `u32::MAX`, so their cross products fit
+        // in a u64 and the comparison is exact without 128-bit arithmetic (slow in wasm).
+        let mut best: Option<(u32, u64, u64)> = None;
         for i in rotated {
-            let in_flight = u128::from(load.in_flight(i));
+            let in_flight = u64::from(load.in_flight(i));
             let weight = self.backends.weight(i);
             let better = best.is_none_or(|(_, best_load, best_weight)| {
-                cmp_per_weight(in_flight, weight, best_load, best_weight).is_lt()
+                in_flight * best_weight < best_load * weight
             });
             if better {
                 best = Some((i, in_flight, weight));

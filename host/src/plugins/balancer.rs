@@ -5,10 +5,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Guard};
 
 use super::catalog::Slot;
-use super::guest::{Backend, Request};
+use super::guest::Backend;
 use super::load::{BackendLoad, InFlight, LoadTable};
 use super::shard;
 
@@ -187,7 +187,7 @@ impl Balancer {
 
     /// Chooses a backend. `exclude` lists indexes already tried for this request.
     pub fn pick(&self, hash_key: Option<u64>, exclude: &[u32]) -> Option<Picked> {
-        let set = self.set.load_full();
+        let set = self.set.load();
         if set.backends.is_empty() {
             return None;
         }
@@ -195,17 +195,17 @@ impl Balancer {
         let slot = self.strategy.load();
         let current = slot.current();
         if let Some(loaded) = current.as_ref().filter(|l| l.in_service()) {
-            let request = Request {
+            let ask = shard::Ask {
                 sequence,
                 entropy: fastrand::u64(..),
                 hash_key,
-                exclude: exclude.to_vec(),
+                exclude,
             };
-            match shard::pick(loaded, self.id, &self.alive, &set, &request) {
+            match shard::pick(loaded, self.id, &self.alive, &set, &ask) {
                 Ok(Some(i)) if (i as usize) < set.backends.len() && !exclude.contains(&i) => {
                     loaded.succeeded();
                     return Some(Picked {
-                        set,
+                        set: Guard::into_inner(set),
                         index: i as usize,
                         fallback: false,
                     });
@@ -222,7 +222,7 @@ impl Balancer {
             slot.reporter.fell_back_name(&slot.name);
         }
         fallback(&set, sequence, exclude).map(|index| Picked {
-            set,
+            set: Guard::into_inner(set),
             index,
             fallback: true,
         })

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use wasmtime::component::{Component, ComponentType, HasSelf, Linker, Lower};
+use wasmtime::StoreContextMut;
+use wasmtime::component::{Component, ComponentType, Linker, Lower};
 use wasmtime::{Engine, StoreLimits, StoreLimitsBuilder};
 
 use super::load::LoadTable;
@@ -17,11 +18,13 @@ mod bindings {
     });
 }
 
-pub use bindings::exports::harbor::strategy::strategy::{Backend, Description, Outcome, Request};
+pub use bindings::exports::harbor::strategy::strategy::{Backend, Description, Outcome};
 pub use bindings::{Plugin, PluginPre};
 
 /// The version of the strategy contract this host speaks.
-pub const CONTRACT: &str = "harbor:strategy@0.1.0";
+pub const CONTRACT: &str = "harbor:strategy@0.2.0";
+/// The `load` interface of that contract, as components import it.
+const LOAD_INTERFACE: &str = "harbor:strategy/load@0.2.0";
 
 /// How long past its deadline a call is watched before it may be stopped (epoch ticks), and
 /// how much CPU it must burn in that time to be stopped.
@@ -48,6 +51,9 @@ pub struct GuestState {
     overrun_from: Option<std::time::Duration>,
     /// The loads of the route being picked for; set before each call that may read them.
     pub loads: Option<Arc<LoadTable>>,
+    /// The buffer `in-flight-all` answers from: this store's own, so a pick that reads every
+    /// count allocates nothing once it has grown to the route's size.
+    in_flight_all: Arc<Vec<u32>>,
 }
 
 impl GuestState {
@@ -62,6 +68,7 @@ impl GuestState {
                 .trap_on_grow_failure(true)
                 .build(),
             loads: None,
+            in_flight_all: Arc::default(),
         }
     }
 
@@ -95,30 +102,61 @@ impl GuestState {
     }
 }
 
-impl bindings::harbor::strategy::load::Host for GuestState {
-    fn in_flight(&mut self, index: u32) -> u32 {
+impl GuestState {
+    fn in_flight(&self, index: u32) -> u32 {
         self.loads
             .as_ref()
             .map_or(0, |l| l.in_flight(index as usize))
     }
 
-    fn latency_ewma_ns(&mut self, index: u32) -> u64 {
+    fn latency_ewma_ns(&self, index: u32) -> u64 {
         self.loads
             .as_ref()
             .map_or(0, |l| l.latency_ewma_ns(index as usize))
     }
+
+    /// Every backend's in-flight count, in this store's buffer. The lowering drops its clone
+    /// right after copying the counts into the guest, so the buffer is unshared again by the
+    /// next call; were it not, a fresh one is made.
+    fn in_flight_all(&mut self) -> Arc<Vec<u32>> {
+        let buffer = match Arc::get_mut(&mut self.in_flight_all) {
+            Some(buffer) => buffer,
+            None => {
+                self.in_flight_all = Arc::default();
+                Arc::make_mut(&mut self.in_flight_all)
+            }
+        };
+        buffer.clear();
+        if let Some(loads) = &self.loads {
+            buffer.extend(loads.in_flight_all());
+        }
+        self.in_flight_all.clone()
+    }
 }
 
-impl bindings::harbor::strategy::types::Host for GuestState {}
-
-/// The imports every strategy may use.
+/// The imports every strategy may use: the `load` interface, defined by hand rather than by the
+/// generated `add_to_linker` so that `in-flight-all` can answer from a reused buffer.
 pub fn base_linker(engine: &Engine) -> anyhow::Result<Linker<GuestState>> {
+    let err = |e: wasmtime::Error| anyhow::anyhow!("{e:#}");
     let mut linker = Linker::new(engine);
-    bindings::harbor::strategy::load::add_to_linker::<GuestState, HasSelf<GuestState>>(
-        &mut linker,
-        |s| s,
+    let mut load = linker.instance(LOAD_INTERFACE).map_err(err)?;
+    load.func_wrap(
+        "in-flight",
+        |cx: StoreContextMut<'_, GuestState>, (index,): (u32,)| Ok((cx.data().in_flight(index),)),
     )
-    .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    .map_err(err)?;
+    load.func_wrap(
+        "latency-ewma-ns",
+        |cx: StoreContextMut<'_, GuestState>, (index,): (u32,)| {
+            Ok((cx.data().latency_ewma_ns(index),))
+        },
+    )
+    .map_err(err)?;
+    load.func_wrap(
+        "in-flight-all",
+        |mut cx: StoreContextMut<'_, GuestState>, (): ()| Ok((cx.data_mut().in_flight_all(),)),
+    )
+    .map_err(err)?;
     Ok(linker)
 }
 

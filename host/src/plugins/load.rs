@@ -115,6 +115,11 @@ impl LoadTable {
     pub fn latency_ewma_ns(&self, index: usize) -> u64 {
         self.entries.get(index).map_or(0, |l| l.latency_ewma_ns())
     }
+
+    /// Every backend's in-flight count, in the set's order.
+    pub fn in_flight_all(&self) -> impl Iterator<Item = u32> + '_ {
+        self.entries.iter().map(|l| l.in_flight())
+    }
 }
 
 #[cfg(test)]

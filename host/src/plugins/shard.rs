@@ -1,6 +1,7 @@
 //! Per-thread guest instances. Each thread that picks gets its own store and instance of each
-//! strategy version, holding one `balancer` resource per route, so picks on different threads
-//! never wait on each other and no lock is held across a guest call.
+//! strategy version, in which every route it picks for has a number, so picks on different
+//! threads never wait on each other and no lock is held across a guest call. A pick is one
+//! guest call with scalar arguments: no resource handle, no list unless a retry excludes some.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -8,10 +9,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Weak};
 
 use wasmtime::Store;
-use wasmtime::component::ResourceAny;
 
 use super::balancer::BackendSet;
-use super::guest::{GuestState, Plugin, Request};
+use super::guest::{GuestState, Plugin};
 use super::report::FaultKind;
 use super::strategy::{CALL_DEADLINE_TICKS, Loaded, SETUP_DEADLINE_TICKS, arm, classify};
 
@@ -20,11 +20,17 @@ struct Shard {
     plugin: Plugin,
     /// Which strategy version this instance belongs to; dead once that version is replaced.
     owner: Weak<Loaded>,
-    balancers: IdMap<Resource>,
+    /// Route balancer id → the route as this instance knows it.
+    routes: IdMap<Route>,
+    /// Route numbers given back by `forget`, reused before new ones.
+    free: Vec<u32>,
+    /// The next route number never used in this instance.
+    next: u32,
 }
 
-struct Resource {
-    handle: ResourceAny,
+struct Route {
+    /// The number the guest knows the route by.
+    number: u32,
     /// The backend-set version the guest last saw.
     version: u64,
     /// Dead once the route's balancer is dropped.
@@ -64,13 +70,27 @@ pub struct Fault {
     pub message: String,
 }
 
+fn fault(e: wasmtime::Error) -> Fault {
+    let (kind, message) = classify(&e);
+    Fault { kind, message }
+}
+
+/// What the host knows about one pick.
+pub struct Ask<'a> {
+    pub sequence: u64,
+    pub entropy: u64,
+    pub hash_key: Option<u64>,
+    /// Indexes a retry already tried; empty on a first try.
+    pub exclude: &'a [u32],
+}
+
 /// Asks the strategy for a backend of `set` on behalf of route balancer `id`.
 pub fn pick(
     loaded: &Arc<Loaded>,
     id: u64,
     alive: &Arc<()>,
-    set: &Arc<BackendSet>,
-    request: &Request,
+    set: &BackendSet,
+    ask: &Ask<'_>,
 ) -> Result<Option<u32>, Fault> {
     SHARDS.with(|cell| {
         let Ok(mut shards) = cell.try_borrow_mut() else {
@@ -88,7 +108,7 @@ pub fn pick(
                     .or_insert(Shard::new(loaded)?)
             }
         };
-        let result = shard.pick(id, alive, set, request);
+        let result = shard.pick(id, alive, set, ask);
         if result.is_err() {
             // A trap leaves the instance unusable; the next pick on this thread starts afresh.
             shards.remove(&loaded.generation);
@@ -104,10 +124,6 @@ fn sweep(shards: &mut IdMap<Shard>) {
 
 impl Shard {
     fn new(loaded: &Arc<Loaded>) -> Result<Self, Fault> {
-        let fault = |e: wasmtime::Error| {
-            let (kind, message) = classify(&e);
-            Fault { kind, message }
-        };
         let mut store = super::strategy::new_store(&loaded.engine);
         arm(&mut store, SETUP_DEADLINE_TICKS);
         let plugin = loaded.pre.instantiate(&mut store).map_err(fault)?;
@@ -124,7 +140,9 @@ impl Shard {
             store,
             plugin,
             owner: Arc::downgrade(loaded),
-            balancers: IdMap::default(),
+            routes: IdMap::default(),
+            free: Vec::new(),
+            next: 0,
         })
     }
 
@@ -132,14 +150,9 @@ impl Shard {
         &mut self,
         id: u64,
         alive: &Arc<()>,
-        set: &Arc<BackendSet>,
-        request: &Request,
+        set: &BackendSet,
+        ask: &Ask<'_>,
     ) -> Result<Option<u32>, Fault> {
-        let fault = |e: wasmtime::Error| {
-            let (kind, message) = classify(&e);
-            Fault { kind, message }
-        };
-        let api = self.plugin.harbor_strategy_strategy().balancer();
         // Point the load import at this route's counters (an Arc swap only when the route or
         // its backend set changed since the last pick on this thread).
         let data = self.store.data_mut();
@@ -150,40 +163,79 @@ impl Shard {
         {
             data.loads = Some(set.loads.clone());
         }
+        let route = match self.routes.get(&id) {
+            Some(r) if r.version == set.version => r.number,
+            _ => self.rebuild(id, alive, set)?,
+        };
+        let api = self.plugin.harbor_strategy_strategy();
+        arm(&mut self.store, CALL_DEADLINE_TICKS);
+        if ask.exclude.is_empty() {
+            api.call_pick(
+                &mut self.store,
+                route,
+                ask.sequence,
+                ask.entropy,
+                ask.hash_key,
+            )
+        } else {
+            api.call_retry(
+                &mut self.store,
+                route,
+                ask.sequence,
+                ask.entropy,
+                ask.hash_key,
+                ask.exclude,
+            )
+        }
+        .map_err(fault)
+    }
 
-        let handle = match self.balancers.get_mut(&id) {
-            Some(r) if r.version == set.version => r.handle,
-            Some(r) => {
-                arm(&mut self.store, SETUP_DEADLINE_TICKS);
-                api.call_rebuild(&mut self.store, r.handle, set.guest_backends())
-                    .map_err(fault)?;
-                r.version = set.version;
-                r.handle
-            }
+    /// Gives the guest the route's current backends, numbering the route first if this
+    /// instance has not seen it (and forgetting routes whose balancers are gone).
+    fn rebuild(&mut self, id: u64, alive: &Arc<()>, set: &BackendSet) -> Result<u32, Fault> {
+        let api = self.plugin.harbor_strategy_strategy();
+        let number = match self.routes.get(&id) {
+            Some(r) => r.number,
             None => {
-                self.balancers.retain(|_, r| r.alive.strong_count() > 0);
-                arm(&mut self.store, SETUP_DEADLINE_TICKS);
-                let handle = api
-                    .call_constructor(&mut self.store, set.guest_backends())
-                    .map_err(fault)?;
-                self.balancers.insert(
-                    id,
-                    Resource {
-                        handle,
-                        version: set.version,
-                        alive: Arc::downgrade(alive),
-                    },
-                );
-                handle
+                let dead: Vec<u64> = self
+                    .routes
+                    .iter()
+                    .filter(|(_, r)| r.alive.strong_count() == 0)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for dead_id in dead {
+                    if let Some(r) = self.routes.remove(&dead_id) {
+                        arm(&mut self.store, SETUP_DEADLINE_TICKS);
+                        api.call_forget(&mut self.store, r.number).map_err(fault)?;
+                        self.free.push(r.number);
+                    }
+                }
+                match self.free.pop() {
+                    Some(number) => number,
+                    None => {
+                        let number = self.next;
+                        self.next += 1;
+                        number
+                    }
+                }
             }
         };
-        arm(&mut self.store, CALL_DEADLINE_TICKS);
-        api.call_pick(&mut self.store, handle, request)
-            .map_err(fault)
+        arm(&mut self.store, SETUP_DEADLINE_TICKS);
+        api.call_rebuild(&mut self.store, number, set.guest_backends())
+            .map_err(fault)?;
+        self.routes.insert(
+            id,
+            Route {
+                number,
+                version: set.version,
+                alive: Arc::downgrade(alive),
+            },
+        );
+        Ok(number)
     }
 }
 
-/// Reports an outcome to the strategy on this thread, if it has a balancer for the route.
+/// Reports an outcome to the strategy on this thread, if it has built the route.
 pub fn done(
     loaded: &Arc<Loaded>,
     id: u64,
@@ -198,12 +250,12 @@ pub fn done(
         let Some(shard) = shards.get_mut(&loaded.generation) else {
             return;
         };
-        let Some(handle) = shard.balancers.get(&id).map(|r| r.handle) else {
+        let Some(route) = shard.routes.get(&id).map(|r| r.number) else {
             return;
         };
-        let api = shard.plugin.harbor_strategy_strategy().balancer();
+        let api = shard.plugin.harbor_strategy_strategy();
         arm(&mut shard.store, CALL_DEADLINE_TICKS);
-        if let Err(e) = api.call_done(&mut shard.store, handle, index, outcome, latency_ns) {
+        if let Err(e) = api.call_done(&mut shard.store, route, index, outcome, latency_ns) {
             let (kind, message) = classify(&e);
             loaded.fault(kind, &message);
             shards.remove(&loaded.generation);

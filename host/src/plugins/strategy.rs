@@ -9,7 +9,7 @@ use wasmtime::Store;
 use wasmtime::component::Linker;
 
 use super::engine::{PluginEngine, content_hash};
-use super::guest::{self, Backend, Description, GuestState, PluginPre, Request};
+use super::guest::{self, Backend, Description, GuestState, PluginPre};
 use super::report::{FaultKind, Reporter};
 use crate::model::StrategyName;
 
@@ -213,69 +213,75 @@ fn sample_backends(n: u32, unhealthy: Option<u32>) -> Vec<Backend> {
         .collect()
 }
 
-/// Picks on sample backend sets: every answer must be a usable, non-excluded index. The
-/// set-up deadline applies, not the pick deadline: on a busy machine a correct pick can be
-/// descheduled past the short one, and a looping pick is caught either way.
+/// Picks on sample backend sets, first tries and retries: every answer must be a usable,
+/// non-excluded index. The set-up deadline applies, not the pick deadline: on a busy machine a
+/// correct pick can be descheduled past the short one, and a looping pick is caught either way.
 fn sample_picks(
     store: &mut Store<GuestState>,
     plugin: &guest::Plugin,
     wants_outcomes: bool,
 ) -> Result<(), Rejected> {
-    let balancer = plugin.harbor_strategy_strategy().balancer();
+    let api = plugin.harbor_strategy_strategy();
+    const ROUTE: u32 = 0;
     let backends = sample_backends(4, None);
     store.data_mut().loads = Some(Arc::new(super::load::LoadTable::default()));
-    let resource = call(store, SETUP_DEADLINE_TICKS, |s| {
-        balancer.call_constructor(s, &backends)
+    call(store, SETUP_DEADLINE_TICKS, |s| {
+        api.call_rebuild(s, ROUTE, &backends)
     })
-    .map_err(|e| Rejected(format!("creating a balancer failed: {e}")))?;
-    let check = |store: &mut Store<GuestState>, n: u32, request: Request| {
-        let excluded = request.exclude.clone();
-        match call(store, SETUP_DEADLINE_TICKS, |s| {
-            balancer.call_pick(s, resource, &request)
-        }) {
-            Err(e) => Err(Rejected(format!("pick failed: {e}"))),
+    .map_err(|e| Rejected(format!("building a route failed: {e}")))?;
+    let check = |store: &mut Store<GuestState>,
+                 n: u32,
+                 (sequence, entropy, hash_key): (u64, u64, Option<u64>),
+                 exclude: &[u32]| {
+        let answer = call(store, SETUP_DEADLINE_TICKS, |s| {
+            if exclude.is_empty() {
+                api.call_pick(s, ROUTE, sequence, entropy, hash_key)
+            } else {
+                api.call_retry(s, ROUTE, sequence, entropy, hash_key, exclude)
+            }
+        });
+        let what = if exclude.is_empty() { "pick" } else { "retry" };
+        match answer {
+            Err(e) => Err(Rejected(format!("{what} failed: {e}"))),
             Ok(None) => Err(Rejected(format!(
-                "pick chose nothing although {n} backends are usable"
+                "{what} chose nothing although {n} backends are usable"
             ))),
             Ok(Some(i)) if i >= n => Err(Rejected(format!(
-                "pick returned index {i} for a list of {n}"
+                "{what} returned index {i} for a list of {n}"
             ))),
-            Ok(Some(i)) if excluded.contains(&i) => Err(Rejected(format!(
-                "pick returned index {i}, which the request excluded"
+            Ok(Some(i)) if exclude.contains(&i) => Err(Rejected(format!(
+                "{what} returned index {i}, which the request excluded"
             ))),
             Ok(Some(i)) => Ok(i),
         }
     };
     let started = Instant::now();
     for seq in 0..200u64 {
-        let request = Request {
-            sequence: seq,
-            entropy: seq.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            hash_key: (seq % 2 == 0).then_some(seq.wrapping_mul(31)),
-            exclude: if seq % 5 == 0 { vec![0, 1] } else { Vec::new() },
-        };
-        let i = check(store, 4, request)?;
+        let ask = (
+            seq,
+            seq.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            (seq % 2 == 0).then_some(seq.wrapping_mul(31)),
+        );
+        let exclude: &[u32] = if seq % 5 == 0 { &[0, 1] } else { &[] };
+        let i = check(store, 4, ask, exclude)?;
         if wants_outcomes {
             call(store, SETUP_DEADLINE_TICKS, |s| {
-                balancer.call_done(s, resource, i, guest::Outcome::Success, 1_000_000)
+                api.call_done(s, ROUTE, i, guest::Outcome::Success, 1_000_000)
             })
             .map_err(|e| Rejected(format!("done failed: {e}")))?;
         }
     }
     let fewer = sample_backends(3, Some(1));
     call(store, SETUP_DEADLINE_TICKS, |s| {
-        balancer.call_rebuild(s, resource, &fewer)
+        api.call_rebuild(s, ROUTE, &fewer)
     })
     .map_err(|e| Rejected(format!("rebuild failed: {e}")))?;
     for seq in 0..50u64 {
-        let request = Request {
-            sequence: seq,
-            entropy: seq.wrapping_mul(0xD1B5_4A32_D192_ED03),
-            hash_key: Some(seq),
-            exclude: Vec::new(),
-        };
-        check(store, 3, request)?;
+        let ask = (seq, seq.wrapping_mul(0xD1B5_4A32_D192_ED03), Some(seq));
+        check(store, 3, ask, &[])?;
     }
+    call(store, SETUP_DEADLINE_TICKS, |s| api.call_forget(s, ROUTE))
+        .map_err(|e| Rejected(format!("forget failed: {e}")))?;
     tracing::debug!(elapsed = ?started.elapsed(), "strategy sample picks passed");
     Ok(())
 }

@@ -2,13 +2,11 @@
 //! time, chosen by magic hash keys, so tests can show each failure is contained. Built with the
 //! `stuck` feature, its `describe` never returns, so the admission check must refuse it.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 
 wit_bindgen::generate!({ path: "../../../../wit/strategy", world: "plugin" });
 
-use exports::harbor::strategy::strategy::{
-    Backend, Description, Guest, GuestBalancer, Outcome, Request,
-};
+use exports::harbor::strategy::strategy::{Backend, Description, Guest, Outcome, Route};
 
 /// Loop forever.
 pub const LOOP: u64 = 0xDEAD_0001;
@@ -19,11 +17,18 @@ pub const PANIC: u64 = 0xDEAD_0003;
 /// Answer an index out of range.
 pub const BAD_INDEX: u64 = 0xDEAD_0004;
 
+thread_local! {
+    /// Backend count per route.
+    static COUNTS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn count(route: Route) -> u32 {
+    COUNTS.with_borrow(|c| c.get(route as usize).copied().unwrap_or(0))
+}
+
 struct Component;
 
 impl Guest for Component {
-    type Balancer = Misbehaving;
-
     fn describe() -> Description {
         if cfg!(feature = "stuck") {
             spin();
@@ -39,10 +44,40 @@ impl Guest for Component {
     fn configure(_config: String) -> Result<(), String> {
         Ok(())
     }
-}
 
-pub struct Misbehaving {
-    count: Cell<u32>,
+    fn rebuild(route: Route, backends: Vec<Backend>) {
+        COUNTS.with_borrow_mut(|c| {
+            let i = route as usize;
+            if c.len() <= i {
+                c.resize(i + 1, 0);
+            }
+            c[i] = backends.len() as u32;
+        });
+    }
+
+    fn forget(route: Route) {
+        COUNTS.with_borrow_mut(|c| {
+            if let Some(n) = c.get_mut(route as usize) {
+                *n = 0;
+            }
+        });
+    }
+
+    fn pick(route: Route, sequence: u64, _entropy: u64, hash_key: Option<u64>) -> Option<u32> {
+        choose(route, sequence, hash_key, &[])
+    }
+
+    fn retry(
+        route: Route,
+        sequence: u64,
+        _entropy: u64,
+        hash_key: Option<u64>,
+        exclude: Vec<u32>,
+    ) -> Option<u32> {
+        choose(route, sequence, hash_key, &exclude)
+    }
+
+    fn done(_route: Route, _index: u32, _outcome: Outcome, _latency_ns: u64) {}
 }
 
 fn spin() -> ! {
@@ -52,42 +87,28 @@ fn spin() -> ! {
     }
 }
 
-impl GuestBalancer for Misbehaving {
-    fn new(backends: Vec<Backend>) -> Self {
-        Self {
-            count: Cell::new(backends.len() as u32),
-        }
-    }
-
-    fn rebuild(&self, backends: Vec<Backend>) {
-        self.count.set(backends.len() as u32);
-    }
-
-    fn pick(&self, request: Request) -> Option<u32> {
-        match request.hash_key {
-            Some(LOOP) => spin(),
-            Some(HOG) => {
-                // Reserve without touching, so the memory cap, not the clock, stops it.
-                let mut hoard: Vec<Vec<u8>> = Vec::new();
-                loop {
-                    let mut chunk = Vec::with_capacity(1 << 20);
-                    chunk.push(1u8);
-                    hoard.push(chunk);
-                    std::hint::black_box(&hoard);
-                }
-            }
-            Some(PANIC) => panic!("asked to panic"),
-            Some(BAD_INDEX) => Some(self.count.get() + 7),
-            _ => {
-                let n = u64::from(self.count.get());
-                (0..n)
-                    .map(|k| ((request.sequence + k) % n) as u32)
-                    .find(|i| !request.exclude.contains(i))
+fn choose(route: Route, sequence: u64, hash_key: Option<u64>, exclude: &[u32]) -> Option<u32> {
+    match hash_key {
+        Some(LOOP) => spin(),
+        Some(HOG) => {
+            // Reserve without touching, so the memory cap, not the clock, stops it.
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                let mut chunk = Vec::with_capacity(1 << 20);
+                chunk.push(1u8);
+                hoard.push(chunk);
+                std::hint::black_box(&hoard);
             }
         }
+        Some(PANIC) => panic!("asked to panic"),
+        Some(BAD_INDEX) => Some(count(route) + 7),
+        _ => {
+            let n = u64::from(count(route));
+            (0..n)
+                .map(|k| ((sequence + k) % n) as u32)
+                .find(|i| !exclude.contains(i))
+        }
     }
-
-    fn done(&self, _index: u32, _outcome: Outcome, _latency_ns: u64) {}
 }
 
 export!(Component);

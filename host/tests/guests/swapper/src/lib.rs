@@ -3,17 +3,13 @@
 
 wit_bindgen::generate!({ path: "../../../../wit/strategy", world: "plugin" });
 
-use exports::harbor::strategy::strategy::{
-    Backend, Description, Guest, GuestBalancer, Outcome, Request,
-};
+use exports::harbor::strategy::strategy::{Backend, Description, Guest, Outcome, Route};
 
 const CHOICE: u32 = if cfg!(feature = "second") { 1 } else { 0 };
 
 struct Component;
 
 impl Guest for Component {
-    type Balancer = Swapper;
-
     fn describe() -> Description {
         Description {
             name: "swapper".into(),
@@ -26,25 +22,29 @@ impl Guest for Component {
     fn configure(_config: String) -> Result<(), String> {
         Ok(())
     }
-}
 
-pub struct Swapper;
+    fn rebuild(_route: Route, _backends: Vec<Backend>) {}
 
-impl GuestBalancer for Swapper {
-    fn new(_backends: Vec<Backend>) -> Self {
-        Swapper
+    fn forget(_route: Route) {}
+
+    fn pick(_route: Route, _sequence: u64, _entropy: u64, _hash_key: Option<u64>) -> Option<u32> {
+        Some(CHOICE)
     }
 
-    fn rebuild(&self, _backends: Vec<Backend>) {}
-
-    fn pick(&self, request: Request) -> Option<u32> {
+    fn retry(
+        _route: Route,
+        _sequence: u64,
+        _entropy: u64,
+        _hash_key: Option<u64>,
+        exclude: Vec<u32>,
+    ) -> Option<u32> {
         // Excluded or not, the admission check needs a usable answer: take the next free one.
         (CHOICE..CHOICE + 8)
             .map(|i| i % 3)
-            .find(|i| !request.exclude.contains(i))
+            .find(|i| !exclude.contains(i))
     }
 
-    fn done(&self, _index: u32, _outcome: Outcome, _latency_ns: u64) {}
+    fn done(_route: Route, _index: u32, _outcome: Outcome, _latency_ns: u64) {}
 }
 
 export!(Component);

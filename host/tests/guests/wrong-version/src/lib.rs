@@ -1,4 +1,4 @@
-//! A well-behaved round-robin built against `harbor:strategy@0.2.0`, a contract version Harbor
+//! A well-behaved round-robin built against `harbor:strategy@0.1.0`, a contract version Harbor
 //! does not speak: the admission check must refuse it by its exports, whatever it does.
 
 wit_bindgen::generate!({ path: "wit", world: "plugin" });
