@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::proxies::{Caddy, Upstream, through};
+use common::proxies::{Caddy, Upstream, through, until_routed};
 use common::{TestHarbor, eventually};
 use harbor::config::BackendKind;
 use serde_json::{Value, json};
@@ -16,41 +16,15 @@ use serde_json::{Value, json};
 static EXCLUSIVE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 async fn harbor_for(caddy: &Caddy) -> TestHarbor {
-    let admin = caddy.admin_url().parse().expect("admin url");
+    let admin: harbor::config::BaseUrl = caddy.admin_url().parse().expect("admin url");
     let listen = caddy.listen_addr();
     common::start_with(move |c| {
         c.backend = BackendKind::Caddy;
-        c.caddy_admin = admin_clone(&admin);
+        c.caddy_admin = admin.clone();
         c.caddy_listen = listen;
         c.rescan_interval = Some(Duration::from_millis(200));
     })
     .await
-}
-
-fn admin_clone(a: &harbor::config::BaseUrl) -> harbor::config::BaseUrl {
-    a.clone()
-}
-
-/// Waits until `host` through Caddy answers `want`; returns how long it took.
-async fn until_routed(caddy: &Caddy, host: &str, want: &str, within: Duration) -> Duration {
-    let client = reqwest::Client::new();
-    let started = Instant::now();
-    let addr = caddy.listen_addr();
-    eventually(
-        within,
-        &format!("{host} routed to {want} through Caddy"),
-        || {
-            let client = client.clone();
-            async move {
-                match through(&client, addr, host, "/").await {
-                    Some((200, body)) if body == want => Some(()),
-                    _ => None,
-                }
-            }
-        },
-    )
-    .await;
-    started.elapsed()
 }
 
 async fn until_gone(caddy: &Caddy, host: &str, within: Duration) {

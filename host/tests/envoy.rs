@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::proxies::{Envoy, Upstream, free_port, through};
+use common::proxies::{Envoy, Upstream, free_port, through, until_routed};
 use common::{TestHarbor, eventually};
 use harbor::config::BackendKind;
 use serde_json::{Value, json};
@@ -23,27 +23,6 @@ async fn harbor_for(envoy: &Envoy) -> TestHarbor {
         c.proxy_listen = listen;
     })
     .await
-}
-
-async fn until_routed(envoy: &Envoy, host: &str, want: &str, within: Duration) -> Duration {
-    let client = reqwest::Client::new();
-    let started = Instant::now();
-    let addr = envoy.listen_addr();
-    eventually(
-        within,
-        &format!("{host} routed to {want} through Envoy"),
-        || {
-            let client = client.clone();
-            async move {
-                match through(&client, addr, host, "/").await {
-                    Some((200, body)) if body == want => Some(()),
-                    _ => None,
-                }
-            }
-        },
-    )
-    .await;
-    started.elapsed()
 }
 
 async fn backend_status(h: &TestHarbor) -> Value {

@@ -299,3 +299,50 @@ pub async fn through(
     let status = resp.status().as_u16();
     Some((status, resp.text().await.unwrap_or_default()))
 }
+
+/// A proxy under test that Harbor drives: where it listens, and its name for messages.
+pub trait Driven {
+    const NAME: &'static str;
+    fn listen_addr(&self) -> SocketAddr;
+}
+
+impl Driven for Caddy {
+    const NAME: &'static str = "Caddy";
+    fn listen_addr(&self) -> SocketAddr {
+        Caddy::listen_addr(self)
+    }
+}
+
+impl Driven for Envoy {
+    const NAME: &'static str = "Envoy";
+    fn listen_addr(&self) -> SocketAddr {
+        Envoy::listen_addr(self)
+    }
+}
+
+/// Waits until `host` through `proxy` answers `want`; returns how long it took.
+pub async fn until_routed<P: Driven>(
+    proxy: &P,
+    host: &str,
+    want: &str,
+    within: Duration,
+) -> Duration {
+    // A loop of its own rather than the test harness's `eventually`: the backends benchmark
+    // includes this file without the harness.
+    let client = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    let addr = proxy.listen_addr();
+    loop {
+        if let Some((200, body)) = through(&client, addr, host, "/").await
+            && body == want
+        {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "timed out after {within:?} waiting for {host} routed to {want} through {}",
+            P::NAME
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
