@@ -136,7 +136,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
                 .context("cannot bind the upstream DNS responder")?;
             let zone = Arc::new(dns::Zone::default());
             let cursor = registry.bus().last_id();
-            zone.sync(&registry.services());
+            zone.sync(&registry.services(), &routing);
             Some((zone, socket, addr, cursor))
         }
         _ => None,
@@ -225,7 +225,13 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     if let Some((zone, socket, addr, cursor)) = zone {
         tracing::info!(%addr, "upstream DNS responder for Caddy listening");
         tasks.spawn(dns::serve_udp(zone.clone(), socket, cancel.clone()));
-        tasks.spawn(dns::follow(zone, registry.clone(), cursor, cancel.clone()));
+        tasks.spawn(dns::follow(
+            zone,
+            registry.clone(),
+            routing.clone(),
+            cursor,
+            cancel.clone(),
+        ));
     }
     if let Some((dispatcher, pending)) = dispatcher {
         tasks.spawn(dispatch::run(

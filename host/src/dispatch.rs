@@ -12,13 +12,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{
-    Adapter, AdapterError, AdapterSpec, CallError, Capabilities, DesiredState, HttpService,
-    TcpService, Upstream, builtin,
+    Adapter, AdapterError, AdapterSpec, CallError, Capabilities, DesiredState,
+    HealthCheck as WitHealthCheck, HttpService, TcpService, Upstream, builtin,
 };
 use crate::config::{BackendKind, Config};
 use crate::events::{Event, EventBus, Since, lock};
 use crate::metrics::Metrics;
-use crate::model::{Kind, Protocol, ServiceView, timestamp};
+use crate::model::{HealthCheck, Kind, Protocol, ServiceView, timestamp};
 use crate::plugins::PluginEngine;
 use crate::registry::Registry;
 
@@ -67,6 +67,7 @@ struct DesiredService {
     listen: String,
     upstreams: Vec<(String, u32)>,
     strategy: String,
+    health: Option<HealthCheck>,
 }
 
 impl Desired {
@@ -85,6 +86,7 @@ impl Desired {
                 listen: s.route.listen.map(|l| l.to_string()).unwrap_or_default(),
                 upstreams: upstreams_of(s),
                 strategy: s.route.strategy.to_string(),
+                health: s.proxy.health.clone(),
             };
             match s.route.protocol {
                 Protocol::Http => http.push(service),
@@ -121,6 +123,7 @@ impl Desired {
                     path_prefix: s.path.clone(),
                     upstreams: ups(&s.upstreams),
                     strategy: s.strategy.clone(),
+                    health: s.health.as_ref().map(health_to_wit),
                 })
                 .collect(),
             tcp: self
@@ -131,9 +134,22 @@ impl Desired {
                     listen: s.listen.clone(),
                     upstreams: ups(&s.upstreams),
                     strategy: s.strategy.clone(),
+                    health: s.health.as_ref().map(health_to_wit),
                 })
                 .collect(),
         }
+    }
+}
+
+fn health_to_wit(h: &HealthCheck) -> WitHealthCheck {
+    let ms = |d: std::time::Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+    WitHealthCheck {
+        http_path: h.path.clone(),
+        expect_status: h.status,
+        interval_ms: ms(h.interval),
+        timeout_ms: ms(h.timeout),
+        rise: h.rise,
+        fall: h.fall,
     }
 }
 

@@ -1,13 +1,20 @@
 //! A tiny authoritative DNS responder on loopback that answers `SRV` queries for
-//! `<service>.svc.harbor.` with the service's live instances. Caddy's `dynamic_upstreams` asks
-//! it, so an instance coming or going changes where Caddy proxies without a config reload.
+//! `<service>.svc.harbor.` with the service's live, healthy instances. Caddy's
+//! `dynamic_upstreams` asks it, so an instance coming, going or failing its health check changes
+//! where Caddy proxies without a config reload.
 //!
 //! Only what Caddy's resolver needs is implemented: one question per query; `SRV` answers whose
 //! targets are short names for IPv4 addresses (`i7f000001.` for 127.0.0.1), and `A` answers for
 //! those names (Caddy dials SRV targets by name, through the same resolver); `NXDOMAIN` for
-//! unknown names, `NODATA` for other types, and the `TC` bit when an answer does not fit the
-//! client's UDP size. SRV targets are never compressed (RFC 2782; Go rejects them), which is
-//! why they are kept short: about 40 instances fit the 1,232 bytes Go's resolver accepts.
+//! unknown names, `NODATA` for other types.
+//!
+//! SRV targets are never compressed (RFC 2782; Go rejects them), so about 40 records fit the
+//! 1,232 bytes Go's resolver accepts, and Caddy dials its resolver over the configured network
+//! only: a truncated answer makes the lookup fail instead of retrying over TCP. Services with
+//! more instances are therefore split into shards: `_<i>-<k>.<service>.svc.harbor.` answers
+//! with every `k`-th instance starting at the `i`-th, and the Caddy adapter lists the `k` shards
+//! as one `multi` upstream source. An answer that still does not fit (a service that just grew,
+//! before the adapter re-shards it) carries the records that fit rather than none.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,8 +24,10 @@ use arc_swap::ArcSwap;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
+use crate::events::Event;
 use crate::model::{Kind, Protocol, ServiceView};
 use crate::registry::Registry;
+use crate::routing::RoutingTable;
 
 /// The zone Harbor answers for.
 pub const ZONE: &str = "svc.harbor.";
@@ -32,15 +41,17 @@ const PLAIN_UDP: usize = 512;
 /// One SRV record: the instance's address and weight.
 type Record = (std::net::Ipv4Addr, u16, u16);
 
-/// The instances of each service that the responder can name: those with an IPv4 address.
+/// The instances of each service that the responder can name: those with an IPv4 address that
+/// no health check holds out, sorted so that shards are stable.
 #[derive(Default)]
 pub struct Zone {
     table: ArcSwap<HashMap<String, Vec<Record>>>,
 }
 
 impl Zone {
-    /// Rebuilds the table from the registry's services.
-    pub fn sync(&self, services: &[ServiceView]) {
+    /// Rebuilds the table from the registry's services, leaving out the upstreams that `routing`
+    /// knows to be unhealthy (Caddy cannot run active checks on dynamic upstreams; Harbor does).
+    pub fn sync(&self, services: &[ServiceView], routing: &RoutingTable) {
         let mut table = HashMap::with_capacity(services.len());
         for s in services {
             if s.route.protocol != Protocol::Http {
@@ -58,8 +69,15 @@ impl Zone {
                     .map(|u| (u.addr.to_string(), u.weight))
                     .collect(),
             };
-            let records = upstreams
+            let out: std::collections::HashSet<String> = routing
+                .upstream_states(&s.name)
+                .into_iter()
+                .filter(|u| !u.healthy)
+                .map(|u| u.address)
+                .collect();
+            let mut records: Vec<Record> = upstreams
                 .iter()
+                .filter(|(addr, _)| !out.contains(addr))
                 .filter_map(|(addr, weight)| {
                     let addr: std::net::SocketAddrV4 = addr.parse().ok()?;
                     Some((
@@ -69,13 +87,26 @@ impl Zone {
                     ))
                 })
                 .collect();
+            records.sort_unstable();
             table.insert(format!("{}.{ZONE}", s.name), records);
         }
         self.table.store(Arc::new(table));
     }
 
+    /// The records for `name`: a service, or one shard of it (`_<i>-<k>.<service>...`).
     fn lookup(&self, name: &str) -> Option<Vec<Record>> {
-        self.table.load().get(name).cloned()
+        let table = self.table.load();
+        if let Some(records) = table.get(name) {
+            return Some(records.clone());
+        }
+        let (shard, service) = name.split_once('.')?;
+        let (i, k) = shard.strip_prefix('_')?.split_once('-')?;
+        let (i, k): (usize, usize) = (i.parse().ok()?, k.parse().ok()?);
+        if i >= k {
+            return None;
+        }
+        let records = table.get(service)?;
+        Some(records.iter().skip(i).step_by(k).copied().collect())
     }
 }
 
@@ -154,7 +185,7 @@ pub fn answer(query: &[u8], zone: &Zone) -> Option<Vec<u8>> {
             rr.extend_from_slice(&port.to_be_bytes());
             rr.extend_from_slice(&target);
             if out.len() + rr.len() > limit {
-                out[2] |= 0x02; // TC: the client asks again over TCP
+                // No TC bit: Caddy cannot retry over TCP (see the module's notes).
                 break;
             }
             out.extend_from_slice(&rr);
@@ -223,16 +254,21 @@ pub async fn bind() -> anyhow::Result<(UdpSocket, SocketAddr)> {
     Ok((socket, addr))
 }
 
-/// Keeps the zone in step with the registry from event `cursor` on. Unlike the proxy's
-/// configuration, instance changes are applied at once: they cost nothing here.
+/// Keeps the zone in step with the registry and with upstream health from event `cursor` on.
+/// Unlike the proxy's configuration, instance changes are applied at once: they cost nothing
+/// here.
 pub async fn follow(
     zone: Arc<Zone>,
     registry: Arc<Registry>,
+    routing: Arc<RoutingTable>,
     cursor: u64,
     cancel: CancellationToken,
 ) {
-    crate::routing::on_routing_changes(&registry, cursor, &cancel, |services| zone.sync(services))
-        .await;
+    let relevant = |e: &Event| e.changes_routing() || matches!(e, Event::UpstreamHealth { .. });
+    crate::routing::on_changes(&registry, cursor, &cancel, relevant, |services| {
+        zone.sync(services, &routing);
+    })
+    .await;
 }
 
 #[cfg(test)]
@@ -293,11 +329,54 @@ mod tests {
         assert!(answer(&[1, 2, 3], &zone).is_none());
     }
 
+    fn ports(a: &[u8]) -> Vec<u16> {
+        // Each SRV record ends with priority, weight, port and the 11-byte target.
+        let count = u16::from_be_bytes([a[6], a[7]]) as usize;
+        (0..count)
+            .map(|r| {
+                let end = a.len() - r * 29;
+                u16::from_be_bytes([a[end - 13], a[end - 12]])
+            })
+            .rev()
+            .collect()
+    }
+
     #[test]
-    fn big_answers_are_truncated_to_the_udp_size() {
+    fn big_answers_carry_what_fits_the_udp_size() {
         let zone = zone_with((0..100).map(|i| (9000 + i, 1)).collect());
         let a = answer(&query("web.svc.harbor.", TYPE_SRV), &zone).unwrap();
         assert!(a.len() <= PLAIN_UDP);
-        assert_eq!(a[2] & 0x02, 0x02, "TC");
+        assert_eq!(a[2] & 0x02, 0, "no TC: Caddy cannot retry over TCP");
+        assert_eq!(ports(&a), (9000..9000 + 16).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn shards_partition_a_service() {
+        let zone = zone_with((0..100).map(|i| (9000 + i, 1)).collect());
+        let mut seen = Vec::new();
+        for i in 0..3 {
+            let a = answer(&query(&format!("_{i}-3.web.svc.harbor."), TYPE_SRV), &zone).unwrap();
+            assert_eq!(a[3] & 0x0f, 0, "NOERROR");
+            let p = ports(&a);
+            assert!(p.len() >= 16, "shard {i}: {p:?}");
+            seen.extend(p);
+        }
+        // Plain queries fit 16 records; each shard is a third of the service.
+        let zone = zone_with((0..30).map(|i| (9000 + i, 1)).collect());
+        seen.clear();
+        for i in 0..3 {
+            let a = answer(&query(&format!("_{i}-3.web.svc.harbor."), TYPE_SRV), &zone).unwrap();
+            seen.extend(ports(&a));
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (9000..9030).collect::<Vec<_>>());
+        for bad in [
+            "_3-3.web.svc.harbor.",
+            "_0-0.web.svc.harbor.",
+            "_0-2.nope.svc.harbor.",
+        ] {
+            let a = answer(&query(bad, TYPE_SRV), &zone).unwrap();
+            assert_eq!(a[3] & 0x0f, 3, "{bad}: NXDOMAIN");
+        }
     }
 }

@@ -6,7 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::proxies::{Caddy, Upstream, through, until_routed};
+use common::proxies::{Caddy, Upstream, bodies, checked_route, through, until_routed};
+use common::upstreams::{HttpBackend, health_checks_hold_out_a_failing_upstream};
 use common::{TestHarbor, eventually};
 use harbor::config::BackendKind;
 use serde_json::{Value, json};
@@ -631,5 +632,100 @@ async fn an_adapter_dropped_in_the_plugin_directory_takes_over() {
         !plugins_list.to_string().contains("backend-"),
         "{plugins_list}"
     );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harbors_health_checks_steer_caddys_dynamic_upstreams() {
+    let _turn = EXCLUSIVE.read().await;
+    let Some(caddy) = Caddy::start().await else {
+        return;
+    };
+    let h = harbor_for(&caddy).await;
+    let (a, b) = (
+        HttpBackend::start(Duration::ZERO).await,
+        HttpBackend::start(Duration::ZERO).await,
+    );
+    h.write_route(
+        "checked.route",
+        &checked_route("checked.localhost", &[a.addr, b.addr]),
+    );
+    health_checks_hold_out_a_failing_upstream(&caddy, "checked.localhost", &a, &b).await;
+    // Health changes reach Caddy through DNS answers, never through its configuration.
+    let writes = caddy.config_writes();
+    b.healthy.store(false, std::sync::atomic::Ordering::SeqCst);
+    until_only(
+        &caddy,
+        "checked.localhost",
+        &format!("served by {}", a.addr),
+    )
+    .await;
+    assert_eq!(
+        caddy.config_writes(),
+        writes,
+        "a health change reloaded Caddy"
+    );
+    h.shutdown().await;
+}
+
+/// Waits until twenty requests in a row to `host` through Caddy are answered with `want`.
+async fn until_only(caddy: &Caddy, host: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bodies(caddy.listen_addr(), host, 20)
+        .await
+        .iter()
+        .any(|b| b != want)
+    {
+        assert!(Instant::now() < deadline, "{host}: never only {want}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_with_more_instances_than_one_dns_answer_holds_reaches_them_all() {
+    let _turn = EXCLUSIVE.read().await;
+    let Some(caddy) = Caddy::start().await else {
+        return;
+    };
+    let h = harbor_for(&caddy).await;
+    let mut pool = Vec::new();
+    for i in 0..100 {
+        let u = Upstream::start(&format!("wide-{i}")).await;
+        h.register(
+            json!({"name": "wide", "upstream": u.addr.to_string(), "ttl_secs": 120,
+            "host": "wide.localhost", "strategy": "round-robin"}),
+        )
+        .await;
+        pool.push(u);
+    }
+    // Caddy's round-robin over all the shards' answers reaches every instance.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < pool.len() {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} instances reached: missing {:?}",
+            seen.len(),
+            pool.len(),
+            (0..100)
+                .map(|i| format!("wide-{i}"))
+                .filter(|n| !seen.contains(n))
+                .take(5)
+                .collect::<Vec<_>>()
+        );
+        seen.extend(bodies(caddy.listen_addr(), "wide.localhost", 100).await);
+    }
+    let config = reqwest::get(format!("{}/config/", caddy.admin_url()))
+        .await
+        .expect("caddy config")
+        .text()
+        .await
+        .expect("config text");
+    // How many shards depends on how registrations were coalesced; at least three are needed.
+    assert!(
+        config.contains("\"source\":\"multi\"") && config.contains("\"_2-"),
+        "100 instances should be split into DNS shards: {config}"
+    );
+    let (_, backend) = h.get("/api/v1/backend").await;
+    assert_eq!(backend["in_sync"], true, "{backend}");
     h.shutdown().await;
 }

@@ -7,7 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::proxies::{Envoy, Upstream, free_port, through, until_routed};
+use common::proxies::{Envoy, Upstream, checked_route, free_port, through, until_routed};
+use common::upstreams::{HttpBackend, health_checks_hold_out_a_failing_upstream};
 use common::{TestHarbor, eventually};
 use harbor::config::BackendKind;
 use serde_json::{Value, json};
@@ -177,5 +178,33 @@ async fn an_update_envoy_rejects_is_reported() {
     );
     // What Envoy ran before keeps serving.
     until_routed(&envoy, "web.localhost", "a", Duration::from_secs(2)).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_health_check_becomes_envoys_own() {
+    let Some(mut envoy) = Envoy::prepare() else {
+        return;
+    };
+    let h = harbor_for(&envoy).await;
+    let (a, b) = (
+        HttpBackend::start(Duration::ZERO).await,
+        HttpBackend::start(Duration::ZERO).await,
+    );
+    h.write_route(
+        "checked.route",
+        &checked_route("checked.localhost", &[a.addr, b.addr]),
+    );
+    eventually(Duration::from_secs(3), "the cluster file", || async {
+        std::fs::read_to_string(envoy.xds.join("cds.json"))
+            .ok()
+            .filter(|c| c.contains("harbor_checked"))
+            .map(|_| ())
+    })
+    .await;
+    envoy.start_process().await;
+    health_checks_hold_out_a_failing_upstream(&envoy, "checked.localhost", &a, &b).await;
+    let cds = std::fs::read_to_string(envoy.xds.join("cds.json")).expect("cds");
+    assert!(cds.contains("\"http_health_check\""), "{cds}");
     h.shutdown().await;
 }

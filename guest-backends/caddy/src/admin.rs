@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use crate::bindings::exports::harbor::backend::adapter::{AdapterError, DesiredState, ProbeReport};
 use crate::bindings::harbor::backend::http_client::{self, HttpError, Response};
 use crate::bindings::harbor::backend::log::{self, Level};
-use crate::routes::{self, Service, Settings};
+use crate::routes::{self, Features, Health, Service, Settings, Shards};
 
 /// Conditional writes retried after a `412` before the apply is given up (and retried later).
 const MAX_CONFLICTS: usize = 5;
@@ -16,8 +16,8 @@ pub struct Admin {
     settings: Settings,
     /// The inner routes last written (or found already in place), and their revision.
     applied: Option<(u64, Value)>,
-    /// Whether Caddy knows `weighted_round_robin` (Caddy 2.7+); learned from a rejection.
-    weighted: bool,
+    /// What this Caddy understands; learned from rejections.
+    features: Features,
 }
 
 struct Read {
@@ -32,7 +32,7 @@ impl Admin {
         Self {
             settings,
             applied: None,
-            weighted: true,
+            features: Features::default(),
         }
     }
 
@@ -54,9 +54,23 @@ impl Admin {
                     .map(|u| (u.address.as_str(), u.weight))
                     .collect(),
                 strategy: &s.strategy,
+                health: s.health.as_ref().map(|h| Health {
+                    path: h.http_path.as_deref(),
+                    status: h.expect_status,
+                    interval_ms: h.interval_ms,
+                    timeout_ms: h.timeout_ms,
+                    rise: h.rise,
+                    fall: h.fall,
+                }),
             })
             .collect();
-        let mut desired = Value::Array(routes::routes(&services, &self.settings, self.weighted));
+        let live = self
+            .applied
+            .as_ref()
+            .map_or_else(Shards::new, |(_, routes)| routes::shards_of(routes));
+        let build =
+            |features| Value::Array(routes::routes(&services, &self.settings, features, &live));
+        let mut desired = build(self.features);
         // What was last written is still in place unless a probe found otherwise (it forgets
         // `applied` then): instance churn of dynamic services costs Caddy nothing, not even a
         // read.
@@ -69,22 +83,25 @@ impl Admin {
         let mut conflicts = 0;
         loop {
             let current = get(&self.inner_path())?;
-            if current.status != 200 {
+            let written = if current.status != 200 {
                 // The container route is gone (Caddy restarted from its Caddyfile) or was
                 // never made: build it with the routes in it.
-                self.create_container(&desired)?;
+                self.create_container(&desired)?
+            } else if current.body == desired {
                 break;
-            }
-            if current.body == desired {
-                break;
-            }
-            let written = send(
-                "PATCH",
-                &self.inner_path(),
-                current.etag.as_deref(),
-                &desired,
-            )?;
+            } else {
+                send(
+                    "PATCH",
+                    &self.inner_path(),
+                    current.etag.as_deref(),
+                    &desired,
+                )?
+            };
             match written.status {
+                200 if current.status != 200 => {
+                    log::log(Level::Info, "created Harbor's container route in Caddy");
+                    break;
+                }
                 200 => break,
                 412 if conflicts < MAX_CONFLICTS => {
                     conflicts += 1;
@@ -98,13 +115,21 @@ impl Admin {
                         "Harbor's routes keep changing under us".into(),
                     ));
                 }
-                _ if self.weighted && mentions_unknown_wrr(&written.text) => {
+                _ if self.features.weighted && mentions_unknown_wrr(&written.text) => {
                     log::log(
                         Level::Info,
                         "this Caddy has no weighted_round_robin; weighted services use round_robin",
                     );
-                    self.weighted = false;
-                    desired = Value::Array(routes::routes(&services, &self.settings, false));
+                    self.features.weighted = false;
+                    desired = build(self.features);
+                }
+                _ if self.features.thresholds && mentions_thresholds(&written.text) => {
+                    log::log(
+                        Level::Info,
+                        "this Caddy has no rise/fall thresholds on active health checks; it uses one check",
+                    );
+                    self.features.thresholds = false;
+                    desired = build(self.features);
                 }
                 status => return Err(refusal(status, &written.text)),
             }
@@ -115,7 +140,8 @@ impl Admin {
 
     /// Inserts the container route, holding `inner`, first in the server that listens on the
     /// configured address (or the configured server), creating that server if none exists.
-    fn create_container(&mut self, inner: &Value) -> Result<(), AdapterError> {
+    /// Returns Caddy's answer to the write, for [`Admin::apply`] to judge like any other.
+    fn create_container(&self, inner: &Value) -> Result<Read, AdapterError> {
         let container = routes::container(
             &self.settings.route_id,
             inner.as_array().cloned().unwrap_or_default(),
@@ -169,16 +195,7 @@ impl Admin {
                 }
             }
         };
-        match written.status {
-            200 => {
-                log::log(Level::Info, "created Harbor's container route in Caddy");
-                Ok(())
-            }
-            412 => Err(AdapterError::Retryable(
-                "Caddy's server changed while Harbor's route was being added".into(),
-            )),
-            status => Err(refusal(status, &written.text)),
-        }
+        Ok(written)
     }
 
     fn pick_server(&self, servers: &serde_json::Map<String, Value>) -> Option<String> {
@@ -264,6 +281,10 @@ impl Admin {
 
 fn mentions_unknown_wrr(text: &str) -> bool {
     text.contains("unknown module") && text.contains("weighted_round_robin")
+}
+
+fn mentions_thresholds(text: &str) -> bool {
+    text.contains("unknown field \"passes\"") || text.contains("unknown field \"fails\"")
 }
 
 fn refusal(status: u16, text: &str) -> AdapterError {

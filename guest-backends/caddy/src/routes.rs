@@ -1,6 +1,15 @@
 //! The desired state as Caddy JSON: one route per HTTP service, most specific path first, each
 //! a `reverse_proxy` with the service's upstreams and the load-balancing policy nearest to its
 //! strategy.
+//!
+//! Services whose instances all have IPv4 addresses take their upstreams from Harbor's DNS
+//! responder (`dynamic_upstreams`), so instance churn and health changes need no reload; Harbor
+//! runs their health checks itself and leaves failing instances out of its answers (Caddy runs
+//! active checks only on static upstreams). A service with more instances than one DNS answer
+//! holds is split into shards, listed as one `multi` source. The others get static upstreams
+//! and Caddy's own active checks.
+
+use std::collections::HashMap;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -24,7 +33,8 @@ pub struct Settings {
     pub dns_zone: String,
     /// How long Caddy keeps an answer.
     pub dns_refresh: String,
-    /// Most instances a dynamic service may have (an answer must fit one UDP packet).
+    /// Most instances one DNS answer carries (it must fit one UDP packet); a service with more
+    /// is split into shards.
     pub dns_max: usize,
 }
 
@@ -77,6 +87,72 @@ pub struct Service<'a> {
     pub path_prefix: &'a str,
     pub upstreams: Vec<(&'a str, u32)>,
     pub strategy: &'a str,
+    pub health: Option<Health<'a>>,
+}
+
+/// An active health check, free of the generated binding types.
+#[derive(Debug, Clone)]
+pub struct Health<'a> {
+    /// `None` for a TCP connect check, which Caddy cannot run.
+    pub path: Option<&'a str>,
+    pub status: Option<u16>,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// What the Caddy being driven understands, learned from its rejections (Caddy 2.6 has neither).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// The `weighted_round_robin` selection policy (Caddy 2.7+).
+    pub weighted: bool,
+    /// `passes` / `fails` thresholds on active health checks (Caddy 2.7+).
+    pub thresholds: bool,
+}
+
+impl Default for Features {
+    fn default() -> Self {
+        Self {
+            weighted: true,
+            thresholds: true,
+        }
+    }
+}
+
+/// How many DNS shards each dynamic service has, by name: what is live, so that instance churn
+/// keeps the count (and so the configuration) unchanged while it still fits.
+pub type Shards = HashMap<String, usize>;
+
+/// The shard counts in `routes` as last written.
+pub fn shards_of(routes: &Value) -> Shards {
+    let mut shards = Shards::new();
+    for route in routes.as_array().into_iter().flatten() {
+        let Some(name) = route["group"]
+            .as_str()
+            .and_then(|g| g.strip_prefix("harbor-"))
+        else {
+            continue;
+        };
+        let source = &route["handle"][0]["dynamic_upstreams"];
+        let count = match source["source"].as_str() {
+            Some("multi") => source["sources"].as_array().map_or(0, Vec::len),
+            Some(_) => 1,
+            None => continue,
+        };
+        shards.insert(name.to_owned(), count);
+    }
+    shards
+}
+
+/// The shard count for `n` instances: the live one while every shard is non-empty and fits one
+/// answer, else enough shards to fill each to three quarters.
+fn shard_count(n: usize, live: Option<usize>, max: usize) -> usize {
+    let max = max.max(1);
+    match live {
+        Some(k) if k >= 1 && k <= n && n <= k * max => k,
+        _ => n.div_ceil((max * 3 / 4).max(1)).max(1),
+    }
 }
 
 /// Caddy's selection policy for a Harbor strategy. Caddy 2.6 has no weighted round-robin, so
@@ -97,7 +173,12 @@ pub fn selection_policy(strategy: &str, weights: &[u32], weighted: bool) -> Valu
 }
 
 /// The routes for `services`, in the order Caddy should try them.
-pub fn routes(services: &[Service<'_>], settings: &Settings, weighted: bool) -> Vec<Value> {
+pub fn routes(
+    services: &[Service<'_>],
+    settings: &Settings,
+    features: Features,
+    live: &Shards,
+) -> Vec<Value> {
     let mut ordered: Vec<&Service<'_>> = services.iter().collect();
     // Longer path prefixes first, so `/api` wins over `/` on the same host.
     ordered.sort_by(|a, b| {
@@ -108,11 +189,11 @@ pub fn routes(services: &[Service<'_>], settings: &Settings, weighted: bool) -> 
     });
     ordered
         .iter()
-        .map(|s| route(s, settings, weighted))
+        .map(|s| route(s, settings, features, live.get(s.name).copied()))
         .collect()
 }
 
-fn route(s: &Service<'_>, settings: &Settings, weighted: bool) -> Value {
+fn route(s: &Service<'_>, settings: &Settings, features: Features, live: Option<usize>) -> Value {
     let mut matcher = serde_json::Map::new();
     if !s.hosts.is_empty() {
         matcher.insert("host".into(), json!(s.hosts));
@@ -123,31 +204,38 @@ fn route(s: &Service<'_>, settings: &Settings, weighted: bool) -> Value {
     }
     let dynamic = !settings.upstream_dns.is_empty()
         && !s.upstreams.is_empty()
-        && s.upstreams.len() <= settings.dns_max
         && s.upstreams
             .iter()
             .all(|(a, _)| a.parse::<std::net::SocketAddrV4>().is_ok());
+    let passive = json!({"fail_duration": "5s", "max_fails": 3});
     let handler = if dynamic {
+        let resolver = json!({"addresses": [format!("udp/{}", settings.upstream_dns)]});
+        let srv = |name: String| {
+            json!({
+                "source": "srv",
+                "name": name,
+                "refresh": settings.dns_refresh,
+                "resolver": resolver,
+            })
+        };
+        let zone = format!("{}.{}", s.name, settings.dns_zone);
+        let k = shard_count(s.upstreams.len(), live, settings.dns_max);
+        let source = if k == 1 {
+            srv(zone)
+        } else {
+            let shards = (0..k).map(|i| srv(format!("_{i}-{k}.{zone}"))).collect();
+            json!({"source": "multi", "sources": Value::Array(shards)})
+        };
         json!({
             "handler": "reverse_proxy",
-            "dynamic_upstreams": {
-                "source": "srv",
-                "name": format!("{}.{}", s.name, settings.dns_zone),
-                "refresh": settings.dns_refresh,
-                "resolver": {"addresses": [format!("udp/{}", settings.upstream_dns)]},
-            },
+            "dynamic_upstreams": source,
             // SRV targets are names in Harbor's zone: they resolve through it too.
-            "transport": {
-                "protocol": "http",
-                "resolver": {"addresses": [format!("udp/{}", settings.upstream_dns)]},
-            },
+            "transport": {"protocol": "http", "resolver": resolver},
             "load_balancing": {
                 "selection_policy": selection_policy(s.strategy, &[], false),
                 "retries": settings.retries,
             },
-            "health_checks": {
-                "passive": {"fail_duration": "5s", "max_fails": 3},
-            },
+            "health_checks": {"passive": passive},
         })
     } else if s.upstreams.is_empty() {
         json!({
@@ -162,16 +250,18 @@ fn route(s: &Service<'_>, settings: &Settings, weighted: bool) -> Value {
             .map(|(a, _)| json!({"dial": a}))
             .collect();
         let weights: Vec<u32> = s.upstreams.iter().map(|(_, w)| *w).collect();
+        let mut checks = json!({"passive": passive});
+        if let Some(active) = s.health.as_ref().and_then(|h| active_check(h, features)) {
+            checks["active"] = active;
+        }
         json!({
             "handler": "reverse_proxy",
             "upstreams": upstreams,
             "load_balancing": {
-                "selection_policy": selection_policy(s.strategy, &weights, weighted),
+                "selection_policy": selection_policy(s.strategy, &weights, features.weighted),
                 "retries": settings.retries,
             },
-            "health_checks": {
-                "passive": {"fail_duration": "5s", "max_fails": 3},
-            },
+            "health_checks": checks,
         })
     };
     json!({
@@ -180,6 +270,25 @@ fn route(s: &Service<'_>, settings: &Settings, weighted: bool) -> Value {
         "handle": [handler],
         "terminal": true,
     })
+}
+
+/// Caddy's active check for `h`; none for a TCP connect check, which Caddy cannot run (passive
+/// checks still take a refusing upstream out).
+fn active_check(h: &Health<'_>, features: Features) -> Option<Value> {
+    let path = h.path?;
+    let mut active = json!({
+        "uri": path,
+        "interval": format!("{}ms", h.interval_ms),
+        "timeout": format!("{}ms", h.timeout_ms),
+    });
+    if let Some(status) = h.status {
+        active["expect_status"] = json!(status);
+    }
+    if features.thresholds {
+        active["passes"] = json!(h.rise);
+        active["fails"] = json!(h.fall);
+    }
+    Some(active)
 }
 
 /// Harbor's container route: a subroute holding `inner`. It has no matcher and is not
@@ -204,6 +313,7 @@ mod tests {
             path_prefix: path,
             upstreams: vec![("127.0.0.1:9001", 1), ("127.0.0.1:9002", 3)],
             strategy,
+            health: None,
         }
     }
 
@@ -237,13 +347,22 @@ mod tests {
             upstream_dns: "127.0.0.1:5353".into(),
             ..Settings::default()
         };
-        let r = routes(&[svc("a", &hosts, "/", "random")], &settings, false);
+        let old = Features {
+            weighted: false,
+            thresholds: false,
+        };
+        let r = routes(
+            &[svc("a", &hosts, "/", "random")],
+            &settings,
+            old,
+            &Shards::new(),
+        );
         let h = &r[0]["handle"][0];
         assert_eq!(h["dynamic_upstreams"]["name"], "a.svc.harbor.");
         assert!(h.get("upstreams").is_none());
         let mut remote = svc("b", &hosts, "/", "random");
         remote.upstreams.push(("backend.internal:80", 1));
-        let r = routes(&[remote], &settings, false);
+        let r = routes(&[remote], &settings, old, &Shards::new());
         assert!(r[0]["handle"][0]["upstreams"].is_array());
     }
 
@@ -254,10 +373,110 @@ mod tests {
             svc("a", &hosts, "/", "random"),
             svc("b", &hosts, "/api", "first"),
         ];
-        let r = routes(&services, &Settings::default(), false);
+        let r = routes(
+            &services,
+            &Settings::default(),
+            Features::default(),
+            &Shards::new(),
+        );
         assert_eq!(r[0]["group"], "harbor-b");
         assert_eq!(r[0]["match"][0]["path"], json!(["/api", "/api/*"]));
         assert!(r[1]["match"][0].get("path").is_none());
         assert_eq!(r[1]["handle"][0]["upstreams"][1]["dial"], "127.0.0.1:9002");
+    }
+
+    fn many(n: u16) -> Vec<String> {
+        (0..n).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect()
+    }
+
+    #[test]
+    fn big_services_are_sharded_and_churn_keeps_the_shard_count() {
+        let hosts = vec!["a.localhost".to_owned()];
+        let settings = Settings {
+            upstream_dns: "127.0.0.1:5353".into(),
+            ..Settings::default()
+        };
+        let with = |addrs: &[String], live: &Shards| {
+            let mut s = svc("a", &hosts, "/", "random");
+            s.upstreams = addrs.iter().map(|a| (a.as_str(), 1)).collect();
+            routes(&[s], &settings, Features::default(), live)
+        };
+        let addrs = many(100);
+        let r = with(&addrs, &Shards::new());
+        let source = &r[0]["handle"][0]["dynamic_upstreams"];
+        assert_eq!(source["source"], "multi");
+        let names: Vec<&str> = source["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "_0-4.a.svc.harbor.",
+                "_1-4.a.svc.harbor.",
+                "_2-4.a.svc.harbor.",
+                "_3-4.a.svc.harbor."
+            ]
+        );
+        let live = shards_of(&Value::Array(r.clone()));
+        assert_eq!(live.get("a"), Some(&4));
+        // Instances come and go: while four shards hold them, nothing changes.
+        for n in [4, 60, 160] {
+            assert_eq!(with(&many(n), &live), r, "{n} instances");
+        }
+        // Past what four shards hold, or below one instance per shard, the count changes.
+        let grown = with(&many(161), &live);
+        assert_eq!(shards_of(&Value::Array(grown)).get("a"), Some(&6));
+        let shrunk = with(&many(3), &live);
+        assert_eq!(
+            shrunk[0]["handle"][0]["dynamic_upstreams"]["name"],
+            "a.svc.harbor."
+        );
+    }
+
+    #[test]
+    fn http_checks_become_caddy_active_checks_on_static_upstreams() {
+        let hosts = vec!["a.localhost".to_owned()];
+        let mut s = svc("a", &hosts, "/", "random");
+        s.health = Some(Health {
+            path: Some("/healthz"),
+            status: Some(204),
+            interval_ms: 500,
+            timeout_ms: 200,
+            rise: 2,
+            fall: 3,
+        });
+        let r = routes(
+            std::slice::from_ref(&s),
+            &Settings::default(),
+            Features::default(),
+            &Shards::new(),
+        );
+        assert_eq!(
+            r[0]["handle"][0]["health_checks"]["active"],
+            json!({"uri": "/healthz", "expect_status": 204, "interval": "500ms", "timeout": "200ms", "passes": 2, "fails": 3})
+        );
+        let old = Features {
+            weighted: false,
+            thresholds: false,
+        };
+        let r = routes(
+            std::slice::from_ref(&s),
+            &Settings::default(),
+            old,
+            &Shards::new(),
+        );
+        assert!(
+            r[0]["handle"][0]["health_checks"]["active"]
+                .get("fails")
+                .is_none()
+        );
+        // A TCP connect check has no Caddy equivalent: passive checks only.
+        s.health.as_mut().unwrap().path = None;
+        let r = routes(&[s], &Settings::default(), old, &Shards::new());
+        assert!(r[0]["handle"][0]["health_checks"].get("active").is_none());
+        assert!(r[0]["handle"][0]["health_checks"]["passive"].is_object());
     }
 }

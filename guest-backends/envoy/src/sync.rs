@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use crate::bindings::exports::harbor::backend::adapter::{AdapterError, DesiredState, ProbeReport};
+use crate::bindings::harbor::backend::types::HealthCheck;
 use crate::bindings::harbor::backend::{files, http_client};
-use crate::xds::{self, Service, Settings};
+use crate::xds::{self, Health, Service, Settings};
 
 pub struct Files {
     settings: Settings,
@@ -49,6 +50,7 @@ impl Files {
                     .map(|u| (u.address.as_str(), u.weight))
                     .collect(),
                 strategy: &s.strategy,
+                health: s.health.as_ref().map(health),
             })
             .collect();
         let tcp: Vec<Service<'_>> = state
@@ -65,6 +67,7 @@ impl Files {
                     .map(|u| (u.address.as_str(), u.weight))
                     .collect(),
                 strategy: &s.strategy,
+                health: s.health.as_ref().map(health),
             })
             .collect();
         let all: Vec<&Service<'_>> = http.iter().chain(tcp.iter()).collect();
@@ -225,4 +228,15 @@ fn live_route_version() -> Result<Option<u64>, AdapterError> {
         .find(|c| c["route_config"]["name"] == xds::ROUTE_CONFIG)
         .and_then(|c| c["version_info"].as_str())
         .and_then(|v| v.parse().ok()))
+}
+
+fn health(h: &HealthCheck) -> Health<'_> {
+    Health {
+        path: h.http_path.as_deref(),
+        status: h.expect_status,
+        interval_ms: h.interval_ms,
+        timeout_ms: h.timeout_ms,
+        rise: h.rise,
+        fall: h.fall,
+    }
 }

@@ -82,6 +82,48 @@ pub struct Service<'a> {
     pub listen: Option<&'a str>,
     pub upstreams: Vec<(&'a str, u32)>,
     pub strategy: &'a str,
+    pub health: Option<Health<'a>>,
+}
+
+/// An active health check, free of the generated binding types.
+#[derive(Debug, Clone)]
+pub struct Health<'a> {
+    /// `GET` this path; `None` for a TCP connect check.
+    pub path: Option<&'a str>,
+    /// The expected status; `None` accepts any 2xx or 3xx.
+    pub status: Option<u16>,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// Envoy's health checker for `h`. Envoy checks idle clusters only every
+/// `no_traffic_interval` (60 s by default), so that is set to the interval too: a check that
+/// waited for traffic would hold a dead upstream in for a minute.
+pub fn health_check(h: &Health<'_>) -> Value {
+    let interval = format!("{}s", f64::from(h.interval_ms) / 1000.0);
+    let mut check = json!({
+        "timeout": format!("{}s", f64::from(h.timeout_ms) / 1000.0),
+        "interval": interval,
+        "no_traffic_interval": interval,
+        "healthy_threshold": h.rise.max(1),
+        "unhealthy_threshold": h.fall.max(1),
+    });
+    match h.path {
+        Some(path) => {
+            let (start, end) = match h.status {
+                Some(s) => (u32::from(s), u32::from(s) + 1),
+                None => (200, 400),
+            };
+            check["http_health_check"] = json!({
+                "path": path,
+                "expected_statuses": [{"start": start, "end": end}],
+            });
+        }
+        None => check["tcp_health_check"] = json!({}),
+    }
+    check
 }
 
 pub fn cluster_name(service: &str) -> String {
@@ -115,6 +157,9 @@ pub fn cluster(s: &Service<'_>, settings: &Settings, eds: bool) -> Value {
         "connect_timeout": "1s",
         "lb_policy": lb_policy(s.strategy),
     });
+    if let Some(h) = &s.health {
+        c["health_checks"] = json!([health_check(h)]);
+    }
     if eds {
         c["type"] = json!("EDS");
         c["eds_cluster_config"] = json!({
@@ -255,7 +300,35 @@ mod tests {
             listen: None,
             upstreams: vec![("127.0.0.1:9001", 1), ("127.0.0.1:9002", 3)],
             strategy,
+            health: None,
         }
+    }
+
+    #[test]
+    fn health_checks_map_to_envoy_checkers() {
+        let mut h = Health {
+            path: Some("/healthz"),
+            status: None,
+            interval_ms: 500,
+            timeout_ms: 200,
+            rise: 2,
+            fall: 3,
+        };
+        assert_eq!(
+            health_check(&h),
+            json!({"timeout": "0.2s", "interval": "0.5s", "no_traffic_interval": "0.5s",
+                "healthy_threshold": 2, "unhealthy_threshold": 3,
+                "http_health_check": {"path": "/healthz", "expected_statuses": [{"start": 200, "end": 400}]}})
+        );
+        h.status = Some(204);
+        assert_eq!(
+            health_check(&h)["http_health_check"]["expected_statuses"],
+            json!([{"start": 204, "end": 205}])
+        );
+        h.path = None;
+        let tcp = health_check(&h);
+        assert_eq!(tcp["tcp_health_check"], json!({}));
+        assert!(tcp.get("http_health_check").is_none());
     }
 
     #[test]

@@ -17,8 +17,8 @@ mod http;
 
 pub use adapter::{Adapter, AdapterSpec, CallError, Capabilities, FaultSink};
 pub use bindings::{
-    AdapterError, CONTRACT, Description, DesiredState, HttpService, ProbeReport, TcpService,
-    Upstream,
+    AdapterError, CONTRACT, Description, DesiredState, HealthCheck, HttpService, ProbeReport,
+    TcpService, Upstream,
 };
 pub use builtin::{builtin, builtin_names};
 pub use files::ConfinedDir;

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use hosts::{HostIndex, prefix_matches};
 
-use crate::events::Since;
+use crate::events::{Event, Since};
 use crate::model::{Kind, Match, RouteOptions, ServiceName, ServiceView};
 use crate::plugins::{BackendSpec, Balancer, Slot, Strategies};
 use crate::registry::Registry;
@@ -199,8 +199,19 @@ pub async fn follow(
 /// cause no call; a gap in the event ring (a follower too far behind) causes one.
 pub async fn on_routing_changes(
     registry: &Registry,
+    cursor: u64,
+    cancel: &CancellationToken,
+    apply: impl FnMut(&[ServiceView]),
+) {
+    on_changes(registry, cursor, cancel, Event::changes_routing, apply).await;
+}
+
+/// Like [`on_routing_changes`], for the events `relevant` picks.
+pub async fn on_changes(
+    registry: &Registry,
     mut cursor: u64,
     cancel: &CancellationToken,
+    relevant: impl Fn(&Event) -> bool,
     mut apply: impl FnMut(&[ServiceView]),
 ) {
     let bus = registry.bus().clone();
@@ -212,7 +223,7 @@ pub async fn on_routing_changes(
         let relevant = match bus.since(cursor) {
             Since::Events(events) => {
                 cursor = events.last().map_or(cursor, |e| e.id);
-                events.iter().any(|e| e.event.changes_routing())
+                events.iter().any(|e| relevant(&e.event))
             }
             Since::Gap => {
                 cursor = bus.last_id();

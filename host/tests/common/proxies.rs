@@ -346,3 +346,26 @@ pub async fn until_routed<P: Driven>(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// The bodies of `requests` GETs of `/` for `host` through `proxy`; a failed request panics.
+pub async fn bodies(proxy: SocketAddr, host: &str, requests: usize) -> Vec<String> {
+    let client = reqwest::Client::new();
+    let mut out = Vec::with_capacity(requests);
+    for _ in 0..requests {
+        match through(&client, proxy, host, "/").await {
+            Some((200, body)) => out.push(body),
+            other => panic!("{host} through {proxy}: {other:?}"),
+        }
+    }
+    out
+}
+
+/// A route file for `host` over `upstreams`, checked by `GET /healthz` every 100 ms, out after
+/// two failures, back after one pass.
+pub fn checked_route(host: &str, upstreams: &[SocketAddr]) -> String {
+    let list: Vec<String> = upstreams.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "host = \"{host}\"\nupstreams = [{}]\nstrategy = \"round-robin\"\n\n[health]\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 2\nrise = 1\n",
+        list.join(", ")
+    )
+}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use super::proxies::{Driven, bodies};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::Full;
@@ -161,4 +162,60 @@ pub async fn websocket_echo() -> SocketAddr {
         }
     });
     addr
+}
+
+/// Drives the health-check scenario through `proxy`: both upstreams serve, then `b` fails its
+/// check and gets no more requests, then recovers and serves again.
+pub async fn health_checks_hold_out_a_failing_upstream<P: Driven>(
+    proxy: &P,
+    host: &str,
+    a: &HttpBackend,
+    b: &HttpBackend,
+) {
+    let (served_a, served_b) = (
+        format!("served by {}", a.addr),
+        format!("served by {}", b.addr),
+    );
+    let addr = proxy.listen_addr();
+    let within = Duration::from_secs(10);
+    // Until the route is in place, requests may fail.
+    let client = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    let mut seen = std::collections::HashSet::new();
+    while !(seen.contains(&served_a) && seen.contains(&served_b)) {
+        assert!(
+            started.elapsed() < within,
+            "{host}: both upstreams never served through {}: {seen:?}",
+            P::NAME
+        );
+        if let Some((200, body)) = super::proxies::through(&client, addr, host, "/").await {
+            seen.insert(body);
+        }
+    }
+    b.healthy.store(false, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    loop {
+        // Twenty requests in a row to `a` alone: round-robin would alternate if `b` were in.
+        let seen = bodies(addr, host, 20).await;
+        if seen.iter().all(|s| *s == served_a) {
+            break;
+        }
+        assert!(
+            started.elapsed() < within,
+            "{host}: {} kept sending to the failing upstream",
+            P::NAME
+        );
+    }
+    b.healthy.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    loop {
+        if bodies(addr, host, 10).await.contains(&served_b) {
+            break;
+        }
+        assert!(
+            started.elapsed() < within,
+            "{host}: the recovered upstream never came back through {}",
+            P::NAME
+        );
+    }
 }
