@@ -729,3 +729,25 @@ async fn a_service_with_more_instances_than_one_dns_answer_holds_reaches_them_al
     assert_eq!(backend["in_sync"], true, "{backend}");
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caddys_admin_api_on_a_unix_socket() {
+    let _turn = EXCLUSIVE.read().await;
+    let Some(caddy) = Caddy::start_with_unix_admin().await else {
+        return;
+    };
+    assert!(caddy.admin_url().starts_with("unix:/"));
+    let h = harbor_for(&caddy).await;
+    let web = Upstream::start("web").await;
+    h.write_route(
+        "web.route",
+        &format!("host = \"web.localhost\"\nupstreams = [\"{}\"]\n", web.addr),
+    );
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    user_route_works(&caddy).await;
+    let status = backend_status(&h).await;
+    assert_eq!(status["in_sync"], true, "{status}");
+    std::fs::remove_file(h.routes.path().join("web.route")).expect("remove route");
+    until_gone(&caddy, "web.localhost", Duration::from_secs(3)).await;
+    h.shutdown().await;
+}

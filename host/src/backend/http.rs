@@ -190,7 +190,9 @@ impl BoundHttp {
             .map_err(|_| HttpError::Forbidden(format!("{method:?} is not an HTTP method")))?;
         let host = match &self.base.target {
             Target::Tcp(a) => a.clone(),
-            Target::Unix(_) => "localhost".to_owned(),
+            // A unix socket has no host name, so the Host header is empty (RFC 7230, 5.4);
+            // Caddy's admin API on a socket accepts only that.
+            Target::Unix(_) => String::new(),
         };
         let uri = format!("{}{path}", self.base.prefix);
         let build = || -> Result<hyper::Request<Full<Bytes>>, HttpError> {

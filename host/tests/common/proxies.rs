@@ -73,20 +73,44 @@ async fn wait_http(url: &str, within: Duration) {
 /// A Caddy started from a Caddyfile with one user route (`/user` answers "user route").
 pub struct Caddy {
     pub dir: TempDir,
-    pub admin: u16,
+    /// The admin API: `http://127.0.0.1:PORT` or `unix:/path`.
+    admin: String,
     pub listen: u16,
     process: Process,
 }
 
 impl Caddy {
+    /// A Caddy whose admin API listens on a loopback port.
     pub async fn start() -> Option<Caddy> {
+        Self::launch(false).await
+    }
+
+    /// A Caddy whose admin API listens on a unix socket only.
+    pub async fn start_with_unix_admin() -> Option<Caddy> {
+        Self::launch(true).await
+    }
+
+    async fn launch(unix_admin: bool) -> Option<Caddy> {
         if !available("caddy", "version", "Debian package caddy") {
             return None;
         }
         let dir = tempfile::tempdir().expect("caddy dir");
-        let (admin, listen) = (free_port(), free_port());
+        let listen = free_port();
+        let (admin, admin_directive) = if unix_admin {
+            let socket = dir.path().join("admin.sock");
+            (
+                format!("unix:{}", socket.display()),
+                format!("unix/{}", socket.display()),
+            )
+        } else {
+            let port = free_port();
+            (
+                format!("http://127.0.0.1:{port}"),
+                format!("127.0.0.1:{port}"),
+            )
+        };
         let caddyfile = format!(
-            "{{\n\tadmin 127.0.0.1:{admin}\n\tauto_https off\n}}\n\nhttp://:{listen} {{\n\tbind 127.0.0.1\n\trespond /user \"user route\" 200\n}}\n"
+            "{{\n\tadmin {admin_directive}\n\tauto_https off\n}}\n\nhttp://:{listen} {{\n\tbind 127.0.0.1\n\trespond /user \"user route\" 200\n}}\n"
         );
         std::fs::write(dir.path().join("Caddyfile"), caddyfile).expect("write Caddyfile");
         let process = spawn_caddy(dir.path());
@@ -101,15 +125,17 @@ impl Caddy {
     }
 
     async fn wait_ready(&self) {
+        // The user's route answers once Caddy has loaded its Caddyfile, whichever way its admin
+        // API listens.
         wait_http(
-            &format!("{}/config/", self.admin_url()),
+            &format!("http://{}/user", self.listen_addr()),
             Duration::from_secs(10),
         )
         .await;
     }
 
     pub fn admin_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.admin)
+        self.admin.clone()
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
