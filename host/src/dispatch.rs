@@ -711,8 +711,9 @@ impl Reconciler {
 pub type AdapterFiles = Arc<Mutex<std::collections::HashMap<std::path::PathBuf, String>>>;
 
 /// Swaps in each `backend-*.wasm` in the plugin directory that is new or changed since the
-/// last scan (the last in name order wins). A refused file is not tried again until it changes;
-/// a removed one changes nothing: the adapter in force keeps serving.
+/// last scan (the last in name order wins). A refused file is not tried again until it changes.
+/// Removing the file whose adapter is in force swaps the built-in adapter back in, the way
+/// removing an override should; removing any other file changes nothing.
 pub async fn rescan_adapters(
     dispatcher: &Arc<Dispatcher>,
     dir: &std::path::Path,
@@ -740,6 +741,23 @@ pub async fn rescan_adapters(
     })
     .await
     .unwrap_or_default();
+    let gone: Vec<std::path::PathBuf> = lock(seen)
+        .keys()
+        .filter(|p| !found.iter().any(|(f, _)| f == *p))
+        .cloned()
+        .collect();
+    for path in gone {
+        lock(seen).remove(&path);
+        if dispatcher.status().source != path.display().to_string() {
+            continue;
+        }
+        tracing::info!(file = %path.display(), "the adapter in force was removed; going back to the built-in one");
+        match dispatcher.builtin_spec(dispatcher.kind(), None) {
+            // A refusal is logged and published by the swap itself.
+            Ok(spec) => drop(dispatcher.swap(spec).await),
+            Err(e) => tracing::warn!(error = %e, "no built-in adapter to go back to"),
+        }
+    }
     for (path, bytes) in found {
         let bytes = match bytes {
             Ok(b) => b,

@@ -632,6 +632,14 @@ async fn an_adapter_dropped_in_the_plugin_directory_takes_over() {
         !plugins_list.to_string().contains("backend-"),
         "{plugins_list}"
     );
+
+    // Removing the file in force brings the built-in adapter back; the routes stay.
+    std::fs::remove_file(plugins.path().join("backend-caddy.wasm")).expect("remove adapter");
+    let swapped = events.next_of("backend_swapped").await;
+    assert_eq!(swapped.data["version"], "0.1.0");
+    let status = backend_status(&h).await;
+    assert_eq!(status["source"], "builtin:caddy", "{status}");
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(1)).await;
     h.shutdown().await;
 }
 
