@@ -8,8 +8,13 @@
 //! and how many proxy reloads a burst of 1,000 service registrations (32 in flight) causes:
 //! for Caddy, config writes to its admin API; for Envoy, accepted LDS/CDS/RDS updates.
 //!
+//! Churn (Caddy, needs `wrk`): `wrk` loads one service through Caddy in 2 s windows that
+//! alternate between quiet and churning (instances of that service and of another one
+//! registering at 50 per second with 1 s leases, so as many expire); it prints each pair's
+//! throughput ratio, their median, failed requests and Caddy config writes during the churn.
+//!
 //! Run with `cargo bench -p harbor --bench backends` (needs `caddy` and `envoy` on PATH; a
-//! missing one is skipped).
+//! missing one is skipped); `-- churn`, `-- latency` or `-- burst` runs one part.
 
 #[path = "../tests/common/proxies.rs"]
 #[allow(dead_code)]
@@ -200,21 +205,28 @@ async fn bench_caddy() -> anyhow::Result<()> {
         proxy: listen,
         _dirs: dirs,
     };
-    println!(
-        "caddy  new service:  {}",
-        percentiles(b.new_services("svc").await?)
-    );
-    println!(
-        "caddy  new instance: {}",
-        percentiles(b.new_instances().await?)
-    );
-    let before = caddy.config_writes();
-    let took = b.burst("burst").await?;
-    println!(
-        "caddy  burst of {BURST} registrations: all routable after {:.0} ms, {} config writes (reloads)",
-        took.as_secs_f64() * 1e3,
-        caddy.config_writes() - before
-    );
+    if wanted("latency") {
+        println!(
+            "caddy  new service:  {}",
+            percentiles(b.new_services("svc").await?)
+        );
+        println!(
+            "caddy  new instance: {}",
+            percentiles(b.new_instances().await?)
+        );
+    }
+    if wanted("churn") {
+        churn(&b, &caddy).await?;
+    }
+    if wanted("burst") {
+        let before = caddy.config_writes();
+        let took = b.burst("burst").await?;
+        println!(
+            "caddy  burst of {BURST} registrations: all routable after {:.0} ms, {} config writes (reloads)",
+            took.as_secs_f64() * 1e3,
+            caddy.config_writes() - before
+        );
+    }
     b.harbor.shutdown().await;
     Ok(())
 }
@@ -245,19 +257,176 @@ async fn bench_envoy() -> anyhow::Result<()> {
         proxy: listen,
         _dirs: dirs,
     };
-    println!(
-        "envoy  new service:  {}",
-        percentiles(b.new_services("svc").await?)
-    );
-    let before = envoy_updates(&envoy.admin_url()).await?;
-    let took = b.burst("burst").await?;
-    println!(
-        "envoy  burst of {BURST} registrations: all routable after {:.0} ms, {} LDS/CDS/RDS updates",
-        took.as_secs_f64() * 1e3,
-        envoy_updates(&envoy.admin_url()).await? - before
-    );
+    if wanted("latency") {
+        println!(
+            "envoy  new service:  {}",
+            percentiles(b.new_services("svc").await?)
+        );
+    }
+    if wanted("burst") {
+        let before = envoy_updates(&envoy.admin_url()).await?;
+        let took = b.burst("burst").await?;
+        println!(
+            "envoy  burst of {BURST} registrations: all routable after {:.0} ms, {} LDS/CDS/RDS updates",
+            took.as_secs_f64() * 1e3,
+            envoy_updates(&envoy.admin_url()).await? - before
+        );
+    }
     b.harbor.shutdown().await;
     Ok(())
+}
+
+/// One `wrk` window against `host` through `proxy`: requests per second and failed requests
+/// (non-2xx answers and socket errors).
+async fn wrk_window(
+    proxy: std::net::SocketAddr,
+    host: &str,
+    secs: u64,
+) -> anyhow::Result<(f64, u64)> {
+    let out = tokio::process::Command::new("wrk")
+        .args([
+            "-t1",
+            "-c8",
+            &format!("-d{secs}s"),
+            "-H",
+            &format!("Host: {host}"),
+        ])
+        .arg(format!("http://{proxy}/"))
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let number = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .map(|v| v.split_whitespace().next().unwrap_or("0").to_owned())
+    };
+    let rate: f64 = number("Requests/sec:")
+        .context(format!("no rate in wrk's output:\n{text}"))?
+        .parse()?;
+    let non_2xx: u64 = number("Non-2xx or 3xx responses:").map_or(Ok(0), |v| v.parse())?;
+    // "Socket errors: connect 0, read 0, write 0, timeout 0"
+    let socket: u64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Socket errors:"))
+        .map_or(0, |l| {
+            l.split(',')
+                .filter_map(|kv| kv.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum()
+        });
+    Ok((rate, non_2xx + socket))
+}
+
+/// CPU time a process has used so far (user + system), from `/proc/PID/stat`.
+fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at the state, field 3;
+    // utime and stime are fields 14 and 15, in clock ticks of 1/100 s on Linux.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+async fn churn(b: &Bench, caddy: &Caddy) -> anyhow::Result<()> {
+    if std::process::Command::new("wrk")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        println!("caddy  churn: skipped, wrk is not installed");
+        return Ok(());
+    }
+    let hot = Upstream::start("hot").await;
+    let cold = Upstream::start("cold").await;
+    b.register("hot", &hot.addr.to_string()).await?;
+    b.register("cold", &cold.addr.to_string()).await?;
+    b.routable("hot.localhost", "hot", Instant::now()).await?;
+    // Live servers for the churning instances: a request sent to one succeeds.
+    let mut pool = Vec::new();
+    for i in 0..60 {
+        pool.push(Upstream::start(if i % 2 == 0 { "hot" } else { "cold" }).await);
+    }
+    let churning = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = {
+        let (client, api, churning, stop) = (
+            b.client.clone(),
+            b.api.clone(),
+            churning.clone(),
+            stop.clone(),
+        );
+        let addrs: Vec<String> = pool.iter().map(|u| u.addr.to_string()).collect();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            let (mut n, mut failed) = (0usize, 0u64);
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                if !churning.load(std::sync::atomic::Ordering::Relaxed) {
+                    continue;
+                }
+                let name = if n % 2 == 0 { "hot" } else { "cold" };
+                let r = client
+                    .post(format!("{api}/api/v1/services"))
+                    .json(&json!({"name": name, "upstream": addrs[n % addrs.len()], "ttl_secs": 1, "host": format!("{name}.localhost")}))
+                    .send()
+                    .await;
+                if !r.is_ok_and(|r| r.status().is_success()) {
+                    failed += 1;
+                }
+                n += 1;
+            }
+            (n, failed)
+        })
+    };
+    let (rounds, secs) = (5, 2);
+    let (mut ratios, mut failed, mut writes) = (Vec::new(), 0, 0);
+    wrk_window(b.proxy, "hot.localhost", 1).await?;
+    let caddy_pid = caddy.pid().map(|p| p.to_string()).unwrap_or_default();
+    let cpu = || (cpu_time("self"), cpu_time(&caddy_pid));
+    let ms = |(a, b): (Duration, Duration), (c, d): (Duration, Duration)| {
+        ((c - a).as_millis(), (d - b).as_millis())
+    };
+    for _ in 0..rounds {
+        let start = cpu();
+        let (quiet, f) = wrk_window(b.proxy, "hot.localhost", secs).await?;
+        let (quiet_self, quiet_caddy) = ms(start, cpu());
+        failed += f;
+        churning.store(true, std::sync::atomic::Ordering::Relaxed);
+        let before = caddy.config_writes();
+        let start = cpu();
+        let (busy, f) = wrk_window(b.proxy, "hot.localhost", secs).await?;
+        let (busy_self, busy_caddy) = ms(start, cpu());
+        writes += caddy.config_writes() - before;
+        churning.store(false, std::sync::atomic::Ordering::Relaxed);
+        failed += f;
+        println!(
+            "caddy  churn window: quiet {quiet:.0} req/s, churning {busy:.0} req/s ({:.0} %); CPU ms quiet / churning: Caddy {quiet_caddy} / {busy_caddy}, this process (Harbor, upstreams, churn client) {quiet_self} / {busy_self}",
+            100.0 * busy / quiet
+        );
+        ratios.push(busy / quiet);
+    }
+    stop.cancel();
+    let (registered, refused) = task.await?;
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "caddy  churn: {registered} registrations in {} s ({refused} refused); throughput under churn, median of {rounds} window pairs: {:.0} % of quiet; {failed} failed requests; {writes} Caddy config writes",
+        rounds * secs,
+        100.0 * ratios[ratios.len() / 2]
+    );
+    Ok(())
+}
+
+/// Whether the command line asks for `part` (no part named: every part).
+fn wanted(part: &str) -> bool {
+    let parts: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    parts.is_empty() || parts.iter().any(|p| p == part)
 }
 
 fn main() -> anyhow::Result<()> {

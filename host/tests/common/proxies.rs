@@ -39,6 +39,10 @@ pub fn free_port() -> u16 {
 pub struct Process(Option<Child>);
 
 impl Process {
+    pub fn id(&self) -> Option<u32> {
+        self.0.as_ref().map(Child::id)
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.0.take() {
             let _ = child.kill();
@@ -144,6 +148,10 @@ impl Caddy {
 
     pub fn kill(&mut self) {
         self.process.kill();
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.id()
     }
 
     /// Configuration writes Caddy's admin API has received so far (each one is a reload).
