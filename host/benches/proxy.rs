@@ -17,7 +17,8 @@
 //! (`PR_SET_PDEATHSIG`) and is stopped by a drop guard, also on panic. A missing peer is
 //! skipped with a printed reason; only a Harbor that does not work fails the run.
 //!
-//! Run with `cargo bench -p harbor --bench proxy` (about 4 minutes). It is a benchmark, not a
+//! Run with `cargo bench -p harbor --bench proxy` (about 4 minutes); `-- http`, `-- l4` or
+//! `-- conns` runs one case. It is a benchmark, not a
 //! test: a missed goal is reported, not a failure.
 
 use std::fmt::Write as _;
@@ -105,6 +106,7 @@ fn run(dir: &Path) -> anyhow::Result<()> {
 
     // 1. Small HTTP.
     match (&nginx, find_program("wrk")) {
+        _ if !wanted("http") => {}
         (Some(nginx), Some(_)) => {
             let mut targets = vec![Target::new("direct (nginx)", ports.nginx, nginx)];
             targets.push(Target::new("harbor", ports.harbor_http, &harbor));
@@ -133,6 +135,7 @@ fn run(dir: &Path) -> anyhow::Result<()> {
 
     // 2. One TCP stream.
     match &iperf {
+        _ if !wanted("l4") => {}
         Some(iperf) => {
             let mut targets = vec![Target::new("direct (iperf3)", ports.iperf, iperf)];
             targets.push(Target::new("harbor", ports.harbor_iperf, &harbor));
@@ -156,9 +159,42 @@ fn run(dir: &Path) -> anyhow::Result<()> {
     }
 
     // 3. New connections.
-    let mut targets = vec![Target::new("direct (echo)", ports.echo, &echo)];
-    targets.push(Target::new("harbor", ports.harbor_echo, &harbor));
-    if let Some(p) = &haproxy {
+    if wanted("conns") {
+        summary.conns = Some(conns_case(&ready_for_conns(
+            &ports,
+            &echo,
+            &harbor,
+            haproxy.as_ref(),
+        )?)?);
+    }
+
+    // Harbor must still be up: a crash mid-run would make its numbers meaningless. A peer that
+    // died was already reported where it stopped answering.
+    harbor.ensure_alive()?;
+    println!("load average at the end: {}", load_average());
+    summary.print();
+    Ok(())
+}
+
+/// Whether the command line asks for `case` (no case named: every case).
+fn wanted(case: &str) -> bool {
+    let cases: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    cases.is_empty() || cases.iter().any(|c| c == case)
+}
+
+/// The targets of the new-connections case that answer.
+fn ready_for_conns<'a>(
+    ports: &Ports,
+    echo: &'a Proc,
+    harbor: &'a Proc,
+    haproxy: Option<&'a Proc>,
+) -> anyhow::Result<Vec<Target<'a>>> {
+    let mut targets = vec![Target::new("direct (echo)", ports.echo, echo)];
+    targets.push(Target::new("harbor", ports.harbor_echo, harbor));
+    if let Some(p) = haproxy {
         targets.push(Target::new("haproxy", ports.haproxy_echo, p));
     }
     let mut ready = Vec::new();
@@ -171,14 +207,7 @@ fn run(dir: &Path) -> anyhow::Result<()> {
             Err(e) => println!("skipped {} for new connections: {e:#}", target.name),
         }
     }
-    summary.conns = Some(conns_case(&ready)?);
-
-    // Harbor must still be up: a crash mid-run would make its numbers meaningless. A peer that
-    // died was already reported where it stopped answering.
-    harbor.ensure_alive()?;
-    println!("load average at the end: {}", load_average());
-    summary.print();
-    Ok(())
+    Ok(ready)
 }
 
 /// Starts an optional server; a failure is printed and the server left out.
