@@ -378,7 +378,7 @@ fn components_that_cannot_serve_are_refused_with_a_reason() {
     assert!(garbage.contains("not a WebAssembly component"), "{garbage}");
 
     let wrong = refused(&component("harbor-test-wrong-version", &[]));
-    assert!(wrong.contains("harbor:strategy@0.2.0"), "{wrong}");
+    assert!(wrong.contains("harbor:strategy@0.3.0"), "{wrong}");
 
     let stuck_component = component("harbor-test-misbehaving", &["stuck"]);
     let stuck = refused(&stuck_component);
@@ -391,6 +391,10 @@ fn components_that_cannot_serve_are_refused_with_a_reason() {
     refused(&stuck_component);
     let took = began.elapsed();
     assert!(took < Duration::from_secs(5), "took {took:?}");
+
+    // A pick table naming a backend that does not exist.
+    let table = refused(&component("harbor-test-misbehaving", &["bad-table"]));
+    assert!(table.contains("pick table names backend 4 of 4"), "{table}");
 
     // A plain core module is not a component either.
     let core = refused(b"\0asm\x01\0\0\0");

@@ -9,9 +9,10 @@
 use std::cell::{Cell, OnceCell};
 
 use crate::bindings::exports::harbor::strategy::strategy::{
-    Backend, Description, Guest, Outcome, Route,
+    Backend, Description, Guest, Outcome, PickTable as WitTable, Route,
 };
 use crate::bindings::harbor::strategy::load;
+use crate::bindings::harbor::strategy::types::TableIndex as WitIndex;
 use crate::{Algorithm, Backends, Load, PickRequest};
 
 /// A strategy crate's component, as [`strategy!`](crate::strategy) declares it: the algorithm it
@@ -37,16 +38,21 @@ impl<A> Default for Routes<A> {
 }
 
 impl<A: Algorithm> Routes<A> {
-    /// Builds the route's algorithm on its first backend list, rebuilds it on later ones.
-    pub fn rebuild(&mut self, route: Route, backends: Backends) {
+    /// Builds the route's algorithm on its first backend list, rebuilds it on later ones;
+    /// returns the algorithm's pick table, if it has one.
+    pub fn rebuild(&mut self, route: Route, backends: Backends) -> Option<crate::PickTable> {
         let i = route as usize;
         if self.table.len() <= i {
             self.table.resize_with(i + 1, || None);
         }
-        match &mut self.table[i] {
-            Some(algorithm) => algorithm.rebuild(backends),
-            empty => *empty = Some(A::new(backends)),
-        }
+        let algorithm = match &mut self.table[i] {
+            Some(algorithm) => {
+                algorithm.rebuild(backends);
+                algorithm
+            }
+            empty => empty.insert(A::new(backends)),
+        };
+        algorithm.table()
     }
 
     pub fn forget(&mut self, route: Route) {
@@ -78,8 +84,15 @@ impl<C: Component> Guest for C {
         C::Algorithm::configure(&config)
     }
 
-    fn rebuild(route: Route, backends: Vec<Backend>) {
-        C::with_routes(|routes| routes.rebuild(route, view(backends)));
+    fn rebuild(route: Route, backends: Vec<Backend>) -> Option<WitTable> {
+        let table = C::with_routes(|routes| routes.rebuild(route, view(backends)))?;
+        Some(WitTable {
+            index: match table.index {
+                crate::TableIndex::Sequence => WitIndex::Sequence,
+                crate::TableIndex::Entropy => WitIndex::Entropy,
+            },
+            entries: table.entries,
+        })
     }
 
     fn forget(route: Route) {

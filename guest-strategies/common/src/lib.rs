@@ -37,3 +37,43 @@ pub struct PickRequest<'a> {
     /// Backends a retry must not pick again.
     pub exclude: &'a [u32],
 }
+
+/// Which number of a pick indexes a [`PickTable`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableIndex {
+    /// The route's pick sequence: the table is a cycle.
+    Sequence,
+    /// The pick's random bits: every entry is equally likely.
+    Entropy,
+}
+
+/// First-try picks written out: the pick for number `x` is `entries[x % entries.len()]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PickTable {
+    pub index: TableIndex,
+    pub entries: Vec<u32>,
+}
+
+impl PickTable {
+    /// The most entries the host accepts.
+    pub const MAX_ENTRIES: usize = 65_536;
+
+    /// A table of `entries`; none if it is longer than the host accepts.
+    pub fn new(index: TableIndex, entries: Vec<u32>) -> Option<Self> {
+        (entries.len() <= Self::MAX_ENTRIES).then_some(Self { index, entries })
+    }
+
+    /// Each candidate as many times as its weight, so that a uniformly chosen entry picks in
+    /// proportion to weight; none if that is longer than the host accepts.
+    pub fn weighted(index: TableIndex, candidates: &Candidates<'_>) -> Option<Self> {
+        if candidates.total_weight() > Self::MAX_ENTRIES as u64 {
+            return None;
+        }
+        let backends = candidates.backends();
+        let entries = candidates
+            .iter()
+            .flat_map(|i| std::iter::repeat_n(i, backends.weight(i) as usize))
+            .collect();
+        Self::new(index, entries)
+    }
+}

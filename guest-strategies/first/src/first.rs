@@ -4,7 +4,7 @@
 //! carry). Useful to keep idle backends idle, e.g. so that they can be scaled down, or for an
 //! active/standby pair listed in order of preference.
 
-use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
+use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest, PickTable, TableIndex};
 
 pub struct First {
     backends: Backends,
@@ -19,6 +19,11 @@ impl Algorithm for First {
 
     fn pick(&mut self, request: &PickRequest, _load: &impl Load) -> Option<u32> {
         self.backends.candidates(request.exclude).first()
+    }
+
+    fn table(&mut self) -> Option<PickTable> {
+        let first = self.backends.candidates(&[]).first();
+        PickTable::new(TableIndex::Sequence, first.into_iter().collect())
     }
 }
 

@@ -4,7 +4,7 @@
 //! Stateless, so workers need no coordination and a rebuild forgets nothing. Without retries a
 //! pick is a binary search over precomputed running weights.
 
-use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
+use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest, PickTable, TableIndex};
 
 pub struct WeightedRandom {
     backends: Backends,
@@ -21,6 +21,11 @@ impl Algorithm for WeightedRandom {
         self.backends
             .candidates(request.exclude)
             .random(request.entropy)
+    }
+
+    /// Each candidate as often as its weight, indexed by entropy: the same odds as above.
+    fn table(&mut self) -> Option<PickTable> {
+        PickTable::weighted(TableIndex::Entropy, &self.backends.candidates(&[]))
     }
 }
 

@@ -4,7 +4,7 @@
 //! the whole route with no state here; a per-balancer counter would cycle per worker and send
 //! bursts to the same backend from each. Weights are ignored (that is `weighted-round-robin`).
 
-use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
+use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest, PickTable, TableIndex};
 
 pub struct RoundRobin {
     backends: Backends,
@@ -22,6 +22,12 @@ impl Algorithm for RoundRobin {
         let len = u64::try_from(candidates.len()).ok().filter(|&n| n > 0)?;
         let turn = usize::try_from(request.sequence % len).ok()?;
         candidates.nth(turn)
+    }
+
+    /// The candidates in order, indexed by sequence: exactly the picks above.
+    fn table(&mut self) -> Option<PickTable> {
+        let candidates = self.backends.candidates(&[]);
+        PickTable::new(TableIndex::Sequence, candidates.iter().collect())
     }
 }
 
@@ -53,6 +59,22 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn the_table_cycles_like_the_picks() {
+        let mut rr = RoundRobin::new(backends(&[true, false, true, true]));
+        let table = rr.table().expect("a table");
+        assert_eq!(table.index, TableIndex::Sequence);
+        assert_eq!(table.entries, vec![0, 2, 3]);
+        for sequence in 0..9u64 {
+            let request = PickRequest {
+                sequence,
+                ..Default::default()
+            };
+            let picked = rr.pick(&request, &FixedLoad::default());
+            assert_eq!(picked, Some(table.entries[(sequence % 3) as usize]));
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
+use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest, PickTable, TableIndex};
 
 pub struct SmoothWeighted {
     backends: Backends,
@@ -63,6 +63,23 @@ impl Algorithm for SmoothWeighted {
         }
         Some(chosen)
     }
+
+    /// The next full cycle, indexed by sequence. Smooth weighted round-robin repeats itself
+    /// after as many picks as the weights add up to (each backend is picked its weight's number
+    /// of times and its counter returns to where it started), so the cycle is every pick to
+    /// come; the counters themselves are left as they were.
+    fn table(&mut self) -> Option<PickTable> {
+        let total = self.backends.candidates(&[]).total_weight();
+        if total > PickTable::MAX_ENTRIES as u64 {
+            return None;
+        }
+        let saved = self.current.clone();
+        let request = PickRequest::default();
+        let no_load = harbor_strategy_common::load::FixedLoad::default();
+        let entries: Option<Vec<u32>> = (0..total).map(|_| self.pick(&request, &no_load)).collect();
+        self.current = saved;
+        PickTable::new(TableIndex::Sequence, entries?)
+    }
 }
 
 #[cfg(test)]
@@ -93,6 +110,26 @@ mod tests {
             counts[pick(wrr, &[]).expect("a candidate") as usize] += 1;
         }
         counts
+    }
+
+    #[test]
+    fn the_table_is_the_next_cycle_and_leaves_the_counters_alone() {
+        let mut wrr =
+            SmoothWeighted::new(backends(&[("a", 5, true), ("b", 1, true), ("c", 1, true)]));
+        pick(&mut wrr, &[]);
+        let table = wrr.table().expect("a table");
+        assert_eq!(table.index, TableIndex::Sequence);
+        assert_eq!(table.entries.len(), 7);
+        // Asking for the table did not advance the counters: the picks that follow are its
+        // entries, and the cycle then repeats.
+        let picks: Vec<u32> = (0..14).map(|_| pick(&mut wrr, &[]).unwrap()).collect();
+        assert_eq!(picks[..7], table.entries[..]);
+        assert_eq!(picks[7..], table.entries[..]);
+        // Unhealthy backends are left out; too long a cycle means no table.
+        let mut wrr = SmoothWeighted::new(backends(&[("a", 2, true), ("b", 3, false)]));
+        assert_eq!(wrr.table().unwrap().entries, vec![0, 0]);
+        let mut wrr = SmoothWeighted::new(backends(&[("a", 10_000, true); 8]));
+        assert!(wrr.table().is_none());
     }
 
     #[test]

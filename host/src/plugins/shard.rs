@@ -2,6 +2,9 @@
 //! strategy version, in which every route it picks for has a number, so picks on different
 //! threads never wait on each other and no lock is held across a guest call. A pick is one
 //! guest call with scalar arguments: no resource handle, no list unless a retry excludes some.
+//! A strategy that writes its picks out as a table when it is given the backends (round-robin,
+//! weighted round-robin, random, first) costs no call at all on a first try: the table here
+//! answers it.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -11,7 +14,7 @@ use std::sync::{Arc, Weak};
 use wasmtime::Store;
 
 use super::balancer::BackendSet;
-use super::guest::{GuestState, Plugin};
+use super::guest::{GuestState, PickTable, Plugin, TableIndex};
 use super::report::FaultKind;
 use super::strategy::{CALL_DEADLINE_TICKS, Loaded, SETUP_DEADLINE_TICKS, arm, classify};
 
@@ -31,6 +34,8 @@ struct Shard {
 struct Route {
     /// The number the guest knows the route by.
     number: u32,
+    /// The first-try picks the guest wrote out for this backend set, if it did.
+    table: Option<Table>,
     /// The backend-set version the guest last saw.
     version: u64,
     /// Dead once the route's balancer is dropped.
@@ -62,6 +67,57 @@ impl Hasher for IdHasher {
 
 thread_local! {
     static SHARDS: RefCell<IdMap<Shard>> = RefCell::new(IdMap::default());
+}
+
+/// A guest's pick table, checked: every entry is an index into the backend set it was made for.
+pub(super) struct Table {
+    index: TableIndex,
+    entries: Box<[u32]>,
+}
+
+/// Longest pick table accepted (the contract's limit).
+const MAX_TABLE: usize = 65_536;
+
+impl Table {
+    pub(super) fn check(table: PickTable, backends: usize) -> Result<Self, Fault> {
+        let bad = |message: String| Fault {
+            kind: FaultKind::BadAnswer,
+            message,
+        };
+        if table.entries.len() > MAX_TABLE {
+            return Err(bad(format!(
+                "a pick table of {} entries; at most {MAX_TABLE} are allowed",
+                table.entries.len()
+            )));
+        }
+        if let Some(&i) = table.entries.iter().find(|&&i| i as usize >= backends) {
+            return Err(bad(format!("a pick table names backend {i} of {backends}")));
+        }
+        Ok(Self {
+            index: table.index,
+            entries: table.entries.into_boxed_slice(),
+        })
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The table's answer to `ask`: `None` when the table cannot answer it (a hash-key table
+    /// and a pick without a key), else the pick (`Some(None)`: no backend can be used).
+    fn answer(&self, ask: &Ask<'_>) -> Option<Option<u32>> {
+        let x = match self.index {
+            TableIndex::Sequence => ask.sequence,
+            TableIndex::Entropy => ask.entropy,
+            TableIndex::HashKey => ask.hash_key?,
+        };
+        let len = self.entries.len() as u64;
+        if len == 0 {
+            return Some(None);
+        }
+        // Lossless: the remainder is below the table's length, itself at most MAX_TABLE.
+        Some(Some(self.entries[(x % len) as usize]))
+    }
 }
 
 /// A failed guest call. The instance it happened in has been discarded.
@@ -164,9 +220,21 @@ impl Shard {
             data.loads = Some(set.loads.clone());
         }
         let route = match self.routes.get(&id) {
-            Some(r) if r.version == set.version => r.number,
-            _ => self.rebuild(id, alive, set)?,
+            Some(r) if r.version == set.version => r,
+            _ => {
+                self.rebuild(id, alive, set)?;
+                self.routes.get(&id).ok_or_else(|| Fault {
+                    kind: FaultKind::Trap,
+                    message: "a rebuilt route went missing".into(),
+                })?
+            }
         };
+        if ask.exclude.is_empty()
+            && let Some(answer) = route.table.as_ref().and_then(|t| t.answer(ask))
+        {
+            return Ok(answer);
+        }
+        let route = route.number;
         let api = self.plugin.harbor_strategy_strategy();
         arm(&mut self.store, CALL_DEADLINE_TICKS);
         if ask.exclude.is_empty() {
@@ -221,12 +289,16 @@ impl Shard {
             }
         };
         arm(&mut self.store, SETUP_DEADLINE_TICKS);
-        api.call_rebuild(&mut self.store, number, set.guest_backends())
-            .map_err(fault)?;
+        let table = api
+            .call_rebuild(&mut self.store, number, set.guest_backends())
+            .map_err(fault)?
+            .map(|t| Table::check(t, set.backends.len()))
+            .transpose()?;
         self.routes.insert(
             id,
             Route {
                 number,
+                table,
                 version: set.version,
                 alive: Arc::downgrade(alive),
             },

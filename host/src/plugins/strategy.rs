@@ -225,10 +225,11 @@ fn sample_picks(
     const ROUTE: u32 = 0;
     let backends = sample_backends(4, None);
     store.data_mut().loads = Some(Arc::new(super::load::LoadTable::default()));
-    call(store, SETUP_DEADLINE_TICKS, |s| {
+    let table = call(store, SETUP_DEADLINE_TICKS, |s| {
         api.call_rebuild(s, ROUTE, &backends)
     })
     .map_err(|e| Rejected(format!("building a route failed: {e}")))?;
+    check_table(table, 4)?;
     let check = |store: &mut Store<GuestState>,
                  n: u32,
                  (sequence, entropy, hash_key): (u64, u64, Option<u64>),
@@ -272,10 +273,11 @@ fn sample_picks(
         }
     }
     let fewer = sample_backends(3, Some(1));
-    call(store, SETUP_DEADLINE_TICKS, |s| {
+    let table = call(store, SETUP_DEADLINE_TICKS, |s| {
         api.call_rebuild(s, ROUTE, &fewer)
     })
     .map_err(|e| Rejected(format!("rebuild failed: {e}")))?;
+    check_table(table, 3)?;
     for seq in 0..50u64 {
         let ask = (seq, seq.wrapping_mul(0xD1B5_4A32_D192_ED03), Some(seq));
         check(store, 3, ask, &[])?;
@@ -283,6 +285,22 @@ fn sample_picks(
     call(store, SETUP_DEADLINE_TICKS, |s| api.call_forget(s, ROUTE))
         .map_err(|e| Rejected(format!("forget failed: {e}")))?;
     tracing::debug!(elapsed = ?started.elapsed(), "strategy sample picks passed");
+    Ok(())
+}
+
+/// A pick table, if the strategy wrote one, must name only the `n` backends it was given, and
+/// some of them: every sample backend set has usable backends.
+fn check_table(table: Option<guest::PickTable>, n: usize) -> Result<(), Rejected> {
+    let Some(table) = table else {
+        return Ok(());
+    };
+    let table = super::shard::Table::check(table, n)
+        .map_err(|fault| Rejected(format!("rebuild returned {}", fault.message)))?;
+    if table.is_empty() {
+        return Err(Rejected(format!(
+            "rebuild returned an empty pick table although {n} backends are usable"
+        )));
+    }
     Ok(())
 }
 

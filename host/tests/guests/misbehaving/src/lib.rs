@@ -1,12 +1,14 @@
 //! A strategy that behaves during Harbor's admission check and misbehaves on command at run
 //! time, chosen by magic hash keys, so tests can show each failure is contained. Built with the
-//! `stuck` feature, its `describe` never returns, so the admission check must refuse it.
+//! `stuck` feature, its `describe` never returns; with `bad-table`, its pick table names a
+//! backend that does not exist: the admission check must refuse both.
 
 use std::cell::RefCell;
 
 wit_bindgen::generate!({ path: "../../../../wit/strategy", world: "plugin" });
 
-use exports::harbor::strategy::strategy::{Backend, Description, Guest, Outcome, Route};
+use exports::harbor::strategy::strategy::{Backend, Description, Guest, Outcome, PickTable, Route};
+use harbor::strategy::types::TableIndex;
 
 /// Loop forever.
 pub const LOOP: u64 = 0xDEAD_0001;
@@ -45,7 +47,7 @@ impl Guest for Component {
         Ok(())
     }
 
-    fn rebuild(route: Route, backends: Vec<Backend>) {
+    fn rebuild(route: Route, backends: Vec<Backend>) -> Option<PickTable> {
         COUNTS.with_borrow_mut(|c| {
             let i = route as usize;
             if c.len() <= i {
@@ -53,6 +55,10 @@ impl Guest for Component {
             }
             c[i] = backends.len() as u32;
         });
+        cfg!(feature = "bad-table").then(|| PickTable {
+            index: TableIndex::Sequence,
+            entries: vec![0, backends.len() as u32],
+        })
     }
 
     fn forget(route: Route) {

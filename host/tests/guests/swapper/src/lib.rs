@@ -3,7 +3,7 @@
 
 wit_bindgen::generate!({ path: "../../../../wit/strategy", world: "plugin" });
 
-use exports::harbor::strategy::strategy::{Backend, Description, Guest, Outcome, Route};
+use exports::harbor::strategy::strategy::{Backend, Description, Guest, Outcome, PickTable, Route};
 
 const CHOICE: u32 = if cfg!(feature = "second") { 1 } else { 0 };
 
@@ -23,7 +23,9 @@ impl Guest for Component {
         Ok(())
     }
 
-    fn rebuild(_route: Route, _backends: Vec<Backend>) {}
+    fn rebuild(_route: Route, _backends: Vec<Backend>) -> Option<PickTable> {
+        None
+    }
 
     fn forget(_route: Route) {}
 
