@@ -98,6 +98,12 @@ fn run(dir: &Path) -> anyhow::Result<()> {
 
     // Proxies: one process each, carrying every case it takes part in.
     let harbor = start_harbor(dir, &harbor_bin, &ports, iperf.is_some())?;
+    // The same Harbor with every request through the full HTTP stack (hyper), for comparison.
+    let harbor_full = if wanted("http") {
+        Some(start_harbor_full(dir, &harbor_bin, &ports)?)
+    } else {
+        None
+    };
     let haproxy = optional("haproxy", || start_haproxy(dir, &ports, iperf.is_some()));
     let caddy = optional("caddy", || start_caddy(dir, &ports));
     let envoy = optional("envoy", || start_envoy(dir, &ports, iperf.is_some()));
@@ -110,6 +116,13 @@ fn run(dir: &Path) -> anyhow::Result<()> {
         (Some(nginx), Some(_)) => {
             let mut targets = vec![Target::new("direct (nginx)", ports.nginx, nginx)];
             targets.push(Target::new("harbor", ports.harbor_http, &harbor));
+            if let Some(p) = &harbor_full {
+                targets.push(Target::new(
+                    "harbor (hyper only)",
+                    ports.harbor_full_http,
+                    p,
+                ));
+            }
             if let Some(p) = &haproxy {
                 targets.push(Target::new("haproxy", ports.haproxy_http, p));
             }
@@ -236,6 +249,7 @@ struct Ports {
     harbor_http: u16,
     harbor_iperf: u16,
     harbor_echo: u16,
+    harbor_full_http: u16,
     haproxy_http: u16,
     haproxy_iperf: u16,
     haproxy_echo: u16,
@@ -248,7 +262,7 @@ struct Ports {
 impl Ports {
     fn pick() -> anyhow::Result<Self> {
         // All held open together, then released together: distinct, and free a moment ago.
-        let held: Vec<std::net::TcpListener> = (0..13)
+        let held: Vec<std::net::TcpListener> = (0..14)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
             .collect::<Result<_, _>>()
             .context("cannot find free ports")?;
@@ -257,7 +271,7 @@ impl Ports {
             .map(|l| l.local_addr().map(|a| a.port()))
             .collect::<Result<Vec<_>, _>>()?
             .into_iter();
-        let mut next = || ports.next().expect("13 ports were picked");
+        let mut next = || ports.next().expect("14 ports were picked");
         Ok(Self {
             nginx: next(),
             iperf: next(),
@@ -265,6 +279,7 @@ impl Ports {
             harbor_http: next(),
             harbor_iperf: next(),
             harbor_echo: next(),
+            harbor_full_http: next(),
             haproxy_http: next(),
             haproxy_iperf: next(),
             haproxy_echo: next(),
@@ -545,6 +560,31 @@ fn start_harbor(dir: &Path, harbor: &Path, ports: &Ports, iperf: bool) -> anyhow
     Proc::spawn("harbor", cmd, dir)
 }
 
+/// A second Harbor carrying the HTTP route only, with `--no-direct-http1`.
+fn start_harbor_full(dir: &Path, harbor: &Path, ports: &Ports) -> anyhow::Result<Proc> {
+    let routes = dir.join("harbor-full-routes");
+    let state = dir.join("harbor-full-state");
+    std::fs::create_dir_all(&routes)?;
+    std::fs::create_dir_all(&state)?;
+    std::fs::write(
+        routes.join("bench.route"),
+        format!(
+            "host = \"{HOST}\"\nupstreams = [\"{}\"]\nstrategy = \"round-robin\"\n",
+            local(ports.nginx)
+        ),
+    )?;
+    let mut cmd = Command::new(harbor);
+    cmd.arg("--routes")
+        .arg(&routes)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--api", "127.0.0.1:0", "--no-direct-http1"])
+        .arg("--proxy-listen")
+        .arg(local(ports.harbor_full_http).to_string())
+        .env("RUST_LOG", "warn");
+    Proc::spawn("harbor-full", cmd, dir)
+}
+
 fn start_haproxy(dir: &Path, ports: &Ports, iperf: bool) -> anyhow::Result<Proc> {
     let mut conf = String::from(
         "global\n  nbthread 2\n  maxconn 8000\n\
@@ -757,7 +797,7 @@ fn rounds<T>(
         for (target, runs) in targets.iter().zip(&mut results) {
             let result = measure(target).with_context(|| format!("measuring {}", target.name))?;
             println!(
-                "  run {round}/{RUNS} {:<16} {}",
+                "  run {round}/{RUNS} {:<20} {}",
                 target.name,
                 describe(&result)
             );
@@ -1133,12 +1173,12 @@ impl Summary {
             let haproxy = find(rows, |r| r.name, "haproxy").map(|r| r.rps);
             println!();
             println!(
-                "{:<16} {:>9} {:>9} {:>10} {:>11} {:>12} {:>7}",
+                "{:<20} {:>9} {:>9} {:>10} {:>11} {:>12} {:>7}",
                 "HTTP", "req/s", "p99 ms", "vs direct", "vs haproxy", "CPU µs/req", "errors"
             );
             for r in rows {
                 println!(
-                    "{:<16} {:>9.0} {:>9.2} {:>10} {:>11} {:>12.1} {:>7}",
+                    "{:<20} {:>9.0} {:>9.2} {:>10} {:>11} {:>12.1} {:>7}",
                     r.name,
                     r.rps,
                     r.p99_ms,

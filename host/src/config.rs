@@ -184,6 +184,11 @@ pub struct ProxyArgs {
     #[arg(long, env = "HARBOR_NO_SPLICE")]
     pub no_splice: bool,
 
+    /// Serve every HTTP request through the full HTTP stack, without the direct HTTP/1.1 path
+    /// for plain requests (to compare the two).
+    #[arg(long, env = "HARBOR_NO_DIRECT_HTTP1")]
+    pub no_direct_http1: bool,
+
     /// Also run demo echo backends on these addresses (see `harbor echo`).
     #[arg(long, env = "HARBOR_ECHO", value_name = "ADDR", value_delimiter = ',')]
     pub echo: Vec<SocketAddr>,
@@ -294,6 +299,7 @@ struct FileConfig {
     #[serde(default, with = "opt_duration")]
     shutdown_grace: Option<Duration>,
     splice: Option<bool>,
+    direct_http1: Option<bool>,
     echo: Option<Vec<SocketAddr>>,
     caddy_admin: Option<BaseUrl>,
     caddy_listen: Option<SocketAddr>,
@@ -362,6 +368,8 @@ pub struct ProxySettings {
     pub max_connections: usize,
     pub shutdown_grace: Duration,
     pub splice: bool,
+    /// Plain HTTP/1.1 requests take the direct path (see `proxy::h1`).
+    pub direct_http1: bool,
     pub echo: Vec<SocketAddr>,
 }
 
@@ -376,6 +384,7 @@ impl Default for ProxySettings {
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(10),
             splice: true,
+            direct_http1: true,
             echo: Vec::new(),
         }
     }
@@ -472,6 +481,7 @@ impl Config {
             .or(file.shutdown_grace)
             .unwrap_or(p.shutdown_grace);
         p.splice = !a.no_splice && file.splice.unwrap_or(true);
+        p.direct_http1 = !a.no_direct_http1 && file.direct_http1.unwrap_or(true);
         if !a.echo.is_empty() {
             p.echo = a.echo;
         } else if let Some(echo) = file.echo {

@@ -537,3 +537,144 @@ fn metric(text: &str, series: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// An HTTP/1.1 upstream written against the socket, so that its framing is exactly what a test
+/// needs: `/plain` (5 bytes, `Content-Length`), `/nocontent` (204), `/eof` (HTTP/1.0, no length:
+/// the body ends when it closes). It answers one request per connection and closes the
+/// connection on the second without answering, like a server whose keep-alive timeout fires
+/// just as a request arrives.
+async fn scripted_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(n) if n > 0 => seen.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&seen).to_string();
+                let answer: &[u8] = if head.starts_with("HEAD /plain") {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+                } else if head.starts_with("GET /plain") {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain"
+                } else if head.starts_with("GET /nocontent") {
+                    b"HTTP/1.1 204 No Content\r\n\r\n"
+                } else if head.starts_with("GET /eof") {
+                    b"HTTP/1.0 200 OK\r\n\r\nuntil close"
+                } else {
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+                };
+                let _ = stream.write_all(answer).await;
+                if head.starts_with("GET /eof") {
+                    return;
+                }
+                // The second request on this connection: closed unanswered.
+                let _ = stream.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `bytes` on one connection to the proxy and reads until the proxy closes it.
+async fn raw_exchange(h: &TestHarbor, bytes: &[u8]) -> String {
+    let addr = h.harbor().proxy_addr().expect("proxy");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
+        .await
+        .expect("the proxy closes the connection")
+        .expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn pipelined_requests_framing_and_stale_upstream_sockets() {
+    let upstream = scripted_upstream().await;
+    let h = common::start().await;
+    h.write_route(
+        "raw.route",
+        &format!("host = \"raw.localhost\"\nupstreams = [\"{upstream}\"]\n"),
+    );
+    eventually(Duration::from_secs(5), "the raw route", || async {
+        (get(&h, "raw.localhost", "/plain").await == (200, "plain".to_owned())).then_some(())
+    })
+    .await;
+
+    // Four requests in one write. Each reuse of an upstream socket meets a close, so each of
+    // the last three is sent again on a new socket; a HEAD answer carries no body although it
+    // names a length; the HTTP/1.0 request at the end goes to the full HTTP stack, on the same
+    // connection, which then closes.
+    let all = raw_exchange(
+        &h,
+        b"GET /plain HTTP/1.1\r\nHost: raw.localhost\r\n\r\n\
+          GET /nocontent HTTP/1.1\r\nHost: raw.localhost\r\n\r\n\
+          HEAD /plain HTTP/1.1\r\nHost: raw.localhost\r\n\r\n\
+          GET /plain HTTP/1.0\r\nHost: raw.localhost\r\n\r\n",
+    )
+    .await;
+    let answers: Vec<&str> = all.split("HTTP/1.").skip(1).collect();
+    assert_eq!(answers.len(), 4, "{all}");
+    assert!(
+        answers[0].starts_with("1 200") && answers[0].ends_with("\r\n\r\nplain"),
+        "{all}"
+    );
+    assert!(
+        answers[1].starts_with("1 204") && answers[1].ends_with("\r\n\r\n"),
+        "{all}"
+    );
+    assert!(
+        answers[2].starts_with("1 200") && answers[2].ends_with("\r\n\r\n"),
+        "{all}"
+    );
+    assert!(
+        answers[2]
+            .to_ascii_lowercase()
+            .contains("content-length: 5"),
+        "{all}"
+    );
+    assert!(
+        answers[3].contains(" 200 ") && answers[3].ends_with("plain"),
+        "{all}"
+    );
+    // The full stack names the client's HTTP version in `Via`.
+    for (answer, via) in answers.iter().zip(["1.1", "1.1", "1.1", "1.0"]) {
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains(&format!("via: {via} harbor")),
+            "{all}"
+        );
+    }
+
+    // A body that ends when the upstream closes: the client gets all of it, told the
+    // connection closes after.
+    let all = raw_exchange(&h, b"GET /eof HTTP/1.1\r\nHost: raw.localhost\r\n\r\n").await;
+    assert!(all.starts_with("HTTP/1.1 200 OK\r\n"), "{all}");
+    assert!(
+        all.to_ascii_lowercase().contains("connection: close\r\n"),
+        "{all}"
+    );
+    assert!(all.ends_with("\r\n\r\nuntil close"), "{all}");
+
+    // An unknown host on a keep-alive connection gets its 404 and the connection goes on.
+    let all = raw_exchange(
+        &h,
+        b"GET / HTTP/1.1\r\nHost: nowhere.localhost\r\n\r\nGET /plain HTTP/1.1\r\nHost: raw.localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(all.starts_with("HTTP/1.1 404 Not Found\r\n"), "{all}");
+    assert!(all.contains("\"error\":\"no route\""), "{all}");
+    assert!(all.ends_with("\r\n\r\nplain"), "{all}");
+}

@@ -2,7 +2,7 @@
 //! had to cut.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -14,6 +14,9 @@ pub struct Connections {
     drained: Notify,
     /// Asks HTTP connections to finish their current request and close.
     pub finish: CancellationToken,
+    /// `finish` as a flag: read once per request, where the token's lock would be shared by
+    /// every connection.
+    finishing: AtomicBool,
     /// Closes every connection at once: the grace period is over.
     pub cut: CancellationToken,
 }
@@ -39,8 +42,14 @@ impl Connections {
         self.open.load(Ordering::Acquire)
     }
 
+    /// Whether connections are being asked to finish (shutdown has begun).
+    pub fn finishing(&self) -> bool {
+        self.finishing.load(Ordering::Acquire)
+    }
+
     /// Lets connections finish for up to `grace`, then cuts the rest; returns how many were cut.
     pub async fn drain(&self, grace: Duration) -> usize {
+        self.finishing.store(true, Ordering::Release);
         self.finish.cancel();
         let deadline = tokio::time::Instant::now() + grace;
         loop {

@@ -56,25 +56,43 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Cancellatio
         let shared = shared.clone();
         let builder = builder.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(|req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
-            });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                () = shared.conns.finish.cancelled() => {
-                    // Finish the request in progress, answer no more on this connection.
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        _ = conn.as_mut() => {}
-                        () = shared.conns.cut.cancelled() => {}
-                    }
-                }
+            if shared.settings.direct_http1 {
+                let full = |io| serve_full(shared.clone(), io, peer, builder);
+                super::h1::serve(shared.clone(), stream, peer, full).await;
+            } else {
+                serve_full(shared, stream, peer, builder).await;
             }
             drop(open);
         });
+    }
+}
+
+/// Serves one client connection through the full HTTP stack (hyper): HTTP/1.x and h2c,
+/// upgrades, until the connection or the proxy ends.
+async fn serve_full<I>(
+    shared: Arc<Shared>,
+    io: I,
+    peer: SocketAddr,
+    builder: auto::Builder<TokioExecutor>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(|req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = shared.conns.finish.cancelled() => {
+            // Finish the request in progress, answer no more on this connection.
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = shared.conns.cut.cancelled() => {}
+            }
+        }
     }
 }
 

@@ -8,6 +8,7 @@ mod body;
 mod choose;
 mod conns;
 mod copy;
+mod h1;
 mod headers;
 mod health;
 mod http;
@@ -15,6 +16,7 @@ pub mod metrics;
 mod pool;
 mod splice;
 mod tcp;
+mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,6 +42,7 @@ pub struct Shared {
     pub bus: Arc<EventBus>,
     pub conns: Arc<Connections>,
     pool: Arc<pool::Pool>,
+    streams: pool::Streams,
     tcp_open: Arc<AtomicUsize>,
 }
 
@@ -74,6 +77,7 @@ impl Proxy {
             bus,
             conns: Arc::default(),
             pool: Arc::default(),
+            streams: pool::Streams::default(),
             tcp_open: Arc::default(),
         });
         let stop = CancellationToken::new();
@@ -147,6 +151,7 @@ async fn follow(shared: Arc<Shared>, stop: CancellationToken) {
             })
             .collect();
         shared.pool.retain(|address| live.contains(address));
+        shared.streams.retain(|address| live.contains(address));
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
             () = stop.cancelled() => return,

@@ -1,6 +1,7 @@
-//! Keep-alive connections to upstreams, pooled per address. A connection goes back to the pool
-//! when its response body has been read to the end, and is taken out only once it is ready for
-//! another request, so a checkout never waits behind someone else's response.
+//! Keep-alive connections to upstreams, pooled per address: hyper's senders for the full HTTP
+//! stack ([`Pool`]), plain sockets for the direct HTTP/1.1 path ([`Streams`]). A connection goes
+//! back to the pool when its response body has been read to the end, and is taken out only once
+//! it is ready for another request, so a checkout never waits behind someone else's response.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -71,6 +72,56 @@ impl Pool {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|address, _| live(address));
     }
+}
+
+/// A socket and when it went idle.
+type IdleStream = (TcpStream, Instant);
+
+/// Idle upstream sockets of the direct HTTP/1.1 path, each between two exchanges.
+#[derive(Default)]
+pub struct Streams {
+    idle: Mutex<HashMap<Arc<str>, Vec<IdleStream>>>,
+}
+
+impl Streams {
+    /// An idle socket to `address` that the upstream has not closed.
+    pub fn checkout(&self, address: &str) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(address)?;
+        while let Some((stream, since)) = list.pop() {
+            // Between exchanges an upstream sends nothing: a readable socket has been closed
+            // (or is out of step), and only an empty one can take a request.
+            let quiet = matches!(
+                stream.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            );
+            if quiet && since.elapsed() < IDLE_TIMEOUT {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    pub fn give_back(&self, address: Arc<str>, stream: TcpStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(address).or_default();
+        if list.len() < MAX_IDLE {
+            list.push((stream, Instant::now()));
+        }
+    }
+
+    /// Closes the idle sockets of upstreams no route uses any more.
+    pub fn retain(&self, live: impl Fn(&str) -> bool) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|address, _| live(address));
+    }
+}
+
+/// A new socket to `address` for the direct path.
+pub async fn dial(address: &str) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 /// Opens a new HTTP/1.1 connection to `address`, able to switch protocols for upgrades.
