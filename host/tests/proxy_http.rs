@@ -678,3 +678,41 @@ async fn pipelined_requests_framing_and_stale_upstream_sockets() {
     assert!(all.contains("\"error\":\"no route\""), "{all}");
     assert!(all.ends_with("\r\n\r\nplain"), "{all}");
 }
+
+#[tokio::test]
+async fn request_bodies_reach_the_upstream_and_a_broken_one_gets_400() {
+    let backend = Backend::echo().await;
+    let h = common::start().await;
+    h.write_route("app.route", &route(&[&backend], ""));
+    routable(&h, "app.localhost").await;
+
+    // A body with a length, then one in chunks, on one keep-alive connection.
+    let all = raw_exchange(
+        &h,
+        b"POST /a HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 11\r\n\r\nhello world\
+          POST /b HTTP/1.1\r\nHost: app.localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          5\r\nchunk\r\n3\r\ned!\r\n0\r\n\r\n",
+    )
+    .await;
+    let answers: Vec<&str> = all.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 2, "{all}");
+    assert!(
+        answers[0].starts_with("200") && answers[0].contains("hello world"),
+        "{all}"
+    );
+    // The echo answers in chunks too, passed on as they are.
+    assert!(
+        answers[1].starts_with("200")
+            && answers[1].ends_with("5\r\nchunk\r\n3\r\ned!\r\n0\r\n\r\n"),
+        "{all}"
+    );
+
+    // A chunk size that is not hex: 400, and the connection closes.
+    let all = raw_exchange(
+        &h,
+        b"POST / HTTP/1.1\r\nHost: app.localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    )
+    .await;
+    assert!(all.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{all}");
+    assert!(all.contains("bad request body"), "{all}");
+}

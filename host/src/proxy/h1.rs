@@ -104,6 +104,9 @@ enum Failed {
     Timeout,
     Io(String),
     Malformed,
+    /// The client's request body was malformed or cut short: the client's fault, not the
+    /// upstream's.
+    Client(&'static str),
 }
 
 impl Conn {
@@ -238,8 +241,9 @@ impl Conn {
         let mut framing = head.framing.clone();
         let resendable = framing == Framing::Empty;
         self.inbound.advance(head.len());
-        let Ok(now) = framing.take(&self.inbound) else {
-            return Next::Close;
+        let now = match framing.take(&self.inbound) {
+            Ok(now) => now,
+            Err(why) => return self.bad_request(client, service, why).await,
         };
         self.out.extend_from_slice(&self.inbound[..now]);
         self.inbound.advance(now);
@@ -289,6 +293,12 @@ impl Conn {
                 Err(Failed::Malformed) => {
                     tracing::warn!(service, upstream = %address, "upstream sent a malformed response");
                     break Err(ErrorKind::Upstream);
+                }
+                Err(Failed::Client(why)) => {
+                    route
+                        .balancer
+                        .done(&chosen.picked, Outcome::Success, started.elapsed());
+                    return self.bad_request(client, service, why).await;
                 }
             }
         };
@@ -376,6 +386,24 @@ impl Conn {
         if close { Next::Close } else { Next::Keep }
     }
 
+    /// Answers `400` for a request body that cannot be read, and closes: the connection is out
+    /// of step.
+    async fn bad_request(&mut self, client: &mut TcpStream, service: &str, why: &str) -> Next {
+        self.shared.metrics.error(service, ErrorKind::BadRequest);
+        tracing::debug!(service, peer = %self.peer, why, "bad request body");
+        let body = format!("{}\n", json!({"error": "bad request body", "detail": why}));
+        self.out.clear();
+        self.out.extend_from_slice(
+            format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        let _ = client.write_all(&self.out).await;
+        Next::Close
+    }
+
     /// Relays the rest of the request body from the client as it arrives.
     async fn relay_request_body(
         &mut self,
@@ -388,11 +416,9 @@ impl Conn {
             self.inbound.reserve(READ_CHUNK);
             match client.read_buf(&mut self.inbound).await {
                 Ok(n) if n > 0 => {}
-                _ => return Err(Failed::Io("the client closed mid-request".into())),
+                _ => return Err(Failed::Client("the request body ended early")),
             }
-            let n = framing
-                .take(&self.inbound)
-                .map_err(|e| Failed::Io(e.into()))?;
+            let n = framing.take(&self.inbound).map_err(Failed::Client)?;
             upstream
                 .write_all(&self.inbound[..n])
                 .await
