@@ -51,6 +51,7 @@ where
 {
     // Waited on for the connection's whole life, not registered afresh for every request.
     let mut cut = Box::pin(shared.conns.cut.clone().cancelled_owned());
+    let mut deadline = Deadline::new();
     let mut conn = Conn {
         finish: Box::pin(shared.conns.finish.clone().cancelled_owned()),
         shared,
@@ -60,7 +61,7 @@ where
         out: Vec::with_capacity(READ_CHUNK),
     };
     loop {
-        let head = match conn.read_head(&mut client).await {
+        let head = match conn.read_head(&mut client, &mut deadline).await {
             Some(Parse::Done(head)) if head.direct => head,
             Some(_) => {
                 let prefix = conn.inbound.split().freeze();
@@ -74,7 +75,7 @@ where
         };
         let next = tokio::select! {
             biased;
-            next = conn.exchange(&mut client, head) => next,
+            next = conn.exchange(&mut client, head, &mut deadline) => next,
             () = cut.as_mut() => Next::Close,
         };
         if matches!(next, Next::Close) || conn.shared.conns.finishing() {
@@ -97,6 +98,17 @@ struct Conn {
     out: Vec<u8>,
 }
 
+/// What answering a request needs from forwarding it.
+struct Exchange<'a> {
+    route: &'a ServiceRoute,
+    picked: &'a crate::plugins::Picked,
+    address: &'a Arc<str>,
+    metrics: &'a super::metrics::UpstreamMetrics,
+    started: Instant,
+    /// The client asked to close after this exchange.
+    close: bool,
+}
+
 /// Why an exchange with the upstream failed before the response head arrived.
 enum Failed {
     /// The socket was closed before any answer (a pooled one the upstream had let go).
@@ -112,8 +124,12 @@ enum Failed {
 impl Conn {
     /// The next request head; `None` when the client closed, went quiet past the deadline or
     /// the proxy is shutting down between requests.
-    async fn read_head(&mut self, client: &mut TcpStream) -> Option<Parse<RequestHead>> {
-        let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+    async fn read_head(
+        &mut self,
+        client: &mut TcpStream,
+        deadline: &mut Deadline,
+    ) -> Option<Parse<RequestHead>> {
+        deadline.set(HEAD_TIMEOUT);
         loop {
             if !self.inbound.is_empty() {
                 match RequestHead::parse(&self.inbound) {
@@ -125,18 +141,24 @@ impl Conn {
             let idle = self.inbound.is_empty();
             let read = tokio::select! {
                 biased;
-                read = tokio::time::timeout_at(deadline, client.read_buf(&mut self.inbound)) => read,
+                read = client.read_buf(&mut self.inbound) => read,
+                () = deadline.expired() => return None,
                 // Between requests a shutdown closes the connection, as the full stack does.
                 () = self.finish.as_mut(), if idle => return None,
             };
             match read {
-                Ok(Ok(n)) if n > 0 => {}
+                Ok(n) if n > 0 => {}
                 _ => return None,
             }
         }
     }
 
-    async fn exchange(&mut self, client: &mut TcpStream, head: RequestHead) -> Next {
+    async fn exchange(
+        &mut self,
+        client: &mut TcpStream,
+        head: RequestHead,
+        deadline: &mut Deadline,
+    ) -> Next {
         let snapshot = self.shared.routing.snapshot();
         let route = snapshot
             .http
@@ -151,24 +173,27 @@ impl Conn {
                 path = head.path(&self.inbound),
                 "no route"
             );
-            return self.refuse(client, &head, 404, "Not Found", body).await;
+            let close = head.close || head.framing != Framing::Empty;
+            return self
+                .refuse(client, close, head.len(), 404, "Not Found", body)
+                .await;
         };
-        self.forward(client, head, &route).await
+        self.forward(client, head, &route, deadline).await
     }
 
-    /// Answers `status` with a JSON body and no upstream; the request's body, if any, is not
-    /// read, so the connection closes after.
+    /// Answers `status` with a JSON body. On a connection that goes on, the request's `unread`
+    /// bytes (its head) are dropped first; one whose body was not read through must `close`.
     async fn refuse(
         &mut self,
         client: &mut TcpStream,
-        head: &RequestHead,
+        close: bool,
+        unread: usize,
         status: u16,
         reason: &str,
         body: serde_json::Value,
     ) -> Next {
-        let close = head.close || head.framing != Framing::Empty;
         if !close {
-            self.inbound.advance(head.len());
+            self.inbound.advance(unread);
         }
         let body = format!("{body}\n");
         self.out.clear();
@@ -191,67 +216,81 @@ impl Conn {
         client: &mut TcpStream,
         head: RequestHead,
         route: &ServiceRoute,
+        deadline: &mut Deadline,
     ) -> Next {
         let shared = self.shared.clone();
         let service = route.name.as_str();
-        let chosen = choose(
-            &shared,
-            route,
-            Some(client_key(self.peer.ip())),
-            |address| {
-                let pooled = shared.streams.checkout(&address);
-                async move {
-                    match pooled {
-                        Some(stream) => Ok((stream, true)),
-                        None => dial(&address).await.map(|s| (s, false)),
-                    }
-                }
-            },
-        )
-        .await;
-        let chosen = match chosen {
-            Ok(chosen) => chosen,
-            Err(failure) => {
-                shared.metrics.error(service, failure.kind());
-                let (status, reason, error) = match failure {
-                    Failure::NoHealthy => (503, "Service Unavailable", "no healthy upstream"),
-                    Failure::Unreachable(why) => {
-                        tracing::warn!(service, error = %why, "no upstream reachable");
-                        (502, "Bad Gateway", "upstream unreachable")
-                    }
-                };
-                let body = json!({"error": error, "service": service});
-                return self.refuse(client, &head, status, reason, body).await;
-            }
-        };
-        let metrics = chosen.metrics.clone();
-        let address = chosen.address.clone();
-        let flight = Flight::new(chosen.picked.start(), metrics.in_flight.clone());
-        let (mut upstream, mut pooled) = chosen.conn;
-
-        // The request head, and as much of the body as has arrived.
-        let upstream_host = route
-            .options
-            .upstream_host
-            .as_ref()
-            .map_or_else(|| head.host(&self.inbound), |h| h.as_str());
-        self.out.clear();
-        head.write_upstream(&self.inbound, upstream_host, self.peer.ip(), &mut self.out);
+        let resendable = head.framing == Framing::Empty;
         let head_request = head.is_head_method(&self.inbound);
         let mut framing = head.framing.clone();
-        let resendable = framing == Framing::Empty;
-        self.inbound.advance(head.len());
-        let now = match framing.take(&self.inbound) {
-            Ok(now) => now,
-            Err(why) => return self.bad_request(client, service, why).await,
-        };
-        self.out.extend_from_slice(&self.inbound[..now]);
-        self.inbound.advance(now);
-        metrics.bytes_in.inc_by(now as u64);
+        // The head is still in `inbound` until the request's bytes are built, once.
+        let mut built = false;
+        let mut fresh_only = false;
+        loop {
+            let chosen = choose(
+                &shared,
+                route,
+                Some(client_key(self.peer.ip())),
+                |address| {
+                    let pooled = if fresh_only {
+                        None
+                    } else {
+                        shared.streams.checkout(&address, resendable)
+                    };
+                    async move {
+                        match pooled {
+                            Some(stream) => Ok((stream, true)),
+                            None => dial(&address).await.map(|s| (s, false)),
+                        }
+                    }
+                },
+            )
+            .await;
+            let chosen = match chosen {
+                Ok(chosen) => chosen,
+                Err(failure) => {
+                    shared.metrics.error(service, failure.kind());
+                    let (status, reason, error) = match failure {
+                        Failure::NoHealthy => (503, "Service Unavailable", "no healthy upstream"),
+                        Failure::Unreachable(why) => {
+                            tracing::warn!(service, error = %why, "no upstream reachable");
+                            (502, "Bad Gateway", "upstream unreachable")
+                        }
+                    };
+                    let body = json!({"error": error, "service": service});
+                    let close = head.close || !resendable;
+                    let unread = if built { 0 } else { head.len() };
+                    return self
+                        .refuse(client, close, unread, status, reason, body)
+                        .await;
+                }
+            };
+            let metrics = chosen.metrics.clone();
+            let flight = Flight::new(chosen.picked.start(), metrics.in_flight.clone());
+            let (mut upstream, pooled) = (chosen.conn.0, chosen.conn.1);
 
-        let started = Instant::now();
-        let timeout = shared.settings.upstream_timeout;
-        let response = loop {
+            if !built {
+                // The request head, and as much of the body as has arrived.
+                let upstream_host = route
+                    .options
+                    .upstream_host
+                    .as_ref()
+                    .map_or_else(|| head.host(&self.inbound), |h| h.as_str());
+                self.out.clear();
+                head.write_upstream(&self.inbound, upstream_host, self.peer.ip(), &mut self.out);
+                self.inbound.advance(head.len());
+                let now = match framing.take(&self.inbound) {
+                    Ok(now) => now,
+                    Err(why) => return self.bad_request(client, service, why).await,
+                };
+                self.out.extend_from_slice(&self.inbound[..now]);
+                self.inbound.advance(now);
+                metrics.bytes_in.inc_by(now as u64);
+                built = true;
+            }
+
+            let started = Instant::now();
+            deadline.set(shared.settings.upstream_timeout);
             let attempt = async {
                 upstream
                     .write_all(&self.out)
@@ -262,37 +301,34 @@ impl Conn {
                 self.read_response_head(&mut upstream, head_request, client)
                     .await
             };
-            let result = match tokio::time::timeout(timeout, attempt).await {
-                Ok(result) => result,
-                Err(_) => Err(Failed::Timeout),
+            let result = tokio::select! {
+                biased;
+                result = attempt => result,
+                () = deadline.expired() => Err(Failed::Timeout),
             };
-            match result {
-                Ok(response) => break Ok(response),
-                // A pooled socket the upstream had closed: the request is sent again on a new
-                // one, if it can be (it has no body, so nothing of it is lost).
-                Err(Failed::Closed) if pooled && resendable => match dial(&address).await {
-                    Ok(fresh) => {
-                        upstream = fresh;
-                        pooled = false;
-                        self.upstream_bytes.clear();
-                    }
-                    Err(e) => {
-                        tracing::warn!(service, upstream = %address, error = %e, "cannot reconnect to upstream");
-                        break Err(ErrorKind::Connect);
-                    }
-                },
-                Err(Failed::Timeout) => break Err(ErrorKind::Timeout),
-                Err(Failed::Closed) => {
-                    tracing::warn!(service, upstream = %address, "upstream closed the connection");
-                    break Err(ErrorKind::Upstream);
+            let address = chosen.address.as_ref();
+            let kind = match result {
+                Ok(response) => {
+                    let exchange = Exchange {
+                        route,
+                        picked: &chosen.picked,
+                        address: &chosen.address,
+                        metrics: &chosen.metrics,
+                        started,
+                        close: head.close,
+                    };
+                    let next = self.respond(client, exchange, upstream, response).await;
+                    drop(flight);
+                    return next;
                 }
-                Err(Failed::Io(e)) => {
-                    tracing::warn!(service, upstream = %address, error = %e, "upstream failed");
-                    break Err(ErrorKind::Upstream);
-                }
-                Err(Failed::Malformed) => {
-                    tracing::warn!(service, upstream = %address, "upstream sent a malformed response");
-                    break Err(ErrorKind::Upstream);
+                // A pooled socket the upstream had closed before answering: nothing of the
+                // request (it has no body) was lost, so it goes again on a new connection, to
+                // whichever upstream the strategy picks now.
+                Err(Failed::Closed) if pooled && resendable && !fresh_only => {
+                    tracing::debug!(service, upstream = %address, "pooled upstream connection was closed; sending again");
+                    self.upstream_bytes.clear();
+                    fresh_only = true;
+                    continue;
                 }
                 Err(Failed::Client(why)) => {
                     route
@@ -300,38 +336,58 @@ impl Conn {
                         .done(&chosen.picked, Outcome::Success, started.elapsed());
                     return self.bad_request(client, service, why).await;
                 }
-            }
-        };
-        let elapsed = started.elapsed();
-        let response = match response {
-            Ok(response) => response,
-            Err(kind) => {
-                shared.metrics.error(service, kind);
-                let (status, reason, outcome, error) = match kind {
-                    ErrorKind::Timeout => (
-                        504,
-                        "Gateway Timeout",
-                        Outcome::Timeout,
-                        "upstream timed out",
-                    ),
-                    _ => (502, "Bad Gateway", Outcome::ServerError, "upstream failed"),
-                };
-                route.balancer.done(&chosen.picked, outcome, elapsed);
-                // The request's body may be half sent: the connection cannot go on.
-                let body = format!("{}\n", json!({"error": error, "service": service}));
-                self.out.clear();
-                self.out.extend_from_slice(
-                    format!(
-                        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                    .as_bytes(),
-                );
-                let _ = client.write_all(&self.out).await;
-                return Next::Close;
-            }
-        };
+                Err(Failed::Timeout) => ErrorKind::Timeout,
+                Err(Failed::Closed) => {
+                    tracing::warn!(service, upstream = %address, "upstream closed the connection");
+                    ErrorKind::Upstream
+                }
+                Err(Failed::Io(e)) => {
+                    tracing::warn!(service, upstream = %address, error = %e, "upstream failed");
+                    ErrorKind::Upstream
+                }
+                Err(Failed::Malformed) => {
+                    tracing::warn!(service, upstream = %address, "upstream sent a malformed response");
+                    ErrorKind::Upstream
+                }
+            };
+            shared.metrics.error(service, kind);
+            let (status, reason, outcome, error) = match kind {
+                ErrorKind::Timeout => (
+                    504,
+                    "Gateway Timeout",
+                    Outcome::Timeout,
+                    "upstream timed out",
+                ),
+                _ => (502, "Bad Gateway", Outcome::ServerError, "upstream failed"),
+            };
+            route
+                .balancer
+                .done(&chosen.picked, outcome, started.elapsed());
+            // The request's body may be half sent: the connection cannot go on.
+            let body = json!({"error": error, "service": service});
+            return self.refuse(client, true, 0, status, reason, body).await;
+        }
+    }
 
+    /// Relays the upstream's response (its head already in `upstream_bytes`) to the client,
+    /// and pools the upstream socket if it ended at a clean message boundary.
+    async fn respond(
+        &mut self,
+        client: &mut TcpStream,
+        exchange: Exchange<'_>,
+        mut upstream: TcpStream,
+        response: ResponseHead,
+    ) -> Next {
+        let Exchange {
+            route,
+            picked,
+            address,
+            metrics,
+            started,
+            close,
+        } = exchange;
+        let service = route.name.as_str();
+        let elapsed = started.elapsed();
         let status = response.status;
         tracing::debug!(service, peer = %self.peer, upstream = %address, status, ms = elapsed.as_secs_f64() * 1e3, "request");
         metrics.count_status(status);
@@ -341,10 +397,10 @@ impl Conn {
         } else {
             Outcome::Success
         };
-        route.balancer.done(&chosen.picked, outcome, elapsed);
+        route.balancer.done(picked, outcome, elapsed);
 
         // The response head, and as much of the body as has arrived.
-        let close = head.close || response.close || shared.conns.finishing();
+        let close = close || response.close || self.shared.conns.finishing();
         self.out.clear();
         response.write_client(&self.upstream_bytes, close, &mut self.out);
         self.upstream_bytes.advance(response.len());
@@ -379,10 +435,9 @@ impl Conn {
         }
         // Only a socket at a clean message boundary can take another request.
         if !response.close && self.upstream_bytes.is_empty() {
-            shared.streams.give_back(address, upstream);
+            self.shared.streams.give_back(address.clone(), upstream);
         }
         self.upstream_bytes.clear();
-        drop(flight);
         if close { Next::Close } else { Next::Keep }
     }
 
@@ -471,6 +526,45 @@ impl Conn {
                 }
                 Err(e) => return Err(Failed::Io(e.to_string())),
             }
+        }
+    }
+}
+
+/// The connection's deadline (a head within [`HEAD_TIMEOUT`], a response within the upstream
+/// timeout) on one timer for its whole life. Setting a deadline reads the clock and no more: the
+/// timer stays armed for an earlier moment and, when it fires before the deadline, re-arms for
+/// it, so a connection touches the timer wheel about once per deadline length rather than twice
+/// per request.
+struct Deadline {
+    at: tokio::time::Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Deadline {
+    fn new() -> Self {
+        let at = tokio::time::Instant::now() + HEAD_TIMEOUT;
+        Self {
+            at,
+            timer: Box::pin(tokio::time::sleep_until(at)),
+        }
+    }
+
+    /// The deadline is `after` from now.
+    fn set(&mut self, after: Duration) {
+        self.at = tokio::time::Instant::now() + after;
+        if self.at < self.timer.deadline() {
+            self.timer.as_mut().reset(self.at);
+        }
+    }
+
+    /// Resolves once the deadline has passed.
+    async fn expired(&mut self) {
+        loop {
+            self.timer.as_mut().await;
+            if tokio::time::Instant::now() >= self.at {
+                return;
+            }
+            self.timer.as_mut().reset(self.at);
         }
     }
 }

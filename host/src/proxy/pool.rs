@@ -22,6 +22,10 @@ const MAX_IDLE: usize = 256;
 /// upstream rarely closes a connection just as it is reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a socket may have been idle and still be taken without a check (upstreams close
+/// idle keep-alive connections after seconds, not milliseconds).
+const FRESH: Duration = Duration::from_millis(250);
+
 /// A connection and when it went idle.
 type Idle = (Sender, Instant);
 
@@ -84,18 +88,25 @@ pub struct Streams {
 }
 
 impl Streams {
-    /// An idle socket to `address` that the upstream has not closed.
-    pub fn checkout(&self, address: &str) -> Option<TcpStream> {
+    /// An idle socket to `address`. One idle for a moment is taken as it is when `resendable`
+    /// (the caller sends the request again on a new socket if this one turns out closed); any
+    /// other is first checked for a close from the upstream, which costs a system call.
+    pub fn checkout(&self, address: &str, resendable: bool) -> Option<TcpStream> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(address)?;
         while let Some((stream, since)) = list.pop() {
+            let idle_for = since.elapsed();
+            if idle_for >= IDLE_TIMEOUT {
+                continue;
+            }
             // Between exchanges an upstream sends nothing: a readable socket has been closed
             // (or is out of step), and only an empty one can take a request.
-            let quiet = matches!(
-                stream.try_read(&mut [0u8; 1]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-            );
-            if quiet && since.elapsed() < IDLE_TIMEOUT {
+            let quiet = (resendable && idle_for < FRESH)
+                || matches!(
+                    stream.try_read(&mut [0u8; 1]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                );
+            if quiet {
                 return Some(stream);
             }
         }
