@@ -1,5 +1,7 @@
 //! The embedded HTTP reverse proxy: HTTP/1.1 and HTTP/2 (cleartext) from clients, HTTP/1.1 over
-//! pooled keep-alive connections to upstreams, upgrades (WebSocket and others) tunnelled.
+//! pooled keep-alive connections to upstreams, upgrades (WebSocket and others) tunnelled. Each
+//! connection starts on the direct HTTP/1.1 path ([`super::h1`]) and comes to the full stack
+//! here (hyper) at its first request that path does not take.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -1,5 +1,6 @@
-//! The embedded proxy: an HTTP reverse proxy ([`http`]) in embedded mode, and the L4 TCP proxy
-//! ([`tcp`]) for `tcp` routes in every mode but Envoy's (a stock Caddy has no L4 proxy). Both
+//! The embedded proxy: an HTTP reverse proxy ([`http`], with a direct path for plain HTTP/1.1
+//! requests in [`h1`] and [`wire`]) in embedded mode, and the L4 TCP proxy ([`tcp`]) for `tcp`
+//! routes in every mode but Envoy's (a stock Caddy has no L4 proxy). Both
 //! read the routing snapshot, never the registry; upstreams are chosen by the route's strategy
 //! ([`choose`]), kept honest by health checks and cooldowns ([`health`]), and counted
 //! ([`metrics`]).
