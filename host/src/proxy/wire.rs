@@ -324,7 +324,14 @@ impl ResponseHead {
         let _ = write!(out, "HTTP/1.1 {} ", self.status);
         out.extend_from_slice(&buf[self.reason.clone()]);
         out.extend_from_slice(b"\r\n");
-        self.head.copy_end_to_end(buf, &self.listed, &["via"], out);
+        // A chunked body's length is its chunks': a `Content-Length` beside them (which RFC 9112
+        // forbids a sender, and a smuggling attempt might send) is not passed on.
+        let skip: &[&str] = if matches!(self.framing, Framing::Chunked(_)) {
+            &["via", "content-length"]
+        } else {
+            &["via"]
+        };
+        self.head.copy_end_to_end(buf, &self.listed, skip, out);
         write_via(self.head.first(buf, "via"), out);
         if matches!(self.framing, Framing::Chunked(_)) {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -585,5 +592,17 @@ mod tests {
             ResponseHead::parse(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false),
             Parse::Invalid
         ));
+        // Chunks and a length: the chunks frame it, and the length is not passed on.
+        let text = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let r = response(text, false);
+        assert!(matches!(r.framing, Framing::Chunked(_)));
+        let mut out = Vec::new();
+        r.write_client(text.as_bytes(), false, &mut out);
+        assert!(
+            !String::from_utf8(out)
+                .unwrap()
+                .to_ascii_lowercase()
+                .contains("content-length")
+        );
     }
 }
