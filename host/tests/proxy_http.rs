@@ -539,8 +539,8 @@ fn metric(text: &str, series: &str) -> f64 {
 }
 
 /// An HTTP/1.1 upstream written against the socket, so that its framing is exactly what a test
-/// needs: `/plain` (5 bytes, `Content-Length`), `/nocontent` (204), `/eof` (HTTP/1.0, no length:
-/// the body ends when it closes). It answers one request per connection and closes the
+/// needs: `/plain` (5 bytes, `Content-Length`), `/nocontent` (204), `/early` (a 103 first),
+/// `/garbage` (not HTTP), `/eof` (HTTP/1.0, no length: the body ends when it closes). It answers one request per connection and closes the
 /// connection on the second without answering, like a server whose keep-alive timeout fires
 /// just as a request arrives.
 async fn scripted_upstream() -> std::net::SocketAddr {
@@ -569,6 +569,10 @@ async fn scripted_upstream() -> std::net::SocketAddr {
                     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain"
                 } else if head.starts_with("GET /nocontent") {
                     b"HTTP/1.1 204 No Content\r\n\r\n"
+                } else if head.starts_with("GET /early") {
+                    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                } else if head.starts_with("GET /garbage") {
+                    b"NOT HTTP AT ALL\r\n\r\n"
                 } else if head.starts_with("GET /eof") {
                     b"HTTP/1.0 200 OK\r\n\r\nuntil close"
                 } else {
@@ -667,6 +671,19 @@ async fn pipelined_requests_framing_and_stale_upstream_sockets() {
         "{all}"
     );
     assert!(all.ends_with("\r\n\r\nuntil close"), "{all}");
+
+    // An interim answer is passed on before the final one; an answer that is not HTTP is a 502.
+    let all = raw_exchange(
+        &h,
+        b"GET /early HTTP/1.1\r\nHost: raw.localhost\r\n\r\nGET /garbage HTTP/1.1\r\nHost: raw.localhost\r\n\r\n",
+    )
+    .await;
+    assert!(all.starts_with("HTTP/1.1 103 Early Hints\r\n"), "{all}");
+    assert!(all.contains("\r\n\r\nHTTP/1.1 200 OK\r\n"), "{all}");
+    assert!(
+        all.contains("\r\n\r\nokHTTP/1.1 502 Bad Gateway\r\n"),
+        "{all}"
+    );
 
     // An unknown host on a keep-alive connection gets its 404 and the connection goes on.
     let all = raw_exchange(
