@@ -4,8 +4,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Method, Request, Response};
@@ -13,9 +11,11 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+
+use crate::rewind::Rewind;
 
 const METHODS: [&[u8]; 10] = [
     b"GET ",
@@ -79,10 +79,7 @@ async fn connection(mut stream: TcpStream, me: SocketAddr) {
     };
     first.truncate(n);
     if METHODS.iter().any(|m| first.starts_with(m)) {
-        let io = TokioIo::new(Rewind {
-            prefix: Some(Bytes::from(first)),
-            inner: stream,
-        });
+        let io = TokioIo::new(Rewind::new(Bytes::from(first), stream));
         let service =
             hyper::service::service_fn(
                 move |req| async move { Ok::<_, Infallible>(answer(req, me)) },
@@ -134,46 +131,4 @@ fn answer(req: Request<Incoming>, me: SocketAddr) -> Response<UnsyncBoxBody<Byte
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
-}
-
-/// A stream with some bytes already read put back in front.
-struct Rewind {
-    prefix: Option<Bytes>,
-    inner: TcpStream,
-}
-
-impl AsyncRead for Rewind {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if let Some(mut prefix) = self.prefix.take() {
-            let n = prefix.len().min(buf.remaining());
-            buf.put_slice(&prefix.split_to(n));
-            if !prefix.is_empty() {
-                self.prefix = Some(prefix);
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewind {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }

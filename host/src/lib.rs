@@ -13,6 +13,7 @@
 //! | [`routing`] | the routing snapshot: host/path and listen-address indexes, one load balancer per service |
 //! | [`proxy`]  | the embedded HTTP reverse proxy and L4 TCP proxy, health checks, upstream pools |
 //! | [`echo`]   | demo backends (`harbor echo`) |
+//! | `rewind`   | a socket with bytes already read put back in front |
 //! | [`backend`] | proxy backend adapters (Caddy, Envoy) as sandboxed components |
 //! | [`dispatch`] | keeping the active adapter's proxy in step with the registry |
 //! | [`dns`] | a loopback SRV responder feeding Caddy's dynamic upstreams |
@@ -36,6 +37,7 @@ pub mod model;
 pub mod plugins;
 pub mod proxy;
 pub mod registry;
+mod rewind;
 pub mod routes;
 pub mod routing;
 pub mod store;
