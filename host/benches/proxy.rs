@@ -519,70 +519,72 @@ fn start_echo(dir: &Path, harbor: &Path, port: u16) -> anyhow::Result<Proc> {
 }
 
 fn start_harbor(dir: &Path, harbor: &Path, ports: &Ports, iperf: bool) -> anyhow::Result<Proc> {
-    let routes = dir.join("harbor-routes");
-    let state = dir.join("harbor-state");
-    std::fs::create_dir_all(&routes)?;
-    std::fs::create_dir_all(&state)?;
-    std::fs::write(
-        routes.join("bench.route"),
-        format!(
-            "host = \"{HOST}\"\nupstreams = [\"{}\"]\nstrategy = \"round-robin\"\n",
-            local(ports.nginx)
-        ),
-    )?;
-    std::fs::write(
-        routes.join("echo.route"),
+    let tcp = |listen: u16, upstream: u16| {
         format!(
             "protocol = \"tcp\"\nlisten = \"{}\"\nupstreams = [\"{}\"]\nstrategy = \"round-robin\"\n",
-            local(ports.harbor_echo),
-            local(ports.echo)
-        ),
-    )?;
+            local(listen),
+            local(upstream)
+        )
+    };
+    let mut routes = vec![
+        ("bench.route", http_route(ports)),
+        ("echo.route", tcp(ports.harbor_echo, ports.echo)),
+    ];
     if iperf {
-        std::fs::write(
-            routes.join("iperf.route"),
-            format!(
-                "protocol = \"tcp\"\nlisten = \"{}\"\nupstreams = [\"{}\"]\nstrategy = \"round-robin\"\n",
-                local(ports.harbor_iperf),
-                local(ports.iperf)
-            ),
-        )?;
+        routes.push(("iperf.route", tcp(ports.harbor_iperf, ports.iperf)));
     }
-    let mut cmd = Command::new(harbor);
-    cmd.arg("--routes")
-        .arg(&routes)
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["--api", "127.0.0.1:0"])
-        .arg("--proxy-listen")
-        .arg(local(ports.harbor_http).to_string())
-        .env("RUST_LOG", "warn");
-    Proc::spawn("harbor", cmd, dir)
+    spawn_harbor(dir, harbor, "harbor", &routes, ports.harbor_http, &[])
 }
 
 /// A second Harbor carrying the HTTP route only, with `--no-direct-http1`.
 fn start_harbor_full(dir: &Path, harbor: &Path, ports: &Ports) -> anyhow::Result<Proc> {
-    let routes = dir.join("harbor-full-routes");
-    let state = dir.join("harbor-full-state");
-    std::fs::create_dir_all(&routes)?;
+    let routes = [("bench.route", http_route(ports))];
+    let flags = ["--no-direct-http1"];
+    spawn_harbor(
+        dir,
+        harbor,
+        "harbor-full",
+        &routes,
+        ports.harbor_full_http,
+        &flags,
+    )
+}
+
+fn http_route(ports: &Ports) -> String {
+    format!(
+        "host = \"{HOST}\"\nupstreams = [\"{}\"]\nstrategy = \"round-robin\"\n",
+        local(ports.nginx)
+    )
+}
+
+/// Starts `harbor` as `name` with `routes` (file name, text) in a routes directory of its own,
+/// its HTTP proxy on `http_port`.
+fn spawn_harbor(
+    dir: &Path,
+    harbor: &Path,
+    name: &str,
+    routes: &[(&str, String)],
+    http_port: u16,
+    flags: &[&str],
+) -> anyhow::Result<Proc> {
+    let routes_dir = dir.join(format!("{name}-routes"));
+    let state = dir.join(format!("{name}-state"));
+    std::fs::create_dir_all(&routes_dir)?;
     std::fs::create_dir_all(&state)?;
-    std::fs::write(
-        routes.join("bench.route"),
-        format!(
-            "host = \"{HOST}\"\nupstreams = [\"{}\"]\nstrategy = \"round-robin\"\n",
-            local(ports.nginx)
-        ),
-    )?;
+    for (file, text) in routes {
+        std::fs::write(routes_dir.join(file), text)?;
+    }
     let mut cmd = Command::new(harbor);
     cmd.arg("--routes")
-        .arg(&routes)
+        .arg(&routes_dir)
         .arg("--state-dir")
         .arg(&state)
-        .args(["--api", "127.0.0.1:0", "--no-direct-http1"])
+        .args(["--api", "127.0.0.1:0"])
+        .args(flags)
         .arg("--proxy-listen")
-        .arg(local(ports.harbor_full_http).to_string())
+        .arg(local(http_port).to_string())
         .env("RUST_LOG", "warn");
-    Proc::spawn("harbor-full", cmd, dir)
+    Proc::spawn(name, cmd, dir)
 }
 
 fn start_haproxy(dir: &Path, ports: &Ports, iperf: bool) -> anyhow::Result<Proc> {
