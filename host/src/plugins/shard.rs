@@ -44,10 +44,10 @@ struct Route {
 
 /// Maps keyed by ids Harbor hands out itself (generations, balancer ids): unique, never chosen
 /// by a client, so a multiply is hash enough, and SipHash would cost the pick path three times.
-type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+pub(super) type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
 #[derive(Default)]
-struct IdHasher(u64);
+pub(super) struct IdHasher(u64);
 
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
