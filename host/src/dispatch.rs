@@ -18,7 +18,7 @@ use crate::backend::{
 use crate::config::{BackendKind, Config};
 use crate::events::{Event, EventBus, Since, lock};
 use crate::metrics::Metrics;
-use crate::model::{HealthCheck, Kind, Protocol, ServiceView, timestamp};
+use crate::model::{HealthCheck, Protocol, ServiceView, timestamp};
 use crate::plugins::PluginEngine;
 use crate::registry::Registry;
 
@@ -84,7 +84,7 @@ impl Desired {
                     .as_ref()
                     .map_or("/".to_owned(), ToString::to_string),
                 listen: s.route.listen.map(|l| l.to_string()).unwrap_or_default(),
-                upstreams: upstreams_of(s),
+                upstreams: s.upstream_addresses(),
                 strategy: s.route.strategy.to_string(),
                 health: s.proxy.health.clone(),
             };
@@ -150,21 +150,6 @@ fn health_to_wit(h: &HealthCheck) -> WitHealthCheck {
         timeout_ms: ms(h.timeout),
         rise: h.rise,
         fall: h.fall,
-    }
-}
-
-fn upstreams_of(s: &ServiceView) -> Vec<(String, u32)> {
-    match s.kind {
-        Kind::Ephemeral => s
-            .instances
-            .iter()
-            .map(|i| (i.upstream.to_string(), i.weight))
-            .collect(),
-        Kind::Static => s
-            .upstreams
-            .iter()
-            .map(|u| (u.addr.to_string(), u.weight))
-            .collect(),
     }
 }
 

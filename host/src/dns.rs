@@ -25,7 +25,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::Event;
-use crate::model::{Kind, Protocol, ServiceView};
+use crate::model::{Protocol, ServiceView};
 use crate::registry::Registry;
 use crate::routing::RoutingTable;
 
@@ -57,18 +57,7 @@ impl Zone {
             if s.route.protocol != Protocol::Http {
                 continue;
             }
-            let upstreams: Vec<(String, u32)> = match s.kind {
-                Kind::Ephemeral => s
-                    .instances
-                    .iter()
-                    .map(|i| (i.upstream.to_string(), i.weight))
-                    .collect(),
-                Kind::Static => s
-                    .upstreams
-                    .iter()
-                    .map(|u| (u.addr.to_string(), u.weight))
-                    .collect(),
-            };
+            let upstreams = s.upstream_addresses();
             let out: std::collections::HashSet<String> = routing
                 .upstream_states(&s.name)
                 .into_iter()

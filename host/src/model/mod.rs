@@ -105,6 +105,25 @@ pub struct ServiceView {
     pub proxy: RouteOptions,
 }
 
+impl ServiceView {
+    /// Where the service sends work, `(host:port, weight)`: its live instances (ephemeral) or
+    /// its route file's upstreams (static).
+    pub fn upstream_addresses(&self) -> Vec<(String, u32)> {
+        match self.kind {
+            Kind::Ephemeral => self
+                .instances
+                .iter()
+                .map(|i| (i.upstream.to_string(), i.weight))
+                .collect(),
+            Kind::Static => self
+                .upstreams
+                .iter()
+                .map(|u| (u.addr.to_string(), u.weight))
+                .collect(),
+        }
+    }
+}
+
 /// A public service as anyone may see it: no instance ids (they are renewal capabilities), no
 /// metadata, no file paths.
 #[derive(Debug, Clone, Serialize)]

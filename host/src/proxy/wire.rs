@@ -43,6 +43,26 @@ struct Head {
 }
 
 impl Head {
+    fn new(buf: &[u8], len: usize, headers: &[httparse::Header<'_>]) -> Self {
+        Self {
+            len,
+            headers: headers
+                .iter()
+                .map(|h| (offset(buf, h.name.as_bytes()), offset(buf, h.value)))
+                .collect(),
+        }
+    }
+
+    /// What delimits a message: the `Connection` and `Transfer-Encoding` tokens, and every
+    /// `Content-Length` value.
+    fn framing_headers<'b>(&self, buf: &'b [u8]) -> (Vec<String>, Vec<String>, Vec<&'b [u8]>) {
+        (
+            self.tokens(buf, "connection"),
+            self.tokens(buf, "transfer-encoding"),
+            self.values(buf, "content-length").collect(),
+        )
+    }
+
     fn values<'b>(&self, buf: &'b [u8], name: &str) -> impl Iterator<Item = &'b [u8]> {
         self.headers
             .iter()
@@ -132,17 +152,8 @@ impl RequestHead {
         let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
             return Parse::Invalid;
         };
-        let head = Head {
-            len,
-            headers: req
-                .headers
-                .iter()
-                .map(|h| (offset(buf, h.name.as_bytes()), offset(buf, h.value)))
-                .collect(),
-        };
-        let listed = head.tokens(buf, "connection");
-        let codings = head.tokens(buf, "transfer-encoding");
-        let lengths: Vec<&[u8]> = head.values(buf, "content-length").collect();
+        let head = Head::new(buf, len, req.headers);
+        let (listed, codings, lengths) = head.framing_headers(buf);
         let length = match lengths.as_slice() {
             [] => Some(0),
             [one] => std::str::from_utf8(one)
@@ -273,17 +284,8 @@ impl ResponseHead {
             return Parse::Invalid;
         };
         let reason = offset(buf, res.reason.unwrap_or("").as_bytes());
-        let head = Head {
-            len,
-            headers: res
-                .headers
-                .iter()
-                .map(|h| (offset(buf, h.name.as_bytes()), offset(buf, h.value)))
-                .collect(),
-        };
-        let listed = head.tokens(buf, "connection");
-        let codings = head.tokens(buf, "transfer-encoding");
-        let lengths: Vec<&[u8]> = head.values(buf, "content-length").collect();
+        let head = Head::new(buf, len, res.headers);
+        let (listed, codings, lengths) = head.framing_headers(buf);
         let framing = if head_request || status < 200 || status == 204 || status == 304 {
             Framing::Empty
         } else if codings.last().is_some_and(|c| c == "chunked") {
