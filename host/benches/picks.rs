@@ -263,24 +263,6 @@ impl NativeRoute {
         }
     }
 
-    /// The next pick number, taken from the shared counter in blocks of 64 per thread as the
-    /// host does (one shared update per block rather than per pick).
-    fn next_sequence(&self) -> u64 {
-        thread_local! {
-            static BLOCKS: std::cell::RefCell<std::collections::HashMap<usize, (u64, u64)>> =
-                std::cell::RefCell::new(std::collections::HashMap::new());
-        }
-        BLOCKS.with_borrow_mut(|blocks| {
-            let (next, end) = blocks.entry(self as *const Self as usize).or_insert((0, 0));
-            if next == end {
-                let start = self.sequence.fetch_add(64, Ordering::Relaxed);
-                (*next, *end) = (start, start + 64);
-            }
-            *next += 1;
-            *next - 1
-        })
-    }
-
     /// The usable, non-excluded candidates in index order, and how many there are.
     fn candidates<'a>(
         &'a self,
@@ -307,7 +289,7 @@ struct NativeRoundRobin<'a>(&'a NativeRoute);
 impl Picker for NativeRoundRobin<'_> {
     fn pick(&self, exclude: &[u32]) -> usize {
         let route = self.0;
-        let sequence = route.next_sequence();
+        let sequence = route.sequence.fetch_add(1, Ordering::Relaxed);
         let (mut candidates, len) = route.candidates(exclude);
         let turn = (sequence % len as u64) as usize;
         // A first try indexes the usable list directly, as the guest's precomputed list does.
@@ -327,7 +309,7 @@ struct NativeLeastConnections<'a>(&'a NativeRoute);
 impl Picker for NativeLeastConnections<'_> {
     fn pick(&self, exclude: &[u32]) -> usize {
         let route = self.0;
-        let sequence = route.next_sequence();
+        let sequence = route.sequence.fetch_add(1, Ordering::Relaxed);
         let (candidates, len) = route.candidates(exclude);
         let start = (sequence % len as u64) as usize;
         let rotated = candidates.clone().skip(start).chain(candidates.take(start));

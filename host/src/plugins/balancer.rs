@@ -38,17 +38,12 @@ impl BackendSet {
 
 static IDS: AtomicU64 = AtomicU64::new(1);
 
-/// Sequence numbers a thread takes from a route's counter at a time.
-const SEQUENCE_BLOCK: u64 = 64;
-/// Routes whose blocks a thread keeps before it drops them all.
-const MAX_BLOCKS: usize = 4096;
+/// Routes whose backend-set copies a thread keeps before it drops them all.
+const MAX_LOCAL_SETS: usize = 4096;
 
 thread_local! {
     /// This thread's own copy of each balancer's backend set (see [`Balancer::local_set`]).
     static LOCAL_SETS: std::cell::RefCell<shard::IdMap<Arc<BackendSet>>> =
-        std::cell::RefCell::new(shard::IdMap::default());
-    /// This thread's block of sequence numbers per balancer: (next, end).
-    static SEQUENCES: std::cell::RefCell<shard::IdMap<(u64, u64)>> =
         std::cell::RefCell::new(shard::IdMap::default());
 }
 
@@ -204,7 +199,7 @@ impl Balancer {
             {
                 return local.clone();
             }
-            if sets.len() > MAX_BLOCKS {
+            if sets.len() > MAX_LOCAL_SETS {
                 sets.clear();
             }
             let local = Arc::new(set.clone());
@@ -213,28 +208,11 @@ impl Balancer {
         })
     }
 
-    /// The sequence number of this thread's next pick. Threads take numbers from the shared
-    /// counter a block at a time: two cores picking for one route would otherwise pass the
-    /// counter's cache line back and forth on every pick (measured: 14.5 ns → 112 ns a pick
-    /// natively). Every number is still used once; a thread's picks are consecutive within
-    /// its block, so a cycle stays exact per thread and to within a block overall.
+    /// The sequence number of the next pick: one counter for all threads, so that a strategy
+    /// cycling on it is exact across them (a per-thread block of numbers was tried: cheaper
+    /// with two cores, but a route's picks then cycle exactly only per thread).
     fn next_sequence(&self) -> u64 {
-        SEQUENCES.with(|cell| {
-            let Ok(mut blocks) = cell.try_borrow_mut() else {
-                return self.sequence.fetch_add(1, Ordering::Relaxed);
-            };
-            if blocks.len() > MAX_BLOCKS {
-                // Routes come and go; their blocks are dropped wholesale now and then.
-                blocks.clear();
-            }
-            let (next, end) = blocks.entry(self.id).or_insert((0, 0));
-            if next == end {
-                let start = self.sequence.fetch_add(SEQUENCE_BLOCK, Ordering::Relaxed);
-                (*next, *end) = (start, start + SEQUENCE_BLOCK);
-            }
-            *next += 1;
-            *next - 1
-        })
+        self.sequence.fetch_add(1, Ordering::Relaxed)
     }
 
     pub fn backends(&self) -> Arc<BackendSet> {
