@@ -140,7 +140,7 @@ fn run(dir: &Path) -> anyhow::Result<()> {
                     Err(e) => println!("skipped {} for HTTP: {e:#}", target.name),
                 }
             }
-            summary.http = Some(http_case(&ready)?);
+            summary.http = Some(http_case(&ready, nginx)?);
         }
         (None, _) => println!("skipped the HTTP case: nginx (the upstream) did not start"),
         (_, None) => println!("skipped the HTTP case: wrk is not installed"),
@@ -432,6 +432,35 @@ fn group_cpu(pgid: i32) -> Duration {
         total += field(11).unwrap_or(0) + field(12).unwrap_or(0);
     }
     Duration::from_secs_f64(total as f64 / ticks)
+}
+
+/// The machine's CPU time counters (`/proc/stat`, all CPUs), in clock ticks.
+struct MachineCpu {
+    idle: u64,
+    total: u64,
+}
+
+impl MachineCpu {
+    fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()?
+            .strip_prefix("cpu ")?
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal: idle and iowait are unused time.
+        Some(Self {
+            idle: fields.get(3)? + fields.get(4).copied().unwrap_or(0),
+            total: fields.iter().take(8).sum(),
+        })
+    }
+
+    fn idle_pct_since(&self, before: &Self) -> f64 {
+        let total = self.total.saturating_sub(before.total).max(1) as f64;
+        100.0 * self.idle.saturating_sub(before.idle) as f64 / total
+    }
 }
 
 /// Runs a load tool to completion, killed if it overstays `limit`; returns its stdout.
@@ -826,6 +855,11 @@ struct WrkRun {
     p99_ms: f64,
     errors: u64,
     cpu_us_per_req: f64,
+    /// The upstream's CPU per request: a proxy that costs the upstream more (more reads,
+    /// more connections) lowers everyone's throughput on a shared machine.
+    upstream_us_per_req: f64,
+    /// How much of the machine's CPU time went unused during the run.
+    idle_pct: f64,
 }
 
 struct HttpRow {
@@ -833,24 +867,27 @@ struct HttpRow {
     rps: f64,
     p99_ms: f64,
     cpu_us: f64,
+    upstream_us: f64,
+    idle_pct: f64,
     errors: u64,
 }
 
-fn http_case(targets: &[Target<'_>]) -> anyhow::Result<Vec<HttpRow>> {
+fn http_case(targets: &[Target<'_>], upstream: &Proc) -> anyhow::Result<Vec<HttpRow>> {
     println!();
     println!(
         "HTTP: wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{RUN_SECS}s --latency, Host: {HOST}, \
-         nginx answering {BODY:?}; CPU is the proxy's (nginx's own for direct)"
+         nginx answering {BODY:?}; CPU is the proxy's (nginx's own for direct), then nginx's, \
+         and the machine's idle share"
     );
     let scratch = tempfile::tempdir()?;
     let results = rounds(
         targets,
-        |t| wrk(t, WARMUP_SECS, scratch.path()).map(drop),
-        |t| wrk(t, RUN_SECS, scratch.path()),
+        |t| wrk(t, upstream, WARMUP_SECS, scratch.path()).map(drop),
+        |t| wrk(t, upstream, RUN_SECS, scratch.path()),
         |r| {
             format!(
-                "{:>9.0} req/s  p99 {:>6.2} ms  {:>6.1} µs CPU/req  errors {}",
-                r.rps, r.p99_ms, r.cpu_us_per_req, r.errors
+                "{:>9.0} req/s  p99 {:>6.2} ms  {:>6.1} µs CPU/req  nginx {:>4.1} µs/req  idle {:>3.0} %  errors {}",
+                r.rps, r.p99_ms, r.cpu_us_per_req, r.upstream_us_per_req, r.idle_pct, r.errors
             )
         },
     )?;
@@ -862,12 +899,14 @@ fn http_case(targets: &[Target<'_>]) -> anyhow::Result<Vec<HttpRow>> {
             rps: median(runs.iter().map(|r| r.rps)),
             p99_ms: median(runs.iter().map(|r| r.p99_ms)),
             cpu_us: median(runs.iter().map(|r| r.cpu_us_per_req)),
+            upstream_us: median(runs.iter().map(|r| r.upstream_us_per_req)),
+            idle_pct: median(runs.iter().map(|r| r.idle_pct)),
             errors: runs.iter().map(|r| r.errors).sum(),
         })
         .collect())
 }
 
-fn wrk(target: &Target<'_>, secs: u64, scratch: &Path) -> anyhow::Result<WrkRun> {
+fn wrk(target: &Target<'_>, upstream: &Proc, secs: u64, scratch: &Path) -> anyhow::Result<WrkRun> {
     let mut cmd = Command::new("wrk");
     cmd.arg(format!("-t{WRK_THREADS}"))
         .arg(format!("-c{WRK_CONNECTIONS}"))
@@ -875,11 +914,18 @@ fn wrk(target: &Target<'_>, secs: u64, scratch: &Path) -> anyhow::Result<WrkRun>
         .args(["--latency", "--timeout", "2s", "-H"])
         .arg(format!("Host: {HOST}"))
         .arg(format!("http://{}/", local(target.port)));
-    let cpu_before = target.proc.cpu();
+    let (cpu_before, upstream_before, machine_before) =
+        (target.proc.cpu(), upstream.cpu(), MachineCpu::now());
     let out = run_tool(cmd, Duration::from_secs(secs) + TOOL_SLACK, scratch)?;
     let cpu = target.proc.cpu().saturating_sub(cpu_before);
+    let upstream_cpu = upstream.cpu().saturating_sub(upstream_before);
     let mut run = parse_wrk(&out).with_context(|| format!("cannot read wrk's output:\n{out}"))?;
-    run.cpu_us_per_req = cpu.as_secs_f64() * 1e6 / run.requests.max(1) as f64;
+    let per_request = |cpu: Duration| cpu.as_secs_f64() * 1e6 / run.requests.max(1) as f64;
+    run.cpu_us_per_req = per_request(cpu);
+    run.upstream_us_per_req = per_request(upstream_cpu);
+    run.idle_pct = machine_before
+        .zip(MachineCpu::now())
+        .map_or(f64::NAN, |(b, a)| a.idle_pct_since(&b));
     Ok(run)
 }
 
@@ -890,6 +936,8 @@ fn parse_wrk(out: &str) -> anyhow::Result<WrkRun> {
         p99_ms: f64::NAN,
         errors: 0,
         cpu_us_per_req: f64::NAN,
+        upstream_us_per_req: f64::NAN,
+        idle_pct: f64::NAN,
     };
     for line in out.lines().map(str::trim) {
         if let Some(v) = line.strip_prefix("Requests/sec:") {
@@ -1175,18 +1223,28 @@ impl Summary {
             let haproxy = find(rows, |r| r.name, "haproxy").map(|r| r.rps);
             println!();
             println!(
-                "{:<20} {:>9} {:>9} {:>10} {:>11} {:>12} {:>7}",
-                "HTTP", "req/s", "p99 ms", "vs direct", "vs haproxy", "CPU µs/req", "errors"
+                "{:<20} {:>9} {:>9} {:>10} {:>11} {:>12} {:>13} {:>7} {:>7}",
+                "HTTP",
+                "req/s",
+                "p99 ms",
+                "vs direct",
+                "vs haproxy",
+                "CPU µs/req",
+                "nginx µs/req",
+                "idle %",
+                "errors"
             );
             for r in rows {
                 println!(
-                    "{:<20} {:>9.0} {:>9.2} {:>10} {:>11} {:>12.1} {:>7}",
+                    "{:<20} {:>9.0} {:>9.2} {:>10} {:>11} {:>12.1} {:>13.1} {:>7.0} {:>7}",
                     r.name,
                     r.rps,
                     r.p99_ms,
                     ratio(r.rps, direct),
                     ratio(r.rps, haproxy),
                     r.cpu_us,
+                    r.upstream_us,
+                    r.idle_pct,
                     r.errors
                 );
             }

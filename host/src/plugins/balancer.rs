@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
@@ -38,13 +39,74 @@ impl BackendSet {
 
 static IDS: AtomicU64 = AtomicU64::new(1);
 
-/// Routes whose backend-set copies a thread keeps before it drops them all.
-const MAX_LOCAL_SETS: usize = 4096;
+/// Routes a thread keeps its own state for before it drops them all.
+const MAX_LOCAL_ROUTES: usize = 4096;
 
 thread_local! {
-    /// This thread's own copy of each balancer's backend set (see [`Balancer::local_set`]).
-    static LOCAL_SETS: std::cell::RefCell<shard::IdMap<Arc<BackendSet>>> =
+    /// This thread's own state for each balancer it picks for (see [`Balancer::local`]).
+    static LOCAL: std::cell::RefCell<shard::IdMap<Local>> =
         std::cell::RefCell::new(shard::IdMap::default());
+}
+
+/// What one thread keeps for one route.
+struct Local {
+    /// Its own copy of the route's backend set.
+    set: Arc<BackendSet>,
+    numbers: Numbers,
+}
+
+/// A thread's share of a route's pick sequence.
+///
+/// Picks take numbers from the route's one counter, one at a time, so that a strategy cycling
+/// on them is exact across threads. Two threads picking for one route in a tight loop would then
+/// pass the counter's cache line back and forth on every pick (a two-thread round-robin pick
+/// cost five times a one-thread one), so a thread that finds another one taking numbers between
+/// its own picks, less than [`DENSE`] apart per pick, takes the next numbers in a block,
+/// doubling it each time up to [`MAX_BLOCK`]; otherwise it goes back to one number at a time. A
+/// proxy's picks are a request apart (tens of microseconds on a thread), so a route's picks
+/// cycle exactly across threads; only a route picked for millions of times a second on several
+/// threads cycles exactly block by block instead.
+#[derive(Default)]
+struct Numbers {
+    next: u64,
+    end: u64,
+    block: u64,
+    /// When this thread last took numbers, and how many.
+    taken: Option<(Instant, u64)>,
+}
+
+/// Picks closer than this on one thread, while other threads take numbers too, are dense
+/// enough to take numbers in blocks.
+const DENSE: Duration = Duration::from_micros(1);
+/// The largest block of sequence numbers a thread takes at once.
+const MAX_BLOCK: u64 = 64;
+
+impl Numbers {
+    /// The next number, from `counter` or this thread's block; `now` reads the clock, which is
+    /// needed only when other threads are taking numbers too.
+    fn take(&mut self, counter: &AtomicU64, now: impl FnOnce() -> Instant) -> u64 {
+        if self.next < self.end {
+            self.next += 1;
+            return self.next - 1;
+        }
+        let block = self.block.max(1);
+        let start = counter.fetch_add(block, Ordering::Relaxed);
+        if start == self.end {
+            // Nobody else took numbers since this thread's last ones: nothing to share.
+            self.block = 1;
+            self.taken = None;
+        } else {
+            let now = now();
+            let dense = self.taken.is_some_and(|(at, taken)| {
+                now.saturating_duration_since(at) < DENSE.saturating_mul(taken as u32)
+            });
+            self.block = if dense { (block * 2).min(MAX_BLOCK) } else { 1 };
+            self.taken = Some((now, block));
+        }
+        self.next = start.wrapping_add(1);
+        self.end = start.wrapping_add(block);
+        start
+    }
 }
 
 pub struct Balancer {
@@ -55,8 +117,14 @@ pub struct Balancer {
     /// Serialises the writers of `set` (registry sync, health changes), so that neither loses
     /// the other's update; readers never take it.
     writer: Mutex<()>,
-    sequence: AtomicU64,
+    sequence: Counter,
 }
+
+/// The pick counter on a cache line of its own: taking numbers must not evict the pointers that
+/// every pick reads (`set`, `strategy`) from the other cores' caches.
+#[repr(align(64))]
+#[derive(Default)]
+struct Counter(AtomicU64);
 
 /// A chosen backend, with the set it was chosen from.
 pub struct Picked {
@@ -94,7 +162,7 @@ impl Balancer {
                 guest: Vec::new(),
             })),
             writer: Mutex::new(()),
-            sequence: AtomicU64::new(0),
+            sequence: Counter::default(),
         };
         balancer.set_backends(backends);
         balancer
@@ -185,34 +253,31 @@ impl Balancer {
         }));
     }
 
-    /// `set` as a reference this thread owns: its own copy, made once per version. A pick hands
-    /// its caller a counted reference to the set it chose from; counting references to the one
-    /// shared set made both cores write one cache line on every pick (round-robin with two
-    /// threads cost 3–5 times one).
-    fn local_set(&self, set: &BackendSet) -> Arc<BackendSet> {
-        LOCAL_SETS.with(|cell| {
-            let Ok(mut sets) = cell.try_borrow_mut() else {
-                return Arc::new(set.clone());
+    /// `set` as a reference this thread owns (its own copy, made once per version), and the
+    /// sequence number of this pick (see [`Numbers`]). A pick hands its caller a counted
+    /// reference to the set it chose from; counting references to the one shared set made both
+    /// cores write one cache line on every pick.
+    fn local(&self, set: &BackendSet) -> (Arc<BackendSet>, u64) {
+        LOCAL.with(|cell| {
+            let Ok(mut locals) = cell.try_borrow_mut() else {
+                let sequence = self.sequence.0.fetch_add(1, Ordering::Relaxed);
+                return (Arc::new(set.clone()), sequence);
             };
-            if let Some(local) = sets.get(&self.id)
-                && local.version == set.version
-            {
-                return local.clone();
+            if !locals.contains_key(&self.id) && locals.len() >= MAX_LOCAL_ROUTES {
+                locals.clear();
             }
-            if sets.len() > MAX_LOCAL_SETS {
-                sets.clear();
+            let local = locals.entry(self.id).or_insert_with(|| Local {
+                set: Arc::new(set.clone()),
+                numbers: Numbers::default(),
+            });
+            if local.set.version != set.version {
+                local.set = Arc::new(set.clone());
             }
-            let local = Arc::new(set.clone());
-            sets.insert(self.id, local.clone());
-            local
+            (
+                local.set.clone(),
+                local.numbers.take(&self.sequence.0, Instant::now),
+            )
         })
-    }
-
-    /// The sequence number of the next pick: one counter for all threads, so that a strategy
-    /// cycling on it is exact across them (a per-thread block of numbers was tried: cheaper
-    /// with two cores, but a route's picks then cycle exactly only per thread).
-    fn next_sequence(&self) -> u64 {
-        self.sequence.fetch_add(1, Ordering::Relaxed)
     }
 
     pub fn backends(&self) -> Arc<BackendSet> {
@@ -225,7 +290,7 @@ impl Balancer {
         if set.backends.is_empty() {
             return None;
         }
-        let sequence = self.next_sequence();
+        let (local, sequence) = self.local(&set);
         let slot = self.strategy.load();
         let current = slot.current();
         if let Some(loaded) = current.as_ref().filter(|l| l.in_service()) {
@@ -239,7 +304,7 @@ impl Balancer {
                 Ok(Some(i)) if (i as usize) < set.backends.len() && !exclude.contains(&i) => {
                     loaded.succeeded();
                     return Some(Picked {
-                        set: self.local_set(&set),
+                        set: local,
                         index: i as usize,
                         fallback: false,
                     });
@@ -256,7 +321,7 @@ impl Balancer {
             slot.reporter.fell_back_name(&slot.name);
         }
         fallback(&set, sequence, exclude).map(|index| Picked {
-            set: self.local_set(&set),
+            set: local,
             index,
             fallback: true,
         })
@@ -305,4 +370,102 @@ pub fn fallback(set: &BackendSet, sequence: u64, exclude: &[u32]) -> Option<usiz
         return None;
     }
     usable(healthy_only).nth((sequence % n as u64) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A clock for one thread's picks, `gap` apart.
+    fn ticking(gap: Duration) -> impl FnMut() -> Instant {
+        let mut now = Instant::now();
+        move || {
+            now += gap;
+            now
+        }
+    }
+
+    #[test]
+    fn picks_a_request_apart_are_numbered_one_after_another_across_threads() {
+        let counter = AtomicU64::new(0);
+        let (mut a, mut b) = (Numbers::default(), Numbers::default());
+        let (mut clock_a, mut clock_b) = (
+            ticking(Duration::from_micros(20)),
+            ticking(Duration::from_micros(20)),
+        );
+        let taken: Vec<u64> = (0..100)
+            .map(|i| {
+                if i % 3 == 0 {
+                    a.take(&counter, &mut clock_a)
+                } else {
+                    b.take(&counter, &mut clock_b)
+                }
+            })
+            .collect();
+        assert_eq!(taken, (0..100).collect::<Vec<u64>>());
+    }
+
+    #[test]
+    fn dense_picks_on_two_threads_take_blocks_and_sparse_ones_single_numbers_again() {
+        let counter = AtomicU64::new(0);
+        let (mut a, mut b) = (Numbers::default(), Numbers::default());
+        let (mut clock_a, mut clock_b) = (
+            ticking(Duration::from_nanos(100)),
+            ticking(Duration::from_nanos(100)),
+        );
+        for _ in 0..1000 {
+            a.take(&counter, &mut clock_a);
+            b.take(&counter, &mut clock_b);
+        }
+        assert_eq!(a.block, MAX_BLOCK);
+        assert_eq!(b.block, MAX_BLOCK);
+
+        // Traffic thins out: once their blocks are used up, both threads take one number at a
+        // time again and the numbers are consecutive.
+        let (mut clock_a, mut clock_b) = (
+            ticking(Duration::from_micros(50)),
+            ticking(Duration::from_micros(50)),
+        );
+        for _ in 0..2 * MAX_BLOCK {
+            a.take(&counter, &mut clock_a);
+            b.take(&counter, &mut clock_b);
+        }
+        let taken: Vec<u64> = (0..20)
+            .flat_map(|_| {
+                [
+                    a.take(&counter, &mut clock_a),
+                    b.take(&counter, &mut clock_b),
+                ]
+            })
+            .collect();
+        let first = taken[0];
+        assert_eq!(taken, (first..first + 40).collect::<Vec<u64>>());
+    }
+
+    #[test]
+    fn threads_racing_for_numbers_never_get_the_same_one() {
+        let counter = Arc::new(AtomicU64::new(0));
+        let per_thread = 200_000;
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    let mut numbers = Numbers::default();
+                    (0..per_thread)
+                        .map(|_| numbers.take(&counter, Instant::now))
+                        .collect::<Vec<u64>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().expect("picking thread"))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 2 * per_thread);
+        // Numbers a thread took in a block but had not used yet are all that is skipped.
+        let last = *all.last().expect("numbers");
+        assert!(last < (2 * per_thread) as u64 + 2 * MAX_BLOCK, "{last}");
+    }
 }
