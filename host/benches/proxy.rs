@@ -616,25 +616,39 @@ fn spawn_harbor(
     Proc::spawn(name, cmd, dir)
 }
 
+/// The header work Harbor does on every request and response (`X-Forwarded-*`, `Via` both
+/// ways), so that both proxies send nginx the same request and wrk the same response.
+const HAPROXY_HEADERS: &str = "  option forwardfor\n\
+     \x20 http-request set-header X-Forwarded-Proto http\n\
+     \x20 http-request set-header X-Forwarded-Host %[req.hdr(host)]\n\
+     \x20 http-request add-header Via \"1.1 haproxy\"\n\
+     \x20 http-response add-header Via \"1.1 haproxy\"\n";
+
 fn start_haproxy(dir: &Path, ports: &Ports, iperf: bool) -> anyhow::Result<Proc> {
     let mut conf = String::from(
         "global\n  nbthread 2\n  maxconn 8000\n\
          defaults\n  timeout connect 3s\n  timeout client 60s\n  timeout server 60s\n",
     );
-    let mut section = |name: &str, mode: &str, listen: u16, upstream: u16| {
+    let mut section = |name: &str, mode: &str, listen: u16, upstream: u16, extra: &str| {
         write!(
             conf,
             "frontend {name}_in\n  mode {mode}\n  bind {}\n  default_backend {name}\n\
-             backend {name}\n  mode {mode}\n  server s1 {}\n",
+             backend {name}\n  mode {mode}\n  server s1 {}\n{extra}",
             local(listen),
             local(upstream)
         )
         .expect("writing to a String");
     };
-    section("http", "http", ports.haproxy_http, ports.nginx);
-    section("echo", "tcp", ports.haproxy_echo, ports.echo);
+    section(
+        "http",
+        "http",
+        ports.haproxy_http,
+        ports.nginx,
+        HAPROXY_HEADERS,
+    );
+    section("echo", "tcp", ports.haproxy_echo, ports.echo, "");
     if iperf {
-        section("iperf", "tcp", ports.haproxy_iperf, ports.iperf);
+        section("iperf", "tcp", ports.haproxy_iperf, ports.iperf, "");
     }
     let file = dir.join("haproxy.cfg");
     std::fs::write(&file, conf)?;

@@ -20,7 +20,7 @@ use super::bindings::{
 };
 use super::files::ConfinedDir;
 use super::http::{BaseUrl, BoundHttp};
-use crate::plugins::{EPOCH_TICK, FaultKind, PluginEngine, classify, content_hash};
+use crate::plugins::{FaultKind, PluginEngine, classify, content_hash, ticks};
 
 /// What an adapter may reach.
 #[derive(Debug, Clone, Default)]
@@ -270,7 +270,7 @@ impl Worker {
 }
 
 fn budget_ticks() -> u64 {
-    (CALL_BUDGET.as_millis() / EPOCH_TICK.as_millis().max(1)) as u64
+    ticks(CALL_BUDGET)
 }
 
 fn instantiate(

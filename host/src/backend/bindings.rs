@@ -88,9 +88,9 @@ impl AdapterState {
             return Ok(wasmtime::UpdateDeadline::Interrupt);
         }
         let left = CALL_BUDGET - own;
-        let ticks =
-            (left.as_millis() as u64 / crate::plugins::EPOCH_TICK.as_millis().max(1) as u64).max(1);
-        Ok(wasmtime::UpdateDeadline::Continue(ticks))
+        Ok(wasmtime::UpdateDeadline::Continue(
+            crate::plugins::ticks(left).max(1),
+        ))
     }
 
     fn blocked<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {

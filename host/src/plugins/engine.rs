@@ -15,8 +15,16 @@ use wasmtime::{Config, Engine};
 
 use crate::events::lock;
 
-/// How often the epoch advances: the unit of every guest deadline.
-pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// How often the epoch advances: the unit of every guest deadline. Fine enough that a looping
+/// guest is stopped well within 50 ms, coarse enough that the ticker's wake-ups do not steal
+/// CPU from a busy proxy (at 1 ms it woke 1,000 times a second, each time preempting a worker).
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// `deadline` in epoch ticks, rounded up.
+pub const fn ticks(deadline: Duration) -> u64 {
+    let tick = EPOCH_TICK.as_nanos();
+    deadline.as_nanos().div_ceil(tick) as u64
+}
 
 pub struct PluginEngine {
     engine: Engine,

@@ -29,7 +29,7 @@ const LOAD_INTERFACE: &str = "harbor:strategy/load@0.3.0";
 
 /// How long past its deadline a call is watched before it may be stopped (epoch ticks), and
 /// how much CPU it must burn in that time to be stopped.
-const GRACE_TICKS: u64 = 5;
+const GRACE_TICKS: u64 = super::engine::ticks(std::time::Duration::from_millis(5));
 const GRACE_CPU: std::time::Duration = std::time::Duration::from_millis(4);
 
 /// CPU time the calling thread has used, if the system can tell.

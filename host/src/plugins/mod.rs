@@ -30,7 +30,7 @@ pub use dir::{
     ADAPTER_PREFIX, DirState, MAX_COMPONENT_BYTES, read as read_component, rescan as rescan_dir,
     scan as scan_dir,
 };
-pub use engine::{EPOCH_TICK, PluginEngine, content_hash};
+pub use engine::{PluginEngine, content_hash, ticks};
 pub use guest::{CONTRACT, Outcome, define_pure_wasi};
 pub use load::{BackendLoad, InFlight};
 pub use report::{FaultKind, Reporter};

@@ -8,18 +8,18 @@ use std::time::{Duration, Instant, SystemTime};
 use wasmtime::Store;
 use wasmtime::component::Linker;
 
-use super::engine::{PluginEngine, content_hash};
+use super::engine::{PluginEngine, content_hash, ticks};
 use super::guest::{self, Backend, Description, GuestState, PluginPre};
 use super::report::{FaultKind, Reporter};
 use crate::model::StrategyName;
 
 /// Deadline of a pick or an outcome report, in epoch ticks: far above what a pick costs
 /// (microseconds), well under the time a stuck pick may hold a connection.
-pub const CALL_DEADLINE_TICKS: u64 = 20;
+pub const CALL_DEADLINE_TICKS: u64 = ticks(Duration::from_millis(20));
 /// Deadline of set-up work (instantiation, describe, configure, building a balancer, which may
 /// fill a large table), in epoch ticks. It is off the request path but for the first pick after
 /// a backend change.
-pub const SETUP_DEADLINE_TICKS: u64 = 1_000;
+pub const SETUP_DEADLINE_TICKS: u64 = ticks(Duration::from_secs(1));
 /// Faults within one breaker window that take a plugin out of service.
 const FAULTS_TO_TRIP: u32 = 5;
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
