@@ -376,29 +376,40 @@ pub fn fallback(set: &BackendSet, sequence: u64, exclude: &[u32]) -> Option<usiz
 mod tests {
     use super::*;
 
-    /// A clock for one thread's picks, `gap` apart.
-    fn ticking(gap: Duration) -> impl FnMut() -> Instant {
-        let mut now = Instant::now();
-        move || {
-            now += gap;
-            now
+    /// One thread's picks, `gap` apart.
+    struct Thread {
+        numbers: Numbers,
+        now: Instant,
+        gap: Duration,
+    }
+
+    impl Thread {
+        fn new(gap: Duration) -> Self {
+            Self {
+                numbers: Numbers::default(),
+                now: Instant::now(),
+                gap,
+            }
+        }
+
+        fn take(&mut self, counter: &AtomicU64) -> u64 {
+            self.now += self.gap;
+            let now = self.now;
+            self.numbers.take(counter, || now)
         }
     }
 
     #[test]
     fn picks_a_request_apart_are_numbered_one_after_another_across_threads() {
         let counter = AtomicU64::new(0);
-        let (mut a, mut b) = (Numbers::default(), Numbers::default());
-        let (mut clock_a, mut clock_b) = (
-            ticking(Duration::from_micros(20)),
-            ticking(Duration::from_micros(20)),
-        );
+        let gap = Duration::from_micros(20);
+        let (mut a, mut b) = (Thread::new(gap), Thread::new(gap));
         let taken: Vec<u64> = (0..100)
             .map(|i| {
                 if i % 3 == 0 {
-                    a.take(&counter, &mut clock_a)
+                    a.take(&counter)
                 } else {
-                    b.take(&counter, &mut clock_b)
+                    b.take(&counter)
                 }
             })
             .collect();
@@ -408,35 +419,25 @@ mod tests {
     #[test]
     fn dense_picks_on_two_threads_take_blocks_and_sparse_ones_single_numbers_again() {
         let counter = AtomicU64::new(0);
-        let (mut a, mut b) = (Numbers::default(), Numbers::default());
-        let (mut clock_a, mut clock_b) = (
-            ticking(Duration::from_nanos(100)),
-            ticking(Duration::from_nanos(100)),
-        );
+        let dense = Duration::from_nanos(100);
+        let (mut a, mut b) = (Thread::new(dense), Thread::new(dense));
         for _ in 0..1000 {
-            a.take(&counter, &mut clock_a);
-            b.take(&counter, &mut clock_b);
+            a.take(&counter);
+            b.take(&counter);
         }
-        assert_eq!(a.block, MAX_BLOCK);
-        assert_eq!(b.block, MAX_BLOCK);
+        assert_eq!(a.numbers.block, MAX_BLOCK);
+        assert_eq!(b.numbers.block, MAX_BLOCK);
 
         // Traffic thins out: once their blocks are used up, both threads take one number at a
         // time again and the numbers are consecutive.
-        let (mut clock_a, mut clock_b) = (
-            ticking(Duration::from_micros(50)),
-            ticking(Duration::from_micros(50)),
-        );
+        a.gap = Duration::from_micros(50);
+        b.gap = Duration::from_micros(50);
         for _ in 0..2 * MAX_BLOCK {
-            a.take(&counter, &mut clock_a);
-            b.take(&counter, &mut clock_b);
+            a.take(&counter);
+            b.take(&counter);
         }
         let taken: Vec<u64> = (0..20)
-            .flat_map(|_| {
-                [
-                    a.take(&counter, &mut clock_a),
-                    b.take(&counter, &mut clock_b),
-                ]
-            })
+            .flat_map(|_| [a.take(&counter), b.take(&counter)])
             .collect();
         let first = taken[0];
         assert_eq!(taken, (first..first + 40).collect::<Vec<u64>>());

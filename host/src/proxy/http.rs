@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::plugins::Outcome;
@@ -29,12 +29,20 @@ use super::metrics::ErrorKind;
 use super::pool;
 use super::{Shared, accept_backoff};
 
-/// Accepts until `stop`, serving each connection on its own task.
+/// Accepts until `stop`, serving each connection on its own task in one of the lanes.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(hyper_util::rt::TokioTimer::new());
     // Slow-loris guard: a client gets this long to send its request headers.
     builder.http1().header_read_timeout(Duration::from_secs(30));
+    // Dropped when accepting stops: each lane then ends once its connections have.
+    let lanes = match super::lanes::Lanes::start(shared.lanes) {
+        Ok(lanes) => Some(lanes),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the HTTP lanes; serving on the main runtime");
+            None
+        }
+    };
     let mut failures = 0u32;
     loop {
         let accepted = tokio::select! {
@@ -57,15 +65,23 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Cancellatio
         let open = shared.conns.open();
         let shared = shared.clone();
         let builder = builder.clone();
-        tokio::spawn(async move {
-            if shared.settings.direct_http1 {
-                let full = |io| serve_full(shared.clone(), io, peer, builder);
-                super::h1::serve(shared.clone(), stream, peer, full).await;
-            } else {
-                serve_full(shared, stream, peer, builder).await;
+        let job = move |stream: TcpStream| -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+            Box::pin(async move {
+                if shared.settings.direct_http1 {
+                    let full = |io| serve_full(shared.clone(), io, peer, builder);
+                    super::h1::serve(shared.clone(), stream, peer, full).await;
+                } else {
+                    serve_full(shared, stream, peer, builder).await;
+                }
+                drop(open);
+            })
+        };
+        match &lanes {
+            Some(lanes) => lanes.hand(stream, peer, Box::new(job)),
+            None => {
+                tokio::spawn(job(stream));
             }
-            drop(open);
-        });
+        }
     }
 }
 

@@ -13,6 +13,7 @@ mod h1;
 mod headers;
 mod health;
 mod http;
+mod lanes;
 pub mod metrics;
 mod pool;
 mod splice;
@@ -45,6 +46,8 @@ pub struct Shared {
     pool: Arc<pool::Pool>,
     streams: pool::Streams,
     tcp_open: Arc<AtomicUsize>,
+    /// How many lanes serve HTTP connections.
+    lanes: usize,
 }
 
 /// A running proxy.
@@ -71,6 +74,7 @@ impl Proxy {
         options: Options,
         tasks: &mut JoinSet<()>,
     ) -> anyhow::Result<Self> {
+        let lanes = std::thread::available_parallelism().map_or(1, |n| n.get());
         let shared = Arc::new(Shared {
             routing,
             settings,
@@ -78,8 +82,9 @@ impl Proxy {
             bus,
             conns: Arc::default(),
             pool: Arc::default(),
-            streams: pool::Streams::default(),
+            streams: pool::Streams::new(lanes),
             tcp_open: Arc::default(),
+            lanes,
         });
         let stop = CancellationToken::new();
         let mut http_addr = None;

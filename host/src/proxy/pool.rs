@@ -81,18 +81,31 @@ impl Pool {
 /// A socket and when it went idle.
 type IdleStream = (TcpStream, Instant);
 
-/// Idle upstream sockets of the direct HTTP/1.1 path, each between two exchanges.
-#[derive(Default)]
+type IdleStreams = HashMap<Arc<str>, Vec<IdleStream>>;
+
+/// Idle upstream sockets of the direct HTTP/1.1 path, each between two exchanges: one pool per
+/// lane (and one for other threads), since a socket answers on the runtime that registered it.
 pub struct Streams {
-    idle: Mutex<HashMap<Arc<str>, Vec<IdleStream>>>,
+    lanes: Box<[Mutex<IdleStreams>]>,
 }
 
 impl Streams {
+    pub fn new(lanes: usize) -> Self {
+        Self {
+            lanes: (0..=lanes).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn mine(&self) -> std::sync::MutexGuard<'_, IdleStreams> {
+        let lane = super::lanes::current().min(self.lanes.len() - 1);
+        self.lanes[lane].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// An idle socket to `address`. One idle for a moment is taken as it is when `resendable`
     /// (the caller sends the request again on a new socket if this one turns out closed); any
     /// other is first checked for a close from the upstream, which costs a system call.
     pub fn checkout(&self, address: &str, resendable: bool) -> Option<TcpStream> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.mine();
         let list = idle.get_mut(address)?;
         while let Some((stream, since)) = list.pop() {
             let idle_for = since.elapsed();
@@ -114,7 +127,7 @@ impl Streams {
     }
 
     pub fn give_back(&self, address: Arc<str>, stream: TcpStream) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.mine();
         let list = idle.entry(address).or_default();
         if list.len() < MAX_IDLE {
             list.push((stream, Instant::now()));
@@ -123,8 +136,10 @@ impl Streams {
 
     /// Closes the idle sockets of upstreams no route uses any more.
     pub fn retain(&self, live: impl Fn(&str) -> bool) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|address, _| live(address));
+        for lane in &self.lanes {
+            let mut idle = lane.lock().unwrap_or_else(|e| e.into_inner());
+            idle.retain(|address, _| live(address));
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use super::proxies::{Driven, bodies};
@@ -57,6 +57,8 @@ impl Drop for Backend {
 pub struct HttpBackend {
     pub addr: SocketAddr,
     pub healthy: Arc<AtomicBool>,
+    /// `/slow` requests that have arrived.
+    pub slow_arrived: Arc<AtomicUsize>,
     stop: CancellationToken,
 }
 
@@ -65,24 +67,26 @@ impl HttpBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let healthy = Arc::new(AtomicBool::new(true));
+        let slow_arrived = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
-        let (h, s) = (healthy.clone(), stop.clone());
+        let (h, s, arrived) = (healthy.clone(), stop.clone(), slow_arrived.clone());
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
                     a = listener.accept() => a.expect("accept"),
                     () = s.cancelled() => return,
                 };
-                let h = h.clone();
+                let (h, arrived) = (h.clone(), arrived.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: http::Request<_>| {
-                        let h = h.clone();
+                        let (h, arrived) = (h.clone(), arrived.clone());
                         async move {
                             let path = req.uri().path().to_owned();
                             let (status, body) = match path.as_str() {
                                 "/healthz" if h.load(Ordering::SeqCst) => (200, "ok".to_owned()),
                                 "/healthz" => (503, "sick".to_owned()),
                                 "/slow" => {
+                                    arrived.fetch_add(1, Ordering::SeqCst);
                                     tokio::time::sleep(slow).await;
                                     (200, format!("slow from {addr}"))
                                 }
@@ -107,6 +111,7 @@ impl HttpBackend {
         HttpBackend {
             addr,
             healthy,
+            slow_arrived,
             stop,
         }
     }

@@ -1,0 +1,112 @@
+//! Lanes for HTTP connections: one thread per core, each running its own single-threaded
+//! runtime, given accepted connections in turn.
+//!
+//! On one multi-threaded runtime the workers hand tasks to each other: a worker that is
+//! descheduled holds the tasks it had queued, and one woken to steal them waits for the CPU
+//! first. On a machine the proxy shares with its clients and upstreams, that showed as a latency
+//! tail (a worker runnable but waiting 5–8 ms, `perf sched`; p99 twice HAProxy's). A lane serves
+//! its connections start to finish, as HAProxy's and nginx's threads do; handing connections out
+//! in turn keeps the lanes evenly loaded, where the kernel's `SO_REUSEPORT` hashing did not.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::mpsc;
+
+/// A connection's work, started on the lane that takes it.
+pub type Job =
+    Box<dyn FnOnce(tokio::net::TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+struct Handoff {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    job: Job,
+}
+
+thread_local! {
+    /// The lane this thread is (1-based), 0 on other threads.
+    static LANE: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The lane the calling thread runs, 0 if it is not a lane: indexes per-lane state.
+pub fn current() -> usize {
+    LANE.with(Cell::get)
+}
+
+/// The lane threads; dropping this ends each once its connections have ended.
+pub struct Lanes {
+    senders: Vec<mpsc::UnboundedSender<Handoff>>,
+    next: AtomicUsize,
+}
+
+impl Lanes {
+    /// Starts `count` lanes (at least one).
+    pub fn start(count: usize) -> anyhow::Result<Arc<Self>> {
+        let mut senders = Vec::new();
+        for number in 1..=count.max(1) {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            std::thread::Builder::new()
+                .name(format!("harbor-lane-{number}"))
+                .spawn(move || {
+                    LANE.with(|l| l.set(number));
+                    runtime.block_on(run(rx));
+                })?;
+            senders.push(tx);
+        }
+        Ok(Arc::new(Self {
+            senders,
+            next: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Hands `stream` to the next lane, which runs `job` on it.
+    pub fn hand(&self, stream: tokio::net::TcpStream, peer: SocketAddr, job: Job) {
+        let lane = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "cannot hand a connection to a lane");
+                return;
+            }
+        };
+        if let Err(mpsc::error::SendError(Handoff { stream, job, .. })) =
+            self.senders[lane].send(Handoff { stream, peer, job })
+        {
+            // The lane is gone (it panicked): serve the connection here.
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => {
+                    tokio::spawn(job(stream));
+                }
+                Err(e) => tracing::warn!(%peer, error = %e, "cannot serve a connection"),
+            }
+        }
+    }
+}
+
+/// A lane's loop: runs every connection it is given until the lanes are dropped and its
+/// connections have ended.
+async fn run(mut handoffs: mpsc::UnboundedReceiver<Handoff>) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            handoff = handoffs.recv() => {
+                let Some(Handoff { stream, peer, job }) = handoff else { break };
+                match tokio::net::TcpStream::from_std(stream) {
+                    Ok(stream) => {
+                        connections.spawn(job(stream));
+                    }
+                    Err(e) => tracing::warn!(%peer, error = %e, "a lane cannot take a connection"),
+                }
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    while connections.join_next().await.is_some() {}
+}
