@@ -110,3 +110,56 @@ async fn run(mut handoffs: mpsc::UnboundedReceiver<Handoff>) {
     }
     while connections.join_next().await.is_some() {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connected pair: the accepted side and the client.
+    async fn pair(listener: &TcpListener) -> (TcpStream, SocketAddr, TcpStream) {
+        let addr = listener.local_addr().expect("addr");
+        let (accepted, client) = tokio::join!(listener.accept(), TcpStream::connect(addr));
+        let (server, peer) = accepted.expect("accept");
+        (server, peer, client.expect("connect"))
+    }
+
+    /// Waits for one byte, then answers with the number of the lane serving the connection.
+    fn say_lane() -> Job {
+        Box::new(|mut stream| {
+            Box::pin(async move {
+                let mut byte = [0u8; 1];
+                if stream.read_exact(&mut byte).await.is_ok() {
+                    let _ = stream.write_all(&[current() as u8]).await;
+                }
+            })
+        })
+    }
+
+    #[tokio::test]
+    async fn connections_are_served_by_the_lanes_in_turn_and_outlive_them() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let lanes = Lanes::start(2).expect("lanes");
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let (server, peer, client) = pair(&listener).await;
+            lanes.hand(server, peer, say_lane());
+            clients.push(client);
+        }
+        // Accepting stops while every connection still waits for its client.
+        drop(lanes);
+        let mut served_by = Vec::new();
+        for client in &mut clients {
+            client.write_all(b"?").await.expect("write");
+            let mut lane = [0u8; 1];
+            client
+                .read_exact(&mut lane)
+                .await
+                .expect("the lane answers");
+            served_by.push(lane[0]);
+        }
+        assert_eq!(served_by, [1, 2, 1, 2]);
+        assert_eq!(current(), 0, "the test's own thread is no lane");
+    }
+}
