@@ -25,6 +25,7 @@ use super::body::{ClientBody, Flight, Lease, ResponseBody, UpstreamBody, text};
 use super::choose::{Failure, choose, client_key};
 use super::copy::{self, Tally};
 use super::headers::{add_forwarded, append_via, strip_hop_by_hop, upgrade_of};
+use super::lanes::{Job, Lanes};
 use super::metrics::ErrorKind;
 use super::pool;
 use super::{Shared, accept_backoff};
@@ -36,7 +37,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Cancellatio
     // Slow-loris guard: a client gets this long to send its request headers.
     builder.http1().header_read_timeout(Duration::from_secs(30));
     // Dropped when accepting stops: each lane then ends once its connections have.
-    let lanes = match super::lanes::Lanes::start(shared.lanes) {
+    let lanes = match Lanes::start(shared.lanes) {
         Ok(lanes) => Some(lanes),
         Err(e) => {
             tracing::warn!(error = %e, "cannot start the HTTP lanes; serving on the main runtime");
@@ -65,7 +66,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Cancellatio
         let open = shared.conns.open();
         let shared = shared.clone();
         let builder = builder.clone();
-        let job = move |stream: TcpStream| -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let job: Job = Box::new(move |stream: TcpStream| {
             Box::pin(async move {
                 if shared.settings.direct_http1 {
                     let full = |io| serve_full(shared.clone(), io, peer, builder);
@@ -75,9 +76,9 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Cancellatio
                 }
                 drop(open);
             })
-        };
+        });
         match &lanes {
-            Some(lanes) => lanes.hand(stream, peer, Box::new(job)),
+            Some(lanes) => lanes.hand(stream, peer, job),
             None => {
                 tokio::spawn(job(stream));
             }
