@@ -27,6 +27,10 @@ use harbor::events::EventBus;
 use harbor::metrics::Metrics;
 use harbor::plugins::{BackendSpec, Balancer, PluginEngine, Reporter, Strategies};
 
+#[path = "support/machine.rs"]
+mod machine;
+use machine::MachineTicks;
+
 const ROUTE_SIZES: [usize; 2] = [4, 64];
 const THREAD_COUNTS: [usize; 2] = [1, 2];
 
@@ -458,44 +462,29 @@ fn runqueue_wait() -> Option<Duration> {
 /// hypervisor gave to someone else) and by this process. The difference over the rounds is the
 /// other work that competed with the picks, which on this shared machine moves the medians.
 struct CpuUse {
-    machine_busy: u64,
-    machine_total: u64,
+    machine: MachineTicks,
     ours: u64,
 }
 
 impl CpuUse {
     fn now() -> Option<Self> {
-        // The first line of /proc/stat: cpu user nice system idle iowait irq softirq steal ...
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let ticks: Vec<u64> = stat
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .take(8)
-            .map(|t| t.parse().ok())
-            .collect::<Option<_>>()?;
-        let idle = ticks.get(3)? + ticks.get(4)?;
-        let machine_total: u64 = ticks.iter().sum();
+        let machine = MachineTicks::now()?;
         // /proc/self/stat: utime and stime are the 12th and 13th fields after the command name.
         let own = std::fs::read_to_string("/proc/self/stat").ok()?;
         let fields: Vec<&str> = own.rsplit_once(')')?.1.split_whitespace().collect();
         let ours = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        Some(Self {
-            machine_busy: machine_total - idle,
-            machine_total,
-            ours,
-        })
+        Some(Self { machine, ours })
     }
 
     /// Cores' worth of CPU that others used since `before`.
     fn others_since(&self, before: &CpuUse) -> f64 {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let total = self
-            .machine_total
-            .saturating_sub(before.machine_total)
+            .machine
+            .total
+            .saturating_sub(before.machine.total)
             .max(1) as f64;
-        let busy = self.machine_busy.saturating_sub(before.machine_busy);
+        let busy = self.machine.busy().saturating_sub(before.machine.busy());
         let ours = self.ours.saturating_sub(before.ours);
         busy.saturating_sub(ours) as f64 / total * cores
     }

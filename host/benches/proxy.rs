@@ -34,6 +34,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
+#[path = "support/machine.rs"]
+mod machine;
+use machine::MachineTicks;
+
 /// Measured runs per target; the tables show medians.
 const RUNS: usize = 3;
 /// Length of one measured run in every case.
@@ -432,35 +436,6 @@ fn group_cpu(pgid: i32) -> Duration {
         total += field(11).unwrap_or(0) + field(12).unwrap_or(0);
     }
     Duration::from_secs_f64(total as f64 / ticks)
-}
-
-/// The machine's CPU time counters (`/proc/stat`, all CPUs), in clock ticks.
-struct MachineCpu {
-    idle: u64,
-    total: u64,
-}
-
-impl MachineCpu {
-    fn now() -> Option<Self> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let fields: Vec<u64> = stat
-            .lines()
-            .next()?
-            .strip_prefix("cpu ")?
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        // user nice system idle iowait irq softirq steal: idle and iowait are unused time.
-        Some(Self {
-            idle: fields.get(3)? + fields.get(4).copied().unwrap_or(0),
-            total: fields.iter().take(8).sum(),
-        })
-    }
-
-    fn idle_pct_since(&self, before: &Self) -> f64 {
-        let total = self.total.saturating_sub(before.total).max(1) as f64;
-        100.0 * self.idle.saturating_sub(before.idle) as f64 / total
-    }
 }
 
 /// Runs a load tool to completion, killed if it overstays `limit`; returns its stdout.
@@ -929,7 +904,7 @@ fn wrk(target: &Target<'_>, upstream: &Proc, secs: u64, scratch: &Path) -> anyho
         .arg(format!("Host: {HOST}"))
         .arg(format!("http://{}/", local(target.port)));
     let (cpu_before, upstream_before, machine_before) =
-        (target.proc.cpu(), upstream.cpu(), MachineCpu::now());
+        (target.proc.cpu(), upstream.cpu(), MachineTicks::now());
     let out = run_tool(cmd, Duration::from_secs(secs) + TOOL_SLACK, scratch)?;
     let cpu = target.proc.cpu().saturating_sub(cpu_before);
     let upstream_cpu = upstream.cpu().saturating_sub(upstream_before);
@@ -938,7 +913,7 @@ fn wrk(target: &Target<'_>, upstream: &Proc, secs: u64, scratch: &Path) -> anyho
     run.cpu_us_per_req = per_request(cpu);
     run.upstream_us_per_req = per_request(upstream_cpu);
     run.idle_pct = machine_before
-        .zip(MachineCpu::now())
+        .zip(MachineTicks::now())
         .map_or(f64::NAN, |(b, a)| a.idle_pct_since(&b));
     Ok(run)
 }
