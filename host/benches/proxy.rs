@@ -537,7 +537,11 @@ fn start_harbor(dir: &Path, harbor: &Path, ports: &Ports, iperf: bool) -> anyhow
     if iperf {
         routes.push(("iperf.route", tcp(ports.harbor_iperf, ports.iperf)));
     }
-    spawn_harbor(dir, harbor, "harbor", &routes, ports.harbor_http, &[])
+    // iperf3's server closes its listener for a moment after every test: a connect refused
+    // then would keep the only upstream out for the default 10 s cooldown, longer than the
+    // client's retries wait. The peers here have no cooldown at all.
+    let flags = ["--cooldown", "1s"];
+    spawn_harbor(dir, harbor, "harbor", &routes, ports.harbor_http, &flags)
 }
 
 /// A second Harbor carrying the HTTP route only, with `--no-direct-http1`.

@@ -189,6 +189,11 @@ pub struct ProxyArgs {
     #[arg(long, env = "HARBOR_NO_DIRECT_HTTP1")]
     pub no_direct_http1: bool,
 
+    /// Let the scheduler place the HTTP proxy's threads instead of giving each a core of its
+    /// own (for machines where other pinned work owns some cores).
+    #[arg(long, env = "HARBOR_NO_CPU_AFFINITY")]
+    pub no_cpu_affinity: bool,
+
     /// Also run demo echo backends on these addresses (see `harbor echo`).
     #[arg(long, env = "HARBOR_ECHO", value_name = "ADDR", value_delimiter = ',')]
     pub echo: Vec<SocketAddr>,
@@ -300,6 +305,7 @@ struct FileConfig {
     shutdown_grace: Option<Duration>,
     splice: Option<bool>,
     direct_http1: Option<bool>,
+    cpu_affinity: Option<bool>,
     echo: Option<Vec<SocketAddr>>,
     caddy_admin: Option<BaseUrl>,
     caddy_listen: Option<SocketAddr>,
@@ -370,6 +376,8 @@ pub struct ProxySettings {
     pub splice: bool,
     /// Plain HTTP/1.1 requests take the direct path (see `proxy::h1`).
     pub direct_http1: bool,
+    /// Each HTTP lane is bound to a core of its own (see `proxy::lanes::Affinity`).
+    pub cpu_affinity: bool,
     pub echo: Vec<SocketAddr>,
 }
 
@@ -385,6 +393,7 @@ impl Default for ProxySettings {
             shutdown_grace: Duration::from_secs(10),
             splice: true,
             direct_http1: true,
+            cpu_affinity: true,
             echo: Vec::new(),
         }
     }
@@ -482,6 +491,7 @@ impl Config {
             .unwrap_or(p.shutdown_grace);
         p.splice = !a.no_splice && file.splice.unwrap_or(true);
         p.direct_http1 = !a.no_direct_http1 && file.direct_http1.unwrap_or(true);
+        p.cpu_affinity = !a.no_cpu_affinity && file.cpu_affinity.unwrap_or(true);
         if !a.echo.is_empty() {
             p.echo = a.echo;
         } else if let Some(echo) = file.echo {
@@ -558,7 +568,7 @@ mod tests {
         let file = dir.path().join("harbor.toml");
         std::fs::write(
             &file,
-            "routes = \"/srv/routes\"\napi = [\"127.0.0.1:9000\", \"unix:/tmp/h.sock\"]\nttl_max = \"1h\"\nwatch = false\ngangway_listen = \"127.0.0.1:7071\"\n",
+            "routes = \"/srv/routes\"\napi = [\"127.0.0.1:9000\", \"unix:/tmp/h.sock\"]\nttl_max = \"1h\"\nwatch = false\ncpu_affinity = false\ngangway_listen = \"127.0.0.1:7071\"\n",
         )
         .unwrap();
         let args = RunArgs {
@@ -571,6 +581,11 @@ mod tests {
         assert_eq!(c.api[1], ListenAddr::Unix("/tmp/h.sock".into()));
         assert_eq!(c.lease.max, Duration::from_secs(3600));
         assert!(!c.watch);
+        assert!(!c.proxy.cpu_affinity);
+        assert!(
+            ProxySettings::default().cpu_affinity,
+            "lanes are bound unless told otherwise"
+        );
         assert_eq!(c.gangway_listen, Some("127.0.0.1:7071".parse().unwrap()));
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/harbor"));
     }

@@ -7,8 +7,8 @@
 //! requests/s in the proxy benchmark, at less CPU per request. Handing connections out in turn
 //! keeps the lanes evenly loaded, where the kernel's `SO_REUSEPORT` hashing did not (12 % fewer
 //! requests/s than one shared runtime). What lanes give up is work stealing: the connections of
-//! a lane that waits for a core wait with it, so a lane spins briefly before it sleeps (see
-//! [`spin_before_parking`]).
+//! a lane that waits for a core wait with it, so each lane has a core of its own (see
+//! [`Affinity`]).
 
 use std::cell::Cell;
 use std::future::Future;
@@ -16,7 +16,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -46,20 +45,43 @@ pub struct Lanes {
     next: AtomicUsize,
 }
 
+/// Whether lanes are bound to cores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Affinity {
+    /// Lane `n` runs only on the `n`-th core this process may use. Two busy lanes left to the
+    /// scheduler can end up sharing one core while the load generator and the upstream share
+    /// the other: the load looks balanced, so nothing moves them, and they take turns at the
+    /// scheduler's tick (4 ms here), each stalling its connections meanwhile. That was the
+    /// proxy benchmark's HTTP p99 of 4.4 ms in about half of the runs; bound, 1.2–1.6 ms in
+    /// every run. (Spinning before sleeping, tried first, only hid part of it, and with bound
+    /// lanes it costs 9 % of requests/s.) nginx (`worker_cpu_affinity`) and HAProxy (`cpu-map`)
+    /// bind the same way.
+    Cores,
+    /// The scheduler places lanes, for machines where other pinned work owns some cores.
+    Free,
+}
+
 impl Lanes {
     /// Starts `count` lanes (at least one).
-    pub fn start(count: usize) -> anyhow::Result<Arc<Self>> {
+    pub fn start(count: usize, affinity: Affinity) -> anyhow::Result<Arc<Self>> {
+        let cores = match affinity {
+            Affinity::Cores => allowed_cores(),
+            Affinity::Free => Vec::new(),
+        };
         let mut senders = Vec::new();
         for number in 1..=count.max(1) {
+            let core = (!cores.is_empty()).then(|| cores[(number - 1) % cores.len()]);
             let (tx, rx) = mpsc::unbounded_channel();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .on_thread_park(spin_before_parking)
                 .build()?;
             std::thread::Builder::new()
                 .name(format!("harbor-lane-{number}"))
                 .spawn(move || {
                     LANE.with(|l| l.set(number));
+                    if let Some(core) = core {
+                        bind_to(core);
+                    }
                     runtime.block_on(run(rx));
                 })?;
             senders.push(tx);
@@ -94,18 +116,32 @@ impl Lanes {
     }
 }
 
-/// How long a lane that has run out of work keeps its core before it sleeps.
-const PARK_SPIN: Duration = Duration::from_micros(10);
+/// The cores the calling thread may run on, in order; empty if the system does not say.
+fn allowed_cores() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data, valid when zeroed.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a writable cpu_set_t of the size passed.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot read the CPU affinity; lanes stay unbound");
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `core` is below CPU_SETSIZE, the size of `set`.
+        .filter(|&core| unsafe { libc::CPU_ISSET(core, &set) })
+        .collect()
+}
 
-/// Called when a lane is about to sleep until its next I/O event. Between two requests of a busy
-/// proxy there is often less than this, and then the lane finds the event without sleeping:
-/// sleeping and being woken costs a busy or virtualised machine far more (on two shared cores, a
-/// woken lane waited up to 8 ms for a core, and the HTTP p99 was 4.4 ms; with 10 µs of spinning,
-/// 1.4 ms at the same throughput). An idle lane pays the 10 µs once, when it goes idle.
-fn spin_before_parking() {
-    let until = Instant::now() + PARK_SPIN;
-    while Instant::now() < until {
-        std::hint::spin_loop();
+/// Binds the calling thread to `core`; a lane that cannot be bound runs unbound.
+fn bind_to(core: usize) {
+    // SAFETY: cpu_set_t is plain data, valid when zeroed.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `core` comes from `allowed_cores`, so it is below CPU_SETSIZE.
+    unsafe { libc::CPU_SET(core, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    if rc != 0 {
+        tracing::warn!(core, error = %std::io::Error::last_os_error(), "cannot bind an HTTP lane to its core");
     }
 }
 
@@ -159,7 +195,7 @@ mod tests {
     #[tokio::test]
     async fn connections_are_served_by_the_lanes_in_turn_and_outlive_them() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let lanes = Lanes::start(2).expect("lanes");
+        let lanes = Lanes::start(2, Affinity::Free).expect("lanes");
         let mut clients = Vec::new();
         for _ in 0..4 {
             let (server, peer, client) = pair(&listener).await;
@@ -180,5 +216,41 @@ mod tests {
         }
         assert_eq!(served_by, [1, 2, 1, 2]);
         assert_eq!(current(), 0, "the test's own thread is no lane");
+    }
+
+    /// Answers with the cores the serving lane may run on, one byte each.
+    fn say_cores() -> Job {
+        Box::new(|mut stream| {
+            Box::pin(async move {
+                let cores: Vec<u8> = allowed_cores().iter().map(|&c| c as u8).collect();
+                let _ = stream.write_all(&cores).await;
+            })
+        })
+    }
+
+    #[tokio::test]
+    async fn bound_lanes_run_on_distinct_cores_of_their_own() {
+        let cores = allowed_cores();
+        assert!(!cores.is_empty(), "the affinity mask is readable");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let lanes = Lanes::start(2, Affinity::Cores).expect("lanes");
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let (server, peer, mut client) = pair(&listener).await;
+            lanes.hand(server, peer, say_cores());
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.expect("read");
+            seen.push(answer);
+        }
+        let expected: Vec<Vec<u8>> = (0..2).map(|i| vec![cores[i % cores.len()] as u8]).collect();
+        assert_eq!(
+            seen, expected,
+            "lane n is bound to the n-th allowed core alone"
+        );
+        assert_eq!(
+            allowed_cores(),
+            cores,
+            "binding a lane leaves other threads alone"
+        );
     }
 }
