@@ -256,6 +256,7 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -264,23 +265,30 @@ mod tests {
         (a.unwrap(), b.unwrap().0)
     }
 
-    #[tokio::test]
-    async fn moves_bytes_both_ways_with_half_close() {
-        let (mut client_peer, client) = pair().await;
-        let (upstream, mut upstream_peer) = pair().await;
-        let (i, o) = (
-            IntCounter::new("i", "i").unwrap(),
-            IntCounter::new("o", "o").unwrap(),
-        );
+    /// A relay between two fresh connections: the client's peer, the upstream's peer, and the
+    /// relay's end with the bytes it counted inbound and outbound.
+    async fn relayed() -> (TcpStream, TcpStream, JoinHandle<(End, u64, u64)>) {
+        let (client_peer, client) = pair().await;
+        let (upstream, upstream_peer) = pair().await;
         let relay = tokio::spawn(async move {
+            let (i, o) = (
+                IntCounter::new("i", "i").unwrap(),
+                IntCounter::new("o", "o").unwrap(),
+            );
             let cut = CancellationToken::new();
             let tally = Tally {
                 inbound: &i,
                 outbound: &o,
             };
-            let end = duplex(&client, &upstream, Duration::from_secs(5), &cut, tally).await;
+            let end = duplex(&client, &upstream, Duration::from_secs(30), &cut, tally).await;
             (end, i.get(), o.get())
         });
+        (client_peer, upstream_peer, relay)
+    }
+
+    #[tokio::test]
+    async fn moves_bytes_both_ways_with_half_close() {
+        let (mut client_peer, mut upstream_peer, relay) = relayed().await;
         let big: Vec<u8> = (0..3_000_000u32).map(|n| n as u8).collect();
         let sent = big.clone();
         let writer = tokio::spawn(async move {
@@ -304,20 +312,7 @@ mod tests {
     /// stall here until the timeout). Then a bulk transfer switches the direction to splice.
     #[tokio::test]
     async fn small_messages_then_bulk_keep_flowing() {
-        let (mut client_peer, client) = pair().await;
-        let (upstream, mut upstream_peer) = pair().await;
-        let (i, o) = (
-            IntCounter::new("i", "i").unwrap(),
-            IntCounter::new("o", "o").unwrap(),
-        );
-        let relay = tokio::spawn(async move {
-            let cut = CancellationToken::new();
-            let tally = Tally {
-                inbound: &i,
-                outbound: &o,
-            };
-            duplex(&client, &upstream, Duration::from_secs(30), &cut, tally).await
-        });
+        let (mut client_peer, mut upstream_peer, relay) = relayed().await;
         let exchange = async {
             let mut byte = [0u8; 1];
             for round in 0..200u32 {
@@ -354,6 +349,10 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), exchange)
             .await
             .expect("no direction stalls");
-        assert_eq!(relay.await.unwrap(), End::Closed);
+        let (end, inbound, outbound) = relay.await.unwrap();
+        assert_eq!(
+            (end, inbound, outbound),
+            (End::Closed, 200 + 1_000_000, 200)
+        );
     }
 }
