@@ -11,6 +11,7 @@ use common::upstreams::{HttpBackend, health_checks_hold_out_a_failing_upstream};
 use common::{TestHarbor, eventually};
 use harbor::config::BackendKind;
 use serde_json::{Value, json};
+use tokio::sync::RwLockReadGuard;
 
 /// Tests in this file run in parallel, except those that measure throughput: they hold this
 /// lock exclusively, the others share it.
@@ -26,6 +27,24 @@ async fn harbor_for(caddy: &Caddy) -> TestHarbor {
         c.rescan_interval = Some(Duration::from_millis(200));
     })
     .await
+}
+
+/// The test's (shared) turn, a Caddy of its own and a Harbor driving it; none when Caddy is not
+/// installed and not required.
+async fn caddy_and_harbor() -> Option<(RwLockReadGuard<'static, ()>, Caddy, TestHarbor)> {
+    let turn = EXCLUSIVE.read().await;
+    let caddy = Caddy::start().await?;
+    let h = harbor_for(&caddy).await;
+    Some((turn, caddy, h))
+}
+
+/// Registers `web` at `web.localhost` with Harbor and waits until Caddy routes to it.
+async fn web_routed(caddy: &Caddy, h: &TestHarbor) -> Upstream {
+    let web = Upstream::start("web").await;
+    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
+        .await;
+    until_routed(caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    web
 }
 
 async fn until_gone(caddy: &Caddy, host: &str, within: Duration) {
@@ -58,11 +77,9 @@ async fn user_route_works(caddy: &Caddy) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_and_registrations_reach_caddy_and_leave_it() {
-    let _turn = EXCLUSIVE.read().await;
-    let Some(caddy) = Caddy::start().await else {
+    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
         return;
     };
-    let h = harbor_for(&caddy).await;
     let web = Upstream::start("web").await;
     let api = Upstream::start("api").await;
 
@@ -111,10 +128,7 @@ async fn a_restarted_caddy_gets_harbors_routes_back() {
         return;
     };
     let h = harbor_for(&caddy).await;
-    let web = Upstream::start("web").await;
-    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
-        .await;
-    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    let _web = web_routed(&caddy, &h).await;
     let mut events = h.events(None).await;
 
     caddy.start_again().await;
@@ -132,15 +146,10 @@ async fn a_restarted_caddy_gets_harbors_routes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_edit_of_harbors_route_is_repaired() {
-    let _turn = EXCLUSIVE.read().await;
-    let Some(caddy) = Caddy::start().await else {
+    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
         return;
     };
-    let h = harbor_for(&caddy).await;
-    let web = Upstream::start("web").await;
-    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
-        .await;
-    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    let _web = web_routed(&caddy, &h).await;
     let mut events = h.events(None).await;
 
     // Someone edits Harbor's routes by hand: web.localhost now answers something else.
@@ -203,15 +212,10 @@ async fn harbor_starts_with_caddy_down_and_converges_when_it_comes_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_swaps_are_refused_and_the_old_adapter_keeps_serving() {
-    let _turn = EXCLUSIVE.read().await;
-    let Some(caddy) = Caddy::start().await else {
+    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
         return;
     };
-    let h = harbor_for(&caddy).await;
-    let web = Upstream::start("web").await;
-    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
-        .await;
-    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    let _web = web_routed(&caddy, &h).await;
 
     let put = |body: reqwest::Body, ct: &'static str| {
         h.client
@@ -291,10 +295,7 @@ async fn swapping_the_caddy_adapter_twenty_times_under_load_fails_no_request() {
     let rebuilt = common::guests::component("backend-caddy", &["rebuilt"]);
     assert_ne!(original, rebuilt);
     let h = harbor_for(&caddy).await;
-    let web = Upstream::start("web").await;
-    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
-        .await;
-    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    let _web = web_routed(&caddy, &h).await;
 
     let (stop, task) = load(caddy.listen_addr(), "web.localhost", "web");
     for i in 0..20u32 {
@@ -349,10 +350,7 @@ async fn switching_from_caddy_to_envoy_releases_caddys_routes() {
         c.proxy_listen = envoy_listen;
     })
     .await;
-    let web = Upstream::start("web").await;
-    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
-        .await;
-    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    let _web = web_routed(&caddy, &h).await;
 
     // Envoy is not running: the new adapter writes its files but the swap still succeeds,
     // since its files are its proxy's configuration.
@@ -387,15 +385,10 @@ async fn switching_from_caddy_to_envoy_releases_caddys_routes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adapter_that_traps_or_spins_is_refused_and_reported() {
-    let _turn = EXCLUSIVE.read().await;
-    let Some(caddy) = Caddy::start().await else {
+    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
         return;
     };
-    let h = harbor_for(&caddy).await;
-    let web = Upstream::start("web").await;
-    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
-        .await;
-    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    let _web = web_routed(&caddy, &h).await;
     let mut events = h.events(None).await;
 
     for (features, fault) in [(&[][..], "trap"), (&["spin"][..], "timeout")] {
@@ -598,10 +591,7 @@ async fn an_adapter_dropped_in_the_plugin_directory_takes_over() {
         c.rescan_interval = Some(Duration::from_millis(200));
     })
     .await;
-    let web = Upstream::start("web").await;
-    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
-        .await;
-    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    let _web = web_routed(&caddy, &h).await;
     let mut events = h.events(None).await;
 
     // A garbage file is refused; the built-in adapter keeps serving.
@@ -645,11 +635,9 @@ async fn an_adapter_dropped_in_the_plugin_directory_takes_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn harbors_health_checks_steer_caddys_dynamic_upstreams() {
-    let _turn = EXCLUSIVE.read().await;
-    let Some(caddy) = Caddy::start().await else {
+    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
         return;
     };
-    let h = harbor_for(&caddy).await;
     let (a, b) = (
         HttpBackend::start(Duration::ZERO).await,
         HttpBackend::start(Duration::ZERO).await,
@@ -690,11 +678,9 @@ async fn until_only(caddy: &Caddy, host: &str, want: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_with_more_instances_than_one_dns_answer_holds_reaches_them_all() {
-    let _turn = EXCLUSIVE.read().await;
-    let Some(caddy) = Caddy::start().await else {
+    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
         return;
     };
-    let h = harbor_for(&caddy).await;
     let mut pool = Vec::new();
     for i in 0..100 {
         let u = Upstream::start(&format!("wide-{i}")).await;
