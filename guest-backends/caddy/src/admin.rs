@@ -4,10 +4,14 @@
 
 use serde_json::{Value, json};
 
-use crate::bindings::exports::harbor::backend::adapter::{AdapterError, DesiredState, ProbeReport};
-use crate::bindings::harbor::backend::http_client::{self, HttpError, Response};
-use crate::bindings::harbor::backend::log::{self, Level};
-use crate::routes::{self, Features, Health, Service, Settings, Shards};
+use harbor_adapter_common::bindings::exports::harbor::backend::adapter::{
+    AdapterError, DesiredState, ProbeReport,
+};
+use harbor_adapter_common::bindings::harbor::backend::http_client::{self, HttpError, Response};
+use harbor_adapter_common::bindings::harbor::backend::log::{self, Level};
+use harbor_adapter_common::http_services;
+
+use crate::routes::{self, Features, Settings, Shards};
 
 /// Conditional writes retried after a `412` before the apply is given up (and retried later).
 const MAX_CONFLICTS: usize = 5;
@@ -41,29 +45,7 @@ impl Admin {
     }
 
     pub fn apply(&mut self, state: &DesiredState) -> Result<u64, AdapterError> {
-        let services: Vec<Service<'_>> = state
-            .http
-            .iter()
-            .map(|s| Service {
-                name: &s.name,
-                hosts: &s.hosts,
-                path_prefix: &s.path_prefix,
-                upstreams: s
-                    .upstreams
-                    .iter()
-                    .map(|u| (u.address.as_str(), u.weight))
-                    .collect(),
-                strategy: &s.strategy,
-                health: s.health.as_ref().map(|h| Health {
-                    path: h.http_path.as_deref(),
-                    status: h.expect_status,
-                    interval_ms: h.interval_ms,
-                    timeout_ms: h.timeout_ms,
-                    rise: h.rise,
-                    fall: h.fall,
-                }),
-            })
-            .collect();
+        let services = http_services(state);
         let live = self
             .applied
             .as_ref()

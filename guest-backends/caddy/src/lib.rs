@@ -9,27 +9,16 @@
 mod admin;
 pub mod routes;
 
-mod bindings {
-    wit_bindgen::generate!({
-        path: "../../wit/backend",
-        world: "adapter-plugin",
-    });
-}
-
 use std::cell::RefCell;
 
-use bindings::exports::harbor::backend::adapter::{
+use harbor_adapter_common::bindings::exports::harbor::backend::adapter::{
     AdapterError, Description, DesiredState, Guest, ProbeReport,
 };
 
 use admin::Admin;
 use routes::Settings;
 
-const VERSION: &str = if cfg!(feature = "rebuilt") {
-    concat!(env!("CARGO_PKG_VERSION"), "+rebuilt")
-} else {
-    env!("CARGO_PKG_VERSION")
-};
+const VERSION: &str = harbor_adapter_common::version!();
 
 thread_local! {
     static ADMIN: RefCell<Admin> = RefCell::new(Admin::new(Settings::default()));
@@ -65,4 +54,4 @@ impl Guest for Caddy {
     }
 }
 
-bindings::export!(Caddy with_types_in bindings);
+harbor_adapter_common::bindings::export!(Caddy);

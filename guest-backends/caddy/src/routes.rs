@@ -79,28 +79,7 @@ impl Settings {
     }
 }
 
-/// A service as the adapter sees it, free of the generated binding types.
-#[derive(Debug, Clone)]
-pub struct Service<'a> {
-    pub name: &'a str,
-    pub hosts: &'a [String],
-    pub path_prefix: &'a str,
-    pub upstreams: Vec<(&'a str, u32)>,
-    pub strategy: &'a str,
-    pub health: Option<Health<'a>>,
-}
-
-/// An active health check, free of the generated binding types.
-#[derive(Debug, Clone)]
-pub struct Health<'a> {
-    /// `None` for a TCP connect check, which Caddy cannot run.
-    pub path: Option<&'a str>,
-    pub status: Option<u16>,
-    pub interval_ms: u32,
-    pub timeout_ms: u32,
-    pub rise: u32,
-    pub fall: u32,
-}
+pub use harbor_adapter_common::{Health, Service};
 
 /// What the Caddy being driven understands, learned from its rejections (Caddy 2.6 has neither).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -307,14 +286,8 @@ mod tests {
         path: &'a str,
         strategy: &'a str,
     ) -> Service<'a> {
-        Service {
-            name,
-            hosts,
-            path_prefix: path,
-            upstreams: vec![("127.0.0.1:9001", 1), ("127.0.0.1:9002", 3)],
-            strategy,
-            health: None,
-        }
+        let upstreams = vec![("127.0.0.1:9001", 1), ("127.0.0.1:9002", 3)];
+        Service::http(name, hosts, path, strategy, upstreams)
     }
 
     #[test]

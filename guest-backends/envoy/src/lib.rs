@@ -9,27 +9,16 @@
 mod sync;
 pub mod xds;
 
-mod bindings {
-    wit_bindgen::generate!({
-        path: "../../wit/backend",
-        world: "adapter-plugin",
-    });
-}
-
 use std::cell::RefCell;
 
-use bindings::exports::harbor::backend::adapter::{
+use harbor_adapter_common::bindings::exports::harbor::backend::adapter::{
     AdapterError, Description, DesiredState, Guest, ProbeReport,
 };
 
 use sync::Files;
 use xds::Settings;
 
-const VERSION: &str = if cfg!(feature = "rebuilt") {
-    concat!(env!("CARGO_PKG_VERSION"), "+rebuilt")
-} else {
-    env!("CARGO_PKG_VERSION")
-};
+const VERSION: &str = harbor_adapter_common::version!();
 
 thread_local! {
     static FILES: RefCell<Option<Files>> = const { RefCell::new(None) };
@@ -74,4 +63,4 @@ impl Guest for Envoy {
     }
 }
 
-bindings::export!(Envoy with_types_in bindings);
+harbor_adapter_common::bindings::export!(Envoy);

@@ -8,10 +8,13 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::bindings::exports::harbor::backend::adapter::{AdapterError, DesiredState, ProbeReport};
-use crate::bindings::harbor::backend::types::HealthCheck;
-use crate::bindings::harbor::backend::{files, http_client};
-use crate::xds::{self, Health, Service, Settings};
+use harbor_adapter_common::bindings::exports::harbor::backend::adapter::{
+    AdapterError, DesiredState, ProbeReport,
+};
+use harbor_adapter_common::bindings::harbor::backend::{files, http_client};
+use harbor_adapter_common::{Service, http_services, tcp_services};
+
+use crate::xds::{self, Settings};
 
 pub struct Files {
     settings: Settings,
@@ -36,40 +39,7 @@ impl Files {
     }
 
     pub fn apply(&mut self, state: &DesiredState) -> Result<u64, AdapterError> {
-        let http: Vec<Service<'_>> = state
-            .http
-            .iter()
-            .map(|s| Service {
-                name: &s.name,
-                hosts: &s.hosts,
-                path_prefix: &s.path_prefix,
-                listen: None,
-                upstreams: s
-                    .upstreams
-                    .iter()
-                    .map(|u| (u.address.as_str(), u.weight))
-                    .collect(),
-                strategy: &s.strategy,
-                health: s.health.as_ref().map(health),
-            })
-            .collect();
-        let tcp: Vec<Service<'_>> = state
-            .tcp
-            .iter()
-            .map(|s| Service {
-                name: &s.name,
-                hosts: &[],
-                path_prefix: "",
-                listen: Some(&s.listen),
-                upstreams: s
-                    .upstreams
-                    .iter()
-                    .map(|u| (u.address.as_str(), u.weight))
-                    .collect(),
-                strategy: &s.strategy,
-                health: s.health.as_ref().map(health),
-            })
-            .collect();
+        let (http, tcp) = (http_services(state), tcp_services(state));
         let all: Vec<&Service<'_>> = http.iter().chain(tcp.iter()).collect();
 
         // Endpoints first and listeners last: a new cluster finds its EDS file, a new route
@@ -228,15 +198,4 @@ fn live_route_version() -> Result<Option<u64>, AdapterError> {
         .find(|c| c["route_config"]["name"] == xds::ROUTE_CONFIG)
         .and_then(|c| c["version_info"].as_str())
         .and_then(|v| v.parse().ok()))
-}
-
-fn health(h: &HealthCheck) -> Health<'_> {
-    Health {
-        path: h.http_path.as_deref(),
-        status: h.expect_status,
-        interval_ms: h.interval_ms,
-        timeout_ms: h.timeout_ms,
-        rise: h.rise,
-        fall: h.fall,
-    }
 }

@@ -72,31 +72,7 @@ fn socket_address(addr: &str) -> Value {
     json!({"socket_address": {"address": host, "port_value": port}})
 }
 
-/// A service as the adapter sees it, free of the generated binding types.
-#[derive(Debug, Clone)]
-pub struct Service<'a> {
-    pub name: &'a str,
-    /// Host names and path prefix (HTTP), or the listen address (TCP).
-    pub hosts: &'a [String],
-    pub path_prefix: &'a str,
-    pub listen: Option<&'a str>,
-    pub upstreams: Vec<(&'a str, u32)>,
-    pub strategy: &'a str,
-    pub health: Option<Health<'a>>,
-}
-
-/// An active health check, free of the generated binding types.
-#[derive(Debug, Clone)]
-pub struct Health<'a> {
-    /// `GET` this path; `None` for a TCP connect check.
-    pub path: Option<&'a str>,
-    /// The expected status; `None` accepts any 2xx or 3xx.
-    pub status: Option<u16>,
-    pub interval_ms: u32,
-    pub timeout_ms: u32,
-    pub rise: u32,
-    pub fall: u32,
-}
+pub use harbor_adapter_common::{Health, Service};
 
 /// Envoy's health checker for `h`. Envoy checks idle clusters only every
 /// `no_traffic_interval` (60 s by default), so that is set to the interval too: a check that
@@ -293,15 +269,8 @@ mod tests {
         path: &'a str,
         strategy: &'a str,
     ) -> Service<'a> {
-        Service {
-            name,
-            hosts,
-            path_prefix: path,
-            listen: None,
-            upstreams: vec![("127.0.0.1:9001", 1), ("127.0.0.1:9002", 3)],
-            strategy,
-            health: None,
-        }
+        let upstreams = vec![("127.0.0.1:9001", 1), ("127.0.0.1:9002", 3)];
+        Service::http(name, hosts, path, strategy, upstreams)
     }
 
     #[test]

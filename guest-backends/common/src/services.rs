@@ -1,0 +1,104 @@
+//! The desired state's services, borrowed from the generated records.
+
+use crate::bindings::exports::harbor::backend::adapter::DesiredState;
+use crate::bindings::harbor::backend::types::{HealthCheck, Upstream};
+
+/// A service as an adapter sees it, free of the generated binding types.
+#[derive(Debug, Clone)]
+pub struct Service<'a> {
+    pub name: &'a str,
+    /// Host names and path prefix (HTTP); empty for TCP.
+    pub hosts: &'a [String],
+    pub path_prefix: &'a str,
+    /// The listen address (TCP); `None` for HTTP.
+    pub listen: Option<&'a str>,
+    /// (address, weight)
+    pub upstreams: Vec<(&'a str, u32)>,
+    pub strategy: &'a str,
+    pub health: Option<Health<'a>>,
+}
+
+impl<'a> Service<'a> {
+    /// An HTTP service without a health check.
+    pub fn http(
+        name: &'a str,
+        hosts: &'a [String],
+        path_prefix: &'a str,
+        strategy: &'a str,
+        upstreams: Vec<(&'a str, u32)>,
+    ) -> Self {
+        Self {
+            name,
+            hosts,
+            path_prefix,
+            listen: None,
+            upstreams,
+            strategy,
+            health: None,
+        }
+    }
+}
+
+/// An active health check, free of the generated binding types.
+#[derive(Debug, Clone)]
+pub struct Health<'a> {
+    /// `GET` this path; `None` for a TCP connect check (which Caddy cannot run).
+    pub path: Option<&'a str>,
+    /// The expected status; `None` accepts any 2xx or 3xx.
+    pub status: Option<u16>,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// The state's HTTP services, in order.
+pub fn http_services(state: &DesiredState) -> Vec<Service<'_>> {
+    state
+        .http
+        .iter()
+        .map(|s| Service {
+            name: &s.name,
+            hosts: &s.hosts,
+            path_prefix: &s.path_prefix,
+            listen: None,
+            upstreams: upstreams(&s.upstreams),
+            strategy: &s.strategy,
+            health: s.health.as_ref().map(health),
+        })
+        .collect()
+}
+
+/// The state's TCP services, in order.
+pub fn tcp_services(state: &DesiredState) -> Vec<Service<'_>> {
+    state
+        .tcp
+        .iter()
+        .map(|s| Service {
+            name: &s.name,
+            hosts: &[],
+            path_prefix: "",
+            listen: Some(&s.listen),
+            upstreams: upstreams(&s.upstreams),
+            strategy: &s.strategy,
+            health: s.health.as_ref().map(health),
+        })
+        .collect()
+}
+
+fn upstreams(list: &[Upstream]) -> Vec<(&str, u32)> {
+    list.iter()
+        .map(|u| (u.address.as_str(), u.weight))
+        .collect()
+}
+
+fn health(h: &HealthCheck) -> Health<'_> {
+    Health {
+        path: h.http_path.as_deref(),
+        status: h.expect_status,
+        interval_ms: h.interval_ms,
+        timeout_ms: h.timeout_ms,
+        rise: h.rise,
+        fall: h.fall,
+    }
+}
