@@ -39,10 +39,7 @@ async fn open_page(b: &Browser, h: &TestHarbor) {
 
 async fn names_on_page(b: &Browser) -> Vec<String> {
     let v = b
-        .eval(
-            "return [...document.querySelectorAll('#rows tr')].map(r => r.dataset.name)",
-            json!([]),
-        )
+        .value("[...document.querySelectorAll('#rows tr')].map(r => r.dataset.name)")
         .await;
     serde_json::from_value(v).expect("names")
 }
@@ -129,10 +126,9 @@ async fn the_page_renders_the_static_services() {
     assert_eq!(row["strategy"], "least-connections");
 
     let strip = b
-        .eval(
-            "return ['st-backend','st-sync','st-plugins','st-version','st-uptime']
+        .value(
+            "['st-backend','st-sync','st-plugins','st-version','st-uptime']
                .map(id => document.getElementById(id).textContent)",
-            json!([]),
         )
         .await;
     assert_eq!(strip[0], "embedded");
@@ -142,32 +138,25 @@ async fn the_page_renders_the_static_services() {
 
     // Everything came from Harbor itself: no request left for another origin.
     let foreign = b
-        .eval(
-            "return performance.getEntriesByType('resource')
+        .value(
+            "performance.getEntriesByType('resource')
                .map(e => e.name).filter(u => !u.startsWith(location.origin))",
-            json!([]),
         )
         .await;
     assert_eq!(foreign, json!([]));
 
     // Keyboard: `/` jumps to the filter, typing filters, Escape clears.
     b.press("/").await;
-    let focused = b.eval("return document.activeElement.id", json!([])).await;
+    let focused = b.value("document.activeElement.id").await;
     assert_eq!(focused, "filter");
     b.type_into("#filter", "whoami.loc").await;
     let count = b
-        .eval(
-            "return document.getElementById('count').textContent",
-            json!([]),
-        )
+        .value("document.getElementById('count').textContent")
         .await;
     assert_eq!(count, "1 of 2 services");
     b.press("\u{E00C}").await;
     let count = b
-        .eval(
-            "return document.getElementById('count').textContent",
-            json!([]),
-        )
+        .value("document.getElementById('count').textContent")
         .await;
     assert_eq!(count, "2 public services");
 
@@ -176,20 +165,14 @@ async fn the_page_renders_the_static_services() {
     b.color_scheme("dark").await;
     assert_contrast(&b, "dark").await;
     let bg = b
-        .eval(
-            "return getComputedStyle(document.body).backgroundColor",
-            json!([]),
-        )
+        .value("getComputedStyle(document.body).backgroundColor")
         .await;
     assert_eq!(bg, "rgb(15, 19, 23)", "the dark theme follows the system");
     b.screenshot("static-dark.png").await;
     b.color_scheme("light").await;
     b.set_window(390, 844).await;
     let overflow = b
-        .eval(
-            "return document.documentElement.scrollWidth - document.documentElement.clientWidth",
-            json!([]),
-        )
+        .value("document.documentElement.scrollWidth - document.documentElement.clientWidth")
         .await;
     assert_eq!(overflow, 0, "no sideways scrolling on a phone");
     b.screenshot("static-phone.png").await;
@@ -272,7 +255,7 @@ async fn a_registration_appears_without_reload_within_a_second_and_an_expiry_rem
     let took = start.elapsed();
     assert!(took < Duration::from_secs(1), "took {took:?}");
     eprintln!("registration → row: {took:?}");
-    assert_eq!(b.eval("return window.__stayed", json!([])).await, true);
+    assert_eq!(b.value("window.__stayed").await, true);
 
     // The lease counts down, and near its end it warns.
     let (lease, _) = b
@@ -289,10 +272,7 @@ async fn a_registration_appears_without_reload_within_a_second_and_an_expiry_rem
         "{lease}"
     );
     let kind = b
-        .eval(
-            "return document.querySelector('#rows tr[data-name=\"preview-42\"] .kind').textContent",
-            json!([]),
-        )
+        .value("document.querySelector('#rows tr[data-name=\"preview-42\"] .kind').textContent")
         .await;
     assert_eq!(kind, "ephemeral");
     b.screenshot("ephemeral.png").await;
@@ -304,7 +284,7 @@ async fn a_registration_appears_without_reload_within_a_second_and_an_expiry_rem
         "return document.querySelector('#rows tr[data-name=\"preview-42\"]') === null",
     )
     .await;
-    assert_eq!(b.eval("return window.__stayed", json!([])).await, true);
+    assert_eq!(b.value("window.__stayed").await, true);
     b.close().await;
     h.shutdown().await;
 }
@@ -415,9 +395,7 @@ async fn a_private_service_never_reaches_the_page_or_the_public_stream() {
     )
     .await;
     assert_eq!(names_on_page(&b).await, ["marker"]);
-    let html = b
-        .eval("return document.documentElement.outerHTML", json!([]))
-        .await;
+    let html = b.value("document.documentElement.outerHTML").await;
     for secret in ["secret-db", "backroom", "turncoat"] {
         assert!(
             !html.as_str().unwrap().contains(secret),
@@ -531,7 +509,7 @@ async fn after_a_restart_the_page_reconnects_and_shows_the_current_state() {
          && document.getElementById('conn').dataset.state === 'live'",
     )
     .await;
-    let states = b.eval("return window.__states", json!([])).await;
+    let states = b.value("window.__states").await;
     assert_eq!(
         states,
         json!(["reconnecting", "live"]),
@@ -541,10 +519,7 @@ async fn after_a_restart_the_page_reconnects_and_shows_the_current_state() {
     // there.
     assert_eq!(names_on_page(&b).await, ["api", "fresh"]);
     let count = b
-        .eval(
-            "return document.getElementById('count').textContent",
-            json!([]),
-        )
+        .value("document.getElementById('count').textContent")
         .await;
     assert_eq!(count, "2 public services");
 
@@ -633,25 +608,14 @@ async fn five_hundred_services_render_and_filter_within_100_ms() {
     // Real typing goes through the same path.
     b.type_into("#filter", "svc-49").await;
     let shown = b
-        .eval(
-            "return [...document.querySelectorAll('#rows tr')].filter(r => !r.hidden).length",
-            json!([]),
-        )
+        .value("[...document.querySelectorAll('#rows tr')].filter(r => !r.hidden).length")
         .await;
     assert_eq!(shown, 10);
     let count = b
-        .eval(
-            "return document.getElementById('count').textContent",
-            json!([]),
-        )
+        .value("document.getElementById('count').textContent")
         .await;
     assert_eq!(count, "10 of 500 services");
-    let compact = b
-        .eval(
-            "return document.body.classList.contains('compact')",
-            json!([]),
-        )
-        .await;
+    let compact = b.value("document.body.classList.contains('compact')").await;
     assert_eq!(compact, true, "hundreds of services start compact");
 
     // Sorting by the address puts team0 hosts first.
@@ -663,17 +627,11 @@ async fn five_hundred_services_render_and_filter_within_100_ms() {
     )
     .await;
     let first = b
-        .eval(
-            "return document.querySelector('#rows tr').dataset.name",
-            json!([]),
-        )
+        .value("document.querySelector('#rows tr').dataset.name")
         .await;
     assert_eq!(first, "svc-000");
     let sorted_attr = b
-        .eval(
-            "return document.querySelector('th[data-sort=address]').getAttribute('aria-sort')",
-            json!([]),
-        )
+        .value("document.querySelector('th[data-sort=address]').getAttribute('aria-sort')")
         .await;
     assert_eq!(sorted_attr, "ascending");
     b.screenshot("five-hundred-compact.png").await;

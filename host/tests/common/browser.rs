@@ -178,6 +178,12 @@ impl Browser {
         self.cmd("/url", json!({ "url": url })).await;
     }
 
+    /// The value of a JavaScript expression in the page.
+    pub async fn value(&self, expression: &str) -> Value {
+        self.eval(&format!("return {expression}"), Value::Array(Vec::new()))
+            .await
+    }
+
     /// Runs `script` (a function body; `arguments` holds `args`) in the page and returns its
     /// result.
     pub async fn eval(&self, script: &str, args: Value) -> Value {
