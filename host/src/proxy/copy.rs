@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 /// 64 KiB the gain is within noise (see the proxy benchmark).
 pub const BUFFER: usize = 64 * 1024;
 
+/// How long a connection lives before it counts as long-lived (see [`drive`]).
+pub const LONG_LIVED: Duration = Duration::from_secs(60);
+
 /// Why copying stopped.
 #[derive(Debug, PartialEq, Eq)]
 pub enum End {
@@ -55,7 +58,7 @@ where
         &clock,
         tally.outbound,
     );
-    drive(inbound, outbound, &clock, idle, cut).await
+    drive(inbound, outbound, &clock, idle, cut, || {}).await
 }
 
 /// When traffic last moved, as nanoseconds on tokio's clock (so that tests can pause it).
@@ -86,17 +89,23 @@ impl Activity {
 }
 
 /// Runs both directions until both end, one fails, nothing moves for `idle`, or `cut` fires.
+/// A connection still open after [`LONG_LIVED`] gets `on_long_lived` called once: the work that
+/// only long connections need (TCP keepalive) is then skipped by every short one.
 pub async fn drive(
     inbound: impl Future<Output = std::io::Result<()>>,
     outbound: impl Future<Output = std::io::Result<()>>,
     activity: &Activity,
     idle: Duration,
     cut: &CancellationToken,
+    on_long_lived: impl FnOnce(),
 ) -> End {
     tokio::pin!(inbound, outbound);
     let (mut in_done, mut out_done) = (false, false);
     let idle_ns = idle.as_nanos().min(u128::from(u64::MAX)) as u64;
-    let mut check = tokio::time::Instant::now() + idle;
+    let started = tokio::time::Instant::now();
+    let mut on_long_lived = Some(on_long_lived);
+    // One timer serves both: it first fires at the earlier of the two deadlines.
+    let mut check = started + idle.min(LONG_LIVED);
     loop {
         tokio::select! {
             r = &mut inbound, if !in_done => {
@@ -108,6 +117,11 @@ pub async fn drive(
                 out_done = true;
             }
             () = tokio::time::sleep_until(check) => {
+                if started.elapsed() >= LONG_LIVED
+                    && let Some(on_long_lived) = on_long_lived.take()
+                {
+                    on_long_lived();
+                }
                 // Traffic resets no timer; the deadline is recomputed from the last activity
                 // only when it fires, so a busy connection pays nothing per read.
                 let quiet = activity.quiet();
@@ -209,5 +223,42 @@ mod tests {
         );
         assert_eq!(copy.await.unwrap(), End::Idle);
         assert!(started.elapsed() >= Duration::from_secs(28));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_lives_a_minute_gets_the_long_lived_work_once() {
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let calls_now = || calls.load(Ordering::Relaxed);
+        let activity = Activity::new();
+        let cut = CancellationToken::new();
+        let never = || std::future::pending::<std::io::Result<()>>();
+        let relay = drive(
+            never(),
+            never(),
+            &activity,
+            Duration::from_secs(600),
+            &cut,
+            || {
+                calls.fetch_add(1, Ordering::Relaxed);
+            },
+        );
+        tokio::pin!(relay);
+        let run_for = |secs| tokio::time::sleep(Duration::from_secs(secs));
+        tokio::select! {
+            _ = &mut relay => panic!("the connection ended early"),
+            () = run_for(59) => {}
+        }
+        assert_eq!(
+            calls_now(),
+            0,
+            "a connection younger than a minute is short"
+        );
+        tokio::select! {
+            _ = &mut relay => panic!("the connection ended early"),
+            () = run_for(2) => {}
+        }
+        assert_eq!(calls_now(), 1);
+        assert_eq!(relay.await, End::Idle, "the idle timeout still ends it");
+        assert_eq!(calls_now(), 1, "once");
     }
 }

@@ -32,19 +32,21 @@ const SMALL: usize = 16 * 1024;
 /// a larger pipe means fewer wake-ups per megabyte.
 const PIPE_BYTES: usize = 1 << 20;
 
-/// Copies `client` ⇄ `upstream` until both directions end, one fails, they idle or `cut` fires.
+/// Copies `client` ⇄ `upstream` until both directions end, one fails, they idle or `cut` fires;
+/// `on_long_lived` as in [`drive`].
 pub async fn duplex(
     client: &TcpStream,
     upstream: &TcpStream,
     idle: Duration,
     cut: &CancellationToken,
     tally: Tally<'_>,
+    on_long_lived: impl FnOnce(),
 ) -> End {
     let activity = Activity::new();
     let ended = AtomicBool::new(false);
     let inbound = pump(client, upstream, &activity, &ended, tally.inbound);
     let outbound = pump(upstream, client, &activity, &ended, tally.outbound);
-    drive(inbound, outbound, &activity, idle, cut).await
+    drive(inbound, outbound, &activity, idle, cut, on_long_lived).await
 }
 
 struct Pipe {
@@ -283,7 +285,15 @@ mod tests {
                 inbound: &i,
                 outbound: &o,
             };
-            let end = duplex(&client, &upstream, Duration::from_secs(30), &cut, tally).await;
+            let end = duplex(
+                &client,
+                &upstream,
+                Duration::from_secs(30),
+                &cut,
+                tally,
+                || {},
+            )
+            .await;
             (end, i.get(), o.get())
         });
         (client_peer, upstream_peer, relay)
