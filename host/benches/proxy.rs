@@ -2,7 +2,7 @@
 //! machine, with ratios.
 //!
 //! Cases (each target measured `RUNS` times, rounds interleaved so that background noise is
-//! spread over every target; medians printed):
+//! spread over every target, each round starting one target further along; medians printed):
 //! 1. small HTTP: `wrk -t2 -c64 -d5s --latency` against an nginx answering `ok\n` — direct, and
 //!    through Harbor, HAProxy (`mode http`), Caddy (`reverse_proxy`) and Envoy (HTTP connection
 //!    manager): requests/s, p99, ratios, and the proxy's CPU per request;
@@ -805,7 +805,9 @@ fn median(values: impl IntoIterator<Item = f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Runs `measure` on every target `RUNS` times, round by round, after one warm-up each.
+/// Runs `measure` on every target `RUNS` times, round by round, after one warm-up each. Each
+/// round starts one target further along, so that no target always runs right after the same
+/// one (a run leaves closing sockets and warm caches behind for the next).
 fn rounds<T>(
     targets: &[Target<'_>],
     mut warm: impl FnMut(&Target<'_>) -> anyhow::Result<()>,
@@ -818,7 +820,9 @@ fn rounds<T>(
     }
     let mut results: Vec<Vec<T>> = targets.iter().map(|_| Vec::new()).collect();
     for round in 1..=RUNS {
-        for (target, runs) in targets.iter().zip(&mut results) {
+        for k in 0..targets.len() {
+            let i = (k + round - 1) % targets.len();
+            let (target, runs) = (&targets[i], &mut results[i]);
             let result = measure(target).with_context(|| format!("measuring {}", target.name))?;
             println!(
                 "  run {round}/{RUNS} {:<20} {}",
