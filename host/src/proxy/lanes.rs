@@ -53,7 +53,7 @@ pub enum Affinity {
     /// the other: the load looks balanced, so nothing moves them, and they take turns at the
     /// scheduler's tick (4 ms here), each stalling its connections meanwhile. That was the
     /// proxy benchmark's HTTP p99 of 4.4 ms in about half of the runs; bound, 1.2–1.6 ms in
-    /// every run. (Spinning before sleeping, tried first, only hid part of it, and with bound
+    /// every run on a quiet machine. (Spinning before sleeping, tried first, only hid part of it, and with bound
     /// lanes it costs 9 % of requests/s.) nginx (`worker_cpu_affinity`) and HAProxy (`cpu-map`)
     /// bind the same way.
     Cores,
