@@ -185,6 +185,56 @@ fn peak_ewma_prefers_the_faster_backend() {
     assert!(fast > 1_900, "the faster backend got {fast} of 2000");
 }
 
+/// The load strategies hand the host a plan for first tries; the guest's own `pick` still
+/// answers retries. Both must choose alike, or a strategy would behave one way on first tries
+/// and another on retries: with the pick's random bits fixed (`fastrand::seed`), a first try
+/// (the host's plan) and a retry excluding nothing real (the guest) must agree, over many
+/// random loads.
+#[test]
+fn load_plans_choose_what_the_guest_would() {
+    let rt = runtime();
+    let mut rng = fastrand::Rng::with_seed(7);
+    for (strategy, weights) in [
+        // Weight 1 everywhere, and distinct counts below, so the least-loaded backend is unique
+        // and the scan's starting point (the pick's sequence number) does not matter.
+        ("least-connections", vec![1; 7]),
+        ("least-request", vec![1, 3, 2, 1, 5, 1, 2]),
+        ("peak-ewma", vec![1, 3, 2, 1, 5, 1, 2]),
+    ] {
+        let mut set = backends(&weights);
+        set[3].healthy = false;
+        let b = balancer(&rt, strategy, set);
+        let loads = b.backends().loads.clone();
+        for round in 0..300 {
+            let mut counts: Vec<usize> = (0..weights.len()).collect();
+            rng.shuffle(&mut counts);
+            let _held: Vec<_> = counts
+                .iter()
+                .enumerate()
+                .flat_map(|(i, &n)| (0..n).map(move |_| i))
+                .map(|i| loads.get(i).unwrap().start())
+                .collect();
+            for i in 0..weights.len() {
+                loads
+                    .get(i)
+                    .unwrap()
+                    .observe(Duration::from_micros(rng.u64(100..50_000)));
+            }
+            let seed = rng.u64(..);
+            fastrand::seed(seed);
+            let planned = b.pick(None, &[]).unwrap();
+            fastrand::seed(seed);
+            let guest = b.pick(None, &[u32::MAX]).unwrap();
+            assert!(!planned.fallback && !guest.fallback);
+            assert_eq!(
+                planned.index, guest.index,
+                "{strategy}, round {round}: in flight {counts:?}"
+            );
+            assert_ne!(planned.index, 3, "{strategy} picked the unhealthy backend");
+        }
+    }
+}
+
 #[test]
 fn consistent_hash_keeps_keys_in_place_when_a_backend_leaves() {
     let rt = runtime();
@@ -378,7 +428,7 @@ fn components_that_cannot_serve_are_refused_with_a_reason() {
     assert!(garbage.contains("not a WebAssembly component"), "{garbage}");
 
     let wrong = refused(&component("harbor-test-wrong-version", &[]));
-    assert!(wrong.contains("harbor:strategy@0.3.0"), "{wrong}");
+    assert!(wrong.contains("harbor:strategy@0.4.0"), "{wrong}");
 
     let stuck_component = component("harbor-test-misbehaving", &["stuck"]);
     let stuck = refused(&stuck_component);
@@ -394,7 +444,10 @@ fn components_that_cannot_serve_are_refused_with_a_reason() {
 
     // A pick table naming a backend that does not exist.
     let table = refused(&component("harbor-test-misbehaving", &["bad-table"]));
-    assert!(table.contains("pick table names backend 4 of 4"), "{table}");
+    assert!(table.contains("pick plan names backend 4 of 4"), "{table}");
+    // A load rule with a weight the contract does not allow.
+    let rule = refused(&component("harbor-test-misbehaving", &["bad-rule"]));
+    assert!(rule.contains("gives backend 0 weight 0"), "{rule}");
 
     // A plain core module is not a component either.
     let core = refused(b"\0asm\x01\0\0\0");

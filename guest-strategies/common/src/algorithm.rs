@@ -1,7 +1,7 @@
 //! What a built-in strategy implements: its algorithm, free of the WIT contract so that it is
 //! unit-tested natively. [`crate::strategy!`] makes a component of it.
 
-use crate::{Backends, Load, PickRequest, PickTable, config};
+use crate::{Backends, Load, PickPlan, PickRequest, config};
 
 /// One route's balancer: built when the route's backends are known, rebuilt when they change,
 /// asked for a backend on every new connection or request.
@@ -36,12 +36,12 @@ pub trait Algorithm: Sized + 'static {
     /// algorithms that do not balance by load ignore it.
     fn pick(&mut self, request: &PickRequest, load: &impl Load) -> Option<u32>;
 
-    /// The algorithm's first-try picks written out, for an algorithm whose picks are a function
-    /// of its backends and one number of the request: the host then answers first tries from
-    /// the table without a call, until the next rebuild. Called after every (re)build; the
-    /// default, none, has the host call [`pick`](Algorithm::pick) every time, as an algorithm
-    /// that reads live load must.
-    fn table(&mut self) -> Option<PickTable> {
+    /// The algorithm's first-try picks as a plan the host follows without calling the guest,
+    /// until the next rebuild: a table for picks that are a function of the backends and one
+    /// number of the request, a load rule for picks that compare live load the way the host's
+    /// rules do. Called after every (re)build. The plan must pick what
+    /// [`pick`](Algorithm::pick) would; the default, none, has the host call `pick` every time.
+    fn plan(&mut self) -> Option<PickPlan> {
         None
     }
 }

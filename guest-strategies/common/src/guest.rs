@@ -9,11 +9,14 @@
 use std::cell::{Cell, OnceCell};
 
 use crate::bindings::exports::harbor::strategy::strategy::{
-    Backend, Description, Guest, Outcome, PickTable as WitTable, Route,
+    Backend, Description, Guest, Outcome, PickPlan as WitPlan, Route,
 };
 use crate::bindings::harbor::strategy::load;
-use crate::bindings::harbor::strategy::types::TableIndex as WitIndex;
-use crate::{Algorithm, Backends, Load, PickRequest};
+use crate::bindings::harbor::strategy::types::{
+    LoadMeasure as WitMeasure, LoadRule as WitRule, PickTable as WitTable, TableIndex as WitIndex,
+    WeightedCandidate,
+};
+use crate::{Algorithm, Backends, Load, LoadMeasure, LoadRule, PickPlan, PickRequest};
 
 /// A strategy crate's component, as [`strategy!`](crate::strategy) declares it: the algorithm it
 /// exports, the crate's version, which `describe` reports, and the table of its routes.
@@ -39,8 +42,8 @@ impl<A> Default for Routes<A> {
 
 impl<A: Algorithm> Routes<A> {
     /// Builds the route's algorithm on its first backend list, rebuilds it on later ones;
-    /// returns the algorithm's pick table, if it has one.
-    pub fn rebuild(&mut self, route: Route, backends: Backends) -> Option<crate::PickTable> {
+    /// returns the algorithm's pick plan, if it has one.
+    pub fn rebuild(&mut self, route: Route, backends: Backends) -> Option<PickPlan> {
         let i = route as usize;
         if self.table.len() <= i {
             self.table.resize_with(i + 1, || None);
@@ -52,7 +55,7 @@ impl<A: Algorithm> Routes<A> {
             }
             empty => empty.insert(A::new(backends)),
         };
-        algorithm.table()
+        algorithm.plan()
     }
 
     pub fn forget(&mut self, route: Route) {
@@ -84,14 +87,18 @@ impl<C: Component> Guest for C {
         C::Algorithm::configure(&config)
     }
 
-    fn rebuild(route: Route, backends: Vec<Backend>) -> Option<WitTable> {
-        let table = C::with_routes(|routes| routes.rebuild(route, view(backends)))?;
-        Some(WitTable {
-            index: match table.index {
-                crate::TableIndex::Sequence => WitIndex::Sequence,
-                crate::TableIndex::Entropy => WitIndex::Entropy,
-            },
-            entries: table.entries,
+    fn rebuild(route: Route, backends: Vec<Backend>) -> Option<WitPlan> {
+        let plan = C::with_routes(|routes| routes.rebuild(route, view(backends)))?;
+        Some(match plan {
+            PickPlan::Table(table) => WitPlan::Table(WitTable {
+                index: match table.index {
+                    crate::TableIndex::Sequence => WitIndex::Sequence,
+                    crate::TableIndex::Entropy => WitIndex::Entropy,
+                },
+                entries: table.entries,
+            }),
+            PickPlan::LeastLoaded(rule) => WitPlan::LeastLoaded(wit_rule(rule)),
+            PickPlan::TwoChoices(rule) => WitPlan::TwoChoices(wit_rule(rule)),
         })
     }
 
@@ -127,6 +134,20 @@ impl<C: Component> Guest for C {
 
     /// Never called: `describe` asks for no outcomes.
     fn done(_route: Route, _index: u32, _outcome: Outcome, _latency_ns: u64) {}
+}
+
+fn wit_rule(rule: LoadRule) -> WitRule {
+    WitRule {
+        measure: match rule.measure {
+            LoadMeasure::InFlight => WitMeasure::InFlight,
+            LoadMeasure::PeakEwma { unmeasured_ns } => WitMeasure::PeakEwma(unmeasured_ns),
+        },
+        candidates: rule
+            .candidates
+            .into_iter()
+            .map(|(index, weight)| WeightedCandidate { index, weight })
+            .collect(),
+    }
 }
 
 /// The parts of the host's backend records that algorithms use (labels are left out).

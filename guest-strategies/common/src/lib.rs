@@ -38,6 +38,50 @@ pub struct PickRequest<'a> {
     pub exclude: &'a [u32],
 }
 
+/// How the host answers first tries without calling the strategy, until the next rebuild (the
+/// contract's `pick-plan`, which defines each rule exactly).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PickPlan {
+    /// The picks written out.
+    Table(PickTable),
+    /// The candidate with the least load per unit of weight, scanning from `sequence % len`.
+    LeastLoaded(LoadRule),
+    /// Power of two choices among the candidates, drawn in proportion to weight.
+    TwoChoices(LoadRule),
+}
+
+/// What a load rule compares (see [`load::cmp_per_weight`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadMeasure {
+    InFlight,
+    /// `latency × (in_flight + 1)`, with this latency (ns) for a backend not measured yet.
+    PeakEwma {
+        unmeasured_ns: u64,
+    },
+}
+
+/// A load rule's candidates, `(index, weight)` in the order the rule scans them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadRule {
+    pub measure: LoadMeasure,
+    pub candidates: Vec<(u32, u32)>,
+}
+
+impl LoadRule {
+    /// The first-try candidates of `backends` (the healthy ones, or all when none is), with
+    /// their weights.
+    pub fn over(backends: &Backends, measure: LoadMeasure) -> Self {
+        let candidates = backends.candidates(&[]);
+        Self {
+            measure,
+            candidates: candidates
+                .iter()
+                .map(|i| (i, u32::try_from(backends.weight(i)).unwrap_or(u32::MAX)))
+                .collect(),
+        }
+    }
+}
+
 /// Which number of a pick indexes a [`PickTable`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TableIndex {

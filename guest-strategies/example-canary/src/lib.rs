@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 // to this crate's Cargo.toml.
 wit_bindgen::generate!({ path: "../../wit/strategy", world: "plugin" });
 
-use exports::harbor::strategy::strategy::{Backend, Description, Guest, Outcome, PickTable, Route};
+use exports::harbor::strategy::strategy::{Backend, Description, Guest, Outcome, PickPlan, Route};
 
 /// The name routes use to select this strategy (`strategy = "example-canary"`).
 const NAME: &str = "example-canary";
@@ -60,10 +60,10 @@ impl Guest for Canary {
     }
 
     /// Called before a route's first pick (build its balancer) and whenever its backends change
-    /// (keep the balancer's settings, take the new list). No pick table: the host calls `pick`
-    /// every time (a strategy whose picks depend only on the backends and one number of the
-    /// pick may write them out instead; see `rebuild` in the WIT).
-    fn rebuild(route: Route, backends: Vec<Backend>) -> Option<PickTable> {
+    /// (keep the balancer's settings, take the new list). No pick plan: the host calls `pick`
+    /// every time (a strategy whose picks are a table or a load rule over its backends may hand
+    /// the host a plan instead; see `rebuild` in the WIT).
+    fn rebuild(route: Route, backends: Vec<Backend>) -> Option<PickPlan> {
         ROUTES.with_borrow_mut(|routes| {
             let i = route as usize;
             if routes.len() <= i {

@@ -4,7 +4,9 @@
 //! carry). Useful to keep idle backends idle, e.g. so that they can be scaled down, or for an
 //! active/standby pair listed in order of preference.
 
-use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest, PickTable, TableIndex};
+use harbor_strategy_common::{
+    Algorithm, Backends, Load, PickPlan, PickRequest, PickTable, TableIndex,
+};
 
 pub struct First {
     backends: Backends,
@@ -21,7 +23,14 @@ impl Algorithm for First {
         self.backends.candidates(request.exclude).first()
     }
 
-    fn table(&mut self) -> Option<PickTable> {
+    fn plan(&mut self) -> Option<PickPlan> {
+        self.table().map(PickPlan::Table)
+    }
+}
+
+impl First {
+    /// The first-try picks written out.
+    pub fn table(&mut self) -> Option<PickTable> {
         let first = self.backends.candidates(&[]).first();
         PickTable::new(TableIndex::Sequence, first.into_iter().collect())
     }

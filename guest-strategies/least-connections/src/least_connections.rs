@@ -8,8 +8,14 @@
 //!
 //! Ties (an idle route ties everywhere) are broken by starting the scan at `sequence % len`, so
 //! tied backends take turns instead of the first one taking every new connection.
+//!
+//! The scan is exactly the contract's `least-loaded` plan, so the strategy hands it to the host
+//! when the backends change, and the host scans its own counters for first tries without a
+//! guest call; `pick` still serves retries, which exclude backends.
 
-use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
+use harbor_strategy_common::{
+    Algorithm, Backends, Load, LoadMeasure, LoadRule, PickPlan, PickRequest,
+};
 
 pub struct LeastConnections {
     backends: Backends,
@@ -44,6 +50,14 @@ impl Algorithm for LeastConnections {
             }
         }
         best.map(|(i, _, _)| i)
+    }
+
+    /// The same scan as `pick`, which the host runs natively for first tries.
+    fn plan(&mut self) -> Option<PickPlan> {
+        Some(PickPlan::LeastLoaded(LoadRule::over(
+            &self.backends,
+            LoadMeasure::InFlight,
+        )))
     }
 }
 

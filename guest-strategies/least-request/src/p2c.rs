@@ -8,7 +8,9 @@
 //! The draws are weighted and ties keep the first draw, so an idle route splits in proportion
 //! to weight, while under load the comparison drives `in_flight / weight` towards equal.
 
-use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
+use harbor_strategy_common::{
+    Algorithm, Backends, Load, LoadMeasure, LoadRule, PickPlan, PickRequest,
+};
 
 pub struct LeastRequest {
     backends: Backends,
@@ -25,6 +27,14 @@ impl Algorithm for LeastRequest {
         self.backends
             .candidates(request.exclude)
             .two_choices(request.entropy, |i| u128::from(load.in_flight(i)))
+    }
+
+    /// The contract's `two-choices` plan, which the host draws for first tries.
+    fn plan(&mut self) -> Option<PickPlan> {
+        Some(PickPlan::TwoChoices(LoadRule::over(
+            &self.backends,
+            LoadMeasure::InFlight,
+        )))
     }
 }
 

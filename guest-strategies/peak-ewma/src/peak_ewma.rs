@@ -8,7 +8,9 @@
 //! they do not take everything from measured fast ones. The `+ 1` makes an idle slow backend
 //! still cost more than an idle fast one.
 
-use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
+use harbor_strategy_common::{
+    Algorithm, Backends, Load, LoadMeasure, LoadRule, PickPlan, PickRequest,
+};
 
 /// The latency assumed before the host has measured one.
 pub const DEFAULT_RTT_NS: u64 = 30_000_000;
@@ -28,6 +30,18 @@ impl Algorithm for PeakEwma {
         self.backends
             .candidates(request.exclude)
             .two_choices(request.entropy, |i| cost(load, i))
+    }
+
+    /// The contract's `two-choices` plan with peak EWMA's cost, which the host draws for first
+    /// tries.
+    fn plan(&mut self) -> Option<PickPlan> {
+        let measure = LoadMeasure::PeakEwma {
+            unmeasured_ns: DEFAULT_RTT_NS,
+        };
+        Some(PickPlan::TwoChoices(LoadRule::over(
+            &self.backends,
+            measure,
+        )))
     }
 }
 

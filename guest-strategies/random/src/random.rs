@@ -4,7 +4,9 @@
 //! Stateless, so workers need no coordination and a rebuild forgets nothing. Without retries a
 //! pick is a binary search over precomputed running weights.
 
-use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest, PickTable, TableIndex};
+use harbor_strategy_common::{
+    Algorithm, Backends, Load, PickPlan, PickRequest, PickTable, TableIndex,
+};
 
 pub struct WeightedRandom {
     backends: Backends,
@@ -23,8 +25,14 @@ impl Algorithm for WeightedRandom {
             .random(request.entropy)
     }
 
+    fn plan(&mut self) -> Option<PickPlan> {
+        self.table().map(PickPlan::Table)
+    }
+}
+
+impl WeightedRandom {
     /// Each candidate as often as its weight, indexed by entropy: the same odds as above.
-    fn table(&mut self) -> Option<PickTable> {
+    pub fn table(&mut self) -> Option<PickTable> {
         PickTable::weighted(TableIndex::Entropy, &self.backends.candidates(&[]))
     }
 }

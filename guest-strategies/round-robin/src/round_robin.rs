@@ -4,7 +4,9 @@
 //! the whole route with no state here; a per-balancer counter would cycle per worker and send
 //! bursts to the same backend from each. Weights are ignored (that is `weighted-round-robin`).
 
-use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest, PickTable, TableIndex};
+use harbor_strategy_common::{
+    Algorithm, Backends, Load, PickPlan, PickRequest, PickTable, TableIndex,
+};
 
 pub struct RoundRobin {
     backends: Backends,
@@ -24,8 +26,14 @@ impl Algorithm for RoundRobin {
         candidates.nth(turn)
     }
 
+    fn plan(&mut self) -> Option<PickPlan> {
+        self.table().map(PickPlan::Table)
+    }
+}
+
+impl RoundRobin {
     /// The candidates in order, indexed by sequence: exactly the picks above.
-    fn table(&mut self) -> Option<PickTable> {
+    pub fn table(&mut self) -> Option<PickTable> {
         let candidates = self.backends.candidates(&[]);
         PickTable::new(TableIndex::Sequence, candidates.iter().collect())
     }

@@ -11,7 +11,9 @@
 
 use std::collections::HashMap;
 
-use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest, PickTable, TableIndex};
+use harbor_strategy_common::{
+    Algorithm, Backends, Load, PickPlan, PickRequest, PickTable, TableIndex,
+};
 
 pub struct SmoothWeighted {
     backends: Backends,
@@ -64,11 +66,17 @@ impl Algorithm for SmoothWeighted {
         Some(chosen)
     }
 
+    fn plan(&mut self) -> Option<PickPlan> {
+        self.table().map(PickPlan::Table)
+    }
+}
+
+impl SmoothWeighted {
     /// The next full cycle, indexed by sequence. Smooth weighted round-robin repeats itself
     /// after as many picks as the weights add up to (each backend is picked its weight's number
     /// of times and its counter returns to where it started), so the cycle is every pick to
     /// come; the counters themselves are left as they were.
-    fn table(&mut self) -> Option<PickTable> {
+    pub fn table(&mut self) -> Option<PickTable> {
         let total = self.backends.candidates(&[]).total_weight();
         if total > PickTable::MAX_ENTRIES as u64 {
             return None;

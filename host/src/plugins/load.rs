@@ -104,6 +104,14 @@ impl LoadTable {
         Self { entries }
     }
 
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     pub fn get(&self, index: usize) -> Option<&Arc<BackendLoad>> {
         self.entries.get(index)
     }

@@ -9,6 +9,7 @@
 //! | `guest` | the generated bindings, the guest store's state, the linker |
 //! | `strategy` | one loaded component: the admission check, the fault breaker |
 //! | `shard` | per-thread instances and the guest side of a pick |
+//! | `plan` | the pick plans a strategy hands the host: tables and load rules, run natively |
 //! | `balancer` | a route's backends, live load, pick sequence and fallback |
 //! | `load` | per-backend in-flight counts and latency EWMA |
 //! | `catalog` | strategies by name, built-ins, install / remove / list |
@@ -20,6 +21,7 @@ mod dir;
 mod engine;
 mod guest;
 pub mod load;
+mod plan;
 mod report;
 mod shard;
 mod strategy;

@@ -2,9 +2,8 @@
 //! strategy version, in which every route it picks for has a number, so picks on different
 //! threads never wait on each other and no lock is held across a guest call. A pick is one
 //! guest call with scalar arguments: no resource handle, no list unless a retry excludes some.
-//! A strategy that writes its picks out as a table when it is given the backends (round-robin,
-//! weighted round-robin, random, first) costs no call at all on a first try: the table here
-//! answers it.
+//! A strategy that hands the host a pick plan when it is given the backends (every built-in
+//! but consistent hashing) costs no call at all on a first try: the plan answers it here.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -14,7 +13,8 @@ use std::sync::{Arc, Weak};
 use wasmtime::Store;
 
 use super::balancer::BackendSet;
-use super::guest::{GuestState, PickTable, Plugin, TableIndex};
+use super::guest::{GuestState, Plugin};
+use super::plan::Plan;
 use super::report::FaultKind;
 use super::strategy::{CALL_DEADLINE_TICKS, Loaded, SETUP_DEADLINE_TICKS, arm, classify};
 
@@ -34,8 +34,8 @@ struct Shard {
 struct Route {
     /// The number the guest knows the route by.
     number: u32,
-    /// The first-try picks the guest wrote out for this backend set, if it did.
-    table: Option<Table>,
+    /// How the guest said to answer first tries for this backend set, if it did.
+    plan: Option<Plan>,
     /// The backend-set version the guest last saw.
     version: u64,
     /// Dead once the route's balancer is dropped.
@@ -69,57 +69,6 @@ thread_local! {
     static SHARDS: RefCell<IdMap<Shard>> = RefCell::new(IdMap::default());
 }
 
-/// A guest's pick table, checked: every entry is an index into the backend set it was made for.
-pub(super) struct Table {
-    index: TableIndex,
-    entries: Box<[u32]>,
-}
-
-/// Longest pick table accepted (the contract's limit).
-const MAX_TABLE: usize = 65_536;
-
-impl Table {
-    pub(super) fn check(table: PickTable, backends: usize) -> Result<Self, Fault> {
-        let bad = |message: String| Fault {
-            kind: FaultKind::BadAnswer,
-            message,
-        };
-        if table.entries.len() > MAX_TABLE {
-            return Err(bad(format!(
-                "a pick table of {} entries; at most {MAX_TABLE} are allowed",
-                table.entries.len()
-            )));
-        }
-        if let Some(&i) = table.entries.iter().find(|&&i| i as usize >= backends) {
-            return Err(bad(format!("a pick table names backend {i} of {backends}")));
-        }
-        Ok(Self {
-            index: table.index,
-            entries: table.entries.into_boxed_slice(),
-        })
-    }
-
-    pub(super) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// The table's answer to `ask`: `None` when the table cannot answer it (a hash-key table
-    /// and a pick without a key), else the pick (`Some(None)`: no backend can be used).
-    fn answer(&self, ask: &Ask<'_>) -> Option<Option<u32>> {
-        let x = match self.index {
-            TableIndex::Sequence => ask.sequence,
-            TableIndex::Entropy => ask.entropy,
-            TableIndex::HashKey => ask.hash_key?,
-        };
-        let len = self.entries.len() as u64;
-        if len == 0 {
-            return Some(None);
-        }
-        // Lossless: the remainder is below the table's length, itself at most MAX_TABLE.
-        Some(Some(self.entries[(x % len) as usize]))
-    }
-}
-
 /// A failed guest call. The instance it happened in has been discarded.
 pub struct Fault {
     pub kind: FaultKind,
@@ -140,20 +89,22 @@ pub struct Ask<'a> {
     pub exclude: &'a [u32],
 }
 
-/// Asks the strategy for a backend of `set` on behalf of route balancer `id`.
+/// Asks the strategy for a backend of `set` on behalf of route balancer `id`. A fault comes
+/// boxed: unboxed, the result's odd layout was copied through the stack with overlapping
+/// unaligned moves on every pick, which cost a table pick a fifth of its time.
 pub fn pick(
     loaded: &Arc<Loaded>,
     id: u64,
     alive: &Arc<()>,
     set: &BackendSet,
     ask: &Ask<'_>,
-) -> Result<Option<u32>, Fault> {
+) -> Result<Option<u32>, Box<Fault>> {
     SHARDS.with(|cell| {
         let Ok(mut shards) = cell.try_borrow_mut() else {
-            return Err(Fault {
+            return Err(Box::new(Fault {
                 kind: FaultKind::Trap,
                 message: "re-entered the strategy runtime".into(),
-            });
+            }));
         };
         let shard = match shards.get_mut(&loaded.generation) {
             Some(shard) => shard,
@@ -208,7 +159,7 @@ impl Shard {
         alive: &Arc<()>,
         set: &BackendSet,
         ask: &Ask<'_>,
-    ) -> Result<Option<u32>, Fault> {
+    ) -> Result<Option<u32>, Box<Fault>> {
         // Point the load import at this route's counters (an Arc swap only when the route or
         // its backend set changed since the last pick on this thread).
         let data = self.store.data_mut();
@@ -230,7 +181,7 @@ impl Shard {
             }
         };
         if ask.exclude.is_empty()
-            && let Some(answer) = route.table.as_ref().and_then(|t| t.answer(ask))
+            && let Some(answer) = route.plan.as_ref().and_then(|p| p.answer(ask))
         {
             return Ok(answer);
         }
@@ -255,7 +206,7 @@ impl Shard {
                 ask.exclude,
             )
         }
-        .map_err(fault)
+        .map_err(|e| Box::new(fault(e)))
     }
 
     /// Gives the guest the route's current backends, numbering the route first if this
@@ -289,16 +240,16 @@ impl Shard {
             }
         };
         arm(&mut self.store, SETUP_DEADLINE_TICKS);
-        let table = api
+        let plan = api
             .call_rebuild(&mut self.store, number, set.guest_backends())
             .map_err(fault)?
-            .map(|t| Table::check(t, set.backends.len()))
+            .map(|p| Plan::check(p, &set.loads))
             .transpose()?;
         self.routes.insert(
             id,
             Route {
                 number,
-                table,
+                plan,
                 version: set.version,
                 alive: Arc::downgrade(alive),
             },

@@ -10,6 +10,7 @@ use wasmtime::component::Linker;
 
 use super::engine::{PluginEngine, content_hash, ticks};
 use super::guest::{self, Backend, Description, GuestState, PluginPre};
+use super::load::LoadTable;
 use super::report::{FaultKind, Reporter};
 use crate::model::StrategyName;
 
@@ -225,11 +226,11 @@ fn sample_picks(
     const ROUTE: u32 = 0;
     let backends = sample_backends(4, None);
     store.data_mut().loads = Some(Arc::new(super::load::LoadTable::default()));
-    let table = call(store, SETUP_DEADLINE_TICKS, |s| {
+    let plan = call(store, SETUP_DEADLINE_TICKS, |s| {
         api.call_rebuild(s, ROUTE, &backends)
     })
     .map_err(|e| Rejected(format!("building a route failed: {e}")))?;
-    check_table(table, 4)?;
+    check_plan(plan, 4)?;
     let check = |store: &mut Store<GuestState>,
                  n: u32,
                  (sequence, entropy, hash_key): (u64, u64, Option<u64>),
@@ -273,11 +274,11 @@ fn sample_picks(
         }
     }
     let fewer = sample_backends(3, Some(1));
-    let table = call(store, SETUP_DEADLINE_TICKS, |s| {
+    let plan = call(store, SETUP_DEADLINE_TICKS, |s| {
         api.call_rebuild(s, ROUTE, &fewer)
     })
     .map_err(|e| Rejected(format!("rebuild failed: {e}")))?;
-    check_table(table, 3)?;
+    check_plan(plan, 3)?;
     for seq in 0..50u64 {
         let ask = (seq, seq.wrapping_mul(0xD1B5_4A32_D192_ED03), Some(seq));
         check(store, 3, ask, &[])?;
@@ -288,17 +289,18 @@ fn sample_picks(
     Ok(())
 }
 
-/// A pick table, if the strategy wrote one, must name only the `n` backends it was given, and
+/// A pick plan, if the strategy made one, must name only the `n` backends it was given, and
 /// some of them: every sample backend set has usable backends.
-fn check_table(table: Option<guest::PickTable>, n: usize) -> Result<(), Rejected> {
-    let Some(table) = table else {
+fn check_plan(plan: Option<guest::PickPlan>, n: usize) -> Result<(), Rejected> {
+    let Some(plan) = plan else {
         return Ok(());
     };
-    let table = super::shard::Table::check(table, n)
+    let loads = LoadTable::new((0..n).map(|_| Default::default()).collect());
+    let plan = super::plan::Plan::check(plan, &loads)
         .map_err(|fault| Rejected(format!("rebuild returned {}", fault.message)))?;
-    if table.is_empty() {
+    if plan.is_empty() {
         return Err(Rejected(format!(
-            "rebuild returned an empty pick table although {n} backends are usable"
+            "rebuild returned an empty pick plan although {n} backends are usable"
         )));
     }
     Ok(())

@@ -1,14 +1,15 @@
 //! A strategy that behaves during Harbor's admission check and misbehaves on command at run
 //! time, chosen by magic hash keys, so tests can show each failure is contained. Built with the
 //! `stuck` feature, its `describe` never returns; with `bad-table`, its pick table names a
-//! backend that does not exist: the admission check must refuse both.
+//! backend that does not exist; with `bad-rule`, its load rule gives a backend weight 0: the
+//! admission check must refuse all three.
 
 use std::cell::RefCell;
 
 wit_bindgen::generate!({ path: "../../../../wit/strategy", world: "plugin" });
 
-use exports::harbor::strategy::strategy::{Backend, Description, Guest, Outcome, PickTable, Route};
-use harbor::strategy::types::TableIndex;
+use exports::harbor::strategy::strategy::{Backend, Description, Guest, Outcome, PickPlan, Route};
+use harbor::strategy::types::{LoadMeasure, LoadRule, PickTable, TableIndex, WeightedCandidate};
 
 /// Loop forever.
 pub const LOOP: u64 = 0xDEAD_0001;
@@ -47,7 +48,7 @@ impl Guest for Component {
         Ok(())
     }
 
-    fn rebuild(route: Route, backends: Vec<Backend>) -> Option<PickTable> {
+    fn rebuild(route: Route, backends: Vec<Backend>) -> Option<PickPlan> {
         COUNTS.with_borrow_mut(|c| {
             let i = route as usize;
             if c.len() <= i {
@@ -55,9 +56,20 @@ impl Guest for Component {
             }
             c[i] = backends.len() as u32;
         });
-        cfg!(feature = "bad-table").then(|| PickTable {
-            index: TableIndex::Sequence,
-            entries: vec![0, backends.len() as u32],
+        if cfg!(feature = "bad-rule") {
+            return Some(PickPlan::LeastLoaded(LoadRule {
+                measure: LoadMeasure::InFlight,
+                candidates: vec![WeightedCandidate {
+                    index: 0,
+                    weight: 0,
+                }],
+            }));
+        }
+        cfg!(feature = "bad-table").then(|| {
+            PickPlan::Table(PickTable {
+                index: TableIndex::Sequence,
+                entries: vec![0, backends.len() as u32],
+            })
         })
     }
 

@@ -3,7 +3,7 @@
 
 wit_bindgen::generate!({ path: "../../../../wit/strategy", world: "plugin" });
 
-use exports::harbor::strategy::strategy::{Backend, Description, Guest, Outcome, PickTable, Route};
+use exports::harbor::strategy::strategy::{Backend, Description, Guest, Outcome, PickPlan, Route};
 
 const CHOICE: u32 = if cfg!(feature = "second") { 1 } else { 0 };
 
@@ -23,7 +23,7 @@ impl Guest for Component {
         Ok(())
     }
 
-    fn rebuild(_route: Route, _backends: Vec<Backend>) -> Option<PickTable> {
+    fn rebuild(_route: Route, _backends: Vec<Backend>) -> Option<PickPlan> {
         None
     }
 
