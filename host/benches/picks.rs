@@ -1,9 +1,12 @@
 //! Strategy pick benchmark: the cost of one pick through the full host path
-//! (`harbor::plugins::Balancer::pick`: the ArcSwap loads, this thread's wasm instance, the guest
-//! `pick` call) against the same strategy written natively in this file.
+//! (`harbor::plugins::Balancer::pick`: the ArcSwap loads, this thread's wasm instance and the
+//! pick plan the strategy handed it, or the guest call) against the same strategy written
+//! natively in this file.
 //!
-//! Configurations: the built-in `round-robin` and `least-connections` strategies, routes of 4 and
-//! 64 backends, and one or two threads picking on the same balancer at once (one route, many
+//! Configurations: the built-in `round-robin` and `least-connections` strategies (a table and a
+//! least-loaded rule), least-connections again with every pick a retry (`lc, guest call`: the
+//! host calls the guest for retries and for strategies without a plan), routes of 4 and 64
+//! backends, and one or two threads picking on the same balancer at once (one route, many
 //! connections: the realistic case, and the one where contention or queueing would show).
 //!
 //! Each thread warms up, then times batches of picks until its time slice runs out; the figures
@@ -13,7 +16,7 @@
 //! on a busy machine can be told apart from picks that wait on each other.
 //!
 //! Run with `cargo bench -p harbor --bench picks`; `-- least-connections` (any part of a strategy
-//! name) runs only the matching strategies, e.g. under `perf`. It is a benchmark, not a test: a
+//! name or row label) runs only the matching configurations, e.g. under `perf`. It is a benchmark, not a test: a
 //! missed target is reported, not a failure. A pick that falls back to the host's own round-robin
 //! is a failure, because then the wasm path was not measured.
 
