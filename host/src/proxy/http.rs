@@ -25,30 +25,22 @@ use super::body::{ClientBody, Flight, Lease, ResponseBody, UpstreamBody, text};
 use super::choose::{Failure, choose, client_key};
 use super::copy::{self, Tally};
 use super::headers::{add_forwarded, append_via, strip_hop_by_hop, upgrade_of};
-use super::lanes::{Affinity, Job, Lanes};
+use super::lanes::{Job, Lanes};
 use super::metrics::ErrorKind;
 use super::pool;
 use super::{Shared, accept_backoff};
 
 /// Accepts until `stop`, serving each connection on its own task in one of the lanes.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    lanes: Option<Arc<Lanes>>,
+    stop: CancellationToken,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(hyper_util::rt::TokioTimer::new());
     // Slow-loris guard: a client gets this long to send its request headers.
     builder.http1().header_read_timeout(Duration::from_secs(30));
-    // Dropped when accepting stops: each lane then ends once its connections have.
-    let affinity = if shared.settings.cpu_affinity {
-        Affinity::Cores
-    } else {
-        Affinity::Free
-    };
-    let lanes = match Lanes::start(shared.lanes, affinity) {
-        Ok(lanes) => Some(lanes),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot start the HTTP lanes; serving on the main runtime");
-            None
-        }
-    };
     let mut failures = 0u32;
     loop {
         let accepted = tokio::select! {

@@ -1,5 +1,6 @@
-//! Lanes for HTTP connections: one thread per core, each running its own single-threaded
-//! runtime, given accepted connections in turn.
+//! Lanes for proxied connections: one thread per core, each running its own single-threaded
+//! runtime. HTTP connections are handed to them in turn; each `tcp` route runs an accept loop in
+//! every lane (see [`super::tcp`]).
 //!
 //! On one multi-threaded runtime a connection's task may move between workers at every wake-up,
 //! and the workers park and wake each other around the one I/O driver. A lane serves its
@@ -23,10 +24,16 @@ use tokio::sync::mpsc;
 pub type Job =
     Box<dyn FnOnce(tokio::net::TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
-struct Handoff {
-    stream: std::net::TcpStream,
-    peer: SocketAddr,
-    job: Job,
+/// Work that runs on a lane's runtime until it ends; the lane ends only after it.
+pub type Task = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+enum Handoff {
+    Connection {
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+        job: Job,
+    },
+    Task(Task),
 }
 
 thread_local! {
@@ -95,6 +102,22 @@ impl Lanes {
         }))
     }
 
+    pub fn count(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// Runs `task` on lane `lane` (0-based, below [`Self::count`]); gives it back if that lane
+    /// is gone.
+    pub fn run_on(&self, lane: usize, task: Task) -> Result<(), Task> {
+        let Some(sender) = self.senders.get(lane) else {
+            return Err(task);
+        };
+        sender.send(Handoff::Task(task)).map_err(|e| match e.0 {
+            Handoff::Task(task) => task,
+            Handoff::Connection { .. } => unreachable!("a task was sent"),
+        })
+    }
+
     /// Hands `stream` to the next lane, which runs `job` on it.
     pub fn hand(&self, stream: tokio::net::TcpStream, peer: SocketAddr, job: Job) {
         let lane = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
@@ -105,8 +128,8 @@ impl Lanes {
                 return;
             }
         };
-        if let Err(mpsc::error::SendError(Handoff { stream, job, .. })) =
-            self.senders[lane].send(Handoff { stream, peer, job })
+        if let Err(mpsc::error::SendError(Handoff::Connection { stream, job, .. })) =
+            self.senders[lane].send(Handoff::Connection { stream, peer, job })
         {
             // The lane is gone (it panicked): serve the connection here.
             match tokio::net::TcpStream::from_std(stream) {
@@ -144,25 +167,30 @@ fn bind_to(core: usize) {
     // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is the calling thread.
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
     if rc != 0 {
-        tracing::warn!(core, error = %std::io::Error::last_os_error(), "cannot bind an HTTP lane to its core");
+        tracing::warn!(core, error = %std::io::Error::last_os_error(), "cannot bind a proxy lane to its core");
     }
 }
 
-/// A lane's loop: runs every connection it is given until the lanes are dropped and its
-/// connections have ended.
+/// A lane's loop: runs every connection and task it is given until the lanes are dropped and
+/// they have ended.
 async fn run(mut handoffs: mpsc::UnboundedReceiver<Handoff>) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            handoff = handoffs.recv() => {
-                let Some(Handoff { stream, peer, job }) = handoff else { break };
-                match tokio::net::TcpStream::from_std(stream) {
-                    Ok(stream) => {
-                        connections.spawn(job(stream));
+            handoff = handoffs.recv() => match handoff {
+                None => break,
+                Some(Handoff::Connection { stream, peer, job }) => {
+                    match tokio::net::TcpStream::from_std(stream) {
+                        Ok(stream) => {
+                            connections.spawn(job(stream));
+                        }
+                        Err(e) => tracing::warn!(%peer, error = %e, "a lane cannot take a connection"),
                     }
-                    Err(e) => tracing::warn!(%peer, error = %e, "a lane cannot take a connection"),
                 }
-            }
+                Some(Handoff::Task(task)) => {
+                    connections.spawn(task());
+                }
+            },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
@@ -193,6 +221,45 @@ mod tests {
                 }
             })
         })
+    }
+
+    #[tokio::test]
+    async fn tasks_run_on_the_lane_asked_for_and_outlive_the_lanes() {
+        let lanes = Lanes::start(2, Affinity::Free).expect("lanes");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
+        let mut release = Some(release);
+        let mut held = Some(held);
+        for lane in [1, 0] {
+            let (tx, held) = (tx.clone(), held.take());
+            let task: Task = Box::new(move || {
+                Box::pin(async move {
+                    let _ = tx.send(current());
+                    if let Some(held) = held {
+                        let _ = held.await;
+                        let _ = tx.send(current() + 10);
+                    }
+                })
+            });
+            assert!(lanes.run_on(lane, task).is_ok());
+        }
+        assert!(lanes.run_on(2, Box::new(|| Box::pin(async {}))).is_err());
+        let mut ran: Vec<usize> = vec![
+            rx.recv().await.expect("a task"),
+            rx.recv().await.expect("a task"),
+        ];
+        ran.sort_unstable();
+        assert_eq!(
+            ran,
+            [1, 2],
+            "each task ran on its own lane (lanes count from 1)"
+        );
+        // The lanes handle goes away; the lane with a task still under way keeps running it.
+        drop(lanes);
+        if let Some(release) = release.take() {
+            let _ = release.send(());
+        }
+        assert_eq!(rx.recv().await, Some(12));
     }
 
     #[tokio::test]

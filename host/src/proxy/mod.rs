@@ -46,7 +46,7 @@ pub struct Shared {
     pool: Arc<pool::Pool>,
     streams: pool::Streams,
     tcp_open: Arc<AtomicUsize>,
-    /// How many lanes serve HTTP connections.
+    /// How many lanes serve connections.
     lanes: usize,
 }
 
@@ -87,6 +87,11 @@ impl Proxy {
             lanes,
         });
         let stop = CancellationToken::new();
+        // Each accept loop holds the lanes and drops them when it stops, so the lane threads end
+        // once accepting has stopped everywhere and their connections have ended.
+        let lanes = (options.http.is_some() || options.tcp)
+            .then(|| start_lanes(&shared))
+            .flatten();
         let mut http_addr = None;
         if let Some(addr) = options.http {
             let listener = TcpListener::bind(addr)
@@ -95,10 +100,15 @@ impl Proxy {
             let bound = listener.local_addr()?;
             tracing::info!(addr = %bound, "HTTP proxy listening");
             http_addr = Some(bound);
-            tasks.spawn(http::serve(shared.clone(), listener, stop.clone()));
+            tasks.spawn(http::serve(
+                shared.clone(),
+                listener,
+                lanes.clone(),
+                stop.clone(),
+            ));
         }
         if options.tcp {
-            tasks.spawn(tcp::supervise(shared.clone(), stop.clone()));
+            tasks.spawn(tcp::supervise(shared.clone(), lanes, stop.clone()));
         }
         tasks.spawn(health::supervise(shared.clone(), stop.clone()));
         tasks.spawn(follow(shared.clone(), stop.clone()));
@@ -135,6 +145,20 @@ impl Proxy {
         }
         cut
     }
+}
+
+/// One lane per core this machine has; on failure connections are served on the main runtime.
+fn start_lanes(shared: &Shared) -> Option<Arc<lanes::Lanes>> {
+    let affinity = if shared.settings.cpu_affinity {
+        lanes::Affinity::Cores
+    } else {
+        lanes::Affinity::Free
+    };
+    lanes::Lanes::start(shared.lanes, affinity)
+        .inspect_err(|e| {
+            tracing::warn!(error = %e, "cannot start the proxy lanes; serving on the main runtime");
+        })
+        .ok()
 }
 
 /// Keeps the metric handles and the connection pool in step with the routing table.
