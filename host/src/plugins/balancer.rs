@@ -284,6 +284,18 @@ impl Balancer {
         self.set.load_full()
     }
 
+    /// Whether some backend is healthy and not in `exclude`. Reads the set without counting a
+    /// reference to it: every connection asks, and a shared count is a cache line both cores
+    /// would write each time.
+    pub fn any_usable(&self, exclude: &[u32]) -> bool {
+        self.set
+            .load()
+            .backends
+            .iter()
+            .enumerate()
+            .any(|(i, b)| b.healthy && !exclude.contains(&(i as u32)))
+    }
+
     /// Chooses a backend. `exclude` lists indexes already tried for this request.
     pub fn pick(&self, hash_key: Option<u64>, exclude: &[u32]) -> Option<Picked> {
         let set = self.set.load();

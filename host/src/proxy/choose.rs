@@ -72,13 +72,7 @@ where
     let mut retries = 0;
     let mut last_error = String::new();
     loop {
-        let usable = |set: &crate::plugins::BackendSet, exclude: &[u32]| {
-            set.backends
-                .iter()
-                .enumerate()
-                .any(|(i, b)| b.healthy && !exclude.contains(&(i as u32)))
-        };
-        if !usable(&balancer.backends(), &exclude) {
+        if !balancer.any_usable(&exclude) {
             return Err(if exclude.is_empty() {
                 Failure::NoHealthy
             } else {
