@@ -194,20 +194,30 @@ fn peak_ewma_prefers_the_faster_backend() {
 fn load_plans_choose_what_the_guest_would() {
     let rt = runtime();
     let mut rng = fastrand::Rng::with_seed(7);
+    // The counts below make every backend's load per unit of weight distinct, so the least
+    // loaded backend is unique and the scan's starting point (the pick's sequence number, one
+    // apart between the two picks) does not matter.
     for (strategy, weights) in [
-        // Weight 1 everywhere, and distinct counts below, so the least-loaded backend is unique
-        // and the scan's starting point (the pick's sequence number) does not matter.
         ("least-connections", vec![1; 7]),
+        ("least-connections", vec![1, 3, 2, 1, 5, 1, 2]),
         ("least-request", vec![1, 3, 2, 1, 5, 1, 2]),
         ("peak-ewma", vec![1, 3, 2, 1, 5, 1, 2]),
     ] {
+        let equal = weights.iter().all(|&w| w == weights[0]);
         let mut set = backends(&weights);
         set[3].healthy = false;
         let b = balancer(&rt, strategy, set);
         let loads = b.backends().loads.clone();
         for round in 0..300 {
-            let mut counts: Vec<usize> = (0..weights.len()).collect();
-            rng.shuffle(&mut counts);
+            let mut order: Vec<usize> = (0..weights.len()).collect();
+            rng.shuffle(&mut order);
+            // Equal weights: the counts 0..n, idle backends included. Unequal: `w × k + 1`,
+            // whose loads per weight, `k + 1/w`, differ whenever the `k` do.
+            let counts: Vec<usize> = order
+                .iter()
+                .zip(&weights)
+                .map(|(&k, &w)| if equal { k } else { w as usize * k + 1 })
+                .collect();
             let _held: Vec<_> = counts
                 .iter()
                 .enumerate()
