@@ -19,7 +19,7 @@ mod bindings {
 }
 
 pub use bindings::exports::harbor::strategy::strategy::{Backend, Description, Outcome, PickPlan};
-pub use bindings::harbor::strategy::types::{LoadMeasure, LoadRule, TableIndex};
+pub use bindings::harbor::strategy::types::{LoadMeasure, LoadRule, TableIndex, WeightedCandidate};
 pub use bindings::{Plugin, PluginPre};
 
 /// The version of the strategy contract this host speaks.

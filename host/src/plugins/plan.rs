@@ -286,3 +286,89 @@ fn mix64(mut x: u64) -> u64 {
 fn uniform(bits: u64, n: u64) -> u64 {
     ((u128::from(bits) * u128::from(n)) >> 64) as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Backends with these in-flight counts (held by the guards returned) and latencies.
+    fn loads(in_flight: &[u32], latency_ms: &[u64]) -> (LoadTable, Vec<super::super::InFlight>) {
+        let mut held = Vec::new();
+        let entries = in_flight
+            .iter()
+            .zip(latency_ms)
+            .map(|(&n, &ms)| {
+                let load = Arc::new(BackendLoad::default());
+                held.extend((0..n).map(|_| load.start()));
+                if ms > 0 {
+                    load.observe(Duration::from_millis(ms));
+                }
+                load
+            })
+            .collect();
+        (LoadTable::new(entries), held)
+    }
+
+    fn rule(measure: LoadMeasure, candidates: &[(u32, u32)]) -> guest::LoadRule {
+        guest::LoadRule {
+            measure,
+            candidates: candidates
+                .iter()
+                .map(|&(index, weight)| guest::WeightedCandidate { index, weight })
+                .collect(),
+        }
+    }
+
+    fn ask(sequence: u64) -> Ask<'static> {
+        Ask {
+            sequence,
+            entropy: 0,
+            hash_key: None,
+            exclude: &[],
+        }
+    }
+
+    #[test]
+    fn least_loaded_by_peak_ewma_weighs_latency_by_queue_and_unmeasured_backends() {
+        // Costs: 10 ms × 3, 40 ms × 1, unmeasured (20 ms) × 2.
+        let (table, _held) = loads(&[2, 0, 1], &[10, 40, 0]);
+        let measure = LoadMeasure::PeakEwma(20_000_000);
+        let plan = Plan::check(
+            guest::PickPlan::LeastLoaded(rule(measure, &[(0, 1), (1, 1), (2, 1)])),
+            &table,
+        )
+        .expect("a valid plan");
+        assert!((0..6).all(|s| plan.answer(&ask(s)) == Some(Some(0))));
+        // Weight 3 on backend 2 makes its cost per weight the least: 40 / 3.
+        let plan = Plan::check(
+            guest::PickPlan::LeastLoaded(rule(measure, &[(0, 1), (1, 1), (2, 3)])),
+            &table,
+        )
+        .expect("a valid plan");
+        assert!((0..6).all(|s| plan.answer(&ask(s)) == Some(Some(2))));
+    }
+
+    #[test]
+    fn plans_naming_unknown_backends_or_bad_weights_are_refused() {
+        let (table, _held) = loads(&[0, 0], &[0, 0]);
+        let refused = |plan| Plan::check(plan, &table).err().map(|f| f.message);
+        let in_flight = LoadMeasure::InFlight;
+        assert_eq!(
+            refused(guest::PickPlan::TwoChoices(rule(
+                in_flight,
+                &[(0, 1), (2, 1)]
+            ))),
+            Some("a pick plan names backend 2 of 2".into())
+        );
+        let heavy = refused(guest::PickPlan::LeastLoaded(rule(
+            in_flight,
+            &[(1, 10_001)],
+        )));
+        assert!(heavy.is_some_and(|m| m.contains("weight 10001")));
+        let empty = Plan::check(guest::PickPlan::LeastLoaded(rule(in_flight, &[])), &table)
+            .expect("an empty rule is valid");
+        assert!(empty.is_empty());
+        assert_eq!(empty.answer(&ask(0)), Some(None), "no backend can be used");
+    }
+}

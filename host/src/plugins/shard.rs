@@ -70,6 +70,7 @@ thread_local! {
 }
 
 /// A failed guest call. The instance it happened in has been discarded.
+#[derive(Debug)]
 pub struct Fault {
     pub kind: FaultKind,
     pub message: String,
