@@ -19,7 +19,10 @@ mod bindings {
 }
 
 pub use bindings::exports::harbor::strategy::strategy::{Backend, Description, Outcome, PickPlan};
-pub use bindings::harbor::strategy::types::{LoadMeasure, LoadRule, TableIndex, WeightedCandidate};
+/// Guests build these; the host only reads them, except in tests that build plans directly.
+#[cfg(test)]
+pub use bindings::harbor::strategy::types::WeightedCandidate;
+pub use bindings::harbor::strategy::types::{LoadMeasure, LoadRule, TableIndex};
 pub use bindings::{Plugin, PluginPre};
 
 /// The version of the strategy contract this host speaks.
