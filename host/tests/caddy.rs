@@ -385,14 +385,21 @@ async fn switching_from_caddy_to_envoy_releases_caddys_routes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adapter_that_traps_or_spins_is_refused_and_reported() {
+    // Built before anything is registered: on a cold build directory compiling them takes
+    // longer than web's lease, which then ran out while the test waited.
+    let adapters = [(&[][..], "trap"), (&["spin"][..], "timeout")].map(|(features, fault)| {
+        (
+            common::guests::component("harbor-test-bad-adapter", features),
+            fault,
+        )
+    });
     let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
         return;
     };
     let _web = web_routed(&caddy, &h).await;
     let mut events = h.events(None).await;
 
-    for (features, fault) in [(&[][..], "trap"), (&["spin"][..], "timeout")] {
-        let bytes = common::guests::component("harbor-test-bad-adapter", features);
+    for (bytes, fault) in adapters {
         let started = Instant::now();
         let r = h
             .client
