@@ -9,9 +9,11 @@
 //! for Caddy, config writes to its admin API; for Envoy, accepted LDS/CDS/RDS updates.
 //!
 //! Churn (Caddy, needs `wrk`): `wrk` loads one service through Caddy in 2 s windows that
-//! alternate between quiet and churning (instances of that service and of another one
-//! registering at 50 per second with 1 s leases, so as many expire); it prints each pair's
-//! throughput ratio, their median, failed requests and Caddy config writes during the churn.
+//! alternate between quiet and churning (instances registering at 50 per second with 1 s
+//! leases, so as many expire); it prints each pair's throughput ratio and Caddy's CPU per
+//! request, their median, failed requests and Caddy config writes during the churn. It runs
+//! twice: with half of the churning instances belonging to the loaded service (the issue's
+//! case), then with all of them belonging to two other services.
 //!
 //! Run with `cargo bench -p harbor --bench backends` (needs `caddy` and `envoy` on PATH; a
 //! missing one is skipped); `-- churn`, `-- latency` or `-- burst` runs one part.
@@ -20,11 +22,15 @@
 #[allow(dead_code)]
 mod proxies;
 
+#[path = "support/machine.rs"]
+mod machine;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use futures_util::{StreamExt, stream};
 use harbor::config::{BackendKind, ListenAddr};
+use machine::MachineTicks;
 use proxies::{Caddy, Envoy, Upstream};
 use serde_json::json;
 
@@ -340,16 +346,52 @@ async fn churn(b: &Bench, caddy: &Caddy) -> anyhow::Result<()> {
         println!("caddy  churn: skipped, wrk is not installed");
         return Ok(());
     }
-    let hot = Upstream::start("hot").await;
-    let cold = Upstream::start("cold").await;
+    let (hot, cold, cool) = (
+        Upstream::start("hot").await,
+        Upstream::start("cold").await,
+        Upstream::start("cool").await,
+    );
     b.register("hot", &hot.addr.to_string()).await?;
     b.register("cold", &cold.addr.to_string()).await?;
+    b.register("cool", &cool.addr.to_string()).await?;
     b.routable("hot.localhost", "hot", Instant::now()).await?;
     // Live servers for the churning instances: a request sent to one succeeds.
     let mut pool = Vec::new();
-    for i in 0..60 {
-        pool.push(Upstream::start(if i % 2 == 0 { "hot" } else { "cold" }).await);
+    for _ in 0..60 {
+        pool.push(Upstream::start("churn").await);
     }
+    let pool: Vec<String> = pool.iter().map(|u| u.addr.to_string()).collect();
+    // The case: half of the churn is instances of the loaded service itself. Then the
+    // same churn on two other services, which separates what churning costs from what the
+    // loaded service's extra instances cost Caddy on every request.
+    churn_mix(
+        b,
+        caddy,
+        &pool,
+        "hot",
+        "half of them instances of the loaded service",
+    )
+    .await?;
+    churn_mix(
+        b,
+        caddy,
+        &pool,
+        "cool",
+        "all of them instances of other services",
+    )
+    .await
+}
+
+/// Alternating quiet and churning windows while `wrk` loads `hot`: every 20 ms an instance
+/// registers with a 1 s lease, alternately of `partner` (even pool addresses) and of `cold`
+/// (odd ones), so each address comes back 1.2 s later, after its lease expired.
+async fn churn_mix(
+    b: &Bench,
+    caddy: &Caddy,
+    pool: &[String],
+    partner: &'static str,
+    what: &str,
+) -> anyhow::Result<()> {
     let churning = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = tokio_util::sync::CancellationToken::new();
     let task = {
@@ -359,7 +401,7 @@ async fn churn(b: &Bench, caddy: &Caddy) -> anyhow::Result<()> {
             churning.clone(),
             stop.clone(),
         );
-        let addrs: Vec<String> = pool.iter().map(|u| u.addr.to_string()).collect();
+        let addrs = pool.to_vec();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(20));
             let (mut n, mut failed) = (0usize, 0u64);
@@ -368,7 +410,7 @@ async fn churn(b: &Bench, caddy: &Caddy) -> anyhow::Result<()> {
                 if !churning.load(std::sync::atomic::Ordering::Relaxed) {
                     continue;
                 }
-                let name = if n % 2 == 0 { "hot" } else { "cold" };
+                let name = if n % 2 == 0 { partner } else { "cold" };
                 let r = client
                     .post(format!("{api}/api/v1/services"))
                     .json(&json!({"name": name, "upstream": addrs[n % addrs.len()], "ttl_secs": 1, "host": format!("{name}.localhost")}))
@@ -390,22 +432,39 @@ async fn churn(b: &Bench, caddy: &Caddy) -> anyhow::Result<()> {
     let ms = |(a, b): (Duration, Duration), (c, d): (Duration, Duration)| {
         ((c - a).as_millis(), (d - b).as_millis())
     };
+    // Idle and stolen shares of the machine: a window the hypervisor starved says so.
+    let machine = |before: Option<MachineTicks>| {
+        let (Some(before), Some(now)) = (before, MachineTicks::now()) else {
+            return String::from("?");
+        };
+        format!(
+            "{:.0} % idle, {:.0} % stolen",
+            now.idle_pct_since(&before),
+            now.steal_pct_since(&before)
+        )
+    };
+    // Caddy's CPU per request, in µs.
+    let per_request = |ms: u128, rate: f64| ms as f64 * 1e3 / (rate * secs as f64).max(1.0);
     for _ in 0..rounds {
-        let start = cpu();
+        let (start, ticks) = (cpu(), MachineTicks::now());
         let (quiet, f) = wrk_window(b.proxy, "hot.localhost", secs).await?;
         let (quiet_self, quiet_caddy) = ms(start, cpu());
+        let quiet_machine = machine(ticks);
         failed += f;
         churning.store(true, std::sync::atomic::Ordering::Relaxed);
         let before = caddy.config_writes();
-        let start = cpu();
+        let (start, ticks) = (cpu(), MachineTicks::now());
         let (busy, f) = wrk_window(b.proxy, "hot.localhost", secs).await?;
         let (busy_self, busy_caddy) = ms(start, cpu());
+        let busy_machine = machine(ticks);
         writes += caddy.config_writes() - before;
         churning.store(false, std::sync::atomic::Ordering::Relaxed);
         failed += f;
         println!(
-            "caddy  churn window: quiet {quiet:.0} req/s, churning {busy:.0} req/s ({:.0} %); CPU ms quiet / churning: Caddy {quiet_caddy} / {busy_caddy}, this process (Harbor, upstreams, churn client) {quiet_self} / {busy_self}",
-            100.0 * busy / quiet
+            "caddy  churn window: quiet {quiet:.0} req/s, churning {busy:.0} req/s ({:.0} %); Caddy µs CPU/request {:.0} / {:.0}; this process (Harbor, upstreams, churn client) CPU ms {quiet_self} / {busy_self}; machine {quiet_machine} / {busy_machine}",
+            100.0 * busy / quiet,
+            per_request(quiet_caddy, quiet),
+            per_request(busy_caddy, busy),
         );
         ratios.push(busy / quiet);
     }
@@ -413,10 +472,12 @@ async fn churn(b: &Bench, caddy: &Caddy) -> anyhow::Result<()> {
     let (registered, refused) = task.await?;
     ratios.sort_by(f64::total_cmp);
     println!(
-        "caddy  churn: {registered} registrations in {} s ({refused} refused); throughput under churn, median of {rounds} window pairs: {:.0} % of quiet; {failed} failed requests; {writes} Caddy config writes",
+        "caddy  churn, {what}: {registered} registrations in {} s ({refused} refused); throughput under churn, median of {rounds} window pairs: {:.0} % of quiet; {failed} failed requests; {writes} Caddy config writes",
         rounds * secs,
         100.0 * ratios[ratios.len() / 2]
     );
+    // Let the last window's instances expire before whatever runs next.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     Ok(())
 }
 

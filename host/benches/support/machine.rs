@@ -9,6 +9,8 @@
 pub struct MachineTicks {
     /// Unused time: idle and waiting for I/O.
     pub idle: u64,
+    /// Time the hypervisor gave this machine's CPUs to someone else.
+    pub steal: u64,
     pub total: u64,
 }
 
@@ -26,6 +28,7 @@ impl MachineTicks {
             .collect::<Option<_>>()?;
         Some(Self {
             idle: ticks.get(3)? + ticks.get(4)?,
+            steal: *ticks.get(7)?,
             total: ticks.iter().sum(),
         })
     }
@@ -38,5 +41,11 @@ impl MachineTicks {
     pub fn idle_pct_since(&self, before: &Self) -> f64 {
         let total = self.total.saturating_sub(before.total).max(1) as f64;
         100.0 * self.idle.saturating_sub(before.idle) as f64 / total
+    }
+
+    /// The share of the machine's CPU time stolen by the hypervisor since `before`, in percent.
+    pub fn steal_pct_since(&self, before: &Self) -> f64 {
+        let total = self.total.saturating_sub(before.total).max(1) as f64;
+        100.0 * self.steal.saturating_sub(before.steal) as f64 / total
     }
 }
