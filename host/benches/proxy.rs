@@ -2,7 +2,9 @@
 //! machine, with ratios.
 //!
 //! Cases (each target measured `RUNS` times, rounds interleaved so that background noise is
-//! spread over every target, each round starting one target further along; medians printed):
+//! spread over every target, each round starting one target further along; medians printed; a
+//! run in which the hypervisor stole 10 % of the machine's time or more is printed but left out
+//! of the medians):
 //! 1. small HTTP: `wrk -t2 -c64 -d5s --latency` against an nginx answering `ok\n` — direct, and
 //!    through Harbor, HAProxy (`mode http`), Caddy (`reverse_proxy`) and Envoy (HTTP connection
 //!    manager): requests/s, p99, ratios, and the proxy's CPU per request;
@@ -46,6 +48,9 @@ const RUN_SECS: u64 = 5;
 const WARMUP_SECS: u64 = 1;
 /// Pause between runs, so one run's closing sockets do not land in the next.
 const SETTLE: Duration = Duration::from_millis(500);
+/// A run in which the hypervisor took this share of the machine's CPU time or more is printed
+/// but left out of the medians.
+const MAX_STOLEN_PCT: f64 = 10.0;
 
 /// wrk's shape, the same for every target.
 const WRK_THREADS: usize = 2;
@@ -818,22 +823,46 @@ fn rounds<T>(
         warm(target).with_context(|| format!("warming up {}", target.name))?;
         std::thread::sleep(SETTLE);
     }
-    let mut results: Vec<Vec<T>> = targets.iter().map(|_| Vec::new()).collect();
+    let mut results: Vec<Vec<(T, bool)>> = targets.iter().map(|_| Vec::new()).collect();
     for round in 1..=RUNS {
         for k in 0..targets.len() {
             let i = (k + round - 1) % targets.len();
             let (target, runs) = (&targets[i], &mut results[i]);
+            let before = MachineTicks::now();
             let result = measure(target).with_context(|| format!("measuring {}", target.name))?;
+            let stolen = before
+                .zip(MachineTicks::now())
+                .map_or(0.0, |(b, a)| a.steal_pct_since(&b));
+            let calm = stolen < MAX_STOLEN_PCT;
             println!(
-                "  run {round}/{RUNS} {:<20} {}",
+                "  run {round}/{RUNS} {:<20} {}  stolen {stolen:.0} %{}",
                 target.name,
-                describe(&result)
+                describe(&result),
+                if calm { "" } else { " (left out)" }
             );
-            runs.push(result);
+            runs.push((result, calm));
             std::thread::sleep(SETTLE);
         }
     }
-    Ok(results)
+    // A run the hypervisor starved measured the neighbours; a target left with no calm run
+    // keeps all of its runs, and says so.
+    Ok(targets
+        .iter()
+        .zip(results)
+        .map(|(target, runs)| {
+            if runs.iter().any(|(_, calm)| *calm) {
+                runs.into_iter()
+                    .filter_map(|(r, calm)| calm.then_some(r))
+                    .collect()
+            } else {
+                println!(
+                    "  {}: every run lost {MAX_STOLEN_PCT:.0} % or more of the machine to the hypervisor; its medians include them",
+                    target.name
+                );
+                runs.into_iter().map(|(r, _)| r).collect()
+            }
+        })
+        .collect())
 }
 
 fn ratio(value: f64, base: Option<f64>) -> String {
@@ -1212,7 +1241,9 @@ fn find<'a, R>(rows: &'a [R], name: impl Fn(&R) -> &str, wanted: &str) -> Option
 impl Summary {
     fn print(&self) {
         println!();
-        println!("summary: medians of {RUNS} runs of {RUN_SECS} s each");
+        println!(
+            "summary: medians of up to {RUNS} runs of {RUN_SECS} s each (runs with {MAX_STOLEN_PCT:.0} % or more stolen left out)"
+        );
         let mut goals = Vec::new();
 
         if let Some(rows) = &self.http {
