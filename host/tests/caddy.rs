@@ -698,6 +698,20 @@ async fn a_service_with_more_instances_than_one_dns_answer_holds_reaches_them_al
         .await;
         pool.push(u);
     }
+    // Registrations are coalesced, so the last re-shard may reach Caddy after the last `201`;
+    // its reload closes connections. At three shards or more every instance fits, so the
+    // configuration stays as it is from then on. How many shards depends on the coalescing.
+    let admin = caddy.admin_url();
+    eventually(Duration::from_secs(10), "split into DNS shards", || async {
+        let config = reqwest::get(format!("{admin}/config/"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (config.contains("\"source\":\"multi\"") && config.contains("\"_2-")).then_some(())
+    })
+    .await;
     // Caddy's round-robin over all the shards' answers reaches every instance.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut seen = std::collections::HashSet::new();
@@ -715,17 +729,6 @@ async fn a_service_with_more_instances_than_one_dns_answer_holds_reaches_them_al
         );
         seen.extend(bodies(caddy.listen_addr(), "wide.localhost", 100).await);
     }
-    let config = reqwest::get(format!("{}/config/", caddy.admin_url()))
-        .await
-        .expect("caddy config")
-        .text()
-        .await
-        .expect("config text");
-    // How many shards depends on how registrations were coalesced; at least three are needed.
-    assert!(
-        config.contains("\"source\":\"multi\"") && config.contains("\"_2-"),
-        "100 instances should be split into DNS shards: {config}"
-    );
     let (_, backend) = h.get("/api/v1/backend").await;
     assert_eq!(backend["in_sync"], true, "{backend}");
     h.shutdown().await;
