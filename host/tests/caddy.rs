@@ -4,9 +4,10 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::proxies::{Caddy, Upstream, bodies, checked_route, through, until_routed};
+use common::proxies::{Caddy, Upstream, bodies, checked_route, free_port, through, until_routed};
 use common::upstreams::{HttpBackend, health_checks_hold_out_a_failing_upstream};
 use common::{TestHarbor, eventually};
 use harbor::config::BackendKind;
@@ -668,6 +669,38 @@ async fn harbors_health_checks_steer_caddys_dynamic_upstreams() {
         writes,
         "a health change reloaded Caddy"
     );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_instance_costs_round_robin_clients_nothing_without_passive_checks() {
+    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
+        return;
+    };
+    let live = Upstream::start("live").await;
+    // An instance that died without deregistering: its lease still holds, nothing listens.
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    for upstream in [live.addr, dead] {
+        h.register(
+            json!({"name": "rr", "upstream": upstream.to_string(), "ttl_secs": 60,
+            "host": "rr.localhost", "strategy": "round-robin"}),
+        )
+        .await;
+    }
+    until_routed(&caddy, "rr.localhost", "live", Duration::from_secs(3)).await;
+    let config = reqwest::get(format!("{}/config/", caddy.admin_url()))
+        .await
+        .expect("caddy config")
+        .text()
+        .await
+        .expect("config text");
+    assert!(
+        config.contains("\"dynamic_upstreams\"") && !config.contains("\"passive\""),
+        "the round-robin service should use dynamic upstreams without passive checks: {config}"
+    );
+    // Every other pick is the dead instance; the retry moves on to the live one.
+    let answers = bodies(caddy.listen_addr(), "rr.localhost", 40).await;
+    assert!(answers.iter().all(|b| b == "live"), "{answers:?}");
     h.shutdown().await;
 }
 

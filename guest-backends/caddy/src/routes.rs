@@ -205,17 +205,27 @@ fn route(s: &Service<'_>, settings: &Settings, features: Features, live: Option<
             let shards = (0..k).map(|i| srv(format!("_{i}-{k}.{zone}"))).collect();
             json!({"source": "multi", "sources": Value::Array(shards)})
         };
-        json!({
+        let policy = selection_policy(s.strategy, &[], false);
+        // Caddy 2.6 provisions every dynamic upstream on every request, and with passive checks
+        // that includes a new named logger per upstream: with 25 instances of a service it cost
+        // a tenth of its throughput. Round-robin does without them, because its retry moves on
+        // to the next instance by itself. The other policies can retry onto the same dead
+        // instance (least-conn finds a dead one least loaded every time), so they keep them.
+        let checks = (policy["policy"] != "round_robin").then(|| json!({"passive": passive}));
+        let mut handler = json!({
             "handler": "reverse_proxy",
             "dynamic_upstreams": source,
             // SRV targets are names in Harbor's zone: they resolve through it too.
             "transport": {"protocol": "http", "resolver": resolver},
             "load_balancing": {
-                "selection_policy": selection_policy(s.strategy, &[], false),
+                "selection_policy": policy,
                 "retries": settings.retries,
             },
-            "health_checks": {"passive": passive},
-        })
+        });
+        if let Some(checks) = checks {
+            handler["health_checks"] = checks;
+        }
+        handler
     } else if s.upstreams.is_empty() {
         json!({
             "handler": "static_response",
@@ -333,6 +343,15 @@ mod tests {
         let h = &r[0]["handle"][0];
         assert_eq!(h["dynamic_upstreams"]["name"], "a.svc.harbor.");
         assert!(h.get("upstreams").is_none());
+        // Random can retry onto the instance that just failed: passive checks take it out.
+        assert!(h["health_checks"]["passive"].is_object());
+        let r = routes(
+            &[svc("a", &hosts, "/", "round-robin")],
+            &settings,
+            old,
+            &Shards::new(),
+        );
+        assert!(r[0]["handle"][0].get("health_checks").is_none());
         let mut remote = svc("b", &hosts, "/", "random");
         remote.upstreams.push(("backend.internal:80", 1));
         let r = routes(&[remote], &settings, old, &Shards::new());
