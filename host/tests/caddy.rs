@@ -688,12 +688,7 @@ async fn a_dead_instance_costs_round_robin_clients_nothing_without_passive_check
         .await;
     }
     until_routed(&caddy, "rr.localhost", "live", Duration::from_secs(3)).await;
-    let config = reqwest::get(format!("{}/config/", caddy.admin_url()))
-        .await
-        .expect("caddy config")
-        .text()
-        .await
-        .expect("config text");
+    let config = caddy_config(&caddy).await.expect("Caddy's configuration");
     assert!(
         config.contains("\"dynamic_upstreams\"") && !config.contains("\"passive\""),
         "the round-robin service should use dynamic upstreams without passive checks: {config}"
@@ -702,6 +697,14 @@ async fn a_dead_instance_costs_round_robin_clients_nothing_without_passive_check
     let answers = bodies(caddy.listen_addr(), "rr.localhost", 40).await;
     assert!(answers.iter().all(|b| b == "live"), "{answers:?}");
     h.shutdown().await;
+}
+
+/// Caddy's whole running configuration, as its admin API returns it.
+async fn caddy_config(caddy: &Caddy) -> Option<String> {
+    let response = reqwest::get(format!("{}/config/", caddy.admin_url()))
+        .await
+        .ok()?;
+    response.text().await.ok()
 }
 
 /// Waits until twenty requests in a row to `host` through Caddy are answered with `want`.
@@ -734,14 +737,8 @@ async fn a_service_with_more_instances_than_one_dns_answer_holds_reaches_them_al
     // Registrations are coalesced, so the last re-shard may reach Caddy after the last `201`;
     // its reload closes connections. At three shards or more every instance fits, so the
     // configuration stays as it is from then on. How many shards depends on the coalescing.
-    let admin = caddy.admin_url();
     eventually(Duration::from_secs(10), "split into DNS shards", || async {
-        let config = reqwest::get(format!("{admin}/config/"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let config = caddy_config(&caddy).await?;
         (config.contains("\"source\":\"multi\"") && config.contains("\"_2-")).then_some(())
     })
     .await;

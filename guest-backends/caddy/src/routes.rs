@@ -206,12 +206,7 @@ fn route(s: &Service<'_>, settings: &Settings, features: Features, live: Option<
             json!({"source": "multi", "sources": Value::Array(shards)})
         };
         let policy = selection_policy(s.strategy, &[], false);
-        // Caddy 2.6 provisions every dynamic upstream on every request, and with passive checks
-        // that includes a new named logger per upstream: with 25 instances of a service it cost
-        // a tenth of its throughput. Round-robin does without them, because its retry moves on
-        // to the next instance by itself. The other policies can retry onto the same dead
-        // instance (least-conn finds a dead one least loaded every time), so they keep them.
-        let checks = (policy["policy"] != "round_robin").then(|| json!({"passive": passive}));
+        let round_robin = policy["policy"] == "round_robin";
         let mut handler = json!({
             "handler": "reverse_proxy",
             "dynamic_upstreams": source,
@@ -222,8 +217,13 @@ fn route(s: &Service<'_>, settings: &Settings, features: Features, live: Option<
                 "retries": settings.retries,
             },
         });
-        if let Some(checks) = checks {
-            handler["health_checks"] = checks;
+        // Caddy 2.6 provisions every dynamic upstream on every request, and with passive checks
+        // that includes a new named logger per upstream: with 25 instances of a service it cost
+        // a tenth of its throughput. Round-robin does without them, because its retry moves on
+        // to the next instance by itself. The other policies can retry onto the same dead
+        // instance (least-conn finds a dead one least loaded every time), so they keep them.
+        if !round_robin {
+            handler["health_checks"] = json!({"passive": passive});
         }
         handler
     } else if s.upstreams.is_empty() {
