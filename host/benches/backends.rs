@@ -31,15 +31,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use futures_util::{StreamExt, stream};
 use harbor::config::{BackendKind, ListenAddr};
-use machine::MachineTicks;
+use machine::{MAX_STOLEN_PCT, MachineTicks};
 use proxies::{Caddy, Envoy, Upstream};
 use serde_json::json;
 
 const SAMPLES: usize = 100;
 const BURST: usize = 1_000;
-/// A churn window in which the hypervisor took this share of the machine's CPU time or more is
-/// left out of the median: it measured the neighbours, not Caddy.
-const MAX_STOLEN_PCT: f64 = 10.0;
 
 struct Bench {
     harbor: harbor::Harbor,

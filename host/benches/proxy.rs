@@ -38,7 +38,7 @@ use anyhow::{Context, bail, ensure};
 
 #[path = "support/machine.rs"]
 mod machine;
-use machine::MachineTicks;
+use machine::{MAX_STOLEN_PCT, MachineTicks};
 
 /// Measured runs per target; the tables show medians.
 const RUNS: usize = 3;
@@ -48,9 +48,6 @@ const RUN_SECS: u64 = 5;
 const WARMUP_SECS: u64 = 1;
 /// Pause between runs, so one run's closing sockets do not land in the next.
 const SETTLE: Duration = Duration::from_millis(500);
-/// A run in which the hypervisor took this share of the machine's CPU time or more is printed
-/// but left out of the medians.
-const MAX_STOLEN_PCT: f64 = 10.0;
 
 /// wrk's shape, the same for every target.
 const WRK_THREADS: usize = 2;

@@ -4,6 +4,10 @@
 // Each benchmark uses its own part of this module.
 #![allow(dead_code)]
 
+/// A run during which the hypervisor took this share of the machine's CPU time or more
+/// measured the neighbours, not the software under test: benchmarks leave it out of medians.
+pub const MAX_STOLEN_PCT: f64 = 10.0;
+
 /// The machine's CPU time counters (all CPUs), in clock ticks.
 #[derive(Clone, Copy)]
 pub struct MachineTicks {
