@@ -25,6 +25,8 @@ mod proxies;
 
 #[path = "support/machine.rs"]
 mod machine;
+#[path = "support/stats.rs"]
+mod stats;
 
 use std::time::{Duration, Instant};
 
@@ -479,15 +481,15 @@ async fn churn_mix(
     }
     stop.cancel();
     let (registered, refused) = task.await?;
-    ratios.sort_by(f64::total_cmp);
-    let median = ratios.get(ratios.len() / 2).map_or_else(
+    let calm_pairs = ratios.len();
+    let median = stats::median(ratios).map_or_else(
         || String::from("no window pair was calm enough to tell"),
         |r| format!("{:.0} % of quiet", 100.0 * r),
     );
     println!(
         "caddy  churn, {what}: {registered} registrations in {} s ({refused} refused); throughput under churn, median of {} calm window pairs out of {rounds}: {median}; {failed} failed requests; {writes} Caddy config writes",
         rounds * secs,
-        ratios.len(),
+        calm_pairs,
     );
     // Let the last window's instances expire before whatever runs next.
     tokio::time::sleep(Duration::from_millis(1_500)).await;

@@ -38,6 +38,8 @@ use anyhow::{Context, bail, ensure};
 
 #[path = "support/machine.rs"]
 mod machine;
+#[path = "support/stats.rs"]
+mod stats;
 use machine::{MAX_STOLEN_PCT, MachineTicks};
 
 /// Measured runs per target; the tables show medians.
@@ -799,12 +801,7 @@ impl<'a> Target<'a> {
 }
 
 fn median(values: impl IntoIterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.into_iter().collect();
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    stats::median(values).unwrap_or(f64::NAN)
 }
 
 /// Runs `measure` on every target `RUNS` times, round by round, after one warm-up each. Each
