@@ -8,13 +8,16 @@
 //! and how many proxy reloads a burst of 1,000 service registrations (32 in flight) causes:
 //! for Caddy, config writes to its admin API; for Envoy, accepted LDS/CDS/RDS updates.
 //!
-//! Churn (Caddy, needs `wrk`): `wrk` loads one service through Caddy in 2 s windows that
-//! alternate between quiet and churning (instances registering at 50 per second with 1 s
-//! leases, so as many expire); it prints each pair's throughput ratio and Caddy's CPU per
-//! request, their median, failed requests and Caddy config writes during the churn. It runs
-//! twice: with half of the churning instances belonging to the loaded service (the issue's
-//! case), then with all of them belonging to two other services. A pair in which the hypervisor
-//! stole 10 % of the machine's time or more is printed but left out of the median.
+//! Churn (Caddy, needs `wrk`): `wrk` loads one service through Caddy in pairs of 2 s windows,
+//! one quiet (every churned lease expired) and one churning (instances registering at 50 per
+//! second with 1 s leases, measured once as many expire as register), in alternating order. It
+//! prints each pair's throughput ratio and Caddy's CPU per request, the ratios' median and
+//! quartiles, failed requests and Caddy config writes while churning. It runs four times:
+//! with nothing changing (the bench's own noise); with 25 more long-lived instances of the
+//! loaded service instead of churn (what instances cost Caddy); with half of the churning
+//! instances belonging to the loaded service (the case); then with all of them
+//! belonging to two other services. A pair in which the hypervisor stole 10 % of the machine's time or more is printed
+//! but left out of the summary.
 //!
 //! Run with `cargo bench -p harbor --bench backends` (needs `caddy` and `envoy` on PATH; a
 //! missing one is skipped); `-- churn`, `-- latency` or `-- burst` runs one part.
@@ -39,6 +42,8 @@ use serde_json::json;
 
 const SAMPLES: usize = 100;
 const BURST: usize = 1_000;
+/// Long enough for Caddy to have refreshed its SRV answers (every 100 ms) after a change.
+const CADDY_SEES_DNS: Duration = Duration::from_millis(250);
 
 struct Bench {
     harbor: harbor::Harbor,
@@ -67,15 +72,62 @@ async fn harbor_with(
 
 impl Bench {
     async fn register(&self, name: &str, upstream: &str) -> anyhow::Result<Instant> {
+        self.register_for(name, upstream, 600).await
+    }
+
+    async fn register_for(&self, name: &str, upstream: &str, ttl: u64) -> anyhow::Result<Instant> {
         let r = self
             .client
             .post(format!("{}/api/v1/services", self.api))
-            .json(&json!({"name": name, "upstream": upstream, "ttl_secs": 600, "host": format!("{name}.localhost")}))
+            .json(&json!({"name": name, "upstream": upstream, "ttl_secs": ttl, "host": format!("{name}.localhost")}))
             .send()
             .await?;
         let at = Instant::now();
         ensure!(r.status().is_success(), "register {name}: {}", r.status());
         Ok(at)
+    }
+
+    /// Waits until every churned instance's lease has expired (each service back to its one
+    /// long-lived instance), and for Caddy to have seen it.
+    async fn churn_gone(&self) -> anyhow::Result<()> {
+        for name in ["hot", "cold", "cool"] {
+            self.instances_until(name, |n| n <= 1).await?;
+        }
+        tokio::time::sleep(CADDY_SEES_DNS).await;
+        Ok(())
+    }
+
+    /// Waits until `name` has `count` live instances or more, and for Caddy to have seen them.
+    async fn instances_seen(&self, name: &str, count: usize) -> anyhow::Result<()> {
+        self.instances_until(name, |n| n >= count).await?;
+        tokio::time::sleep(CADDY_SEES_DNS).await;
+        Ok(())
+    }
+
+    async fn instances_until(
+        &self,
+        name: &str,
+        done: impl Fn(usize) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let view: serde_json::Value = self
+                .client
+                .get(format!("{}/api/v1/services/{name}", self.api))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let live = view["instances"].as_array().map_or(0, Vec::len);
+            if done(live) {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{name} stayed at {live} instances"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Polls through the proxy until `host` answers `want`; the time since `from`.
@@ -354,9 +406,9 @@ async fn churn(b: &Bench, caddy: &Caddy) -> anyhow::Result<()> {
         Upstream::start("cold").await,
         Upstream::start("cool").await,
     );
-    b.register("hot", &hot.addr.to_string()).await?;
-    b.register("cold", &cold.addr.to_string()).await?;
-    b.register("cool", &cool.addr.to_string()).await?;
+    for (name, up) in [("hot", &hot), ("cold", &cold), ("cool", &cool)] {
+        b.register(name, &up.addr.to_string()).await?;
+    }
     b.routable("hot.localhost", "hot", Instant::now()).await?;
     // Live servers for the churning instances: a request sent to one succeeds.
     let mut pool = Vec::new();
@@ -364,37 +416,55 @@ async fn churn(b: &Bench, caddy: &Caddy) -> anyhow::Result<()> {
         pool.push(Upstream::start("churn").await);
     }
     let pool: Vec<String> = pool.iter().map(|u| u.addr.to_string()).collect();
-    // The case: half of the churn is instances of the loaded service itself. Then the
-    // same churn on two other services, which separates what churning costs from what the
-    // loaded service's extra instances cost Caddy on every request.
-    churn_mix(
-        b,
-        caddy,
-        &pool,
-        "hot",
-        "half of them instances of the loaded service",
-    )
-    .await?;
-    churn_mix(
-        b,
-        caddy,
-        &pool,
-        "cool",
-        "all of them instances of other services",
-    )
-    .await
+    // First the noise floor: the same windows with nothing changing. Then what the loaded
+    // service's extra instances cost Caddy with no churn at all; then the case, half of
+    // the churn being instances of the loaded service; then the same churn on two other
+    // services only.
+    for (change, what) in [
+        (Change::Nothing, "control, nothing changes"),
+        (
+            Change::Instances,
+            "25 more long-lived instances of the loaded service, no churn",
+        ),
+        (
+            Change::Churn("hot"),
+            "churn, half of it instances of the loaded service",
+        ),
+        (
+            Change::Churn("cool"),
+            "churn, all of it instances of other services",
+        ),
+    ] {
+        churn_mix(b, caddy, &pool, change, what).await?;
+    }
+    Ok(())
 }
 
-/// Alternating quiet and churning windows while `wrk` loads `hot`: every 20 ms an instance
-/// registers with a 1 s lease, alternately of `partner` (even pool addresses) and of `cold`
-/// (odd ones), so each address comes back 1.2 s later, after its lease expired.
+/// What the second window of a pair changes from the quiet one.
+#[derive(Clone, Copy)]
+enum Change {
+    /// Nothing: the pairs show the bench's own noise.
+    Nothing,
+    /// 25 instances of the loaded service register with a 4 s lease, as many as churn keeps
+    /// live: what more instances cost, apart from churning them.
+    Instances,
+    /// Churn: every 20 ms an instance registers with a 1 s lease, alternately of this service
+    /// (even pool addresses) and of `cold` (odd ones), so each address comes back 1.2 s later,
+    /// after its lease expired.
+    Churn(&'static str),
+}
+
+/// Pairs of `wrk` windows on `hot`, one quiet and one with `change`, taken in alternating order
+/// so that whatever favours the second window of a pair cancels out.
 async fn churn_mix(
     b: &Bench,
     caddy: &Caddy,
     pool: &[String],
-    partner: &'static str,
+    change: Change,
     what: &str,
 ) -> anyhow::Result<()> {
+    const PAIRS: usize = 10;
+    const SECS: u64 = 2;
     let churning = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = tokio_util::sync::CancellationToken::new();
     let task = {
@@ -410,6 +480,9 @@ async fn churn_mix(
             let (mut n, mut failed) = (0usize, 0u64);
             while !stop.is_cancelled() {
                 tick.tick().await;
+                let Change::Churn(partner) = change else {
+                    continue;
+                };
                 if !churning.load(std::sync::atomic::Ordering::Relaxed) {
                     continue;
                 }
@@ -427,73 +500,126 @@ async fn churn_mix(
             (n, failed)
         })
     };
-    let (rounds, secs) = (5, 2);
-    let (mut ratios, mut failed, mut writes) = (Vec::new(), 0, 0);
     wrk_window(b.proxy, "hot.localhost", 1).await?;
     let caddy_pid = caddy.pid().map(|p| p.to_string()).unwrap_or_default();
-    let cpu = || (cpu_time("self"), cpu_time(&caddy_pid));
-    let ms = |(a, b): (Duration, Duration), (c, d): (Duration, Duration)| {
-        ((c - a).as_millis(), (d - b).as_millis())
-    };
-    // Idle and stolen shares of the machine, and the stolen share alone: a window the
-    // hypervisor starved measures the neighbours, not Caddy.
-    let machine = |before: Option<MachineTicks>| {
-        let (Some(before), Some(now)) = (before, MachineTicks::now()) else {
-            return (String::from("?"), 0.0);
-        };
-        let stolen = now.steal_pct_since(&before);
-        (
-            format!(
-                "{:.0} % idle, {stolen:.0} % stolen",
-                now.idle_pct_since(&before)
-            ),
-            stolen,
-        )
-    };
-    // Caddy's CPU per request, in µs.
-    let per_request = |ms: u128, rate: f64| ms as f64 * 1e3 / (rate * secs as f64).max(1.0);
-    for _ in 0..rounds {
-        let (start, ticks) = (cpu(), MachineTicks::now());
-        let (quiet, f) = wrk_window(b.proxy, "hot.localhost", secs).await?;
-        let (quiet_self, quiet_caddy) = ms(start, cpu());
-        let (quiet_machine, quiet_stolen) = machine(ticks);
-        failed += f;
-        churning.store(true, std::sync::atomic::Ordering::Relaxed);
-        let before = caddy.config_writes();
-        let (start, ticks) = (cpu(), MachineTicks::now());
-        let (busy, f) = wrk_window(b.proxy, "hot.localhost", secs).await?;
-        let (busy_self, busy_caddy) = ms(start, cpu());
-        let (busy_machine, busy_stolen) = machine(ticks);
-        writes += caddy.config_writes() - before;
+    let (mut ratios, mut failed, mut writes) = (Vec::new(), 0, 0);
+    for pair in 0..PAIRS {
+        let mut quiet = None;
+        let mut busy = None;
+        for churn in [pair % 2 == 1, pair % 2 == 0] {
+            churning.store(churn, std::sync::atomic::Ordering::Relaxed);
+            match (churn, change) {
+                (false, _) => b.churn_gone().await?,
+                (true, Change::Instances) => {
+                    for addr in &pool[..25] {
+                        b.register_for("hot", addr, 4).await?;
+                    }
+                    b.instances_seen("hot", 26).await?;
+                }
+                // One lease: from here as many instances expire as register.
+                (true, _) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+            let before = caddy.config_writes();
+            let w = Window::measure(b.proxy, &caddy_pid, SECS).await?;
+            if churn {
+                writes += caddy.config_writes() - before;
+            }
+            failed += w.failed;
+            *(if churn { &mut busy } else { &mut quiet }) = Some(w);
+        }
         churning.store(false, std::sync::atomic::Ordering::Relaxed);
-        failed += f;
-        let calm = quiet_stolen.max(busy_stolen) < MAX_STOLEN_PCT;
+        let (Some(quiet), Some(busy)) = (quiet, busy) else {
+            continue;
+        };
+        let calm = quiet.stolen.max(busy.stolen) < MAX_STOLEN_PCT;
         println!(
-            "caddy  churn window: quiet {quiet:.0} req/s, churning {busy:.0} req/s ({:.0} %){}; Caddy µs CPU/request {:.0} / {:.0}; this process (Harbor, upstreams, churn client) CPU ms {quiet_self} / {busy_self}; machine {quiet_machine} / {busy_machine}",
-            100.0 * busy / quiet,
+            "caddy  churn pair ({}): quiet {:.0} req/s, changed {:.0} req/s ({:.0} %){}; Caddy µs CPU/request {:.0} / {:.0}; this process (Harbor, upstreams, churn client) CPU ms {} / {}; machine {} / {}",
+            if pair % 2 == 1 {
+                "changed first"
+            } else {
+                "quiet first"
+            },
+            quiet.rate,
+            busy.rate,
+            100.0 * busy.rate / quiet.rate,
             if calm { "" } else { " [left out: stolen]" },
-            per_request(quiet_caddy, quiet),
-            per_request(busy_caddy, busy),
+            quiet.caddy_us_per_request,
+            busy.caddy_us_per_request,
+            quiet.self_ms,
+            busy.self_ms,
+            quiet.machine,
+            busy.machine,
         );
         if calm {
-            ratios.push(busy / quiet);
+            ratios.push(busy.rate / quiet.rate);
         }
     }
     stop.cancel();
     let (registered, refused) = task.await?;
     let calm_pairs = ratios.len();
-    let median = stats::median(ratios).map_or_else(
+    let summary = stats::quartiles(ratios).map_or_else(
         || String::from("no window pair was calm enough to tell"),
-        |r| format!("{:.0} % of quiet", 100.0 * r),
+        |[low, median, high]| {
+            format!(
+                "{:.0} % of quiet (quartiles {:.0}–{:.0} %)",
+                100.0 * median,
+                100.0 * low,
+                100.0 * high
+            )
+        },
     );
     println!(
-        "caddy  churn, {what}: {registered} registrations in {} s ({refused} refused); throughput under churn, median of {} calm window pairs out of {rounds}: {median}; {failed} failed requests; {writes} Caddy config writes",
-        rounds * secs,
-        calm_pairs,
+        "caddy  churn, {what}: {registered} churn registrations in {} s ({refused} refused); throughput, median of {calm_pairs} calm window pairs out of {PAIRS}: {summary}; {failed} failed requests; {writes} Caddy config writes in changed windows",
+        // Churn runs through each changed window and the lease before it.
+        PAIRS as u64 * (SECS + 1),
     );
-    // Let the last window's instances expire before whatever runs next.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    Ok(())
+    b.churn_gone().await
+}
+
+/// One measured `wrk` window and what the machine did meanwhile.
+struct Window {
+    rate: f64,
+    failed: u64,
+    caddy_us_per_request: f64,
+    self_ms: u128,
+    /// Idle and stolen shares of the machine, for the printout.
+    machine: String,
+    /// The stolen share alone: a window the hypervisor starved measures the neighbours, not
+    /// Caddy.
+    stolen: f64,
+}
+
+impl Window {
+    async fn measure(
+        proxy: std::net::SocketAddr,
+        caddy_pid: &str,
+        secs: u64,
+    ) -> anyhow::Result<Window> {
+        let (own, caddy, ticks) = (cpu_time("self"), cpu_time(caddy_pid), MachineTicks::now());
+        let (rate, failed) = wrk_window(proxy, "hot.localhost", secs).await?;
+        let (own, caddy) = (cpu_time("self") - own, cpu_time(caddy_pid) - caddy);
+        let (machine, stolen) = match (ticks, MachineTicks::now()) {
+            (Some(before), Some(now)) => {
+                let stolen = now.steal_pct_since(&before);
+                (
+                    format!(
+                        "{:.0} % idle, {stolen:.0} % stolen",
+                        now.idle_pct_since(&before)
+                    ),
+                    stolen,
+                )
+            }
+            _ => (String::from("?"), 0.0),
+        };
+        Ok(Window {
+            rate,
+            failed,
+            caddy_us_per_request: caddy.as_secs_f64() * 1e6 / (rate * secs as f64).max(1.0),
+            self_ms: own.as_millis(),
+            machine,
+            stolen,
+        })
+    }
 }
 
 /// Whether the command line asks for `part` (no part named: every part).
