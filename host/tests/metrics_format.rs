@@ -5,6 +5,7 @@ mod common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -28,14 +29,27 @@ async fn metrics_pass_promtool() {
     h.register(json!({"name": "gone", "upstream": "127.0.0.1:1"}))
         .await;
     h.post("/api/v1/services", json!({})).await;
-    for host in ["api.localhost", "gone.localhost", "nowhere.localhost"] {
-        h.client
-            .get(h.proxy_base())
-            .header("host", host)
-            .send()
-            .await
-            .expect("request through the proxy");
+    // Until both routes are in the proxy's table, a request gets the 404 of no route.
+    for host in ["api.localhost", "gone.localhost"] {
+        common::eventually(Duration::from_secs(2), "the route", || async {
+            let status = h
+                .client
+                .get(h.proxy_base())
+                .header("host", host)
+                .send()
+                .await
+                .expect("request through the proxy")
+                .status();
+            (status != 404).then_some(())
+        })
+        .await;
     }
+    h.client
+        .get(h.proxy_base())
+        .header("host", "nowhere.localhost")
+        .send()
+        .await
+        .expect("request through the proxy");
     let text = h.metrics().await;
     for series in [
         "harbor_proxy_requests_total{class=\"2xx_3xx\",service=\"api\"",

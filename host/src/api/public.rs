@@ -158,7 +158,12 @@ impl PublicView {
                 let in_flight = state.map(|s| s.in_flight).or(live.as_ref().map(|_| 0));
                 PublicUpstream {
                     ttl_secs: (service.kind == Kind::Ephemeral)
-                        .then(|| service.instances.get(i).map(|inst| inst.lease.ttl_secs))
+                        .then(|| {
+                            service
+                                .instances
+                                .get(i)
+                                .map(|inst| inst.lease.ttl.as_secs())
+                        })
                         .flatten(),
                     base,
                     healthy,

@@ -1,9 +1,9 @@
 //! The proxy's Prometheus metrics, per route and upstream. Label lookups cost a hash and a lock
-//! each, so the handles of every live upstream are resolved once per routing snapshot and read
+//! each, so the handles of a route's upstreams are resolved when its backend set changes and read
 //! from an immutable map on the hot path; the series of upstreams that leave are removed, so
 //! churning ephemeral instances do not grow `/metrics` without bound.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -53,8 +53,15 @@ pub struct ProxyMetrics {
     healthy: IntGaugeVec,
     duration: HistogramVec,
     pub cut_at_shutdown: IntCounter,
-    /// Live upstreams' handles, by service then address.
-    handles: ArcSwap<HashMap<String, HashMap<String, Arc<UpstreamMetrics>>>>,
+    /// Live upstreams' handles, by service.
+    handles: ArcSwap<HashMap<String, Arc<ServiceHandles>>>,
+}
+
+/// The handles of one route's upstreams, as of one backend set (held, so that its address
+/// cannot be reused by another set while it is compared against).
+struct ServiceHandles {
+    set: Arc<crate::plugins::BackendSet>,
+    upstreams: HashMap<String, Arc<UpstreamMetrics>>,
 }
 
 /// The metric handles of one upstream of one route.
@@ -194,7 +201,7 @@ impl ProxyMetrics {
             .handles
             .load()
             .get(service)
-            .and_then(|m| m.get(upstream))
+            .and_then(|m| m.upstreams.get(upstream))
         {
             return found.clone();
         }
@@ -220,30 +227,43 @@ impl ProxyMetrics {
     }
 
     /// Resolves the handles of every upstream in `snapshot`, publishes their health, and drops
-    /// the series of upstreams that are gone.
+    /// the series of upstreams that are gone. A route whose backend set is the one of the last
+    /// refresh keeps its handles untouched: under churn only the routes that changed cost
+    /// anything.
     pub fn refresh(&self, snapshot: &Snapshot) {
         let old = self.handles.load_full();
-        let mut next: HashMap<String, HashMap<String, Arc<UpstreamMetrics>>> = HashMap::new();
+        let mut next: HashMap<String, Arc<ServiceHandles>> = HashMap::new();
         for (name, route) in &snapshot.services {
             let set = route.balancer.backends();
-            let entry = next.entry(name.to_string()).or_default();
-            for backend in &set.backends {
-                let handle = old
-                    .get(name.as_str())
-                    .and_then(|m| m.get(&backend.address))
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(self.resolve(name.as_str(), &backend.address)));
-                handle.healthy.set(i64::from(backend.healthy));
-                entry.insert(backend.address.clone(), handle);
+            let before = old.get(name.as_str());
+            if let Some(same) = before.filter(|h| Arc::ptr_eq(&h.set, &set)) {
+                next.insert(name.to_string(), same.clone());
+                continue;
             }
+            let upstreams = set
+                .backends
+                .iter()
+                .map(|backend| {
+                    let handle = before
+                        .and_then(|h| h.upstreams.get(&backend.address))
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(self.resolve(name.as_str(), &backend.address)));
+                    handle.healthy.set(i64::from(backend.healthy));
+                    (backend.address.clone(), handle)
+                })
+                .collect();
+            next.insert(
+                name.to_string(),
+                Arc::new(ServiceHandles { set, upstreams }),
+            );
         }
-        let live: HashSet<(&str, &str)> = next
-            .iter()
-            .flat_map(|(s, m)| m.keys().map(move |u| (s.as_str(), u.as_str())))
-            .collect();
-        for (service, upstreams) in old.iter() {
-            for upstream in upstreams.keys() {
-                if !live.contains(&(service.as_str(), upstream.as_str())) {
+        for (service, before) in old.iter() {
+            let now = next.get(service);
+            if now.is_some_and(|now| Arc::ptr_eq(now, before)) {
+                continue;
+            }
+            for upstream in before.upstreams.keys() {
+                if !now.is_some_and(|now| now.upstreams.contains_key(upstream)) {
                     self.forget(service, upstream);
                 }
             }

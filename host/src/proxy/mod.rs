@@ -182,12 +182,22 @@ async fn follow(shared: Arc<Shared>, stop: CancellationToken) {
             .collect();
         shared.pool.retain(|address| live.contains(address));
         shared.streams.retain(|address| live.contains(address));
+        // This is housekeeping over every upstream, and nothing waits for it (a new upstream's
+        // metrics are resolved on first use): under churn, one pass per snapshot was most of
+        // the daemon's CPU.
+        tokio::select! {
+            () = tokio::time::sleep(HOUSEKEEPING_GAP) => {}
+            () = stop.cancelled() => return,
+        }
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
             () = stop.cancelled() => return,
         }
     }
 }
+
+/// The least time between two passes of [`follow`].
+const HOUSEKEEPING_GAP: Duration = Duration::from_millis(100);
 
 /// Waits before the next accept after a failure (out of file descriptors, usually): 5 ms
 /// doubling to 1 s, so a full descriptor table is not spun on.

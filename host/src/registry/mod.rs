@@ -21,7 +21,7 @@ use crate::events::{Event, EventBus, RouteFileError, lock};
 use crate::metrics::Metrics;
 use crate::model::{
     Claim, InstanceId, InstanceView, Kind, LeaseView, Meta, Route, RouteView, ServiceName,
-    ServiceView, StrategyName, Upstream, UpstreamAddr, timestamp,
+    ServiceView, StrategyName, Upstream, UpstreamAddr,
 };
 use lease::DeadlineQueue;
 
@@ -182,7 +182,7 @@ impl Instance {
             id: self.id,
             upstream: self.upstream.addr.clone(),
             weight: self.upstream.weight,
-            registered_at: timestamp(self.registered_at),
+            registered_at: self.registered_at,
             lease: LeaseView::new(self.ttl, self.expires_at),
             meta: self.meta.clone(),
         }

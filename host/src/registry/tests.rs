@@ -291,3 +291,40 @@ async fn restore_keeps_live_leases_and_drops_expired_ones() {
     let remaining = fresh.expire_due(Instant::now()).unwrap() - Instant::now();
     assert!(remaining <= Duration::from_secs(60) && remaining > Duration::from_secs(58));
 }
+
+#[tokio::test]
+async fn a_follower_applies_a_burst_of_changes_together_and_sees_them_all() {
+    let r = registry();
+    let applied = Arc::new(std::sync::Mutex::new(Vec::<usize>::new()));
+    let cancel = CancellationToken::new();
+    let follower = {
+        let (r, applied, cancel) = (r.clone(), applied.clone(), cancel.clone());
+        tokio::spawn(async move {
+            crate::routing::on_routing_changes(&r, 0, &cancel, |services| {
+                let instances = services.iter().map(|s| s.instances.len()).sum();
+                applied.lock().unwrap().push(instances);
+            })
+            .await;
+        })
+    };
+    const BURST: usize = 200;
+    for i in 0..BURST {
+        r.register(reg("api", &format!("127.0.0.1:{}", 10_000 + i), 60))
+            .unwrap();
+        tokio::task::yield_now().await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while applied.lock().unwrap().last() != Some(&BURST) {
+        assert!(
+            Instant::now() < deadline,
+            "the last registration was never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let calls = applied.lock().unwrap().len();
+    // One call per change would be BURST + 1 (the first, empty, call included); calls are at
+    // least REBUILD_GAP apart, so these need far fewer.
+    assert!(calls < BURST / 4, "{calls} calls for {BURST} changes");
+    cancel.cancel();
+    follower.await.unwrap();
+}

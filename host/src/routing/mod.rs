@@ -7,6 +7,7 @@ mod hosts;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -206,6 +207,14 @@ pub async fn on_routing_changes(
     on_changes(registry, cursor, cancel, Event::changes_routing, apply).await;
 }
 
+/// The least time between two calls of a follower's `apply`. Each call reads every service
+/// and rebuilds from all of them, so a steady trickle of changes (a registration every few
+/// milliseconds, each its own batch) cost a call per change: with 10,000 instances live, 50
+/// registrations a second and as many expiries took 1.6 cores. Changes that arrive within the
+/// gap wait for its end and are applied together; a change after a quiet spell is applied at
+/// once.
+pub const REBUILD_GAP: Duration = Duration::from_millis(20);
+
 /// Like [`on_routing_changes`], for the events `relevant` picks.
 pub async fn on_changes(
     registry: &Registry,
@@ -216,7 +225,14 @@ pub async fn on_changes(
 ) {
     let bus = registry.bus().clone();
     let mut changes = bus.watch();
+    let mut applied: Option<tokio::time::Instant> = None;
     loop {
+        if let Some(at) = applied {
+            tokio::select! {
+                () = tokio::time::sleep_until(at + REBUILD_GAP) => {}
+                () = cancel.cancelled() => return,
+            }
+        }
         // Mark the current value seen before reading, so a publish after the read wakes us;
         // reading first also catches what happened before this task subscribed.
         changes.borrow_and_update();
@@ -232,6 +248,7 @@ pub async fn on_changes(
         };
         if relevant {
             apply(&registry.services());
+            applied = Some(tokio::time::Instant::now());
         }
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
