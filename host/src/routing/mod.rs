@@ -213,7 +213,7 @@ pub async fn on_routing_changes(
 /// registrations a second and as many expiries took 1.6 cores. Changes that arrive within the
 /// gap wait for its end and are applied together; a change after a quiet spell is applied at
 /// once.
-pub const REBUILD_GAP: Duration = Duration::from_millis(20);
+const REBUILD_GAP: Duration = Duration::from_millis(20);
 
 /// Like [`on_routing_changes`], for the events `relevant` picks.
 pub async fn on_changes(
