@@ -104,6 +104,17 @@ impl Bench {
         Ok(())
     }
 
+    /// The service as the API shows it.
+    async fn service(&self, name: &str) -> anyhow::Result<serde_json::Value> {
+        Ok(self
+            .client
+            .get(format!("{}/api/v1/services/{name}", self.api))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
     async fn instances_until(
         &self,
         name: &str,
@@ -111,13 +122,7 @@ impl Bench {
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let view: serde_json::Value = self
-                .client
-                .get(format!("{}/api/v1/services/{name}", self.api))
-                .send()
-                .await?
-                .json()
-                .await?;
+            let view = self.service(name).await?;
             let live = view["instances"].as_array().map_or(0, Vec::len);
             if done(live) {
                 return Ok(());
@@ -173,13 +178,7 @@ impl Bench {
             let at = self.register("inst", &up.addr.to_string()).await?;
             // Two instances for a moment: requests alternate, so the new one is reached soon.
             out.push(self.routable("inst.localhost", &want, at).await?);
-            let list: serde_json::Value = self
-                .client
-                .get(format!("{}/api/v1/services/inst", self.api))
-                .send()
-                .await?
-                .json()
-                .await?;
+            let list = self.service("inst").await?;
             if let Some(old) = list["instances"]
                 .as_array()
                 .and_then(|v| v.iter().find(|i| i["upstream"] == previous.as_str()))
