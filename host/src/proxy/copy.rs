@@ -99,13 +99,17 @@ pub async fn drive(
     cut: &CancellationToken,
     on_long_lived: impl FnOnce(),
 ) -> End {
-    tokio::pin!(inbound, outbound);
     let (mut in_done, mut out_done) = (false, false);
     let idle_ns = idle.as_nanos().min(u128::from(u64::MAX)) as u64;
     let started = tokio::time::Instant::now();
     let mut on_long_lived = Some(on_long_lived);
-    // One timer serves both: it first fires at the earlier of the two deadlines.
+    // One timer serves both: it first fires at the earlier of the two deadlines. It and the
+    // wait for a cut live as long as the connection: made afresh on every pass of the loop, each
+    // registered and unregistered again each time a direction ended.
     let mut check = started + idle.min(LONG_LIVED);
+    let timer = tokio::time::sleep_until(check);
+    let cancelled = cut.cancelled();
+    tokio::pin!(inbound, outbound, timer, cancelled);
     loop {
         tokio::select! {
             r = &mut inbound, if !in_done => {
@@ -116,7 +120,7 @@ pub async fn drive(
                 if let Err(e) = r { return End::Failed(e.to_string()) }
                 out_done = true;
             }
-            () = tokio::time::sleep_until(check) => {
+            () = &mut timer => {
                 if started.elapsed() >= LONG_LIVED
                     && let Some(on_long_lived) = on_long_lived.take()
                 {
@@ -129,8 +133,9 @@ pub async fn drive(
                     return End::Idle;
                 }
                 check += Duration::from_nanos(idle_ns - quiet);
+                timer.as_mut().reset(check);
             }
-            () = cut.cancelled() => return End::Cut,
+            () = &mut cancelled => return End::Cut,
         }
         if in_done && out_done {
             return End::Closed;

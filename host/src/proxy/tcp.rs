@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::plugins::Outcome;
 
@@ -145,11 +146,12 @@ async fn accept(
             return;
         }
     };
-    let mut relays = tokio::task::JoinSet::new();
+    // A tracker rather than a `JoinSet`: a set wakes this loop once more for every connection
+    // that ends, only to forget it; the tracker just counts them for the drain at the end.
+    let relays = TaskTracker::new();
     let mut failures = 0u32;
     loop {
         let (client, peer) = tokio::select! {
-            Some(_) = relays.join_next(), if !relays.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(conn) => {
                     failures = 0;
@@ -164,7 +166,8 @@ async fn accept(
             },
             () = stop.cancelled() => {
                 drop(listener);
-                while relays.join_next().await.is_some() {}
+                relays.close();
+                relays.wait().await;
                 return;
             }
         };
