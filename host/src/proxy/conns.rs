@@ -26,16 +26,26 @@ pub struct Open(Arc<Connections>);
 
 impl Drop for Open {
     fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.drained.notify_waiters();
-        }
+        self.0.leave();
     }
 }
 
 impl Connections {
     pub fn open(self: &Arc<Self>) -> Open {
-        self.open.fetch_add(1, Ordering::AcqRel);
+        self.enter();
         Open(self.clone())
+    }
+
+    /// Counts a connection in; [`Self::leave`] counts it out. For holders that keep `self`
+    /// alive by other means than an [`Open`].
+    pub fn enter(&self) {
+        self.open.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn leave(&self) {
+        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.drained.notify_waiters();
+        }
     }
 
     pub fn count(&self) -> usize {

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::plugins::Outcome;
+use crate::routing::ServiceRoute;
 
 use super::choose::{choose, client_key};
 use super::copy::{self, End, Tally};
@@ -149,6 +150,12 @@ async fn accept(
     // A tracker rather than a `JoinSet`: a set wakes this loop once more for every connection
     // that ends, only to forget it; the tracker just counts them for the drain at the end.
     let relays = TaskTracker::new();
+    let mut changes = shared.routing.subscribe();
+    let mut here: Option<Arc<Lane>> = None;
+    // The route's token is shared by every lane: waiting on it once, not once per connection,
+    // keeps the lanes off its lock.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     let mut failures = 0u32;
     loop {
         let (client, peer) = tokio::select! {
@@ -164,58 +171,83 @@ async fn accept(
                     continue;
                 }
             },
-            () = stop.cancelled() => {
+            () = &mut stopped => {
                 drop(listener);
                 relays.close();
                 relays.wait().await;
                 return;
             }
         };
-        let Some(route) = shared.routing.snapshot().tcp.get(&addr).cloned() else {
+        if here.is_none() || changes.has_changed().unwrap_or(false) {
+            changes.borrow_and_update();
+            here = shared.routing.snapshot().tcp.get(&addr).map(|route| {
+                Arc::new(Lane {
+                    shared: shared.clone(),
+                    route: route.clone(),
+                    open_here: open_here.clone(),
+                    cut: shared.conns.cut.child_token(),
+                })
+            });
+        }
+        let Some(lane) = &here else {
             continue;
         };
-        let service = route.name.as_str();
-        let cap = route
-            .options
-            .max_connections
-            .map_or(usize::MAX, |n| n as usize);
-        let Some(slots) = Slots::take(
-            (&shared.tcp_open, shared.settings.max_connections),
-            (&open_here, cap),
-        ) else {
-            shared.metrics.error(service, ErrorKind::OverCapacity);
+        let Some(admitted) = Admitted::take(lane) else {
+            let service = lane.route.name.as_str();
+            lane.shared.metrics.error(service, ErrorKind::OverCapacity);
             tracing::warn!(service, %peer, "connection closed: too many in flight");
             drop(client);
             continue;
         };
-        let open = shared.conns.open();
-        let shared = shared.clone();
         relays.spawn(async move {
-            relay(&shared, &route, client, peer).await;
-            drop(slots);
-            drop(open);
+            let lane = &admitted.0;
+            relay(&lane.shared, &lane.route, client, peer, &lane.cut).await;
+            drop(admitted);
         });
     }
 }
 
-/// A connection's place under the global and the per-route cap.
-struct Slots(Arc<AtomicUsize>, Arc<AtomicUsize>);
+/// What a lane's connections to one route share, as of the route's last change. Each connection
+/// holds it by one count that only this lane touches, where a count on each shared part would
+/// move their cache lines between the cores at every connection.
+struct Lane {
+    shared: Arc<Shared>,
+    route: Arc<ServiceRoute>,
+    /// The route's connections in flight, across its lanes.
+    open_here: Arc<AtomicUsize>,
+    /// The shutdown's cut, as a child of its own so that this lane's connections wait on it
+    /// apart from other lanes'.
+    cut: CancellationToken,
+}
 
-impl Slots {
+/// A connection's place under the global and the per-route cap, and in the open count that
+/// shutdown drains.
+struct Admitted(Arc<Lane>);
+
+impl Admitted {
     /// Takes a place under both caps, or none when either is full.
-    fn take(global: (&Arc<AtomicUsize>, usize), route: (&Arc<AtomicUsize>, usize)) -> Option<Self> {
+    fn take(lane: &Arc<Lane>) -> Option<Self> {
+        let shared = &lane.shared;
+        let cap = lane
+            .route
+            .options
+            .max_connections
+            .map_or(usize::MAX, |n| n as usize);
         // Count first and check after, so that two listeners racing cannot both squeeze in.
-        let slots = Self(global.0.clone(), route.0.clone());
-        let g = global.0.fetch_add(1, Ordering::AcqRel);
-        let r = route.0.fetch_add(1, Ordering::AcqRel);
-        (g < global.1 && r < route.1).then_some(slots)
+        let g = shared.tcp_open.fetch_add(1, Ordering::AcqRel);
+        let r = lane.open_here.fetch_add(1, Ordering::AcqRel);
+        shared.conns.enter();
+        let admitted = Self(lane.clone());
+        (g < shared.settings.max_connections && r < cap).then_some(admitted)
     }
 }
 
-impl Drop for Slots {
+impl Drop for Admitted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-        self.1.fetch_sub(1, Ordering::AcqRel);
+        let lane = &self.0;
+        lane.shared.tcp_open.fetch_sub(1, Ordering::AcqRel);
+        lane.open_here.fetch_sub(1, Ordering::AcqRel);
+        lane.shared.conns.leave();
     }
 }
 
@@ -232,9 +264,10 @@ fn keep_alive(stream: &TcpStream) {
 
 async fn relay(
     shared: &Arc<Shared>,
-    route: &crate::routing::ServiceRoute,
+    route: &ServiceRoute,
     client: TcpStream,
     peer: SocketAddr,
+    cut: &CancellationToken,
 ) {
     let service = route.name.as_str();
     let chosen = choose(
@@ -263,7 +296,7 @@ async fn relay(
         inbound: &metrics.bytes_in,
         outbound: &metrics.bytes_out,
     };
-    let (idle, cut) = (shared.settings.tcp_idle_timeout, &shared.conns.cut);
+    let idle = shared.settings.tcp_idle_timeout;
     let end = if shared.settings.splice {
         // Keepalive finds peers that vanished under a connection that lives long; keepalive's
         // first probe comes after a minute of silence anyway, so the upstream socket gets it
