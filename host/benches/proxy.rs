@@ -852,6 +852,19 @@ fn rounds<T>(
     Ok(results)
 }
 
+/// One summary row per target, made by `row` from the target's name and the runs that count.
+fn rows<T, R>(
+    targets: &[Target<'_>],
+    results: &[Vec<(T, bool)>],
+    row: impl Fn(&'static str, &[&T]) -> R,
+) -> Vec<R> {
+    targets
+        .iter()
+        .zip(results)
+        .map(|(t, runs)| row(t.name, &kept(t, runs)))
+        .collect()
+}
+
 /// The runs of `target` that count for its medians: the calm ones. A run the hypervisor starved
 /// measured the neighbours; a target left with no calm run keeps all of its runs, and says so.
 fn kept<'r, T>(target: &Target<'_>, runs: &'r [(T, bool)]) -> Vec<&'r T> {
@@ -921,22 +934,15 @@ fn http_case(targets: &[Target<'_>], upstream: &Proc) -> anyhow::Result<Vec<Http
             )
         },
     )?;
-    Ok(targets
-        .iter()
-        .zip(results)
-        .map(|(t, runs)| {
-            let runs = kept(t, &runs);
-            HttpRow {
-                name: t.name,
-                rps: median(runs.iter().map(|r| r.rps)),
-                p99_ms: median(runs.iter().map(|r| r.p99_ms)),
-                cpu_us: median(runs.iter().map(|r| r.cpu_us_per_req)),
-                upstream_us: median(runs.iter().map(|r| r.upstream_us_per_req)),
-                idle_pct: median(runs.iter().map(|r| r.idle_pct)),
-                errors: runs.iter().map(|r| r.errors).sum(),
-            }
-        })
-        .collect())
+    Ok(rows(targets, &results, |name, runs| HttpRow {
+        name,
+        rps: median(runs.iter().map(|r| r.rps)),
+        p99_ms: median(runs.iter().map(|r| r.p99_ms)),
+        cpu_us: median(runs.iter().map(|r| r.cpu_us_per_req)),
+        upstream_us: median(runs.iter().map(|r| r.upstream_us_per_req)),
+        idle_pct: median(runs.iter().map(|r| r.idle_pct)),
+        errors: runs.iter().map(|r| r.errors).sum(),
+    }))
 }
 
 fn wrk(target: &Target<'_>, upstream: &Proc, secs: u64, scratch: &Path) -> anyhow::Result<WrkRun> {
@@ -1046,18 +1052,11 @@ fn stream_case(targets: &[Target<'_>]) -> anyhow::Result<Vec<StreamRow>> {
         |t| iperf(t, RUN_SECS, scratch.path()),
         |r| format!("{:>6.2} Gbit/s  {:.2} cores", r.gbps, r.cpu_cores),
     )?;
-    Ok(targets
-        .iter()
-        .zip(results)
-        .map(|(t, runs)| {
-            let runs = kept(t, &runs);
-            StreamRow {
-                name: t.name,
-                gbps: median(runs.iter().map(|r| r.gbps)),
-                cpu_cores: median(runs.iter().map(|r| r.cpu_cores)),
-            }
-        })
-        .collect())
+    Ok(rows(targets, &results, |name, runs| StreamRow {
+        name,
+        gbps: median(runs.iter().map(|r| r.gbps)),
+        cpu_cores: median(runs.iter().map(|r| r.cpu_cores)),
+    }))
 }
 
 fn iperf(target: &Target<'_>, secs: u64, scratch: &Path) -> anyhow::Result<StreamRun> {
@@ -1156,20 +1155,13 @@ fn conns_case(targets: &[Target<'_>]) -> anyhow::Result<Conns> {
     let paired = runs_of("harbor")
         .zip(runs_of("haproxy"))
         .and_then(|(h, p)| Paired::of(h, p));
-    let rows = targets
-        .iter()
-        .zip(&results)
-        .map(|(t, runs)| {
-            let runs = kept(t, runs);
-            ConnRow {
-                name: t.name,
-                per_sec: median(runs.iter().map(|r| r.per_sec)),
-                p99_ms: median(runs.iter().map(|r| r.p99_ms)),
-                cpu_us: median(runs.iter().map(|r| r.cpu_us_per_conn)),
-                errors: runs.iter().map(|r| r.errors).sum(),
-            }
-        })
-        .collect();
+    let rows = rows(targets, &results, |name, runs| ConnRow {
+        name,
+        per_sec: median(runs.iter().map(|r| r.per_sec)),
+        p99_ms: median(runs.iter().map(|r| r.p99_ms)),
+        cpu_us: median(runs.iter().map(|r| r.cpu_us_per_conn)),
+        errors: runs.iter().map(|r| r.errors).sum(),
+    });
     Ok(Conns { rows, paired })
 }
 
