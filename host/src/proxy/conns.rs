@@ -42,6 +42,7 @@ impl Connections {
         self.open.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Counts a connection out, and wakes the drain when it was the last.
     pub fn leave(&self) {
         if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.drained.notify_waiters();

@@ -104,8 +104,8 @@ pub async fn drive(
     let started = tokio::time::Instant::now();
     let mut on_long_lived = Some(on_long_lived);
     // One timer serves both: it first fires at the earlier of the two deadlines. It and the
-    // wait for a cut live as long as the connection: made afresh on every pass of the loop, each
-    // registered and unregistered again each time a direction ended.
+    // wait for a cut are made once per connection; made inside the loop, each would be
+    // registered anew every time a direction ends.
     let mut check = started + idle.min(LONG_LIVED);
     let timer = tokio::time::sleep_until(check);
     let cancelled = cut.cancelled();
