@@ -831,16 +831,12 @@ fn rounds<T>(
             let (target, done) = (&targets[i], &mut results[i]);
             let before = MachineTicks::now();
             let result = measure(target).with_context(|| format!("measuring {}", target.name))?;
-            let (stolen, idle) = before
+            let stolen = before
                 .zip(MachineTicks::now())
-                .map_or((0.0, 0.0), |(b, a)| {
-                    (a.steal_pct_since(&b), a.idle_pct_since(&b))
-                });
+                .map_or(0.0, |(b, a)| a.steal_pct_since(&b));
             let calm = stolen < MAX_STOLEN_PCT;
-            // Idle cores under a load that should fill them point at a proxy that leaves work
-            // waiting (a lane asleep while its connections queue), not at its cost.
             println!(
-                "  run {round}/{runs} {:<20} {}  idle {idle:.0} %  stolen {stolen:.0} %{}",
+                "  run {round}/{runs} {:<20} {}  stolen {stolen:.0} %{}",
                 target.name,
                 describe(&result),
                 if calm { "" } else { " (left out)" }
@@ -1110,6 +1106,7 @@ struct ConnRun {
     per_sec: f64,
     p99_ms: f64,
     cpu_us_per_conn: f64,
+    idle_pct: f64,
 }
 
 struct ConnRow {
@@ -1141,8 +1138,8 @@ fn conns_case(targets: &[Target<'_>]) -> anyhow::Result<Conns> {
         |t| connect_load(&runtime, t, RUN_SECS),
         |r| {
             format!(
-                "{:>8.0} conn/s  p99 {:>6.2} ms  {:>6.1} µs CPU/conn  ok {}  errors {}",
-                r.per_sec, r.p99_ms, r.cpu_us_per_conn, r.ok, r.errors
+                "{:>8.0} conn/s  p99 {:>6.2} ms  {:>6.1} µs CPU/conn  idle {:>3.0} %  ok {}  errors {}",
+                r.per_sec, r.p99_ms, r.cpu_us_per_conn, r.idle_pct, r.ok, r.errors
             )
         },
     )?;
@@ -1207,7 +1204,7 @@ fn connect_load(
     secs: u64,
 ) -> anyhow::Result<ConnRun> {
     let addr = local(target.port);
-    let cpu_before = target.proc.cpu();
+    let (cpu_before, machine_before) = (target.proc.cpu(), MachineTicks::now());
     let started = Instant::now();
     let per_task = runtime.block_on(async move {
         let stop = Arc::new(AtomicBool::new(false));
@@ -1224,6 +1221,11 @@ fn connect_load(
     })?;
     let elapsed = started.elapsed();
     let cpu = target.proc.cpu().saturating_sub(cpu_before);
+    // Idle cores under a load that should fill them point at a proxy that leaves work waiting
+    // (a lane asleep while its connections queue), not at its cost.
+    let idle_pct = machine_before
+        .zip(MachineTicks::now())
+        .map_or(f64::NAN, |(b, a)| a.idle_pct_since(&b));
     let mut latencies: Vec<u32> = Vec::new();
     let (mut ok, mut errors) = (0u64, 0u64);
     for (lat, errs) in per_task {
@@ -1241,6 +1243,7 @@ fn connect_load(
         per_sec: ok as f64 / elapsed.as_secs_f64(),
         p99_ms: f64::from(p99) / 1e3,
         cpu_us_per_conn: cpu.as_secs_f64() * 1e6 / ok as f64,
+        idle_pct,
     })
 }
 
