@@ -15,10 +15,18 @@
 //! with every `k`-th instance starting at the `i`-th, and the Caddy adapter lists the `k` shards
 //! as one `multi` upstream source. An answer that still does not fit (a service that just grew,
 //! before the adapter re-shards it) carries the records that fit rather than none.
+//!
+//! `_a<n>.<service>.svc.harbor.` answers with a window of `n` instances that moves on by `n`
+//! with every query, so successive answers tile the service and each instance is named equally
+//! often: Caddy 2.6 provisions and releases every upstream of an answer on every request, so a
+//! service of fifty instances costs it fifty times what one costs. The adapter asks for windows
+//! for policies without affinity (round-robin, least-connections, random), where naming a
+//! rotating subset on each refresh spreads requests as evenly as naming them all.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 use tokio::net::UdpSocket;
@@ -45,7 +53,47 @@ type Record = (std::net::Ipv4Addr, u16, u16);
 /// no health check holds out, sorted so that shards are stable.
 #[derive(Default)]
 pub struct Zone {
-    table: ArcSwap<HashMap<String, Vec<Record>>>,
+    table: ArcSwap<HashMap<String, Arc<Entry>>>,
+}
+
+/// One service's records, and the order its windows go round them in.
+struct Entry {
+    /// Sorted, so that shards are stable.
+    records: Vec<Record>,
+    /// The same records in window order, starting where the next window starts: instances
+    /// that just registered come first, so a window names a new instance in its next answer
+    /// however big the service is; the rest keep the order they had.
+    ring: Vec<Record>,
+    /// How far the windows have gone round `ring`.
+    turn: AtomicUsize,
+}
+
+impl Entry {
+    /// The entry for `records`, going on from `old` (under churn the table is rebuilt more
+    /// often than it is asked: windows that started over would name the first instances only).
+    fn after(old: Option<&Entry>, records: Vec<Record>) -> Self {
+        let ring = match old {
+            None => records.clone(),
+            Some(old) => {
+                let had: std::collections::HashSet<&Record> = old.ring.iter().collect();
+                let live: std::collections::HashSet<&Record> = records.iter().collect();
+                let start = match old.ring.len() {
+                    0 => 0,
+                    len => old.turn.load(Ordering::Relaxed) % len,
+                };
+                let mut ring: Vec<Record> =
+                    records.iter().filter(|r| !had.contains(r)).copied().collect();
+                let (done, next) = old.ring.split_at(start);
+                ring.extend(next.iter().chain(done).filter(|r| live.contains(r)));
+                ring
+            }
+        };
+        Self {
+            records,
+            ring,
+            turn: AtomicUsize::new(0),
+        }
+    }
 }
 
 impl Zone {
@@ -79,22 +127,50 @@ impl Zone {
             records.sort_unstable();
             table.insert(format!("{}.{ZONE}", s.name), records);
         }
+        self.install(table);
+    }
+
+    fn install(&self, records: HashMap<String, Vec<Record>>) {
+        let old = self.table.load();
+        let table = records
+            .into_iter()
+            .map(|(name, records)| {
+                let entry = match old.get(&name) {
+                    // Most services did not change: their windows go on as they were.
+                    Some(e) if e.records == records => e.clone(),
+                    e => Arc::new(Entry::after(e.map(|e| &**e), records)),
+                };
+                (name, entry)
+            })
+            .collect();
         self.table.store(Arc::new(table));
     }
 
-    /// The records for `name`: a service, or one shard of it (`_<i>-<k>.<service>...`).
+    /// The records for `name`: a service, one shard of it (`_<i>-<k>.<service>...`) or its
+    /// next window (`_a<n>.<service>...`).
     fn lookup(&self, name: &str) -> Option<Vec<Record>> {
         let table = self.table.load();
-        if let Some(records) = table.get(name) {
-            return Some(records.clone());
+        if let Some(entry) = table.get(name) {
+            return Some(entry.records.clone());
         }
-        let (shard, service) = name.split_once('.')?;
-        let (i, k) = shard.strip_prefix('_')?.split_once('-')?;
+        let (part, service) = name.split_once('.')?;
+        let part = part.strip_prefix('_')?;
+        let entry = table.get(service)?;
+        let records = &entry.records;
+        if let Some(n) = part.strip_prefix('a') {
+            let n: usize = n.parse().ok().filter(|&n| n > 0)?;
+            if records.len() <= n {
+                return Some(records.clone());
+            }
+            let ring = &entry.ring;
+            let start = entry.turn.fetch_add(n, Ordering::Relaxed) % ring.len();
+            return Some(ring.iter().cycle().skip(start).take(n).copied().collect());
+        }
+        let (i, k) = part.split_once('-')?;
         let (i, k): (usize, usize) = (i.parse().ok()?, k.parse().ok()?);
         if i >= k {
             return None;
         }
-        let records = table.get(service)?;
         Some(records.iter().skip(i).step_by(k).copied().collect())
     }
 }
@@ -282,9 +358,7 @@ mod tests {
             .map(|(port, weight)| (std::net::Ipv4Addr::LOCALHOST, port, weight))
             .collect();
         let zone = Zone::default();
-        let mut t = HashMap::new();
-        t.insert(format!("web.{ZONE}"), records);
-        zone.table.store(Arc::new(t));
+        zone.install(HashMap::from([(format!("web.{ZONE}"), records)]));
         zone
     }
 
@@ -364,6 +438,49 @@ mod tests {
             "_0-0.web.svc.harbor.",
             "_0-2.nope.svc.harbor.",
         ] {
+            let a = answer(&query(bad, TYPE_SRV), &zone).unwrap();
+            assert_eq!(a[3] & 0x0f, 3, "{bad}: NXDOMAIN");
+        }
+    }
+
+    #[test]
+    fn windows_rotate_through_a_service_evenly() {
+        let zone = zone_with((0..30).map(|i| (9000 + i, 1)).collect());
+        let mut named = HashMap::<u16, usize>::new();
+        // Fifteen windows of eight cover the thirty instances four times over.
+        for _ in 0..15 {
+            let a = answer(&query("_a8.web.svc.harbor.", TYPE_SRV), &zone).unwrap();
+            let p = ports(&a);
+            assert_eq!(p.len(), 8);
+            for port in p {
+                *named.entry(port).or_default() += 1;
+            }
+        }
+        assert_eq!(named.len(), 30);
+        assert!(named.values().all(|&n| n == 4), "{named:?}");
+
+        // A rebuilt table (churn) goes on from where the window was, not from the first
+        // instance, and names the instances that just came first.
+        let window = || ports(&answer(&query("_a8.web.svc.harbor.", TYPE_SRV), &zone).unwrap());
+        let before = window();
+        assert_eq!(before, (9000..9008).collect::<Vec<_>>());
+        let rebuild = |ports: &mut dyn Iterator<Item = u16>| {
+            let records = ports.map(|p| (std::net::Ipv4Addr::LOCALHOST, p, 1)).collect();
+            zone.install(HashMap::from([(format!("web.{ZONE}"), records)]));
+        };
+        // 9008 and 9009 leave, 9100 comes.
+        rebuild(&mut (9000..9008).chain(9010..9030).chain([9100]));
+        assert_eq!(window(), [9100, 9010, 9011, 9012, 9013, 9014, 9015, 9016]);
+        rebuild(&mut (9000..9008).chain(9010..9030).chain([9100]));
+        assert_eq!(window(), [9017, 9018, 9019, 9020, 9021, 9022, 9023, 9024]);
+
+        // A service no bigger than the window is named whole, every time.
+        let small = zone_with((0..5).map(|i| (9000 + i, 1)).collect());
+        for _ in 0..3 {
+            let a = answer(&query("_a8.web.svc.harbor.", TYPE_SRV), &small).unwrap();
+            assert_eq!(ports(&a), (9000..9005).collect::<Vec<_>>());
+        }
+        for bad in ["_a0.web.svc.harbor.", "_ax.web.svc.harbor.", "_a8.nope.svc.harbor."] {
             let a = answer(&query(bad, TYPE_SRV), &zone).unwrap();
             assert_eq!(a[3] & 0x0f, 3, "{bad}: NXDOMAIN");
         }

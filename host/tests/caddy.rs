@@ -719,11 +719,8 @@ async fn until_only(caddy: &Caddy, host: &str, want: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_service_with_more_instances_than_one_dns_answer_holds_reaches_them_all() {
-    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
-        return;
-    };
+/// Registers 100 round-robin instances of `wide` at `wide.localhost`.
+async fn wide_service(h: &TestHarbor) -> Vec<Upstream> {
     let mut pool = Vec::new();
     for i in 0..100 {
         let u = Upstream::start(&format!("wide-{i}")).await;
@@ -734,6 +731,69 @@ async fn a_service_with_more_instances_than_one_dns_answer_holds_reaches_them_al
         .await;
         pool.push(u);
     }
+    pool
+}
+
+/// Sends requests through Caddy until every one of `pool` has answered.
+async fn reaches_them_all(caddy: &Caddy, pool: &[Upstream]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < pool.len() {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} instances reached: missing {:?}",
+            seen.len(),
+            pool.len(),
+            (0..pool.len())
+                .map(|i| format!("wide-{i}"))
+                .filter(|n| !seen.contains(n))
+                .take(5)
+                .collect::<Vec<_>>()
+        );
+        seen.extend(bodies(caddy.listen_addr(), "wide.localhost", 100).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_round_robin_service_rotates_a_window_through_all_its_instances() {
+    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
+        return;
+    };
+    let pool = wide_service(&h).await;
+    let config = eventually(Duration::from_secs(10), "wide routed", || async {
+        let config = caddy_config(&caddy).await?;
+        config.contains("wide.localhost").then_some(config)
+    })
+    .await;
+    let writes = caddy.config_writes();
+    assert!(
+        config.contains("\"name\":\"_a8.wide.svc.harbor.\"")
+            && !config.contains("\"source\":\"multi\""),
+        "a round-robin service should take one rotating window: {config}"
+    );
+    // Each answer names eight instances; successive ones reach every instance.
+    reaches_them_all(&caddy, &pool).await;
+    assert_eq!(caddy.config_writes(), writes, "the window reloaded Caddy");
+    let (_, backend) = h.get("/api/v1/backend").await;
+    assert_eq!(backend["in_sync"], true, "{backend}");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_with_more_instances_than_one_dns_answer_holds_reaches_them_all() {
+    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
+        return;
+    };
+    // Without the window, every instance is named in every refresh: in shards.
+    let r = h
+        .client
+        .put(h.url("/api/v1/backend"))
+        .json(&json!({"adapter": "caddy", "config": {"aperture": 0}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let pool = wide_service(&h).await;
     // Registrations are coalesced, so the last re-shard may reach Caddy after the last `201`;
     // its reload closes connections. At three shards or more every instance fits, so the
     // configuration stays as it is from then on. How many shards depends on the coalescing.
@@ -743,22 +803,7 @@ async fn a_service_with_more_instances_than_one_dns_answer_holds_reaches_them_al
     })
     .await;
     // Caddy's round-robin over all the shards' answers reaches every instance.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut seen = std::collections::HashSet::new();
-    while seen.len() < pool.len() {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {} instances reached: missing {:?}",
-            seen.len(),
-            pool.len(),
-            (0..100)
-                .map(|i| format!("wide-{i}"))
-                .filter(|n| !seen.contains(n))
-                .take(5)
-                .collect::<Vec<_>>()
-        );
-        seen.extend(bodies(caddy.listen_addr(), "wide.localhost", 100).await);
-    }
+    reaches_them_all(&caddy, &pool).await;
     let (_, backend) = h.get("/api/v1/backend").await;
     assert_eq!(backend["in_sync"], true, "{backend}");
     h.shutdown().await;

@@ -5,8 +5,11 @@
 //! Services whose instances all have IPv4 addresses take their upstreams from Harbor's DNS
 //! responder (`dynamic_upstreams`), so instance churn and health changes need no reload; Harbor
 //! runs their health checks itself and leaves failing instances out of its answers (Caddy runs
-//! active checks only on static upstreams). A service with more instances than one DNS answer
-//! holds is split into shards, listed as one `multi` source. The others get static upstreams
+//! active checks only on static upstreams). Round-robin, least-connections and random services
+//! ask for a rotating window of their instances (`aperture`), because Caddy 2.6 works through
+//! every upstream of an answer on every request. Services whose policy ties a client to an
+//! instance (hashing, first) need every instance in view: when one DNS answer cannot hold them
+//! they are split into shards, listed as one `multi` source. The others get static upstreams
 //! and Caddy's own active checks.
 
 use std::collections::HashMap;
@@ -36,6 +39,9 @@ pub struct Settings {
     /// Most instances one DNS answer carries (it must fit one UDP packet); a service with more
     /// is split into shards.
     pub dns_max: usize,
+    /// Most instances of a round-robin, least-connections or random service that one answer
+    /// names; successive answers rotate through the rest. 0 names them all, in shards.
+    pub aperture: usize,
 }
 
 impl Default for Settings {
@@ -49,6 +55,7 @@ impl Default for Settings {
             dns_zone: "svc.harbor.".into(),
             dns_refresh: "100ms".into(),
             dns_max: 40,
+            aperture: 8,
         }
     }
 }
@@ -198,15 +205,23 @@ fn route(s: &Service<'_>, settings: &Settings, features: Features, live: Option<
             })
         };
         let zone = format!("{}.{}", s.name, settings.dns_zone);
+        let policy = selection_policy(s.strategy, &[], false);
+        let round_robin = policy["policy"] == "round_robin";
+        let affinity = !matches!(
+            policy["policy"].as_str(),
+            Some("round_robin" | "least_conn" | "random")
+        );
+        let window = settings.aperture.min(settings.dns_max);
         let k = shard_count(s.upstreams.len(), live, settings.dns_max);
-        let source = if k == 1 {
+        let source = if window > 0 && !affinity {
+            // One source whatever the size, so a growing service never re-shards (reloads).
+            srv(format!("_a{window}.{zone}"))
+        } else if k == 1 {
             srv(zone)
         } else {
             let shards = (0..k).map(|i| srv(format!("_{i}-{k}.{zone}"))).collect();
             json!({"source": "multi", "sources": Value::Array(shards)})
         };
-        let policy = selection_policy(s.strategy, &[], false);
-        let round_robin = policy["policy"] == "round_robin";
         let mut handler = json!({
             "handler": "reverse_proxy",
             "dynamic_upstreams": source,
@@ -341,7 +356,7 @@ mod tests {
             &Shards::new(),
         );
         let h = &r[0]["handle"][0];
-        assert_eq!(h["dynamic_upstreams"]["name"], "a.svc.harbor.");
+        assert_eq!(h["dynamic_upstreams"]["name"], "_a8.a.svc.harbor.");
         assert!(h.get("upstreams").is_none());
         // Random can retry onto the instance that just failed: passive checks take it out.
         assert!(h["health_checks"]["passive"].is_object());
@@ -382,6 +397,34 @@ mod tests {
     }
 
     #[test]
+    fn services_without_affinity_get_one_rotating_window_at_any_size() {
+        let hosts = vec!["a.localhost".to_owned()];
+        let settings = Settings {
+            upstream_dns: "127.0.0.1:5353".into(),
+            ..Settings::default()
+        };
+        for strategy in ["round-robin", "least-connections", "random", "my-canary"] {
+            let mut s = svc("a", &hosts, "/", strategy);
+            let addrs = many(100);
+            s.upstreams = addrs.iter().map(|a| (a.as_str(), 1)).collect();
+            let r = routes(&[s], &settings, Features::default(), &Shards::new());
+            let source = &r[0]["handle"][0]["dynamic_upstreams"];
+            assert_eq!(source["source"], "srv", "{strategy}");
+            assert_eq!(source["name"], "_a8.a.svc.harbor.", "{strategy}");
+        }
+        // With the window off, a round-robin service is sharded like any other.
+        let whole = Settings {
+            aperture: 0,
+            ..settings
+        };
+        let mut s = svc("a", &hosts, "/", "round-robin");
+        let addrs = many(100);
+        s.upstreams = addrs.iter().map(|a| (a.as_str(), 1)).collect();
+        let r = routes(&[s], &whole, Features::default(), &Shards::new());
+        assert_eq!(r[0]["handle"][0]["dynamic_upstreams"]["source"], "multi");
+    }
+
+    #[test]
     fn big_services_are_sharded_and_churn_keeps_the_shard_count() {
         let hosts = vec!["a.localhost".to_owned()];
         let settings = Settings {
@@ -389,7 +432,8 @@ mod tests {
             ..Settings::default()
         };
         let with = |addrs: &[String], live: &Shards| {
-            let mut s = svc("a", &hosts, "/", "random");
+            // Hashing needs every instance in view: no window.
+            let mut s = svc("a", &hosts, "/", "consistent-hash");
             s.upstreams = addrs.iter().map(|a| (a.as_str(), 1)).collect();
             routes(&[s], &settings, Features::default(), live)
         };
