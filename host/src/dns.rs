@@ -81,8 +81,11 @@ impl Entry {
                     0 => 0,
                     len => old.turn.load(Ordering::Relaxed) % len,
                 };
-                let mut ring: Vec<Record> =
-                    records.iter().filter(|r| !had.contains(r)).copied().collect();
+                let mut ring: Vec<Record> = records
+                    .iter()
+                    .filter(|r| !had.contains(r))
+                    .copied()
+                    .collect();
                 let (done, next) = old.ring.split_at(start);
                 ring.extend(next.iter().chain(done).filter(|r| live.contains(r)));
                 ring
@@ -465,7 +468,9 @@ mod tests {
         let before = window();
         assert_eq!(before, (9000..9008).collect::<Vec<_>>());
         let rebuild = |ports: &mut dyn Iterator<Item = u16>| {
-            let records = ports.map(|p| (std::net::Ipv4Addr::LOCALHOST, p, 1)).collect();
+            let records = ports
+                .map(|p| (std::net::Ipv4Addr::LOCALHOST, p, 1))
+                .collect();
             zone.install(HashMap::from([(format!("web.{ZONE}"), records)]));
         };
         // 9008 and 9009 leave, 9100 comes.
@@ -480,7 +485,11 @@ mod tests {
             let a = answer(&query("_a8.web.svc.harbor.", TYPE_SRV), &small).unwrap();
             assert_eq!(ports(&a), (9000..9005).collect::<Vec<_>>());
         }
-        for bad in ["_a0.web.svc.harbor.", "_ax.web.svc.harbor.", "_a8.nope.svc.harbor."] {
+        for bad in [
+            "_a0.web.svc.harbor.",
+            "_ax.web.svc.harbor.",
+            "_a8.nope.svc.harbor.",
+        ] {
             let a = answer(&query(bad, TYPE_SRV), &zone).unwrap();
             assert_eq!(a[3] & 0x0f, 3, "{bad}: NXDOMAIN");
         }

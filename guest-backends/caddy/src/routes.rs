@@ -55,7 +55,7 @@ impl Default for Settings {
             dns_zone: "svc.harbor.".into(),
             dns_refresh: "100ms".into(),
             dns_max: 40,
-            aperture: 8,
+            aperture: 4,
         }
     }
 }
@@ -356,7 +356,7 @@ mod tests {
             &Shards::new(),
         );
         let h = &r[0]["handle"][0];
-        assert_eq!(h["dynamic_upstreams"]["name"], "_a8.a.svc.harbor.");
+        assert_eq!(h["dynamic_upstreams"]["name"], "_a4.a.svc.harbor.");
         assert!(h.get("upstreams").is_none());
         // Random can retry onto the instance that just failed: passive checks take it out.
         assert!(h["health_checks"]["passive"].is_object());
@@ -410,7 +410,7 @@ mod tests {
             let r = routes(&[s], &settings, Features::default(), &Shards::new());
             let source = &r[0]["handle"][0]["dynamic_upstreams"];
             assert_eq!(source["source"], "srv", "{strategy}");
-            assert_eq!(source["name"], "_a8.a.svc.harbor.", "{strategy}");
+            assert_eq!(source["name"], "_a4.a.svc.harbor.", "{strategy}");
         }
         // With the window off, a round-robin service is sharded like any other.
         let whole = Settings {
