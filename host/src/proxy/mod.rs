@@ -9,6 +9,7 @@ mod body;
 mod choose;
 mod conns;
 mod copy;
+mod dial;
 mod h1;
 mod headers;
 mod health;

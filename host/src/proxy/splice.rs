@@ -67,7 +67,9 @@ impl Drop for Buffer {
 const PIPE_BYTES: usize = 1 << 20;
 
 /// Copies `client` ⇄ `upstream` until both directions end, one fails, they idle or `cut` fires;
-/// `on_long_lived` as in [`drive`].
+/// `on_long_lived` as in [`drive`]. `on_silent_client` is called if the client has sent nothing
+/// when its first receive is tried, before waiting for it: the receive finds that out anyway,
+/// where asking beforehand would take a system call of its own.
 pub async fn duplex(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -75,11 +77,26 @@ pub async fn duplex(
     cut: &CancellationToken,
     tally: Tally<'_>,
     on_long_lived: impl FnOnce(),
+    on_silent_client: impl FnOnce(),
 ) -> End {
     let activity = Activity::new();
     let ended = AtomicBool::new(false);
-    let inbound = pump(client, upstream, &activity, &ended, tally.inbound);
-    let outbound = pump(upstream, client, &activity, &ended, tally.outbound);
+    let inbound = pump(
+        client,
+        upstream,
+        &activity,
+        &ended,
+        tally.inbound,
+        Some(on_silent_client),
+    );
+    let outbound = pump(
+        upstream,
+        client,
+        &activity,
+        &ended,
+        tally.outbound,
+        None::<fn()>,
+    );
     drive(inbound, outbound, &activity, idle, cut, on_long_lived).await
 }
 
@@ -186,11 +203,14 @@ async fn pump(
     activity: &Activity,
     ended: &AtomicBool,
     tally: &IntCounter,
+    mut on_silence: Option<impl FnOnce()>,
 ) -> io::Result<()> {
     // Small messages first, through a buffer.
     let mut buffer = Buffer::take();
     loop {
-        let moved = receive(from, &mut buffer.0).await?;
+        let moved = receive(from, &mut buffer.0, &mut on_silence).await?;
+        // Only silence before the first bytes (or the end) counts.
+        on_silence = None;
         if moved == 0 {
             return finish(to, ended);
         }
@@ -241,7 +261,12 @@ async fn pump(
 /// One receive into `buffer` (replacing its contents), 0 at end of stream. One that comes back
 /// short also clears the socket's readiness, as tokio's own reads do: the socket is drained, so
 /// the next receive waits for new data rather than making a call that can only fail.
-async fn receive(from: &TcpStream, buffer: &mut Vec<u8>) -> io::Result<usize> {
+/// `on_silence` is called, once, before the first wait for data.
+async fn receive(
+    from: &TcpStream,
+    buffer: &mut Vec<u8>,
+    on_silence: &mut Option<impl FnOnce()>,
+) -> io::Result<usize> {
     buffer.clear();
     let room = buffer.capacity();
     loop {
@@ -259,7 +284,12 @@ async fn receive(from: &TcpStream, buffer: &mut Vec<u8>) -> io::Result<usize> {
         let n = match result {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => short,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(call) = on_silence.take() {
+                    call();
+                }
+                continue;
+            }
             Err(e) => return Err(e),
         };
         // SAFETY: recv initialised the first `n` bytes of the spare capacity, and `n <= room`.
@@ -293,6 +323,8 @@ fn finish(to: &TcpStream, ended: &AtomicBool) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use tokio::task::JoinHandle;
@@ -330,8 +362,30 @@ mod tests {
     /// A relay between two fresh connections: the client's peer, the upstream's peer, and the
     /// relay's end with the bytes it counted inbound and outbound.
     async fn relayed() -> (TcpStream, TcpStream, JoinHandle<(End, u64, u64)>) {
-        let (client_peer, client) = pair().await;
+        relayed_after(b"", Arc::default()).await
+    }
+
+    /// [`relayed`], with `said_first` sent by the client and arrived before the relay starts,
+    /// and the relay's reports of a silent client counted in `silences`.
+    async fn relayed_after(
+        said_first: &[u8],
+        silences: Arc<AtomicUsize>,
+    ) -> (TcpStream, TcpStream, JoinHandle<(End, u64, u64)>) {
+        let (mut client_peer, client) = pair().await;
         let (upstream, upstream_peer) = pair().await;
+        if !said_first.is_empty() {
+            client_peer.write_all(said_first).await.unwrap();
+            loop {
+                client.readable().await.unwrap();
+                let mut byte = [std::mem::MaybeUninit::uninit()];
+                let peeked = client.try_io(Interest::READABLE, || {
+                    SockRef::from(&client).peek(&mut byte)
+                });
+                if peeked.is_ok_and(|n| n > 0) {
+                    break;
+                }
+            }
+        }
         let relay = tokio::spawn(async move {
             let (i, o) = (
                 IntCounter::new("i", "i").unwrap(),
@@ -342,6 +396,9 @@ mod tests {
                 inbound: &i,
                 outbound: &o,
             };
+            let silent = move || {
+                silences.fetch_add(1, Ordering::SeqCst);
+            };
             let end = duplex(
                 &client,
                 &upstream,
@@ -349,11 +406,48 @@ mod tests {
                 &cut,
                 tally,
                 || {},
+                silent,
             )
             .await;
             (end, i.get(), o.get())
         });
         (client_peer, upstream_peer, relay)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_waits_for_the_server_is_reported_silent_once() {
+        let silences = Arc::new(AtomicUsize::new(0));
+        let (mut client_peer, mut upstream_peer, relay) =
+            relayed_after(b"", silences.clone()).await;
+        let mut got = [0u8; 4];
+        // The server speaks first; the relay had to find the client silent to wait for it.
+        upstream_peer.write_all(b"220 ").await.unwrap();
+        client_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(silences.load(Ordering::SeqCst), 1);
+        // Later pauses of the client are not its first silence.
+        for line in [b"HELO", b"QUIT"] {
+            client_peer.write_all(line).await.unwrap();
+            upstream_peer.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, line);
+        }
+        drop((client_peer, upstream_peer));
+        relay.await.unwrap();
+        assert_eq!(silences.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_spoke_first_is_never_reported_silent() {
+        let silences = Arc::new(AtomicUsize::new(0));
+        let (mut client_peer, mut upstream_peer, relay) =
+            relayed_after(b"GET ", silences.clone()).await;
+        let mut got = [0u8; 4];
+        upstream_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET ");
+        upstream_peer.write_all(b"200 ").await.unwrap();
+        client_peer.read_exact(&mut got).await.unwrap();
+        drop((client_peer, upstream_peer));
+        relay.await.unwrap();
+        assert_eq!(silences.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]

@@ -23,6 +23,7 @@ use crate::routing::ServiceRoute;
 
 use super::choose::{choose, client_key};
 use super::copy::{self, End, Tally};
+use super::dial::{self, dial};
 use super::lanes::{Lanes, Task};
 use super::metrics::ErrorKind;
 use super::splice;
@@ -270,11 +271,13 @@ async fn relay(
     cut: &CancellationToken,
 ) {
     let service = route.name.as_str();
+    let splice = shared.settings.splice;
     let chosen = choose(
         shared,
         route,
         Some(client_key(peer.ip())),
-        |address| async move { TcpStream::connect(&*address).await },
+        // Only the splice relay tells when the client is silent, which the held-back ACK needs.
+        |address| async move { dial(&address, splice).await },
     )
     .await;
     let chosen = match chosen {
@@ -285,7 +288,6 @@ async fn relay(
             return;
         }
     };
-    let _ = chosen.conn.set_nodelay(true);
     let metrics = chosen.metrics.clone();
     metrics.connections.inc();
     let flight = super::body::Flight::new(chosen.picked.start(), metrics.in_flight.clone());
@@ -297,13 +299,17 @@ async fn relay(
         outbound: &metrics.bytes_out,
     };
     let idle = shared.settings.tcp_idle_timeout;
-    let end = if shared.settings.splice {
+    let end = if splice {
         // Keepalive finds peers that vanished under a connection that lives long; keepalive's
         // first probe comes after a minute of silence anyway, so the upstream socket gets it
         // once the connection has lived that long: three system calls fewer for every short
         // connection. (The client's socket inherits it from the listener at no cost.)
         let upstream = &chosen.conn;
-        splice::duplex(&client, upstream, idle, cut, tally, || keep_alive(upstream)).await
+        let long_lived = || keep_alive(upstream);
+        // The upstream's handshake ACK was held back for the client's first bytes; a client that
+        // has sent none may be waiting for the server to speak (SMTP, SSH), so it goes now.
+        let silent = || dial::send_ack_now(upstream);
+        splice::duplex(&client, upstream, idle, cut, tally, long_lived, silent).await
     } else {
         keep_alive(&chosen.conn);
         copy::duplex(client, chosen.conn, idle, cut, tally).await
