@@ -270,7 +270,10 @@ async fn receive(
     buffer.clear();
     let room = buffer.capacity();
     loop {
-        from.readable().await?;
+        // Silence has to be known before the first wait, not after it.
+        if on_silence.is_none() {
+            from.readable().await?;
+        }
         let mut short = 0;
         // Into the spare capacity: a buffer that is never zeroed costs nothing per connection.
         let result = from.try_io(Interest::READABLE, || {
