@@ -288,11 +288,11 @@ async fn relay(
             return;
         }
     };
-    let metrics = chosen.metrics.clone();
+    let metrics = &chosen.metrics;
     metrics.connections.inc();
     let flight = super::body::Flight::new(chosen.picked.start(), metrics.in_flight.clone());
-    let upstream = chosen.picked.backend().address.clone();
-    tracing::debug!(service, %peer, %upstream, "TCP connection");
+    let upstream = &*chosen.address;
+    tracing::debug!(service, %peer, upstream, "TCP connection");
     let started = Instant::now();
     let tally = Tally {
         inbound: &metrics.bytes_in,
@@ -304,12 +304,12 @@ async fn relay(
         // first probe comes after a minute of silence anyway, so the upstream socket gets it
         // once the connection has lived that long: three system calls fewer for every short
         // connection. (The client's socket inherits it from the listener at no cost.)
-        let upstream = &chosen.conn;
-        let long_lived = || keep_alive(upstream);
+        let conn = &chosen.conn;
+        let long_lived = || keep_alive(conn);
         // The upstream's handshake ACK was held back for the client's first bytes; a client that
         // has sent none may be waiting for the server to speak (SMTP, SSH), so it goes now.
-        let silent = || dial::send_ack_now(upstream);
-        splice::duplex(&client, upstream, idle, cut, tally, long_lived, silent).await
+        let silent = || dial::send_ack_now(conn);
+        splice::duplex(&client, conn, idle, cut, tally, long_lived, silent).await
     } else {
         keep_alive(&chosen.conn);
         copy::duplex(client, chosen.conn, idle, cut, tally).await
@@ -322,7 +322,7 @@ async fn relay(
             Outcome::Timeout
         }
         End::Failed(why) => {
-            tracing::debug!(service, %peer, %upstream, error = %why, "TCP connection failed");
+            tracing::debug!(service, %peer, upstream, error = %why, "TCP connection failed");
             Outcome::Success
         }
         End::Closed | End::Cut => Outcome::Success,
@@ -332,7 +332,7 @@ async fn relay(
     route
         .balancer
         .done(&chosen.picked, outcome, chosen.connect_time);
-    tracing::debug!(service, %peer, %upstream, ?end, "TCP connection closed");
+    tracing::debug!(service, %peer, upstream, ?end, "TCP connection closed");
     drop(flight);
 }
 
