@@ -81,22 +81,24 @@ pub async fn duplex(
 ) -> End {
     let activity = Activity::new();
     let ended = AtomicBool::new(false);
-    let inbound = pump(
+    // Pinned here, so that `drive` holds two pointers rather than a copy of both directions:
+    // every byte of a future is copied each time it moves.
+    let inbound = std::pin::pin!(pump(
         client,
         upstream,
         &activity,
         &ended,
         tally.inbound,
         Some(on_silent_client),
-    );
-    let outbound = pump(
+    ));
+    let outbound = std::pin::pin!(pump(
         upstream,
         client,
         &activity,
         &ended,
         tally.outbound,
         None::<fn()>,
-    );
+    ));
     drive(inbound, outbound, &activity, idle, cut, on_long_lived).await
 }
 

@@ -200,11 +200,13 @@ async fn accept(
             drop(client);
             continue;
         };
-        relays.spawn(async move {
+        // Boxed once here: the relay's state is several KiB, and the tracker and the task
+        // would each move it again on the way to the heap.
+        relays.spawn(Box::pin(async move {
             let lane = &admitted.0;
             relay(&lane.shared, &lane.route, client, peer, &lane.cut).await;
             drop(admitted);
-        });
+        }));
     }
 }
 
