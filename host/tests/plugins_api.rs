@@ -293,7 +293,7 @@ async fn the_plugin_directory_is_read_at_start_and_followed_live() {
     std::fs::write(&tmp, component("harbor-test-swapper", &["second"])).unwrap();
     std::fs::rename(&tmp, &file).unwrap();
     eventually(
-        Duration::from_secs(1),
+        common::COMPILE_WITHIN,
         "changed plugin swapped",
         listed("2"),
     )

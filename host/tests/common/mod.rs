@@ -284,6 +284,11 @@ impl SseReader {
     }
 }
 
+/// How long to wait for Harbor to take up a component it has not seen before. Cranelift
+/// compiles it first: a few hundred milliseconds alone, but seconds on two cores while other
+/// tests build their guests. Loading from the plugin directory has no latency goal of its own.
+pub const COMPILE_WITHIN: Duration = Duration::from_secs(10);
+
 /// Polls `check` until it returns `Some`, panicking with `what` after `within`.
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
 where
