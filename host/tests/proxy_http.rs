@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::upstreams::{Backend, HttpBackend, websocket_echo};
+use common::upstreams::{Backend, HttpBackend, Refusing, websocket_echo};
 use common::{TestHarbor, eventually};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -415,10 +415,8 @@ async fn health_checks_take_an_upstream_out_and_bring_it_back() {
 #[tokio::test]
 async fn unreachable_and_slow_upstreams_get_502_and_504() {
     let slow = HttpBackend::start(Duration::from_secs(30)).await;
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let refusing = Refusing::bind();
+    let closed = refusing.addr;
     let h = common::start_with(|c| c.proxy.upstream_timeout = Duration::from_millis(300)).await;
     h.write_route(
         "down.route",

@@ -17,6 +17,34 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// An address that refuses connections for as long as this lives: a socket bound to it that
+/// never listens. A port that is merely closed can be taken by another test's listener, or be
+/// picked as the source port of a connection to it, which then connects to itself (a 504 where
+/// a refusal was expected, seen in CI).
+pub struct Refusing {
+    pub addr: SocketAddr,
+    _held: socket2::Socket,
+}
+
+impl Refusing {
+    pub fn bind() -> Refusing {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        let addr = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .expect("a bound address");
+        Refusing {
+            addr,
+            _held: socket,
+        }
+    }
+}
+
 /// A backend that can be killed (its port then refuses connections) and started again.
 pub struct Backend {
     pub addr: SocketAddr,
