@@ -128,9 +128,7 @@ impl Lanes {
                 return;
             }
         };
-        if let Err(mpsc::error::SendError(Handoff::Connection { stream, job, .. })) =
-            self.senders[lane].send(Handoff::Connection { stream, peer, job })
-        {
+        if let Err((stream, job)) = self.hand_to(lane, stream, peer, job) {
             // The lane is gone (it panicked): serve the connection here.
             match tokio::net::TcpStream::from_std(stream) {
                 Ok(stream) => {
@@ -139,6 +137,26 @@ impl Lanes {
                 Err(e) => tracing::warn!(%peer, error = %e, "cannot serve a connection"),
             }
         }
+    }
+
+    /// Hands `stream`, registered with no runtime yet, to lane `lane` (0-based), which runs `job`
+    /// on it; gives both back if that lane is gone.
+    pub fn hand_to(
+        &self,
+        lane: usize,
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+        job: Job,
+    ) -> Result<(), (std::net::TcpStream, Job)> {
+        let Some(sender) = self.senders.get(lane) else {
+            return Err((stream, job));
+        };
+        sender
+            .send(Handoff::Connection { stream, peer, job })
+            .map_err(|e| match e.0 {
+                Handoff::Connection { stream, job, .. } => (stream, job),
+                Handoff::Task(_) => unreachable!("a connection was sent"),
+            })
     }
 }
 
@@ -286,6 +304,27 @@ mod tests {
         }
         assert_eq!(served_by, [1, 2, 1, 2]);
         assert_eq!(current(), 0, "the test's own thread is no lane");
+    }
+
+    #[tokio::test]
+    async fn a_connection_handed_to_a_lane_is_served_there() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let lanes = Lanes::start(2, Affinity::Free).expect("lanes");
+        for (lane, expected) in [(1, 2u8), (0, 1)] {
+            let (server, peer, mut client) = pair(&listener).await;
+            let server = server.into_std().expect("std");
+            assert!(lanes.hand_to(lane, server, peer, say_lane()).is_ok());
+            client.write_all(b"?").await.expect("write");
+            let mut served_by = [0u8; 1];
+            client.read_exact(&mut served_by).await.expect("answer");
+            assert_eq!(served_by[0], expected);
+        }
+        let (server, peer, _client) = pair(&listener).await;
+        let server = server.into_std().expect("std");
+        assert!(
+            lanes.hand_to(2, server, peer, say_lane()).is_err(),
+            "no such lane: the connection comes back"
+        );
     }
 
     /// Answers with the cores the serving lane may run on, one byte each.

@@ -18,6 +18,7 @@ mod lanes;
 pub mod metrics;
 mod pool;
 mod splice;
+mod spread;
 mod tcp;
 mod wire;
 

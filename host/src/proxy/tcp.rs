@@ -4,17 +4,23 @@
 //!
 //! A route listens once per lane (`SO_REUSEPORT`: the kernel spreads new connections over the
 //! lanes' sockets by their addresses), and each lane accepts, relays and closes its connections
-//! on its own thread, as HAProxy's threads do. On one multi-threaded runtime the same work cost
-//! about 4 % more CPU per connection than HAProxy's; on the lanes, about 3 % less in most runs.
+//! on its own thread, as HAProxy's threads do; a lane that serves clearly more than another
+//! hands it the connections it accepts ([`super::spread`]). On one multi-threaded runtime the
+//! same work cost about 4 % more CPU per connection than HAProxy's; on the lanes, about 3 % less
+//! in most runs.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -24,9 +30,10 @@ use crate::routing::ServiceRoute;
 use super::choose::{choose, client_key};
 use super::copy::{self, End, Tally};
 use super::dial::{self, dial};
-use super::lanes::{Lanes, Task};
+use super::lanes::{Job, Lanes, Task};
 use super::metrics::ErrorKind;
 use super::splice;
+use super::spread::{self, Loads};
 use super::{Shared, accept_backoff};
 
 /// How often a listener that could not bind tries again.
@@ -35,6 +42,8 @@ const REBIND_EVERY: Duration = Duration::from_secs(2);
 /// Runs the listeners of every tcp route until `stop`, on the lanes when there are some.
 pub async fn supervise(shared: Arc<Shared>, lanes: Option<Arc<Lanes>>, stop: CancellationToken) {
     let mut changes = shared.routing.subscribe();
+    let count = lanes.as_ref().map_or(1, |l| l.count());
+    let loads = Arc::new(Loads::new(count));
     let mut listening: HashMap<SocketAddr, CancellationToken> = HashMap::new();
     loop {
         changes.borrow_and_update();
@@ -52,7 +61,6 @@ pub async fn supervise(shared: Arc<Shared>, lanes: Option<Arc<Lanes>>, stop: Can
             if listening.contains_key(addr) {
                 continue;
             }
-            let count = lanes.as_ref().map_or(1, |l| l.count());
             match bind(*addr, count) {
                 Ok(listeners) => {
                     tracing::info!(service = %route.name, %addr, listeners = listeners.len(), "TCP proxy listening");
@@ -60,10 +68,14 @@ pub async fn supervise(shared: Arc<Shared>, lanes: Option<Arc<Lanes>>, stop: Can
                     // One count of open connections for the route, whichever lane holds them.
                     let open_here = Arc::new(AtomicUsize::new(0));
                     for (lane, listener) in listeners.into_iter().enumerate() {
+                        let spread = Spread {
+                            lanes: lanes.clone(),
+                            loads: loads.clone(),
+                        };
                         let (shared, open_here, token, addr) =
                             (shared.clone(), open_here.clone(), token.clone(), *addr);
                         let task: Task = Box::new(move || {
-                            Box::pin(accept(shared, listener, addr, open_here, token))
+                            Box::pin(accept(shared, listener, addr, open_here, spread, token))
                         });
                         let refused = match &lanes {
                             Some(lanes) => lanes.run_on(lane, task),
@@ -132,6 +144,12 @@ fn listen(addr: SocketAddr, shared_port: bool) -> std::io::Result<std::net::TcpL
     Ok(socket.into())
 }
 
+/// The lanes, for an accept loop to hand connections to.
+struct Spread {
+    lanes: Option<Arc<Lanes>>,
+    loads: Arc<Loads>,
+}
+
 /// Accepts on one of a route's listeners until `stop`, then waits for the connections it
 /// accepted: a lane runs as long as its tasks do.
 async fn accept(
@@ -139,9 +157,17 @@ async fn accept(
     listener: std::net::TcpListener,
     addr: SocketAddr,
     open_here: Arc<AtomicUsize>,
+    spread: Spread,
     stop: CancellationToken,
 ) {
-    let listener = match TcpListener::from_std(listener) {
+    // The lane this loop runs on (0-based); none when there are no lanes to hand over to.
+    let this_lane = spread
+        .lanes
+        .as_ref()
+        .and(super::lanes::current().checked_sub(1));
+    // SAFETY: the listener owns its descriptor, which stays open until the listener drops.
+    let registered = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) };
+    let listener = match registered {
         Ok(listener) => listener,
         Err(e) => {
             tracing::warn!(%addr, error = %e, "TCP proxy cannot take its listener");
@@ -160,7 +186,7 @@ async fn accept(
     let mut failures = 0u32;
     loop {
         let (client, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = spread::accept(&listener) => match accepted {
                 Ok(conn) => {
                     failures = 0;
                     conn
@@ -186,6 +212,7 @@ async fn accept(
                     shared: shared.clone(),
                     route: route.clone(),
                     open_here: open_here.clone(),
+                    loads: spread.loads.clone(),
                     cut: shared.conns.cut.child_token(),
                 })
             });
@@ -193,7 +220,8 @@ async fn accept(
         let Some(lane) = &here else {
             continue;
         };
-        let Some(admitted) = Admitted::take(lane) else {
+        let serving = this_lane.map_or(0, |here| spread.loads.choose(here));
+        let Some(admitted) = Admitted::take(lane, serving) else {
             let service = lane.route.name.as_str();
             lane.shared.metrics.error(service, ErrorKind::OverCapacity);
             tracing::warn!(service, %peer, "connection closed: too many in flight");
@@ -202,11 +230,44 @@ async fn accept(
         };
         // Boxed once here: the relay's state is several KiB, and the tracker and the task
         // would each move it again on the way to the heap.
-        relays.spawn(Box::pin(async move {
-            let lane = &admitted.0;
-            relay(&lane.shared, &lane.route, client, peer, &lane.cut).await;
-            drop(admitted);
-        }));
+        let serve = move |client: TcpStream| -> Pin<Box<dyn Future<Output = ()> + Send>> {
+            Box::pin(async move {
+                let lane = &admitted.lane;
+                relay(&lane.shared, &lane.route, client, peer, &lane.cut).await;
+                drop(admitted);
+            })
+        };
+        let client = match (&spread.lanes, this_lane) {
+            (Some(lanes), Some(here)) if serving != here => {
+                // Tracked by this loop all the same, so that its drain waits for it.
+                let tracker = relays.clone();
+                let job: Job =
+                    Box::new(move |client| Box::pin(tracker.track_future(serve(client))));
+                match lanes.hand_to(serving, client, peer, job) {
+                    Ok(()) => continue,
+                    // That lane is gone (it panicked): this one serves the connection.
+                    Err((client, job)) => match TcpStream::from_std(client) {
+                        Ok(client) => {
+                            tokio::spawn(job(client));
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(%addr, %peer, error = %e, "TCP proxy cannot take a connection");
+                            continue;
+                        }
+                    },
+                }
+            }
+            _ => client,
+        };
+        match TcpStream::from_std(client) {
+            Ok(client) => {
+                relays.spawn(serve(client));
+            }
+            Err(e) => {
+                tracing::warn!(%addr, %peer, error = %e, "TCP proxy cannot take a connection")
+            }
+        }
     }
 }
 
@@ -218,18 +279,23 @@ struct Lane {
     route: Arc<ServiceRoute>,
     /// The route's connections in flight, across its lanes.
     open_here: Arc<AtomicUsize>,
+    /// Every lane's connections in flight, across routes.
+    loads: Arc<Loads>,
     /// The shutdown's cut, as a child of its own so that this lane's connections wait on it
     /// apart from other lanes'.
     cut: CancellationToken,
 }
 
-/// A connection's place under the global and the per-route cap, and in the open count that
-/// shutdown drains.
-struct Admitted(Arc<Lane>);
+/// A connection's place under the global and the per-route cap, in the open count that
+/// shutdown drains, and in the load of the lane that serves it.
+struct Admitted {
+    lane: Arc<Lane>,
+    serving: usize,
+}
 
 impl Admitted {
     /// Takes a place under both caps, or none when either is full.
-    fn take(lane: &Arc<Lane>) -> Option<Self> {
+    fn take(lane: &Arc<Lane>, serving: usize) -> Option<Self> {
         let shared = &lane.shared;
         let cap = lane
             .route
@@ -240,17 +306,22 @@ impl Admitted {
         let g = shared.tcp_open.fetch_add(1, Ordering::AcqRel);
         let r = lane.open_here.fetch_add(1, Ordering::AcqRel);
         shared.conns.enter();
-        let admitted = Self(lane.clone());
+        lane.loads.enter(serving);
+        let admitted = Self {
+            lane: lane.clone(),
+            serving,
+        };
         (g < shared.settings.max_connections && r < cap).then_some(admitted)
     }
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let lane = &self.0;
+        let lane = &self.lane;
         lane.shared.tcp_open.fetch_sub(1, Ordering::AcqRel);
         lane.open_here.fetch_sub(1, Ordering::AcqRel);
         lane.shared.conns.leave();
+        lane.loads.leave(self.serving);
     }
 }
 
@@ -341,6 +412,7 @@ async fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpListener;
 
     #[tokio::test]
     async fn a_route_listens_once_per_lane_on_one_port_and_each_socket_accepts() {
