@@ -246,29 +246,28 @@ async fn accept(
                 match lanes.hand_to(serving, client, peer, job) {
                     Ok(()) => continue,
                     // That lane is gone (it panicked): this one serves the connection.
-                    Err((client, job)) => match TcpStream::from_std(client) {
-                        Ok(client) => {
+                    Err((client, job)) => {
+                        if let Some(client) = register(client, peer) {
                             tokio::spawn(job(client));
-                            continue;
                         }
-                        Err(e) => {
-                            tracing::warn!(%addr, %peer, error = %e, "TCP proxy cannot take a connection");
-                            continue;
-                        }
-                    },
+                        continue;
+                    }
                 }
             }
             _ => client,
         };
-        match TcpStream::from_std(client) {
-            Ok(client) => {
-                relays.spawn(serve(client));
-            }
-            Err(e) => {
-                tracing::warn!(%addr, %peer, error = %e, "TCP proxy cannot take a connection")
-            }
+        if let Some(client) = register(client, peer) {
+            relays.spawn(serve(client));
         }
     }
+}
+
+/// Registers an accepted connection with this thread's reactor; a connection that cannot be
+/// registered is closed.
+fn register(client: std::net::TcpStream, peer: SocketAddr) -> Option<TcpStream> {
+    TcpStream::from_std(client)
+        .inspect_err(|e| tracing::warn!(%peer, error = %e, "TCP proxy cannot take a connection"))
+        .ok()
 }
 
 /// What a lane's connections to one route share, as of the route's last change. Each connection
