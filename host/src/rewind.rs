@@ -1,6 +1,5 @@
 //! A socket with bytes already read from it put back in front, for handing a connection to a
-//! parser after peeking at it (the demo backend telling HTTP from raw TCP, the proxy's direct
-//! path giving a connection to the full HTTP stack).
+//! parser after peeking at it (the demo backend telling HTTP from raw TCP).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

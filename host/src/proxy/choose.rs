@@ -14,6 +14,7 @@ use crate::routing::ServiceRoute;
 use super::Shared;
 use super::health;
 use super::metrics::{ErrorKind, UpstreamMetrics};
+use super::policy::Answer;
 
 /// An upstream chosen and connected.
 pub struct Chosen<C> {
@@ -39,6 +40,17 @@ impl Failure {
         match self {
             Failure::NoHealthy => ErrorKind::NoHealthyUpstream,
             Failure::Unreachable(_) => ErrorKind::Connect,
+        }
+    }
+
+    /// What the client is answered, the same on both HTTP paths.
+    pub fn answer(&self, service: &str) -> Answer {
+        match self {
+            Failure::NoHealthy => Answer::no_healthy_upstream(service),
+            Failure::Unreachable(why) => {
+                tracing::warn!(service, error = %why, "no upstream reachable");
+                Answer::bad_gateway(service, "upstream unreachable")
+            }
         }
     }
 }

@@ -6,30 +6,31 @@
 //! HTTP/1.0, upgrades, `Expect`, anything unusual about its framing) hands the connection, with
 //! the bytes already read, to the full HTTP stack ([`super::http`]) for the rest of its life.
 //!
-//! Errors answer as the full stack does (404, 502, 503, 504 with a short JSON body); a client
-//! whose request body was not read to the end is closed after the answer rather than left out
-//! of step.
+//! Heads are read and framing decided by [`super::wire`]; what goes upstream is the head and
+//! framing written anew, never the client's framing bytes. Errors answer as the full stack does
+//! ([`super::policy::Answer`]); a request the policy refuses, or whose body was not read to the
+//! end, is answered and its connection closed rather than left out of step.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
-use serde_json::json;
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::plugins::Outcome;
-use crate::rewind::Rewind;
 use crate::routing::ServiceRoute;
 
 use super::Shared;
 use super::body::Flight;
-use super::choose::{Failure, choose, client_key};
+use super::choose::{choose, client_key};
+use super::chunked::Check;
 use super::metrics::ErrorKind;
+use super::policy::Answer;
 use super::pool::dial;
-use super::wire::{Framing, Parse, RequestHead, ResponseHead};
+use super::wire::{Framing, H2_PREFACE, Parse, RequestHead, ResponseHead};
 
 /// How long a client has to send a request's head once the connection is waiting for one (the
 /// full stack's `header_read_timeout`).
@@ -42,11 +43,21 @@ enum Next {
     Close,
 }
 
+/// What reading a request head came to.
+enum Read {
+    Head(RequestHead),
+    /// A request (or a protocol) for the full HTTP stack.
+    Full,
+    Refused(Answer),
+    /// The client closed, went quiet between requests or the proxy is shutting down.
+    Gone,
+}
+
 /// Serves `client` until it closes; the first request this path does not take hands the
-/// connection to `full`.
+/// connection, with the bytes already read from it, to `full`.
 pub async fn serve<F, Fut>(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, full: F)
 where
-    F: FnOnce(Rewind) -> Fut,
+    F: FnOnce(TcpStream, Bytes) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     // Waited on for the connection's whole life, not registered afresh for every request.
@@ -60,15 +71,20 @@ where
         upstream_bytes: BytesMut::with_capacity(READ_CHUNK),
         out: Vec::with_capacity(READ_CHUNK),
     };
+    let mut first = true;
     loop {
-        let head = match conn.read_head(&mut client, &mut deadline).await {
-            Some(Parse::Done(head)) if head.direct => head,
-            Some(_) => {
-                let prefix = conn.inbound.split().freeze();
-                return full(Rewind::new(prefix, client)).await;
+        let head = match conn.read_head(&mut client, &mut deadline, first).await {
+            Read::Head(head) => head,
+            Read::Full => return full(client, conn.inbound.split().freeze()).await,
+            Read::Refused(answer) => {
+                conn.shared.metrics.error("", ErrorKind::BadRequest);
+                conn.answer(&mut client, answer, 0).await;
+                let _ = client.shutdown().await;
+                return;
             }
-            None => return,
+            Read::Gone => return,
         };
+        first = false;
         let next = tokio::select! {
             biased;
             next = conn.exchange(&mut client, head, &mut deadline) => next,
@@ -103,6 +119,9 @@ struct Exchange<'a> {
     started: Instant,
     /// The client asked to close after this exchange.
     close: bool,
+    /// The request was a `HEAD`: a body the upstream sends anyway must not meet the next
+    /// request on a pooled socket.
+    head_request: bool,
 }
 
 /// Why an exchange with the upstream failed before the response head arrived.
@@ -111,26 +130,41 @@ enum Failed {
     Closed,
     Timeout,
     Io(String),
-    Malformed,
+    /// The response broke the policy ([`super::wire`]).
+    Malformed(&'static str),
     /// The client's request body was malformed or cut short: the client's fault, not the
     /// upstream's.
     Client(&'static str),
 }
 
 impl Conn {
-    /// The next request head; `None` when the client closed, went quiet past the deadline or
-    /// the proxy is shutting down between requests.
+    /// The next request head. `first`: nothing has been read on the connection before, so an
+    /// HTTP/2 preface may come.
     async fn read_head(
         &mut self,
         client: &mut TcpStream,
         deadline: &mut Deadline,
-    ) -> Option<Parse<RequestHead>> {
+        first: bool,
+    ) -> Read {
         deadline.set(HEAD_TIMEOUT);
         loop {
-            if !self.inbound.is_empty() {
+            if first && self.inbound.starts_with(H2_PREFACE) {
+                return Read::Full;
+            }
+            let preface = first && H2_PREFACE.starts_with(&self.inbound);
+            if !self.inbound.is_empty() && !preface {
                 match RequestHead::parse(&self.inbound) {
                     Parse::Partial => {}
-                    done => return Some(done),
+                    Parse::Done(head) if head.direct => return Read::Head(head),
+                    Parse::Done(_) => return Read::Full,
+                    Parse::Refused(refusal) => {
+                        tracing::debug!(peer = %self.peer, why = refusal.why, "request refused");
+                        return Read::Refused(if refusal.too_large {
+                            Answer::head_too_large()
+                        } else {
+                            Answer::bad_request(refusal.why)
+                        });
+                    }
                 }
             }
             self.inbound.reserve(READ_CHUNK);
@@ -138,13 +172,16 @@ impl Conn {
             let read = tokio::select! {
                 biased;
                 read = client.read_buf(&mut self.inbound) => read,
-                () = deadline.expired() => return None,
+                // A head begun and not finished is answered; a quiet connection just closes.
+                () = deadline.expired() => {
+                    return if idle { Read::Gone } else { Read::Refused(Answer::request_timeout()) };
+                }
                 // Between requests a shutdown closes the connection, as the full stack does.
-                () = self.finish.as_mut(), if idle => return None,
+                () = self.finish.as_mut(), if idle => return Read::Gone,
             };
             match read {
                 Ok(n) if n > 0 => {}
-                _ => return None,
+                _ => return Read::Gone,
             }
         }
     }
@@ -163,46 +200,26 @@ impl Conn {
         drop(snapshot);
         let Some(route) = route else {
             self.shared.metrics.error("", ErrorKind::NoRoute);
-            let body = json!({"error": "no route", "host": head.host(&self.inbound), "path": head.path(&self.inbound)});
-            tracing::debug!(
-                host = head.host(&self.inbound),
-                path = head.path(&self.inbound),
-                "no route"
-            );
-            let close = head.close || head.framing != Framing::Empty;
-            return self
-                .refuse(client, close, head.len(), 404, "Not Found", body)
-                .await;
+            let (host, path) = (head.host(&self.inbound), head.path(&self.inbound));
+            tracing::debug!(host, path, "no route");
+            // A body left unread would be taken for the next request.
+            let answer =
+                Answer::no_route(host, path).closing(head.close || !head.framing.complete());
+            return self.answer(client, answer, head.len()).await;
         };
         self.forward(client, head, &route, deadline).await
     }
 
-    /// Answers `status` with a JSON body. On a connection that goes on, the request's `unread`
-    /// bytes (its head) are dropped first; one whose body was not read through must `close`.
-    async fn refuse(
-        &mut self,
-        client: &mut TcpStream,
-        close: bool,
-        unread: usize,
-        status: u16,
-        reason: &str,
-        body: serde_json::Value,
-    ) -> Next {
-        if !close {
+    /// Sends the proxy's own `answer`. On a connection that goes on, the request's `unread`
+    /// bytes (its head) are dropped first.
+    async fn answer(&mut self, client: &mut TcpStream, answer: Answer, unread: usize) -> Next {
+        if !answer.close {
             self.inbound.advance(unread);
         }
-        let body = format!("{body}\n");
         self.out.clear();
-        self.out.extend_from_slice(
-            format!(
-                "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{body}",
-                body.len(),
-                if close { "connection: close\r\n" } else { "" }
-            )
-            .as_bytes(),
-        );
+        answer.write(&mut self.out);
         match client.write_all(&self.out).await {
-            Ok(()) if !close => Next::Keep,
+            Ok(()) if !answer.close => Next::Keep,
             _ => Next::Close,
         }
     }
@@ -216,7 +233,7 @@ impl Conn {
     ) -> Next {
         let shared = self.shared.clone();
         let service = route.name.as_str();
-        let resendable = head.framing == Framing::Empty;
+        let resendable = head.framing.complete();
         let head_request = head.is_head_method(&self.inbound);
         let mut framing = head.framing.clone();
         // The head is still in `inbound` until the request's bytes are built, once.
@@ -246,19 +263,9 @@ impl Conn {
                 Ok(chosen) => chosen,
                 Err(failure) => {
                     shared.metrics.error(service, failure.kind());
-                    let (status, reason, error) = match failure {
-                        Failure::NoHealthy => (503, "Service Unavailable", "no healthy upstream"),
-                        Failure::Unreachable(why) => {
-                            tracing::warn!(service, error = %why, "no upstream reachable");
-                            (502, "Bad Gateway", "upstream unreachable")
-                        }
-                    };
-                    let body = json!({"error": error, "service": service});
-                    let close = head.close || !resendable;
+                    let answer = failure.answer(service).closing(head.close || !resendable);
                     let unread = if built { 0 } else { head.len() };
-                    return self
-                        .refuse(client, close, unread, status, reason, body)
-                        .await;
+                    return self.answer(client, answer, unread).await;
                 }
             };
             let metrics = chosen.metrics.clone();
@@ -275,11 +282,10 @@ impl Conn {
                 self.out.clear();
                 head.write_upstream(&self.inbound, upstream_host, self.peer.ip(), &mut self.out);
                 self.inbound.advance(head.len());
-                let now = match framing.take(&self.inbound) {
+                let now = match framing.relay(&self.inbound, &mut self.out) {
                     Ok(now) => now,
                     Err(why) => return self.bad_request(client, service, why).await,
                 };
-                self.out.extend_from_slice(&self.inbound[..now]);
                 self.inbound.advance(now);
                 metrics.bytes_in.inc_by(now as u64);
                 built = true;
@@ -312,6 +318,7 @@ impl Conn {
                         metrics: &chosen.metrics,
                         started,
                         close: head.close,
+                        head_request,
                     };
                     let next = self.respond(client, exchange, upstream, response).await;
                     drop(flight);
@@ -341,27 +348,22 @@ impl Conn {
                     tracing::warn!(service, upstream = %address, error = %e, "upstream failed");
                     ErrorKind::Upstream
                 }
-                Err(Failed::Malformed) => {
-                    tracing::warn!(service, upstream = %address, "upstream sent a malformed response");
+                Err(Failed::Malformed(why)) => {
+                    tracing::warn!(service, upstream = %address, why, "upstream sent a response outside the rules");
                     ErrorKind::Upstream
                 }
             };
             shared.metrics.error(service, kind);
-            let (status, reason, outcome, error) = match kind {
-                ErrorKind::Timeout => (
-                    504,
-                    "Gateway Timeout",
-                    Outcome::Timeout,
-                    "upstream timed out",
-                ),
-                _ => (502, "Bad Gateway", Outcome::ServerError, "upstream failed"),
+            let outcome = match kind {
+                ErrorKind::Timeout => Outcome::Timeout,
+                _ => Outcome::ServerError,
             };
             route
                 .balancer
                 .done(&chosen.picked, outcome, started.elapsed());
             // The request's body may be half sent: the connection cannot go on.
-            let body = json!({"error": error, "service": service});
-            return self.refuse(client, true, 0, status, reason, body).await;
+            let answer = Answer::upstream_failed(service, kind).closing(true);
+            return self.answer(client, answer, 0).await;
         }
     }
 
@@ -381,6 +383,7 @@ impl Conn {
             metrics,
             started,
             close,
+            head_request,
         } = exchange;
         let service = route.name.as_str();
         let elapsed = started.elapsed();
@@ -401,10 +404,9 @@ impl Conn {
         response.write_client(&self.upstream_bytes, close, &mut self.out);
         self.upstream_bytes.advance(response.len());
         let mut framing = response.framing.clone();
-        let Ok(now) = framing.take(&self.upstream_bytes) else {
+        let Ok(now) = framing.relay(&self.upstream_bytes, &mut self.out) else {
             return Next::Close;
         };
-        self.out.extend_from_slice(&self.upstream_bytes[..now]);
         self.upstream_bytes.advance(now);
         metrics.bytes_out.inc_by(now as u64);
         if client.write_all(&self.out).await.is_err() {
@@ -420,17 +422,24 @@ impl Conn {
                     return Next::Close;
                 }
             }
-            let Ok(n) = framing.take(&self.upstream_bytes) else {
-                return Next::Close;
-            };
-            if client.write_all(&self.upstream_bytes[..n]).await.is_err() {
-                return Next::Close;
+            match pass(
+                &mut framing,
+                &mut self.upstream_bytes,
+                &mut self.out,
+                client,
+            )
+            .await
+            {
+                Ok(n) => metrics.bytes_out.inc_by(n as u64),
+                Err(Pass::Framing(why)) => {
+                    tracing::warn!(service, upstream = %address, why, "upstream's response body broke its framing");
+                    return Next::Close;
+                }
+                Err(Pass::Io(_)) => return Next::Close,
             }
-            self.upstream_bytes.advance(n);
-            metrics.bytes_out.inc_by(n as u64);
         }
         // Only a socket at a clean message boundary can take another request.
-        if !response.close && self.upstream_bytes.is_empty() {
+        if !response.close && !head_request && self.upstream_bytes.is_empty() {
             self.shared.streams.give_back(address.clone(), upstream);
         }
         self.upstream_bytes.clear();
@@ -442,17 +451,7 @@ impl Conn {
     async fn bad_request(&mut self, client: &mut TcpStream, service: &str, why: &str) -> Next {
         self.shared.metrics.error(service, ErrorKind::BadRequest);
         tracing::debug!(service, peer = %self.peer, why, "bad request body");
-        let body = format!("{}\n", json!({"error": "bad request body", "detail": why}));
-        self.out.clear();
-        self.out.extend_from_slice(
-            format!(
-                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        );
-        let _ = client.write_all(&self.out).await;
-        Next::Close
+        self.answer(client, Answer::bad_request(why), 0).await
     }
 
     /// Relays the rest of the request body from the client as it arrives.
@@ -469,13 +468,11 @@ impl Conn {
                 Ok(n) if n > 0 => {}
                 _ => return Err(Failed::Client("the request body ended early")),
             }
-            let n = framing.take(&self.inbound).map_err(Failed::Client)?;
-            upstream
-                .write_all(&self.inbound[..n])
-                .await
-                .map_err(|e| Failed::Io(e.to_string()))?;
-            self.inbound.advance(n);
-            metrics.bytes_in.inc_by(n as u64);
+            match pass(framing, &mut self.inbound, &mut self.out, upstream).await {
+                Ok(n) => metrics.bytes_in.inc_by(n as u64),
+                Err(Pass::Framing(why)) => return Err(Failed::Client(why)),
+                Err(Pass::Io(e)) => return Err(Failed::Io(e.to_string())),
+            }
         }
         Ok(())
     }
@@ -493,10 +490,10 @@ impl Conn {
             if !self.upstream_bytes.is_empty() {
                 match ResponseHead::parse(&self.upstream_bytes, head_request) {
                     Parse::Partial => {}
-                    Parse::Invalid => return Err(Failed::Malformed),
+                    Parse::Refused(refusal) => return Err(Failed::Malformed(refusal.why)),
                     Parse::Done(r) if r.status == 101 => {
                         // Upgrades never take this path: switching unasked is a broken upstream.
-                        return Err(Failed::Malformed);
+                        return Err(Failed::Malformed("a switch of protocols nobody asked for"));
                     }
                     Parse::Done(r) if r.status < 200 => {
                         let mut interim = Vec::new();
@@ -524,6 +521,34 @@ impl Conn {
             }
         }
     }
+}
+
+/// Why a body's bytes could not be passed on.
+enum Pass {
+    Framing(&'static str),
+    Io(std::io::Error),
+}
+
+/// Passes the body's next bytes from `from` to `to` as the next hop must see them: re-framed
+/// through `scratch` when the framing is rewritten, as they are otherwise. Returns how many
+/// bytes of `from` were the body's.
+async fn pass(
+    framing: &mut Framing,
+    from: &mut BytesMut,
+    scratch: &mut Vec<u8>,
+    to: &mut TcpStream,
+) -> Result<usize, Pass> {
+    let (n, written) = if framing.rewritten() {
+        scratch.clear();
+        let n = framing.relay(from, scratch).map_err(Pass::Framing)?;
+        (n, to.write_all(scratch).await)
+    } else {
+        let n = framing.relay(from, &mut Check).map_err(Pass::Framing)?;
+        (n, to.write_all(&from[..n]).await)
+    };
+    written.map_err(Pass::Io)?;
+    from.advance(n);
+    Ok(n)
 }
 
 /// The connection's deadline (a head within [`HEAD_TIMEOUT`], a response within the upstream

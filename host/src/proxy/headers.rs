@@ -1,56 +1,42 @@
-//! HTTP hygiene between client and upstream: hop-by-hop headers stay on their hop (RFC 9110
-//! §7.6.1), and the upstream learns who asked through `X-Forwarded-*` and `Via`.
+//! The full HTTP stack's side of the one policy ([`super::policy`]), on hyper's header maps:
+//! hop-by-hop headers stay on their hop (RFC 9110 §7.6.1), and the upstream learns who asked
+//! through `X-Forwarded-*` and `Via`.
 
 use std::net::IpAddr;
 
 use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Headers that describe one connection, not the message.
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HeaderName::from_static("proxy-connection"),
-];
+use super::policy::{self, Forwarding};
 
 /// The protocol a client asks to switch to, when its request is an upgrade (WebSocket, h2c...).
 pub fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
-    let asks = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    if asks {
+    if connection_tokens(headers).any(|token| token.eq_ignore_ascii_case(b"upgrade")) {
         headers.get(header::UPGRADE).cloned()
     } else {
         None
     }
 }
 
-/// Removes hop-by-hop headers: the fixed list, every `Proxy-*` header, and those the
-/// `Connection` header names. An upgrade keeps `Connection: upgrade` and its `Upgrade`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>) {
-    let named: Vec<HeaderName> = headers
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-    let proxy: Vec<HeaderName> = headers
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers: the policy's set, every `Proxy-*` header, and those the
+/// `Connection` header names. An upgrade keeps `Connection: upgrade` and its `Upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>) {
+    let listed: Vec<Vec<u8>> = connection_tokens(headers).map(<[u8]>::to_vec).collect();
+    let gone: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with("proxy-"))
+        .filter(|name| policy::is_hop_by_hop(name.as_str().as_bytes(), &listed))
         .cloned()
         .collect();
-    for name in proxy {
+    for name in gone {
         headers.remove(name);
     }
     if let Some(protocol) = upgrade {
@@ -59,40 +45,42 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>) 
     }
 }
 
-/// Appends this hop to `X-Forwarded-For` and `Via`, and sets `X-Forwarded-Proto` and
-/// `X-Forwarded-Host` (to the host the client asked for).
+/// Writes the forwarding headers (see [`Forwarding`]) for a request from `client` for `host`.
 pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: &str, version: Version) {
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let chain = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(before) if !before.trim().is_empty() => format!("{before}, {client}"),
-        _ => client.to_string(),
-    };
-    if let Ok(value) = HeaderValue::from_str(&chain) {
-        headers.insert(xff, value);
+    let prior_for = values(headers, "x-forwarded-for");
+    let prior_via = values(headers, "via");
+    let prior_for: Vec<&[u8]> = prior_for.iter().map(Vec::as_slice).collect();
+    let prior_via: Vec<&[u8]> = prior_via.iter().map(Vec::as_slice).collect();
+    Forwarding {
+        client,
+        host: host.as_bytes(),
+        prior_for: &prior_for,
+        prior_via: &prior_via,
+        version: via_version(version),
     }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
-    );
-    if let Ok(value) = HeaderValue::from_str(host) {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), value);
-    }
-    append_via(headers, version);
+    .write(headers);
 }
 
-/// Adds this hop to `Via`, e.g. `1.1 harbor`.
+/// Adds this hop to a response's `Via`.
 pub fn append_via(headers: &mut HeaderMap, version: Version) {
-    let hop = match version {
-        Version::HTTP_10 => "1.0 harbor",
-        Version::HTTP_2 => "2.0 harbor",
-        _ => "1.1 harbor",
-    };
-    let via = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(before) => format!("{before}, {hop}"),
-        None => hop.to_owned(),
-    };
-    if let Ok(value) = HeaderValue::from_str(&via) {
-        headers.insert(header::VIA, value);
+    let prior = values(headers, "via");
+    let prior: Vec<&[u8]> = prior.iter().map(Vec::as_slice).collect();
+    policy::via(&prior, via_version(version), headers);
+}
+
+fn values(headers: &HeaderMap, name: &str) -> Vec<Vec<u8>> {
+    headers
+        .get_all(name)
+        .iter()
+        .map(|v| v.as_bytes().to_vec())
+        .collect()
+}
+
+fn via_version(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2.0",
+        _ => "1.1",
     }
 }
 
@@ -146,14 +134,18 @@ mod tests {
 
     #[test]
     fn forwarded_headers_append_to_a_chain() {
-        let mut h = map(&[("x-forwarded-for", "203.0.113.9"), ("via", "1.1 edge")]);
+        let mut h = map(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-for", "198.51.100.1"),
+            ("via", "1.1 edge"),
+        ]);
         add_forwarded(
             &mut h,
             "127.0.0.1".parse().unwrap(),
             "app.localhost",
             Version::HTTP_11,
         );
-        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 198.51.100.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "app.localhost");
         assert_eq!(h["via"], "1.1 edge, 1.1 harbor");

@@ -1,20 +1,21 @@
 //! The embedded HTTP reverse proxy: HTTP/1.1 and HTTP/2 (cleartext) from clients, HTTP/1.1 over
 //! pooled keep-alive connections to upstreams, upgrades (WebSocket and others) tunnelled. Each
 //! connection starts on the direct HTTP/1.1 path ([`super::h1`]) and comes to the full stack
-//! here (hyper) at its first request that path does not take.
+//! here (hyper) at its first request that path does not take. hyper reads HTTP/1 through
+//! [`Gate`], so that both paths hold the one policy ([`super::policy`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -22,11 +23,13 @@ use crate::plugins::Outcome;
 use crate::routing::ServiceRoute;
 
 use super::body::{ClientBody, Flight, Lease, ResponseBody, UpstreamBody, text};
-use super::choose::{Failure, choose, client_key};
+use super::choose::{choose, client_key};
 use super::copy::{self, Tally};
+use super::gate::Gate;
 use super::headers::{add_forwarded, append_via, strip_hop_by_hop, upgrade_of};
 use super::lanes::{Job, Lanes};
 use super::metrics::ErrorKind;
+use super::policy::Answer;
 use super::pool;
 use super::{Shared, accept_backoff};
 
@@ -41,6 +44,9 @@ pub async fn serve(
     builder.http1().timer(hyper_util::rt::TokioTimer::new());
     // Slow-loris guard: a client gets this long to send its request headers.
     builder.http1().header_read_timeout(Duration::from_secs(30));
+    // The gate ends the client's side where the policy refuses; the response in progress is
+    // still written, then the refusal's answer.
+    builder.http1().half_close(true);
     let mut failures = 0u32;
     loop {
         let accepted = tokio::select! {
@@ -66,10 +72,11 @@ pub async fn serve(
         let job: Job = Box::new(move |stream: TcpStream| {
             Box::pin(async move {
                 if shared.settings.direct_http1 {
-                    let full = |io| serve_full(shared.clone(), io, peer, builder);
+                    let full =
+                        |stream, read| serve_full(shared.clone(), stream, read, peer, builder);
                     super::h1::serve(shared.clone(), stream, peer, full).await;
                 } else {
-                    serve_full(shared, stream, peer, builder).await;
+                    serve_full(shared, stream, Bytes::new(), peer, builder).await;
                 }
                 drop(open);
             })
@@ -84,15 +91,15 @@ pub async fn serve(
 }
 
 /// Serves one client connection through the full HTTP stack (hyper): HTTP/1.x and h2c,
-/// upgrades, until the connection or the proxy ends.
-async fn serve_full<I>(
+/// upgrades, until the connection or the proxy ends. `read`: bytes already read from it.
+async fn serve_full(
     shared: Arc<Shared>,
-    io: I,
+    stream: TcpStream,
+    read: Bytes,
     peer: SocketAddr,
     builder: auto::Builder<TokioExecutor>,
-) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+) {
+    let io = Gate::new(stream, read, shared.metrics.clone());
     let service = hyper::service::service_fn(|req| {
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
@@ -110,16 +117,6 @@ async fn serve_full<I>(
             }
         }
     }
-}
-
-fn answer(status: StatusCode, body: serde_json::Value) -> Response<ClientBody> {
-    let mut response = Response::new(text(format!("{body}\n")));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
 }
 
 /// The host a request is for: the URI's authority (HTTP/2, absolute-form) or the Host header.
@@ -140,19 +137,13 @@ async fn handle(
 ) -> Response<ClientBody> {
     let Some(host) = host_of(&req) else {
         shared.metrics.error("", ErrorKind::BadRequest);
-        return answer(
-            StatusCode::BAD_REQUEST,
-            json!({"error": "the request names no host"}),
-        );
+        return Answer::bad_request("the request names no host").response();
     };
     let snapshot = shared.routing.snapshot();
     let Some(route) = snapshot.http.find(&host, req.uri().path()).cloned() else {
         shared.metrics.error("", ErrorKind::NoRoute);
         tracing::debug!(%host, path = req.uri().path(), "no route");
-        return answer(
-            StatusCode::NOT_FOUND,
-            json!({"error": "no route", "host": host, "path": req.uri().path()}),
-        );
+        return Answer::no_route(&host, req.uri().path()).response();
     };
     drop(snapshot);
     forward(shared, &route, peer, host, req).await
@@ -181,19 +172,7 @@ async fn forward(
         Ok(chosen) => chosen,
         Err(failure) => {
             shared.metrics.error(service, failure.kind());
-            return match failure {
-                Failure::NoHealthy => answer(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"error": "no healthy upstream", "service": service}),
-                ),
-                Failure::Unreachable(why) => {
-                    tracing::warn!(service, error = %why, "no upstream reachable");
-                    answer(
-                        StatusCode::BAD_GATEWAY,
-                        json!({"error": "upstream unreachable", "service": service}),
-                    )
-                }
-            };
+            return failure.answer(service).response();
         }
     };
     let address = chosen.address.clone();
@@ -245,6 +224,8 @@ async fn forward(
                         break Err(ErrorKind::Connect);
                     }
                 },
+                // The client's body broke its framing or ended early: the client's fault.
+                _ if e.error().is_user() => break Err(ErrorKind::BadRequest),
                 _ => {
                     tracing::warn!(service, upstream = %address, error = %e.error(), "upstream failed");
                     break Err(ErrorKind::Upstream);
@@ -255,22 +236,21 @@ async fn forward(
     let elapsed = started.elapsed();
     let mut response = match sent {
         Ok(response) => response,
+        Err(ErrorKind::BadRequest) => {
+            shared.metrics.error(service, ErrorKind::BadRequest);
+            route
+                .balancer
+                .done(&chosen.picked, Outcome::Success, elapsed);
+            return Answer::bad_request("the request body is malformed or ended early").response();
+        }
         Err(kind) => {
             shared.metrics.error(service, kind);
-            let (status, outcome, message) = match kind {
-                ErrorKind::Timeout => (
-                    StatusCode::GATEWAY_TIMEOUT,
-                    Outcome::Timeout,
-                    "upstream timed out",
-                ),
-                _ => (
-                    StatusCode::BAD_GATEWAY,
-                    Outcome::ServerError,
-                    "upstream failed",
-                ),
+            let outcome = match kind {
+                ErrorKind::Timeout => Outcome::Timeout,
+                _ => Outcome::ServerError,
             };
             route.balancer.done(&chosen.picked, outcome, elapsed);
-            return answer(status, json!({"error": message, "service": service}));
+            return Answer::upstream_failed(service, kind).response();
         }
     };
     let status = response.status();
@@ -286,10 +266,7 @@ async fn forward(
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
         let Some((protocol, client_side)) = client_upgrade else {
-            return answer(
-                StatusCode::BAD_GATEWAY,
-                json!({"error": "upstream switched protocols unasked", "service": service}),
-            );
+            return Answer::bad_gateway(service, "upstream switched protocols unasked").response();
         };
         let upstream_side = hyper::upgrade::on(&mut response);
         let (mut parts, _) = response.into_parts();
@@ -301,6 +278,13 @@ async fn forward(
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, None);
     append_via(&mut parts.headers, version);
+    if client_upgrade.is_some() {
+        // The gate passes everything after an upgrade's head as the new protocol's; an upgrade
+        // declined ends the connection rather than go on as HTTP/1 unchecked.
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let lease = Lease {
         pool: shared.pool.clone(),
         address,

@@ -1,21 +1,26 @@
 //! The embedded proxy: an HTTP reverse proxy ([`http`], with a direct path for plain HTTP/1.1
-//! requests in [`h1`] and [`wire`]) in embedded mode, and the L4 TCP proxy ([`tcp`]) for `tcp`
-//! routes in every mode but Envoy's (a stock Caddy has no L4 proxy). Both
+//! requests in [`h1`]) in embedded mode, and the L4 TCP proxy ([`tcp`]) for `tcp` routes in
+//! every mode but Envoy's (a stock Caddy has no L4 proxy). Both HTTP paths hold one policy
+//! ([`policy`]): heads and framing are read strictly and written anew ([`wire`], [`chunked`]),
+//! and hyper reads clients only through [`gate`]. Both
 //! read the routing snapshot, never the registry; upstreams are chosen by the route's strategy
 //! ([`choose`]), kept honest by health checks and cooldowns ([`health`]), and counted
 //! ([`metrics`]).
 
 mod body;
 mod choose;
+mod chunked;
 mod conns;
 mod copy;
 mod dial;
+mod gate;
 mod h1;
 mod headers;
 mod health;
 mod http;
 mod lanes;
 pub mod metrics;
+mod policy;
 mod pool;
 mod splice;
 mod spread;

@@ -1,38 +1,109 @@
-//! HTTP/1.1 on the wire, for the proxy's direct path ([`super::h1`]): heads parsed in place,
-//! rewritten for the next hop straight into bytes, and bodies delimited (`Content-Length`,
-//! `chunked`) without being decoded, so that they are forwarded as they arrive.
+//! HTTP/1.x heads on the wire, read strictly (RFC 9112) and written anew for the next hop.
 //!
-//! Only plain HTTP/1.1 requests are taken here; [`RequestHead::direct`] says which, and every
-//! other request (HTTP/1.0, upgrades, `Expect`, absolute-form targets, anything ambiguous about
-//! its length) goes to the full HTTP stack instead.
+//! A head is parsed in place; its lines must end in CRLF, and a message's framing is decided
+//! once (RFC 9112 §6.3): no body, a verified `Content-Length`, or `chunked` as the only transfer
+//! coding ([`super::chunked`]). The head written for the next hop carries exactly that decision,
+//! never the sender's own framing headers. Whatever the rules do not allow (two lengths, a
+//! length beside chunks, a `Connection` header naming a framing header, a second `Host`, a
+//! fragment in the target...) is refused: a request with a 4xx, a response with a 502.
+//!
+//! The direct path ([`super::h1`]) forwards what this module reads; the full HTTP stack's gate
+//! ([`super::gate`]) reads with it too, so both paths hold one policy.
 
+use std::io::Write as _;
 use std::net::IpAddr;
 use std::ops::Range;
 
-/// Longest head accepted (hyper's default limit is in the same range).
+use super::chunked::{Chunked, Sink};
+use super::policy::{Forwarding, REWRITTEN, is_hop_by_hop, names_framing};
+
+/// Longest head accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1). `Transfer-Encoding`
-/// is among them, but the direct path forwards chunked bodies as they are, so it re-adds it.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-connection",
-];
+/// How an HTTP/2 connection with prior knowledge starts.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How a message's body is delimited.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Framing {
     Empty,
+    /// A verified `Content-Length` (0 included: a request that says so keeps saying so).
     Length(u64),
     Chunked(Chunked),
     /// Until the sender closes (responses only).
     UntilClose,
+}
+
+impl Framing {
+    /// Reads the body's next bytes from `input`, putting what goes on to the next hop into
+    /// `out`; returns how many bytes of `input` belong to the body.
+    pub fn relay<S: Sink>(&mut self, input: &[u8], out: &mut S) -> Result<usize, &'static str> {
+        let take = match self {
+            Framing::Empty => 0,
+            Framing::Length(left) => {
+                let take = (*left).min(input.len() as u64);
+                *left -= take;
+                take as usize
+            }
+            Framing::Chunked(state) => return state.advance(input, out),
+            Framing::UntilClose => input.len(),
+        };
+        out.put(&input[..take]);
+        Ok(take)
+    }
+
+    /// Whether the whole body has been seen.
+    pub fn complete(&self) -> bool {
+        match self {
+            Framing::Empty => true,
+            Framing::Length(left) => *left == 0,
+            Framing::Chunked(state) => state.done(),
+            Framing::UntilClose => false,
+        }
+    }
+
+    /// Whether the body's bytes are re-framed on their way (rather than copied as they are).
+    pub fn rewritten(&self) -> bool {
+        matches!(self, Framing::Chunked(_))
+    }
+
+    /// The framing header that announces this framing to the next hop.
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Framing::Length(n) => {
+                let _ = write!(out, "content-length: {n}\r\n");
+            }
+            Framing::Chunked(_) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            Framing::Empty | Framing::UntilClose => {}
+        }
+    }
+}
+
+/// Why a head was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub why: &'static str,
+    /// The head is longer than [`MAX_HEAD`] or has too many fields.
+    pub too_large: bool,
+}
+
+impl Refusal {
+    fn bad(why: &'static str) -> Self {
+        Self {
+            why,
+            too_large: false,
+        }
+    }
+}
+
+/// The outcome of parsing a head from the bytes read so far.
+#[derive(Debug)]
+pub enum Parse<T> {
+    /// More bytes are needed.
+    Partial,
+    Done(T),
+    Refused(Refusal),
 }
 
 /// A parsed head: where its parts are in the buffer it was parsed from.
@@ -40,27 +111,28 @@ pub enum Framing {
 struct Head {
     len: usize,
     headers: Vec<(Range<usize>, Range<usize>)>,
+    /// The `Connection` header's tokens, lower-cased.
+    listed: Vec<String>,
 }
 
 impl Head {
-    fn new(buf: &[u8], len: usize, headers: &[httparse::Header<'_>]) -> Self {
-        Self {
+    fn new(buf: &[u8], len: usize, headers: &[httparse::Header<'_>]) -> Result<Self, Refusal> {
+        if !crlf_only(&buf[..len]) {
+            return Err(Refusal::bad("a line of the head does not end with CRLF"));
+        }
+        let mut head = Self {
             len,
             headers: headers
                 .iter()
                 .map(|h| (offset(buf, h.name.as_bytes()), offset(buf, h.value)))
                 .collect(),
+            listed: Vec::new(),
+        };
+        head.listed = head.tokens(buf, "connection");
+        if names_framing(&head.listed).is_some() {
+            return Err(Refusal::bad("Connection names a framing header"));
         }
-    }
-
-    /// What delimits a message: the `Connection` and `Transfer-Encoding` tokens, and every
-    /// `Content-Length` value.
-    fn framing_headers<'b>(&self, buf: &'b [u8]) -> (Vec<String>, Vec<String>, Vec<&'b [u8]>) {
-        (
-            self.tokens(buf, "connection"),
-            self.tokens(buf, "transfer-encoding"),
-            self.values(buf, "content-length").collect(),
-        )
+        Ok(head)
     }
 
     fn values<'b>(&self, buf: &'b [u8], name: &str) -> impl Iterator<Item = &'b [u8]> {
@@ -70,8 +142,12 @@ impl Head {
             .map(move |(_, v)| &buf[v.clone()])
     }
 
-    fn first<'b>(&self, buf: &'b [u8], name: &str) -> Option<&'b [u8]> {
-        self.values(buf, name).next()
+    fn all<'b>(&self, buf: &'b [u8], name: &str) -> Vec<&'b [u8]> {
+        self.values(buf, name).collect()
+    }
+
+    fn has(&self, buf: &[u8], name: &str) -> bool {
+        self.values(buf, name).next().is_some()
     }
 
     /// The comma-separated tokens of every `name` header, lower-cased.
@@ -83,23 +159,46 @@ impl Head {
             .collect()
     }
 
-    /// Whether header `name` stays on its hop, given the names `Connection` lists.
-    fn hop_by_hop(name: &[u8], listed: &[String]) -> bool {
-        HOP_BY_HOP
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
-            || name.len() >= 6 && name[..6].eq_ignore_ascii_case(b"proxy-")
-            || listed
-                .iter()
-                .any(|l| name.eq_ignore_ascii_case(l.as_bytes()))
+    fn listed(&self, token: &str) -> bool {
+        self.listed.iter().any(|t| t == token)
     }
 
-    /// Copies the end-to-end headers, leaving out hop-by-hop ones and `skip`.
-    fn copy_end_to_end(&self, buf: &[u8], listed: &[String], skip: &[&str], out: &mut Vec<u8>) {
+    /// The message's `Content-Length`, if it has one that is valid.
+    fn content_length(&self, buf: &[u8]) -> Result<Option<u64>, Refusal> {
+        let mut values = self.values(buf, "content-length");
+        let Some(value) = values.next() else {
+            return Ok(None);
+        };
+        if values.next().is_some() {
+            return Err(Refusal::bad("more than one Content-Length"));
+        }
+        // Digits only: no sign, no spaces inside, no list (RFC 9110 §8.6).
+        if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+            return Err(Refusal::bad("Content-Length is not a number"));
+        }
+        let n = value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        Ok(Some(n))
+    }
+
+    /// Checks a message's transfer codings: `chunked`, once, is the only one taken.
+    fn chunked(&self, buf: &[u8]) -> Result<bool, Refusal> {
+        if !self.has(buf, "transfer-encoding") {
+            return Ok(false);
+        }
+        match self.tokens(buf, "transfer-encoding").as_slice() {
+            [one] if one == "chunked" => Ok(true),
+            _ => Err(Refusal::bad("a transfer coding other than one chunked")),
+        }
+    }
+
+    /// Copies the end-to-end headers, leaving out hop-by-hop ones and those the proxy writes.
+    fn copy_end_to_end(&self, buf: &[u8], out: &mut Vec<u8>) {
         for (n, v) in &self.headers {
             let name = &buf[n.clone()];
-            if Self::hop_by_hop(name, listed)
-                || skip.iter().any(|s| name.eq_ignore_ascii_case(s.as_bytes()))
+            if is_hop_by_hop(name, &self.listed)
+                || REWRITTEN
+                    .iter()
+                    .any(|s| name.eq_ignore_ascii_case(s.as_bytes()))
             {
                 continue;
             }
@@ -111,19 +210,58 @@ impl Head {
     }
 }
 
+/// Whether every line of `head` ends in CRLF: no bare LF, no bare CR.
+fn crlf_only(head: &[u8]) -> bool {
+    let mut after_cr = false;
+    for &b in head {
+        match b {
+            b'\n' if !after_cr => return false,
+            _ if after_cr && b != b'\n' => return false,
+            _ => {}
+        }
+        after_cr = b == b'\r';
+    }
+    !after_cr
+}
+
 fn offset(buf: &[u8], part: &[u8]) -> Range<usize> {
     let start = part.as_ptr() as usize - buf.as_ptr() as usize;
     start..start + part.len()
 }
 
-/// The outcome of parsing a head from the bytes read so far.
-#[derive(Debug)]
-pub enum Parse<T> {
-    /// More bytes are needed.
-    Partial,
-    Done(T),
-    /// Not a head this path takes (malformed, or too long): the caller hands over.
-    Invalid,
+/// What httparse's error means for a head.
+fn refusal(e: httparse::Error) -> Refusal {
+    match e {
+        httparse::Error::TooManyHeaders => Refusal {
+            why: "too many header fields",
+            too_large: true,
+        },
+        httparse::Error::Version => Refusal::bad("not HTTP/1.0 or HTTP/1.1"),
+        httparse::Error::HeaderName => Refusal::bad("a header field's name is malformed"),
+        httparse::Error::HeaderValue => Refusal::bad("a header field's value is malformed"),
+        httparse::Error::NewLine | httparse::Error::Token => Refusal::bad("the head is malformed"),
+        _ => Refusal::bad("the start line is malformed"),
+    }
+}
+
+fn too_long() -> Refusal {
+    Refusal {
+        why: "the head is too long",
+        too_large: true,
+    }
+}
+
+/// A request target, by form (RFC 9112 §3.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    /// `/path?query`
+    Origin,
+    /// `http://authority/path?query`: where the authority and the path start.
+    Absolute { authority: Range<usize> },
+    /// `*`, for `OPTIONS`.
+    Asterisk,
+    /// `host:port`, for `CONNECT`.
+    Authority,
 }
 
 /// A client's request head.
@@ -131,12 +269,18 @@ pub enum Parse<T> {
 pub struct RequestHead {
     head: Head,
     method: Range<usize>,
+    /// What the upstream is sent as the target: the client's, in origin form.
     target: Range<usize>,
+    /// The host the request is for: the absolute target's authority, else `Host`.
+    host: Range<usize>,
+    form: Target,
     pub framing: Framing,
     /// The client asked to close after this exchange.
     pub close: bool,
-    listed: Vec<String>,
-    /// Whether this path takes the request (see the module notes).
+    /// The request asks to switch protocols.
+    pub upgrade: bool,
+    /// Whether the direct path takes the request: plain HTTP/1.1, not an upgrade, `CONNECT` or
+    /// `Expect`; everything else goes to the full HTTP stack.
     pub direct: bool,
 }
 
@@ -147,42 +291,90 @@ impl RequestHead {
         let len = match req.parse(buf) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parse::Partial,
-            _ => return Parse::Invalid,
+            Ok(httparse::Status::Partial) => return Parse::Refused(too_long()),
+            Err(e) => return Parse::Refused(refusal(e)),
         };
+        if len > MAX_HEAD {
+            return Parse::Refused(too_long());
+        }
         let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
-            return Parse::Invalid;
+            return Parse::Refused(Refusal::bad("the start line is malformed"));
         };
-        let head = Head::new(buf, len, req.headers);
-        let (listed, codings, lengths) = head.framing_headers(buf);
-        let length = match lengths.as_slice() {
-            [] => Some(0),
-            [one] => std::str::from_utf8(one)
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok()),
-            _ => None,
+        match Self::check(buf, len, method, target, minor, req.headers) {
+            Ok(head) => Parse::Done(head),
+            Err(refusal) => Parse::Refused(refusal),
+        }
+    }
+
+    fn check(
+        buf: &[u8],
+        len: usize,
+        method: &str,
+        target: &str,
+        minor: u8,
+        headers: &[httparse::Header<'_>],
+    ) -> Result<Self, Refusal> {
+        let head = Head::new(buf, len, headers)?;
+        let (form, path) = target_form(method, target)?;
+        let target_range = offset(buf, target.as_bytes());
+        let path = target_range.start + path.start..target_range.start + path.end;
+
+        let host_header = match head.all(buf, "host")[..] {
+            [] if minor == 1 => return Err(Refusal::bad("an HTTP/1.1 request needs a Host")),
+            [] => None,
+            [one] => Some(one),
+            _ => return Err(Refusal::bad("more than one Host")),
         };
-        let framing = match (codings.as_slice(), &lengths[..], length) {
-            ([], _, Some(0)) => Some(Framing::Empty),
-            ([], _, Some(n)) => Some(Framing::Length(n)),
-            ([chunked], [], _) if chunked == "chunked" => {
-                Some(Framing::Chunked(Chunked::default()))
+        if let Some(host) = host_header
+            && !valid_host(host)
+            && !(host.is_empty() && minor == 0)
+        {
+            return Err(Refusal::bad("Host is not a valid host"));
+        }
+        // An absolute target names the host; `Host` is then ignored (RFC 9112 §3.2.2).
+        let host = match &form {
+            Target::Absolute { authority } => {
+                let authority =
+                    target_range.start + authority.start..target_range.start + authority.end;
+                if !valid_host(&buf[authority.clone()]) {
+                    return Err(Refusal::bad("the target's authority is not a valid host"));
+                }
+                authority
             }
-            _ => None,
+            _ => match host_header {
+                Some(host) if !host.is_empty() => offset(buf, host),
+                _ => return Err(Refusal::bad("the request names no host")),
+            },
         };
+
+        let chunked = head.chunked(buf)?;
+        let length = head.content_length(buf)?;
+        let framing = match (chunked, length) {
+            (true, Some(_)) => {
+                return Err(Refusal::bad("both Content-Length and Transfer-Encoding"));
+            }
+            (true, None) if minor == 0 => {
+                return Err(Refusal::bad("Transfer-Encoding in an HTTP/1.0 request"));
+            }
+            (true, None) => Framing::Chunked(Chunked::default()),
+            (false, Some(n)) => Framing::Length(n),
+            (false, None) => Framing::Empty,
+        };
+        let upgrade = head.has(buf, "upgrade") || head.listed("upgrade");
         let direct = minor == 1
-            && framing.is_some()
-            && target.starts_with('/')
+            && !upgrade
             && method != "CONNECT"
-            && head.first(buf, "host").is_some()
-            && head.first(buf, "upgrade").is_none()
-            && head.first(buf, "expect").is_none()
-            && !listed.iter().any(|t| t == "upgrade");
-        Parse::Done(Self {
+            && !head.has(buf, "expect")
+            && form != Target::Authority;
+        let close = head.listed("close") || minor == 0 && !head.listed("keep-alive");
+        Ok(Self {
             method: offset(buf, method.as_bytes()),
-            target: offset(buf, target.as_bytes()),
-            framing: framing.unwrap_or(Framing::Empty),
-            close: listed.iter().any(|t| t == "close"),
-            listed,
+            target: path,
+            host,
+            form,
+            framing,
+            close,
+            upgrade,
             direct,
             head,
         })
@@ -196,66 +388,118 @@ impl RequestHead {
         &buf[self.method.clone()] == b"HEAD"
     }
 
-    /// The `Host` header's value.
+    /// The host the request is for.
     pub fn host<'b>(&self, buf: &'b [u8]) -> &'b str {
-        self.head
-            .first(buf, "host")
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .unwrap_or("")
+        std::str::from_utf8(&buf[self.host.clone()]).unwrap_or("")
     }
 
     /// The target's path, without the query.
     pub fn path<'b>(&self, buf: &'b [u8]) -> &'b str {
         let target = std::str::from_utf8(&buf[self.target.clone()]).unwrap_or("/");
-        target.split('?').next().unwrap_or("/")
+        match target.split('?').next() {
+            Some(path) if !path.is_empty() => path,
+            _ => "/",
+        }
     }
 
-    /// The head for the upstream: end-to-end headers as they came, `Host` as `host`, this hop
-    /// appended to `X-Forwarded-For` and `Via`, `X-Forwarded-Proto` and `-Host` set.
+    /// The head for the upstream: the target in origin form, `Host` as `host`, end-to-end
+    /// headers as they came, the forwarding headers, and the framing decided here.
     pub fn write_upstream(&self, buf: &[u8], host: &str, client: IpAddr, out: &mut Vec<u8>) {
-        use std::io::Write as _;
         out.extend_from_slice(&buf[self.method.clone()]);
         out.push(b' ');
-        out.extend_from_slice(&buf[self.target.clone()]);
+        let target = &buf[self.target.clone()];
+        // An absolute target's path may be empty (`http://a?q`): origin form starts with `/`.
+        if matches!(self.form, Target::Absolute { .. }) && !target.starts_with(b"/") {
+            out.push(b'/');
+        }
+        out.extend_from_slice(target);
         out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         out.extend_from_slice(host.as_bytes());
         out.extend_from_slice(b"\r\n");
-        let skip = [
-            "host",
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "via",
-        ];
-        self.head.copy_end_to_end(buf, &self.listed, &skip, out);
-        out.extend_from_slice(b"x-forwarded-for: ");
-        if let Some(before) = self.head.first(buf, "x-forwarded-for")
-            && !before.trim_ascii().is_empty()
-        {
-            out.extend_from_slice(before);
-            out.extend_from_slice(b", ");
+        self.head.copy_end_to_end(buf, out);
+        Forwarding {
+            client,
+            host: &buf[self.host.clone()],
+            prior_for: &self.head.all(buf, "x-forwarded-for"),
+            prior_via: &self.head.all(buf, "via"),
+            version: "1.1",
         }
-        let _ = write!(
-            out,
-            "{client}\r\nx-forwarded-proto: http\r\nx-forwarded-host: "
-        );
-        out.extend_from_slice(self.host(buf).as_bytes());
-        out.extend_from_slice(b"\r\n");
-        write_via(self.head.first(buf, "via"), out);
-        if matches!(self.framing, Framing::Chunked(_)) {
-            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        }
+        .write(out);
+        self.framing.write(out);
         out.extend_from_slice(b"\r\n");
     }
 }
 
-fn write_via(before: Option<&[u8]>, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"via: ");
-    if let Some(before) = before {
-        out.extend_from_slice(before);
-        out.extend_from_slice(b", ");
+/// A target's form, and which part of it is sent upstream (the path and query).
+fn target_form(method: &str, target: &str) -> Result<(Target, Range<usize>), Refusal> {
+    if target.contains('#') {
+        return Err(Refusal::bad("the target has a fragment"));
     }
-    out.extend_from_slice(b"1.1 harbor\r\n");
+    let all = 0..target.len();
+    if target.starts_with('/') {
+        return Ok((Target::Origin, all));
+    }
+    if target == "*" && method == "OPTIONS" {
+        return Ok((Target::Asterisk, all));
+    }
+    if method == "CONNECT" {
+        return Ok((Target::Authority, all));
+    }
+    let lower = target.get(..8).unwrap_or(target).to_ascii_lowercase();
+    let scheme = if lower.starts_with("http://") {
+        7
+    } else if lower.starts_with("https://") {
+        8
+    } else {
+        return Err(Refusal::bad("the target is not in a form this proxy takes"));
+    };
+    let rest = &target[scheme..];
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    if rest[..end].contains('@') {
+        return Err(Refusal::bad("the target carries user information"));
+    }
+    let path = scheme + end..target.len();
+    Ok((
+        Target::Absolute {
+            authority: scheme..scheme + end,
+        },
+        path,
+    ))
+}
+
+/// Whether `host` is `uri-host [":" port]` (RFC 9110 §7.2): a name of unreserved, sub-delims
+/// and percent-encoded characters, or a bracketed IP literal.
+fn valid_host(host: &[u8]) -> bool {
+    let (name, port) = if host.first() == Some(&b'[') {
+        let Some(end) = host.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &host[1..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || b":.".contains(b))
+        {
+            return false;
+        }
+        (&host[..=end], &host[end + 1..])
+    } else {
+        let end = host.iter().position(|&b| b == b':').unwrap_or(host.len());
+        let name = &host[..end];
+        let reg_name = name
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(b));
+        if name.is_empty() || !reg_name {
+            return false;
+        }
+        (name, &host[end..])
+    };
+    !name.is_empty()
+        && match port.split_first() {
+            None => true,
+            Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+            Some(_) => false,
+        }
 }
 
 /// An upstream's response head.
@@ -264,8 +508,10 @@ pub struct ResponseHead {
     head: Head,
     pub status: u16,
     reason: Range<usize>,
-    listed: Vec<String>,
     pub framing: Framing,
+    /// A `Content-Length` that describes the body the request did not get (a `HEAD`'s, a
+    /// `304`'s), passed on as it was verified.
+    declared: Option<u64>,
     /// The upstream closes the connection after this response.
     pub close: bool,
 }
@@ -278,187 +524,85 @@ impl ResponseHead {
         let len = match res.parse(buf) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parse::Partial,
-            _ => return Parse::Invalid,
+            Ok(httparse::Status::Partial) => return Parse::Refused(too_long()),
+            Err(e) => return Parse::Refused(refusal(e)),
         };
         let (Some(status), Some(minor)) = (res.code, res.version) else {
-            return Parse::Invalid;
+            return Parse::Refused(Refusal::bad("the status line is malformed"));
         };
         let reason = offset(buf, res.reason.unwrap_or("").as_bytes());
-        let head = Head::new(buf, len, res.headers);
-        let (listed, codings, lengths) = head.framing_headers(buf);
-        let framing = if head_request || status < 200 || status == 204 || status == 304 {
-            Framing::Empty
-        } else if codings.last().is_some_and(|c| c == "chunked") {
-            Framing::Chunked(Chunked::default())
-        } else if !codings.is_empty() {
-            Framing::UntilClose
-        } else {
-            match lengths.as_slice() {
-                [] => Framing::UntilClose,
-                [one] => match std::str::from_utf8(one).ok().and_then(|v| v.parse().ok()) {
-                    Some(0) => Framing::Empty,
-                    Some(n) => Framing::Length(n),
-                    None => return Parse::Invalid,
-                },
-                _ => return Parse::Invalid,
+        match Self::check(buf, len, status, minor, head_request, res.headers) {
+            Ok((head, framing, declared)) => {
+                let close = head.listed("close")
+                    || minor == 0 && !head.listed("keep-alive")
+                    || framing == Framing::UntilClose;
+                Parse::Done(Self {
+                    head,
+                    status,
+                    reason,
+                    framing,
+                    declared,
+                    close,
+                })
             }
+            Err(refusal) => Parse::Refused(refusal),
+        }
+    }
+
+    fn check(
+        buf: &[u8],
+        len: usize,
+        status: u16,
+        minor: u8,
+        head_request: bool,
+        headers: &[httparse::Header<'_>],
+    ) -> Result<(Head, Framing, Option<u64>), Refusal> {
+        let head = Head::new(buf, len, headers)?;
+        let chunked = head.chunked(buf)?;
+        let length = head.content_length(buf)?;
+        // Bodiless by status or by request (RFC 9112 §6.3, rule 1).
+        if status < 200 || status == 204 {
+            return Ok((head, Framing::Empty, None));
+        }
+        if head_request || status == 304 {
+            return Ok((head, Framing::Empty, length));
+        }
+        let framing = match (chunked, length) {
+            (true, Some(_)) => {
+                return Err(Refusal::bad("both Content-Length and Transfer-Encoding"));
+            }
+            (true, None) if minor == 0 => {
+                return Err(Refusal::bad("Transfer-Encoding in an HTTP/1.0 response"));
+            }
+            (true, None) => Framing::Chunked(Chunked::default()),
+            (false, Some(n)) => Framing::Length(n),
+            (false, None) => Framing::UntilClose,
         };
-        let close = listed.iter().any(|t| t == "close")
-            || minor == 0 && !listed.iter().any(|t| t == "keep-alive")
-            || framing == Framing::UntilClose;
-        Parse::Done(Self {
-            head,
-            status,
-            reason,
-            listed,
-            framing,
-            close,
-        })
+        Ok((head, framing, None))
     }
 
     pub fn len(&self) -> usize {
         self.head.len
     }
 
-    /// The head for the client, `Via` appended; `close` adds `Connection: close`.
+    /// The head for the client: end-to-end headers, `Via` appended, the framing decided here;
+    /// `close` adds `Connection: close`.
     pub fn write_client(&self, buf: &[u8], close: bool, out: &mut Vec<u8>) {
-        use std::io::Write as _;
         let _ = write!(out, "HTTP/1.1 {} ", self.status);
         out.extend_from_slice(&buf[self.reason.clone()]);
         out.extend_from_slice(b"\r\n");
-        // A chunked body's length is its chunks': a `Content-Length` beside them (which RFC 9112
-        // forbids a sender, and a smuggling attempt might send) is not passed on.
-        let skip: &[&str] = if matches!(self.framing, Framing::Chunked(_)) {
-            &["via", "content-length"]
-        } else {
-            &["via"]
-        };
-        self.head.copy_end_to_end(buf, &self.listed, skip, out);
-        write_via(self.head.first(buf, "via"), out);
-        if matches!(self.framing, Framing::Chunked(_)) {
-            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        self.head.copy_end_to_end(buf, out);
+        super::policy::via(&self.head.all(buf, "via"), "1.1", out);
+        match self.declared {
+            Some(n) => {
+                let _ = write!(out, "content-length: {n}\r\n");
+            }
+            None => self.framing.write(out),
         }
         if close {
             out.extend_from_slice(b"connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
-    }
-}
-
-/// Where a chunked body's parser stands.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum Chunked {
-    /// Reading a chunk-size line (`size` so far, `ext`: past the digits).
-    #[default]
-    Start,
-    Size {
-        size: u64,
-        ext: bool,
-    },
-    /// Chunk data still to come, then its CRLF.
-    Data(u64),
-    DataEnd,
-    /// Trailer lines after the last chunk; `empty`: the current line has no bytes yet.
-    Trailer {
-        empty: bool,
-    },
-    Done,
-}
-
-impl Chunked {
-    /// Walks `bytes`; returns how many of them belong to the body (all of them unless the body
-    /// ends inside), or an error for a malformed body.
-    pub fn advance(&mut self, bytes: &[u8]) -> Result<usize, &'static str> {
-        let mut i = 0;
-        while i < bytes.len() {
-            let b = bytes[i];
-            *self = match std::mem::take(self) {
-                Chunked::Start => match hex(b) {
-                    Some(d) => Chunked::Size {
-                        size: u64::from(d),
-                        ext: false,
-                    },
-                    None => return Err("a chunk size must start with a hex digit"),
-                },
-                Chunked::Size { size, ext } => match (b, ext, hex(b)) {
-                    (b'\n', _, _) if size == 0 => Chunked::Trailer { empty: true },
-                    (b'\n', _, _) => Chunked::Data(size),
-                    (b'\r' | b';' | b' ' | b'\t', _, _) => Chunked::Size { size, ext: true },
-                    (_, false, Some(d)) => match size.checked_mul(16) {
-                        Some(s) if s <= u64::MAX - 15 => Chunked::Size {
-                            size: s + u64::from(d),
-                            ext: false,
-                        },
-                        _ => return Err("a chunk size is too large"),
-                    },
-                    (_, true, _) => Chunked::Size { size, ext: true },
-                    _ => return Err("a chunk size has a stray character"),
-                },
-                Chunked::Data(left) => {
-                    let take = (left as usize).min(bytes.len() - i);
-                    i += take;
-                    let left = left - take as u64;
-                    *self = if left == 0 {
-                        Chunked::DataEnd
-                    } else {
-                        Chunked::Data(left)
-                    };
-                    continue;
-                }
-                Chunked::DataEnd => match b {
-                    b'\r' => Chunked::DataEnd,
-                    b'\n' => Chunked::Start,
-                    _ => return Err("chunk data must end with CRLF"),
-                },
-                Chunked::Trailer { empty } => match b {
-                    b'\n' if empty => {
-                        *self = Chunked::Done;
-                        return Ok(i + 1);
-                    }
-                    b'\n' => Chunked::Trailer { empty: true },
-                    b'\r' => Chunked::Trailer { empty },
-                    _ => Chunked::Trailer { empty: false },
-                },
-                Chunked::Done => return Ok(i),
-            };
-            i += 1;
-        }
-        Ok(i)
-    }
-
-    pub fn done(&self) -> bool {
-        *self == Chunked::Done
-    }
-}
-
-fn hex(b: u8) -> Option<u8> {
-    (b as char).to_digit(16).and_then(|d| u8::try_from(d).ok())
-}
-
-impl Framing {
-    /// How many of `bytes` (the next bytes of the message) belong to the body; advances the
-    /// framing's state.
-    pub fn take(&mut self, bytes: &[u8]) -> Result<usize, &'static str> {
-        match self {
-            Framing::Empty => Ok(0),
-            Framing::Length(left) => {
-                let take = (*left).min(bytes.len() as u64);
-                *left -= take;
-                Ok(take as usize)
-            }
-            Framing::Chunked(state) => state.advance(bytes),
-            Framing::UntilClose => Ok(bytes.len()),
-        }
-    }
-
-    /// Whether the whole body has been seen.
-    pub fn complete(&self) -> bool {
-        match self {
-            Framing::Empty => true,
-            Framing::Length(left) => *left == 0,
-            Framing::Chunked(state) => state.done(),
-            Framing::UntilClose => false,
-        }
     }
 }
 
@@ -469,8 +613,26 @@ mod tests {
     fn request(text: &str) -> RequestHead {
         match RequestHead::parse(text.as_bytes()) {
             Parse::Done(h) => h,
-            other => panic!("{other:?}"),
+            other => panic!("{text:?}: {other:?}"),
         }
+    }
+
+    fn refused(text: &str) -> &'static str {
+        match RequestHead::parse(text.as_bytes()) {
+            Parse::Refused(r) => r.why,
+            other => panic!("{text:?} was not refused: {other:?}"),
+        }
+    }
+
+    fn upstream(h: &RequestHead, text: &str) -> String {
+        let mut out = Vec::new();
+        h.write_upstream(
+            text.as_bytes(),
+            "backend.internal",
+            "127.0.0.1".parse().unwrap(),
+            &mut out,
+        );
+        String::from_utf8(out).unwrap()
     }
 
     #[test]
@@ -482,129 +644,222 @@ mod tests {
         assert_eq!(h.host(text.as_bytes()), "app.localhost");
         assert_eq!(h.path(text.as_bytes()), "/a");
         assert_eq!(h.framing, Framing::Empty);
-        let mut out = Vec::new();
-        h.write_upstream(
-            text.as_bytes(),
-            "backend.internal",
-            "127.0.0.1".parse().unwrap(),
-            &mut out,
-        );
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            upstream(&h, text),
             "GET /a?b=1 HTTP/1.1\r\nhost: backend.internal\r\nAccept: */*\r\nx-forwarded-for: 203.0.113.9, 127.0.0.1\r\nx-forwarded-proto: http\r\nx-forwarded-host: app.localhost\r\nvia: 1.1 edge, 1.1 harbor\r\n\r\n"
         );
     }
 
     #[test]
-    fn requests_this_path_does_not_take() {
+    fn framing_is_written_as_decided_never_copied() {
+        let text = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0005\r\n\r\n";
+        let h = request(text);
+        assert_eq!(h.framing, Framing::Length(5));
+        assert!(upstream(&h, text).ends_with("via: 1.1 harbor\r\ncontent-length: 5\r\n\r\n"));
+        let text = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n";
+        assert!(upstream(&request(text), text).contains("content-length: 0\r\n"));
+        let text = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n";
+        let h = request(text);
+        assert!(matches!(h.framing, Framing::Chunked(_)));
+        assert!(upstream(&h, text).ends_with("transfer-encoding: chunked\r\n\r\n"));
+    }
+
+    #[test]
+    fn an_absolute_target_names_the_host_and_goes_on_in_origin_form() {
+        let text = "GET http://App.localhost:8080?x=1 HTTP/1.1\r\nHost: other\r\n\r\n";
+        let h = request(text);
+        assert!(h.direct);
+        assert_eq!(h.host(text.as_bytes()), "App.localhost:8080");
+        assert!(upstream(&h, text).starts_with("GET /?x=1 HTTP/1.1\r\n"));
+        let text = "GET HTTP://a/b HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert!(upstream(&request(text), text).starts_with("GET /b HTTP/1.1\r\n"));
+    }
+
+    #[test]
+    fn requests_the_full_stack_takes() {
         for text in [
             "GET / HTTP/1.0\r\nHost: a\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
-            "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
-            "GET / HTTP/1.1\r\n\r\n",
-            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
-            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
         ] {
             assert!(!request(text).direct, "{text:?}");
         }
-        assert!(matches!(
-            RequestHead::parse(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
-            Parse::Invalid
-        ));
         assert!(matches!(RequestHead::parse(b"GET / HT"), Parse::Partial));
     }
 
     #[test]
-    fn request_bodies_are_delimited() {
-        let h = request("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n");
-        assert_eq!(h.framing, Framing::Length(5));
-        let text = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n";
-        let h = request(text);
-        assert!(matches!(h.framing, Framing::Chunked(_)));
-        let mut out = Vec::new();
-        h.write_upstream(text.as_bytes(), "a", "127.0.0.1".parse().unwrap(), &mut out);
-        assert!(String::from_utf8_lossy(&out).contains("transfer-encoding: chunked\r\n"));
-    }
-
-    #[test]
-    fn chunked_bodies_end_where_they_end() {
-        let body = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-Trailer: 1\r\n\r\nNEXT";
-        let mut whole = Chunked::default();
-        assert_eq!(whole.advance(body), Ok(body.len() - 4));
-        assert!(whole.done());
-        // Byte by byte, the same.
-        let mut piecewise = Chunked::default();
-        let mut taken = 0;
-        for b in body.iter() {
-            taken += piecewise.advance(std::slice::from_ref(b)).unwrap();
-            if piecewise.done() {
-                break;
-            }
+    fn requests_outside_the_rules_are_refused() {
+        for (text, why) in [
+            ("GET / HTTP/1.1\r\n\r\n", "an HTTP/1.1 request needs a Host"),
+            ("GET / HTTP/1.0\r\n\r\n", "the request names no host"),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                "more than one Host",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+                "Host is not a valid host",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a:x\r\n\r\n",
+                "Host is not a valid host",
+            ),
+            (
+                "GET /#f HTTP/1.1\r\nHost: a\r\n\r\n",
+                "the target has a fragment",
+            ),
+            (
+                "GET http://u@a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+                "the target carries user information",
+            ),
+            (
+                "GET a/b HTTP/1.1\r\nHost: a\r\n\r\n",
+                "the target is not in a form this proxy takes",
+            ),
+            (
+                "GET / HTTP/1.1\nHost: a\r\n\r\n",
+                "a line of the head does not end with CRLF",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\n\r\n",
+                "a line of the head does not end with CRLF",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Content-Length\r\nContent-Length: 3\r\n\r\n",
+                "Connection names a framing header",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: host\r\n\r\n",
+                "Connection names a framing header",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "both Content-Length and Transfer-Encoding",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+                "more than one Content-Length",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n",
+                "Content-Length is not a number",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\n",
+                "Content-Length is not a number",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n",
+                "Content-Length is not a number",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                "a transfer coding other than one chunked",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "a transfer coding other than one chunked",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
+                "a transfer coding other than one chunked",
+            ),
+            (
+                "POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ),
+        ] {
+            assert_eq!(refused(text), why, "{text:?}");
         }
-        assert_eq!(taken, body.len() - 4);
-        let mut bad = Chunked::default();
-        assert!(bad.advance(b"zz\r\n").is_err());
-        let mut bad = Chunked::default();
-        assert!(bad.advance(b"2\r\nabc").is_err());
+        let long = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD)
+        );
+        assert!(matches!(
+            RequestHead::parse(long.as_bytes()),
+            Parse::Refused(Refusal {
+                too_large: true,
+                ..
+            })
+        ));
     }
 
     fn response(text: &str, head_request: bool) -> ResponseHead {
         match ResponseHead::parse(text.as_bytes(), head_request) {
             Parse::Done(h) => h,
-            other => panic!("{other:?}"),
+            other => panic!("{text:?}: {other:?}"),
         }
+    }
+
+    fn client(r: &ResponseHead, text: &str, close: bool) -> String {
+        let mut out = Vec::new();
+        r.write_client(text.as_bytes(), close, &mut out);
+        String::from_utf8(out).unwrap()
     }
 
     #[test]
     fn response_framing_and_rewriting() {
-        let text = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nKeep-Alive: timeout=5\r\nConnection: keep-alive\r\n\r\nok\n";
+        let text = "HTTP/1.1 200 OK\r\nContent-Length: 03\r\nKeep-Alive: timeout=5\r\nConnection: keep-alive\r\n\r\nok\n";
         let r = response(text, false);
         assert_eq!(r.framing, Framing::Length(3));
         assert!(!r.close);
-        let mut out = Vec::new();
-        r.write_client(text.as_bytes(), false, &mut out);
         assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nvia: 1.1 harbor\r\n\r\n"
+            client(&r, text, false),
+            "HTTP/1.1 200 OK\r\nvia: 1.1 harbor\r\ncontent-length: 3\r\n\r\n"
         );
-        assert_eq!(response(text, true).framing, Framing::Empty);
-        let r = response("HTTP/1.1 204 No Content\r\n\r\n", false);
+        // A HEAD's answer keeps the length it declares, and has no body.
+        let r = response(text, true);
         assert_eq!(r.framing, Framing::Empty);
+        assert!(client(&r, text, false).contains("content-length: 3\r\n"));
+        let text = "HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n";
+        let r = response(text, false);
+        assert_eq!(r.framing, Framing::Empty);
+        assert!(!client(&r, text, false).contains("content-length"));
         let r = response("HTTP/1.0 200 OK\r\n\r\nrest", false);
         assert_eq!(r.framing, Framing::UntilClose);
         assert!(r.close);
-        let r = response(
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-            false,
-        );
+        let text = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let r = response(text, false);
         assert!(matches!(r.framing, Framing::Chunked(_)));
-        let mut out = Vec::new();
-        r.write_client(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-            true,
-            &mut out,
-        );
-        let out = String::from_utf8(out).unwrap();
+        let out = client(&r, text, true);
         assert!(
             out.contains("transfer-encoding: chunked\r\n") && out.contains("connection: close\r\n")
         );
-        assert!(matches!(
-            ResponseHead::parse(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false),
-            Parse::Invalid
-        ));
-        // Chunks and a length: the chunks frame it, and the length is not passed on.
-        let text = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
-        let r = response(text, false);
-        assert!(matches!(r.framing, Framing::Chunked(_)));
-        let mut out = Vec::new();
-        r.write_client(text.as_bytes(), false, &mut out);
-        assert!(
-            !String::from_utf8(out)
-                .unwrap()
-                .to_ascii_lowercase()
-                .contains("content-length")
-        );
+    }
+
+    #[test]
+    fn responses_outside_the_rules_are_refused() {
+        for text in [
+            "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: +6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length : 3\r\n\r\n",
+        ] {
+            assert!(
+                matches!(
+                    ResponseHead::parse(text.as_bytes(), false),
+                    Parse::Refused(_)
+                ),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn hosts() {
+        for good in ["a", "a.b:80", "[::1]:8080", "127.0.0.1", "x_y.local", "a:"] {
+            assert!(valid_host(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "", ":80", "a b", "a/b", "[zz]", "a:80:80", "a@b", "[::1]x", "a:123456",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
     }
 }
