@@ -1,11 +1,16 @@
-//! The gate in front of the full HTTP stack: hyper reads a client's HTTP/1 bytes only once
-//! [`super::wire`] has read them under the same policy as the direct path. A head is passed on
-//! whole once it is valid, and a body as far as its framing checks out. What the policy
-//! refuses ends the client's side of the conversation: hyper sees the connection end there,
-//! answers what it already took, and the refusal's answer goes out last, as the connection
-//! shuts down. Connections that stop speaking HTTP/1 (HTTP/2 with prior knowledge, a protocol
+//! The gates around the full HTTP stack: hyper reads HTTP/1 bytes, a client's requests or an
+//! upstream's responses, only once [`super::wire`] has read them under the same policy as the
+//! direct path. A head is passed on whole once it is valid, and a body as far as its framing
+//! checks out. Connections that stop speaking HTTP/1 (HTTP/2 with prior knowledge, a protocol
 //! switched to) pass through untouched.
+//!
+//! What the policy refuses from a client ends the client's side of the conversation: hyper sees
+//! the connection end there, answers what it already took, and the refusal's answer goes out
+//! last, as the connection shuts down. What it refuses from an upstream is a read error, which
+//! hyper's client reports (a 502) and which closes that connection.
 
+use std::collections::VecDeque;
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -17,55 +22,108 @@ use tokio_util::io::poll_read_buf;
 use super::chunked::Check;
 use super::metrics::{ErrorKind, ProxyMetrics};
 use super::policy::Answer;
-use super::wire::{Framing, H2_PREFACE, Parse, RequestHead};
+use super::wire::{Framing, H2_PREFACE, Parse, RequestHead, ResponseHead};
 
 const READ_CHUNK: usize = 16 * 1024;
 
 enum State {
-    /// Waiting for a request head.
+    /// Waiting for a head.
     Head,
-    /// Inside a request's body; `then` is where its end leads.
+    /// Inside a body; `then` is where its end leads.
     Body { framing: Framing, then: After },
     /// No longer HTTP/1: bytes pass as they come.
     Through,
-    /// The client's side is over: hyper reads the end of the stream.
+    /// The sender's side is over: hyper reads the end of the stream.
     Ended,
 }
 
 #[derive(Clone, Copy)]
-enum After {
+pub enum After {
     Head,
     Through,
 }
 
-/// A client connection as the full HTTP stack reads it; see the module notes.
-pub struct Gate<I> {
+/// What a side makes of a head at the start of the bytes read.
+pub enum Step {
+    Partial,
+    /// A valid head of `len` bytes, its body framed as `framing`.
+    Pass {
+        len: usize,
+        framing: Framing,
+        then: After,
+    },
+    Through,
+    /// The stream ends here for hyper.
+    End,
+    Fail(io::Error),
+}
+
+/// One side's reading of heads: clients' requests or upstreams' responses.
+pub trait Side {
+    /// Reads the head at the start of `buf`; `first`: nothing has passed yet.
+    fn head(&mut self, buf: &[u8], first: bool) -> Step;
+    /// A body broke its framing.
+    fn body_refused(&mut self, why: &'static str) -> Step;
+    /// A message (head and body) has passed whole.
+    fn message_done(&mut self) {}
+    /// Bytes hyper wrote to the other end.
+    fn wrote(&mut self, _bytes: &[u8]) {}
+    /// An answer to write before the connection shuts.
+    fn owed(&mut self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+/// A connection as the full HTTP stack reads it; see the module notes.
+pub struct Gate<I, S> {
     io: I,
+    side: S,
     /// Bytes read from `io` and not yet given to hyper: the first `ready` have passed.
     buf: BytesMut,
     ready: usize,
     state: State,
-    /// Whether nothing has been given to hyper yet (an HTTP/2 preface can only come first).
+    /// Whether nothing has been given to hyper yet.
     first: bool,
-    /// The answer to a refused head, and how much of it is written.
+    /// An answer owed before shutdown, and how much of it is written.
     owed: Option<(Vec<u8>, usize)>,
-    metrics: Arc<ProxyMetrics>,
+    failed: Option<io::Error>,
 }
 
-impl<I> Gate<I> {
+impl<I, S: Side> Gate<I, S> {
     /// `prefix`: bytes already read from `io`.
-    pub fn new(io: I, prefix: Bytes, metrics: Arc<ProxyMetrics>) -> Self {
+    pub fn new(io: I, prefix: Bytes, side: S) -> Self {
         let mut buf = BytesMut::with_capacity(prefix.len().max(READ_CHUNK));
         buf.extend_from_slice(&prefix);
         Self {
             io,
+            side,
             buf,
             ready: 0,
             state: State::Head,
             first: true,
             owed: None,
-            metrics,
+            failed: None,
         }
+    }
+
+    fn apply(&mut self, step: Step) -> bool {
+        match step {
+            Step::Partial => return false,
+            Step::Pass { len, framing, then } => {
+                self.ready = len;
+                self.state = State::Body { framing, then };
+            }
+            Step::Through => self.state = State::Through,
+            Step::End => {
+                self.owed = self.side.owed().map(|bytes| (bytes, 0));
+                self.state = State::Ended;
+            }
+            Step::Fail(e) => {
+                self.failed = Some(e);
+                self.state = State::Ended;
+            }
+        }
+        true
     }
 
     /// Moves the gate on over the bytes in `buf`; `false` when more must be read first.
@@ -76,41 +134,10 @@ impl<I> Gate<I> {
                 self.ready = self.buf.len();
                 self.ready > 0
             }
-            State::Head if self.first && self.buf.starts_with(H2_PREFACE) => {
-                self.state = State::Through;
-                true
+            State::Head => {
+                let step = self.side.head(&self.buf, self.first);
+                self.apply(step)
             }
-            State::Head if self.first && H2_PREFACE.starts_with(&self.buf) => false,
-            State::Head => match RequestHead::parse(&self.buf) {
-                Parse::Partial => false,
-                Parse::Done(head) => {
-                    self.ready = head.len();
-                    let then = if head.upgrade {
-                        After::Through
-                    } else {
-                        After::Head
-                    };
-                    self.state = State::Body {
-                        framing: head.framing,
-                        then,
-                    };
-                    true
-                }
-                Parse::Refused(refusal) => {
-                    tracing::debug!(why = refusal.why, "request refused");
-                    self.metrics.error("", ErrorKind::BadRequest);
-                    let answer = if refusal.too_large {
-                        Answer::head_too_large()
-                    } else {
-                        Answer::bad_request(refusal.why)
-                    };
-                    let mut bytes = Vec::new();
-                    answer.write(&mut bytes);
-                    self.owed = Some((bytes, 0));
-                    self.state = State::Ended;
-                    true
-                }
-            },
             State::Body { framing, then } => {
                 let then = *then;
                 if !framing.complete() {
@@ -120,14 +147,13 @@ impl<I> Gate<I> {
                     match framing.relay(&self.buf[self.ready..], &mut Check) {
                         Ok(n) => self.ready += n,
                         Err(why) => {
-                            // hyper's body ends early; the handler answers 400.
-                            tracing::debug!(why, "request body refused");
-                            self.state = State::Ended;
-                            return true;
+                            let step = self.side.body_refused(why);
+                            return self.apply(step);
                         }
                     }
                 }
                 if framing.complete() {
+                    self.side.message_done();
                     self.state = match then {
                         After::Head => State::Head,
                         After::Through => State::Through,
@@ -139,12 +165,12 @@ impl<I> Gate<I> {
     }
 }
 
-impl<I: AsyncRead + Unpin> AsyncRead for Gate<I> {
+impl<I: AsyncRead + Unpin, S: Side + Unpin> AsyncRead for Gate<I, S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         dst: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
             if this.ready > 0 {
@@ -156,7 +182,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for Gate<I> {
                 return Poll::Ready(Ok(()));
             }
             if matches!(this.state, State::Ended) {
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(match this.failed.take() {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                });
             }
             if matches!(this.state, State::Through) && this.buf.is_empty() {
                 return Pin::new(&mut this.io).poll_read(cx, dst);
@@ -167,41 +196,57 @@ impl<I: AsyncRead + Unpin> AsyncRead for Gate<I> {
             this.buf.reserve(READ_CHUNK);
             let filled = ready!(poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf))?;
             if filled == 0 {
-                // The client ended; what it sent of a head or body was never whole.
-                this.buf.clear();
+                // The sender ended. A body that runs until the close is whole; anything else
+                // that was begun never was.
+                if let State::Body {
+                    framing: Framing::UntilClose,
+                    ..
+                } = this.state
+                {
+                    this.ready = this.buf.len();
+                }
+                this.buf.truncate(this.ready);
                 this.state = State::Ended;
             }
         }
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for Gate<I> {
+impl<I: AsyncWrite + Unpin, S: Side + Unpin> AsyncWrite for Gate<I, S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bytes: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, bytes)
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let n = ready!(Pin::new(&mut this.io).poll_write(cx, bytes))?;
+        this.side.wrote(&bytes[..n]);
+        Poll::Ready(Ok(n))
     }
 
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let n = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, bufs))?;
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            this.side.wrote(&first[..n.min(first.len())]);
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
     /// Writes the answer owed to a refused head, after everything hyper wrote, then shuts down.
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if let Some((bytes, written)) = &mut this.owed {
             while *written < bytes.len() {
@@ -213,5 +258,135 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Gate<I> {
             this.owed = None;
         }
         Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+/// A client's side: requests, an HTTP/2 preface first, refusals answered.
+pub struct Clients {
+    metrics: Arc<ProxyMetrics>,
+    answer: Option<Answer>,
+}
+
+impl Clients {
+    pub fn new(metrics: Arc<ProxyMetrics>) -> Self {
+        Self {
+            metrics,
+            answer: None,
+        }
+    }
+}
+
+impl Side for Clients {
+    fn head(&mut self, buf: &[u8], first: bool) -> Step {
+        if first && buf.starts_with(H2_PREFACE) {
+            return Step::Through;
+        }
+        if first && H2_PREFACE.starts_with(buf) {
+            return Step::Partial;
+        }
+        match RequestHead::parse(buf) {
+            Parse::Partial => Step::Partial,
+            Parse::Done(head) => Step::Pass {
+                len: head.len(),
+                then: if head.upgrade {
+                    After::Through
+                } else {
+                    After::Head
+                },
+                framing: head.framing,
+            },
+            Parse::Refused(refusal) => {
+                tracing::debug!(why = refusal.why, "request refused");
+                self.metrics.error("", ErrorKind::BadRequest);
+                self.answer = Some(if refusal.too_large {
+                    Answer::head_too_large()
+                } else {
+                    Answer::bad_request(refusal.why)
+                });
+                Step::End
+            }
+        }
+    }
+
+    /// hyper's request body ends early; the handler answers 400.
+    fn body_refused(&mut self, why: &'static str) -> Step {
+        tracing::debug!(why, "request body refused");
+        Step::End
+    }
+
+    fn owed(&mut self) -> Option<Vec<u8>> {
+        let answer = self.answer.take()?;
+        let mut bytes = Vec::new();
+        answer.write(&mut bytes);
+        Some(bytes)
+    }
+}
+
+/// An upstream's side: responses, each read knowing whether its request was a `HEAD`, which
+/// the requests hyper writes tell.
+#[derive(Default)]
+pub struct Upstreams {
+    /// For each request written and not yet answered: whether it was a `HEAD`.
+    heads: VecDeque<bool>,
+    /// The message passing is a final response (not an interim one).
+    answering: bool,
+    /// The next bytes written start a request.
+    request_next: bool,
+}
+
+impl Upstreams {
+    pub fn new() -> Self {
+        Self {
+            request_next: true,
+            ..Self::default()
+        }
+    }
+}
+
+fn malformed(why: &'static str) -> Step {
+    Step::Fail(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("the upstream's response broke the rules: {why}"),
+    ))
+}
+
+impl Side for Upstreams {
+    fn head(&mut self, buf: &[u8], _first: bool) -> Step {
+        let head_request = self.heads.front().copied().unwrap_or(false);
+        match ResponseHead::parse(buf, head_request) {
+            Parse::Partial => Step::Partial,
+            Parse::Refused(refusal) => malformed(refusal.why),
+            Parse::Done(head) => {
+                let then = if head.status == 101 {
+                    After::Through
+                } else {
+                    After::Head
+                };
+                self.answering = head.status >= 200 || head.status == 101;
+                Step::Pass {
+                    len: head.len(),
+                    framing: head.framing,
+                    then,
+                }
+            }
+        }
+    }
+
+    fn body_refused(&mut self, why: &'static str) -> Step {
+        malformed(why)
+    }
+
+    fn message_done(&mut self) {
+        if std::mem::take(&mut self.answering) {
+            self.heads.pop_front();
+            self.request_next = true;
+        }
+    }
+
+    fn wrote(&mut self, bytes: &[u8]) {
+        if self.request_next && !bytes.is_empty() {
+            self.heads.push_back(bytes.starts_with(b"HEAD "));
+            self.request_next = false;
+        }
     }
 }

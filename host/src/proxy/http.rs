@@ -25,7 +25,7 @@ use crate::routing::ServiceRoute;
 use super::body::{ClientBody, Flight, Lease, ResponseBody, UpstreamBody, text};
 use super::choose::{choose, client_key};
 use super::copy::{self, Tally};
-use super::gate::Gate;
+use super::gate::{Clients, Gate};
 use super::headers::{add_forwarded, append_via, strip_hop_by_hop, upgrade_of};
 use super::lanes::{Job, Lanes};
 use super::metrics::ErrorKind;
@@ -99,7 +99,7 @@ async fn serve_full(
     peer: SocketAddr,
     builder: auto::Builder<TokioExecutor>,
 ) {
-    let io = Gate::new(stream, read, shared.metrics.clone());
+    let io = Gate::new(stream, read, Clients::new(shared.metrics.clone()));
     let service = hyper::service::service_fn(|req| {
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }

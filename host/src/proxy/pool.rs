@@ -7,12 +7,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::FutureExt;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::body::UpstreamBody;
+use super::gate::{Gate, Upstreams};
 
 pub type Sender = SendRequest<UpstreamBody>;
 
@@ -150,12 +152,14 @@ pub async fn dial(address: &str) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Opens a new HTTP/1.1 connection to `address`, able to switch protocols for upgrades.
+/// Opens a new HTTP/1.1 connection to `address`, able to switch protocols for upgrades; hyper
+/// reads its responses through the policy's gate.
 pub async fn connect(address: &str) -> std::io::Result<Sender> {
     let stream = TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
+    let gated = Gate::new(stream, Bytes::new(), Upstreams::new());
     let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(TokioIo::new(gated))
         .await
         .map_err(std::io::Error::other)?;
     let address = address.to_owned();

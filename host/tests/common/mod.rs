@@ -5,6 +5,7 @@
 
 pub mod guests;
 pub mod proxies;
+pub mod strict;
 pub mod upstreams;
 
 use std::future::Future;
