@@ -184,7 +184,17 @@ async fn forward(
         upgrade_of(req.headers()).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let version = req.version();
     let (mut parts, body) = req.into_parts();
+    // The gate let through only `chunked` as a transfer coding. hyper's client, told nothing,
+    // would send a GET's body of unknown length as no body at all: the framing read is the
+    // framing sent.
+    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
     strip_hop_by_hop(&mut parts.headers, client_upgrade.as_ref().map(|(p, _)| p));
+    if chunked {
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     add_forwarded(&mut parts.headers, peer.ip(), &host, version);
     let upstream_host = route
         .options

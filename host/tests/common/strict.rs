@@ -1,8 +1,11 @@
-//! An HTTP/1.1 reader for tests, written apart from Harbor's own (`host/src/proxy/wire.rs`),
-//! and stricter than the RFC asks of a recipient: what Harbor forwards must read cleanly here.
+//! An HTTP/1.1 reader for tests, written apart from Harbor's own (`host/src/proxy/wire.rs`).
 //! CRLF everywhere, tokens for names, no control bytes in values, exactly one framing (a
-//! `Content-Length` of digits, or `Transfer-Encoding: chunked` with bare chunk sizes: Harbor
-//! never forwards extensions or trailers).
+//! `Content-Length` of digits, or `Transfer-Encoding: chunked`).
+//!
+//! [`request`] and [`response`] read what Harbor sends, and are stricter than the RFC asks of a
+//! recipient: no chunk extensions, no trailers (Harbor never forwards them). [`client_request`]
+//! reads what a client may send by the grammar, extensions and trailers included: the oracle
+//! Harbor's own reading is compared with.
 
 /// One message as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,13 +142,78 @@ enum Framing {
     Chunked,
 }
 
-/// Reads a chunked body from `at`; returns it and where it ends.
-fn chunked(buf: &[u8], mut at: usize) -> Result<Option<(Vec<u8>, usize)>, String> {
+/// Whether `ext` is chunk extensions by the grammar (RFC 9112 §7.1.1):
+/// `*( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ] )`.
+fn extensions(mut ext: &[u8]) -> bool {
+    let bws = |s: &mut &[u8]| {
+        while let [b' ' | b'\t', rest @ ..] = *s {
+            *s = rest;
+        }
+    };
+    let token = |s: &mut &[u8]| {
+        let n = s.iter().take_while(|&&b| is_tchar(b)).count();
+        *s = &s[n..];
+        n > 0
+    };
+    while !ext.is_empty() {
+        bws(&mut ext);
+        let [b';', rest @ ..] = ext else { return false };
+        ext = rest;
+        bws(&mut ext);
+        if !token(&mut ext) {
+            return false;
+        }
+        let mut look = ext;
+        bws(&mut look);
+        if let [b'=', rest @ ..] = look {
+            ext = rest;
+            bws(&mut ext);
+            if let [b'"', rest @ ..] = ext {
+                ext = rest;
+                loop {
+                    match ext {
+                        [b'"', rest @ ..] => {
+                            ext = rest;
+                            break;
+                        }
+                        [b'\\', c, rest @ ..] if *c == b'\t' || *c >= 0x20 && *c != 0x7f => {
+                            ext = rest
+                        }
+                        [c, rest @ ..]
+                            if *c == b'\t' || *c >= 0x20 && *c != 0x7f && *c != b'\\' =>
+                        {
+                            ext = rest
+                        }
+                        _ => return false,
+                    }
+                }
+            } else if !token(&mut ext) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Reads a chunked body from `at`; returns it and where it ends. `client`: extensions and
+/// trailers are allowed.
+fn chunked(buf: &[u8], mut at: usize, client: bool) -> Result<Option<(Vec<u8>, usize)>, String> {
     let mut body = Vec::new();
     loop {
-        let Some((size, next)) = line(buf, at)? else {
+        let Some((line_bytes, next)) = line(buf, at)? else {
             return Ok(None);
         };
+        let digits = line_bytes
+            .iter()
+            .take_while(|b| b.is_ascii_hexdigit())
+            .count();
+        let (size, ext) = line_bytes.split_at(digits);
+        if !ext.is_empty() && !(client && extensions(ext)) {
+            return Err(format!(
+                "a bad chunk line {:?}",
+                String::from_utf8_lossy(line_bytes)
+            ));
+        }
         if size.is_empty() || size.len() > 12 || !size.iter().all(u8::is_ascii_hexdigit) {
             return Err(format!(
                 "a bad chunk size {:?}",
@@ -156,11 +224,14 @@ fn chunked(buf: &[u8], mut at: usize) -> Result<Option<(Vec<u8>, usize)>, String
             .map_err(|_| "a bad chunk size")?;
         at = next;
         if size == 0 {
-            return match line(buf, at)? {
-                None => Ok(None),
-                Some((b"", end)) => Ok(Some((body, end))),
-                Some(_) => Err("trailers after the last chunk".into()),
-            };
+            loop {
+                match line(buf, at)? {
+                    None => return Ok(None),
+                    Some((b"", end)) => return Ok(Some((body, end))),
+                    Some((field, next)) if client && trailer_field(field) => at = next,
+                    Some(_) => return Err("a bad trailer after the last chunk".into()),
+                }
+            }
         }
         if buf.len() < at + size + 2 {
             return Ok(None);
@@ -173,15 +244,45 @@ fn chunked(buf: &[u8], mut at: usize) -> Result<Option<(Vec<u8>, usize)>, String
     }
 }
 
-/// Reads a request from the start of `buf`.
+fn trailer_field(field: &[u8]) -> bool {
+    let Some(colon) = field.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    colon > 0
+        && field[..colon].iter().all(|&b| is_tchar(b))
+        && field[colon + 1..]
+            .iter()
+            .all(|&b| b == b'\t' || b >= 0x20 && b != 0x7f)
+}
+
+/// Reads a request Harbor forwarded from the start of `buf`.
 pub fn request(buf: &[u8]) -> Read {
+    read_request(buf, false)
+}
+
+/// Reads a request as a client may send it from the start of `buf`: leading empty lines
+/// skipped (RFC 9112 §2.2), HTTP/1.0, chunk extensions and trailers.
+pub fn client_request(buf: &[u8]) -> Read {
+    let mut skip = 0;
+    while buf[skip..].starts_with(b"\r\n") {
+        skip += 2;
+    }
+    match read_request(&buf[skip..], true) {
+        Read::Whole(m, n) => Read::Whole(m, n + skip),
+        other => other,
+    }
+}
+
+fn read_request(buf: &[u8], client: bool) -> Read {
     let parsed = head(buf).and_then(|h| {
         let Some((start, headers, at)) = h else {
             return Ok(None);
         };
         let parts: Vec<&str> = start.split(' ').collect();
-        let [method, target, "HTTP/1.1"] = parts[..] else {
-            return Err(format!("a bad request line {start:?}"));
+        let (method, target) = match parts[..] {
+            [method, target, "HTTP/1.1"] => (method, target),
+            [method, target, "HTTP/1.0"] if client => (method, target),
+            _ => return Err(format!("a bad request line {start:?}")),
         };
         if method.is_empty() || !method.bytes().all(is_tchar) || !target.starts_with('/') {
             return Err(format!("a bad request line {start:?}"));
@@ -194,7 +295,7 @@ pub fn request(buf: &[u8]) -> Read {
         {
             return Err("not exactly one Host".into());
         }
-        body(buf, start, headers, at, false)
+        body(buf, start, headers, at, false, client)
     });
     done(parsed)
 }
@@ -221,7 +322,7 @@ pub fn response(buf: &[u8], head_request: bool, until_close: bool) -> Read {
             };
             return Ok(Some((message, at)));
         }
-        body(buf, start, headers, at, until_close)
+        body(buf, start, headers, at, until_close, false)
     });
     done(parsed)
 }
@@ -232,6 +333,7 @@ fn body(
     headers: Vec<(String, String)>,
     at: usize,
     until_close: bool,
+    client: bool,
 ) -> Result<Option<(Message, usize)>, String> {
     let (body, end) = match framing(&headers)? {
         None if start.starts_with("HTTP/") && !until_close => return Ok(None),
@@ -239,7 +341,7 @@ fn body(
         None => (Vec::new(), at),
         Some(Framing::Length(n)) if buf.len() >= at + n => (buf[at..at + n].to_vec(), at + n),
         Some(Framing::Length(_)) => return Ok(None),
-        Some(Framing::Chunked) => match chunked(buf, at)? {
+        Some(Framing::Chunked) => match chunked(buf, at, client)? {
             Some(read) => read,
             None => return Ok(None),
         },
