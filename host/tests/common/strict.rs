@@ -208,7 +208,7 @@ fn chunked(buf: &[u8], mut at: usize, client: bool) -> Result<Option<(Vec<u8>, u
             .take_while(|b| b.is_ascii_hexdigit())
             .count();
         let (size, ext) = line_bytes.split_at(digits);
-        if !ext.is_empty() && !(client && extensions(ext)) {
+        if !(ext.is_empty() || client && extensions(ext)) {
             return Err(format!(
                 "a bad chunk line {:?}",
                 String::from_utf8_lossy(line_bytes)
