@@ -191,6 +191,22 @@ impl Head {
         }
     }
 
+    /// How the body is framed (RFC 9112 §6.3): chunks, or a length, never both; `otherwise`
+    /// when the head says nothing.
+    fn framing(&self, buf: &[u8], minor: u8, otherwise: Framing) -> Result<Framing, Refusal> {
+        Ok(match (self.chunked(buf)?, self.content_length(buf)?) {
+            (true, Some(_)) => {
+                return Err(Refusal::bad("both Content-Length and Transfer-Encoding"));
+            }
+            (true, None) if minor == 0 => {
+                return Err(Refusal::bad("Transfer-Encoding in an HTTP/1.0 message"));
+            }
+            (true, None) => Framing::Chunked(Chunked::default()),
+            (false, Some(n)) => Framing::Length(n),
+            (false, None) => otherwise,
+        })
+    }
+
     /// Copies the end-to-end headers, leaving out hop-by-hop ones and those the proxy writes.
     fn copy_end_to_end(&self, buf: &[u8], out: &mut Vec<u8>) {
         for (n, v) in &self.headers {
@@ -347,19 +363,7 @@ impl RequestHead {
             },
         };
 
-        let chunked = head.chunked(buf)?;
-        let length = head.content_length(buf)?;
-        let framing = match (chunked, length) {
-            (true, Some(_)) => {
-                return Err(Refusal::bad("both Content-Length and Transfer-Encoding"));
-            }
-            (true, None) if minor == 0 => {
-                return Err(Refusal::bad("Transfer-Encoding in an HTTP/1.0 request"));
-            }
-            (true, None) => Framing::Chunked(Chunked::default()),
-            (false, Some(n)) => Framing::Length(n),
-            (false, None) => Framing::Empty,
-        };
+        let framing = head.framing(buf, minor, Framing::Empty)?;
         let upgrade = head.has(buf, "upgrade") || head.listed("upgrade");
         let direct = minor == 1
             && !upgrade
@@ -558,7 +562,8 @@ impl ResponseHead {
         headers: &[httparse::Header<'_>],
     ) -> Result<(Head, Framing, Option<u64>), Refusal> {
         let head = Head::new(buf, len, headers)?;
-        let chunked = head.chunked(buf)?;
+        // Framing headers are checked even where the status says there is no body.
+        head.chunked(buf)?;
         let length = head.content_length(buf)?;
         // Bodiless by status or by request (RFC 9112 §6.3, rule 1).
         if status < 200 || status == 204 {
@@ -567,17 +572,7 @@ impl ResponseHead {
         if head_request || status == 304 {
             return Ok((head, Framing::Empty, length));
         }
-        let framing = match (chunked, length) {
-            (true, Some(_)) => {
-                return Err(Refusal::bad("both Content-Length and Transfer-Encoding"));
-            }
-            (true, None) if minor == 0 => {
-                return Err(Refusal::bad("Transfer-Encoding in an HTTP/1.0 response"));
-            }
-            (true, None) => Framing::Chunked(Chunked::default()),
-            (false, Some(n)) => Framing::Length(n),
-            (false, None) => Framing::UntilClose,
-        };
+        let framing = head.framing(buf, minor, Framing::UntilClose)?;
         Ok((head, framing, None))
     }
 
@@ -767,7 +762,7 @@ mod tests {
             ),
             (
                 "POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
-                "Transfer-Encoding in an HTTP/1.0 request",
+                "Transfer-Encoding in an HTTP/1.0 message",
             ),
         ] {
             assert_eq!(refused(text), why, "{text:?}");
