@@ -298,11 +298,7 @@ impl Side for Clients {
             Parse::Refused(refusal) => {
                 tracing::debug!(why = refusal.why, "request refused");
                 self.metrics.error("", ErrorKind::BadRequest);
-                self.answer = Some(if refusal.too_large {
-                    Answer::head_too_large()
-                } else {
-                    Answer::bad_request(refusal.why)
-                });
+                self.answer = Some(refusal.answer());
                 Step::End
             }
         }

@@ -159,11 +159,7 @@ impl Conn {
                     Parse::Done(_) => return Read::Full,
                     Parse::Refused(refusal) => {
                         tracing::debug!(peer = %self.peer, why = refusal.why, "request refused");
-                        return Read::Refused(if refusal.too_large {
-                            Answer::head_too_large()
-                        } else {
-                            Answer::bad_request(refusal.why)
-                        });
+                        return Read::Refused(refusal.answer());
                     }
                 }
             }

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::ops::Range;
 
 use super::chunked::{Chunked, Sink};
-use super::policy::{Forwarding, REWRITTEN, is_hop_by_hop, names_framing};
+use super::policy::{Answer, Forwarding, REWRITTEN, is_hop_by_hop, names_framing};
 
 /// Longest head accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -89,6 +89,15 @@ pub struct Refusal {
 }
 
 impl Refusal {
+    /// What a client whose request head was refused is answered.
+    pub fn answer(&self) -> Answer {
+        if self.too_large {
+            Answer::head_too_large()
+        } else {
+            Answer::bad_request(self.why)
+        }
+    }
+
     fn bad(why: &'static str) -> Self {
         Self {
             why,
