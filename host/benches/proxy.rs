@@ -14,15 +14,19 @@
 //!    read them back → close for 5 s, against `harbor echo` — direct, through Harbor's tcp route
 //!    and through HAProxy (`mode tcp`): connections/s and the proxy's CPU per connection, over
 //!    `CONN_RUNS` rounds, with Harbor's ratio to HAProxy taken round by round (median and
-//!    quartiles), which is what the goal is judged on.
+//!    quartiles), which is what the goal is judged on;
+//! 4. idle connections: 1,000 keep-alive connections opened to each proxy, each used once (an
+//!    HTTP request answered, or 16 bytes echoed through a tcp route) and then left idle; the
+//!    growth of the proxy's resident memory, per connection, against HAProxy's (`mode http`
+//!    and `mode tcp`).
 //!
 //! Every Harbor pick goes through its WebAssembly strategy (`round-robin`), as in production.
 //! Every server binds 127.0.0.1 on a free port, is its own process group, dies with the bench
 //! (`PR_SET_PDEATHSIG`) and is stopped by a drop guard, also on panic. A missing peer is
 //! skipped with a printed reason; only a Harbor that does not work fails the run.
 //!
-//! Run with `cargo bench -p harbor --bench proxy` (about 7 minutes); `-- http`, `-- l4` or
-//! `-- conns` runs one case. It is a benchmark, not a
+//! Run with `cargo bench -p harbor --bench proxy` (about 8 minutes); `-- http`, `-- l4`,
+//! `-- conns` or `-- idle` runs one case. It is a benchmark, not a
 //! test: a missed goal is reported, not a failure.
 
 use std::fmt::Write as _;
@@ -192,6 +196,22 @@ fn run(dir: &Path) -> anyhow::Result<()> {
             &harbor,
             haproxy.as_ref(),
         )?)?);
+    }
+
+    // 4. Idle connections.
+    if wanted("idle") {
+        let mut targets = Vec::new();
+        if nginx.is_some() {
+            targets.push(IdleTarget::http("harbor", ports.harbor_http, &harbor));
+            if let Some(p) = &haproxy {
+                targets.push(IdleTarget::http("haproxy", ports.haproxy_http, p));
+            }
+        }
+        targets.push(IdleTarget::tcp("harbor", ports.harbor_echo, &harbor));
+        if let Some(p) = &haproxy {
+            targets.push(IdleTarget::tcp("haproxy", ports.haproxy_echo, p));
+        }
+        summary.idle = Some(idle_case(&targets)?);
     }
 
     // Harbor must still be up: a crash mid-run would make its numbers meaningless. A peer that
@@ -1288,6 +1308,7 @@ struct Summary {
     http: Option<Vec<HttpRow>>,
     stream: Option<Vec<StreamRow>>,
     conns: Option<Conns>,
+    idle: Option<Vec<IdleRow>>,
 }
 
 fn find<'a, R>(rows: &'a [R], name: impl Fn(&R) -> &str, wanted: &str) -> Option<&'a R> {
@@ -1445,11 +1466,160 @@ impl Summary {
             });
         }
 
+        if let Some(rows) = &self.idle {
+            println!();
+            println!(
+                "{:<28} {:>16} {:>12}",
+                "Idle connections", "RSS per 1,000", "vs haproxy"
+            );
+            for row in rows {
+                let haproxy = rows
+                    .iter()
+                    .find(|r| r.kind == row.kind && r.name == "haproxy")
+                    .map(|r| r.kib_per_thousand);
+                println!(
+                    "{:<28} {:>12.0} KiB {:>12}",
+                    format!("{} ({})", row.name, row.kind),
+                    row.kib_per_thousand,
+                    ratio(row.kib_per_thousand, haproxy)
+                );
+            }
+            for kind in ["http", "tcp"] {
+                if let Some(harbor) = rows.iter().find(|r| r.kind == kind && r.name == "harbor") {
+                    goals.push(format!(
+                        "idle {kind} connections cost <= 4 KiB each: harbor {:.1} KiB ({})",
+                        harbor.kib_per_thousand / 1000.0,
+                        verdict(harbor.kib_per_thousand <= 4000.0)
+                    ));
+                }
+            }
+        }
+
         println!();
         for goal in goals {
             println!("goal: {goal}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Idle connections
+
+/// Connections opened and left idle per measurement.
+const IDLE_CONNECTIONS: usize = 1000;
+/// Measurements per target; the table shows the median.
+const IDLE_RUNS: usize = 3;
+
+struct IdleTarget<'a> {
+    name: &'static str,
+    kind: &'static str,
+    port: u16,
+    proc: &'a Proc,
+}
+
+impl<'a> IdleTarget<'a> {
+    fn http(name: &'static str, port: u16, proc: &'a Proc) -> Self {
+        Self {
+            name,
+            kind: "http",
+            port,
+            proc,
+        }
+    }
+
+    fn tcp(name: &'static str, port: u16, proc: &'a Proc) -> Self {
+        Self {
+            name,
+            kind: "tcp",
+            port,
+            proc,
+        }
+    }
+
+    /// One connection, used once and left open.
+    fn open(&self) -> anyhow::Result<TcpStream> {
+        let mut conn = TcpStream::connect(local(self.port))?;
+        conn.set_read_timeout(Some(CONN_TIMEOUT))?;
+        if self.kind == "http" {
+            write!(conn, "GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n")?;
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.ends_with(BODY.as_bytes()) {
+                let n = conn.read(&mut buf)?;
+                ensure!(n > 0, "closed before answering");
+                got.extend_from_slice(&buf[..n]);
+            }
+        } else {
+            conn.write_all(PAYLOAD)?;
+            let mut back = [0u8; PAYLOAD.len()];
+            conn.read_exact(&mut back)?;
+        }
+        Ok(conn)
+    }
+}
+
+struct IdleRow {
+    name: &'static str,
+    kind: &'static str,
+    kib_per_thousand: f64,
+}
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: i32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    let kib: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("no VmRSS value")?
+        .parse()?;
+    Ok(kib)
+}
+
+fn idle_case(targets: &[IdleTarget<'_>]) -> anyhow::Result<Vec<IdleRow>> {
+    println!();
+    println!(
+        "Idle connections: {IDLE_CONNECTIONS} keep-alive connections opened to each, each used          once, then idle; the growth of the proxy's resident memory"
+    );
+    let mut rows = Vec::new();
+    for target in targets {
+        // Warm: the proxy's pools, buffers and threads as after real work.
+        drop(
+            (0..64)
+                .map(|_| target.open())
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        );
+        std::thread::sleep(SETTLE);
+        let mut per_thousand = Vec::new();
+        for run in 1..=IDLE_RUNS {
+            let before = rss_kib(target.proc.pid())?;
+            let conns = (0..IDLE_CONNECTIONS)
+                .map(|_| target.open())
+                .collect::<anyhow::Result<Vec<_>>>()
+                .with_context(|| format!("opening connections to {}", target.name))?;
+            // Let freed memory go back and timers settle before reading.
+            std::thread::sleep(Duration::from_secs(1));
+            let after = rss_kib(target.proc.pid())?;
+            drop(conns);
+            let kib = (after - before) * 1000.0 / IDLE_CONNECTIONS as f64;
+            println!(
+                "  run {run}/{IDLE_RUNS} {:<20} {kib:>8.0} KiB per 1,000 idle connections ({:.1} KiB each)",
+                format!("{} ({})", target.name, target.kind),
+                kib / 1000.0
+            );
+            per_thousand.push(kib);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        rows.push(IdleRow {
+            name: target.name,
+            kind: target.kind,
+            kib_per_thousand: median(per_thousand),
+        });
+    }
+    Ok(rows)
 }
 
 fn verdict(met: bool) -> &'static str {

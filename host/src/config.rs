@@ -156,9 +156,40 @@ pub struct ProxyArgs {
     #[arg(long, env = "HARBOR_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub connect_timeout: Option<Duration>,
 
-    /// Longest wait for an upstream's response headers before answering 504. [default: 60s]
+    /// Longest wait for an upstream's response headers, counted from the end of the request,
+    /// before answering 504. [default: 60s]
     #[arg(long, env = "HARBOR_UPSTREAM_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub upstream_timeout: Option<Duration>,
+
+    /// A response body that stops arriving for this long is cut and its client connection
+    /// closed. [default: 60s]
+    #[arg(long, env = "HARBOR_UPSTREAM_IDLE_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub upstream_idle_timeout: Option<Duration>,
+
+    /// Longest a client may take to send a request's head once it has begun (or, on a new
+    /// connection, once connected); a head begun and not finished is answered 408.
+    /// [default: 30s]
+    #[arg(long, env = "HARBOR_HEADER_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub header_timeout: Option<Duration>,
+
+    /// A request body that stops arriving for this long is answered 408; a steady upload of any
+    /// length goes through. [default: 60s]
+    #[arg(long, env = "HARBOR_BODY_IDLE_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub body_idle_timeout: Option<Duration>,
+
+    /// An HTTP client connection idle between requests for this long is closed. [default: 60s]
+    #[arg(long, env = "HARBOR_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub keepalive_timeout: Option<Duration>,
+
+    /// Largest request head (request line and header fields) a client may send, in bytes;
+    /// a longer one is answered 431. [default: 65536]
+    #[arg(long, env = "HARBOR_MAX_HEADER_BYTES", value_name = "BYTES")]
+    pub max_header_bytes: Option<usize>,
+
+    /// Client HTTP connections open at once; more are closed at once, and counted.
+    /// [default: 10000]
+    #[arg(long, env = "HARBOR_MAX_HTTP_CONNECTIONS", value_name = "N")]
+    pub max_http_connections: Option<usize>,
 
     /// Other upstreams tried after a failed connect, per request or connection. [default: 2]
     #[arg(long, env = "HARBOR_RETRIES", value_name = "N")]
@@ -295,6 +326,16 @@ struct FileConfig {
     connect_timeout: Option<Duration>,
     #[serde(default, with = "opt_duration")]
     upstream_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    upstream_idle_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    header_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    body_idle_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    keepalive_timeout: Option<Duration>,
+    max_header_bytes: Option<usize>,
+    max_http_connections: Option<usize>,
     retries: Option<u32>,
     #[serde(default, with = "opt_duration")]
     cooldown: Option<Duration>,
@@ -363,11 +404,21 @@ pub struct Config {
     pub proxy: ProxySettings,
 }
 
+/// The largest `--max-header-bytes`: HAProxy's default buffer is 16 KiB, nginx's largest header
+/// buffers 32 KiB; a head past 1 MiB is an attack, not a request.
+pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
+
 /// See [`ProxyArgs`] for what each setting means.
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
     pub connect_timeout: Duration,
     pub upstream_timeout: Duration,
+    pub upstream_idle_timeout: Duration,
+    pub header_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_http_connections: usize,
     pub retries: u32,
     pub cooldown: Duration,
     pub tcp_idle_timeout: Duration,
@@ -386,6 +437,12 @@ impl Default for ProxySettings {
         Self {
             connect_timeout: Duration::from_secs(3),
             upstream_timeout: Duration::from_secs(60),
+            upstream_idle_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(30),
+            body_idle_timeout: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(60),
+            max_header_bytes: 64 * 1024,
+            max_http_connections: 10_000,
             retries: 2,
             cooldown: Duration::from_secs(10),
             tcp_idle_timeout: Duration::from_secs(600),
@@ -475,6 +532,30 @@ impl Config {
             .upstream_timeout
             .or(file.upstream_timeout)
             .unwrap_or(p.upstream_timeout);
+        p.upstream_idle_timeout = a
+            .upstream_idle_timeout
+            .or(file.upstream_idle_timeout)
+            .unwrap_or(p.upstream_idle_timeout);
+        p.header_timeout = a
+            .header_timeout
+            .or(file.header_timeout)
+            .unwrap_or(p.header_timeout);
+        p.body_idle_timeout = a
+            .body_idle_timeout
+            .or(file.body_idle_timeout)
+            .unwrap_or(p.body_idle_timeout);
+        p.keepalive_timeout = a
+            .keepalive_timeout
+            .or(file.keepalive_timeout)
+            .unwrap_or(p.keepalive_timeout);
+        p.max_header_bytes = a
+            .max_header_bytes
+            .or(file.max_header_bytes)
+            .unwrap_or(p.max_header_bytes);
+        p.max_http_connections = a
+            .max_http_connections
+            .or(file.max_http_connections)
+            .unwrap_or(p.max_http_connections);
         p.retries = a.retries.or(file.retries).unwrap_or(p.retries);
         p.cooldown = a.cooldown.or(file.cooldown).unwrap_or(p.cooldown);
         p.tcp_idle_timeout = a
@@ -536,8 +617,23 @@ impl Config {
             bail!("--max-body must be at least 1024 bytes");
         }
         let p = &self.proxy;
-        if p.connect_timeout.is_zero() || p.upstream_timeout.is_zero() {
-            bail!("--connect-timeout and --upstream-timeout must be above zero");
+        for (flag, timeout) in [
+            ("--connect-timeout", p.connect_timeout),
+            ("--upstream-timeout", p.upstream_timeout),
+            ("--upstream-idle-timeout", p.upstream_idle_timeout),
+            ("--header-timeout", p.header_timeout),
+            ("--body-idle-timeout", p.body_idle_timeout),
+            ("--keepalive-timeout", p.keepalive_timeout),
+        ] {
+            if timeout.is_zero() {
+                bail!("{flag} must be above zero");
+            }
+        }
+        if !(1024..=MAX_HEADER_BYTES).contains(&p.max_header_bytes) {
+            bail!("--max-header-bytes must be between 1024 and {MAX_HEADER_BYTES}");
+        }
+        if p.max_http_connections == 0 {
+            bail!("--max-http-connections must be at least 1");
         }
         if p.tcp_idle_timeout.is_zero() {
             bail!("--tcp-idle-timeout must be above zero");

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::public::{self, PublicView};
 use crate::api::{self, Shared, Tokens};
 use crate::config::{BackendKind, Config, ListenAddr};
+use crate::descriptors::{Admitting, Descriptors};
 use crate::dirwatch::{DirWatch, WatchOptions};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
@@ -47,6 +48,10 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     let metrics = Arc::new(Metrics::new().context("cannot set up metrics")?);
     let proxy_metrics =
         Arc::new(ProxyMetrics::new(&metrics).context("cannot set up the proxy's metrics")?);
+    let descriptors = Arc::new(Descriptors::for_this_process());
+    descriptors
+        .register(&metrics)
+        .context("cannot set up the descriptors' metrics")?;
     let bus = Arc::new(EventBus::new(config.event_ring));
     let registry = Arc::new(Registry::new(bus, metrics.clone(), config.lease));
     let cancel = CancellationToken::new();
@@ -116,6 +121,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
             // Caddy and Envoy carry HTTP themselves; only Envoy also carries tcp routes.
             http: (config.backend == BackendKind::Embedded).then_some(config.proxy_listen),
             tcp: config.backend != BackendKind::Envoy,
+            descriptors: descriptors.clone(),
         },
         &mut tasks,
     )
@@ -171,6 +177,9 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
 
     let mut api_addrs = Vec::new();
     let mut unix_sockets = Vec::new();
+    // A client's API connections come through a door of their own, as Gangway's do: a flood
+    // on the proxy's port leaves them room, and a flood here leaves the proxy room.
+    let api_door = descriptors.door("api", 1, usize::MAX);
     for listen in &config.api {
         let app = app.clone();
         let stop = cancel.clone();
@@ -189,13 +198,13 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
                 });
                 tracing::info!(addr = %bound, "API listening");
                 api_addrs.push(bound);
-                tasks.spawn(serve(listener, app, stop));
+                tasks.spawn(serve(Admitting::new(listener, api_door.clone()), app, stop));
             }
             ListenAddr::Unix(path) => {
                 let listener = bind_unix(path)?;
                 tracing::info!(addr = %listen, "API listening");
                 unix_sockets.push(path.clone());
-                tasks.spawn(serve(listener, app, stop));
+                tasks.spawn(serve(Admitting::new(listener, api_door.clone()), app, stop));
             }
         }
     }
@@ -208,7 +217,9 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
             let bound = listener.local_addr()?;
             tracing::info!(addr = %bound, "Gangway listening");
             let app = api::gangway::router(shared.clone());
-            tasks.spawn(serve(listener.tap_io(nodelay), app, cancel.clone()));
+            let door = descriptors.door("gangway", 1, usize::MAX);
+            let listener = Admitting::new(listener.tap_io(nodelay), door);
+            tasks.spawn(serve(listener, app, cancel.clone()));
             Some(bound)
         }
         None => None,

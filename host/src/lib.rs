@@ -11,6 +11,7 @@
 //! | [`dirwatch`] | following a directory: debounced change events plus periodic rescans |
 //! | [`plugins`] | the WebAssembly runtime: strategies, sandboxing, hot swap |
 //! | [`routing`] | the routing snapshot: host/path and listen-address indexes, one load balancer per service |
+//! | [`descriptors`] | the file-descriptor table divided: a reserve, pooled sockets, one door per listener |
 //! | [`proxy`]  | the embedded HTTP reverse proxy and L4 TCP proxy, health checks, upstream pools |
 //! | [`echo`]   | demo backends (`harbor echo`) |
 //! | `rewind`   | a socket with bytes already read put back in front |
@@ -27,6 +28,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod daemon;
+pub mod descriptors;
 pub mod dirwatch;
 pub mod dispatch;
 pub mod dns;

@@ -15,16 +15,22 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes, BytesMut};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
 use super::chunked::Check;
+use super::deadline::Deadline;
 use super::metrics::{ErrorKind, ProxyMetrics};
 use super::policy::Answer;
-use super::wire::{Framing, H2_PREFACE, Parse, RequestHead, ResponseHead};
+use super::wire::{Framing, H2_PREFACE, MAX_HEAD, Parse, RequestHead, ResponseHead};
 
 const READ_CHUNK: usize = 16 * 1024;
+
+/// How long a client connection closed early is read on (see [`Gate::poll_linger`]).
+pub const LINGER: Duration = Duration::from_secs(2);
 
 enum State {
     /// Waiting for a head.
@@ -58,8 +64,33 @@ pub enum Step {
     Fail(io::Error),
 }
 
+/// What the gate waits for from the sender, each with its own patience.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Waiting {
+    /// The next head, none of it come yet, after a message.
+    Idle,
+    /// A head: the first, or one begun.
+    Head,
+    /// More of a body.
+    Body,
+}
+
 /// One side's reading of heads: clients' requests or upstreams' responses.
 pub trait Side {
+    /// How long the sender may keep the gate `waiting`; `None`: as long as it likes.
+    fn patience(&self, _waiting: Waiting) -> Option<Duration> {
+        None
+    }
+    /// The sender kept the gate `waiting` past its patience.
+    fn out_of_patience(&mut self, _waiting: Waiting) -> Step {
+        Step::End
+    }
+    /// Longest head read before [`Side::head`] must have decided.
+    fn max_head(&self) -> usize;
+    /// How long to read on, discarding, after the gate ended the stream early.
+    fn linger(&self) -> Option<Duration> {
+        None
+    }
     /// Reads the head at the start of `buf`; `first`: nothing has passed yet.
     fn head(&mut self, buf: &[u8], first: bool) -> Step;
     /// A body broke its framing.
@@ -87,14 +118,25 @@ pub struct Gate<I, S> {
     /// An answer owed before shutdown, and how much of it is written.
     owed: Option<(Vec<u8>, usize)>,
     failed: Option<io::Error>,
+    /// What the timer measures now, if anything; `None` also when it must be set afresh.
+    timing: Option<Waiting>,
+    /// Made when first needed: a side without patience never has one.
+    timer: Option<Deadline>,
+    /// The stream was ended before its sender was done: read on at shutdown.
+    cut_short: bool,
+    lingering: bool,
 }
 
 impl<I, S: Side> Gate<I, S> {
     /// `prefix`: bytes already read from `io`.
     pub fn new(io: I, prefix: Bytes, side: S) -> Self {
-        let mut buf = BytesMut::with_capacity(prefix.len().max(READ_CHUNK));
+        let mut buf = BytesMut::new();
         buf.extend_from_slice(&prefix);
         Self {
+            timing: None,
+            timer: None,
+            cut_short: false,
+            lingering: false,
             io,
             side,
             buf,
@@ -116,14 +158,56 @@ impl<I, S: Side> Gate<I, S> {
             Step::Through => self.state = State::Through,
             Step::End => {
                 self.owed = self.side.owed().map(|bytes| (bytes, 0));
+                self.cut_short = self.owed.is_some();
                 self.state = State::Ended;
             }
             Step::Fail(e) => {
                 self.failed = Some(e);
+                self.cut_short = true;
                 self.state = State::Ended;
             }
         }
         true
+    }
+
+    /// What the gate waits for from the sender now.
+    fn waiting(&self) -> Option<Waiting> {
+        match self.state {
+            State::Head if self.buf.is_empty() && !self.first => Some(Waiting::Idle),
+            State::Head => Some(Waiting::Head),
+            State::Body { .. } => Some(Waiting::Body),
+            State::Through | State::Ended => None,
+        }
+    }
+
+    /// Pending while the sender is within its patience; once it is out, the side's step is
+    /// taken and the gate is ready to go on.
+    fn poll_patience(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(waiting) = self.waiting() else {
+            return Poll::Pending;
+        };
+        let Some(patience) = self.side.patience(waiting) else {
+            return Poll::Pending;
+        };
+        if self.timing != Some(waiting) {
+            self.timing = Some(waiting);
+            match &mut self.timer {
+                Some(timer) => timer.set(patience),
+                None => self.timer = Some(Deadline::new(patience)),
+            }
+        }
+        let Some(timer) = &mut self.timer else {
+            return Poll::Pending;
+        };
+        ready!(timer.poll_expired(cx));
+        self.timing = None;
+        let step = self.side.out_of_patience(waiting);
+        self.apply(step);
+        // Nothing owed is kept for the stream that is over.
+        if matches!(self.state, State::Ended) {
+            self.buf.truncate(self.ready);
+        }
+        Poll::Ready(())
     }
 
     /// Moves the gate on over the bytes in `buf`; `false` when more must be read first.
@@ -193,8 +277,25 @@ impl<I: AsyncRead + Unpin, S: Side + Unpin> AsyncRead for Gate<I, S> {
             if this.inspect() {
                 continue;
             }
-            this.buf.reserve(READ_CHUNK);
-            let filled = ready!(poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf))?;
+            // A head is read no further than its limit, where the side refuses it.
+            let room = match this.state {
+                State::Head => this.side.max_head().saturating_sub(this.buf.len()),
+                _ => READ_CHUNK,
+            }
+            .clamp(1, READ_CHUNK);
+            this.buf.reserve(room);
+            let read = poll_read_buf(Pin::new(&mut this.io), cx, &mut (&mut this.buf).limit(room));
+            let filled = match read {
+                Poll::Ready(filled) => filled?,
+                Poll::Pending => {
+                    ready!(this.poll_patience(cx));
+                    continue;
+                }
+            };
+            if matches!(this.state, State::Body { .. }) {
+                // A body's patience is for its next bytes, not the whole of it.
+                this.timing = None;
+            }
             if filled == 0 {
                 // The sender ended. A body that runs until the close is whole; anything else
                 // that was begun never was.
@@ -212,7 +313,16 @@ impl<I: AsyncRead + Unpin, S: Side + Unpin> AsyncRead for Gate<I, S> {
     }
 }
 
-impl<I: AsyncWrite + Unpin, S: Side + Unpin> AsyncWrite for Gate<I, S> {
+impl<I, S> Gate<I, S> {
+    /// An answer on its way out: the time between messages counts from the end of it.
+    fn wrote(&mut self) {
+        if self.timing == Some(Waiting::Idle) {
+            self.timing = None;
+        }
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin, S: Side + Unpin> AsyncWrite for Gate<I, S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -221,6 +331,7 @@ impl<I: AsyncWrite + Unpin, S: Side + Unpin> AsyncWrite for Gate<I, S> {
         let this = &mut *self;
         let n = ready!(Pin::new(&mut this.io).poll_write(cx, bytes))?;
         this.side.wrote(&bytes[..n]);
+        this.wrote();
         Poll::Ready(Ok(n))
     }
 
@@ -234,6 +345,7 @@ impl<I: AsyncWrite + Unpin, S: Side + Unpin> AsyncWrite for Gate<I, S> {
         if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
             this.side.wrote(&first[..n.min(first.len())]);
         }
+        this.wrote();
         Poll::Ready(Ok(n))
     }
 
@@ -257,26 +369,114 @@ impl<I: AsyncWrite + Unpin, S: Side + Unpin> AsyncWrite for Gate<I, S> {
             }
             this.owed = None;
         }
-        Pin::new(&mut this.io).poll_shutdown(cx)
+        ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+        if this.cut_short
+            && let Some(linger) = this.side.linger()
+        {
+            ready!(this.poll_linger(cx, linger));
+            this.cut_short = false;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
-/// A client's side: requests, an HTTP/2 preface first, refusals answered.
+impl<I: AsyncRead + Unpin, S> Gate<I, S> {
+    /// Reads on, discarding, until the sender closes or `linger` has passed: closing on unread
+    /// bytes makes the kernel answer them with a reset, which can destroy the answer before
+    /// the client has read it (nginx's lingering close).
+    fn poll_linger(&mut self, cx: &mut Context<'_>, linger: Duration) -> Poll<()> {
+        let timer = self.timer.get_or_insert_with(|| Deadline::new(linger));
+        if !self.lingering {
+            self.lingering = true;
+            timer.set(linger);
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            if timer.poll_expired(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            let mut discard = ReadBuf::new(&mut scratch);
+            match ready!(Pin::new(&mut self.io).poll_read(cx, &mut discard)) {
+                Ok(()) if !discard.filled().is_empty() => {}
+                _ => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
+/// A client's side: requests, an HTTP/2 preface first, refusals answered, and the client's
+/// time limits held as on the direct path.
 pub struct Clients {
     metrics: Arc<ProxyMetrics>,
+    limits: ClientLimits,
     answer: Option<Answer>,
 }
 
+/// What a client is allowed (see the proxy's flags of the same names).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientLimits {
+    pub max_header_bytes: usize,
+    pub header_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub body_idle_timeout: Duration,
+}
+
+impl From<&crate::config::ProxySettings> for ClientLimits {
+    fn from(s: &crate::config::ProxySettings) -> Self {
+        Self {
+            max_header_bytes: s.max_header_bytes,
+            header_timeout: s.header_timeout,
+            keepalive_timeout: s.keepalive_timeout,
+            body_idle_timeout: s.body_idle_timeout,
+        }
+    }
+}
+
 impl Clients {
-    pub fn new(metrics: Arc<ProxyMetrics>) -> Self {
+    pub fn new(metrics: Arc<ProxyMetrics>, limits: ClientLimits) -> Self {
         Self {
             metrics,
+            limits,
             answer: None,
         }
     }
 }
 
+/// The error a request body that stopped arriving ends with; the handler answers 408 for it.
+pub fn body_stopped() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "the request body stopped arriving")
+}
+
 impl Side for Clients {
+    fn patience(&self, waiting: Waiting) -> Option<Duration> {
+        Some(match waiting {
+            Waiting::Idle => self.limits.keepalive_timeout,
+            Waiting::Head => self.limits.header_timeout,
+            Waiting::Body => self.limits.body_idle_timeout,
+        })
+    }
+
+    fn out_of_patience(&mut self, waiting: Waiting) -> Step {
+        match waiting {
+            // A quiet connection just closes, as on the direct path.
+            Waiting::Idle => Step::End,
+            Waiting::Head => {
+                self.metrics.error("", ErrorKind::ClientTimeout);
+                self.answer = Some(Answer::request_timeout());
+                Step::End
+            }
+            Waiting::Body => Step::Fail(body_stopped()),
+        }
+    }
+
+    fn max_head(&self) -> usize {
+        self.limits.max_header_bytes
+    }
+
+    fn linger(&self) -> Option<Duration> {
+        Some(LINGER)
+    }
+
     fn head(&mut self, buf: &[u8], first: bool) -> Step {
         if first && buf.starts_with(H2_PREFACE) {
             return Step::Through;
@@ -284,7 +484,7 @@ impl Side for Clients {
         if first && H2_PREFACE.starts_with(buf) {
             return Step::Partial;
         }
-        match RequestHead::parse(buf) {
+        match RequestHead::parse(buf, self.limits.max_header_bytes) {
             Parse::Partial => Step::Partial,
             Parse::Done(head) => Step::Pass {
                 len: head.len(),
@@ -347,6 +547,10 @@ fn malformed(why: &'static str) -> Step {
 }
 
 impl Side for Upstreams {
+    fn max_head(&self) -> usize {
+        MAX_HEAD
+    }
+
     fn head(&mut self, buf: &[u8], _first: bool) -> Step {
         let head_request = self.heads.front().copied().unwrap_or(false);
         match ResponseHead::parse(buf, head_request) {

@@ -14,9 +14,9 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -27,14 +27,15 @@ use super::Shared;
 use super::body::Flight;
 use super::choose::{choose, client_key};
 use super::chunked::Check;
+use super::deadline::Deadline;
+use super::gate::LINGER;
 use super::metrics::ErrorKind;
 use super::policy::Answer;
 use super::pool::dial;
 use super::wire::{Framing, H2_PREFACE, Parse, RequestHead, ResponseHead};
 
-/// How long a client has to send a request's head once the connection is waiting for one (the
-/// full stack's `header_read_timeout`).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most read from a socket at once. Buffers are taken when bytes arrive and given back
+/// while the connection waits between requests: an idle keep-alive connection holds none.
 const READ_CHUNK: usize = 16 * 1024;
 
 /// What the connection does after an exchange.
@@ -62,14 +63,14 @@ where
 {
     // Waited on for the connection's whole life, not registered afresh for every request.
     let mut cut = Box::pin(shared.conns.cut.clone().cancelled_owned());
-    let mut deadline = Deadline::new();
+    let mut deadline = Deadline::new(shared.settings.header_timeout);
     let mut conn = Conn {
         finish: Box::pin(shared.conns.finish.clone().cancelled_owned()),
         shared,
         peer,
-        inbound: BytesMut::with_capacity(READ_CHUNK),
-        upstream_bytes: BytesMut::with_capacity(READ_CHUNK),
-        out: Vec::with_capacity(READ_CHUNK),
+        inbound: BytesMut::new(),
+        upstream_bytes: BytesMut::new(),
+        out: Vec::new(),
     };
     let mut first = true;
     loop {
@@ -77,9 +78,13 @@ where
             Read::Head(head) => head,
             Read::Full => return full(client, conn.inbound.split().freeze()).await,
             Read::Refused(answer) => {
-                conn.shared.metrics.error("", ErrorKind::BadRequest);
+                let kind = match answer.status {
+                    http::StatusCode::REQUEST_TIMEOUT => ErrorKind::ClientTimeout,
+                    _ => ErrorKind::BadRequest,
+                };
+                conn.shared.metrics.error("", kind);
                 conn.answer(&mut client, answer, 0).await;
-                let _ = client.shutdown().await;
+                close(client, &mut cut).await;
                 return;
             }
             Read::Gone => return,
@@ -91,9 +96,33 @@ where
             () = cut.as_mut() => Next::Close,
         };
         if matches!(next, Next::Close) || conn.shared.conns.finishing() {
-            let _ = client.shutdown().await;
+            close(client, &mut cut).await;
             return;
         }
+    }
+}
+
+/// Closes `client`, reading on (and discarding) until it closes too, for up to
+/// [`LINGER`]: closing on bytes it sent and nobody read makes the kernel answer them with a
+/// reset, which can destroy the last answer before the client has read it (nginx's lingering
+/// close).
+async fn close(
+    mut client: TcpStream,
+    cut: &mut Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+) {
+    if client.shutdown().await.is_err() {
+        return;
+    }
+    let discard = async {
+        let mut scratch = vec![0u8; 8192];
+        while let Ok(n) = client.read(&mut scratch).await
+            && n > 0
+        {}
+    };
+    tokio::select! {
+        () = discard => {}
+        () = tokio::time::sleep(LINGER) => {}
+        () = cut.as_mut() => {}
     }
 }
 
@@ -135,25 +164,35 @@ enum Failed {
     /// The client's request body was malformed or cut short: the client's fault, not the
     /// upstream's.
     Client(&'static str),
+    /// The client's request body stopped arriving for `--body-idle-timeout`.
+    ClientTimeout,
 }
 
 impl Conn {
     /// The next request head. `first`: nothing has been read on the connection before, so an
-    /// HTTP/2 preface may come.
+    /// HTTP/2 preface may come. A new connection and a head begun get `--header-timeout`; a
+    /// connection between requests, `--keepalive-timeout`, and closes quietly when it runs out.
     async fn read_head(
         &mut self,
         client: &mut TcpStream,
         deadline: &mut Deadline,
         first: bool,
     ) -> Read {
-        deadline.set(HEAD_TIMEOUT);
+        let settings = &self.shared.settings;
+        let (header_timeout, max) = (settings.header_timeout, settings.max_header_bytes);
+        let mut begun = first || !self.inbound.is_empty();
+        deadline.set(if begun {
+            header_timeout
+        } else {
+            settings.keepalive_timeout
+        });
         loop {
             if first && self.inbound.starts_with(H2_PREFACE) {
                 return Read::Full;
             }
             let preface = first && H2_PREFACE.starts_with(&self.inbound);
             if !self.inbound.is_empty() && !preface {
-                match RequestHead::parse(&self.inbound) {
+                match RequestHead::parse(&self.inbound, max) {
                     Parse::Partial => {}
                     Parse::Done(head) if head.direct => return Read::Head(head),
                     Parse::Done(_) => return Read::Full,
@@ -163,11 +202,30 @@ impl Conn {
                     }
                 }
             }
-            self.inbound.reserve(READ_CHUNK);
+            // Never more than the head's limit: a head that long is refused above.
+            let room = max.saturating_sub(self.inbound.len()).clamp(1, READ_CHUNK);
+            if self.inbound.capacity() > 0 {
+                self.inbound.reserve(room);
+                match client.try_read_buf(&mut (&mut self.inbound).limit(room)) {
+                    Ok(0) => return Read::Gone,
+                    Ok(_) => {
+                        if !begun {
+                            begun = true;
+                            deadline.set(header_timeout);
+                        }
+                        continue;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Read::Gone,
+                }
+            }
             let idle = self.inbound.is_empty();
-            let read = tokio::select! {
+            if idle {
+                self.release_buffers();
+            }
+            tokio::select! {
                 biased;
-                read = client.read_buf(&mut self.inbound) => read,
+                readable = client.readable() => if readable.is_err() { return Read::Gone },
                 // A head begun and not finished is answered; a quiet connection just closes.
                 () = deadline.expired() => {
                     return if idle { Read::Gone } else { Read::Refused(Answer::request_timeout()) };
@@ -175,11 +233,15 @@ impl Conn {
                 // Between requests a shutdown closes the connection, as the full stack does.
                 () = self.finish.as_mut(), if idle => return Read::Gone,
             };
-            match read {
-                Ok(n) if n > 0 => {}
-                _ => return Read::Gone,
-            }
+            self.inbound.reserve(room);
         }
+    }
+
+    /// Gives back what the connection's buffers hold while it waits for its client.
+    fn release_buffers(&mut self) {
+        self.inbound = BytesMut::new();
+        self.upstream_bytes = BytesMut::new();
+        self.out = Vec::new();
     }
 
     async fn exchange(
@@ -288,21 +350,17 @@ impl Conn {
             }
 
             let started = Instant::now();
-            deadline.set(shared.settings.upstream_timeout);
-            let attempt = async {
-                upstream
-                    .write_all(&self.out)
-                    .await
-                    .map_err(|_| Failed::Closed)?;
-                self.relay_request_body(client, &mut upstream, &mut framing, &metrics)
-                    .await?;
-                self.read_response_head(&mut upstream, head_request, client)
-                    .await
-            };
-            let result = tokio::select! {
-                biased;
-                result = attempt => result,
-                () = deadline.expired() => Err(Failed::Timeout),
+            let result = self
+                .send(client, &mut upstream, &mut framing, &metrics, deadline)
+                .await;
+            let result = match result {
+                Ok(()) => {
+                    // The upstream's time runs from the end of the request.
+                    deadline.set(shared.settings.upstream_timeout);
+                    let head = self.read_response_head(&mut upstream, head_request, client);
+                    deadline.within(head).await.unwrap_or(Err(Failed::Timeout))
+                }
+                Err(failed) => Err(failed),
             };
             let address = chosen.address.as_ref();
             let kind = match result {
@@ -316,7 +374,9 @@ impl Conn {
                         close: head.close,
                         head_request,
                     };
-                    let next = self.respond(client, exchange, upstream, response).await;
+                    let next = self
+                        .respond(client, exchange, upstream, response, deadline)
+                        .await;
                     drop(flight);
                     return next;
                 }
@@ -334,6 +394,14 @@ impl Conn {
                         .balancer
                         .done(&chosen.picked, Outcome::Success, started.elapsed());
                     return self.bad_request(client, service, why).await;
+                }
+                Err(Failed::ClientTimeout) => {
+                    route
+                        .balancer
+                        .done(&chosen.picked, Outcome::Success, started.elapsed());
+                    shared.metrics.error(service, ErrorKind::ClientTimeout);
+                    tracing::debug!(service, peer = %self.peer, "request body stopped arriving");
+                    return self.answer(client, Answer::body_timeout(), 0).await;
                 }
                 Err(Failed::Timeout) => ErrorKind::Timeout,
                 Err(Failed::Closed) => {
@@ -371,6 +439,7 @@ impl Conn {
         exchange: Exchange<'_>,
         mut upstream: TcpStream,
         response: ResponseHead,
+        deadline: &mut Deadline,
     ) -> Next {
         let Exchange {
             route,
@@ -405,33 +474,47 @@ impl Conn {
         };
         self.upstream_bytes.advance(now);
         metrics.bytes_out.inc_by(now as u64);
-        if client.write_all(&self.out).await.is_err() {
+        // A client that stops reading is given as long as an upstream that stops sending.
+        let idle = self.shared.settings.upstream_idle_timeout;
+        deadline.set(idle);
+        if !matches!(
+            deadline.within(client.write_all(&self.out)).await,
+            Some(Ok(()))
+        ) {
             return Next::Close;
         }
         while !framing.complete() {
             self.upstream_bytes.reserve(READ_CHUNK);
-            match upstream.read_buf(&mut self.upstream_bytes).await {
-                Ok(0) if framing == Framing::UntilClose => break,
-                Ok(n) if n > 0 => {}
+            deadline.set(idle);
+            match deadline
+                .within(upstream.read_buf(&mut self.upstream_bytes))
+                .await
+            {
+                Some(Ok(0)) if framing == Framing::UntilClose => break,
+                Some(Ok(n)) if n > 0 => {}
+                None => {
+                    self.shared.metrics.error(service, ErrorKind::Stalled);
+                    tracing::warn!(service, upstream = %address, "upstream's response stalled; cut");
+                    return Next::Close;
+                }
                 _ => {
                     tracing::debug!(service, upstream = %address, "upstream closed mid-response");
                     return Next::Close;
                 }
             }
-            match pass(
+            let passed = pass(
                 &mut framing,
                 &mut self.upstream_bytes,
                 &mut self.out,
                 client,
-            )
-            .await
-            {
-                Ok(n) => metrics.bytes_out.inc_by(n as u64),
-                Err(Pass::Framing(why)) => {
+            );
+            match deadline.within(passed).await {
+                Some(Ok(n)) => metrics.bytes_out.inc_by(n as u64),
+                Some(Err(Pass::Framing(why))) => {
                     tracing::warn!(service, upstream = %address, why, "upstream's response body broke its framing");
                     return Next::Close;
                 }
-                Err(Pass::Io(_)) => return Next::Close,
+                Some(Err(Pass::Io(_))) | None => return Next::Close,
             }
         }
         // Only a socket at a clean message boundary can take another request.
@@ -450,24 +533,39 @@ impl Conn {
         self.answer(client, Answer::bad_request(why), 0).await
     }
 
-    /// Relays the rest of the request body from the client as it arrives.
-    async fn relay_request_body(
+    /// Sends the request built in `out` and relays the rest of its body from the client as it
+    /// arrives: the head within `--upstream-timeout`, each piece of the body within
+    /// `--body-idle-timeout`, however long the whole upload takes.
+    async fn send(
         &mut self,
         client: &mut TcpStream,
         upstream: &mut TcpStream,
         framing: &mut Framing,
         metrics: &super::metrics::UpstreamMetrics,
+        deadline: &mut Deadline,
     ) -> Result<(), Failed> {
+        deadline.set(self.shared.settings.upstream_timeout);
+        match deadline.within(upstream.write_all(&self.out)).await {
+            Some(Ok(())) => {}
+            Some(Err(_)) => return Err(Failed::Closed),
+            None => return Err(Failed::Timeout),
+        }
+        let idle = self.shared.settings.body_idle_timeout;
         while !framing.complete() {
             self.inbound.reserve(READ_CHUNK);
-            match client.read_buf(&mut self.inbound).await {
-                Ok(n) if n > 0 => {}
-                _ => return Err(Failed::Client("the request body ended early")),
+            deadline.set(idle);
+            match deadline.within(client.read_buf(&mut self.inbound)).await {
+                Some(Ok(n)) if n > 0 => {}
+                Some(_) => return Err(Failed::Client("the request body ended early")),
+                None => return Err(Failed::ClientTimeout),
             }
-            match pass(framing, &mut self.inbound, &mut self.out, upstream).await {
-                Ok(n) => metrics.bytes_in.inc_by(n as u64),
-                Err(Pass::Framing(why)) => return Err(Failed::Client(why)),
-                Err(Pass::Io(e)) => return Err(Failed::Io(e.to_string())),
+            let passed = pass(framing, &mut self.inbound, &mut self.out, upstream);
+            match deadline.within(passed).await {
+                Some(Ok(n)) => metrics.bytes_in.inc_by(n as u64),
+                Some(Err(Pass::Framing(why))) => return Err(Failed::Client(why)),
+                Some(Err(Pass::Io(e))) => return Err(Failed::Io(e.to_string())),
+                // The upstream takes no more of the body.
+                None => return Err(Failed::Timeout),
             }
         }
         Ok(())
@@ -545,43 +643,4 @@ async fn pass(
     written.map_err(Pass::Io)?;
     from.advance(n);
     Ok(n)
-}
-
-/// The connection's deadline (a head within [`HEAD_TIMEOUT`], a response within the upstream
-/// timeout) on one timer for its whole life. Setting a deadline reads the clock and no more: the
-/// timer stays armed for an earlier moment and, when it fires before the deadline, re-arms for
-/// it, so a connection touches the timer wheel about once per deadline length rather than twice
-/// per request.
-struct Deadline {
-    at: tokio::time::Instant,
-    timer: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl Deadline {
-    fn new() -> Self {
-        let at = tokio::time::Instant::now() + HEAD_TIMEOUT;
-        Self {
-            at,
-            timer: Box::pin(tokio::time::sleep_until(at)),
-        }
-    }
-
-    /// The deadline is `after` from now.
-    fn set(&mut self, after: Duration) {
-        self.at = tokio::time::Instant::now() + after;
-        if self.at < self.timer.deadline() {
-            self.timer.as_mut().reset(self.at);
-        }
-    }
-
-    /// Resolves once the deadline has passed.
-    async fn expired(&mut self) {
-        loop {
-            self.timer.as_mut().await;
-            if tokio::time::Instant::now() >= self.at {
-                return;
-            }
-            self.timer.as_mut().reset(self.at);
-        }
-    }
 }

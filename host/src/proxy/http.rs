@@ -22,10 +22,10 @@ use tokio_util::sync::CancellationToken;
 use crate::plugins::Outcome;
 use crate::routing::ServiceRoute;
 
-use super::body::{ClientBody, Flight, Lease, ResponseBody, UpstreamBody, text};
+use super::body::{ClientBody, Flight, Lease, ResponseBody, Stall, UpstreamBody, text};
 use super::choose::{choose, client_key};
 use super::copy::{self, Tally};
-use super::gate::{Clients, Gate};
+use super::gate::{ClientLimits, Clients, Gate};
 use super::headers::{add_forwarded, append_via, strip_hop_by_hop, upgrade_of};
 use super::lanes::{Job, Lanes};
 use super::metrics::ErrorKind;
@@ -42,8 +42,9 @@ pub async fn serve(
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(hyper_util::rt::TokioTimer::new());
-    // Slow-loris guard: a client gets this long to send its request headers.
-    builder.http1().header_read_timeout(Duration::from_secs(30));
+    // The gate holds the client to its time limits, answering as the direct path does; hyper's
+    // own head timer would close the connection without a word.
+    builder.http1().header_read_timeout(None::<Duration>);
     // The gate ends the client's side where the policy refuses; the response in progress is
     // still written, then the refusal's answer.
     builder.http1().half_close(true);
@@ -65,6 +66,13 @@ pub async fn serve(
                 continue;
             }
         };
+        // Past `--max-http-connections` or the descriptors set aside for connections, closed
+        // at once (and counted by the door).
+        let Ok(admission) = shared.http_door.admit() else {
+            tracing::debug!(%peer, "HTTP connection refused: too many open");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let open = shared.conns.open();
         let shared = shared.clone();
@@ -79,6 +87,7 @@ pub async fn serve(
                     serve_full(shared, stream, Bytes::new(), peer, builder).await;
                 }
                 drop(open);
+                drop(admission);
             })
         });
         match &lanes {
@@ -99,7 +108,8 @@ async fn serve_full(
     peer: SocketAddr,
     builder: auto::Builder<TokioExecutor>,
 ) {
-    let io = Gate::new(stream, read, Clients::new(shared.metrics.clone()));
+    let limits = ClientLimits::from(&shared.settings);
+    let io = Gate::new(stream, read, Clients::new(shared.metrics.clone(), limits));
     let service = hyper::service::service_fn(|req| {
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
@@ -151,7 +161,7 @@ async fn handle(
 
 async fn forward(
     shared: &Arc<Shared>,
-    route: &ServiceRoute,
+    route: &Arc<ServiceRoute>,
     peer: SocketAddr,
     host: String,
     mut req: Request<Incoming>,
@@ -210,16 +220,26 @@ async fn forward(
         .path_and_query()
         .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     parts.version = Version::HTTP_11;
-    let mut upstream_req =
-        Request::from_parts(parts, UpstreamBody::new(body, metrics.bytes_in.clone()));
+    let (body, body_ended) = UpstreamBody::new(body, metrics.bytes_in.clone());
+    let mut upstream_req = Request::from_parts(parts, body);
 
     let started = Instant::now();
+    // The upstream's time runs from the end of the request: an upload takes as long as it
+    // takes, each piece of it within the gate's `--body-idle-timeout`.
     let timeout = shared.settings.upstream_timeout;
+    let upstream_clock = async {
+        let _ = body_ended.await;
+        tokio::time::sleep(timeout).await;
+    };
+    tokio::pin!(upstream_clock);
     let sent = loop {
-        match tokio::time::timeout(timeout, sender.try_send_request(upstream_req)).await {
-            Err(_) => break Err(ErrorKind::Timeout),
-            Ok(Ok(response)) => break Ok(response),
-            Ok(Err(mut e)) => match e.take_message() {
+        let attempt = tokio::select! {
+            attempt = sender.try_send_request(upstream_req) => attempt,
+            () = &mut upstream_clock => break Err(ErrorKind::Timeout),
+        };
+        match attempt {
+            Ok(response) => break Ok(response),
+            Err(mut e) => match e.take_message() {
                 // A pooled connection the upstream had closed: the request never left, so it
                 // goes again on a new connection.
                 // (A fresh connection failing is the upstream's answer, not a stale socket.)
@@ -234,7 +254,11 @@ async fn forward(
                         break Err(ErrorKind::Connect);
                     }
                 },
-                // The client's body broke its framing or ended early: the client's fault.
+                // The client's body stopped arriving, broke its framing or ended early: the
+                // client's fault.
+                _ if e.error().is_user() && caused_by_timeout(e.error()) => {
+                    break Err(ErrorKind::ClientTimeout);
+                }
                 _ if e.error().is_user() => break Err(ErrorKind::BadRequest),
                 _ => {
                     tracing::warn!(service, upstream = %address, error = %e.error(), "upstream failed");
@@ -252,6 +276,13 @@ async fn forward(
                 .balancer
                 .done(&chosen.picked, Outcome::Success, elapsed);
             return Answer::bad_request("the request body is malformed or ended early").response();
+        }
+        Err(ErrorKind::ClientTimeout) => {
+            shared.metrics.error(service, ErrorKind::ClientTimeout);
+            route
+                .balancer
+                .done(&chosen.picked, Outcome::Success, elapsed);
+            return Answer::body_timeout().response();
         }
         Err(kind) => {
             shared.metrics.error(service, kind);
@@ -300,8 +331,28 @@ async fn forward(
         address,
         sender,
     };
-    let body = ResponseBody::new(body, metrics.bytes_out.clone(), lease, flight);
+    let stall = Stall {
+        after: shared.settings.upstream_idle_timeout,
+        metrics: shared.metrics.clone(),
+        route: route.clone(),
+    };
+    let body = ResponseBody::new(body, metrics.bytes_out.clone(), lease, flight, stall);
     Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// Whether `error` comes of a client that kept the gate waiting too long.
+fn caused_by_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// Carries an upgraded connection both ways once client and upstream have both switched.

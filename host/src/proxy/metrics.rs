@@ -25,6 +25,10 @@ pub enum ErrorKind {
     OverCapacity,
     IdleTimeout,
     BadRequest,
+    /// A client too slow with its request's head or body (408).
+    ClientTimeout,
+    /// An upstream whose response body stopped arriving: cut.
+    Stalled,
 }
 
 impl ErrorKind {
@@ -38,6 +42,8 @@ impl ErrorKind {
             ErrorKind::OverCapacity => "over_capacity",
             ErrorKind::IdleTimeout => "idle_timeout",
             ErrorKind::BadRequest => "bad_request",
+            ErrorKind::ClientTimeout => "client_timeout",
+            ErrorKind::Stalled => "upstream_stalled",
         }
     }
 }

@@ -12,6 +12,7 @@ mod choose;
 mod chunked;
 mod conns;
 mod copy;
+mod deadline;
 mod dial;
 mod gate;
 mod h1;
@@ -29,7 +30,6 @@ mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -37,6 +37,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ProxySettings;
+use crate::descriptors::{Descriptors, Door};
 use crate::events::EventBus;
 use crate::routing::RoutingTable;
 
@@ -52,7 +53,10 @@ pub struct Shared {
     pub conns: Arc<Connections>,
     pool: Arc<pool::Pool>,
     streams: pool::Streams,
-    tcp_open: Arc<AtomicUsize>,
+    /// Client HTTP connections come in through this door.
+    http_door: Arc<Door>,
+    /// Connections to every tcp route come in through this door.
+    tcp_door: Arc<Door>,
     /// How many lanes serve connections.
     lanes: usize,
 }
@@ -70,6 +74,7 @@ pub struct Options {
     pub http: Option<SocketAddr>,
     /// Whether Harbor carries `tcp` routes.
     pub tcp: bool,
+    pub descriptors: Arc<Descriptors>,
 }
 
 impl Proxy {
@@ -82,15 +87,22 @@ impl Proxy {
         tasks: &mut JoinSet<()>,
     ) -> anyhow::Result<Self> {
         let lanes = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let descriptors = &options.descriptors;
+        // The pools share their room: hyper's pool and the direct path's half each.
+        let pooled = descriptors.pooled() / 2;
+        // A proxied connection holds the client's socket and an upstream's.
+        let http_door = descriptors.door("http", 2, settings.max_http_connections);
+        let tcp_door = descriptors.door("tcp", 2, settings.max_connections);
         let shared = Arc::new(Shared {
             routing,
             settings,
             metrics,
             bus,
             conns: Arc::default(),
-            pool: Arc::default(),
-            streams: pool::Streams::new(lanes),
-            tcp_open: Arc::default(),
+            pool: Arc::new(pool::Pool::new(pooled)),
+            streams: pool::Streams::new(lanes, pooled),
+            http_door,
+            tcp_door,
             lanes,
         });
         let stop = CancellationToken::new();

@@ -99,6 +99,11 @@ impl Answer {
         Self::new(StatusCode::REQUEST_TIMEOUT, body, true)
     }
 
+    pub fn body_timeout() -> Self {
+        let body = serde_json::json!({"error": "request body stopped arriving"});
+        Self::new(StatusCode::REQUEST_TIMEOUT, body, true)
+    }
+
     pub fn no_healthy_upstream(service: &str) -> Self {
         let body = serde_json::json!({"error": "no healthy upstream", "service": service});
         Self::new(StatusCode::SERVICE_UNAVAILABLE, body, false)

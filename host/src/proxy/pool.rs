@@ -28,22 +28,73 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// idle keep-alive connections after seconds, not milliseconds).
 const FRESH: Duration = Duration::from_millis(250);
 
-/// A connection and when it went idle.
-type Idle = (Sender, Instant);
+/// Idle connections by address, each with when it went idle, and how many in all against a
+/// cap: the pools' share of descriptors ([`crate::descriptors`]). Past the cap, a connection
+/// that comes back is closed.
+struct Idles<T> {
+    by_address: HashMap<Arc<str>, Vec<(T, Instant)>>,
+    held: usize,
+    cap: usize,
+}
 
-#[derive(Default)]
+impl<T> Idles<T> {
+    fn new(cap: usize) -> Self {
+        Self {
+            by_address: HashMap::new(),
+            held: 0,
+            cap,
+        }
+    }
+
+    fn pop(&mut self, address: &str) -> Option<(T, Instant)> {
+        let idle = self.by_address.get_mut(address)?.pop()?;
+        self.held -= 1;
+        Some(idle)
+    }
+
+    fn push(&mut self, address: Arc<str>, conn: T, since: Instant) {
+        if self.held >= self.cap {
+            return;
+        }
+        let list = self.by_address.entry(address).or_default();
+        if list.len() < MAX_IDLE {
+            list.push((conn, since));
+            self.held += 1;
+        }
+    }
+
+    /// Closes the idle connections of upstreams no route uses any more.
+    fn retain(&mut self, live: impl Fn(&str) -> bool) {
+        let mut dropped = 0;
+        self.by_address.retain(|address, list| {
+            let keep = live(address);
+            if !keep {
+                dropped += list.len();
+            }
+            keep
+        });
+        self.held -= dropped;
+    }
+}
+
 pub struct Pool {
-    idle: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
+    idle: Mutex<Idles<Sender>>,
 }
 
 impl Pool {
+    /// A pool that keeps at most `cap` idle connections in all.
+    pub fn new(cap: usize) -> Self {
+        Self {
+            idle: Mutex::new(Idles::new(cap)),
+        }
+    }
+
     /// An idle connection to `address` that is ready for a request.
     pub fn checkout(&self, address: &str) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.get_mut(address)?;
         let mut busy = Vec::new();
         let mut found = None;
-        while let Some((mut sender, since)) = list.pop() {
+        while let Some((mut sender, since)) = idle.pop(address) {
             if sender.is_closed() || since.elapsed() > IDLE_TIMEOUT {
                 continue;
             }
@@ -58,7 +109,12 @@ impl Pool {
                 None => busy.push((sender, since)),
             }
         }
-        list.extend(busy);
+        if !busy.is_empty() {
+            let address: Arc<str> = address.into();
+            for (sender, since) in busy {
+                idle.push(address.clone(), sender, since);
+            }
+        }
         found
     }
 
@@ -67,38 +123,32 @@ impl Pool {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.entry(address).or_default();
-        if list.len() < MAX_IDLE {
-            list.push((sender, Instant::now()));
-        }
+        idle.push(address, sender, Instant::now());
     }
 
     /// Closes the idle connections of upstreams no route uses any more.
     pub fn retain(&self, live: impl Fn(&str) -> bool) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|address, _| live(address));
+        idle.retain(live);
     }
 }
-
-/// A socket and when it went idle.
-type IdleStream = (TcpStream, Instant);
-
-type IdleStreams = HashMap<Arc<str>, Vec<IdleStream>>;
 
 /// Idle upstream sockets of the direct HTTP/1.1 path, each between two exchanges: one pool per
 /// lane (and one for other threads), since a socket answers on the runtime that registered it.
 pub struct Streams {
-    lanes: Box<[Mutex<IdleStreams>]>,
+    lanes: Box<[Mutex<Idles<TcpStream>>]>,
 }
 
 impl Streams {
-    pub fn new(lanes: usize) -> Self {
+    /// Pools for `lanes` lanes that keep about `cap` idle sockets in all, each lane its share.
+    pub fn new(lanes: usize, cap: usize) -> Self {
+        let share = cap / lanes.max(1);
         Self {
-            lanes: (0..=lanes).map(|_| Mutex::default()).collect(),
+            lanes: (0..=lanes).map(|_| Mutex::new(Idles::new(share))).collect(),
         }
     }
 
-    fn mine(&self) -> std::sync::MutexGuard<'_, IdleStreams> {
+    fn mine(&self) -> std::sync::MutexGuard<'_, Idles<TcpStream>> {
         let lane = super::lanes::current().min(self.lanes.len() - 1);
         self.lanes[lane].lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -108,8 +158,7 @@ impl Streams {
     /// other is first checked for a close from the upstream, which costs a system call.
     pub fn checkout(&self, address: &str, resendable: bool) -> Option<TcpStream> {
         let mut idle = self.mine();
-        let list = idle.get_mut(address)?;
-        while let Some((stream, since)) = list.pop() {
+        while let Some((stream, since)) = idle.pop(address) {
             let idle_for = since.elapsed();
             if idle_for >= IDLE_TIMEOUT {
                 continue;
@@ -129,18 +178,14 @@ impl Streams {
     }
 
     pub fn give_back(&self, address: Arc<str>, stream: TcpStream) {
-        let mut idle = self.mine();
-        let list = idle.entry(address).or_default();
-        if list.len() < MAX_IDLE {
-            list.push((stream, Instant::now()));
-        }
+        self.mine().push(address, stream, Instant::now());
     }
 
     /// Closes the idle sockets of upstreams no route uses any more.
     pub fn retain(&self, live: impl Fn(&str) -> bool) {
         for lane in &self.lanes {
             let mut idle = lane.lock().unwrap_or_else(|e| e.into_inner());
-            idle.retain(|address, _| live(address));
+            idle.retain(&live);
         }
     }
 }

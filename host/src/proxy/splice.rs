@@ -108,9 +108,10 @@ struct Pipe {
 }
 
 /// Empty pipes kept for the next connection: creating and sizing two pipes per connection was
-/// an eighth of the proxy's CPU at high connection rates.
+/// an eighth of the proxy's CPU at high connection rates. Few, since each holds two descriptors
+/// outside the connections' budget ([`crate::descriptors`]).
 static SPARE: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
-const SPARE_MAX: usize = 256;
+const SPARE_MAX: usize = 32;
 
 /// A pipe taken from the spares (or new); it goes back when dropped empty.
 struct Lent {
@@ -205,27 +206,28 @@ async fn pump(
     activity: &Activity,
     ended: &AtomicBool,
     tally: &IntCounter,
-    mut on_silence: Option<impl FnOnce()>,
+    on_silence: Option<impl FnOnce()>,
 ) -> io::Result<()> {
-    // Small messages first, through a buffer.
-    let mut buffer = Buffer::take();
-    loop {
-        let moved = receive(from, &mut buffer.0, &mut on_silence).await?;
-        // Only silence before the first bytes (or the end) counts.
-        on_silence = None;
-        if moved == 0 {
-            return finish(to, ended);
-        }
-        send_all(to, &buffer.0).await?;
-        activity.touch();
-        tally.inc_by(moved as u64);
-        if moved == buffer.0.capacity() {
-            break;
-        }
+    // Small messages first, through buffers.
+    let relay = Relay {
+        from,
+        to,
+        activity,
+        ended,
+        tally,
+    };
+    if relay.through_buffers(on_silence, true).await? {
+        return Ok(());
     }
-    drop(buffer);
-    // Bulk: splice from here on.
-    let mut pipe = Lent::take()?;
+    // Bulk: splice from here on, if a pipe can be had (a full descriptor table has none).
+    let mut pipe = match Lent::take() {
+        Ok(pipe) => pipe,
+        Err(e) => {
+            tracing::debug!(error = %e, "no pipe to splice through; relaying through buffers");
+            relay.through_buffers(None::<fn()>, false).await?;
+            return Ok(());
+        }
+    };
     let (pipe_read, pipe_write) = pipe.fds();
     loop {
         // Socket → pipe. The pipe is empty here, so a would-block is the socket's.
@@ -260,22 +262,58 @@ async fn pump(
     }
 }
 
-/// One receive into `buffer` (replacing its contents), 0 at end of stream. One that comes back
-/// short also clears the socket's readiness, as tokio's own reads do: the socket is drained, so
-/// the next receive waits for new data rather than making a call that can only fail.
+/// One direction's ends and books.
+struct Relay<'a> {
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    activity: &'a Activity,
+    ended: &'a AtomicBool,
+    tally: &'a IntCounter,
+}
+
+impl Relay<'_> {
+    /// Relays through buffers, each held only while bytes are in it (an idle connection holds
+    /// none), until the stream ends (`true`) or, when `until_full`, until a receive fills its
+    /// buffer (`false`).
+    async fn through_buffers(
+        &self,
+        mut on_silence: Option<impl FnOnce()>,
+        until_full: bool,
+    ) -> io::Result<bool> {
+        loop {
+            let (buffer, moved) = receive(self.from, &mut on_silence).await?;
+            // Only silence before the first bytes (or the end) counts.
+            on_silence = None;
+            if moved == 0 {
+                finish(self.to, self.ended)?;
+                return Ok(true);
+            }
+            send_all(self.to, &buffer.0).await?;
+            self.activity.touch();
+            self.tally.inc_by(moved as u64);
+            if until_full && moved == buffer.0.capacity() {
+                return Ok(false);
+            }
+        }
+    }
+}
+
+/// One receive into a buffer taken for it, 0 bytes at end of stream. One that comes back short
+/// also clears the socket's readiness, as tokio's own reads do: the socket is drained, so the
+/// next receive waits for new data rather than making a call that can only fail.
 /// `on_silence` is called, once, before the first wait for data.
 async fn receive(
     from: &TcpStream,
-    buffer: &mut Vec<u8>,
     on_silence: &mut Option<impl FnOnce()>,
-) -> io::Result<usize> {
-    buffer.clear();
-    let room = buffer.capacity();
+) -> io::Result<(Buffer, usize)> {
     loop {
         // Silence has to be known before the first wait, not after it.
         if on_silence.is_none() {
             from.readable().await?;
         }
+        let mut taken = Buffer::take();
+        let buffer = &mut taken.0;
+        let room = buffer.capacity();
         let mut short = 0;
         // Into the spare capacity: a buffer that is never zeroed costs nothing per connection.
         let result = from.try_io(Interest::READABLE, || {
@@ -299,7 +337,7 @@ async fn receive(
         };
         // SAFETY: recv initialised the first `n` bytes of the spare capacity, and `n <= room`.
         unsafe { buffer.set_len(n) };
-        return Ok(n);
+        return Ok((taken, n));
     }
 }
 

@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::descriptors::Admission;
 use crate::plugins::Outcome;
 use crate::routing::ServiceRoute;
 
@@ -285,39 +286,41 @@ struct Lane {
     cut: CancellationToken,
 }
 
-/// A connection's place under the global and the per-route cap, in the open count that
-/// shutdown drains, and in the load of the lane that serves it.
+/// A connection's place under the tcp routes' door (`--max-connections` and the descriptors)
+/// and the route's own cap, in the open count that shutdown drains, and in the load of the
+/// lane that serves it.
 struct Admitted {
     lane: Arc<Lane>,
     serving: usize,
+    _admission: Admission,
 }
 
 impl Admitted {
-    /// Takes a place under both caps, or none when either is full.
+    /// Takes a place under every cap, or none when one is full.
     fn take(lane: &Arc<Lane>, serving: usize) -> Option<Self> {
         let shared = &lane.shared;
+        let admission = shared.tcp_door.admit().ok()?;
         let cap = lane
             .route
             .options
             .max_connections
             .map_or(usize::MAX, |n| n as usize);
         // Count first and check after, so that two listeners racing cannot both squeeze in.
-        let g = shared.tcp_open.fetch_add(1, Ordering::AcqRel);
         let r = lane.open_here.fetch_add(1, Ordering::AcqRel);
         shared.conns.enter();
         lane.loads.enter(serving);
         let admitted = Self {
             lane: lane.clone(),
             serving,
+            _admission: admission,
         };
-        (g < shared.settings.max_connections && r < cap).then_some(admitted)
+        (r < cap).then_some(admitted)
     }
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
         let lane = &self.lane;
-        lane.shared.tcp_open.fetch_sub(1, Ordering::AcqRel);
         lane.open_here.fetch_sub(1, Ordering::AcqRel);
         lane.shared.conns.leave();
         lane.loads.leave(self.serving);

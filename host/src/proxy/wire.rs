@@ -17,7 +17,7 @@ use std::ops::Range;
 use super::chunked::{Chunked, Sink};
 use super::policy::{Answer, Forwarding, REWRITTEN, is_hop_by_hop, names_framing};
 
-/// Longest head accepted.
+/// Longest response head accepted (a request head's limit is `--max-header-bytes`).
 pub const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 
@@ -84,7 +84,7 @@ impl Framing {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refusal {
     pub why: &'static str,
-    /// The head is longer than [`MAX_HEAD`] or has too many fields.
+    /// The head is longer than its limit or has too many fields.
     pub too_large: bool,
 }
 
@@ -310,16 +310,17 @@ pub struct RequestHead {
 }
 
 impl RequestHead {
-    pub fn parse(buf: &[u8]) -> Parse<Self> {
+    /// Parses the request head at the start of `buf`, refusing one longer than `max` bytes.
+    pub fn parse(buf: &[u8], max: usize) -> Parse<Self> {
         let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut slots);
         let len = match req.parse(buf) {
             Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parse::Partial,
+            Ok(httparse::Status::Partial) if buf.len() < max => return Parse::Partial,
             Ok(httparse::Status::Partial) => return Parse::Refused(too_long()),
             Err(e) => return Parse::Refused(refusal(e)),
         };
-        if len > MAX_HEAD {
+        if len > max {
             return Parse::Refused(too_long());
         }
         let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
@@ -615,14 +616,14 @@ mod tests {
     use super::*;
 
     fn request(text: &str) -> RequestHead {
-        match RequestHead::parse(text.as_bytes()) {
+        match RequestHead::parse(text.as_bytes(), MAX_HEAD) {
             Parse::Done(h) => h,
             other => panic!("{text:?}: {other:?}"),
         }
     }
 
     fn refused(text: &str) -> &'static str {
-        match RequestHead::parse(text.as_bytes()) {
+        match RequestHead::parse(text.as_bytes(), MAX_HEAD) {
             Parse::Refused(r) => r.why,
             other => panic!("{text:?} was not refused: {other:?}"),
         }
@@ -689,7 +690,10 @@ mod tests {
         ] {
             assert!(!request(text).direct, "{text:?}");
         }
-        assert!(matches!(RequestHead::parse(b"GET / HT"), Parse::Partial));
+        assert!(matches!(
+            RequestHead::parse(b"GET / HT", MAX_HEAD),
+            Parse::Partial
+        ));
     }
 
     #[test]
@@ -781,7 +785,7 @@ mod tests {
             "a".repeat(MAX_HEAD)
         );
         assert!(matches!(
-            RequestHead::parse(long.as_bytes()),
+            RequestHead::parse(long.as_bytes(), MAX_HEAD),
             Parse::Refused(Refusal {
                 too_large: true,
                 ..

@@ -1,0 +1,536 @@
+//! The proxy's limits and timeouts under abuse, on real sockets, one rule per test and each on
+//! both HTTP paths: a head past `--max-header-bytes` gets 431, connections past
+//! `--max-http-connections` are refused and counted, a slow upload outlives
+//! `--upstream-timeout`, a stalled response body is cut, a slowloris client gets 408, a body
+//! that stops gets 408, and an idle keep-alive connection is closed. The descriptor table's
+//! division is tested on the real binary under a lowered hard limit.
+//!
+//! Timeouts are set to a second or so and waited on with deadlines of many seconds: a loaded
+//! machine makes them late, never early.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{TestHarbor, eventually};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Long enough for any of the second-long timeouts here to have fired on a loaded machine.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+async fn start(
+    direct: bool,
+    configure: impl Fn(&mut harbor::config::ProxySettings) + Send + Sync + 'static,
+) -> TestHarbor {
+    common::start_with(move |c| {
+        c.proxy.direct_http1 = direct;
+        configure(&mut c.proxy);
+    })
+    .await
+}
+
+/// Routes `app.localhost` to `upstream` and waits until a request gets through.
+async fn route_to(h: &TestHarbor, upstream: SocketAddr) {
+    h.write_route(
+        "app.route",
+        &format!("host = \"app.localhost\"\nupstreams = [\"{upstream}\"]\n"),
+    );
+    eventually(Duration::from_secs(5), "the route to be served", || async {
+        let mut conn = connect(h).await;
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let answer = read_to_end(&mut conn).await;
+        answer.starts_with("HTTP/1.1 200").then_some(())
+    })
+    .await;
+}
+
+async fn connect(h: &TestHarbor) -> TcpStream {
+    let addr = h.harbor().proxy_addr().expect("the proxy listens");
+    TcpStream::connect(addr)
+        .await
+        .expect("connect to the proxy")
+}
+
+/// Everything until the proxy closes, as text; a reset ends it too.
+async fn read_to_end(conn: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(PATIENCE, conn.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            Ok(_) => break,
+            Err(_) => panic!(
+                "the proxy neither answered nor closed within {PATIENCE:?}: {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// An upstream that answers each request, once its body has all arrived, with how many body
+/// bytes it got (bodies framed by `Content-Length`).
+async fn counting_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match conn.read(&mut buf).await {
+                            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().expect("a length"));
+                    while got.len() < end + 4 + length {
+                        match conn.read(&mut buf).await {
+                            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    got.drain(..end + 4 + length);
+                    let body = format!("got {length}");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if conn.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that answers `GET /stall` by promising 100 bytes of body, sending 10, and then
+/// nothing, holding the connection open; any other request gets `ok`.
+async fn stalling_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match conn.read(&mut buf).await {
+                            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                        continue;
+                    };
+                    let stalled = got.starts_with(b"GET /stall");
+                    got.drain(..end + 4);
+                    if !stalled {
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if conn.write_all(ok).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let promise = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789";
+                    let _ = conn.write_all(promise).await;
+                    // Held until the proxy gives up on it.
+                    while let Ok(n) = conn.read(&mut buf).await
+                        && n > 0
+                    {}
+                    return;
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn a_head_past_the_limit_gets_431(direct: bool) {
+    let h = start(direct, |_| {}).await;
+    route_to(&h, counting_upstream().await).await;
+    let mut conn = connect(&h).await;
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: app.localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    // Written alongside the reading: the proxy answers before it has all of it.
+    let (mut read, mut write) = conn.split();
+    let writing = async {
+        let _ = write.write_all(head.as_bytes()).await;
+    };
+    let (answer, ()) = tokio::join!(
+        async {
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(PATIENCE, read.read_to_end(&mut got)).await;
+            String::from_utf8_lossy(&got).into_owned()
+        },
+        writing
+    );
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+}
+
+async fn connections_past_the_cap_are_refused_and_counted(direct: bool) {
+    let h = start(direct, |p| p.max_http_connections = 2).await;
+    route_to(&h, counting_upstream().await).await;
+    // Two connections in, each served once and kept open.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut conn = eventually(
+            Duration::from_secs(5),
+            "the earlier connections to close",
+            || async {
+                let mut conn = connect(&h).await;
+                conn.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+                    .await
+                    .ok()?;
+                let mut buf = [0u8; 256];
+                let n = conn.read(&mut buf).await.ok()?;
+                buf[..n].starts_with(b"HTTP/1.1 200").then_some(conn)
+            },
+        )
+        .await;
+        conn.flush().await.expect("flush");
+        held.push(conn);
+    }
+    let mut third = connect(&h).await;
+    let _ = third
+        .write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        .await;
+    assert_eq!(
+        read_to_end(&mut third).await,
+        "",
+        "the third connection is closed without an answer"
+    );
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("harbor_connections_refused_total{listener=\"http\",reason=\"cap\"} 1"),
+        "{metrics}"
+    );
+    // A place given back is taken again.
+    held.pop();
+    eventually(
+        Duration::from_secs(5),
+        "a freed place to be taken",
+        || async {
+            let mut conn = connect(&h).await;
+            conn.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            read_to_end(&mut conn)
+                .await
+                .starts_with("HTTP/1.1 200")
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+async fn a_slow_upload_outlives_the_upstream_timeout(direct: bool) {
+    let h = start(direct, |p| p.upstream_timeout = Duration::from_secs(1)).await;
+    route_to(&h, counting_upstream().await).await;
+    let mut conn = connect(&h).await;
+    conn.write_all(b"POST /upload HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 30\r\n\r\n")
+        .await
+        .expect("head");
+    // 30 bytes over three seconds: three times the upstream timeout.
+    let started = Instant::now();
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        conn.write_all(b"x").await.expect("a piece of the body");
+    }
+    assert!(started.elapsed() > Duration::from_secs(1));
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(PATIENCE, conn.read(&mut buf))
+        .await
+        .expect("an answer")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("got 30"), "{answer}");
+}
+
+async fn a_request_body_that_stops_gets_408(direct: bool) {
+    let h = start(direct, |p| p.body_idle_timeout = Duration::from_secs(1)).await;
+    route_to(&h, counting_upstream().await).await;
+    let mut conn = connect(&h).await;
+    conn.write_all(b"POST / HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 10\r\n\r\nabc")
+        .await
+        .expect("write");
+    let answer = read_to_end(&mut conn).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("kind=\"client_timeout\""),
+        "counted: {metrics}"
+    );
+}
+
+async fn a_stalled_response_body_is_cut(direct: bool) {
+    let h = start(direct, |p| {
+        p.upstream_idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    route_to(&h, stalling_upstream().await).await;
+    let mut conn = connect(&h).await;
+    conn.write_all(b"GET /stall HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let answer = read_to_end(&mut conn).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(
+        answer.ends_with("\r\n\r\n0123456789"),
+        "the body's first bytes came, and then the close: {answer:?}"
+    );
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("harbor_proxy_errors_total{kind=\"upstream_stalled\",service=\"app\"} 1"),
+        "{metrics}"
+    );
+}
+
+async fn a_slowloris_client_gets_408(direct: bool) {
+    let h = start(direct, |p| p.header_timeout = Duration::from_secs(1)).await;
+    route_to(&h, counting_upstream().await).await;
+    let mut conn = connect(&h).await;
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: app.loc")
+        .await
+        .expect("write");
+    let answer = read_to_end(&mut conn).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    // The same holds for a request after the first on a kept-alive connection.
+    let mut conn = connect(&h).await;
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\nGET / HTTP/1.1\r\nHos")
+        .await
+        .expect("write");
+    let answer = read_to_end(&mut conn).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.contains("HTTP/1.1 408"), "{answer:?}");
+}
+
+async fn an_idle_keepalive_connection_is_closed(direct: bool) {
+    let h = start(direct, |p| p.keepalive_timeout = Duration::from_secs(1)).await;
+    route_to(&h, counting_upstream().await).await;
+    let mut conn = connect(&h).await;
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let answered = Instant::now();
+    let answer = read_to_end(&mut conn).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(
+        !answer.contains("408"),
+        "an idle connection closes quietly: {answer:?}"
+    );
+    assert!(
+        answered.elapsed() >= Duration::from_millis(900),
+        "kept open for the keep-alive timeout first"
+    );
+}
+
+macro_rules! on_both_paths {
+    ($($name:ident),* $(,)?) => {
+        mod direct {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(true).await
+            })*
+        }
+        mod full_stack {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(false).await
+            })*
+        }
+    };
+}
+
+on_both_paths!(
+    a_head_past_the_limit_gets_431,
+    connections_past_the_cap_are_refused_and_counted,
+    a_slow_upload_outlives_the_upstream_timeout,
+    a_request_body_that_stops_gets_408,
+    a_stalled_response_body_is_cut,
+    a_slowloris_client_gets_408,
+    an_idle_keepalive_connection_is_closed,
+);
+
+/// The real binary, its hard descriptor limit lowered to 256 before it starts (the in-process
+/// daemon would share this test process's limits). A flood of connections on the proxy's port
+/// takes the HTTP door's share; the API's `/healthz` and a tcp route still answer, the refusals
+/// are counted, and once the flood goes the proxy serves again.
+#[tokio::test]
+async fn a_flood_on_the_proxy_port_leaves_the_api_and_tcp_routes_working() {
+    use std::os::unix::process::CommandExt;
+
+    // This process opens the flood's sockets: its own soft limit is raised to its hard one.
+    harbor::descriptors::raise_limit().expect("the limit is readable");
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+    };
+    let (api, proxy, tcp) = (free_port(), free_port(), free_port());
+    let echo = common::upstreams::Backend::echo().await;
+    let routes = tempfile::tempdir().expect("routes dir");
+    let state = tempfile::tempdir().expect("state dir");
+    std::fs::write(
+        routes.path().join("echo.route"),
+        format!(
+            "protocol = \"tcp\"\nlisten = \"{tcp}\"\nupstreams = [\"{}\"]\n",
+            echo.addr
+        ),
+    )
+    .expect("tcp route");
+    std::fs::write(
+        routes.path().join("app.route"),
+        format!(
+            "host = \"app.localhost\"\nupstreams = [\"{}\"]\n",
+            counting_upstream().await
+        ),
+    )
+    .expect("http route");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_harbor"));
+    command
+        .args([
+            "--api",
+            &api.to_string(),
+            "--proxy-listen",
+            &proxy.to_string(),
+        ])
+        .arg("--routes")
+        .arg(routes.path())
+        .arg("--state-dir")
+        .arg(state.path())
+        .stdout(std::process::Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 256,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let daemon = Daemon(command.spawn().expect("harbor starts"));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    let healthz = || async {
+        let resp = client
+            .get(format!("http://{api}/healthz"))
+            .send()
+            .await
+            .ok()?;
+        (resp.status() == 200).then_some(())
+    };
+    eventually(
+        Duration::from_secs(30),
+        "harbor to answer /healthz",
+        healthz,
+    )
+    .await;
+    let tcp_echoes = || async {
+        let mut conn = TcpStream::connect(tcp).await.ok()?;
+        conn.write_all(b"ping").await.ok()?;
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        (&buf == b"ping").then_some(())
+    };
+    eventually(Duration::from_secs(10), "the tcp route to echo", tcp_echoes).await;
+
+    // More connections than the whole table holds, all kept open.
+    let mut flood = Vec::new();
+    for _ in 0..400 {
+        if let Ok(Ok(conn)) =
+            tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(proxy)).await
+        {
+            flood.push(conn);
+        }
+    }
+    assert!(flood.len() > 256, "the flood got in: {}", flood.len());
+    let metrics = || async {
+        client
+            .get(format!("http://{api}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
+    };
+    let refused = eventually(
+        Duration::from_secs(10),
+        "refusals to be counted",
+        || async {
+            let text = metrics().await?;
+            let line = text.lines().find(|l| {
+                l.starts_with(
+                    "harbor_connections_refused_total{listener=\"http\",reason=\"descriptors\"}",
+                )
+            })?;
+            let n: u64 = line.rsplit(' ').next()?.parse().ok()?;
+            (n > 0).then_some(n)
+        },
+    )
+    .await;
+    assert!(refused > 0);
+    for _ in 0..3 {
+        assert!(
+            healthz().await.is_some(),
+            "the API answers during the flood"
+        );
+        assert!(
+            tcp_echoes().await.is_some(),
+            "the tcp route answers during the flood"
+        );
+    }
+
+    drop(flood);
+    eventually(
+        Duration::from_secs(10),
+        "the proxy to serve again",
+        || async {
+            let mut conn = TcpStream::connect(proxy).await.ok()?;
+            conn.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            read_to_end(&mut conn)
+                .await
+                .starts_with("HTTP/1.1 200")
+                .then_some(())
+        },
+    )
+    .await;
+    drop(daemon);
+}
+
+/// The daemon process, killed when the test ends however it ends.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
