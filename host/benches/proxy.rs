@@ -18,7 +18,8 @@
 //! 4. idle connections: 1,000 keep-alive connections opened to each proxy, each used once (an
 //!    HTTP request answered, or 16 bytes echoed through a tcp route) and then left idle; the
 //!    growth of the proxy's resident memory, per connection, against HAProxy's (`mode http`
-//!    and `mode tcp`).
+//!    and `mode tcp`); then 1,000 connections each holding an unfinished 60,000-byte request
+//!    head (under Harbor's 64 KiB limit: the most a client can make it hold).
 //!
 //! Every Harbor pick goes through its WebAssembly strategy (`round-robin`), as in production.
 //! Every server binds 127.0.0.1 on a free port, is its own process group, dies with the bench
@@ -206,6 +207,7 @@ fn run(dir: &Path) -> anyhow::Result<()> {
             if let Some(p) = &haproxy {
                 targets.push(IdleTarget::http("haproxy", ports.haproxy_http, p));
             }
+            targets.push(IdleTarget::head("harbor", ports.harbor_http, &harbor));
         }
         targets.push(IdleTarget::tcp("harbor", ports.harbor_echo, &harbor));
         if let Some(p) = &haproxy {
@@ -1484,6 +1486,13 @@ impl Summary {
                     ratio(row.kib_per_thousand, haproxy)
                 );
             }
+            if let Some(heads) = rows.iter().find(|r| r.kind == "unfinished head") {
+                goals.push(format!(
+                    "1,000 unfinished heads cost at most about 100 MiB: harbor {:.0} MiB ({})",
+                    heads.kib_per_thousand / 1024.0,
+                    verdict(heads.kib_per_thousand <= 100.0 * 1024.0)
+                ));
+            }
             for kind in ["http", "tcp"] {
                 if let Some(harbor) = rows.iter().find(|r| r.kind == kind && r.name == "harbor") {
                     goals.push(format!(
@@ -1536,11 +1545,23 @@ impl<'a> IdleTarget<'a> {
         }
     }
 
+    fn head(name: &'static str, port: u16, proc: &'a Proc) -> Self {
+        Self {
+            name,
+            kind: "unfinished head",
+            port,
+            proc,
+        }
+    }
+
     /// One connection, used once and left open.
     fn open(&self) -> anyhow::Result<TcpStream> {
         let mut conn = TcpStream::connect(local(self.port))?;
         conn.set_read_timeout(Some(CONN_TIMEOUT))?;
-        if self.kind == "http" {
+        if self.kind == "unfinished head" {
+            write!(conn, "GET / HTTP/1.1\r\nHost: {HOST}\r\nX-Fill: ")?;
+            conn.write_all(&[b'a'; 60_000])?;
+        } else if self.kind == "http" {
             write!(conn, "GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n")?;
             let mut got = Vec::new();
             let mut buf = [0u8; 1024];

@@ -354,7 +354,8 @@ mod tests {
         assert_eq!(tcp.admit().err(), Some(Refusal::Descriptors));
         assert_eq!(
             d.refused.with_label_values(&["tcp", "descriptors"]).get(),
-            1
+            2,
+            "each refusal counted"
         );
         assert_eq!(d.refused.with_label_values(&["http", "cap"]).get(), 1);
     }
