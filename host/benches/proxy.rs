@@ -88,6 +88,10 @@ fn main() -> anyhow::Result<()> {
         .tempdir()
         .context("cannot create a temporary directory")?;
     let started = Instant::now();
+    // Thousands of connections are held open at once; the servers started inherit the limit.
+    if let Err(e) = harbor::descriptors::raise_limit() {
+        println!("cannot raise the descriptor limit: {e}");
+    }
     println!(
         "proxy benchmark: {} CPUs; load generators (wrk, iperf3, the connection generator) share \
          them with the proxies",
@@ -201,19 +205,14 @@ fn run(dir: &Path) -> anyhow::Result<()> {
 
     // 4. Idle connections.
     if wanted("idle") {
-        let mut targets = Vec::new();
-        if nginx.is_some() {
-            targets.push(IdleTarget::http("harbor", ports.harbor_http, &harbor));
-            if let Some(p) = &haproxy {
-                targets.push(IdleTarget::http("haproxy", ports.haproxy_http, p));
-            }
-            targets.push(IdleTarget::head("harbor", ports.harbor_http, &harbor));
-        }
-        targets.push(IdleTarget::tcp("harbor", ports.harbor_echo, &harbor));
-        if let Some(p) = &haproxy {
-            targets.push(IdleTarget::tcp("haproxy", ports.haproxy_echo, p));
-        }
-        summary.idle = Some(idle_case(&targets)?);
+        let peers = Peers {
+            dir,
+            harbor: &harbor_bin,
+            ports: &ports,
+            haproxy: haproxy.is_some(),
+            http: nginx.is_some(),
+        };
+        summary.idle = Some(idle_case(&peers)?);
     }
 
     // Harbor must still be up: a crash mid-run would make its numbers meaningless. A peer that
@@ -554,6 +553,17 @@ fn start_echo(dir: &Path, harbor: &Path, port: u16) -> anyhow::Result<Proc> {
 }
 
 fn start_harbor(dir: &Path, harbor: &Path, ports: &Ports, iperf: bool) -> anyhow::Result<Proc> {
+    start_harbor_as("harbor", dir, harbor, ports, iperf)
+}
+
+/// [`start_harbor`] as `name`, with routes and state of its own.
+fn start_harbor_as(
+    name: &str,
+    dir: &Path,
+    harbor: &Path,
+    ports: &Ports,
+    iperf: bool,
+) -> anyhow::Result<Proc> {
     let tcp = |listen: u16, upstream: u16| {
         format!(
             "protocol = \"tcp\"\nlisten = \"{}\"\nupstreams = [\"{}\"]\nstrategy = \"round-robin\"\n",
@@ -572,7 +582,7 @@ fn start_harbor(dir: &Path, harbor: &Path, ports: &Ports, iperf: bool) -> anyhow
     // then would keep the only upstream out for the default 10 s cooldown, longer than the
     // client's retries wait. The peers here have no cooldown at all.
     let flags = ["--cooldown", "1s"];
-    spawn_harbor(dir, harbor, "harbor", &routes, ports.harbor_http, &flags)
+    spawn_harbor(dir, harbor, name, &routes, ports.harbor_http, &flags)
 }
 
 /// A second Harbor carrying the HTTP route only, with `--no-direct-http1`.
@@ -1519,61 +1529,88 @@ const IDLE_CONNECTIONS: usize = 1000;
 /// Measurements per target; the table shows the median.
 const IDLE_RUNS: usize = 3;
 
-struct IdleTarget<'a> {
-    name: &'static str,
-    kind: &'static str,
-    port: u16,
-    proc: &'a Proc,
+/// What the idle case starts afresh for each measurement: an allocator keeps what it was
+/// given, so a second measurement in the same process mostly reuses the first one's memory.
+struct Peers<'a> {
+    dir: &'a Path,
+    harbor: &'a Path,
+    /// The upstreams' ports; the proxies get fresh ones each time.
+    ports: &'a Ports,
+    haproxy: bool,
+    /// Whether nginx, the HTTP upstream, runs.
+    http: bool,
 }
 
-impl<'a> IdleTarget<'a> {
-    fn http(name: &'static str, port: u16, proc: &'a Proc) -> Self {
-        Self {
-            name,
-            kind: "http",
-            port,
-            proc,
+impl Peers<'_> {
+    /// A fresh `proxy` ("harbor" or "haproxy") and its ports.
+    fn start(&self, proxy: &str) -> anyhow::Result<(Proc, Ports)> {
+        let fresh = Ports::pick()?;
+        let ports = Ports {
+            nginx: self.ports.nginx,
+            echo: self.ports.echo,
+            iperf: self.ports.iperf,
+            ..fresh
+        };
+        let proc = match proxy {
+            "harbor" => start_harbor_as("harbor-idle", self.dir, self.harbor, &ports, false)?,
+            _ => start_haproxy(self.dir, &ports, false)?,
+        };
+        Ok((proc, ports))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    /// A keep-alive HTTP connection after one request.
+    Http,
+    /// A tcp route's connection after 16 bytes echoed.
+    Tcp,
+    /// An HTTP connection holding an unfinished 60,000-byte head.
+    Head,
+}
+
+impl Idle {
+    fn name(self) -> &'static str {
+        match self {
+            Idle::Http => "http",
+            Idle::Tcp => "tcp",
+            Idle::Head => "unfinished head",
         }
     }
 
-    fn tcp(name: &'static str, port: u16, proc: &'a Proc) -> Self {
-        Self {
-            name,
-            kind: "tcp",
-            port,
-            proc,
-        }
-    }
-
-    fn head(name: &'static str, port: u16, proc: &'a Proc) -> Self {
-        Self {
-            name,
-            kind: "unfinished head",
-            port,
-            proc,
+    fn port(self, proxy: &str, ports: &Ports) -> u16 {
+        match (self, proxy) {
+            (Idle::Tcp, "harbor") => ports.harbor_echo,
+            (Idle::Tcp, _) => ports.haproxy_echo,
+            (_, "harbor") => ports.harbor_http,
+            _ => ports.haproxy_http,
         }
     }
 
     /// One connection, used once and left open.
-    fn open(&self) -> anyhow::Result<TcpStream> {
-        let mut conn = TcpStream::connect(local(self.port))?;
+    fn open(self, port: u16) -> anyhow::Result<TcpStream> {
+        let mut conn = TcpStream::connect(local(port))?;
         conn.set_read_timeout(Some(CONN_TIMEOUT))?;
-        if self.kind == "unfinished head" {
-            write!(conn, "GET / HTTP/1.1\r\nHost: {HOST}\r\nX-Fill: ")?;
-            conn.write_all(&[b'a'; 60_000])?;
-        } else if self.kind == "http" {
-            write!(conn, "GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n")?;
-            let mut got = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !got.ends_with(BODY.as_bytes()) {
-                let n = conn.read(&mut buf)?;
-                ensure!(n > 0, "closed before answering");
-                got.extend_from_slice(&buf[..n]);
+        match self {
+            Idle::Head => {
+                write!(conn, "GET / HTTP/1.1\r\nHost: {HOST}\r\nX-Fill: ")?;
+                conn.write_all(&[b'a'; 60_000])?;
             }
-        } else {
-            conn.write_all(PAYLOAD)?;
-            let mut back = [0u8; PAYLOAD.len()];
-            conn.read_exact(&mut back)?;
+            Idle::Http => {
+                write!(conn, "GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n")?;
+                let mut got = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !got.ends_with(BODY.as_bytes()) {
+                    let n = conn.read(&mut buf)?;
+                    ensure!(n > 0, "closed before answering");
+                    got.extend_from_slice(&buf[..n]);
+                }
+            }
+            Idle::Tcp => {
+                conn.write_all(PAYLOAD)?;
+                let mut back = [0u8; PAYLOAD.len()];
+                conn.read_exact(&mut back)?;
+            }
         }
         Ok(conn)
     }
@@ -1600,47 +1637,91 @@ fn rss_kib(pid: i32) -> anyhow::Result<f64> {
     Ok(kib)
 }
 
-fn idle_case(targets: &[IdleTarget<'_>]) -> anyhow::Result<Vec<IdleRow>> {
+/// The resident memory of `pid` once it holds still: a proxy just started may still be freeing
+/// what it used to start (Harbor compiling its strategies, when its cache is cold).
+fn settled_rss_kib(pid: i32) -> anyhow::Result<f64> {
+    let mut last = rss_kib(pid)?;
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = rss_kib(pid)?;
+        if (now - last).abs() < 64.0 {
+            return Ok(now);
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
+/// One measurement in a fresh `proxy`: its memory's growth per 1,000 `kind` connections.
+fn idle_once(peers: &Peers<'_>, proxy: &str, kind: Idle) -> anyhow::Result<f64> {
+    let (proc, ports) = peers.start(proxy)?;
+    let port = kind.port(proxy, &ports);
+    match kind {
+        Idle::Tcp => wait_echo(&proc, port)?,
+        _ => wait_http(&proc, port)?,
+    }
+    // Warm: threads, pools and first buffers as after a little real work.
+    let warm = if kind == Idle::Tcp {
+        Idle::Tcp
+    } else {
+        Idle::Http
+    };
+    for _ in 0..16 {
+        drop(warm.open(port)?);
+    }
+    let before = settled_rss_kib(proc.pid())?;
+    let conns = (0..IDLE_CONNECTIONS)
+        .map(|_| kind.open(port))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .with_context(|| format!("opening connections to {proxy}"))?;
+    // Timers fire and freed memory settles before the reading.
+    std::thread::sleep(Duration::from_secs(1));
+    let after = rss_kib(proc.pid())?;
+    proc.ensure_alive()?;
+    drop(conns);
+    Ok((after - before) * 1000.0 / IDLE_CONNECTIONS as f64)
+}
+
+fn idle_case(peers: &Peers<'_>) -> anyhow::Result<Vec<IdleRow>> {
     println!();
     println!(
-        "Idle connections: {IDLE_CONNECTIONS} keep-alive connections opened to each, each used          once, then idle; the growth of the proxy's resident memory"
+        "Idle connections: {IDLE_CONNECTIONS} connections opened to a fresh proxy, each used once \
+         and left idle (or left holding an unfinished head); the growth of its resident memory"
     );
-    let mut rows = Vec::new();
-    for target in targets {
-        // Warm: the proxy's pools, buffers and threads as after real work.
-        drop(
-            (0..64)
-                .map(|_| target.open())
-                .collect::<anyhow::Result<Vec<_>>>()?,
-        );
-        std::thread::sleep(SETTLE);
-        let mut per_thousand = Vec::new();
-        for run in 1..=IDLE_RUNS {
-            let before = rss_kib(target.proc.pid())?;
-            let conns = (0..IDLE_CONNECTIONS)
-                .map(|_| target.open())
-                .collect::<anyhow::Result<Vec<_>>>()
-                .with_context(|| format!("opening connections to {}", target.name))?;
-            // Let freed memory go back and timers settle before reading.
-            std::thread::sleep(Duration::from_secs(1));
-            let after = rss_kib(target.proc.pid())?;
-            drop(conns);
-            let kib = (after - before) * 1000.0 / IDLE_CONNECTIONS as f64;
+    let mut cases: Vec<(&'static str, Idle)> = Vec::new();
+    for proxy in ["harbor", "haproxy"] {
+        if proxy == "haproxy" && !peers.haproxy {
+            continue;
+        }
+        if peers.http {
+            cases.push((proxy, Idle::Http));
+        }
+        cases.push((proxy, Idle::Tcp));
+    }
+    if peers.http {
+        cases.push(("harbor", Idle::Head));
+    }
+    let mut measured: Vec<Vec<f64>> = cases.iter().map(|_| Vec::new()).collect();
+    for run in 1..=IDLE_RUNS {
+        for (i, &(proxy, kind)) in cases.iter().enumerate() {
+            let kib = idle_once(peers, proxy, kind)?;
             println!(
-                "  run {run}/{IDLE_RUNS} {:<20} {kib:>8.0} KiB per 1,000 idle connections ({:.1} KiB each)",
-                format!("{} ({})", target.name, target.kind),
+                "  run {run}/{IDLE_RUNS} {:<26} {kib:>8.0} KiB per 1,000 ({:.1} KiB each)",
+                format!("{proxy} ({})", kind.name()),
                 kib / 1000.0
             );
-            per_thousand.push(kib);
-            std::thread::sleep(Duration::from_secs(1));
+            measured[i].push(kib);
         }
-        rows.push(IdleRow {
-            name: target.name,
-            kind: target.kind,
-            kib_per_thousand: median(per_thousand),
-        });
     }
-    Ok(rows)
+    Ok(cases
+        .iter()
+        .zip(measured)
+        .map(|(&(name, kind), runs)| IdleRow {
+            name,
+            kind: kind.name(),
+            kib_per_thousand: median(runs),
+        })
+        .collect())
 }
 
 fn verdict(met: bool) -> &'static str {

@@ -76,7 +76,9 @@ where
     loop {
         let head = match conn.read_head(&mut client, &mut deadline, first).await {
             Read::Head(head) => head,
-            Read::Full => return full(client, conn.inbound.split().freeze()).await,
+            // Boxed, as the exchange below: an idle connection's task holds only what waiting
+            // for a head needs (a few hundred bytes), not the largest state it may reach.
+            Read::Full => return Box::pin(full(client, conn.inbound.split().freeze())).await,
             Read::Refused(answer) => {
                 let kind = match answer.status {
                     http::StatusCode::REQUEST_TIMEOUT => ErrorKind::ClientTimeout,
@@ -84,7 +86,7 @@ where
                 };
                 conn.shared.metrics.error("", kind);
                 conn.answer(&mut client, answer, 0).await;
-                close(client, &mut cut).await;
+                Box::pin(close(client, &mut cut)).await;
                 return;
             }
             Read::Gone => return,
@@ -92,11 +94,11 @@ where
         first = false;
         let next = tokio::select! {
             biased;
-            next = conn.exchange(&mut client, head, &mut deadline) => next,
+            next = Box::pin(conn.exchange(&mut client, head, &mut deadline)) => next,
             () = cut.as_mut() => Next::Close,
         };
         if matches!(next, Next::Close) || conn.shared.conns.finishing() {
-            close(client, &mut cut).await;
+            Box::pin(close(client, &mut cut)).await;
             return;
         }
     }

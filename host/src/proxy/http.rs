@@ -48,6 +48,8 @@ pub async fn serve(
     // The gate ends the client's side where the policy refuses; the response in progress is
     // still written, then the refusal's answer.
     builder.http1().half_close(true);
+    // Shared: each connection holds its settings for as long as it lives.
+    let builder = Arc::new(builder);
     let mut failures = 0u32;
     loop {
         let accepted = tokio::select! {
@@ -84,7 +86,7 @@ pub async fn serve(
                         |stream, read| serve_full(shared.clone(), stream, read, peer, builder);
                     super::h1::serve(shared.clone(), stream, peer, full).await;
                 } else {
-                    serve_full(shared, stream, Bytes::new(), peer, builder).await;
+                    Box::pin(serve_full(shared, stream, Bytes::new(), peer, builder)).await;
                 }
                 drop(open);
                 drop(admission);
@@ -106,7 +108,7 @@ async fn serve_full(
     stream: TcpStream,
     read: Bytes,
     peer: SocketAddr,
-    builder: auto::Builder<TokioExecutor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
 ) {
     let limits = ClientLimits::from(&shared.settings);
     let io = Gate::new(stream, read, Clients::new(shared.metrics.clone(), limits));
