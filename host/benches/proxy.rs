@@ -420,6 +420,7 @@ impl Drop for Proc {
             std::thread::sleep(Duration::from_millis(20));
         }
         // Whatever is left of the group (workers included) goes now.
+        // SAFETY: a plain syscall on a process group this bench created.
         unsafe { libc::kill(group, libc::SIGKILL) };
         let _ = self.child.wait();
     }

@@ -11,13 +11,13 @@ const PREVIEW: &str = "preview-token-0123456789abcdef";
 
 fn token_file() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("harbor-tokens-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).expect("a directory for the token file");
     let file = dir.join("tokens");
     std::fs::write(
         &file,
         format!("# full access\n{ADMIN}\n{PREVIEW} preview-\n"),
     )
-    .unwrap();
+    .expect("the token file");
     file
 }
 

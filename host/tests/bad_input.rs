@@ -15,14 +15,14 @@ async fn raw(
 ) -> (u16, Value) {
     let mut req = h
         .client
-        .request(method.parse().unwrap(), h.url(path))
+        .request(method.parse().expect("an HTTP method"), h.url(path))
         .body(body);
     if let Some(ct) = content_type {
         req = req.header("content-type", ct);
     }
-    let resp = req.send().await.unwrap();
+    let resp = req.send().await.expect("the API answers");
     let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
+    let text = resp.text().await.expect("a body");
     let body = serde_json::from_str(&text)
         .unwrap_or_else(|_| panic!("{status}: body is not JSON: {text:?}"));
     (status, body)

@@ -43,7 +43,7 @@ async fn upstream() -> (std::net::SocketAddr, Seen) {
                     match strict::request(&buf) {
                         Read::Whole(m, n) => {
                             buf.drain(..n);
-                            log.lock().unwrap().push(m);
+                            log.lock().expect("the upstream's record").push(m);
                             let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                             if stream.write_all(ok).await.is_err() {
                                 return;
@@ -52,11 +52,13 @@ async fn upstream() -> (std::net::SocketAddr, Seen) {
                         }
                         // What Harbor forwards must always read: the test fails on the record.
                         Read::Malformed(why) => {
-                            log.lock().unwrap().push(strict::Message {
-                                start: format!("MALFORMED {why}"),
-                                headers: Vec::new(),
-                                body: buf,
-                            });
+                            log.lock()
+                                .expect("the upstream's record")
+                                .push(strict::Message {
+                                    start: format!("MALFORMED {why}"),
+                                    headers: Vec::new(),
+                                    body: buf,
+                                });
                             return;
                         }
                         Read::Partial => {}
@@ -268,11 +270,12 @@ fn check(
 ) -> Result<(), TestCaseError> {
     let mut bytes = mutate(request.bytes(), mutations);
     bytes.extend_from_slice(format!("GET /next HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes());
-    let before = seen.lock().unwrap().len();
+    let before = seen.lock().expect("the upstream's record").len();
     let answers = rt
         .block_on(statuses(proxy, &bytes))
         .map_err(TestCaseError::fail)?;
-    let forwarded: Vec<strict::Message> = seen.lock().unwrap()[before..].to_vec();
+    let forwarded: Vec<strict::Message> =
+        seen.lock().expect("the upstream's record")[before..].to_vec();
     let (read, malformed) = oracle(&bytes);
     let input = String::from_utf8_lossy(&bytes);
     let mut expected_upstream = Vec::new();

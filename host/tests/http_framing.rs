@@ -94,7 +94,11 @@ async fn recording_upstream() -> (std::net::SocketAddr, Records) {
 async fn record_connection(mut stream: TcpStream, conn: usize, log: Records) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
-    let record = |seen| log.lock().unwrap().push(Record { conn, seen });
+    let record = |seen| {
+        log.lock()
+            .expect("the upstream's record")
+            .push(Record { conn, seen })
+    };
     loop {
         match strict::request(&buf) {
             Read::Whole(message, n) => {
@@ -360,7 +364,7 @@ async fn harbor(direct: bool, upstream: std::net::SocketAddr) -> TestHarbor {
 fn records_of(records: &Records, mark: &str) -> Vec<Record> {
     records
         .lock()
-        .unwrap()
+        .expect("the upstream's record")
         .iter()
         .filter(|r| r.mentions(mark))
         .cloned()
@@ -454,7 +458,7 @@ async fn run_requests(direct: bool) -> Vec<String> {
             ));
         }
     }
-    for record in records.lock().unwrap().iter() {
+    for record in records.lock().expect("the upstream's record").iter() {
         match &record.seen {
             Seen::Request(m) if m.target().starts_with("/smuggled/") => {
                 failures.push(format!("a smuggled request reached the upstream: {m:?}"));

@@ -23,7 +23,7 @@ async fn upload(
         .body(bytes)
         .send()
         .await
-        .unwrap();
+        .expect("the API answers");
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
 }

@@ -33,9 +33,10 @@ struct Runtime {
 
 fn runtime() -> Runtime {
     let bus = Arc::new(EventBus::new(4096));
-    let metrics = Arc::new(Metrics::new().unwrap());
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
     let reporter = Arc::new(Reporter::new(bus.clone(), metrics));
-    let strategies = Strategies::new(PluginEngine::shared().unwrap(), None, reporter).unwrap();
+    let strategies = Strategies::new(PluginEngine::shared().expect("the engine"), None, reporter)
+        .expect("the built-in strategies");
     Runtime { strategies, bus }
 }
 
@@ -53,7 +54,7 @@ fn backends(weights: &[u32]) -> Vec<BackendSpec> {
 }
 
 fn balancer(rt: &Runtime, strategy: &str, set: Vec<BackendSpec>) -> Balancer {
-    Balancer::new(rt.strategies.slot(strategy).unwrap(), set)
+    Balancer::new(rt.strategies.slot(strategy).expect("a known strategy"), set)
 }
 
 /// Picks `n` times and counts picks per backend address, checking none fell back.

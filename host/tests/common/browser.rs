@@ -281,6 +281,7 @@ impl Drop for Browser {
     fn drop(&mut self) {
         // The whole group: chromedriver, Chromium and every helper process Chromium started.
         let group = self.driver.id() as libc::pid_t;
+        // SAFETY: a plain syscall on the process group this test started.
         unsafe {
             libc::kill(-group, libc::SIGKILL);
         }
