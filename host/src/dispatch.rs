@@ -15,6 +15,7 @@ use crate::backend::{
     Adapter, AdapterError, AdapterSpec, CallError, Capabilities, DesiredState,
     HealthCheck as WitHealthCheck, HttpService, TcpService, Upstream, builtin,
 };
+use crate::backoff::Backoff;
 use crate::config::{BackendKind, Config};
 use crate::events::{Event, EventBus, Since, lock};
 use crate::metrics::Metrics;
@@ -28,8 +29,8 @@ const QUIET: Duration = Duration::from_millis(20);
 const MAX_DELAY: Duration = Duration::from_millis(150);
 /// How often the proxy is checked for drift.
 const PROBE_EVERY: Duration = Duration::from_millis(400);
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Retries of an apply the proxy failed: 100 ms doubling to 5 s.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 /// Deadline of each request to a proxy's admin API.
 const HTTP_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -437,7 +438,8 @@ struct Reconciler {
     /// A state the proxy refused: not retried until the registry changes.
     refused: Option<Desired>,
     retry_at: Option<Instant>,
-    backoff: Duration,
+    /// Applies failed in a row.
+    failures: u32,
     next_probe: Instant,
 }
 
@@ -459,7 +461,7 @@ pub async fn run(
         applied: None,
         refused: None,
         retry_at: None,
-        backoff: BACKOFF_MIN,
+        failures: 0,
         next_probe: Instant::now() + PROBE_EVERY,
     };
     if let Some(spec) = first {
@@ -573,13 +575,13 @@ impl Reconciler {
                 self.refused = None;
                 self.dirty_since = None;
                 self.retry_at = None;
-                self.backoff = BACKOFF_MIN;
+                self.failures = 0;
             }
             Err(e) => {
                 self.d.record_failed(revision, &e);
                 if e.retryable() {
-                    self.retry_at = Some(Instant::now() + self.backoff);
-                    self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                    self.failures += 1;
+                    self.retry_at = Some(Instant::now() + RETRY.after(self.failures));
                 } else {
                     self.refused = Some(desired);
                     self.dirty_since = None;

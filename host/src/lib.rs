@@ -16,6 +16,7 @@
 //! | [`echo`]   | demo backends (`harbor echo`) |
 //! | `rewind`   | a socket with bytes already read put back in front |
 //! | [`backend`] | proxy backend adapters (Caddy, Envoy) as sandboxed components |
+//! | [`backoff`] | waiting longer after each failure in a row |
 //! | [`dispatch`] | keeping the active adapter's proxy in step with the registry |
 //! | [`dns`] | a loopback SRV responder feeding Caddy's dynamic upstreams |
 //! | [`events`] | typed events and the bus (a ring read from per-subscriber cursors) |
@@ -26,6 +27,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod backoff;
 pub mod config;
 pub mod daemon;
 pub mod descriptors;

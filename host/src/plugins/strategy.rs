@@ -12,6 +12,7 @@ use super::engine::{PluginEngine, content_hash, ticks};
 use super::guest::{self, Backend, Description, GuestState, PluginPre};
 use super::load::LoadTable;
 use super::report::{FaultKind, Reporter};
+use crate::backoff::Backoff;
 use crate::model::StrategyName;
 
 /// Deadline of a pick or an outcome report, in epoch ticks: far above what a pick costs
@@ -23,8 +24,8 @@ pub const CALL_DEADLINE_TICKS: u64 = ticks(Duration::from_millis(20));
 pub const SETUP_DEADLINE_TICKS: u64 = ticks(Duration::from_secs(1));
 /// Faults within one breaker window that take a plugin out of service.
 const FAULTS_TO_TRIP: u32 = 5;
-const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How long a tripped breaker keeps a plugin out: 1 s, doubling with each trip, up to a minute.
+const OUT_OF_SERVICE: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
 
 /// Where a plugin came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -352,9 +353,7 @@ impl Breaker {
         }
         self.window_faults.store(0, Ordering::Relaxed);
         let trips = self.trips.fetch_add(1, Ordering::Relaxed);
-        let backoff = FIRST_BACKOFF
-            .saturating_mul(1 << trips.min(16))
-            .min(MAX_BACKOFF);
+        let backoff = OUT_OF_SERVICE.after(trips.saturating_add(1));
         self.disabled_until_ms
             .store(now + backoff.as_millis() as u64, Ordering::Relaxed);
         Some(backoff)
@@ -379,12 +378,12 @@ mod tests {
         for _ in 0..FAULTS_TO_TRIP - 1 {
             assert!(b.record_fault().is_none());
         }
-        assert_eq!(b.record_fault(), Some(FIRST_BACKOFF));
+        assert_eq!(b.record_fault(), Some(OUT_OF_SERVICE.first));
         assert!(!b.closed());
         for _ in 0..FAULTS_TO_TRIP - 1 {
             b.record_fault();
         }
-        assert_eq!(b.record_fault(), Some(FIRST_BACKOFF * 2));
+        assert_eq!(b.record_fault(), Some(OUT_OF_SERVICE.first * 2));
         assert_eq!(
             b.total.load(Ordering::Relaxed),
             u64::from(FAULTS_TO_TRIP) * 2

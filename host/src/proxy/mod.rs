@@ -36,6 +36,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::config::ProxySettings;
 use crate::descriptors::{Descriptors, Door};
 use crate::events::EventBus;
@@ -218,10 +219,11 @@ async fn follow(shared: Arc<Shared>, stop: CancellationToken) {
 /// The least time between two passes of [`follow`].
 const HOUSEKEEPING_GAP: Duration = Duration::from_millis(100);
 
-/// Waits before the next accept after a failure (out of file descriptors, usually): 5 ms
-/// doubling to 1 s, so a full descriptor table is not spun on.
+/// Waits before the next accept after `failures` failures in a row (out of file descriptors,
+/// usually): 10 ms doubling to 1 s, so a full descriptor table is not spun on.
 async fn accept_backoff(failures: u32, stop: &CancellationToken) {
-    let delay = Duration::from_millis(5u64 << failures.min(8)).min(Duration::from_secs(1));
+    const ACCEPT: Backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+    let delay = ACCEPT.after(failures);
     tokio::select! {
         () = tokio::time::sleep(delay) => {}
         () = stop.cancelled() => {}
