@@ -64,16 +64,32 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
 
     /// Directory of .route files, followed live. [default: /etc/harbor/routes.d]
-    #[arg(long, env = "HARBOR_ROUTES", value_name = "DIR")]
+    #[arg(
+        long,
+        env = "HARBOR_ROUTES",
+        value_name = "DIR",
+        help_heading = "Routes and leases"
+    )]
     pub routes: Option<PathBuf>,
 
     /// Where ephemeral registrations are kept across restarts. [default: /var/lib/harbor]
-    #[arg(long, env = "HARBOR_STATE_DIR", value_name = "DIR")]
+    #[arg(
+        long,
+        env = "HARBOR_STATE_DIR",
+        value_name = "DIR",
+        help_heading = "Routes and leases"
+    )]
     pub state_dir: Option<PathBuf>,
 
     /// API listener: ADDR:PORT or unix:/path/to.sock; repeat or comma-separate for several.
     /// [default: 127.0.0.1:7070]
-    #[arg(long, env = "HARBOR_API", value_name = "ADDR", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "HARBOR_API",
+        value_name = "ADDR",
+        value_delimiter = ',',
+        help_heading = "API"
+    )]
     pub api: Vec<ListenAddr>,
 
     /// Which proxy Harbor drives. [default: embedded]
@@ -81,63 +97,108 @@ pub struct RunArgs {
     pub backend: Option<BackendKind>,
 
     /// Where the embedded HTTP proxy listens. [default: 127.0.0.1:8080]
-    #[arg(long, env = "HARBOR_PROXY_LISTEN", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "HARBOR_PROXY_LISTEN",
+        value_name = "ADDR",
+        help_heading = "Proxy"
+    )]
     pub proxy_listen: Option<SocketAddr>,
 
     /// A second listener that serves only the Gangway dashboard and its public data (never the
     /// mutating API), for exposing the dashboard while the API stays private.
-    #[arg(long, env = "HARBOR_GANGWAY_LISTEN", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "HARBOR_GANGWAY_LISTEN",
+        value_name = "ADDR",
+        help_heading = "API"
+    )]
     pub gangway_listen: Option<SocketAddr>,
 
     /// Directory of custom plugins (.wasm components).
-    #[arg(long, env = "HARBOR_PLUGINS", value_name = "DIR")]
+    #[arg(
+        long,
+        env = "HARBOR_PLUGINS",
+        value_name = "DIR",
+        help_heading = "Plugins"
+    )]
     pub plugins: Option<PathBuf>,
 
     /// Bearer tokens for mutating API calls, one per line: `TOKEN [SERVICE-PREFIX]`.
-    #[arg(long, env = "HARBOR_TOKEN_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "HARBOR_TOKEN_FILE",
+        value_name = "FILE",
+        help_heading = "API"
+    )]
     pub token_file: Option<PathBuf>,
 
     /// Shortest lease a registration may ask for. [default: 1s]
-    #[arg(long, env = "HARBOR_TTL_MIN", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "HARBOR_TTL_MIN", value_parser = humantime::parse_duration, value_name = "DURATION", help_heading = "Routes and leases")]
     pub ttl_min: Option<Duration>,
 
     /// Longest lease a registration may ask for. [default: 24h]
-    #[arg(long, env = "HARBOR_TTL_MAX", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "HARBOR_TTL_MAX", value_parser = humantime::parse_duration, value_name = "DURATION", help_heading = "Routes and leases")]
     pub ttl_max: Option<Duration>,
 
     /// Lease given when a registration names no TTL. [default: 30s]
-    #[arg(long, env = "HARBOR_TTL_DEFAULT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "HARBOR_TTL_DEFAULT", value_parser = humantime::parse_duration, value_name = "DURATION", help_heading = "Routes and leases")]
     pub ttl_default: Option<Duration>,
 
     /// Re-read the routes directory this often even without change events; 0 turns it off.
     /// [default: 30s]
-    #[arg(long, env = "HARBOR_RESCAN_INTERVAL", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "HARBOR_RESCAN_INTERVAL", value_parser = humantime::parse_duration, value_name = "DURATION", help_heading = "Routes and leases")]
     pub rescan_interval: Option<Duration>,
 
     /// Do not watch the routes directory for changes (rely on rescans and SIGHUP).
-    #[arg(long, env = "HARBOR_NO_WATCH")]
+    #[arg(long, env = "HARBOR_NO_WATCH", help_heading = "Routes and leases")]
     pub no_watch: bool,
 
     /// Largest API request body, in bytes. [default: 65536]
-    #[arg(long, env = "HARBOR_MAX_BODY", value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "HARBOR_MAX_BODY",
+        value_name = "BYTES",
+        help_heading = "API"
+    )]
     pub max_body: Option<usize>,
 
     /// Caddy's admin API: http://HOST:PORT or unix:/path/to/admin.sock.
     /// [default: http://127.0.0.1:2019]
-    #[arg(long, env = "HARBOR_CADDY_ADMIN", value_name = "URL")]
+    #[arg(
+        long,
+        env = "HARBOR_CADDY_ADMIN",
+        value_name = "URL",
+        help_heading = "Caddy"
+    )]
     pub caddy_admin: Option<BaseUrl>,
 
     /// Where Harbor's Caddy server listens when Caddy has none there yet.
     /// [default: 127.0.0.1:8080]
-    #[arg(long, env = "HARBOR_CADDY_LISTEN", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "HARBOR_CADDY_LISTEN",
+        value_name = "ADDR",
+        help_heading = "Caddy"
+    )]
     pub caddy_listen: Option<SocketAddr>,
 
     /// Directory of Envoy's dynamic configuration files. [default: <state-dir>/envoy]
-    #[arg(long, env = "HARBOR_ENVOY_DIR", value_name = "DIR")]
+    #[arg(
+        long,
+        env = "HARBOR_ENVOY_DIR",
+        value_name = "DIR",
+        help_heading = "Envoy"
+    )]
     pub envoy_dir: Option<PathBuf>,
 
     /// Envoy's admin address: http://HOST:PORT or unix:/path. [default: http://127.0.0.1:9901]
-    #[arg(long, env = "HARBOR_ENVOY_ADMIN", value_name = "URL")]
+    #[arg(
+        long,
+        env = "HARBOR_ENVOY_ADMIN",
+        value_name = "URL",
+        help_heading = "Envoy"
+    )]
     pub envoy_admin: Option<BaseUrl>,
 
     /// Log format. [default: text]
@@ -150,7 +211,7 @@ pub struct RunArgs {
 
 /// The embedded proxy's knobs (its HTTP listener aside).
 #[derive(Args, Debug, Default)]
-#[command(next_help_heading = "Embedded proxy")]
+#[command(next_help_heading = "Proxy")]
 pub struct ProxyArgs {
     /// Longest wait for a TCP connection to an upstream before trying another. [default: 3s]
     #[arg(long, env = "HARBOR_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -226,7 +287,13 @@ pub struct ProxyArgs {
     pub no_cpu_affinity: bool,
 
     /// Also run demo echo backends on these addresses (see `harbor echo`).
-    #[arg(long, env = "HARBOR_ECHO", value_name = "ADDR", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "HARBOR_ECHO",
+        value_name = "ADDR",
+        value_delimiter = ',',
+        help_heading = "Demo"
+    )]
     pub echo: Vec<SocketAddr>,
 }
 
