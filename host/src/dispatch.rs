@@ -17,7 +17,7 @@ use crate::backend::{
 };
 use crate::backoff::Backoff;
 use crate::config::{BackendKind, Config};
-use crate::events::{Event, EventBus, Since, lock};
+use crate::events::{Event, EventBus, Follower, Since, lock};
 use crate::metrics::Metrics;
 use crate::model::{HealthCheck, Protocol, ServiceView, timestamp};
 use crate::plugins::PluginEngine;
@@ -429,7 +429,8 @@ struct Reconciler {
     d: Arc<Dispatcher>,
     registry: Arc<Registry>,
     adapter: Option<Adapter>,
-    cursor: u64,
+    /// The registry's events, followed.
+    events: Follower<EventBus>,
     /// Set when the registry changed (or the proxy drifted) since the last apply.
     dirty_since: Option<Instant>,
     last_change: Instant,
@@ -455,7 +456,7 @@ pub async fn run(
         d: dispatcher.clone(),
         registry: registry.clone(),
         adapter: None,
-        cursor: registry.bus().last_id(),
+        events: Follower::new(registry.bus().clone(), registry.bus().last_id()),
         dirty_since: Some(Instant::now()),
         last_change: Instant::now(),
         applied: None,
@@ -478,15 +479,12 @@ pub async fn run(
             }
         }
     }
-    let bus = registry.bus().clone();
-    let mut changes = bus.watch();
     loop {
-        changes.borrow_and_update();
         r.follow();
         r.step().await;
         let wake = r.next_wake();
         tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
+            changed = r.events.changed() => if !changed { return },
             Some(req) = swaps.recv() => {
                 let result = r.swap(req.spec).await;
                 let _ = req.reply.send(result);
@@ -499,15 +497,9 @@ pub async fn run(
 
 impl Reconciler {
     fn follow(&mut self) {
-        let relevant = match self.registry.bus().since(self.cursor) {
-            Since::Events(events) => {
-                self.cursor = events.last().map_or(self.cursor, |e| e.id);
-                events.iter().any(|e| e.event.changes_routing())
-            }
-            Since::Gap => {
-                self.cursor = self.registry.bus().last_id();
-                true
-            }
+        let relevant = match self.events.read() {
+            Since::Events(events) => events.iter().any(|e| e.event.changes_routing()),
+            Since::Gap => true,
         };
         if relevant {
             self.mark_dirty();

@@ -1,9 +1,15 @@
-//! Typed events and the bus that carries them: a bounded ring of recent events that a subscriber
-//! reads from its own cursor, so that a live stream and a resumed one (`Last-Event-ID`) are the
-//! same code, and a subscriber that falls too far behind is told to start again from a snapshot.
+//! Typed events and the bus that carries them: a bounded ring of recent events ([`Ring`]) that
+//! a subscriber reads from its own cursor ([`Follower`]), so that a live stream and a resumed
+//! one (`Last-Event-ID`) are the same code, and a subscriber that falls too far behind is told
+//! to start again from a snapshot.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, OnceLock};
+mod follower;
+mod ring;
+
+pub use follower::{Feed, Follower};
+pub use ring::{Ring, Since};
+
+use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -218,23 +224,9 @@ impl Envelope {
     }
 }
 
-/// What a subscriber at some cursor gets next.
-pub enum Since {
-    /// Every event after the cursor, in order (possibly none yet).
-    Events(Vec<Arc<Envelope>>),
-    /// The cursor is older than the ring, or from an earlier run: start over from a snapshot.
-    Gap,
-}
-
 pub struct EventBus {
-    ring: Mutex<Ring>,
+    ring: Mutex<Ring<Envelope>>,
     latest: watch::Sender<u64>,
-}
-
-struct Ring {
-    last_id: u64,
-    capacity: usize,
-    events: VecDeque<Arc<Envelope>>,
 }
 
 impl EventBus {
@@ -247,37 +239,24 @@ impl EventBus {
             .unwrap_or(0);
         let (latest, _) = watch::channel(start);
         Self {
-            ring: Mutex::new(Ring {
-                last_id: start,
-                capacity: capacity.max(1),
-                events: VecDeque::with_capacity(capacity.clamp(1, 4096)),
-            }),
+            ring: Mutex::new(Ring::new(start, capacity)),
             latest,
         }
     }
 
     pub fn publish(&self, event: Event) -> u64 {
         tracing::debug!(event = event.kind(), "event");
-        let id = {
-            let mut ring = lock(&self.ring);
-            ring.last_id += 1;
-            let id = ring.last_id;
-            if ring.events.len() == ring.capacity {
-                ring.events.pop_front();
-            }
-            ring.events.push_back(Arc::new(Envelope {
-                id,
-                event,
-                json: OnceLock::new(),
-            }));
-            id
-        };
+        let id = lock(&self.ring).push(|id| Envelope {
+            id,
+            event,
+            json: OnceLock::new(),
+        });
         self.latest.send_replace(id);
         id
     }
 
     pub fn last_id(&self) -> u64 {
-        lock(&self.ring).last_id
+        lock(&self.ring).last_id()
     }
 
     /// A receiver that wakes when something is published.
@@ -285,19 +264,24 @@ impl EventBus {
         self.latest.subscribe()
     }
 
-    pub fn since(&self, cursor: u64) -> Since {
-        let ring = lock(&self.ring);
-        if cursor == ring.last_id {
-            return Since::Events(Vec::new());
-        }
-        let Some(oldest) = ring.events.front().map(|e| e.id) else {
-            return Since::Gap;
-        };
-        if cursor > ring.last_id || cursor + 1 < oldest {
-            return Since::Gap;
-        }
-        let skip = (cursor + 1 - oldest) as usize;
-        Since::Events(ring.events.iter().skip(skip).cloned().collect())
+    pub fn since(&self, cursor: u64) -> Since<Envelope> {
+        lock(&self.ring).since(cursor)
+    }
+}
+
+impl Feed for EventBus {
+    type Entry = Envelope;
+
+    fn since(&self, cursor: u64) -> Since<Envelope> {
+        EventBus::since(self, cursor)
+    }
+
+    fn last_id(&self) -> u64 {
+        EventBus::last_id(self)
+    }
+
+    fn watch(&self) -> watch::Receiver<u64> {
+        EventBus::watch(self)
     }
 }
 
@@ -317,7 +301,7 @@ mod tests {
         }
     }
 
-    fn ids(since: Since) -> Vec<u64> {
+    fn ids(since: Since<Envelope>) -> Vec<u64> {
         match since {
             Since::Events(v) => v.iter().map(|e| e.id).collect(),
             Since::Gap => panic!("unexpected gap"),

@@ -11,11 +11,10 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures_util::Stream;
 use serde_json::json;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::AppState;
-use crate::events::{Envelope, Since};
+use crate::events::{Envelope, EventBus, Follower, Since};
 use crate::registry::Registry;
 
 pub async fn stream(
@@ -27,9 +26,8 @@ pub async fn stream(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     let reader = Reader {
-        wake: app.registry.bus().watch(),
+        events: resume.map(|cursor| Follower::new(app.registry.bus().clone(), cursor)),
         registry: app.registry.clone(),
-        cursor: resume,
         pending: VecDeque::new(),
         cancel: app.cancel.clone(),
     };
@@ -42,9 +40,8 @@ pub async fn stream(
 
 struct Reader {
     registry: Arc<Registry>,
-    wake: watch::Receiver<u64>,
-    /// The id of the last event this client has; `None` means it needs a snapshot.
-    cursor: Option<u64>,
+    /// Where this client is in the registry's events; `None`: it needs a snapshot.
+    events: Option<Follower<EventBus>>,
     pending: VecDeque<Arc<Envelope>>,
     cancel: CancellationToken,
 }
@@ -53,7 +50,6 @@ impl Reader {
     async fn next(&mut self) -> Option<SseEvent> {
         loop {
             if let Some(env) = self.pending.pop_front() {
-                self.cursor = Some(env.id);
                 return Some(
                     SseEvent::default()
                         .id(env.id.to_string())
@@ -61,9 +57,10 @@ impl Reader {
                         .data(env.json()),
                 );
             }
-            let Some(cursor) = self.cursor else {
+            let Some(events) = &mut self.events else {
                 let snap = self.registry.snapshot();
-                self.cursor = Some(snap.last_event_id);
+                let bus = self.registry.bus().clone();
+                self.events = Some(Follower::new(bus, snap.last_event_id));
                 let data = json!({
                     "type": "snapshot",
                     "services": snap.services,
@@ -76,17 +73,9 @@ impl Reader {
                         .data(data.to_string()),
                 );
             };
-            // Mark the current value seen before reading, so a publish after the read wakes us.
-            self.wake.borrow_and_update();
-            match self.registry.bus().since(cursor) {
-                Since::Gap => self.cursor = None,
-                Since::Events(events) if !events.is_empty() => self.pending.extend(events),
-                Since::Events(_) => {
-                    tokio::select! {
-                        changed = self.wake.changed() => changed.ok()?,
-                        () = self.cancel.cancelled() => return None,
-                    }
-                }
+            match events.next(&self.cancel).await? {
+                Since::Events(events) => self.pending.extend(events),
+                Since::Gap => self.events = None,
             }
         }
     }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::AppState;
 use super::error::ApiError;
 use crate::config::BackendKind;
-use crate::events::{Event, Since, lock};
+use crate::events::{Event, Feed, Follower, Ring, Since, lock};
 use crate::model::{CatalogEntry, CatalogUpstream, Kind, RouteView, ServiceName, ServiceView};
 use crate::plugins::Strategies;
 use crate::registry::Registry;
@@ -58,9 +58,7 @@ struct Inner {
     services: BTreeMap<ServiceName, Value>,
     /// Health reported by events, which wins over the routing table's until the next report.
     health: HashMap<(ServiceName, String), bool>,
-    last_id: u64,
-    capacity: usize,
-    ring: VecDeque<Arc<PublicEvent>>,
+    ring: Ring<PublicEvent>,
 }
 
 /// A public service: the catalog's safe projection, plus live upstream state where known.
@@ -97,9 +95,7 @@ impl PublicView {
             inner: Mutex::new(Inner {
                 services: BTreeMap::new(),
                 health: HashMap::new(),
-                last_id: start,
-                capacity: capacity.max(1),
-                ring: VecDeque::with_capacity(capacity.clamp(1, 4096)),
+                ring: Ring::new(start, capacity),
             }),
             latest,
             backend,
@@ -110,26 +106,10 @@ impl PublicView {
     /// The public services and the id of the last public event they include.
     pub fn snapshot(&self) -> (u64, Vec<Value>) {
         let inner = lock(&self.inner);
-        (inner.last_id, inner.services.values().cloned().collect())
-    }
-
-    pub fn watch(&self) -> watch::Receiver<u64> {
-        self.latest.subscribe()
-    }
-
-    /// Every public event after `cursor`, or `None` when the ring no longer reaches back to it
-    /// (or it is from another run): the subscriber starts again from a snapshot.
-    pub fn since(&self, cursor: u64) -> Option<Vec<Arc<PublicEvent>>> {
-        let inner = lock(&self.inner);
-        if cursor == inner.last_id {
-            return Some(Vec::new());
-        }
-        let oldest = inner.ring.front()?.id;
-        if cursor > inner.last_id || cursor + 1 < oldest {
-            return None;
-        }
-        let skip = (cursor + 1 - oldest) as usize;
-        Some(inner.ring.iter().skip(skip).cloned().collect())
+        (
+            inner.ring.last_id(),
+            inner.services.values().cloned().collect(),
+        )
     }
 
     fn render(&self, service: &ServiceView, routing: &RoutingTable) -> Option<Value> {
@@ -360,17 +340,29 @@ impl PublicView {
 
 impl Inner {
     fn push(&mut self, kind: &'static str, data: &Value) -> u64 {
-        self.last_id += 1;
-        let id = self.last_id;
-        if self.ring.len() == self.capacity {
-            self.ring.pop_front();
-        }
-        self.ring.push_back(Arc::new(PublicEvent {
+        self.ring.push(|id| PublicEvent {
             id,
             kind,
             data: data.to_string(),
-        }));
-        id
+        })
+    }
+}
+
+/// Gangway's streams follow the public events as other followers follow the registry's: after
+/// a gap, a subscriber starts again from a snapshot.
+impl Feed for PublicView {
+    type Entry = PublicEvent;
+
+    fn since(&self, cursor: u64) -> Since<PublicEvent> {
+        lock(&self.inner).ring.since(cursor)
+    }
+
+    fn last_id(&self) -> u64 {
+        lock(&self.inner).ring.last_id()
+    }
+
+    fn watch(&self) -> watch::Receiver<u64> {
+        self.latest.subscribe()
     }
 }
 
@@ -387,19 +379,15 @@ pub async fn follow(
     registry: Arc<Registry>,
     routing: Arc<RoutingTable>,
     strategies: Arc<Strategies>,
-    mut cursor: u64,
+    cursor: u64,
     cancel: CancellationToken,
 ) {
-    let bus = registry.bus().clone();
-    let mut changes = bus.watch();
+    let mut events = Follower::new(registry.bus().clone(), cursor);
     let mut sample = tokio::time::interval(LOAD_SAMPLE);
     sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
-        // Mark the current value seen before reading, so a publish after the read wakes us.
-        changes.borrow_and_update();
-        match bus.since(cursor) {
+        match events.read() {
             Since::Events(events) => {
-                cursor = events.last().map_or(cursor, |e| e.id);
                 view.apply(
                     events.iter().map(|e| &e.event),
                     &registry,
@@ -407,13 +395,10 @@ pub async fn follow(
                     &strategies,
                 );
             }
-            Since::Gap => {
-                cursor = bus.last_id();
-                view.resync(&registry, &routing);
-            }
+            Since::Gap => view.resync(&registry, &routing),
         }
         tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
+            changed = events.changed() => if !changed { return },
             _ = sample.tick() => view.sample_load(&registry, &routing),
             () = cancel.cancelled() => return,
         }
@@ -438,9 +423,9 @@ pub async fn stream(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
+    let resume = from_header.or(from_query);
     let reader = Reader {
-        wake: app.public.watch(),
-        cursor: from_header.or(from_query),
+        events: resume.map(|cursor| Follower::new(app.public.clone(), cursor)),
         pending: VecDeque::new(),
         cancel: app.cancel.clone(),
         app: app.clone(),
@@ -476,9 +461,8 @@ fn resume_param(query: Option<&str>) -> Result<Option<u64>, ApiError> {
 
 struct Reader {
     app: AppState,
-    wake: watch::Receiver<u64>,
-    /// The id of the last event this client has; `None` means it needs a snapshot.
-    cursor: Option<u64>,
+    /// Where this client is in the public events; `None`: it needs a snapshot.
+    events: Option<Follower<PublicView>>,
     pending: VecDeque<Arc<PublicEvent>>,
     cancel: CancellationToken,
     retry_sent: bool,
@@ -498,16 +482,15 @@ impl Reader {
     async fn next(&mut self) -> Option<SseEvent> {
         loop {
             if let Some(event) = self.pending.pop_front() {
-                self.cursor = Some(event.id);
                 let sse = SseEvent::default()
                     .id(event.id.to_string())
                     .event(event.kind)
                     .data(event.data.as_str());
                 return Some(self.with_retry(sse));
             }
-            let Some(cursor) = self.cursor else {
+            let Some(events) = &mut self.events else {
                 let (id, services) = self.app.public.snapshot();
-                self.cursor = Some(id);
+                self.events = Some(Follower::new(self.app.public.clone(), id));
                 let data = json!({
                     "type": "snapshot",
                     "services": services,
@@ -519,16 +502,9 @@ impl Reader {
                     .data(data.to_string());
                 return Some(self.with_retry(sse));
             };
-            self.wake.borrow_and_update();
-            match self.app.public.since(cursor) {
-                None => self.cursor = None,
-                Some(events) if !events.is_empty() => self.pending.extend(events),
-                Some(_) => {
-                    tokio::select! {
-                        changed = self.wake.changed() => changed.ok()?,
-                        () = self.cancel.cancelled() => return None,
-                    }
-                }
+            match events.next(&self.cancel).await? {
+                Since::Events(events) => self.pending.extend(events),
+                Since::Gap => self.events = None,
             }
         }
     }

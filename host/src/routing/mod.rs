@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use hosts::{HostIndex, prefix_matches};
 
-use crate::events::{Event, Since};
+use crate::events::{Event, Follower, Since};
 use crate::model::{Kind, Match, RouteOptions, ServiceName, ServiceView};
 use crate::plugins::{BackendSpec, Balancer, Slot, Strategies};
 use crate::registry::Registry;
@@ -218,13 +218,12 @@ const REBUILD_GAP: Duration = Duration::from_millis(20);
 /// Like [`on_routing_changes`], for the events `relevant` picks.
 pub async fn on_changes(
     registry: &Registry,
-    mut cursor: u64,
+    cursor: u64,
     cancel: &CancellationToken,
     relevant: impl Fn(&Event) -> bool,
     mut apply: impl FnMut(&[ServiceView]),
 ) {
-    let bus = registry.bus().clone();
-    let mut changes = bus.watch();
+    let mut follower = Follower::new(registry.bus().clone(), cursor);
     let mut applied: Option<tokio::time::Instant> = None;
     loop {
         if let Some(at) = applied {
@@ -233,25 +232,16 @@ pub async fn on_changes(
                 () = cancel.cancelled() => return,
             }
         }
-        // Mark the current value seen before reading, so a publish after the read wakes us;
-        // reading first also catches what happened before this task subscribed.
-        changes.borrow_and_update();
-        let relevant = match bus.since(cursor) {
-            Since::Events(events) => {
-                cursor = events.last().map_or(cursor, |e| e.id);
-                events.iter().any(|e| relevant(&e.event))
-            }
-            Since::Gap => {
-                cursor = bus.last_id();
-                true
-            }
+        let relevant = match follower.read() {
+            Since::Events(events) => events.iter().any(|e| relevant(&e.event)),
+            Since::Gap => true,
         };
         if relevant {
             apply(&registry.services());
             applied = Some(tokio::time::Instant::now());
         }
         tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
+            changed = follower.changed() => if !changed { return },
             () = cancel.cancelled() => return,
         }
     }
