@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::eventually;
+use common::{Daemon, eventually};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_harbor");
@@ -33,18 +33,6 @@ fn strip_ansi(line: &str) -> String {
         }
     }
     out
-}
-
-/// The daemon process, killed if a failing test leaves it running.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 /// Starts the binary and returns it with the API address it logged, and the HTTP proxy's.

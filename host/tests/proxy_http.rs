@@ -743,24 +743,7 @@ async fn request_bodies_reach_the_upstream_and_a_broken_one_gets_400(direct: boo
 }
 
 /// Every test runs on both HTTP paths: the direct one first, and hyper's alone.
-macro_rules! on_both_paths {
-    ($($name:ident),* $(,)?) => {
-        mod direct {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(true).await
-            })*
-        }
-        mod full_stack {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(false).await
-            })*
-        }
-    };
-}
-
-on_both_paths!(
+common::on_both_paths!(
     round_robin_cycles_and_weights_hold,
     hosts_paths_and_wildcards_route_and_unknown_hosts_get_404,
     hop_by_hop_headers_are_stripped_and_forwarding_headers_set,

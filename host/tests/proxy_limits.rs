@@ -13,7 +13,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{TestHarbor, eventually};
+use common::{Daemon, TestHarbor, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -72,9 +72,16 @@ async fn read_to_end(conn: &mut TcpStream) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
-/// An upstream that answers each request, once its body has all arrived, with how many body
-/// bytes it got (bodies framed by `Content-Length`).
-async fn counting_upstream() -> SocketAddr {
+/// What a raw upstream does with a request.
+enum Reply {
+    Answer(Vec<u8>),
+    /// Answers, then holds the connection open, reading and sending nothing more.
+    AnswerAndHold(Vec<u8>),
+}
+
+/// An upstream that reads each request whole (bodies framed by `Content-Length`) and answers as
+/// `reply` says, given the request's head and its body's length.
+async fn raw_upstream(reply: fn(&str, usize) -> Reply) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
@@ -90,10 +97,11 @@ async fn counting_upstream() -> SocketAddr {
                         }
                         continue;
                     };
-                    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                    let head = String::from_utf8_lossy(&got[..end]).into_owned();
                     let length: usize = head
+                        .to_ascii_lowercase()
                         .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .find_map(|l| l.strip_prefix("content-length:").map(str::to_owned))
                         .map_or(0, |v| v.trim().parse().expect("a length"));
                     while got.len() < end + 4 + length {
                         match conn.read(&mut buf).await {
@@ -102,12 +110,18 @@ async fn counting_upstream() -> SocketAddr {
                         }
                     }
                     got.drain(..end + 4 + length);
-                    let body = format!("got {length}");
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if conn.write_all(answer.as_bytes()).await.is_err() {
+                    let (answer, hold) = match reply(&head, length) {
+                        Reply::Answer(answer) => (answer, false),
+                        Reply::AnswerAndHold(answer) => (answer, true),
+                    };
+                    if conn.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                    if hold {
+                        // Until the proxy gives up on it.
+                        while let Ok(n) = conn.read(&mut buf).await
+                            && n > 0
+                        {}
                         return;
                     }
                 }
@@ -117,45 +131,31 @@ async fn counting_upstream() -> SocketAddr {
     addr
 }
 
+/// An upstream that answers each request with how many body bytes it got.
+async fn counting_upstream() -> SocketAddr {
+    raw_upstream(|_, length| {
+        let body = format!("got {length}");
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        Reply::Answer(answer.into_bytes())
+    })
+    .await
+}
+
 /// An upstream that answers `GET /stall` by promising 100 bytes of body, sending 10, and then
 /// nothing, holding the connection open; any other request gets `ok`.
 async fn stalling_upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match conn.read(&mut buf).await {
-                            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
-                            _ => return,
-                        }
-                        continue;
-                    };
-                    let stalled = got.starts_with(b"GET /stall");
-                    got.drain(..end + 4);
-                    if !stalled {
-                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                        if conn.write_all(ok).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    let promise = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789";
-                    let _ = conn.write_all(promise).await;
-                    // Held until the proxy gives up on it.
-                    while let Ok(n) = conn.read(&mut buf).await
-                        && n > 0
-                    {}
-                    return;
-                }
-            });
+    raw_upstream(|head, _| {
+        if head.starts_with("GET /stall") {
+            let promise = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789";
+            Reply::AnswerAndHold(promise.to_vec())
+        } else {
+            Reply::Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec())
         }
-    });
-    addr
+    })
+    .await
 }
 
 async fn a_head_past_the_limit_gets_431(direct: bool) {
@@ -340,24 +340,7 @@ async fn an_idle_keepalive_connection_is_closed(direct: bool) {
     );
 }
 
-macro_rules! on_both_paths {
-    ($($name:ident),* $(,)?) => {
-        mod direct {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(true).await
-            })*
-        }
-        mod full_stack {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(false).await
-            })*
-        }
-    };
-}
-
-on_both_paths!(
+common::on_both_paths!(
     a_head_past_the_limit_gets_431,
     connections_past_the_cap_are_refused_and_counted,
     a_slow_upload_outlives_the_upstream_timeout,
@@ -523,14 +506,4 @@ async fn a_flood_on_the_proxy_port_leaves_the_api_and_tcp_routes_working() {
     )
     .await;
     drop(daemon);
-}
-
-/// The daemon process, killed when the test ends however it ends.
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

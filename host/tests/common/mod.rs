@@ -331,3 +331,37 @@ pub fn without_countdowns(mut v: Value) -> Value {
     }
     v
 }
+
+/// A daemon process (the real binary), killed if a test leaves it running, however it ends.
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Runs each named `async fn(direct: bool)` as two tests: on the direct HTTP/1.1 path
+/// (`direct::`) and on the full HTTP stack alone (`full_stack::`, `--no-direct-http1`).
+#[allow(unused_macros)]
+macro_rules! on_both_paths {
+    ($($name:ident),* $(,)?) => {
+        mod direct {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(true).await
+            })*
+        }
+        mod full_stack {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(false).await
+            })*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_paths;
