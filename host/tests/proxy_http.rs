@@ -742,7 +742,7 @@ async fn request_bodies_reach_the_upstream_and_a_broken_one_gets_400(direct: boo
     assert!(all.contains("\"error\":\"bad request\""), "{all}");
 }
 
-/// Every test runs on both HTTP paths: the direct one first, and hyper's alone.
+// Every test runs on both HTTP paths: the direct one first, and hyper's alone.
 common::on_both_paths!(
     round_robin_cycles_and_weights_hold,
     hosts_paths_and_wildcards_route_and_unknown_hosts_get_404,
