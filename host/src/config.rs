@@ -183,7 +183,7 @@ pub struct RunArgs {
     )]
     pub caddy_listen: Option<SocketAddr>,
 
-    /// Directory of Envoy's dynamic configuration files. [default: <state-dir>/envoy]
+    /// Directory of Envoy's dynamic configuration files. [default: STATE_DIR/envoy]
     #[arg(
         long,
         env = "HARBOR_ENVOY_DIR",

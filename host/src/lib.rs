@@ -25,6 +25,10 @@
 //! | [`metrics`] | Prometheus metrics |
 //! | [`daemon`] | starting and stopping a whole daemon in-process |
 
+// Module notes link the private modules and items they describe: they are read by developers,
+// with `cargo doc --document-private-items`, where every such link resolves.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod api;
 pub mod backend;
 pub mod backoff;
