@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::public::{self, PublicView};
-use crate::api::{self, Shared, Tokens};
+use crate::api::{self, App, Tokens};
 use crate::config::{BackendKind, Config, ListenAddr};
 use crate::descriptors::{Admitting, Descriptors};
 use crate::dirwatch::{DirWatch, WatchOptions};
@@ -160,7 +160,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     };
 
     let tokens = config.token_file.as_deref().map(Tokens::load).transpose()?;
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(App {
         registry: registry.clone(),
         metrics,
         tokens,

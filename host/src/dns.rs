@@ -11,10 +11,10 @@
 //! SRV targets are never compressed (RFC 2782; Go rejects them), so about 40 records fit the
 //! 1,232 bytes Go's resolver accepts, and Caddy dials its resolver over the configured network
 //! only: a truncated answer makes the lookup fail instead of retrying over TCP. Services with
-//! more instances are therefore split into shards: `_<i>-<k>.<service>.svc.harbor.` answers
-//! with every `k`-th instance starting at the `i`-th, and the Caddy adapter lists the `k` shards
+//! more instances are therefore split into partitions: `_<i>-<k>.<service>.svc.harbor.` answers
+//! with every `k`-th instance starting at the `i`-th, and the Caddy adapter lists the `k` partitions
 //! as one `multi` upstream source. An answer that still does not fit (a service that just grew,
-//! before the adapter re-shards it) carries the records that fit rather than none.
+//! before the adapter re-partitions it) carries the records that fit rather than none.
 //!
 //! `_a<n>.<service>.svc.harbor.` answers with a window of `n` instances that moves on by `n`
 //! with every query, so successive answers tile the service and each instance is named equally
@@ -50,7 +50,7 @@ const PLAIN_UDP: usize = 512;
 type Record = (std::net::Ipv4Addr, u16, u16);
 
 /// The instances of each service that the responder can name: those with an IPv4 address that
-/// no health check holds out, sorted so that shards are stable.
+/// no health check holds out, sorted so that partitions are stable.
 #[derive(Default)]
 pub struct Zone {
     table: ArcSwap<HashMap<String, Arc<Entry>>>,
@@ -58,7 +58,7 @@ pub struct Zone {
 
 /// One service's records, and the order its windows go round them in.
 struct Entry {
-    /// Sorted, so that shards are stable.
+    /// Sorted, so that partitions are stable.
     records: Vec<Record>,
     /// The same records in window order, starting where the next window starts: instances
     /// that just registered come first, so a window names a new instance in its next answer
@@ -149,7 +149,7 @@ impl Zone {
         self.table.store(Arc::new(table));
     }
 
-    /// The records for `name`: a service, one shard of it (`_<i>-<k>.<service>...`) or its
+    /// The records for `name`: a service, one partition of it (`_<i>-<k>.<service>...`) or its
     /// next window (`_a<n>.<service>...`).
     fn lookup(&self, name: &str) -> Option<Vec<Record>> {
         let table = self.table.load();
@@ -417,17 +417,17 @@ mod tests {
     }
 
     #[test]
-    fn shards_partition_a_service() {
+    fn partitions_split_a_service() {
         let zone = zone_with((0..100).map(|i| (9000 + i, 1)).collect());
         let mut seen = Vec::new();
         for i in 0..3 {
             let a = answer(&query(&format!("_{i}-3.web.svc.harbor."), TYPE_SRV), &zone).unwrap();
             assert_eq!(a[3] & 0x0f, 0, "NOERROR");
             let p = ports(&a);
-            assert!(p.len() >= 16, "shard {i}: {p:?}");
+            assert!(p.len() >= 16, "partition {i}: {p:?}");
             seen.extend(p);
         }
-        // Plain queries fit 16 records; each shard is a third of the service.
+        // Plain queries fit 16 records; each partition is a third of the service.
         let zone = zone_with((0..30).map(|i| (9000 + i, 1)).collect());
         seen.clear();
         for i in 0..3 {

@@ -784,7 +784,7 @@ async fn a_service_with_more_instances_than_one_dns_answer_holds_reaches_them_al
     let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
         return;
     };
-    // Without the window, every instance is named in every refresh: in shards.
+    // Without the window, every instance is named in every refresh: in partitions.
     let r = h
         .client
         .put(h.url("/api/v1/backend"))
@@ -794,15 +794,19 @@ async fn a_service_with_more_instances_than_one_dns_answer_holds_reaches_them_al
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let pool = wide_service(&h).await;
-    // Registrations are coalesced, so the last re-shard may reach Caddy after the last `201`;
-    // its reload closes connections. At three shards or more every instance fits, so the
-    // configuration stays as it is from then on. How many shards depends on the coalescing.
-    eventually(Duration::from_secs(10), "split into DNS shards", || async {
-        let config = caddy_config(&caddy).await?;
-        (config.contains("\"source\":\"multi\"") && config.contains("\"_2-")).then_some(())
-    })
+    // Registrations are coalesced, so the last re-partition may reach Caddy after the last `201`;
+    // its reload closes connections. At three partitions or more every instance fits, so the
+    // configuration stays as it is from then on. How many partitions depends on the coalescing.
+    eventually(
+        Duration::from_secs(10),
+        "split into DNS partitions",
+        || async {
+            let config = caddy_config(&caddy).await?;
+            (config.contains("\"source\":\"multi\"") && config.contains("\"_2-")).then_some(())
+        },
+    )
     .await;
-    // Caddy's round-robin over all the shards' answers reaches every instance.
+    // Caddy's round-robin over all the partitions' answers reaches every instance.
     reaches_them_all(&caddy, &pool).await;
     let (_, backend) = h.get("/api/v1/backend").await;
     assert_eq!(backend["in_sync"], true, "{backend}");

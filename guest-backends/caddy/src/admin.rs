@@ -11,7 +11,7 @@ use harbor_adapter_common::bindings::harbor::backend::http_client::{self, HttpEr
 use harbor_adapter_common::bindings::harbor::backend::log::{self, Level};
 use harbor_adapter_common::http_services;
 
-use crate::routes::{self, Features, Settings, Shards};
+use crate::routes::{self, Features, Partitions, Settings};
 
 /// Conditional writes retried after a `412` before the apply is given up (and retried later).
 const MAX_CONFLICTS: usize = 5;
@@ -49,7 +49,7 @@ impl Admin {
         let live = self
             .applied
             .as_ref()
-            .map_or_else(Shards::new, |(_, routes)| routes::shards_of(routes));
+            .map_or_else(Partitions::new, |(_, routes)| routes::partitions_of(routes));
         let build =
             |features| Value::Array(routes::routes(&services, &self.settings, features, &live));
         let mut desired = build(self.features);

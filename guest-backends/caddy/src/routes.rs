@@ -9,7 +9,7 @@
 //! ask for a rotating window of their instances (`aperture`), because Caddy 2.6 works through
 //! every upstream of an answer on every request. Services whose policy ties a client to an
 //! instance (hashing, first) need every instance in view: when one DNS answer cannot hold them
-//! they are split into shards, listed as one `multi` source. The others get static upstreams
+//! they are split into partitions, listed as one `multi` source. The others get static upstreams
 //! and Caddy's own active checks.
 
 use std::collections::HashMap;
@@ -37,10 +37,10 @@ pub struct Settings {
     /// How long Caddy keeps an answer.
     pub dns_refresh: String,
     /// Most instances one DNS answer carries (it must fit one UDP packet); a service with more
-    /// is split into shards.
+    /// is split into partitions.
     pub dns_max: usize,
     /// Most instances of a round-robin, least-connections or random service that one answer
-    /// names; successive answers rotate through the rest. 0 names them all, in shards.
+    /// names; successive answers rotate through the rest. 0 names them all, in partitions.
     pub aperture: usize,
 }
 
@@ -106,13 +106,13 @@ impl Default for Features {
     }
 }
 
-/// How many DNS shards each dynamic service has, by name: what is live, so that instance churn
+/// How many DNS partitions each dynamic service has, by name: what is live, so that instance churn
 /// keeps the count (and so the configuration) unchanged while it still fits.
-pub type Shards = HashMap<String, usize>;
+pub type Partitions = HashMap<String, usize>;
 
-/// The shard counts in `routes` as last written.
-pub fn shards_of(routes: &Value) -> Shards {
-    let mut shards = Shards::new();
+/// The partition counts in `routes` as last written.
+pub fn partitions_of(routes: &Value) -> Partitions {
+    let mut partitions = Partitions::new();
     for route in routes.as_array().into_iter().flatten() {
         let Some(name) = route["group"]
             .as_str()
@@ -126,14 +126,14 @@ pub fn shards_of(routes: &Value) -> Shards {
             Some(_) => 1,
             None => continue,
         };
-        shards.insert(name.to_owned(), count);
+        partitions.insert(name.to_owned(), count);
     }
-    shards
+    partitions
 }
 
-/// The shard count for `n` instances: the live one while every shard is non-empty and fits one
-/// answer, else enough shards to fill each to three quarters.
-fn shard_count(n: usize, live: Option<usize>, max: usize) -> usize {
+/// The partition count for `n` instances: the live one while every partition is non-empty and fits one
+/// answer, else enough partitions to fill each to three quarters.
+fn partition_count(n: usize, live: Option<usize>, max: usize) -> usize {
     let max = max.max(1);
     match live {
         Some(k) if k >= 1 && k <= n && n <= k * max => k,
@@ -163,7 +163,7 @@ pub fn routes(
     services: &[Service<'_>],
     settings: &Settings,
     features: Features,
-    live: &Shards,
+    live: &Partitions,
 ) -> Vec<Value> {
     let mut ordered: Vec<&Service<'_>> = services.iter().collect();
     // Longer path prefixes first, so `/api` wins over `/` on the same host.
@@ -212,15 +212,15 @@ fn route(s: &Service<'_>, settings: &Settings, features: Features, live: Option<
             Some("round_robin" | "least_conn" | "random")
         );
         let window = settings.aperture.min(settings.dns_max);
-        let k = shard_count(s.upstreams.len(), live, settings.dns_max);
+        let k = partition_count(s.upstreams.len(), live, settings.dns_max);
         let source = if window > 0 && !affinity {
-            // One source whatever the size, so a growing service never re-shards (reloads).
+            // One source whatever the size, so a growing service never re-partitions (reloads).
             srv(format!("_a{window}.{zone}"))
         } else if k == 1 {
             srv(zone)
         } else {
-            let shards = (0..k).map(|i| srv(format!("_{i}-{k}.{zone}"))).collect();
-            json!({"source": "multi", "sources": Value::Array(shards)})
+            let partitions = (0..k).map(|i| srv(format!("_{i}-{k}.{zone}"))).collect();
+            json!({"source": "multi", "sources": Value::Array(partitions)})
         };
         let mut handler = json!({
             "handler": "reverse_proxy",
@@ -353,7 +353,7 @@ mod tests {
             &[svc("a", &hosts, "/", "random")],
             &settings,
             old,
-            &Shards::new(),
+            &Partitions::new(),
         );
         let h = &r[0]["handle"][0];
         assert_eq!(h["dynamic_upstreams"]["name"], "_a4.a.svc.harbor.");
@@ -364,12 +364,12 @@ mod tests {
             &[svc("a", &hosts, "/", "round-robin")],
             &settings,
             old,
-            &Shards::new(),
+            &Partitions::new(),
         );
         assert!(r[0]["handle"][0].get("health_checks").is_none());
         let mut remote = svc("b", &hosts, "/", "random");
         remote.upstreams.push(("backend.internal:80", 1));
-        let r = routes(&[remote], &settings, old, &Shards::new());
+        let r = routes(&[remote], &settings, old, &Partitions::new());
         assert!(r[0]["handle"][0]["upstreams"].is_array());
     }
 
@@ -384,7 +384,7 @@ mod tests {
             &services,
             &Settings::default(),
             Features::default(),
-            &Shards::new(),
+            &Partitions::new(),
         );
         assert_eq!(r[0]["group"], "harbor-b");
         assert_eq!(r[0]["match"][0]["path"], json!(["/api", "/api/*"]));
@@ -407,12 +407,12 @@ mod tests {
             let mut s = svc("a", &hosts, "/", strategy);
             let addrs = many(100);
             s.upstreams = addrs.iter().map(|a| (a.as_str(), 1)).collect();
-            let r = routes(&[s], &settings, Features::default(), &Shards::new());
+            let r = routes(&[s], &settings, Features::default(), &Partitions::new());
             let source = &r[0]["handle"][0]["dynamic_upstreams"];
             assert_eq!(source["source"], "srv", "{strategy}");
             assert_eq!(source["name"], "_a4.a.svc.harbor.", "{strategy}");
         }
-        // With the window off, a round-robin service is sharded like any other.
+        // With the window off, a round-robin service is partitioned like any other.
         let whole = Settings {
             aperture: 0,
             ..settings
@@ -420,25 +420,25 @@ mod tests {
         let mut s = svc("a", &hosts, "/", "round-robin");
         let addrs = many(100);
         s.upstreams = addrs.iter().map(|a| (a.as_str(), 1)).collect();
-        let r = routes(&[s], &whole, Features::default(), &Shards::new());
+        let r = routes(&[s], &whole, Features::default(), &Partitions::new());
         assert_eq!(r[0]["handle"][0]["dynamic_upstreams"]["source"], "multi");
     }
 
     #[test]
-    fn big_services_are_sharded_and_churn_keeps_the_shard_count() {
+    fn big_services_are_partitioned_and_churn_keeps_the_partition_count() {
         let hosts = vec!["a.localhost".to_owned()];
         let settings = Settings {
             upstream_dns: "127.0.0.1:5353".into(),
             ..Settings::default()
         };
-        let with = |addrs: &[String], live: &Shards| {
+        let with = |addrs: &[String], live: &Partitions| {
             // Hashing needs every instance in view: no window.
             let mut s = svc("a", &hosts, "/", "consistent-hash");
             s.upstreams = addrs.iter().map(|a| (a.as_str(), 1)).collect();
             routes(&[s], &settings, Features::default(), live)
         };
         let addrs = many(100);
-        let r = with(&addrs, &Shards::new());
+        let r = with(&addrs, &Partitions::new());
         let source = &r[0]["handle"][0]["dynamic_upstreams"];
         assert_eq!(source["source"], "multi");
         let names: Vec<&str> = source["sources"]
@@ -456,15 +456,15 @@ mod tests {
                 "_3-4.a.svc.harbor."
             ]
         );
-        let live = shards_of(&Value::Array(r.clone()));
+        let live = partitions_of(&Value::Array(r.clone()));
         assert_eq!(live.get("a"), Some(&4));
-        // Instances come and go: while four shards hold them, nothing changes.
+        // Instances come and go: while four partitions hold them, nothing changes.
         for n in [4, 60, 160] {
             assert_eq!(with(&many(n), &live), r, "{n} instances");
         }
-        // Past what four shards hold, or below one instance per shard, the count changes.
+        // Past what four partitions hold, or below one instance per partition, the count changes.
         let grown = with(&many(161), &live);
-        assert_eq!(shards_of(&Value::Array(grown)).get("a"), Some(&6));
+        assert_eq!(partitions_of(&Value::Array(grown)).get("a"), Some(&6));
         let shrunk = with(&many(3), &live);
         assert_eq!(
             shrunk[0]["handle"][0]["dynamic_upstreams"]["name"],
@@ -488,7 +488,7 @@ mod tests {
             std::slice::from_ref(&s),
             &Settings::default(),
             Features::default(),
-            &Shards::new(),
+            &Partitions::new(),
         );
         assert_eq!(
             r[0]["handle"][0]["health_checks"]["active"],
@@ -502,7 +502,7 @@ mod tests {
             std::slice::from_ref(&s),
             &Settings::default(),
             old,
-            &Shards::new(),
+            &Partitions::new(),
         );
         assert!(
             r[0]["handle"][0]["health_checks"]["active"]
@@ -511,7 +511,7 @@ mod tests {
         );
         // A TCP connect check has no Caddy equivalent: passive checks only.
         s.health.as_mut().unwrap().path = None;
-        let r = routes(&[s], &Settings::default(), old, &Shards::new());
+        let r = routes(&[s], &Settings::default(), old, &Partitions::new());
         assert!(r[0]["handle"][0]["health_checks"].get("active").is_none());
         assert!(r[0]["handle"][0]["health_checks"]["passive"].is_object());
     }

@@ -27,8 +27,8 @@ pub use error::ApiError;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
-/// What the handlers share.
-pub struct Shared {
+/// What the API's handlers share (the proxy's tasks share a `proxy::Shared`).
+pub struct App {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub tokens: Option<Tokens>,
@@ -46,7 +46,7 @@ pub struct Shared {
     pub public: Arc<public::PublicView>,
 }
 
-pub type AppState = Arc<Shared>;
+pub type AppState = Arc<App>;
 
 pub fn router(state: AppState, max_body: usize) -> Router {
     Router::new()

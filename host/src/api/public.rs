@@ -320,7 +320,7 @@ impl PublicView {
     }
 
     /// What the status strip shows, for the status endpoint and the snapshot.
-    pub fn status(&self, app: &super::Shared) -> Value {
+    pub fn status(&self, app: &super::App) -> Value {
         let now = SystemTime::now();
         let uptime = now.duration_since(app.started_at).unwrap_or_default();
         json!({

@@ -114,8 +114,9 @@ impl Drop for Flight {
     }
 }
 
-/// The connection a response came on, to go back to the pool once the body is read.
-pub struct Lease {
+/// The pooled connection a response came on, on loan: it goes back to the pool once the body
+/// is read.
+pub struct Loan {
     pub pool: Arc<Pool>,
     pub address: Arc<str>,
     pub sender: Sender,
@@ -134,7 +135,7 @@ pub struct Stall {
 pub struct ResponseBody {
     inner: Incoming,
     bytes: IntCounter,
-    lease: Option<Lease>,
+    loan: Option<Loan>,
     _flight: Flight,
     stall: Stall,
     /// Made at the first wait: a body that arrives whole never waits.
@@ -149,14 +150,14 @@ impl ResponseBody {
     pub fn new(
         inner: Incoming,
         bytes: IntCounter,
-        lease: Lease,
+        loan: Loan,
         flight: Flight,
         stall: Stall,
     ) -> Self {
         Self {
             inner,
             bytes,
-            lease: Some(lease),
+            loan: Some(loan),
             _flight: flight,
             stall,
             timer: None,
@@ -164,8 +165,8 @@ impl ResponseBody {
     }
 
     fn release(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.pool.give_back(lease.address, lease.sender);
+        if let Some(loan) = self.loan.take() {
+            loan.pool.give_back(loan.address, loan.sender);
         }
     }
 }
@@ -194,13 +195,13 @@ impl Body for ResponseBody {
             }
             Poll::Ready(None) => this.release(),
             // A failed body leaves the connection in an unknown state: it is not reused.
-            Poll::Ready(Some(Err(_))) => this.lease = None,
+            Poll::Ready(Some(Err(_))) => this.loan = None,
             Poll::Pending => {
                 let after = this.stall.after;
                 let timer = this.timer.get_or_insert_with(|| Deadline::new(after));
                 if timer.poll_expired(cx).is_ready() {
                     // Cut: the client's connection closes, and so does the upstream's.
-                    this.lease = None;
+                    this.loan = None;
                     let service = this.stall.route.name.as_str();
                     this.stall.metrics.error(service, ErrorKind::Stalled);
                     tracing::warn!(service, "upstream's response stalled; cut");

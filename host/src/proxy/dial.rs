@@ -1,4 +1,5 @@
-//! Connecting to an upstream for the L4 proxy, with one TCP segment fewer per connection.
+//! Connecting to an upstream, for both proxies; for the L4 proxy with one TCP segment fewer per
+//! connection.
 //!
 //! A connect sends its handshake's last ACK on its own, and the client's first bytes follow a
 //! moment later. With `TCP_QUICKACK` off before the connect, Linux holds that ACK back and sends

@@ -28,10 +28,10 @@ use super::body::Flight;
 use super::choose::{choose, client_key};
 use super::chunked::Check;
 use super::deadline::Deadline;
+use super::dial::dial;
 use super::gate::LINGER;
 use super::metrics::ErrorKind;
 use super::policy::Answer;
-use super::pool::dial;
 use super::wire::{Framing, H2_PREFACE, Parse, RequestHead, ResponseHead};
 
 /// The most read from a socket at once. Buffers are taken when bytes arrive and given back
@@ -313,7 +313,7 @@ impl Conn {
                     async move {
                         match pooled {
                             Some(stream) => Ok((stream, true)),
-                            None => dial(&address).await.map(|s| (s, false)),
+                            None => dial(&address, false).await.map(|s| (s, false)),
                         }
                     }
                 },

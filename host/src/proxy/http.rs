@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::plugins::Outcome;
 use crate::routing::ServiceRoute;
 
-use super::body::{ClientBody, Flight, Lease, ResponseBody, Stall, UpstreamBody, text};
+use super::body::{ClientBody, Flight, Loan, ResponseBody, Stall, UpstreamBody, text};
 use super::choose::{choose, client_key};
 use super::copy::{self, Tally};
 use super::gate::{ClientLimits, Clients, Gate};
@@ -328,7 +328,7 @@ async fn forward(
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    let lease = Lease {
+    let loan = Loan {
         pool: shared.pool.clone(),
         address,
         sender,
@@ -338,7 +338,7 @@ async fn forward(
         metrics: shared.metrics.clone(),
         route: route.clone(),
     };
-    let body = ResponseBody::new(body, metrics.bytes_out.clone(), lease, flight, stall);
+    let body = ResponseBody::new(body, metrics.bytes_out.clone(), loan, flight, stall);
     Response::from_parts(parts, body.boxed_unsync())
 }
 

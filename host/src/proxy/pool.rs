@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::body::UpstreamBody;
+use super::dial::dial;
 use super::gate::{Gate, Upstreams};
 
 pub type Sender = SendRequest<UpstreamBody>;
@@ -190,18 +191,10 @@ impl Streams {
     }
 }
 
-/// A new socket to `address` for the direct path.
-pub async fn dial(address: &str) -> std::io::Result<TcpStream> {
-    let stream = TcpStream::connect(address).await?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
 /// Opens a new HTTP/1.1 connection to `address`, able to switch protocols for upgrades; hyper
 /// reads its responses through the policy's gate.
 pub async fn connect(address: &str) -> std::io::Result<Sender> {
-    let stream = TcpStream::connect(address).await?;
-    stream.set_nodelay(true)?;
+    let stream = dial(address, false).await?;
     let gated = Gate::new(stream, Bytes::new(), Upstreams::new());
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(gated))
