@@ -45,202 +45,78 @@ pub struct Harbor {
 /// Starts a daemon; it runs until [`Harbor::shutdown`].
 pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     config.validate()?;
-    let metrics = Arc::new(Metrics::new().context("cannot set up metrics")?);
-    let proxy_metrics =
-        Arc::new(ProxyMetrics::new(&metrics).context("cannot set up the proxy's metrics")?);
-    let descriptors = Arc::new(Descriptors::for_this_process());
-    descriptors
-        .register(&metrics)
-        .context("cannot set up the descriptors' metrics")?;
-    let bus = Arc::new(EventBus::new(config.event_ring));
-    let registry = Arc::new(Registry::new(bus, metrics.clone(), config.lease));
-    let cancel = CancellationToken::new();
+    let core = Core::new(&config)?;
+    let plugins = load_strategies(&config, &core).await?;
+    let restored = store::restore(&core.store, &core.registry);
+    let routes = read_routes(&config, &core.registry).await?;
 
-    let plugin_dir_state = Arc::new(std::sync::Mutex::new(DirState::default()));
-    let store = Arc::new(Store::open(&config.state_dir)?);
-
-    let engine = PluginEngine::shared()?;
-    let reporter = Arc::new(Reporter::new(registry.bus().clone(), metrics.clone()));
-    let cache = Some(config.state_dir.join("plugin-cache"));
-    let strategies =
-        tokio::task::spawn_blocking(move || Strategies::new(engine, cache, reporter)).await??;
-    let known = strategies.clone();
-    registry.set_strategy_check(Box::new(move |name| known.knows(name)));
-    // Custom strategies load before the routes, so that route files may name them.
-    let plugin_watch = match &config.plugins_dir {
-        Some(dir) => {
-            let watch = DirWatch::new(
-                dir.clone(),
-                WatchOptions {
-                    notify: config.watch,
-                    rescan_every: config.rescan_interval,
-                },
-            );
-            plugins::rescan_dir(&strategies, dir, &plugin_dir_state).await;
-            Some(watch)
-        }
-        None => None,
-    };
-    let restored = store::restore(&store, &registry);
-
-    let follower = DirWatch::new(
-        config.routes_dir.clone(),
-        WatchOptions {
-            notify: config.watch,
-            rescan_every: config.rescan_interval,
-        },
-    );
-    // The first read of the routes happens before the API answers, so a client never sees a
-    // half-loaded registry.
-    let dir = config.routes_dir.clone();
-    let files = tokio::task::spawn_blocking(move || routes::scan(&dir))
-        .await?
-        .with_context(|| {
-            format!(
-                "cannot read the routes directory {}",
-                config.routes_dir.display()
-            )
-        })?;
-    if !config.routes_dir.exists() {
-        tracing::warn!(dir = %config.routes_dir.display(), "the routes directory does not exist; no static services until it does");
-    }
-    registry.apply_routes(files);
-
-    let routing = Arc::new(RoutingTable::new(strategies.clone()));
-    let routed_as_of = routing::build(&routing, &registry);
+    let routing = Arc::new(RoutingTable::new(plugins.strategies.clone()));
+    let routed_as_of = routing::build(&routing, &core.registry);
     let mut tasks = JoinSet::new();
     for listener in crate::echo::bind(&config.proxy.echo).await? {
-        tasks.spawn(crate::echo::serve(listener, cancel.clone()));
+        tasks.spawn(crate::echo::serve(listener, core.cancel.clone()));
     }
-    let proxy = Proxy::start(
-        routing.clone(),
-        config.proxy.clone(),
-        proxy_metrics,
-        registry.bus().clone(),
-        proxy::Options {
-            // Caddy and Envoy carry HTTP themselves; only Envoy also carries tcp routes.
-            http: (config.backend == BackendKind::Embedded).then_some(config.proxy_listen),
-            tcp: config.backend != BackendKind::Envoy,
-            descriptors: descriptors.clone(),
-        },
-        &mut tasks,
-    )
-    .await?;
+    let proxy = start_proxy(&config, &core, &routing, &mut tasks).await?;
     let proxy_port = proxy.http_addr().map(|a| a.port());
     let public = Arc::new(PublicView::new(
         config.event_ring,
         config.backend,
         proxy_port,
     ));
-    let public_as_of = public::build(&public, &registry, &routing);
-
-    // Caddy follows instance churn through DNS (dynamic upstreams) instead of reloads.
-    let zone = match config.backend {
-        BackendKind::Caddy => {
-            let (socket, addr) = dns::bind()
-                .await
-                .context("cannot bind the upstream DNS responder")?;
-            let zone = Arc::new(dns::Zone::default());
-            let cursor = registry.bus().last_id();
-            zone.sync(&registry.services(), &routing);
-            Some((zone, socket, addr, cursor))
-        }
-        _ => None,
-    };
+    let public_as_of = public::build(&public, &core.registry, &routing);
+    let zone = bind_dns(&config, &core.registry, &routing).await?;
     // The proxy may be down: the dispatcher starts anyway and converges once it is up.
     let dispatcher = match config.backend {
         BackendKind::Embedded => None,
         _ => Some(dispatch::Dispatcher::new(
             &config,
             PluginEngine::shared()?,
-            registry.bus().clone(),
-            metrics.clone(),
-            zone.as_ref().map(|(_, _, addr, _)| *addr),
+            core.registry.bus().clone(),
+            core.metrics.clone(),
+            zone.as_ref().map(|z| z.addr),
         )?),
     };
 
     let tokens = config.token_file.as_deref().map(Tokens::load).transpose()?;
-    let shared = Arc::new(App {
-        registry: registry.clone(),
-        metrics,
+    let app = Arc::new(App {
+        registry: core.registry.clone(),
+        metrics: core.metrics.clone(),
         tokens,
-        cancel: cancel.clone(),
+        cancel: core.cancel.clone(),
         sse_keep_alive: config.sse_keep_alive,
-        strategies: strategies.clone(),
+        strategies: plugins.strategies.clone(),
         routing: routing.clone(),
         backend: config.backend,
         dispatcher: dispatcher.as_ref().map(|(d, _)| d.clone()),
         started_at: std::time::SystemTime::now(),
         public: public.clone(),
     });
-    let app = api::router(shared.clone(), config.max_body);
+    let listeners = bind_api(&config, &core, &app, &mut tasks).await?;
 
-    let mut api_addrs = Vec::new();
-    let mut unix_sockets = Vec::new();
-    // A client's API connections come through a door of their own, as Gangway's do: a flood
-    // on the proxy's port leaves them room, and a flood here leaves the proxy room.
-    let api_door = descriptors.door("api", 1, usize::MAX);
-    for listen in &config.api {
-        let app = app.clone();
-        let stop = cancel.clone();
-        match listen {
-            ListenAddr::Tcp(addr) => {
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen for the API on {addr}"))?;
-                let bound = listener.local_addr()?;
-                // Event-stream frames are small writes; without NODELAY they wait on Nagle and the
-                // client's delayed ACK (tens of milliseconds on loopback).
-                let listener = listener.tap_io(|tcp| {
-                    if let Err(e) = tcp.set_nodelay(true) {
-                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-                    }
-                });
-                tracing::info!(addr = %bound, "API listening");
-                api_addrs.push(bound);
-                tasks.spawn(serve(Admitting::new(listener, api_door.clone()), app, stop));
-            }
-            ListenAddr::Unix(path) => {
-                let listener = bind_unix(path)?;
-                tracing::info!(addr = %listen, "API listening");
-                unix_sockets.push(path.clone());
-                tasks.spawn(serve(Admitting::new(listener, api_door.clone()), app, stop));
-            }
-        }
-    }
-
-    let gangway_addr = match config.gangway_listen {
-        Some(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for Gangway on {addr}"))?;
-            let bound = listener.local_addr()?;
-            tracing::info!(addr = %bound, "Gangway listening");
-            let app = api::gangway::router(shared.clone());
-            let door = descriptors.door("gangway", 1, usize::MAX);
-            let listener = Admitting::new(listener.tap_io(nodelay), door);
-            tasks.spawn(serve(listener, app, cancel.clone()));
-            Some(bound)
-        }
-        None => None,
-    };
+    // Everything that follows the registry, each from the event it was built as of.
+    let cancel = &core.cancel;
+    let registry = &core.registry;
     tasks.spawn(public::follow(
         public,
         registry.clone(),
         routing.clone(),
-        strategies.clone(),
+        plugins.strategies.clone(),
         public_as_of,
         cancel.clone(),
     ));
     tasks.spawn(registry::reaper(registry.clone(), cancel.clone()));
-    if let Some((zone, socket, addr, cursor)) = zone {
-        tracing::info!(%addr, "upstream DNS responder for Caddy listening");
-        tasks.spawn(dns::serve_udp(zone.clone(), socket, cancel.clone()));
+    if let Some(zone) = zone {
+        tracing::info!(addr = %zone.addr, "upstream DNS responder for Caddy listening");
+        tasks.spawn(dns::serve_udp(
+            zone.zone.clone(),
+            zone.socket,
+            cancel.clone(),
+        ));
         tasks.spawn(dns::follow(
-            zone,
+            zone.zone,
             registry.clone(),
             routing.clone(),
-            cursor,
+            zone.as_of,
             cancel.clone(),
         ));
     }
@@ -258,36 +134,16 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         routed_as_of,
         cancel.clone(),
     ));
-    let adapter_files = dispatch::AdapterFiles::default();
-    if let (Some(d), Some(dir)) = (&shared.dispatcher, &config.plugins_dir) {
-        // After the dispatcher task has started: the swap waits for it.
-        let (d, dir, files) = (d.clone(), dir.clone(), adapter_files.clone());
-        tasks.spawn(async move { dispatch::rescan_adapters(&d, &dir, &files).await });
-    }
-    if let Some(watch) = plugin_watch {
-        let (strategies, state) = (strategies.clone(), plugin_dir_state.clone());
-        let dir = watch.dir().to_owned();
-        let dispatcher = shared.dispatcher.clone();
-        tasks.spawn(watch.run(Arc::new(Notify::new()), cancel.clone(), move || {
-            let (strategies, state, dir) = (strategies.clone(), state.clone(), dir.clone());
-            let (dispatcher, files) = (dispatcher.clone(), adapter_files.clone());
-            async move {
-                plugins::rescan_dir(&strategies, &dir, &state).await;
-                if let Some(d) = dispatcher {
-                    dispatch::rescan_adapters(&d, &dir, &files).await;
-                }
-            }
-        }));
-    }
+    follow_plugins(&config, &app, plugins.watch, &mut tasks, cancel);
     tasks.spawn(store::persist(
         registry.clone(),
-        store,
+        core.store.clone(),
         config.state_flush,
         cancel.clone(),
     ));
     let rescan = Arc::new(Notify::new());
     tasks.spawn(routes::follow(
-        follower,
+        routes,
         registry.clone(),
         rescan.clone(),
         cancel.clone(),
@@ -299,7 +155,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         api = %config.api.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
         routes = %config.routes_dir.display(),
         static_services = counts.static_services,
-        strategies = strategies.names().len(),
+        strategies = plugins.strategies.names().len(),
         route_errors = counts.route_errors,
         restored_instances = restored,
         backend = %config.backend,
@@ -307,18 +163,256 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     );
 
     Ok(Harbor {
-        registry,
+        registry: core.registry,
         proxy,
         shutdown_grace: config.proxy.shutdown_grace,
-        strategies,
+        strategies: plugins.strategies,
         routing,
-        api_addrs,
-        gangway_addr,
-        unix_sockets,
+        api_addrs: listeners.api,
+        gangway_addr: listeners.gangway,
+        unix_sockets: listeners.unix_sockets,
         rescan,
-        cancel,
+        cancel: core.cancel,
         tasks,
     })
+}
+
+/// What every part of a daemon is built on.
+struct Core {
+    metrics: Arc<Metrics>,
+    proxy_metrics: Arc<ProxyMetrics>,
+    descriptors: Arc<Descriptors>,
+    registry: Arc<Registry>,
+    store: Arc<Store>,
+    cancel: CancellationToken,
+}
+
+impl Core {
+    fn new(config: &Config) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new().context("cannot set up metrics")?);
+        let proxy_metrics =
+            Arc::new(ProxyMetrics::new(&metrics).context("cannot set up the proxy's metrics")?);
+        let descriptors = Arc::new(Descriptors::for_this_process());
+        descriptors
+            .register(&metrics)
+            .context("cannot set up the descriptors' metrics")?;
+        let bus = Arc::new(EventBus::new(config.event_ring));
+        let registry = Arc::new(Registry::new(bus, metrics.clone(), config.lease));
+        Ok(Self {
+            metrics,
+            proxy_metrics,
+            descriptors,
+            registry,
+            store: Arc::new(Store::open(&config.state_dir)?),
+            cancel: CancellationToken::new(),
+        })
+    }
+}
+
+/// The strategies, built-in and custom, and the watch on the plugins directory.
+struct Plugins {
+    strategies: Arc<Strategies>,
+    watch: Option<(DirWatch, Arc<std::sync::Mutex<DirState>>)>,
+}
+
+/// Loads the strategies. Custom ones load before the routes, so that route files may name them.
+async fn load_strategies(config: &Config, core: &Core) -> anyhow::Result<Plugins> {
+    let engine = PluginEngine::shared()?;
+    let reporter = Arc::new(Reporter::new(
+        core.registry.bus().clone(),
+        core.metrics.clone(),
+    ));
+    let cache = Some(config.state_dir.join("plugin-cache"));
+    let strategies =
+        tokio::task::spawn_blocking(move || Strategies::new(engine, cache, reporter)).await??;
+    let known = strategies.clone();
+    core.registry
+        .set_strategy_check(Box::new(move |name| known.knows(name)));
+    let watch = match &config.plugins_dir {
+        Some(dir) => {
+            let state = Arc::new(std::sync::Mutex::new(DirState::default()));
+            plugins::rescan_dir(&strategies, dir, &state).await;
+            Some((DirWatch::new(dir.clone(), watch_options(config)), state))
+        }
+        None => None,
+    };
+    Ok(Plugins { strategies, watch })
+}
+
+fn watch_options(config: &Config) -> WatchOptions {
+    WatchOptions {
+        notify: config.watch,
+        rescan_every: config.rescan_interval,
+    }
+}
+
+/// Reads the routes directory into the registry, and returns the watch that follows it. The
+/// first read happens before the API answers, so a client never sees a half-loaded registry.
+async fn read_routes(config: &Config, registry: &Registry) -> anyhow::Result<DirWatch> {
+    let watch = DirWatch::new(config.routes_dir.clone(), watch_options(config));
+    let dir = config.routes_dir.clone();
+    let files = tokio::task::spawn_blocking(move || routes::scan(&dir))
+        .await?
+        .with_context(|| {
+            format!(
+                "cannot read the routes directory {}",
+                config.routes_dir.display()
+            )
+        })?;
+    if !config.routes_dir.exists() {
+        tracing::warn!(dir = %config.routes_dir.display(), "the routes directory does not exist; no static services until it does");
+    }
+    registry.apply_routes(files);
+    Ok(watch)
+}
+
+async fn start_proxy(
+    config: &Config,
+    core: &Core,
+    routing: &Arc<RoutingTable>,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<Proxy> {
+    Proxy::start(
+        routing.clone(),
+        config.proxy.clone(),
+        core.proxy_metrics.clone(),
+        core.registry.bus().clone(),
+        proxy::Options {
+            // Caddy and Envoy carry HTTP themselves; only Envoy also carries tcp routes.
+            http: (config.backend == BackendKind::Embedded).then_some(config.proxy_listen),
+            tcp: config.backend != BackendKind::Envoy,
+            descriptors: core.descriptors.clone(),
+        },
+        tasks,
+    )
+    .await
+}
+
+/// The DNS zone Caddy's dynamic upstreams read, bound and filled.
+struct DnsZone {
+    zone: Arc<dns::Zone>,
+    socket: tokio::net::UdpSocket,
+    addr: SocketAddr,
+    /// The event the zone was filled as of.
+    as_of: u64,
+}
+
+/// Caddy follows instance churn through DNS (dynamic upstreams) instead of reloads.
+async fn bind_dns(
+    config: &Config,
+    registry: &Registry,
+    routing: &RoutingTable,
+) -> anyhow::Result<Option<DnsZone>> {
+    if config.backend != BackendKind::Caddy {
+        return Ok(None);
+    }
+    let (socket, addr) = dns::bind()
+        .await
+        .context("cannot bind the upstream DNS responder")?;
+    let zone = Arc::new(dns::Zone::default());
+    let as_of = registry.bus().last_id();
+    zone.sync(&registry.services(), routing);
+    Ok(Some(DnsZone {
+        zone,
+        socket,
+        addr,
+        as_of,
+    }))
+}
+
+/// Where the API and Gangway listen.
+struct Listeners {
+    api: Vec<SocketAddr>,
+    unix_sockets: Vec<PathBuf>,
+    gangway: Option<SocketAddr>,
+}
+
+/// Binds the API listeners and Gangway's, and serves them.
+async fn bind_api(
+    config: &Config,
+    core: &Core,
+    app: &Arc<App>,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<Listeners> {
+    let router = api::router(app.clone(), config.max_body);
+    let mut listeners = Listeners {
+        api: Vec::new(),
+        unix_sockets: Vec::new(),
+        gangway: None,
+    };
+    // A client's API connections come through a door of their own, as Gangway's do: a flood
+    // on the proxy's port leaves them room, and a flood here leaves the proxy room.
+    let api_door = core.descriptors.door("api", 1, usize::MAX);
+    for listen in &config.api {
+        let (router, stop) = (router.clone(), core.cancel.clone());
+        match listen {
+            ListenAddr::Tcp(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for the API on {addr}"))?;
+                let bound = listener.local_addr()?;
+                tracing::info!(addr = %bound, "API listening");
+                listeners.api.push(bound);
+                let listener = Admitting::new(listener.tap_io(nodelay), api_door.clone());
+                tasks.spawn(serve(listener, router, stop));
+            }
+            ListenAddr::Unix(path) => {
+                let listener = bind_unix(path)?;
+                tracing::info!(addr = %listen, "API listening");
+                listeners.unix_sockets.push(path.clone());
+                tasks.spawn(serve(
+                    Admitting::new(listener, api_door.clone()),
+                    router,
+                    stop,
+                ));
+            }
+        }
+    }
+    if let Some(addr) = config.gangway_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for Gangway on {addr}"))?;
+        let bound = listener.local_addr()?;
+        tracing::info!(addr = %bound, "Gangway listening");
+        let router = api::gangway::router(app.clone());
+        let door = core.descriptors.door("gangway", 1, usize::MAX);
+        let listener = Admitting::new(listener.tap_io(nodelay), door);
+        tasks.spawn(serve(listener, router, core.cancel.clone()));
+        listeners.gangway = Some(bound);
+    }
+    Ok(listeners)
+}
+
+/// Follows the plugins directory: strategies, and with Caddy or Envoy, the backend adapters.
+fn follow_plugins(
+    config: &Config,
+    app: &App,
+    watch: Option<(DirWatch, Arc<std::sync::Mutex<DirState>>)>,
+    tasks: &mut JoinSet<()>,
+    cancel: &CancellationToken,
+) {
+    let adapter_files = dispatch::AdapterFiles::default();
+    if let (Some(d), Some(dir)) = (&app.dispatcher, &config.plugins_dir) {
+        // After the dispatcher task has started: the swap waits for it.
+        let (d, dir, files) = (d.clone(), dir.clone(), adapter_files.clone());
+        tasks.spawn(async move { dispatch::rescan_adapters(&d, &dir, &files).await });
+    }
+    let Some((watch, state)) = watch else {
+        return;
+    };
+    let strategies = app.strategies.clone();
+    let dir = watch.dir().to_owned();
+    let dispatcher = app.dispatcher.clone();
+    tasks.spawn(watch.run(Arc::new(Notify::new()), cancel.clone(), move || {
+        let (strategies, state, dir) = (strategies.clone(), state.clone(), dir.clone());
+        let (dispatcher, files) = (dispatcher.clone(), adapter_files.clone());
+        async move {
+            plugins::rescan_dir(&strategies, &dir, &state).await;
+            if let Some(d) = dispatcher {
+                dispatch::rescan_adapters(&d, &dir, &files).await;
+            }
+        }
+    }));
 }
 
 async fn serve<L>(listener: L, app: axum::Router, stop: CancellationToken)
@@ -334,7 +428,8 @@ where
     }
 }
 
-/// As on the API listeners: event-stream frames must not wait on Nagle.
+/// Event-stream frames are small writes; without `TCP_NODELAY` they wait on Nagle and the
+/// client's delayed ACK (tens of milliseconds on loopback).
 fn nodelay(tcp: &mut tokio::net::TcpStream) {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
