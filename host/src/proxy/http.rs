@@ -196,104 +196,37 @@ async fn forward(
         upgrade_of(req.headers()).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let version = req.version();
     let (mut parts, body) = req.into_parts();
-    // The gate let through only `chunked` as a transfer coding. hyper's client, told nothing,
-    // would send a GET's body of unknown length as no body at all: the framing read is the
-    // framing sent.
-    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
-    strip_hop_by_hop(&mut parts.headers, client_upgrade.as_ref().map(|(p, _)| p));
-    if chunked {
-        parts.headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-    }
-    add_forwarded(&mut parts.headers, peer.ip(), &host, version);
-    let upstream_host = route
-        .options
-        .upstream_host
-        .as_ref()
-        .map(|h| h.as_str())
-        .unwrap_or(&host);
-    if let Ok(value) = HeaderValue::from_str(upstream_host) {
-        parts.headers.insert(header::HOST, value);
-    }
-    parts.uri = parts
-        .uri
-        .path_and_query()
-        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
-    parts.version = Version::HTTP_11;
+    let upgrade = client_upgrade.as_ref().map(|(p, _)| p);
+    rewrite_for_upstream(&mut parts, route, peer, &host, upgrade);
     let (body, body_ended) = UpstreamBody::new(body, metrics.bytes_in.clone());
-    let mut upstream_req = Request::from_parts(parts, body);
+    let upstream_req = Request::from_parts(parts, body);
 
     let started = Instant::now();
-    // The upstream's time runs from the end of the request: an upload takes as long as it
-    // takes, each piece of it within the gate's `--body-idle-timeout`.
-    let timeout = shared.settings.upstream_timeout;
-    let upstream_clock = async {
-        let _ = body_ended.await;
-        tokio::time::sleep(timeout).await;
+    let upstream = Upstream {
+        address: &address,
+        service,
+        timeout: shared.settings.upstream_timeout,
     };
-    tokio::pin!(upstream_clock);
-    let sent = loop {
-        let attempt = tokio::select! {
-            attempt = sender.try_send_request(upstream_req) => attempt,
-            () = &mut upstream_clock => break Err(ErrorKind::Timeout),
-        };
-        match attempt {
-            Ok(response) => break Ok(response),
-            Err(mut e) => match e.take_message() {
-                // A pooled connection the upstream had closed: the request never left, so it
-                // goes again on a new connection.
-                // (A fresh connection failing is the upstream's answer, not a stale socket.)
-                Some(unsent) if pooled => match pool::connect(&address).await {
-                    Ok(fresh) => {
-                        sender = fresh;
-                        pooled = false;
-                        upstream_req = unsent;
-                    }
-                    Err(connect) => {
-                        tracing::warn!(service, upstream = %address, error = %connect, "cannot reconnect to upstream");
-                        break Err(ErrorKind::Connect);
-                    }
-                },
-                // The client's body stopped arriving, broke its framing or ended early: the
-                // client's fault.
-                _ if e.error().is_user() && caused_by_timeout(e.error()) => {
-                    break Err(ErrorKind::ClientTimeout);
-                }
-                _ if e.error().is_user() => break Err(ErrorKind::BadRequest),
-                _ => {
-                    tracing::warn!(service, upstream = %address, error = %e.error(), "upstream failed");
-                    break Err(ErrorKind::Upstream);
-                }
-            },
-        }
-    };
+    let sent = upstream
+        .send(&mut sender, &mut pooled, upstream_req, body_ended)
+        .await;
     let elapsed = started.elapsed();
     let mut response = match sent {
         Ok(response) => response,
-        Err(ErrorKind::BadRequest) => {
-            shared.metrics.error(service, ErrorKind::BadRequest);
-            route
-                .balancer
-                .done(&chosen.picked, Outcome::Success, elapsed);
-            return Answer::bad_request("the request body is malformed or ended early").response();
-        }
-        Err(ErrorKind::ClientTimeout) => {
-            shared.metrics.error(service, ErrorKind::ClientTimeout);
-            route
-                .balancer
-                .done(&chosen.picked, Outcome::Success, elapsed);
-            return Answer::body_timeout().response();
-        }
         Err(kind) => {
             shared.metrics.error(service, kind);
-            let outcome = match kind {
-                ErrorKind::Timeout => Outcome::Timeout,
-                _ => Outcome::ServerError,
+            let (outcome, answer) = match kind {
+                // The client's fault, not the upstream's.
+                ErrorKind::BadRequest => (
+                    Outcome::Success,
+                    Answer::bad_request("the request body is malformed or ended early"),
+                ),
+                ErrorKind::ClientTimeout => (Outcome::Success, Answer::body_timeout()),
+                ErrorKind::Timeout => (Outcome::Timeout, Answer::upstream_failed(service, kind)),
+                _ => (Outcome::ServerError, Answer::upstream_failed(service, kind)),
             };
             route.balancer.done(&chosen.picked, outcome, elapsed);
-            return Answer::upstream_failed(service, kind).response();
+            return answer.response();
         }
     };
     let status = response.status();
@@ -340,6 +273,105 @@ async fn forward(
     };
     let body = ResponseBody::new(body, metrics.bytes_out.clone(), loan, flight, stall);
     Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// The client's request head as the upstream gets it: hop-by-hop fields gone (but for an
+/// upgrade's), forwarding fields written, the route's host, the target in origin form.
+fn rewrite_for_upstream(
+    parts: &mut http::request::Parts,
+    route: &ServiceRoute,
+    peer: SocketAddr,
+    host: &str,
+    upgrade: Option<&HeaderValue>,
+) {
+    // The gate let through only `chunked` as a transfer coding. hyper's client, told nothing,
+    // would send a GET's body of unknown length as no body at all: the framing read is the
+    // framing sent.
+    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    if chunked {
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+    add_forwarded(&mut parts.headers, peer.ip(), host, parts.version);
+    let upstream_host = route
+        .options
+        .upstream_host
+        .as_ref()
+        .map_or(host, |h| h.as_str());
+    if let Ok(value) = HeaderValue::from_str(upstream_host) {
+        parts.headers.insert(header::HOST, value);
+    }
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+    parts.version = Version::HTTP_11;
+}
+
+/// The upstream a request goes to.
+struct Upstream<'a> {
+    address: &'a Arc<str>,
+    service: &'a str,
+    /// `--upstream-timeout`.
+    timeout: Duration,
+}
+
+impl Upstream<'_> {
+    /// Sends `request` on `sender` and waits for the response's head. The upstream's time runs
+    /// from the end of the request (`body_ended`): an upload takes as long as it takes, each
+    /// piece of it within the gate's `--body-idle-timeout`. A `pooled` connection found closed
+    /// is replaced by a new one, and the request, which never left, goes again.
+    async fn send(
+        &self,
+        sender: &mut pool::Sender,
+        pooled: &mut bool,
+        mut request: Request<UpstreamBody>,
+        body_ended: tokio::sync::oneshot::Receiver<()>,
+    ) -> Result<Response<Incoming>, ErrorKind> {
+        let (service, address) = (self.service, self.address);
+        let timeout = self.timeout;
+        let clock = async {
+            let _ = body_ended.await;
+            tokio::time::sleep(timeout).await;
+        };
+        tokio::pin!(clock);
+        loop {
+            let attempt = tokio::select! {
+                attempt = sender.try_send_request(request) => attempt,
+                () = &mut clock => return Err(ErrorKind::Timeout),
+            };
+            let mut e = match attempt {
+                Ok(response) => return Ok(response),
+                Err(e) => e,
+            };
+            match e.take_message() {
+                // A fresh connection failing is the upstream's answer, not a stale socket.
+                Some(unsent) if *pooled => match pool::connect(address).await {
+                    Ok(fresh) => {
+                        *sender = fresh;
+                        *pooled = false;
+                        request = unsent;
+                    }
+                    Err(connect) => {
+                        tracing::warn!(service, upstream = %address, error = %connect, "cannot reconnect to upstream");
+                        return Err(ErrorKind::Connect);
+                    }
+                },
+                // The client's body stopped arriving, broke its framing or ended early.
+                _ if e.error().is_user() && caused_by_timeout(e.error()) => {
+                    return Err(ErrorKind::ClientTimeout);
+                }
+                _ if e.error().is_user() => return Err(ErrorKind::BadRequest),
+                _ => {
+                    tracing::warn!(service, upstream = %address, error = %e.error(), "upstream failed");
+                    return Err(ErrorKind::Upstream);
+                }
+            }
+        }
+    }
 }
 
 /// Whether `error` comes of a client that kept the gate waiting too long.
