@@ -1,0 +1,109 @@
+//! The desired state: what the registry says the proxy should run, in the host's own terms
+//! (comparable, unlike the generated types), and its conversion for the adapter contract.
+
+use crate::backend::{
+    DesiredState, HealthCheck as WitHealthCheck, HttpService, TcpService, Upstream,
+};
+use crate::model::{HealthCheck, Protocol, ServiceView};
+
+/// The desired state in the host's own terms (comparable, unlike the generated types).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    http: Vec<DesiredService>,
+    tcp: Vec<DesiredService>,
+}
+
+/// One service: `hosts` and `path` for HTTP, `listen` for TCP.
+#[derive(Debug, Clone, PartialEq)]
+struct DesiredService {
+    name: String,
+    hosts: Vec<String>,
+    path: String,
+    listen: String,
+    upstreams: Vec<(String, u32)>,
+    strategy: String,
+    health: Option<HealthCheck>,
+}
+
+impl Desired {
+    pub fn of(services: &[ServiceView], with_tcp: bool) -> Self {
+        let mut http = Vec::new();
+        let mut tcp = Vec::new();
+        for s in services {
+            let service = DesiredService {
+                name: s.name.to_string(),
+                hosts: s.route.hosts.iter().map(ToString::to_string).collect(),
+                path: s
+                    .route
+                    .path
+                    .as_ref()
+                    .map_or("/".to_owned(), ToString::to_string),
+                listen: s.route.listen.map(|l| l.to_string()).unwrap_or_default(),
+                upstreams: s.upstream_addresses(),
+                strategy: s.route.strategy.to_string(),
+                health: s.proxy.health.clone(),
+            };
+            match s.route.protocol {
+                Protocol::Http => http.push(service),
+                Protocol::Tcp if with_tcp && s.route.listen.is_some() => tcp.push(service),
+                Protocol::Tcp => {}
+            }
+        }
+        http.sort_by(|a, b| a.name.cmp(&b.name));
+        tcp.sort_by(|a, b| a.name.cmp(&b.name));
+        Self { http, tcp }
+    }
+
+    pub fn services(&self) -> usize {
+        self.http.len() + self.tcp.len()
+    }
+
+    pub fn to_wit(&self, revision: u64) -> DesiredState {
+        let ups = |u: &[(String, u32)]| {
+            u.iter()
+                .map(|(address, weight)| Upstream {
+                    address: address.clone(),
+                    weight: *weight,
+                })
+                .collect()
+        };
+        DesiredState {
+            revision,
+            http: self
+                .http
+                .iter()
+                .map(|s| HttpService {
+                    name: s.name.clone(),
+                    hosts: s.hosts.clone(),
+                    path_prefix: s.path.clone(),
+                    upstreams: ups(&s.upstreams),
+                    strategy: s.strategy.clone(),
+                    health: s.health.as_ref().map(health_to_wit),
+                })
+                .collect(),
+            tcp: self
+                .tcp
+                .iter()
+                .map(|s| TcpService {
+                    name: s.name.clone(),
+                    listen: s.listen.clone(),
+                    upstreams: ups(&s.upstreams),
+                    strategy: s.strategy.clone(),
+                    health: s.health.as_ref().map(health_to_wit),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn health_to_wit(h: &HealthCheck) -> WitHealthCheck {
+    let ms = |d: std::time::Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+    WitHealthCheck {
+        http_path: h.path.clone(),
+        expect_status: h.status,
+        interval_ms: ms(h.interval),
+        timeout_ms: ms(h.timeout),
+        rise: h.rise,
+        fall: h.fall,
+    }
+}

@@ -1,0 +1,210 @@
+//! The backend driver: keeps the active backend adapter (and so the real proxy) in step with
+//! the registry, split by job:
+//!
+//! - [`desired`]: what the registry says the proxy should run;
+//! - [`reconciler`]: the loop that applies it, coalesced, retried, probed for drift, and that
+//!   swaps adapters at runtime (the new one gets the full desired state before the old one
+//!   retires);
+//! - [`status`]: how the proxy stands, for the API, the metrics and the events;
+//! - [`files`]: the adapter files of the plugins directory, swapped in as they change.
+//!
+//! [`Dispatcher`] is the handle the API and the daemon hold: the status, the specs of adapters,
+//! and swaps, which it hands to the reconciler's task.
+
+mod desired;
+mod files;
+mod reconciler;
+mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backend::{Adapter, AdapterSpec, Capabilities, builtin};
+use crate::config::{BackendKind, Config};
+use crate::events::{Event, EventBus};
+use crate::metrics::Metrics;
+use crate::plugins::PluginEngine;
+
+pub use files::{AdapterFiles, rescan_adapters};
+pub use reconciler::run;
+pub use status::BackendStatus;
+
+use reconciler::Loader;
+use status::Book;
+
+/// Deadline of each request to a proxy's admin API.
+const HTTP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Why a swap was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    #[error("{0}")]
+    Load(String),
+    #[error("the new adapter could not apply the current state: {0}")]
+    Apply(String),
+    #[error("the dispatcher has stopped")]
+    Stopped,
+}
+
+struct SwapRequest {
+    spec: AdapterSpec,
+    reply: oneshot::Sender<Result<BackendStatus, SwapError>>,
+}
+
+/// The dispatcher's handle, shared with the API.
+pub struct Dispatcher {
+    kind: BackendKind,
+    config: Config,
+    engine: Arc<PluginEngine>,
+    book: Arc<Book>,
+    swaps: mpsc::Sender<SwapRequest>,
+    /// Harbor's DNS responder for Caddy's dynamic upstreams.
+    upstream_dns: Option<std::net::SocketAddr>,
+}
+
+/// Where the dispatcher's task picks up.
+pub struct Pending {
+    swaps: mpsc::Receiver<SwapRequest>,
+    first: Option<AdapterSpec>,
+}
+
+impl Dispatcher {
+    /// A dispatcher for the configured proxy, with its built-in adapter to load first.
+    pub fn new(
+        config: &Config,
+        engine: Arc<PluginEngine>,
+        bus: Arc<EventBus>,
+        metrics: Arc<Metrics>,
+        upstream_dns: Option<std::net::SocketAddr>,
+    ) -> anyhow::Result<(Arc<Self>, Pending)> {
+        let (swaps, rx) = mpsc::channel(4);
+        let dispatcher = Arc::new(Self {
+            kind: config.backend,
+            config: config.clone(),
+            engine,
+            book: Arc::new(Book::new(metrics, bus)),
+            swaps,
+            upstream_dns,
+        });
+        let first = dispatcher.builtin_spec(config.backend, None)?;
+        Ok((
+            dispatcher,
+            Pending {
+                swaps: rx,
+                first: Some(first),
+            },
+        ))
+    }
+
+    pub fn status(&self) -> BackendStatus {
+        self.book.status()
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        self.kind
+    }
+
+    /// The spec of a built-in adapter with the capabilities and settings from the config;
+    /// `overrides` (a JSON object) replaces settings key by key.
+    pub fn builtin_spec(
+        &self,
+        kind: BackendKind,
+        overrides: Option<&serde_json::Value>,
+    ) -> anyhow::Result<AdapterSpec> {
+        let name = kind.to_string();
+        let component = builtin(&name)
+            .ok_or_else(|| anyhow::anyhow!("there is no built-in adapter named {name:?}"))?;
+        self.spec_for(kind, component.into(), format!("builtin:{name}"), overrides)
+    }
+
+    /// A spec for `component` with the capabilities and default settings of proxy `kind`.
+    pub fn spec_for(
+        &self,
+        kind: BackendKind,
+        component: Arc<[u8]>,
+        source: String,
+        overrides: Option<&serde_json::Value>,
+    ) -> anyhow::Result<AdapterSpec> {
+        let c = &self.config;
+        let (mut settings, capabilities) = match kind {
+            BackendKind::Caddy => (
+                serde_json::json!({
+                    "listen": c.caddy_listen.to_string(),
+                    "upstream_dns": self.upstream_dns.map(|a| a.to_string()).unwrap_or_default(),
+                }),
+                Capabilities {
+                    http: Some(c.caddy_admin.clone()),
+                    files: None,
+                    http_deadline: HTTP_DEADLINE,
+                },
+            ),
+            BackendKind::Envoy => {
+                let dir = std::path::absolute(&c.envoy_dir)?;
+                (
+                    serde_json::json!({
+                        "dir": dir.to_string_lossy(),
+                        "listen": c.proxy_listen.to_string(),
+                    }),
+                    Capabilities {
+                        http: Some(c.envoy_admin.clone()),
+                        files: Some(dir),
+                        http_deadline: HTTP_DEADLINE,
+                    },
+                )
+            }
+            BackendKind::Embedded => anyhow::bail!("the embedded proxy has no adapter"),
+        };
+        if let Some(overrides) = overrides {
+            let Some(map) = overrides.as_object() else {
+                anyhow::bail!("config must be a JSON object");
+            };
+            for (k, v) in map {
+                settings[k] = v.clone();
+            }
+        }
+        Ok(AdapterSpec {
+            source,
+            component,
+            config: settings.to_string(),
+            capabilities,
+        })
+    }
+
+    /// Loads `spec`, gives it the full desired state and only then retires the current
+    /// adapter. On any failure the current adapter keeps serving.
+    pub async fn swap(&self, spec: AdapterSpec) -> Result<BackendStatus, SwapError> {
+        let (reply, answer) = oneshot::channel();
+        self.swaps
+            .send(SwapRequest { spec, reply })
+            .await
+            .map_err(|_| SwapError::Stopped)?;
+        answer.await.map_err(|_| SwapError::Stopped)?
+    }
+
+    fn fault_sink(&self) -> crate::backend::FaultSink {
+        let (bus, metrics) = (self.book.bus.clone(), self.book.metrics.clone());
+        Arc::new(move |name: &str, kind, message: &str| {
+            tracing::warn!(adapter = name, %kind, message, "backend adapter fault; it is instantiated again and the proxy keeps its last good configuration");
+            metrics
+                .plugin_faults
+                .with_label_values(&[name, kind.as_str()])
+                .inc();
+            bus.publish(Event::PluginFault {
+                name: name.to_owned(),
+                fault: kind,
+                message: message.to_owned(),
+            });
+        })
+    }
+}
+
+impl Loader<Adapter> for Dispatcher {
+    async fn load(&self, spec: AdapterSpec) -> Result<Adapter, SwapError> {
+        let cache = Some(self.config.state_dir.join("plugin-cache"));
+        Adapter::load(self.engine.clone(), cache, spec, self.fault_sink())
+            .await
+            .map_err(|e| SwapError::Load(format!("{e:#}")))
+    }
+}

@@ -1,0 +1,694 @@
+//! The reconciler: the loop that keeps the active adapter's proxy in step with the registry.
+//! It follows registry events, coalesces bursts into one apply per short window, retries with
+//! backoff while the proxy is down, probes for drift and re-applies in full, and swaps adapters:
+//! the new one gets the full desired state before the old one retires.
+//!
+//! It drives anything [`Driven`] and loads swaps through a [`Loader`], so that its timing and
+//! its decisions are tested with paused time and no proxy at all.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Adapter, AdapterSpec, CallError, Description, DesiredState, ProbeReport};
+use crate::backoff::Backoff;
+use crate::events::{Event, EventBus, Follower, Since};
+use crate::registry::Registry;
+
+use super::desired::Desired;
+use super::status::{BackendStatus, Book};
+use super::{Dispatcher, Pending, SwapError, SwapRequest};
+
+/// A change waits this long for more before it is applied...
+pub(super) const QUIET: Duration = Duration::from_millis(20);
+/// ...but never longer than this after the first change of a burst.
+pub(super) const MAX_DELAY: Duration = Duration::from_millis(150);
+/// How often the proxy is checked for drift.
+pub(super) const PROBE_EVERY: Duration = Duration::from_millis(400);
+/// Retries of an apply the proxy failed: 100 ms doubling to 5 s.
+pub(super) const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+
+/// What the reconciler drives: a backend adapter (or, in tests, a stand-in).
+pub trait Driven: Send + Sync + 'static {
+    fn description(&self) -> &Description;
+    /// Where it was loaded from.
+    fn source(&self) -> &str;
+    /// Its component's content hash.
+    fn hash(&self) -> &str;
+    /// Brings the proxy to `state`; the revision applied.
+    fn apply(&self, state: DesiredState) -> impl Future<Output = Result<u64, CallError>> + Send;
+    /// Whether the proxy still runs what was applied.
+    fn probe(&self) -> impl Future<Output = Result<ProbeReport, CallError>> + Send;
+    /// Removes what it put in the proxy.
+    fn release(&self) -> impl Future<Output = Result<(), CallError>> + Send;
+}
+
+impl Driven for Adapter {
+    fn description(&self) -> &Description {
+        &self.description
+    }
+
+    fn source(&self) -> &str {
+        &self.source
+    }
+
+    fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    fn apply(&self, state: DesiredState) -> impl Future<Output = Result<u64, CallError>> + Send {
+        Adapter::apply(self, state)
+    }
+
+    fn probe(&self) -> impl Future<Output = Result<ProbeReport, CallError>> + Send {
+        Adapter::probe(self)
+    }
+
+    fn release(&self) -> impl Future<Output = Result<(), CallError>> + Send {
+        Adapter::release(self)
+    }
+}
+
+/// Where the reconciler gets the adapter a swap asks for.
+pub trait Loader<A>: Send + Sync + 'static {
+    fn load(&self, spec: AdapterSpec) -> impl Future<Output = Result<A, SwapError>> + Send;
+}
+
+/// The reconciler's state.
+struct Reconciler<A, L> {
+    book: Arc<Book>,
+    loader: Arc<L>,
+    registry: Arc<Registry>,
+    adapter: Option<A>,
+    /// The registry's events, followed.
+    events: Follower<EventBus>,
+    /// Set when the registry changed (or the proxy drifted) since the last apply.
+    dirty_since: Option<Instant>,
+    last_change: Instant,
+    /// What the proxy was last brought to, successfully.
+    applied: Option<Desired>,
+    /// A state the proxy refused: not retried until the registry changes.
+    refused: Option<Desired>,
+    retry_at: Option<Instant>,
+    /// Applies failed in a row.
+    failures: u32,
+    next_probe: Instant,
+}
+
+/// Runs the dispatcher's reconciler until cancelled.
+pub async fn run(
+    dispatcher: Arc<Dispatcher>,
+    pending: Pending,
+    registry: Arc<Registry>,
+    cancel: CancellationToken,
+) {
+    let Pending { swaps, first } = pending;
+    let book = dispatcher.book.clone();
+    reconcile(book, dispatcher, first, swaps, registry, cancel).await;
+}
+
+/// Keeps what `loader` loads in step with `registry`, starting with `first`, until cancelled.
+async fn reconcile<A: Driven, L: Loader<A>>(
+    book: Arc<Book>,
+    loader: Arc<L>,
+    first: Option<AdapterSpec>,
+    mut swaps: mpsc::Receiver<SwapRequest>,
+    registry: Arc<Registry>,
+    cancel: CancellationToken,
+) {
+    let mut r = Reconciler {
+        book: book.clone(),
+        loader: loader.clone(),
+        registry: registry.clone(),
+        adapter: None,
+        events: Follower::new(registry.bus().clone(), registry.bus().last_id()),
+        dirty_since: Some(Instant::now()),
+        last_change: Instant::now(),
+        applied: None,
+        refused: None,
+        retry_at: None,
+        failures: 0,
+        next_probe: Instant::now() + PROBE_EVERY,
+    };
+    if let Some(spec) = first {
+        let source = spec.source.clone();
+        match loader.load(spec).await {
+            Ok(adapter) => {
+                book.set_active(&adapter);
+                let description = adapter.description();
+                tracing::info!(adapter = %description.name, version = %description.version, %source, "backend adapter loaded");
+                r.adapter = Some(adapter);
+            }
+            Err(e) => {
+                tracing::error!(%source, error = %e, "the backend adapter cannot be loaded; the proxy is not driven until one is swapped in");
+                book.edit(|s| s.last_error = Some(e.to_string()));
+            }
+        }
+    }
+    loop {
+        r.follow();
+        r.step().await;
+        let wake = r.next_wake();
+        tokio::select! {
+            changed = r.events.changed() => if !changed { return },
+            Some(req) = swaps.recv() => {
+                let result = r.swap(req.spec).await;
+                let _ = req.reply.send(result);
+            }
+            () = tokio::time::sleep_until(wake) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
+impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
+    fn follow(&mut self) {
+        let relevant = match self.events.read() {
+            Since::Events(events) => events.iter().any(|e| e.event.changes_routing()),
+            Since::Gap => true,
+        };
+        if relevant {
+            self.mark_dirty();
+        }
+    }
+
+    fn mark_dirty(&mut self) {
+        let now = Instant::now();
+        self.last_change = now;
+        self.dirty_since.get_or_insert(now);
+    }
+
+    fn next_wake(&self) -> Instant {
+        let mut wake = self.next_probe;
+        if let Some(since) = self.dirty_since {
+            let due = (self.last_change + QUIET).min(since + MAX_DELAY);
+            let due = self.retry_at.map_or(due, |r| r.max(due));
+            wake = wake.min(due);
+        }
+        wake
+    }
+
+    async fn step(&mut self) {
+        let now = Instant::now();
+        if let Some(since) = self.dirty_since {
+            let due = (self.last_change + QUIET).min(since + MAX_DELAY);
+            if now >= due && self.retry_at.is_none_or(|r| now >= r) {
+                self.apply().await;
+            }
+        }
+        if Instant::now() >= self.next_probe {
+            self.next_probe = Instant::now() + PROBE_EVERY;
+            if self.dirty_since.is_none() && self.applied.is_some() {
+                self.probe().await;
+            }
+        }
+    }
+
+    fn desired(&self) -> (u64, Desired) {
+        let with_tcp = self
+            .adapter
+            .as_ref()
+            .is_some_and(|a| a.description().supports_tcp);
+        // The revision is read before the services, so it never claims more than they hold.
+        let revision = self.registry.bus().last_id();
+        (revision, Desired::of(&self.registry.services(), with_tcp))
+    }
+
+    async fn apply(&mut self) {
+        let Some(adapter) = &self.adapter else {
+            self.dirty_since = None;
+            return;
+        };
+        let (revision, desired) = self.desired();
+        if self.refused.as_ref() == Some(&desired) {
+            self.dirty_since = None;
+            return;
+        }
+        let started = Instant::now();
+        match adapter.apply(desired.to_wit(revision)).await {
+            Ok(applied) => {
+                self.book
+                    .record_applied(applied, desired.services(), started.elapsed());
+                self.applied = Some(desired);
+                self.refused = None;
+                self.dirty_since = None;
+                self.retry_at = None;
+                self.failures = 0;
+            }
+            Err(e) => {
+                self.book.record_failed(revision, &e);
+                if e.retryable() {
+                    self.failures += 1;
+                    self.retry_at = Some(Instant::now() + RETRY.after(self.failures));
+                } else {
+                    self.refused = Some(desired);
+                    self.dirty_since = None;
+                }
+            }
+        }
+    }
+
+    async fn probe(&mut self) {
+        let Some(adapter) = &self.adapter else {
+            return;
+        };
+        match adapter.probe().await {
+            Ok(report) if report.in_sync => {
+                let back = self.book.edit(|s| !std::mem::replace(&mut s.in_sync, true));
+                if back {
+                    self.book.edit(|s| s.last_error = None);
+                    self.book.metrics.backend.in_sync.set(1);
+                }
+            }
+            Ok(report) => {
+                self.book.record_drift(&report.detail);
+                self.applied = None;
+                self.refused = None;
+                self.retry_at = None;
+                let now = Instant::now();
+                // Applied at once: the quiet window is for bursts of registry changes.
+                self.dirty_since = Some(now - MAX_DELAY);
+                self.last_change = now - QUIET;
+            }
+            Err(e) => {
+                let revision = self.book.edit(|s| s.applied_revision.unwrap_or(0));
+                self.book.record_failed(revision, &e);
+                if !e.retryable() {
+                    self.refused = self.applied.take();
+                }
+            }
+        }
+    }
+
+    async fn swap(&mut self, spec: AdapterSpec) -> Result<BackendStatus, SwapError> {
+        let source = spec.source.clone();
+        let result = self.try_swap(spec).await;
+        let result_label = if result.is_ok() { "ok" } else { "failed" };
+        self.book
+            .metrics
+            .backend
+            .swaps
+            .with_label_values(&[result_label])
+            .inc();
+        if let Err(e) = &result {
+            tracing::warn!(%source, error = %e, "backend adapter swap refused; the current adapter keeps serving");
+            self.book.bus.publish(Event::BackendSwapFailed {
+                source,
+                reason: e.to_string(),
+            });
+        }
+        result
+    }
+
+    async fn try_swap(&mut self, spec: AdapterSpec) -> Result<BackendStatus, SwapError> {
+        let new = self.loader.load(spec).await?;
+        let with_tcp = new.description().supports_tcp;
+        let revision = self.registry.bus().last_id();
+        let desired = Desired::of(&self.registry.services(), with_tcp);
+        let started = Instant::now();
+        let applied = new
+            .apply(desired.to_wit(revision))
+            .await
+            .map_err(|e| SwapError::Apply(e.to_string()))?;
+        let old = self.adapter.replace(new);
+        let (from, released) = match old {
+            Some(old) if old.description().name != self.adapter_name() => {
+                // A different proxy: the old adapter removes what it put there.
+                let released = old.release().await;
+                if let Err(e) = &released {
+                    tracing::warn!(adapter = %old.description().name, error = %e, "the old adapter could not remove its configuration");
+                }
+                (old.description().name.clone(), released.is_ok())
+            }
+            Some(old) => (old.description().name.clone(), false),
+            None => (String::new(), false),
+        };
+        let Some(active) = &self.adapter else {
+            return Err(SwapError::Stopped);
+        };
+        self.book.set_active(active);
+        self.book
+            .record_applied(applied, desired.services(), started.elapsed());
+        self.applied = Some(desired);
+        self.refused = None;
+        self.dirty_since = None;
+        self.retry_at = None;
+        let description = active.description();
+        tracing::info!(from = %from, to = %description.name, version = %description.version, "backend adapter swapped");
+        self.book.bus.publish(Event::BackendSwapped {
+            from,
+            to: description.name.clone(),
+            version: description.version.clone(),
+            released,
+        });
+        Ok(self.book.status())
+    }
+
+    fn adapter_name(&self) -> String {
+        self.adapter
+            .as_ref()
+            .map(|a| a.description().name.clone())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::backend::{AdapterError, Capabilities};
+    use crate::events::lock;
+    use crate::metrics::Metrics;
+    use crate::model::{RouteInput, ServiceName, Upstream, UpstreamAddr};
+    use crate::registry::{LeaseLimits, Registration};
+
+    /// What a stand-in proxy saw and what it is to answer.
+    #[derive(Default)]
+    struct Proxy {
+        /// When each apply came, and how many services it carried.
+        applies: Vec<(Instant, usize)>,
+        /// Applies still to fail as a proxy that is down does.
+        down_for: u32,
+        /// Whether every apply is refused as a bad configuration.
+        refuses: bool,
+        /// Whether the proxy still runs what was applied (what a probe finds).
+        drifted: bool,
+        released: bool,
+    }
+
+    struct Fake {
+        description: Description,
+        proxy: Arc<Mutex<Proxy>>,
+    }
+
+    impl Fake {
+        fn new(name: &str) -> (Self, Arc<Mutex<Proxy>>) {
+            let proxy = Arc::new(Mutex::new(Proxy::default()));
+            let description = Description {
+                name: name.to_owned(),
+                version: "1".to_owned(),
+                supports_tcp: false,
+            };
+            let fake = Self {
+                description,
+                proxy: proxy.clone(),
+            };
+            (fake, proxy)
+        }
+    }
+
+    impl Driven for Fake {
+        fn description(&self) -> &Description {
+            &self.description
+        }
+
+        fn source(&self) -> &str {
+            "test"
+        }
+
+        fn hash(&self) -> &str {
+            "0"
+        }
+
+        async fn apply(&self, state: DesiredState) -> Result<u64, CallError> {
+            let mut proxy = lock(&self.proxy);
+            proxy
+                .applies
+                .push((Instant::now(), state.http.len() + state.tcp.len()));
+            if proxy.refuses {
+                return Err(CallError::Adapter(AdapterError::Rejected("bad".into())));
+            }
+            if proxy.down_for > 0 {
+                proxy.down_for -= 1;
+                return Err(CallError::Adapter(AdapterError::Retryable("down".into())));
+            }
+            proxy.drifted = false;
+            Ok(state.revision)
+        }
+
+        async fn probe(&self) -> Result<ProbeReport, CallError> {
+            let drifted = lock(&self.proxy).drifted;
+            Ok(ProbeReport {
+                in_sync: !drifted,
+                applied_revision: None,
+                detail: if drifted {
+                    "edited by hand"
+                } else {
+                    "as applied"
+                }
+                .to_owned(),
+            })
+        }
+
+        async fn release(&self) -> Result<(), CallError> {
+            lock(&self.proxy).released = true;
+            Ok(())
+        }
+    }
+
+    /// Hands out the stand-ins queued for it, by the order of the specs asked for.
+    #[derive(Default)]
+    struct Loads(Mutex<VecDeque<Fake>>);
+
+    impl Loader<Fake> for Loads {
+        async fn load(&self, _spec: AdapterSpec) -> Result<Fake, SwapError> {
+            lock(&self.0)
+                .pop_front()
+                .ok_or_else(|| SwapError::Load("nothing to load".into()))
+        }
+    }
+
+    fn spec() -> AdapterSpec {
+        AdapterSpec {
+            source: "test".into(),
+            component: Arc::from(Vec::new()),
+            config: "{}".into(),
+            capabilities: Capabilities {
+                http: None,
+                files: None,
+                http_deadline: Duration::from_secs(1),
+            },
+        }
+    }
+
+    struct Rig {
+        registry: Arc<Registry>,
+        book: Arc<Book>,
+        loads: Arc<Loads>,
+        swaps: mpsc::Sender<SwapRequest>,
+        cancel: CancellationToken,
+    }
+
+    /// A reconciler driving `first` for a fresh registry, running on its own task.
+    fn rig(first: Fake) -> Rig {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let bus = Arc::new(EventBus::new(1024));
+        let registry = Arc::new(Registry::new(
+            bus.clone(),
+            metrics.clone(),
+            LeaseLimits::default(),
+        ));
+        let book = Arc::new(Book::new(metrics, bus));
+        let loads = Arc::new(Loads::default());
+        lock(&loads.0).push_back(first);
+        let (swaps, rx) = mpsc::channel(1);
+        let cancel = CancellationToken::new();
+        tokio::spawn(reconcile(
+            book.clone(),
+            loads.clone(),
+            Some(spec()),
+            rx,
+            registry.clone(),
+            cancel.clone(),
+        ));
+        Rig {
+            registry,
+            book,
+            loads,
+            swaps,
+            cancel,
+        }
+    }
+
+    fn register(registry: &Registry, service: &str) {
+        let name = ServiceName::parse(service).expect("a name");
+        let registration = Registration {
+            route: RouteInput::new(&name).validate().expect("a route"),
+            name,
+            upstream: Upstream {
+                addr: UpstreamAddr::parse("127.0.0.1:9").expect("an address"),
+                weight: 1,
+            },
+            ttl: Some(Duration::from_secs(3600)),
+            meta: Default::default(),
+        };
+        registry.register(registration).expect("registered");
+    }
+
+    fn applies(proxy: &Mutex<Proxy>) -> Vec<(Instant, usize)> {
+        lock(proxy).applies.clone()
+    }
+
+    /// Lets the reconciler run for `d` of (paused) time.
+    async fn run_for(d: Duration) {
+        tokio::time::sleep(d).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_changes_is_applied_once_and_a_trickle_at_most_every_max_delay() {
+        let (fake, proxy) = Fake::new("fake");
+        let rig = rig(fake);
+        run_for(Duration::from_secs(1)).await;
+        assert_eq!(applies(&proxy).len(), 1, "the first state, once");
+
+        let burst = Instant::now();
+        for n in 0..5 {
+            register(&rig.registry, &format!("s{n}"));
+        }
+        run_for(Duration::from_secs(1)).await;
+        let after_burst = applies(&proxy);
+        assert_eq!(after_burst.len(), 2, "five changes, one apply");
+        assert_eq!(after_burst[1].1, 5, "with all five services");
+        assert!(after_burst[1].0 - burst >= QUIET, "after the quiet window");
+
+        // A change every 10 ms never leaves the quiet window, so the delay cap applies them.
+        let trickle = Instant::now();
+        for n in 0..30 {
+            register(&rig.registry, &format!("t{n}"));
+            run_for(Duration::from_millis(10)).await;
+        }
+        run_for(Duration::from_secs(1)).await;
+        let during: Vec<Instant> = applies(&proxy)[2..].iter().map(|a| a.0).collect();
+        assert!(
+            (2..=4).contains(&during.len()),
+            "300 ms of changes, applied every 150 ms: {}",
+            during.len()
+        );
+        assert!(during[0] - trickle <= MAX_DELAY);
+        assert_eq!(applies(&proxy).last().map(|a| a.1), Some(35));
+        rig.cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_proxy_that_is_down_is_retried_with_backoff_until_it_takes_the_state() {
+        let (fake, proxy) = Fake::new("fake");
+        lock(&proxy).down_for = 4;
+        let rig = rig(fake);
+        run_for(Duration::from_secs(5)).await;
+        let times: Vec<Instant> = applies(&proxy).iter().map(|a| a.0).collect();
+        assert_eq!(times.len(), 5, "four failures, then the apply that took");
+        let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        let expected: Vec<Duration> = (1..=4).map(|n| RETRY.after(n)).collect();
+        assert_eq!(gaps, expected, "100, 200, 400 and 800 ms apart");
+        let status = rig.book.status();
+        assert!(status.in_sync && status.last_error.is_none(), "{status:?}");
+        assert_eq!(status.applies, 1);
+        rig.cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_state_is_not_retried_until_the_registry_changes() {
+        let (fake, proxy) = Fake::new("fake");
+        lock(&proxy).refuses = true;
+        let rig = rig(fake);
+        run_for(Duration::from_secs(3)).await;
+        assert_eq!(applies(&proxy).len(), 1, "refused once, not again");
+        assert!(!rig.book.status().in_sync);
+        lock(&proxy).refuses = false;
+        register(&rig.registry, "a");
+        run_for(Duration::from_secs(1)).await;
+        assert_eq!(applies(&proxy).len(), 2, "a change brings a new state");
+        assert!(rig.book.status().in_sync);
+        rig.cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drift_is_found_by_the_probe_and_repaired_at_once() {
+        let (fake, proxy) = Fake::new("fake");
+        let rig = rig(fake);
+        run_for(Duration::from_secs(1)).await;
+        assert_eq!(applies(&proxy).len(), 1);
+        let drifted = Instant::now();
+        lock(&proxy).drifted = true;
+        run_for(Duration::from_secs(1)).await;
+        let times = applies(&proxy);
+        assert_eq!(times.len(), 2, "applied again, once");
+        assert!(
+            times[1].0 - drifted <= PROBE_EVERY + QUIET,
+            "within a probe's period: {:?}",
+            times[1].0 - drifted
+        );
+        assert!(rig.book.status().in_sync);
+        let bus = rig.registry.bus();
+        let Since::Events(told) = bus.since(bus.last_id() - 3) else {
+            panic!("events")
+        };
+        assert!(
+            told.iter().any(|e| e.event.kind() == "backend_drift"),
+            "the drift is told"
+        );
+        rig.cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_swap_that_cannot_apply_leaves_the_old_adapter_serving_and_one_that_can_retires_it() {
+        let (old, old_proxy) = Fake::new("old");
+        let rig = rig(old);
+        run_for(Duration::from_secs(1)).await;
+        let swap = |rig: &Rig| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let swaps = rig.swaps.clone();
+            async move {
+                swaps
+                    .send(SwapRequest {
+                        spec: spec(),
+                        reply,
+                    })
+                    .await
+                    .expect("the reconciler runs");
+                answer.await.expect("an answer")
+            }
+        };
+
+        let (broken, broken_proxy) = Fake::new("broken");
+        lock(&broken_proxy).refuses = true;
+        lock(&rig.loads.0).push_back(broken);
+        let refused = swap(&rig).await;
+        assert!(matches!(refused, Err(SwapError::Apply(_))), "{refused:?}");
+        assert_eq!(
+            rig.book.status().adapter,
+            "old",
+            "the old one keeps serving"
+        );
+        assert!(!lock(&old_proxy).released);
+        register(&rig.registry, "a");
+        run_for(Duration::from_secs(1)).await;
+        assert_eq!(
+            applies(&old_proxy).last().map(|a| a.1),
+            Some(1),
+            "and keeps being driven"
+        );
+
+        let (new, new_proxy) = Fake::new("new");
+        lock(&rig.loads.0).push_back(new);
+        let swapped = swap(&rig).await.expect("swapped");
+        assert_eq!(swapped.adapter, "new");
+        assert_eq!(
+            applies(&new_proxy).first().map(|a| a.1),
+            Some(1),
+            "the new adapter got the whole state first"
+        );
+        assert!(
+            lock(&old_proxy).released,
+            "the old one cleaned up after itself"
+        );
+        rig.cancel.cancel();
+    }
+}
