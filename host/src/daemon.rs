@@ -12,7 +12,6 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::public::{self, PublicView};
 use crate::api::{self, App, Tokens};
 use crate::config::{BackendKind, Config, ListenAddr};
 use crate::descriptors::{Admitting, Descriptors};
@@ -21,6 +20,7 @@ use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::plugins::{self, DirState, PluginEngine, Reporter, Strategies};
 use crate::proxy::{self, Proxy, ProxyMetrics};
+use crate::public::{self, PublicView};
 use crate::registry::{self, Registry};
 use crate::routes;
 use crate::routing::{self, RoutingTable};

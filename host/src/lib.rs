@@ -12,6 +12,7 @@
 //! | [`plugins`] | the WebAssembly runtime: strategies, sandboxing, hot swap |
 //! | [`routing`] | the routing snapshot: host/path and listen-address indexes, one load balancer per service |
 //! | [`descriptors`] | the file-descriptor table divided: a reserve, pooled sockets, one door per listener |
+//! | [`public`] | the public view Gangway reads: public services only, in a ring of its own |
 //! | [`proxy`]  | the embedded HTTP reverse proxy and L4 TCP proxy, health checks, upstream pools |
 //! | [`echo`]   | demo backends (`harbor echo`) |
 //! | `rewind`   | a socket with bytes already read put back in front |
@@ -44,6 +45,7 @@ pub mod metrics;
 pub mod model;
 pub mod plugins;
 pub mod proxy;
+pub mod public;
 pub mod registry;
 mod rewind;
 pub mod routes;

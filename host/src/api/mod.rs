@@ -43,7 +43,7 @@ pub struct App {
     pub dispatcher: Option<Arc<crate::dispatch::Dispatcher>>,
     pub started_at: std::time::SystemTime,
     /// What Gangway and anyone else may see: public services, safe fields only.
-    pub public: Arc<public::PublicView>,
+    pub public: Arc<crate::public::PublicView>,
 }
 
 pub type AppState = Arc<App>;
