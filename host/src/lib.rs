@@ -26,6 +26,22 @@
 //! | [`metrics`] | Prometheus metrics |
 //! | [`daemon`] | starting and stopping a whole daemon in-process |
 
+//!
+//! ## House words
+//!
+//! | word | means |
+//! |------|-------|
+//! | lane | one proxy thread with a single-threaded runtime of its own, bound to a core; a connection lives on one lane ([`proxy`]) |
+//! | spread | handing a tcp route's new connection from a busy lane to a quieter one |
+//! | rewind | a socket with bytes already read from it put back in front (`rewind`) |
+//! | plan | how a strategy tells the host to answer picks natively, without a call per pick ([`plugins`]) |
+//! | shard | a per-thread instance of a strategy's component ([`plugins`]) |
+//! | partition | one of the DNS names a big Caddy-driven service is split across ([`dns`]) |
+//! | aperture, window | the rotating subset of a service's instances one DNS answer names, for Caddy 2.6 |
+//! | follower | a reader of a feed (events, public events) from a cursor, told of gaps ([`events`]) |
+//! | door | a listener's way in, within its share of the file descriptors ([`descriptors`]) |
+//! | loan | a pooled upstream connection out with a response, back when its body is read |
+
 // Module notes link the private modules and items they describe: they are read by developers,
 // with `cargo doc --document-private-items`, where every such link resolves.
 #![allow(rustdoc::private_intra_doc_links)]
