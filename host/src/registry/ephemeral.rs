@@ -88,36 +88,8 @@ impl Registry {
         let deadline = Instant::now() + remaining;
         let name = reg.name.clone();
         let addr = reg.upstream.addr.clone();
-
-        // Decide with shared borrows first; mutate only once the registration is known to fit.
-        let existing = match state.services.get(&name) {
-            Some(Service {
-                body: Body::Static(..),
-                ..
-            }) => return Err(RegistryError::StaticName(name)),
-            Some(Service {
-                route,
-                body: Body::Ephemeral(instances),
-            }) => {
-                let same = instances.get(&addr).map(|i| (i.id, i.deadline));
-                if *route != reg.route {
-                    let alone = instances.len() == 1 && same.is_some();
-                    if !alone {
-                        return Err(RegistryError::RouteMismatch {
-                            field: route_difference(route, &reg.route),
-                            name,
-                        });
-                    }
-                    check_claims(&state.claims, &name, &reg.route)?;
-                }
-                Some(same)
-            }
-            None => {
-                check_claims(&state.claims, &name, &reg.route)?;
-                None
-            }
-        };
-
+        // Decided with shared borrows first; mutated only once the registration is known to fit.
+        let existing = fits(state, &reg)?;
         let fresh = || {
             Instance::new(
                 id,
@@ -131,7 +103,7 @@ impl Registry {
         };
         let mut changed = false;
         let (id, created) = match existing {
-            Some(Some((id, old_deadline))) => {
+            Place::Known(id, old_deadline) => {
                 state.leases.remove(old_deadline, id);
                 if let Some(svc) = state.services.get_mut(&name)
                     && svc.route != reg.route
@@ -151,7 +123,7 @@ impl Registry {
                 }
                 (id, false)
             }
-            Some(None) => {
+            Place::Joins => {
                 let inst = fresh();
                 let id = inst.id;
                 if let Some(Service {
@@ -163,7 +135,7 @@ impl Registry {
                 }
                 (id, true)
             }
-            None => {
+            Place::New => {
                 let inst = fresh();
                 let id = inst.id;
                 take_claims(&mut state.claims, &name, &reg.route);
@@ -395,5 +367,49 @@ fn route_difference(a: &Route, b: &Route) -> &'static str {
         "strategy"
     } else {
         "public"
+    }
+}
+/// Where a registration goes, as the registry stands.
+enum Place {
+    /// The same upstream is registered already: a refresh of that instance.
+    Known(InstanceId, Instant),
+    /// A new instance of a known service.
+    Joins,
+    /// A new service.
+    New,
+}
+
+/// Where `reg` would go, or why it cannot: a name a route file owns, a route that differs from
+/// the service's (unless this instance is its only one), or another service's hosts or ports.
+fn fits(state: &State, reg: &Registration) -> Result<Place, RegistryError> {
+    let name = &reg.name;
+    match state.services.get(name) {
+        Some(Service {
+            body: Body::Static(..),
+            ..
+        }) => Err(RegistryError::StaticName(name.clone())),
+        Some(Service {
+            route,
+            body: Body::Ephemeral(instances),
+        }) => {
+            let same = instances
+                .get(&reg.upstream.addr)
+                .map(|i| (i.id, i.deadline));
+            if *route != reg.route {
+                let alone = instances.len() == 1 && same.is_some();
+                if !alone {
+                    return Err(RegistryError::RouteMismatch {
+                        field: route_difference(route, &reg.route),
+                        name: name.clone(),
+                    });
+                }
+                check_claims(&state.claims, name, &reg.route)?;
+            }
+            Ok(same.map_or(Place::Joins, |(id, deadline)| Place::Known(id, deadline)))
+        }
+        None => {
+            check_claims(&state.claims, name, &reg.route)?;
+            Ok(Place::New)
+        }
     }
 }
