@@ -170,6 +170,28 @@ enum Failed {
     ClientTimeout,
 }
 
+impl Failed {
+    /// What the upstream's failure counts as (logged); not for the client's own faults.
+    fn upstreams_fault(self, service: &str, address: &str) -> ErrorKind {
+        match self {
+            Failed::Timeout => ErrorKind::Timeout,
+            Failed::Closed => {
+                tracing::warn!(service, upstream = %address, "upstream closed the connection");
+                ErrorKind::Upstream
+            }
+            Failed::Io(e) => {
+                tracing::warn!(service, upstream = %address, error = %e, "upstream failed");
+                ErrorKind::Upstream
+            }
+            Failed::Malformed(why) => {
+                tracing::warn!(service, upstream = %address, why, "upstream sent a response outside the rules");
+                ErrorKind::Upstream
+            }
+            Failed::Client(_) | Failed::ClientTimeout => ErrorKind::BadRequest,
+        }
+    }
+}
+
 impl Conn {
     /// The next request head. `first`: nothing has been read on the connection before, so an
     /// HTTP/2 preface may come. A new connection and a head begun get `--header-timeout`; a
@@ -405,19 +427,7 @@ impl Conn {
                     tracing::debug!(service, peer = %self.peer, "request body stopped arriving");
                     return self.answer(client, Answer::body_timeout(), 0).await;
                 }
-                Err(Failed::Timeout) => ErrorKind::Timeout,
-                Err(Failed::Closed) => {
-                    tracing::warn!(service, upstream = %address, "upstream closed the connection");
-                    ErrorKind::Upstream
-                }
-                Err(Failed::Io(e)) => {
-                    tracing::warn!(service, upstream = %address, error = %e, "upstream failed");
-                    ErrorKind::Upstream
-                }
-                Err(Failed::Malformed(why)) => {
-                    tracing::warn!(service, upstream = %address, why, "upstream sent a response outside the rules");
-                    ErrorKind::Upstream
-                }
+                Err(failed) => failed.upstreams_fault(service, address),
             };
             shared.metrics.error(service, kind);
             let outcome = match kind {
