@@ -6,8 +6,8 @@
 mod follower;
 mod ring;
 
-pub use follower::{Feed, Follower};
-pub use ring::{Ring, Since};
+pub use follower::{Follower, Publishes};
+pub use ring::{Feed, Ring, Since};
 
 use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -225,8 +225,7 @@ impl Envelope {
 }
 
 pub struct EventBus {
-    ring: Mutex<Ring<Envelope>>,
-    latest: watch::Sender<u64>,
+    feed: Feed<Envelope>,
 }
 
 impl EventBus {
@@ -237,51 +236,39 @@ impl EventBus {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
-        let (latest, _) = watch::channel(start);
         Self {
-            ring: Mutex::new(Ring::new(start, capacity)),
-            latest,
+            feed: Feed::new(start, capacity),
         }
     }
 
     pub fn publish(&self, event: Event) -> u64 {
         tracing::debug!(event = event.kind(), "event");
-        let id = lock(&self.ring).push(|id| Envelope {
+        self.feed.push(|id| Envelope {
             id,
             event,
             json: OnceLock::new(),
-        });
-        self.latest.send_replace(id);
-        id
+        })
     }
 
     pub fn last_id(&self) -> u64 {
-        lock(&self.ring).last_id()
+        self.feed.last_id()
     }
 
     /// A receiver that wakes when something is published.
     pub fn watch(&self) -> watch::Receiver<u64> {
-        self.latest.subscribe()
+        self.feed.watch()
     }
 
     pub fn since(&self, cursor: u64) -> Since<Envelope> {
-        lock(&self.ring).since(cursor)
+        self.feed.since(cursor)
     }
 }
 
-impl Feed for EventBus {
+impl Publishes for EventBus {
     type Entry = Envelope;
 
-    fn since(&self, cursor: u64) -> Since<Envelope> {
-        EventBus::since(self, cursor)
-    }
-
-    fn last_id(&self) -> u64 {
-        EventBus::last_id(self)
-    }
-
-    fn watch(&self) -> watch::Receiver<u64> {
-        EventBus::watch(self)
+    fn feed(&self) -> &Feed<Envelope> {
+        &self.feed
     }
 }
 

@@ -4,8 +4,9 @@
 //! away leaves it as a `service_removed`, so a public stream can never show something stale.
 //!
 //! The ring has its own ids (starting from the wall clock like the event bus, so they keep
-//! increasing across restarts), and a snapshot is taken under the same lock as the ring, so a
-//! subscriber's snapshot and the events after it always join up.
+//! increasing across restarts). Events that change the services are published under the
+//! services' lock, and a snapshot is taken under it, so a subscriber's snapshot and the events
+//! after it always join up.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -13,11 +14,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BackendKind;
-use crate::events::{Event, Feed, Follower, Ring, Since, lock};
+use crate::events::{Event, Feed, Follower, Publishes, Since, lock};
 use crate::model::{CatalogEntry, CatalogUpstream, Kind, RouteView, ServiceName, ServiceView};
 use crate::plugins::Strategies;
 use crate::registry::Registry;
@@ -36,7 +36,8 @@ pub struct PublicEvent {
 
 pub struct PublicView {
     inner: Mutex<Inner>,
-    latest: watch::Sender<u64>,
+    /// The public events; those that change the services are published under `inner`'s lock.
+    feed: Feed<PublicEvent>,
     backend: BackendKind,
     /// The port people open HTTP services on, when Harbor is the proxy.
     proxy_port: Option<u16>,
@@ -46,7 +47,6 @@ struct Inner {
     services: BTreeMap<ServiceName, Value>,
     /// Health reported by events, which wins over the routing table's until the next report.
     health: HashMap<(ServiceName, String), bool>,
-    ring: Ring<PublicEvent>,
 }
 
 /// A public service: the catalog's safe projection, plus live upstream state where known.
@@ -78,14 +78,12 @@ impl PublicView {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
-        let (latest, _) = watch::channel(start);
         Self {
             inner: Mutex::new(Inner {
                 services: BTreeMap::new(),
                 health: HashMap::new(),
-                ring: Ring::new(start, capacity),
             }),
-            latest,
+            feed: Feed::new(start, capacity),
             backend,
             proxy_port,
         }
@@ -95,7 +93,7 @@ impl PublicView {
     pub fn snapshot(&self) -> (u64, Vec<Value>) {
         let inner = lock(&self.inner);
         (
-            inner.ring.last_id(),
+            self.feed.last_id(),
             inner.services.values().cloned().collect(),
         )
     }
@@ -160,14 +158,14 @@ impl PublicView {
             .filter(|s| s.public)
             .and_then(|s| self.render(&s, routing));
         let mut inner = lock(&self.inner);
-        let id = match rendered {
+        match rendered {
             Some(entry) => {
                 if inner.services.get(name) == Some(&entry) {
                     return;
                 }
                 let data = json!({ "type": "service", "service": entry });
                 inner.services.insert(name.clone(), entry);
-                inner.push("service", &data)
+                self.publish("service", &data);
             }
             None => {
                 if !exists {
@@ -176,19 +174,18 @@ impl PublicView {
                 if inner.services.remove(name).is_none() {
                     return;
                 }
-                inner.push(
-                    "service_removed",
-                    &json!({ "type": "service_removed", "name": name }),
-                )
+                let data = json!({ "type": "service_removed", "name": name });
+                self.publish("service_removed", &data);
             }
-        };
-        drop(inner);
-        self.latest.send_replace(id);
+        }
     }
 
     fn publish(&self, kind: &'static str, data: &Value) {
-        let id = lock(&self.inner).push(kind, data);
-        self.latest.send_replace(id);
+        self.feed.push(|id| PublicEvent {
+            id,
+            kind,
+            data: data.to_string(),
+        });
     }
 
     /// Takes in a batch of registry events: every service they touch is brought up to date
@@ -313,31 +310,13 @@ impl PublicView {
     }
 }
 
-impl Inner {
-    fn push(&mut self, kind: &'static str, data: &Value) -> u64 {
-        self.ring.push(|id| PublicEvent {
-            id,
-            kind,
-            data: data.to_string(),
-        })
-    }
-}
-
 /// Gangway's streams follow the public events as other followers follow the registry's: after
 /// a gap, a subscriber starts again from a snapshot.
-impl Feed for PublicView {
+impl Publishes for PublicView {
     type Entry = PublicEvent;
 
-    fn since(&self, cursor: u64) -> Since<PublicEvent> {
-        lock(&self.inner).ring.since(cursor)
-    }
-
-    fn last_id(&self) -> u64 {
-        lock(&self.inner).ring.last_id()
-    }
-
-    fn watch(&self) -> watch::Receiver<u64> {
-        self.latest.subscribe()
+    fn feed(&self) -> &Feed<PublicEvent> {
+        &self.feed
     }
 }
 

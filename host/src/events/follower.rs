@@ -8,30 +8,25 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::ring::Since;
+use super::ring::{Feed, Since};
 
-/// Something numbered entries are published to and kept in a [`super::Ring`].
-pub trait Feed {
+/// Something that publishes through a [`Feed`]: the event bus, the public view.
+pub trait Publishes {
     type Entry;
-    /// Every entry after `cursor`, or a gap.
-    fn since(&self, cursor: u64) -> Since<Self::Entry>;
-    /// The newest entry's number.
-    fn last_id(&self) -> u64;
-    /// A receiver that wakes when something is published.
-    fn watch(&self) -> watch::Receiver<u64>;
+    fn feed(&self) -> &Feed<Self::Entry>;
 }
 
 /// A place in a feed; see the module notes.
-pub struct Follower<F: Feed> {
+pub struct Follower<F: Publishes> {
     feed: Arc<F>,
     cursor: u64,
     wake: watch::Receiver<u64>,
 }
 
-impl<F: Feed> Follower<F> {
+impl<F: Publishes> Follower<F> {
     /// A follower that has seen everything up to `cursor`.
     pub fn new(feed: Arc<F>, cursor: u64) -> Self {
-        let wake = feed.watch();
+        let wake = feed.feed().watch();
         Self { feed, cursor, wake }
     }
 
@@ -50,13 +45,14 @@ impl<F: Feed> Follower<F> {
         // Marked seen before reading, so that a publish after the read wakes the next wait;
         // reading first also catches what was published before the follower existed.
         self.wake.borrow_and_update();
-        let since = self.feed.since(self.cursor);
+        let feed = self.feed.feed();
+        let since = feed.since(self.cursor);
         match &since {
             Since::Events(entries) if !entries.is_empty() => {
                 self.cursor += entries.len() as u64;
             }
             Since::Events(_) => {}
-            Since::Gap => self.cursor = self.feed.last_id(),
+            Since::Gap => self.cursor = feed.last_id(),
         }
         since
     }

@@ -1,8 +1,13 @@
-//! A bounded ring of numbered entries, which readers resume from by number: the registry's
-//! events and Gangway's public events are both kept in one.
+//! A bounded ring of numbered entries, which readers resume from by number, and the feed that
+//! publishes into one and wakes its readers: the registry's events and Gangway's public events
+//! are both kept this way.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use super::lock;
 
 /// What a reader at some cursor gets next.
 pub enum Since<T> {
@@ -57,6 +62,42 @@ impl<T> Ring<T> {
         }
         let skip = (cursor + 1 - oldest) as usize;
         Since::Events(self.entries.iter().skip(skip).cloned().collect())
+    }
+}
+
+/// A ring that readers follow: each entry published wakes them.
+pub struct Feed<T> {
+    ring: Mutex<Ring<T>>,
+    latest: watch::Sender<u64>,
+}
+
+impl<T> Feed<T> {
+    /// A feed whose first entry will be numbered `start + 1`.
+    pub fn new(start: u64, capacity: usize) -> Self {
+        Self {
+            ring: Mutex::new(Ring::new(start, capacity)),
+            latest: watch::channel(start).0,
+        }
+    }
+
+    /// Publishes the entry `make` builds for the next number; returns that number.
+    pub fn push(&self, make: impl FnOnce(u64) -> T) -> u64 {
+        let id = lock(&self.ring).push(make);
+        self.latest.send_replace(id);
+        id
+    }
+
+    pub fn since(&self, cursor: u64) -> Since<T> {
+        lock(&self.ring).since(cursor)
+    }
+
+    pub fn last_id(&self) -> u64 {
+        lock(&self.ring).last_id()
+    }
+
+    /// A receiver that wakes when something is published.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.latest.subscribe()
     }
 }
 
