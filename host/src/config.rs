@@ -1,5 +1,11 @@
 //! Configuration: command-line flags, each also settable from a `HARBOR_*` environment variable,
 //! over an optional TOML file, over defaults. The result is one validated [`Config`].
+//!
+//! Each setting is written once as a flag ([`RunArgs`], [`ProxyArgs`]: its doc, its default in
+//! words, its environment variable) and once where it is used ([`Config`], [`ProxySettings`],
+//! with its default value); the TOML key is the flag's name with `_`. The layers merge
+//! generically: the flags given are laid over the file's keys, and what neither names takes
+//! the default (`#[serde(default)]`). A file key no flag has is an error that names it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 pub use crate::backend::BaseUrl;
 use crate::registry::LeaseLimits;
@@ -57,10 +63,11 @@ pub enum PluginCommand {
     },
 }
 
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, Serialize)]
 pub struct RunArgs {
     /// TOML configuration file; flags and environment variables override it.
     #[arg(long, env = "HARBOR_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
 
     /// Directory of .route files, followed live. [default: /etc/harbor/routes.d]
@@ -152,6 +159,7 @@ pub struct RunArgs {
 
     /// Do not watch the routes directory for changes (rely on rescans and SIGHUP).
     #[arg(long, env = "HARBOR_NO_WATCH", help_heading = "Routes and leases")]
+    #[serde(rename = "watch", serialize_with = "off_if_given")]
     pub no_watch: bool,
 
     /// Largest API request body, in bytes. [default: 65536]
@@ -206,11 +214,12 @@ pub struct RunArgs {
     pub log_format: Option<LogFormat>,
 
     #[command(flatten)]
+    #[serde(flatten)]
     pub proxy: ProxyArgs,
 }
 
 /// The embedded proxy's knobs (its HTTP listener aside).
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, Serialize)]
 #[command(next_help_heading = "Proxy")]
 pub struct ProxyArgs {
     /// Longest wait for a TCP connection to an upstream before trying another. [default: 3s]
@@ -274,16 +283,19 @@ pub struct ProxyArgs {
 
     /// Relay TCP through 64 KiB user-space buffers instead of zero-copy splice(2).
     #[arg(long, env = "HARBOR_NO_SPLICE")]
+    #[serde(rename = "splice", serialize_with = "off_if_given")]
     pub no_splice: bool,
 
     /// Serve every HTTP request through the full HTTP stack, without the direct HTTP/1.1 path
     /// for plain requests (to compare the two).
     #[arg(long, env = "HARBOR_NO_DIRECT_HTTP1")]
+    #[serde(rename = "direct_http1", serialize_with = "off_if_given")]
     pub no_direct_http1: bool,
 
     /// Let the scheduler place the HTTP proxy's threads instead of giving each a core of its
     /// own (for machines where other pinned work owns some cores).
     #[arg(long, env = "HARBOR_NO_CPU_AFFINITY")]
+    #[serde(rename = "cpu_affinity", serialize_with = "off_if_given")]
     pub no_cpu_affinity: bool,
 
     /// Also run demo echo backends on these addresses (see `harbor echo`).
@@ -297,7 +309,7 @@ pub struct ProxyArgs {
     pub echo: Vec<SocketAddr>,
 }
 
-#[derive(ValueEnum, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(ValueEnum, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// Harbor is the proxy.
@@ -309,7 +321,7 @@ pub enum BackendKind {
     Envoy,
 }
 
-#[derive(ValueEnum, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(ValueEnum, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -357,6 +369,12 @@ impl<'de> Deserialize<'de> for ListenAddr {
     }
 }
 
+impl Serialize for ListenAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl std::fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -366,59 +384,14 @@ impl std::fmt::Display for ListenAddr {
     }
 }
 
-/// The config file: the same settings as the flags.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    routes: Option<PathBuf>,
-    state_dir: Option<PathBuf>,
-    api: Option<Vec<ListenAddr>>,
-    backend: Option<BackendKind>,
-    proxy_listen: Option<SocketAddr>,
-    gangway_listen: Option<SocketAddr>,
-    plugins: Option<PathBuf>,
-    token_file: Option<PathBuf>,
-    #[serde(default, with = "opt_duration")]
-    ttl_min: Option<Duration>,
-    #[serde(default, with = "opt_duration")]
-    ttl_max: Option<Duration>,
-    #[serde(default, with = "opt_duration")]
-    ttl_default: Option<Duration>,
-    #[serde(default, with = "opt_duration")]
-    rescan_interval: Option<Duration>,
-    watch: Option<bool>,
-    max_body: Option<usize>,
-    log_format: Option<LogFormat>,
-    #[serde(default, with = "opt_duration")]
-    connect_timeout: Option<Duration>,
-    #[serde(default, with = "opt_duration")]
-    upstream_timeout: Option<Duration>,
-    #[serde(default, with = "opt_duration")]
-    upstream_idle_timeout: Option<Duration>,
-    #[serde(default, with = "opt_duration")]
-    header_timeout: Option<Duration>,
-    #[serde(default, with = "opt_duration")]
-    body_idle_timeout: Option<Duration>,
-    #[serde(default, with = "opt_duration")]
-    keepalive_timeout: Option<Duration>,
-    max_header_bytes: Option<usize>,
-    max_http_connections: Option<usize>,
-    retries: Option<u32>,
-    #[serde(default, with = "opt_duration")]
-    cooldown: Option<Duration>,
-    #[serde(default, with = "opt_duration")]
-    tcp_idle_timeout: Option<Duration>,
-    max_connections: Option<usize>,
-    #[serde(default, with = "opt_duration")]
-    shutdown_grace: Option<Duration>,
-    splice: Option<bool>,
-    direct_http1: Option<bool>,
-    cpu_affinity: Option<bool>,
-    echo: Option<Vec<SocketAddr>>,
-    caddy_admin: Option<BaseUrl>,
-    caddy_listen: Option<SocketAddr>,
-    envoy_dir: Option<PathBuf>,
-    envoy_admin: Option<BaseUrl>,
+/// A negative flag (`--no-watch`) as its file key (`watch`): `false` when the flag is given,
+/// nothing when it is not.
+fn off_if_given<S: Serializer>(given: &bool, s: S) -> Result<S::Ok, S::Error> {
+    if *given {
+        s.serialize_some(&false)
+    } else {
+        s.serialize_none()
+    }
 }
 
 impl<'de> Deserialize<'de> for BaseUrl {
@@ -429,21 +402,78 @@ impl<'de> Deserialize<'de> for BaseUrl {
     }
 }
 
-mod opt_duration {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let raw = String::deserialize(d)?;
-        humantime::parse_duration(&raw)
-            .map(Some)
-            .map_err(|e| serde::de::Error::custom(format!("{raw:?}: {e}")))
+impl Serialize for BaseUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
-/// The daemon's settings, resolved and checked.
-#[derive(Debug, Clone)]
+/// Deserializers for the settings' own formats.
+mod de {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    /// A duration as people write it (`30s`, `10m`) in the file, or as a flag gave it.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Text(String),
+        Given { secs: u64, nanos: u32 },
+    }
+
+    pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Written::deserialize(d)? {
+            Written::Text(raw) => humantime::parse_duration(&raw)
+                .map_err(|e| serde::de::Error::custom(format!("{raw:?}: {e}"))),
+            Written::Given { secs, nanos } => Ok(Duration::new(secs, nanos)),
+        }
+    }
+
+    /// A duration where zero turns the thing off.
+    pub fn duration_or_off<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        duration(d).map(|every| (!every.is_zero()).then_some(every))
+    }
+}
+
+/// The lease bounds as the file and flags name them.
+impl<'de> Deserialize<'de> for LeaseLimits {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(default)]
+        struct Keys {
+            #[serde(deserialize_with = "de::duration")]
+            ttl_min: Duration,
+            #[serde(deserialize_with = "de::duration")]
+            ttl_max: Duration,
+            #[serde(deserialize_with = "de::duration")]
+            ttl_default: Duration,
+        }
+        impl Default for Keys {
+            fn default() -> Self {
+                let l = LeaseLimits::default();
+                Self {
+                    ttl_min: l.min,
+                    ttl_max: l.max,
+                    ttl_default: l.default,
+                }
+            }
+        }
+        let k = Keys::deserialize(d)?;
+        Ok(LeaseLimits {
+            min: k.ttl_min,
+            max: k.ttl_max,
+            default: k.ttl_default,
+        })
+    }
+}
+
+/// The daemon's settings, resolved and checked. See [`RunArgs`] for what each means; a field
+/// takes its value from the key of the same name (`routes` and `plugins` for the directories).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct Config {
+    #[serde(rename = "routes")]
     pub routes_dir: PathBuf,
     pub state_dir: PathBuf,
     pub api: Vec<ListenAddr>,
@@ -451,9 +481,13 @@ pub struct Config {
     pub proxy_listen: SocketAddr,
     /// Where Gangway alone is served, besides `/` on every API listener.
     pub gangway_listen: Option<SocketAddr>,
+    #[serde(rename = "plugins")]
     pub plugins_dir: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
+    /// From `ttl_min`, `ttl_max` and `ttl_default`.
+    #[serde(skip)]
     pub lease: LeaseLimits,
+    #[serde(deserialize_with = "de::duration_or_off")]
     pub rescan_interval: Option<Duration>,
     pub watch: bool,
     pub max_body: usize,
@@ -463,11 +497,16 @@ pub struct Config {
     pub envoy_dir: PathBuf,
     pub envoy_admin: BaseUrl,
     /// Events kept for clients that resume a stream.
+    #[serde(skip)]
     pub event_ring: usize,
     /// Longest a change waits before the state file is rewritten.
+    #[serde(skip)]
     pub state_flush: Duration,
     /// How often an idle event stream gets a keep-alive comment.
+    #[serde(skip)]
     pub sse_keep_alive: Duration,
+    /// From the same keys, read on their own.
+    #[serde(skip)]
     pub proxy: ProxySettings,
 }
 
@@ -476,20 +515,30 @@ pub struct Config {
 pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
 
 /// See [`ProxyArgs`] for what each setting means.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct ProxySettings {
+    #[serde(deserialize_with = "de::duration")]
     pub connect_timeout: Duration,
+    #[serde(deserialize_with = "de::duration")]
     pub upstream_timeout: Duration,
+    #[serde(deserialize_with = "de::duration")]
     pub upstream_idle_timeout: Duration,
+    #[serde(deserialize_with = "de::duration")]
     pub header_timeout: Duration,
+    #[serde(deserialize_with = "de::duration")]
     pub body_idle_timeout: Duration,
+    #[serde(deserialize_with = "de::duration")]
     pub keepalive_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_http_connections: usize,
     pub retries: u32,
+    #[serde(deserialize_with = "de::duration")]
     pub cooldown: Duration,
+    #[serde(deserialize_with = "de::duration")]
     pub tcp_idle_timeout: Duration,
     pub max_connections: usize,
+    #[serde(deserialize_with = "de::duration")]
     pub shutdown_grace: Duration,
     pub splice: bool,
     /// Plain HTTP/1.1 requests take the direct path (see `proxy::h1`).
@@ -523,6 +572,12 @@ impl Default for ProxySettings {
     }
 }
 
+impl Default for Config {
+    fn default() -> Self {
+        Self::new("/etc/harbor/routes.d", "/var/lib/harbor")
+    }
+}
+
 impl Config {
     /// Defaults with the given directories; the starting point for tests and embedding.
     pub fn new(routes_dir: impl Into<PathBuf>, state_dir: impl Into<PathBuf>) -> Self {
@@ -552,111 +607,47 @@ impl Config {
         }
     }
 
+    /// The settings from the flags (and the environment, which clap reads for them) laid over
+    /// the config file's, over the defaults.
     pub fn from_args(args: RunArgs) -> anyhow::Result<Self> {
         let file = match &args.config {
             Some(path) => load_file(path)?,
-            None => FileConfig::default(),
+            None => serde_json::Map::new(),
         };
-        let mut c = Config::new(
-            args.routes
-                .or(file.routes)
-                .unwrap_or_else(|| "/etc/harbor/routes.d".into()),
-            args.state_dir
-                .or(file.state_dir)
-                .unwrap_or_else(|| "/var/lib/harbor".into()),
+        let source = args.config.as_deref().map_or_else(
+            || "the flags".to_owned(),
+            |p| format!("the config file {}", p.display()),
         );
-        if !args.api.is_empty() {
-            c.api = args.api;
-        } else if let Some(api) = file.api {
-            c.api = api;
+        let flags = serde_json::to_value(&args).context("cannot read the flags")?;
+        let serde_json::Value::Object(flags) = flags else {
+            bail!("the flags are not a set of settings");
+        };
+        if let Some(unknown) = file.keys().find(|key| !flags.contains_key(*key)) {
+            bail!(
+                "in {source}: unknown setting {unknown:?} (settings are the flags' names with _)"
+            );
         }
-        c.backend = args.backend.or(file.backend).unwrap_or_default();
-        c.proxy_listen = args
-            .proxy_listen
-            .or(file.proxy_listen)
-            .unwrap_or(c.proxy_listen);
-        c.gangway_listen = args.gangway_listen.or(file.gangway_listen);
-        c.plugins_dir = args.plugins.or(file.plugins);
-        c.token_file = args.token_file.or(file.token_file);
-        c.lease.min = args.ttl_min.or(file.ttl_min).unwrap_or(c.lease.min);
-        c.lease.max = args.ttl_max.or(file.ttl_max).unwrap_or(c.lease.max);
-        c.lease.default = args
-            .ttl_default
-            .or(file.ttl_default)
-            .unwrap_or(c.lease.default);
-        if let Some(every) = args.rescan_interval.or(file.rescan_interval) {
-            c.rescan_interval = (!every.is_zero()).then_some(every);
+        let mut layers = file;
+        for (key, value) in flags {
+            let given = match &value {
+                serde_json::Value::Null => false,
+                serde_json::Value::Array(list) => !list.is_empty(),
+                _ => true,
+            };
+            if given {
+                layers.insert(key, value);
+            }
         }
-        c.watch = !args.no_watch && file.watch.unwrap_or(true);
-        c.max_body = args.max_body.or(file.max_body).unwrap_or(c.max_body);
-        c.log_format = args.log_format.or(file.log_format).unwrap_or_default();
-        let (a, p) = (args.proxy, &mut c.proxy);
-        p.connect_timeout = a
-            .connect_timeout
-            .or(file.connect_timeout)
-            .unwrap_or(p.connect_timeout);
-        p.upstream_timeout = a
-            .upstream_timeout
-            .or(file.upstream_timeout)
-            .unwrap_or(p.upstream_timeout);
-        p.upstream_idle_timeout = a
-            .upstream_idle_timeout
-            .or(file.upstream_idle_timeout)
-            .unwrap_or(p.upstream_idle_timeout);
-        p.header_timeout = a
-            .header_timeout
-            .or(file.header_timeout)
-            .unwrap_or(p.header_timeout);
-        p.body_idle_timeout = a
-            .body_idle_timeout
-            .or(file.body_idle_timeout)
-            .unwrap_or(p.body_idle_timeout);
-        p.keepalive_timeout = a
-            .keepalive_timeout
-            .or(file.keepalive_timeout)
-            .unwrap_or(p.keepalive_timeout);
-        p.max_header_bytes = a
-            .max_header_bytes
-            .or(file.max_header_bytes)
-            .unwrap_or(p.max_header_bytes);
-        p.max_http_connections = a
-            .max_http_connections
-            .or(file.max_http_connections)
-            .unwrap_or(p.max_http_connections);
-        p.retries = a.retries.or(file.retries).unwrap_or(p.retries);
-        p.cooldown = a.cooldown.or(file.cooldown).unwrap_or(p.cooldown);
-        p.tcp_idle_timeout = a
-            .tcp_idle_timeout
-            .or(file.tcp_idle_timeout)
-            .unwrap_or(p.tcp_idle_timeout);
-        p.max_connections = a
-            .max_connections
-            .or(file.max_connections)
-            .unwrap_or(p.max_connections);
-        p.shutdown_grace = a
-            .shutdown_grace
-            .or(file.shutdown_grace)
-            .unwrap_or(p.shutdown_grace);
-        p.splice = !a.no_splice && file.splice.unwrap_or(true);
-        p.direct_http1 = !a.no_direct_http1 && file.direct_http1.unwrap_or(true);
-        p.cpu_affinity = !a.no_cpu_affinity && file.cpu_affinity.unwrap_or(true);
-        if !a.echo.is_empty() {
-            p.echo = a.echo;
-        } else if let Some(echo) = file.echo {
-            p.echo = echo;
-        }
-        if let Some(admin) = args.caddy_admin.or(file.caddy_admin) {
-            c.caddy_admin = admin;
-        }
-        c.caddy_listen = args
-            .caddy_listen
-            .or(file.caddy_listen)
-            .unwrap_or(c.caddy_listen);
-        if let Some(dir) = args.envoy_dir.or(file.envoy_dir) {
-            c.envoy_dir = dir;
-        }
-        if let Some(admin) = args.envoy_admin.or(file.envoy_admin) {
-            c.envoy_admin = admin;
+        // The one default that follows another setting.
+        let envoy_dir_given = layers.contains_key("envoy_dir");
+        let layers = serde_json::Value::Object(layers);
+        // Each part reads the keys it knows from the same layers, so that an error names its
+        // key (serde loses the path inside flattened parts).
+        let mut c: Config = read_settings(&layers, &source)?;
+        c.proxy = read_settings(&layers, &source)?;
+        c.lease = read_settings(&layers, &source)?;
+        if !envoy_dir_given {
+            c.envoy_dir = c.state_dir.join("envoy");
         }
         c.validate()?;
         Ok(c)
@@ -715,10 +706,25 @@ impl Config {
     }
 }
 
-fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+/// Settings of type `T` from `layers`; an error names the key and where it came from.
+fn read_settings<T: serde::de::DeserializeOwned>(
+    layers: &serde_json::Value,
+    source: &str,
+) -> anyhow::Result<T> {
+    serde_path_to_error::deserialize(layers.clone())
+        .map_err(|e| anyhow::anyhow!("in {source}: {}: {}", e.path(), e.inner()))
+}
+
+/// The config file's keys and values.
+fn load_file(path: &Path) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("in the config file {}", path.display()))
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("in the config file {}", path.display()))?;
+    match serde_json::to_value(table)? {
+        serde_json::Value::Object(keys) => Ok(keys),
+        _ => bail!("the config file {} is not a table", path.display()),
+    }
 }
 
 #[cfg(test)]
@@ -751,6 +757,70 @@ mod tests {
         );
         assert_eq!(c.gangway_listen, Some("127.0.0.1:7071".parse().unwrap()));
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/harbor"));
+    }
+
+    #[test]
+    fn negative_flags_durations_and_derived_defaults_layer_like_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("harbor.toml");
+        std::fs::write(
+            &file,
+            "state_dir = \"/srv/state\"\nsplice = true\nwatch = true\nrescan_interval = \"0s\"\n\
+             upstream_timeout = \"5s\"\nconnect_timeout = \"2s\"\nmax_http_connections = 7\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "harbor",
+            "--config",
+            file.to_str().unwrap(),
+            "--no-splice",
+            "--upstream-timeout",
+            "9s",
+            "--caddy-admin",
+            "unix:/run/caddy/admin.sock",
+            "--api",
+            "127.0.0.1:0,unix:/tmp/a.sock",
+            "--backend",
+            "envoy",
+        ])
+        .unwrap();
+        let c = Config::from_args(cli.run).unwrap();
+        assert_eq!(c.caddy_admin.to_string(), "unix:/run/caddy/admin.sock");
+        assert_eq!(c.api[1], ListenAddr::Unix("/tmp/a.sock".into()));
+        assert_eq!(c.backend, BackendKind::Envoy);
+        assert!(!c.proxy.splice, "a negative flag wins over the file");
+        assert!(c.watch, "the file's value stands where no flag is given");
+        assert_eq!(c.proxy.upstream_timeout, Duration::from_secs(9), "flag");
+        assert_eq!(c.proxy.connect_timeout, Duration::from_secs(2), "file");
+        assert_eq!(c.proxy.max_http_connections, 7);
+        assert_eq!(c.rescan_interval, None, "0s turns rescans off");
+        assert_eq!(
+            c.envoy_dir,
+            PathBuf::from("/srv/state/envoy"),
+            "follows state_dir"
+        );
+        assert_eq!(
+            c.proxy.header_timeout,
+            ProxySettings::default().header_timeout,
+            "named nowhere: the default"
+        );
+
+        let defaults = Config::from_args(RunArgs::default()).unwrap();
+        assert!(defaults.watch && defaults.proxy.splice && defaults.proxy.direct_http1);
+        assert_eq!(defaults.rescan_interval, Some(Duration::from_secs(30)));
+        assert_eq!(defaults.routes_dir, PathBuf::from("/etc/harbor/routes.d"));
+        assert_eq!(defaults.envoy_dir, PathBuf::from("/var/lib/harbor/envoy"));
+
+        std::fs::write(&file, "ttl_max = \"forever\"\n").unwrap();
+        let err = Config::from_args(RunArgs {
+            config: Some(file),
+            ..RunArgs::default()
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("ttl_max") && err.to_string().contains("forever"),
+            "{err}"
+        );
     }
 
     #[test]
