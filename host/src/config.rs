@@ -191,6 +191,16 @@ pub struct RunArgs {
     )]
     pub caddy_listen: Option<SocketAddr>,
 
+    /// Where Harbor's DNS responder for Caddy's dynamic upstreams listens. [default: where it
+    /// listened last (kept in the state directory), else a free loopback port]
+    #[arg(
+        long,
+        env = "HARBOR_DNS_LISTEN",
+        value_name = "ADDR",
+        help_heading = "Caddy"
+    )]
+    pub dns_listen: Option<SocketAddr>,
+
     /// Directory of Envoy's dynamic configuration files. [default: STATE_DIR/envoy]
     #[arg(
         long,
@@ -494,6 +504,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub caddy_admin: BaseUrl,
     pub caddy_listen: SocketAddr,
+    pub dns_listen: Option<SocketAddr>,
     pub envoy_dir: PathBuf,
     pub envoy_admin: BaseUrl,
     /// Events kept for clients that resume a stream.
@@ -599,6 +610,7 @@ impl Config {
             log_format: LogFormat::Text,
             caddy_admin: BaseUrl::tcp("127.0.0.1:2019"),
             caddy_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            dns_listen: None,
             envoy_admin: BaseUrl::tcp("127.0.0.1:9901"),
             event_ring: 4096,
             state_flush: Duration::from_millis(500),

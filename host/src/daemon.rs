@@ -306,7 +306,7 @@ async fn bind_dns(
     if config.backend != BackendKind::Caddy {
         return Ok(None);
     }
-    let (socket, addr) = dns::bind()
+    let (socket, addr) = dns::bind(config.dns_listen, &config.state_dir)
         .await
         .context("cannot bind the upstream DNS responder")?;
     let zone = Arc::new(dns::Zone::default());

@@ -25,6 +25,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::Context as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -315,11 +318,53 @@ pub async fn serve_udp(zone: Arc<Zone>, socket: UdpSocket, cancel: CancellationT
     }
 }
 
-/// Binds the responder on a free loopback port.
-pub async fn bind() -> anyhow::Result<(UdpSocket, SocketAddr)> {
-    let socket = UdpSocket::bind("127.0.0.1:0").await?;
+/// Where the responder listened last, in the state directory: Caddy's configuration names the
+/// address, so a restart that binds the same one rewrites nothing.
+const LAST_ADDRESS: &str = "dns-listen";
+
+/// Binds the responder on `wanted` (`--dns-listen`; an address that cannot be bound is an
+/// error), else where it listened last (kept in `state_dir`), else on a free loopback port. A
+/// remembered address that is taken now is given up for a free port, with a warning: Caddy's
+/// configuration is then rewritten once.
+pub async fn bind(
+    wanted: Option<SocketAddr>,
+    state_dir: &Path,
+) -> anyhow::Result<(UdpSocket, SocketAddr)> {
+    let remembered = state_dir.join(LAST_ADDRESS);
+    let socket = match wanted {
+        Some(addr) => UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for DNS on {addr} (--dns-listen)"))?,
+        None => {
+            let last = std::fs::read_to_string(&remembered)
+                .ok()
+                .and_then(|text| text.trim().parse::<SocketAddr>().ok());
+            match last {
+                Some(addr) => match UdpSocket::bind(addr).await {
+                    Ok(socket) => socket,
+                    Err(e) => {
+                        tracing::warn!(%addr, error = %e, "the DNS responder's last address is taken; Caddy's configuration will name a new one");
+                        UdpSocket::bind("127.0.0.1:0").await?
+                    }
+                },
+                None => UdpSocket::bind("127.0.0.1:0").await?,
+            }
+        }
+    };
     let addr = socket.local_addr()?;
+    remember(&remembered, addr)
+        .with_context(|| format!("cannot keep the DNS address in {}", remembered.display()))?;
     Ok((socket, addr))
+}
+
+/// Writes `addr` to `file` whole or not at all.
+fn remember(file: &Path, addr: SocketAddr) -> std::io::Result<()> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let partial = file.with_extension("partial");
+    std::fs::write(&partial, format!("{addr}\n"))?;
+    std::fs::rename(&partial, file)
 }
 
 /// Keeps the zone in step with the registry and with upstream health from event `cursor` on.
@@ -342,6 +387,32 @@ pub async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_responder_keeps_its_address_across_restarts_unless_it_is_taken() {
+        let state = tempfile::tempdir().expect("a state dir");
+        let (socket, first) = bind(None, state.path()).await.expect("bound");
+        assert!(first.ip().is_loopback());
+        drop(socket);
+        let (socket, again) = bind(None, state.path()).await.expect("bound again");
+        assert_eq!(again, first, "a restart binds where it listened last");
+
+        // Something else holds the address now: another port, remembered in its place.
+        let (_held, moved) = (socket, bind(None, state.path()).await.expect("bound"));
+        let (_moved_socket, moved) = moved;
+        assert_ne!(moved, first);
+        let kept = std::fs::read_to_string(state.path().join(LAST_ADDRESS)).expect("kept");
+        assert_eq!(kept.trim(), moved.to_string());
+
+        // An address asked for is bound exactly, or refused with its name.
+        let free = UdpSocket::bind("127.0.0.1:0").await.expect("a port");
+        let wanted = free.local_addr().expect("addr");
+        let err = bind(Some(wanted), state.path()).await.unwrap_err();
+        assert!(format!("{err:#}").contains(&wanted.to_string()), "{err:#}");
+        drop(free);
+        let (_socket, got) = bind(Some(wanted), state.path()).await.expect("bound");
+        assert_eq!(got, wanted);
+    }
 
     fn query(name: &str, qtype: u16) -> Vec<u8> {
         let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];

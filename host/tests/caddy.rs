@@ -145,6 +145,35 @@ async fn a_restarted_caddy_gets_harbors_routes_back() {
     h.shutdown().await;
 }
 
+/// Caddy's configuration names Harbor's DNS responder; a responder on a new port at every start
+/// made every restart of Harbor rewrite it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_of_harbor_leaves_caddys_configuration_as_it_was() {
+    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
+        return;
+    };
+    let _web = web_routed(&caddy, &h).await;
+    let in_sync = |h: &TestHarbor| {
+        let (client, url) = (h.client.clone(), h.url("/api/v1/backend"));
+        async move {
+            let status: Value = client.get(url).send().await.ok()?.json().await.ok()?;
+            (status["in_sync"] == true).then_some(())
+        }
+    };
+    eventually(Duration::from_secs(5), "Caddy in step", || in_sync(&h)).await;
+    let before = caddy_config(&caddy).await.expect("Caddy's configuration");
+
+    let h = h.restart().await;
+    eventually(Duration::from_secs(10), "Caddy in step again", || {
+        in_sync(&h)
+    })
+    .await;
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    let after = caddy_config(&caddy).await.expect("Caddy's configuration");
+    assert_eq!(after, before, "the restart changed nothing in Caddy");
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_edit_of_harbors_route_is_repaired() {
     let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
