@@ -37,20 +37,38 @@ async fn route_to(h: &TestHarbor, upstream: SocketAddr) {
         "app.route",
         &format!("host = \"app.localhost\"\nupstreams = [\"{upstream}\"]\n"),
     );
-    eventually(Duration::from_secs(5), "the route to be served", || async {
-        let mut conn = connect(h).await;
-        conn.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let answer = read_to_end(&mut conn).await;
-        answer.starts_with("HTTP/1.1 200").then_some(())
+    let proxy = proxy_addr(h);
+    eventually(Duration::from_secs(5), "the route to be served", || {
+        served(proxy)
     })
     .await;
 }
 
+/// A connection to the proxy that has sent `bytes`.
+async fn sent(h: &TestHarbor, bytes: &[u8]) -> TcpStream {
+    let mut conn = connect(h).await;
+    conn.write_all(bytes).await.expect("write to the proxy");
+    conn
+}
+
+/// Whether a `GET /` for `app.localhost` sent to `addr` is answered 200.
+async fn served(addr: SocketAddr) -> Option<()> {
+    let mut conn = TcpStream::connect(addr).await.ok()?;
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    read_to_end(&mut conn)
+        .await
+        .starts_with("HTTP/1.1 200")
+        .then_some(())
+}
+
+fn proxy_addr(h: &TestHarbor) -> SocketAddr {
+    h.harbor().proxy_addr().expect("the proxy listens")
+}
+
 async fn connect(h: &TestHarbor) -> TcpStream {
-    let addr = h.harbor().proxy_addr().expect("the proxy listens");
-    TcpStream::connect(addr)
+    TcpStream::connect(proxy_addr(h))
         .await
         .expect("connect to the proxy")
 }
@@ -224,20 +242,10 @@ async fn connections_past_the_cap_are_refused_and_counted(direct: bool) {
     );
     // A place given back is taken again.
     held.pop();
-    eventually(
-        Duration::from_secs(5),
-        "a freed place to be taken",
-        || async {
-            let mut conn = connect(&h).await;
-            conn.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\nConnection: close\r\n\r\n")
-                .await
-                .ok()?;
-            read_to_end(&mut conn)
-                .await
-                .starts_with("HTTP/1.1 200")
-                .then_some(())
-        },
-    )
+    let proxy = proxy_addr(&h);
+    eventually(Duration::from_secs(5), "a freed place to be taken", || {
+        served(proxy)
+    })
     .await;
 }
 
@@ -255,10 +263,11 @@ async fn refused(h: &TestHarbor) -> u64 {
 async fn a_slow_upload_outlives_the_upstream_timeout(direct: bool) {
     let h = start(direct, |p| p.upstream_timeout = Duration::from_secs(1)).await;
     route_to(&h, counting_upstream().await).await;
-    let mut conn = connect(&h).await;
-    conn.write_all(b"POST /upload HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 30\r\n\r\n")
-        .await
-        .expect("head");
+    let mut conn = sent(
+        &h,
+        b"POST /upload HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 30\r\n\r\n",
+    )
+    .await;
     // 30 bytes over three seconds: three times the upstream timeout.
     let started = Instant::now();
     for _ in 0..30 {
@@ -279,10 +288,11 @@ async fn a_slow_upload_outlives_the_upstream_timeout(direct: bool) {
 async fn a_request_body_that_stops_gets_408(direct: bool) {
     let h = start(direct, |p| p.body_idle_timeout = Duration::from_secs(1)).await;
     route_to(&h, counting_upstream().await).await;
-    let mut conn = connect(&h).await;
-    conn.write_all(b"POST / HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 10\r\n\r\nabc")
-        .await
-        .expect("write");
+    let mut conn = sent(
+        &h,
+        b"POST / HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 10\r\n\r\nabc",
+    )
+    .await;
     let answer = read_to_end(&mut conn).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
     let metrics = h.metrics().await;
@@ -298,10 +308,7 @@ async fn a_stalled_response_body_is_cut(direct: bool) {
     })
     .await;
     route_to(&h, stalling_upstream().await).await;
-    let mut conn = connect(&h).await;
-    conn.write_all(b"GET /stall HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
-        .await
-        .expect("write");
+    let mut conn = sent(&h, b"GET /stall HTTP/1.1\r\nHost: app.localhost\r\n\r\n").await;
     let answer = read_to_end(&mut conn).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     assert!(
@@ -318,17 +325,15 @@ async fn a_stalled_response_body_is_cut(direct: bool) {
 async fn a_slowloris_client_gets_408(direct: bool) {
     let h = start(direct, |p| p.header_timeout = Duration::from_secs(1)).await;
     route_to(&h, counting_upstream().await).await;
-    let mut conn = connect(&h).await;
-    conn.write_all(b"GET / HTTP/1.1\r\nHost: app.loc")
-        .await
-        .expect("write");
+    let mut conn = sent(&h, b"GET / HTTP/1.1\r\nHost: app.loc").await;
     let answer = read_to_end(&mut conn).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
     // The same holds for a request after the first on a kept-alive connection.
-    let mut conn = connect(&h).await;
-    conn.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\nGET / HTTP/1.1\r\nHos")
-        .await
-        .expect("write");
+    let mut conn = sent(
+        &h,
+        b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\nGET / HTTP/1.1\r\nHos",
+    )
+    .await;
     let answer = read_to_end(&mut conn).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     assert!(answer.contains("HTTP/1.1 408"), "{answer:?}");
@@ -337,10 +342,7 @@ async fn a_slowloris_client_gets_408(direct: bool) {
 async fn an_idle_keepalive_connection_is_closed(direct: bool) {
     let h = start(direct, |p| p.keepalive_timeout = Duration::from_secs(1)).await;
     route_to(&h, counting_upstream().await).await;
-    let mut conn = connect(&h).await;
-    conn.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
-        .await
-        .expect("write");
+    let mut conn = sent(&h, b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n").await;
     let answered = Instant::now();
     let answer = read_to_end(&mut conn).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
@@ -504,20 +506,9 @@ async fn a_flood_on_the_proxy_port_leaves_the_api_and_tcp_routes_working() {
     }
 
     drop(flood);
-    eventually(
-        Duration::from_secs(10),
-        "the proxy to serve again",
-        || async {
-            let mut conn = TcpStream::connect(proxy).await.ok()?;
-            conn.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\nConnection: close\r\n\r\n")
-                .await
-                .ok()?;
-            read_to_end(&mut conn)
-                .await
-                .starts_with("HTTP/1.1 200")
-                .then_some(())
-        },
-    )
+    eventually(Duration::from_secs(10), "the proxy to serve again", || {
+        served(proxy)
+    })
     .await;
     drop(daemon);
 }
