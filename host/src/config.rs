@@ -1,11 +1,12 @@
 //! Configuration: command-line flags, each also settable from a `HARBOR_*` environment variable,
 //! over an optional TOML file, over defaults. The result is one validated [`Config`].
 //!
-//! Each setting is written once as a flag ([`RunArgs`], [`ProxyArgs`]: its doc, its default in
-//! words, its environment variable) and once where it is used ([`Config`], [`ProxySettings`],
-//! with its default value); the TOML key is the flag's name with `_`. The layers merge
-//! generically: the flags given are laid over the file's keys, and what neither names takes
-//! the default (`#[serde(default)]`). A file key no flag has is an error that names it.
+//! Each setting is written as a flag ([`RunArgs`], [`ProxyArgs`]: its doc, its group, its
+//! environment variable) and as the field where it is used ([`Config`], [`ProxySettings`]), whose
+//! `Default` is the one place its default lives: the help shows it from there. The TOML key is
+//! the flag's name with `_`. The layers merge generically: the flags given are laid over the
+//! file's keys, and what neither names takes the default (`#[serde(default)]`). A file key no
+//! flag has is an error that names it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize, Serializer};
 
 pub use crate::backend::BaseUrl;
@@ -35,6 +36,54 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+impl Cli {
+    /// The command line, each setting's help ending in its default as read from the defaults
+    /// themselves, so that the help and the behaviour cannot disagree.
+    pub fn command_with_defaults() -> clap::Command {
+        let defaults = Config::default().keys();
+        Self::command().mut_args(|arg| {
+            let Some(shown) = defaults.get(arg.get_id().as_str()).and_then(shown_default) else {
+                return arg;
+            };
+            let with_default = |help: &clap::builder::StyledStr| {
+                let help = help.to_string();
+                (!help.contains("[default:")).then(|| format!("{help} [default: {shown}]"))
+            };
+            let help = arg.get_help().and_then(with_default);
+            let long_help = arg.get_long_help().and_then(with_default);
+            let arg = match help {
+                Some(help) => arg.help(help),
+                None => arg,
+            };
+            match long_help {
+                Some(long_help) => arg.long_help(long_help),
+                None => arg,
+            }
+        })
+    }
+
+    /// The command line of this process, parsed; exits with clap's message on a bad one.
+    pub fn parse_with_defaults() -> Self {
+        let matches = Self::command_with_defaults().get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
+/// A default as the help shows it; none for a setting that is off or empty by default.
+fn shown_default(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(text) => Some(text.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Array(list) if !list.is_empty() => Some(
+            list.iter()
+                .filter_map(shown_default)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        _ => None,
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -70,7 +119,7 @@ pub struct RunArgs {
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
-    /// Directory of .route files, followed live. [default: /etc/harbor/routes.d]
+    /// Directory of .route files, followed live.
     #[arg(
         long,
         env = "HARBOR_ROUTES",
@@ -79,7 +128,7 @@ pub struct RunArgs {
     )]
     pub routes: Option<PathBuf>,
 
-    /// Where ephemeral registrations are kept across restarts. [default: /var/lib/harbor]
+    /// Where ephemeral registrations are kept across restarts.
     #[arg(
         long,
         env = "HARBOR_STATE_DIR",
@@ -89,7 +138,6 @@ pub struct RunArgs {
     pub state_dir: Option<PathBuf>,
 
     /// API listener: ADDR:PORT or unix:/path/to.sock; repeat or comma-separate for several.
-    /// [default: 127.0.0.1:7070]
     #[arg(
         long,
         env = "HARBOR_API",
@@ -99,11 +147,11 @@ pub struct RunArgs {
     )]
     pub api: Vec<ListenAddr>,
 
-    /// Which proxy Harbor drives. [default: embedded]
-    #[arg(long, env = "HARBOR_BACKEND", value_enum)]
+    /// Which proxy Harbor drives.
+    #[arg(long, env = "HARBOR_BACKEND", value_enum, help_heading = "Proxy")]
     pub backend: Option<BackendKind>,
 
-    /// Where the embedded HTTP proxy listens. [default: 127.0.0.1:8080]
+    /// Where the embedded HTTP proxy listens.
     #[arg(
         long,
         env = "HARBOR_PROXY_LISTEN",
@@ -140,20 +188,19 @@ pub struct RunArgs {
     )]
     pub token_file: Option<PathBuf>,
 
-    /// Shortest lease a registration may ask for. [default: 1s]
+    /// Shortest lease a registration may ask for.
     #[arg(long, env = "HARBOR_TTL_MIN", value_parser = humantime::parse_duration, value_name = "DURATION", help_heading = "Routes and leases")]
     pub ttl_min: Option<Duration>,
 
-    /// Longest lease a registration may ask for. [default: 24h]
+    /// Longest lease a registration may ask for.
     #[arg(long, env = "HARBOR_TTL_MAX", value_parser = humantime::parse_duration, value_name = "DURATION", help_heading = "Routes and leases")]
     pub ttl_max: Option<Duration>,
 
-    /// Lease given when a registration names no TTL. [default: 30s]
+    /// Lease given when a registration names no TTL.
     #[arg(long, env = "HARBOR_TTL_DEFAULT", value_parser = humantime::parse_duration, value_name = "DURATION", help_heading = "Routes and leases")]
     pub ttl_default: Option<Duration>,
 
     /// Re-read the routes directory this often even without change events; 0 turns it off.
-    /// [default: 30s]
     #[arg(long, env = "HARBOR_RESCAN_INTERVAL", value_parser = humantime::parse_duration, value_name = "DURATION", help_heading = "Routes and leases")]
     pub rescan_interval: Option<Duration>,
 
@@ -162,7 +209,7 @@ pub struct RunArgs {
     #[serde(rename = "watch", serialize_with = "off_if_given")]
     pub no_watch: bool,
 
-    /// Largest API request body, in bytes. [default: 65536]
+    /// Largest API request body, in bytes.
     #[arg(
         long,
         env = "HARBOR_MAX_BODY",
@@ -172,7 +219,6 @@ pub struct RunArgs {
     pub max_body: Option<usize>,
 
     /// Caddy's admin API: http://HOST:PORT or unix:/path/to/admin.sock.
-    /// [default: http://127.0.0.1:2019]
     #[arg(
         long,
         env = "HARBOR_CADDY_ADMIN",
@@ -182,7 +228,6 @@ pub struct RunArgs {
     pub caddy_admin: Option<BaseUrl>,
 
     /// Where Harbor's Caddy server listens when Caddy has none there yet.
-    /// [default: 127.0.0.1:8080]
     #[arg(
         long,
         env = "HARBOR_CADDY_LISTEN",
@@ -210,7 +255,7 @@ pub struct RunArgs {
     )]
     pub envoy_dir: Option<PathBuf>,
 
-    /// Envoy's admin address: http://HOST:PORT or unix:/path. [default: http://127.0.0.1:9901]
+    /// Envoy's admin address: http://HOST:PORT or unix:/path.
     #[arg(
         long,
         env = "HARBOR_ENVOY_ADMIN",
@@ -219,7 +264,7 @@ pub struct RunArgs {
     )]
     pub envoy_admin: Option<BaseUrl>,
 
-    /// Log format. [default: text]
+    /// Log format.
     #[arg(long, env = "HARBOR_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
 
@@ -232,62 +277,60 @@ pub struct RunArgs {
 #[derive(Args, Debug, Default, Serialize)]
 #[command(next_help_heading = "Proxy")]
 pub struct ProxyArgs {
-    /// Longest wait for a TCP connection to an upstream before trying another. [default: 3s]
+    /// Longest wait for a TCP connection to an upstream before trying another.
     #[arg(long, env = "HARBOR_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub connect_timeout: Option<Duration>,
 
     /// Longest wait for an upstream's response headers, counted from the end of the request,
-    /// before answering 504. [default: 60s]
+    /// before answering 504.
     #[arg(long, env = "HARBOR_UPSTREAM_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub upstream_timeout: Option<Duration>,
 
     /// A response body that stops arriving for this long is cut and its client connection
-    /// closed. [default: 60s]
+    /// closed.
     #[arg(long, env = "HARBOR_UPSTREAM_IDLE_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub upstream_idle_timeout: Option<Duration>,
 
     /// Longest a client may take to send a request's head once it has begun (or, on a new
     /// connection, once connected); a head begun and not finished is answered 408.
-    /// [default: 30s]
     #[arg(long, env = "HARBOR_HEADER_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub header_timeout: Option<Duration>,
 
     /// A request body that stops arriving for this long is answered 408; a steady upload of any
-    /// length goes through. [default: 60s]
+    /// length goes through.
     #[arg(long, env = "HARBOR_BODY_IDLE_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub body_idle_timeout: Option<Duration>,
 
-    /// An HTTP client connection idle between requests for this long is closed. [default: 60s]
+    /// An HTTP client connection idle between requests for this long is closed.
     #[arg(long, env = "HARBOR_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub keepalive_timeout: Option<Duration>,
 
     /// Largest request head (request line and header fields) a client may send, in bytes;
-    /// a longer one is answered 431. [default: 65536]
+    /// a longer one is answered 431.
     #[arg(long, env = "HARBOR_MAX_HEADER_BYTES", value_name = "BYTES")]
     pub max_header_bytes: Option<usize>,
 
     /// Client HTTP connections open at once; more are closed at once, and counted.
-    /// [default: 10000]
     #[arg(long, env = "HARBOR_MAX_HTTP_CONNECTIONS", value_name = "N")]
     pub max_http_connections: Option<usize>,
 
-    /// Other upstreams tried after a failed connect, per request or connection. [default: 2]
+    /// Other upstreams tried after a failed connect, per request or connection.
     #[arg(long, env = "HARBOR_RETRIES", value_name = "N")]
     pub retries: Option<u32>,
 
-    /// How long an upstream that refused a connection gets no new work. [default: 10s]
+    /// How long an upstream that refused a connection gets no new work.
     #[arg(long, env = "HARBOR_COOLDOWN", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub cooldown: Option<Duration>,
 
-    /// A TCP connection with no traffic either way for this long is closed. [default: 10m]
+    /// A TCP connection with no traffic either way for this long is closed.
     #[arg(long, env = "HARBOR_TCP_IDLE_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub tcp_idle_timeout: Option<Duration>,
 
-    /// TCP connections in flight across all tcp routes; more are closed at once. [default: 10000]
+    /// TCP connections in flight across all tcp routes; more are closed at once.
     #[arg(long, env = "HARBOR_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
 
-    /// On shutdown, how long open connections may finish before they are cut. [default: 10s]
+    /// On shutdown, how long open connections may finish before they are cut.
     #[arg(long, env = "HARBOR_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub shutdown_grace: Option<Duration>,
 
@@ -418,58 +461,81 @@ impl Serialize for BaseUrl {
     }
 }
 
-/// Deserializers for the settings' own formats.
-mod de {
-    use std::time::Duration;
+/// The settings' own formats, read and written as a person writes them in the file.
+mod written {
+    /// A duration as people write it (`30s`, `10m`); a flag's parsed value reads back too.
+    pub mod duration {
+        use std::time::Duration;
 
-    use serde::{Deserialize, Deserializer};
+        use serde::{Deserialize, Deserializer, Serializer};
 
-    /// A duration as people write it (`30s`, `10m`) in the file, or as a flag gave it.
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Written {
-        Text(String),
-        Given { secs: u64, nanos: u32 },
-    }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Text(String),
+            Given { secs: u64, nanos: u32 },
+        }
 
-    pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        match Written::deserialize(d)? {
-            Written::Text(raw) => humantime::parse_duration(&raw)
-                .map_err(|e| serde::de::Error::custom(format!("{raw:?}: {e}"))),
-            Written::Given { secs, nanos } => Ok(Duration::new(secs, nanos)),
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+            match Written::deserialize(d)? {
+                Written::Text(raw) => humantime::parse_duration(&raw)
+                    .map_err(|e| serde::de::Error::custom(format!("{raw:?}: {e}"))),
+                Written::Given { secs, nanos } => Ok(Duration::new(secs, nanos)),
+            }
+        }
+
+        pub fn serialize<S: Serializer>(every: &Duration, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_str(&humantime::format_duration(*every))
         }
     }
 
     /// A duration where zero turns the thing off.
-    pub fn duration_or_off<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        duration(d).map(|every| (!every.is_zero()).then_some(every))
+    pub mod duration_or_off {
+        use std::time::Duration;
+
+        use serde::{Deserializer, Serializer};
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            super::duration::deserialize(d).map(|every| (!every.is_zero()).then_some(every))
+        }
+
+        pub fn serialize<S: Serializer>(every: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            super::duration::serialize(&every.unwrap_or_default(), s)
+        }
     }
 }
 
 /// The lease bounds as the file and flags name them.
+#[derive(Deserialize, Serialize)]
+#[serde(default)]
+struct LeaseKeys {
+    #[serde(with = "written::duration")]
+    ttl_min: Duration,
+    #[serde(with = "written::duration")]
+    ttl_max: Duration,
+    #[serde(with = "written::duration")]
+    ttl_default: Duration,
+}
+
+impl From<LeaseLimits> for LeaseKeys {
+    fn from(l: LeaseLimits) -> Self {
+        Self {
+            ttl_min: l.min,
+            ttl_max: l.max,
+            ttl_default: l.default,
+        }
+    }
+}
+
+impl Default for LeaseKeys {
+    fn default() -> Self {
+        LeaseLimits::default().into()
+    }
+}
+
 impl<'de> Deserialize<'de> for LeaseLimits {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(default)]
-        struct Keys {
-            #[serde(deserialize_with = "de::duration")]
-            ttl_min: Duration,
-            #[serde(deserialize_with = "de::duration")]
-            ttl_max: Duration,
-            #[serde(deserialize_with = "de::duration")]
-            ttl_default: Duration,
-        }
-        impl Default for Keys {
-            fn default() -> Self {
-                let l = LeaseLimits::default();
-                Self {
-                    ttl_min: l.min,
-                    ttl_max: l.max,
-                    ttl_default: l.default,
-                }
-            }
-        }
-        let k = Keys::deserialize(d)?;
+        let k = LeaseKeys::deserialize(d)?;
         Ok(LeaseLimits {
             min: k.ttl_min,
             max: k.ttl_max,
@@ -478,9 +544,15 @@ impl<'de> Deserialize<'de> for LeaseLimits {
     }
 }
 
+impl Serialize for LeaseLimits {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        LeaseKeys::from(*self).serialize(s)
+    }
+}
+
 /// The daemon's settings, resolved and checked. See [`RunArgs`] for what each means; a field
 /// takes its value from the key of the same name (`routes` and `plugins` for the directories).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Config {
     #[serde(rename = "routes")]
@@ -497,7 +569,7 @@ pub struct Config {
     /// From `ttl_min`, `ttl_max` and `ttl_default`.
     #[serde(skip)]
     pub lease: LeaseLimits,
-    #[serde(deserialize_with = "de::duration_or_off")]
+    #[serde(with = "written::duration_or_off")]
     pub rescan_interval: Option<Duration>,
     pub watch: bool,
     pub max_body: usize,
@@ -526,30 +598,30 @@ pub struct Config {
 pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
 
 /// See [`ProxyArgs`] for what each setting means.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct ProxySettings {
-    #[serde(deserialize_with = "de::duration")]
+    #[serde(with = "written::duration")]
     pub connect_timeout: Duration,
-    #[serde(deserialize_with = "de::duration")]
+    #[serde(with = "written::duration")]
     pub upstream_timeout: Duration,
-    #[serde(deserialize_with = "de::duration")]
+    #[serde(with = "written::duration")]
     pub upstream_idle_timeout: Duration,
-    #[serde(deserialize_with = "de::duration")]
+    #[serde(with = "written::duration")]
     pub header_timeout: Duration,
-    #[serde(deserialize_with = "de::duration")]
+    #[serde(with = "written::duration")]
     pub body_idle_timeout: Duration,
-    #[serde(deserialize_with = "de::duration")]
+    #[serde(with = "written::duration")]
     pub keepalive_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_http_connections: usize,
     pub retries: u32,
-    #[serde(deserialize_with = "de::duration")]
+    #[serde(with = "written::duration")]
     pub cooldown: Duration,
-    #[serde(deserialize_with = "de::duration")]
+    #[serde(with = "written::duration")]
     pub tcp_idle_timeout: Duration,
     pub max_connections: usize,
-    #[serde(deserialize_with = "de::duration")]
+    #[serde(with = "written::duration")]
     pub shutdown_grace: Duration,
     pub splice: bool,
     /// Plain HTTP/1.1 requests take the direct path (see `proxy::h1`).
@@ -663,6 +735,24 @@ impl Config {
         }
         c.validate()?;
         Ok(c)
+    }
+
+    /// The settings under the keys the file and the flags use, each value written as the file
+    /// would have it.
+    pub fn keys(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut keys = serde_json::Map::new();
+        // These parts are plain structs of strings, numbers and lists: they always serialize.
+        let parts = [
+            serde_json::to_value(self),
+            serde_json::to_value(&self.proxy),
+            serde_json::to_value(self.lease),
+        ];
+        for part in parts {
+            if let Ok(serde_json::Value::Object(part)) = part {
+                keys.extend(part);
+            }
+        }
+        keys
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -832,6 +922,68 @@ mod tests {
         assert!(
             err.to_string().contains("ttl_max") && err.to_string().contains("forever"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn the_defaults_written_as_a_file_read_back_as_the_defaults() {
+        let defaults = Config::default().keys();
+        let written: toml::Table = defaults
+            .iter()
+            .filter(|(_, value)| !value.is_null())
+            .map(|(key, value)| (key.clone(), serde_json::from_value(value.clone()).unwrap()))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("harbor.toml");
+        std::fs::write(&file, toml::to_string(&written).unwrap()).unwrap();
+        let read = Config::from_args(RunArgs {
+            config: Some(file),
+            ..RunArgs::default()
+        })
+        .unwrap();
+        assert_eq!(read.keys(), defaults);
+    }
+
+    #[test]
+    fn the_help_shows_each_group_and_the_defaults_that_apply() {
+        let help = Cli::command_with_defaults().render_long_help().to_string();
+        for group in [
+            "API:",
+            "Routes and leases:",
+            "Proxy:",
+            "Caddy:",
+            "Envoy:",
+            "Plugins:",
+            "Demo:",
+        ] {
+            assert!(help.contains(group), "no {group} group in\n{help}");
+        }
+        let proxy = ProxySettings::default();
+        for (flag, default) in [
+            (
+                "--connect-timeout",
+                humantime::format_duration(proxy.connect_timeout).to_string(),
+            ),
+            ("--max-header-bytes", proxy.max_header_bytes.to_string()),
+            ("--api", "127.0.0.1:7070".to_owned()),
+        ] {
+            let from = help.find(&format!("{flag} <")).unwrap();
+            let to = help[from..].find("[env:").unwrap();
+            assert!(
+                help[from..from + to].contains(&format!("[default: {default}]")),
+                "{}",
+                &help[from..from + to]
+            );
+        }
+        let ungrouped = Cli::command()
+            .get_arguments()
+            .filter(|arg| arg.get_help_heading().is_none())
+            .map(|arg| arg.get_id().to_string())
+            .collect::<Vec<_>>();
+        assert_eq!(
+            ungrouped,
+            ["config", "log_format"],
+            "every setting has a group"
         );
     }
 

@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use harbor::config::{Cli, Command, Config, LogFormat, PluginCommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -29,7 +28,7 @@ fn init_logging(format: LogFormat) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_with_defaults();
     match &cli.command {
         Some(Command::Plugin(PluginCommand::Check { file })) => return check_plugin(file),
         Some(Command::Echo { listen }) => return echo(listen).await,
