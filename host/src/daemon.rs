@@ -73,7 +73,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
             PluginEngine::shared()?,
             core.registry.bus().clone(),
             core.metrics.clone(),
-            zone.as_ref().map(|z| z.addr),
+            zone.as_ref().map(|z| z.bound.addr),
         )?),
     };
 
@@ -96,6 +96,8 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     // Everything that follows the registry, each from the event it was built as of.
     let cancel = &core.cancel;
     let registry = &core.registry;
+    // Cancelled once the backend driver has written what the proxy needs while Harbor is away.
+    let settled = CancellationToken::new();
     tasks.spawn(public::follow(
         public,
         registry.clone(),
@@ -106,11 +108,12 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     ));
     tasks.spawn(registry::reaper(registry.clone(), cancel.clone()));
     if let Some(zone) = zone {
-        tracing::info!(addr = %zone.addr, "upstream DNS responder for Caddy listening");
-        tasks.spawn(dns::serve_udp(
+        tracing::info!(addr = %zone.bound.addr, "upstream DNS responder for Caddy listening");
+        tasks.spawn(dns::serve(
             zone.zone.clone(),
-            zone.socket,
+            zone.bound,
             cancel.clone(),
+            settled.clone(),
         ));
         tasks.spawn(dns::follow(
             zone.zone,
@@ -126,6 +129,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
             pending,
             registry.clone(),
             cancel.clone(),
+            settled.clone(),
         ));
     }
     tasks.spawn(routing::follow(
@@ -291,8 +295,7 @@ async fn start_proxy(
 /// The DNS zone Caddy's dynamic upstreams read, bound and filled.
 struct DnsZone {
     zone: Arc<dns::Zone>,
-    socket: tokio::net::UdpSocket,
-    addr: SocketAddr,
+    bound: dns::Bound,
     /// The event the zone was filled as of.
     as_of: u64,
 }
@@ -306,18 +309,13 @@ async fn bind_dns(
     if config.backend != BackendKind::Caddy {
         return Ok(None);
     }
-    let (socket, addr) = dns::bind(config.dns_listen, &config.state_dir)
+    let bound = dns::bind(config.dns_listen, &config.state_dir)
         .await
         .context("cannot bind the upstream DNS responder")?;
     let zone = Arc::new(dns::Zone::default());
     let as_of = registry.bus().last_id();
     zone.sync(&registry.services(), routing);
-    Ok(Some(DnsZone {
-        zone,
-        socket,
-        addr,
-        as_of,
-    }))
+    Ok(Some(DnsZone { zone, bound, as_of }))
 }
 
 /// Where the API and Gangway listen.

@@ -107,6 +107,9 @@ pub enum Event {
         revision: u64,
         reason: String,
         retryable: bool,
+        /// The one service the proxy refused, when the failure is that (the rest applied).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        service: Option<String>,
     },
     /// The proxy no longer runs what Harbor applied (restarted, reloaded, edited by hand).
     BackendDrift {

@@ -152,6 +152,7 @@ pub struct BackendMetrics {
     pub drifts: IntCounterVec,
     pub swaps: IntCounterVec,
     pub in_sync: IntGauge,
+    pub refused_services: IntGauge,
 }
 
 impl BackendMetrics {
@@ -191,13 +192,19 @@ impl BackendMetrics {
         registry.register(Box::new(apply_seconds.clone()))?;
         registry.register(Box::new(drifts.clone()))?;
         registry.register(Box::new(swaps.clone()))?;
+        let refused_services = IntGauge::new(
+            "backend_refused_services",
+            "Services the proxy refused and Harbor left out of its configuration",
+        )?;
         registry.register(Box::new(in_sync.clone()))?;
+        registry.register(Box::new(refused_services.clone()))?;
         Ok(Self {
             applies,
             apply_seconds,
             drifts,
             swaps,
             in_sync,
+            refused_services,
         })
     }
 }

@@ -1,6 +1,13 @@
 //! Caddy's admin API through the host's bound HTTP client. Every write is conditional
 //! (`If-Match` with the `ETag` of the read it is based on), so a concurrent change by someone
 //! else makes the write fail with `412` and the adapter reads again instead of overwriting it.
+//!
+//! Caddy takes or refuses a configuration whole. When it refuses Harbor's routes, the adapter
+//! finds the services it refuses by halving the routes offered (about two writes per halving),
+//! applies the rest, and reports those services with Caddy's reason; it does not offer the same
+//! route again.
+
+use std::collections::HashMap;
 
 use serde_json::{Value, json};
 
@@ -9,19 +16,24 @@ use harbor_adapter_common::bindings::exports::harbor::backend::adapter::{
 };
 use harbor_adapter_common::bindings::harbor::backend::http_client::{self, HttpError, Response};
 use harbor_adapter_common::bindings::harbor::backend::log::{self, Level};
+use harbor_adapter_common::bindings::harbor::backend::types::{Applied, RefusedService};
 use harbor_adapter_common::http_services;
 
-use crate::routes::{self, Features, Partitions, Settings};
+use crate::routes::{self, Fallbacks, Features, Settings, service_of};
 
 /// Conditional writes retried after a `412` before the apply is given up (and retried later).
 const MAX_CONFLICTS: usize = 5;
 
 pub struct Admin {
     settings: Settings,
-    /// The inner routes last written (or found already in place), and their revision.
-    applied: Option<(u64, Value)>,
-    /// What this Caddy understands; learned from rejections.
     features: Features,
+    /// Harbor's inner routes as Caddy holds them (as written, or as read); `None` until known,
+    /// and again once a probe finds them changed.
+    live: Option<Value>,
+    /// The revision `live` was applied for.
+    revision: Option<u64>,
+    /// Routes Caddy refused, by service, with its reason.
+    refusals: HashMap<String, (Value, String)>,
 }
 
 struct Read {
@@ -31,12 +43,26 @@ struct Read {
     text: String,
 }
 
+/// A route Caddy refused, and its reason.
+type Refused = (Value, String);
+
+/// Caddy's verdict on a write.
+enum Verdict {
+    Taken,
+    /// Someone else changed the configuration since it was read.
+    Conflict,
+    /// Caddy refused the configuration, for this reason.
+    Refused(String),
+}
+
 impl Admin {
     pub fn new(settings: Settings) -> Self {
         Self {
+            features: Features::of(&settings),
             settings,
-            applied: None,
-            features: Features::default(),
+            live: None,
+            revision: None,
+            refusals: HashMap::new(),
         }
     }
 
@@ -44,24 +70,123 @@ impl Admin {
         format!("/id/{}/handle/0/routes", self.settings.route_id)
     }
 
-    pub fn apply(&mut self, state: &DesiredState) -> Result<u64, AdapterError> {
+    pub fn apply(&mut self, state: &DesiredState) -> Result<Applied, AdapterError> {
         let services = http_services(state);
-        let live = self
-            .applied
-            .as_ref()
-            .map_or_else(Partitions::new, |(_, routes)| routes::partitions_of(routes));
-        let build =
-            |features| Value::Array(routes::routes(&services, &self.settings, features, &live));
-        let mut desired = build(self.features);
-        // What was last written is still in place unless a probe found otherwise (it forgets
-        // `applied` then): instance churn of dynamic services costs Caddy nothing, not even a
-        // read.
-        if let Some((_, applied)) = &self.applied
-            && *applied == desired
-        {
-            self.applied = Some((state.revision, desired));
-            return Ok(state.revision);
+        let live = match &self.live {
+            Some(live) => live.clone(),
+            None => get(&self.inner_path())?.body,
+        };
+        let kept = if state.refresh_fallbacks {
+            Fallbacks::new()
+        } else {
+            routes::fallbacks_of(&live)
+        };
+        let build = |kept| routes::routes(&services, &self.settings, self.features, kept);
+        let desired = build(&kept);
+        let fallbacks_stale = desired != build(&Fallbacks::new());
+        self.live = Some(live);
+
+        // A route Caddy refused is not offered again while it stays the same.
+        let mut refused = Vec::new();
+        let mut offered = Vec::with_capacity(desired.len());
+        for route in desired {
+            match service_of(&route).and_then(|name| self.refusals.get(name)) {
+                Some((same, reason)) if *same == route => refused.push(RefusedService {
+                    name: service_of(&route).unwrap_or_default().to_owned(),
+                    reason: reason.clone(),
+                }),
+                _ => offered.push(route),
+            }
         }
+        let (accepted, newly) = self.write_isolating(offered)?;
+        self.refusals
+            .retain(|name, _| refused.iter().any(|r| &r.name == name));
+        for (route, reason) in newly {
+            let name = service_of(&route).unwrap_or_default().to_owned();
+            log::log(
+                Level::Warn,
+                &format!("Caddy refuses the route of {name}: {reason}"),
+            );
+            refused.push(RefusedService {
+                name: name.clone(),
+                reason: reason.clone(),
+            });
+            self.refusals.insert(name, (route, reason));
+        }
+        self.live = Some(Value::Array(accepted));
+        self.revision = Some(state.revision);
+        Ok(Applied {
+            revision: state.revision,
+            refused,
+            fallbacks_stale,
+        })
+    }
+
+    /// Writes `routes`; if Caddy refuses them, writes the largest part it takes, found by
+    /// halving. Returns the routes Caddy holds and the refused ones with its reasons.
+    fn write_isolating(
+        &mut self,
+        routes: Vec<Value>,
+    ) -> Result<(Vec<Value>, Vec<Refused>), AdapterError> {
+        // What was last written is still in place unless a probe found otherwise: instance
+        // churn of dynamic services costs Caddy nothing, not even a read.
+        if self.live.as_ref().and_then(Value::as_array) == Some(&routes) {
+            return Ok((routes, Vec::new()));
+        }
+        let reason = match self.write(&routes)? {
+            Ok(()) => return Ok((routes, Vec::new())),
+            Err(reason) => reason,
+        };
+        log::log(
+            Level::Warn,
+            &format!("Caddy refused Harbor's routes ({reason}); finding the services it refuses"),
+        );
+        let mut accepted: Vec<usize> = Vec::new();
+        let mut refused = Vec::new();
+        let mut wrote = false;
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        match routes.len() {
+            0 => {}
+            1 => refused.push((routes[0].clone(), reason)),
+            n => {
+                let all: Vec<usize> = (0..n).collect();
+                let (left, right) = all.split_at(n / 2);
+                groups.push(right.to_vec());
+                groups.push(left.to_vec());
+            }
+        }
+        let pick = |indices: &[usize]| -> Vec<Value> {
+            indices.iter().map(|&i| routes[i].clone()).collect()
+        };
+        while let Some(group) = groups.pop() {
+            let mut trial: Vec<usize> = accepted.iter().chain(&group).copied().collect();
+            trial.sort_unstable();
+            match self.write(&pick(&trial))? {
+                Ok(()) => {
+                    accepted = trial;
+                    wrote = true;
+                }
+                Err(reason) if group.len() == 1 => refused.push((routes[group[0]].clone(), reason)),
+                Err(_) => {
+                    let (left, right) = group.split_at(group.len() / 2);
+                    groups.push(right.to_vec());
+                    groups.push(left.to_vec());
+                }
+            }
+        }
+        let kept = pick(&accepted);
+        // Caddy still holds what it held before this apply: bring it to the routes it takes.
+        if !wrote && let Err(reason) = self.write(&kept)? {
+            return Err(AdapterError::Rejected(format!(
+                "Caddy refuses Harbor's routes whatever services they hold: {reason}"
+            )));
+        }
+        Ok((kept, refused))
+    }
+
+    /// Makes Harbor's inner routes `routes`: `Ok(Err(reason))` when Caddy refuses them.
+    fn write(&mut self, routes: &[Value]) -> Result<Result<(), String>, AdapterError> {
+        let desired = Value::Array(routes.to_vec());
         let mut conflicts = 0;
         loop {
             let current = get(&self.inner_path())?;
@@ -70,7 +195,7 @@ impl Admin {
                 // never made: build it with the routes in it.
                 self.create_container(&desired)?
             } else if current.body == desired {
-                break;
+                return Ok(Ok(()));
             } else {
                 send(
                     "PATCH",
@@ -79,45 +204,29 @@ impl Admin {
                     &desired,
                 )?
             };
-            match written.status {
-                200 if current.status != 200 => {
-                    log::log(Level::Info, "created Harbor's container route in Caddy");
-                    break;
+            match verdict(&written)? {
+                Verdict::Taken => {
+                    if current.status != 200 {
+                        log::log(Level::Info, "created Harbor's container route in Caddy");
+                    }
+                    self.live = Some(desired);
+                    return Ok(Ok(()));
                 }
-                200 => break,
-                412 if conflicts < MAX_CONFLICTS => {
+                Verdict::Conflict if conflicts < MAX_CONFLICTS => {
                     conflicts += 1;
                     log::log(
                         Level::Info,
                         "Harbor's routes changed under us; reading them again",
                     );
                 }
-                412 => {
+                Verdict::Conflict => {
                     return Err(AdapterError::Retryable(
                         "Harbor's routes keep changing under us".into(),
                     ));
                 }
-                _ if self.features.weighted && mentions_unknown_wrr(&written.text) => {
-                    log::log(
-                        Level::Info,
-                        "this Caddy has no weighted_round_robin; weighted services use round_robin",
-                    );
-                    self.features.weighted = false;
-                    desired = build(self.features);
-                }
-                _ if self.features.thresholds && mentions_thresholds(&written.text) => {
-                    log::log(
-                        Level::Info,
-                        "this Caddy has no rise/fall thresholds on active health checks; it uses one check",
-                    );
-                    self.features.thresholds = false;
-                    desired = build(self.features);
-                }
-                status => return Err(refusal(status, &written.text)),
+                Verdict::Refused(reason) => return Ok(Err(reason)),
             }
         }
-        self.applied = Some((state.revision, desired));
-        Ok(state.revision)
     }
 
     /// Inserts the container route, holding `inner`, first in the server that listens on the
@@ -201,7 +310,7 @@ impl Admin {
 
     pub fn probe(&mut self) -> Result<ProbeReport, AdapterError> {
         let current = get(&self.inner_path())?;
-        let Some((revision, expected)) = &self.applied else {
+        let (Some(revision), Some(expected)) = (&self.revision, &self.live) else {
             return Ok(ProbeReport {
                 in_sync: false,
                 applied_revision: None,
@@ -231,7 +340,7 @@ impl Admin {
             }
         };
         if !report.in_sync {
-            self.applied = None;
+            self.live = None;
         }
         Ok(report)
     }
@@ -256,17 +365,35 @@ impl Admin {
                 &Value::Null,
             )?;
         }
-        self.applied = None;
+        self.live = None;
+        self.revision = None;
         Ok(())
     }
 }
 
-fn mentions_unknown_wrr(text: &str) -> bool {
-    text.contains("unknown module") && text.contains("weighted_round_robin")
+/// What Caddy's answer to a write says. Caddy answers a configuration it cannot load with `400`
+/// or, for errors found while loading, `500` with a JSON `error`; other answers mean it could
+/// not be asked (a proxy in front of it, a restart) and are worth retrying.
+fn verdict(written: &Read) -> Result<Verdict, AdapterError> {
+    let caddy_error = written.body["error"].as_str();
+    match written.status {
+        200 => Ok(Verdict::Taken),
+        412 => Ok(Verdict::Conflict),
+        400..=499 => Ok(Verdict::Refused(reason(written))),
+        500 if caddy_error.is_some() => Ok(Verdict::Refused(reason(written))),
+        status => Err(AdapterError::Retryable(format!(
+            "Caddy answered {status}: {}",
+            written.text.trim()
+        ))),
+    }
 }
 
-fn mentions_thresholds(text: &str) -> bool {
-    text.contains("unknown field \"passes\"") || text.contains("unknown field \"fails\"")
+/// Caddy's reason, from its JSON error when it gave one.
+fn reason(written: &Read) -> String {
+    match written.body["error"].as_str() {
+        Some(error) => format!("Caddy answered {}: {error}", written.status),
+        None => format!("Caddy answered {}: {}", written.status, written.text.trim()),
+    }
 }
 
 fn refusal(status: u16, text: &str) -> AdapterError {

@@ -12,7 +12,7 @@ pub mod routes;
 use std::cell::RefCell;
 
 use harbor_adapter_common::bindings::exports::harbor::backend::adapter::{
-    AdapterError, Description, DesiredState, Guest, ProbeReport,
+    AdapterError, Applied, Description, DesiredState, Guest, ProbeReport,
 };
 
 use admin::Admin;
@@ -41,7 +41,7 @@ impl Guest for Caddy {
         Ok(())
     }
 
-    fn apply(state: DesiredState) -> Result<u64, AdapterError> {
+    fn apply(state: DesiredState) -> Result<Applied, AdapterError> {
         ADMIN.with(|a| a.borrow_mut().apply(&state))
     }
 

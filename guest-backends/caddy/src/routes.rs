@@ -6,11 +6,15 @@
 //! responder (`dynamic_upstreams`), so instance churn and health changes need no reload; Harbor
 //! runs their health checks itself and leaves failing instances out of its answers (Caddy runs
 //! active checks only on static upstreams). Round-robin, least-connections and random services
-//! ask for a rotating window of their instances (`aperture`), because Caddy 2.6 works through
-//! every upstream of an answer on every request. Services whose policy ties a client to an
-//! instance (hashing, first) need every instance in view: when one DNS answer cannot hold them
-//! they are split into partitions, listed as one `multi` source. The others get static upstreams
-//! and Caddy's own active checks.
+//! ask for a rotating window of their instances (`aperture`) over UDP, because Caddy 2.6 works
+//! through every upstream of an answer on every request. Services whose policy ties a client to
+//! an instance (hashing, first) need every instance in view, so they ask over TCP, where one
+//! answer holds them all. The others get static upstreams and Caddy's own active checks.
+//!
+//! Beside its dynamic source each such service keeps a static list of its instances, which
+//! Caddy uses whenever the lookup fails: while Harbor is stopped or restarting, Caddy keeps
+//! routing. The list is written when the service first appears and otherwise only when the host
+//! asks for it (`refresh-fallbacks`), so that churn costs no reload.
 
 use std::collections::HashMap;
 
@@ -36,13 +40,17 @@ pub struct Settings {
     pub dns_zone: String,
     /// How long Caddy keeps an answer.
     pub dns_refresh: String,
-    /// Most instances one DNS answer carries (it must fit one UDP packet); a service with more
-    /// is split into partitions.
-    pub dns_max: usize,
     /// Most instances of a round-robin, least-connections or random service that one answer
-    /// names; successive answers rotate through the rest. 0 names them all, in partitions.
+    /// names; successive answers rotate through the rest. 0 names them all, over TCP. At most
+    /// [`MAX_WINDOW`], so that a window fits one UDP answer.
     pub aperture: usize,
+    /// The version of the Caddy being driven, as it reports it (`v2.11.7`); empty when unknown,
+    /// and then only what Caddy 2.6 understands is written.
+    pub version: String,
 }
+
+/// The largest window: what fits the 1,232 bytes of one UDP answer with room to spare.
+pub const MAX_WINDOW: usize = 32;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -54,8 +62,8 @@ impl Default for Settings {
             upstream_dns: String::new(),
             dns_zone: "svc.harbor.".into(),
             dns_refresh: "100ms".into(),
-            dns_max: 40,
             aperture: 4,
+            version: String::new(),
         }
     }
 }
@@ -82,63 +90,74 @@ impl Settings {
         {
             return Err(format!("listen {:?} must be HOST:PORT", s.listen));
         }
+        if s.aperture > MAX_WINDOW {
+            return Err(format!(
+                "aperture {} is more than one DNS answer holds ({MAX_WINDOW})",
+                s.aperture
+            ));
+        }
+        if !s.version.is_empty() && Features::of_version(&s.version).is_none() {
+            return Err(format!("version {:?} is not a Caddy version", s.version));
+        }
         Ok(s)
     }
 }
 
 pub use harbor_adapter_common::{Health, Service};
 
-/// What the Caddy being driven understands, learned from its rejections (Caddy 2.6 has neither).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the Caddy being driven understands, from the version it reports. Caddy 2.6 has none of
+/// these; 2.7 brought them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Features {
-    /// The `weighted_round_robin` selection policy (Caddy 2.7+).
+    /// The `weighted_round_robin` selection policy.
     pub weighted: bool,
-    /// `passes` / `fails` thresholds on active health checks (Caddy 2.7+).
+    /// `passes` / `fails` thresholds on active health checks.
     pub thresholds: bool,
 }
 
-impl Default for Features {
-    fn default() -> Self {
-        Self {
-            weighted: true,
-            thresholds: true,
-        }
+impl Features {
+    /// The features of Caddy `version` (`v2.11.7`, `2.6.2`, `v2.8.0-beta.1 h1:…`); `None` for
+    /// text that is not a version.
+    pub fn of_version(version: &str) -> Option<Self> {
+        let number = version.split_whitespace().next()?.trim_start_matches('v');
+        let mut parts = number.split(['.', '-', '+']);
+        let major: u32 = parts.next()?.parse().ok()?;
+        let minor: u32 = parts.next()?.parse().ok()?;
+        let modern = (major, minor) >= (2, 7);
+        Some(Self {
+            weighted: modern,
+            thresholds: modern,
+        })
+    }
+
+    /// The features named by `settings`: an unknown version gets what every supported Caddy
+    /// understands.
+    pub fn of(settings: &Settings) -> Self {
+        Features::of_version(&settings.version).unwrap_or_default()
     }
 }
 
-/// How many DNS partitions each dynamic service has, by name: what is live, so that instance churn
-/// keeps the count (and so the configuration) unchanged while it still fits.
-pub type Partitions = HashMap<String, usize>;
+/// Each dynamic service's static list of instances, by service name: what Caddy falls back on.
+pub type Fallbacks = HashMap<String, Value>;
 
-/// The partition counts in `routes` as last written.
-pub fn partitions_of(routes: &Value) -> Partitions {
-    let mut partitions = Partitions::new();
-    for route in routes.as_array().into_iter().flatten() {
-        let Some(name) = route["group"]
-            .as_str()
-            .and_then(|g| g.strip_prefix("harbor-"))
-        else {
-            continue;
-        };
-        let source = &route["handle"][0]["dynamic_upstreams"];
-        let count = match source["source"].as_str() {
-            Some("multi") => source["sources"].as_array().map_or(0, Vec::len),
-            Some(_) => 1,
-            None => continue,
-        };
-        partitions.insert(name.to_owned(), count);
-    }
-    partitions
+/// The service a route of Harbor's is for.
+pub fn service_of(route: &Value) -> Option<&str> {
+    route["group"].as_str()?.strip_prefix("harbor-")
 }
 
-/// The partition count for `n` instances: the live one while every partition is non-empty and fits one
-/// answer, else enough partitions to fill each to three quarters.
-fn partition_count(n: usize, live: Option<usize>, max: usize) -> usize {
-    let max = max.max(1);
-    match live {
-        Some(k) if k >= 1 && k <= n && n <= k * max => k,
-        _ => n.div_ceil((max * 3 / 4).max(1)).max(1),
-    }
+/// The static lists in `routes` as last written.
+pub fn fallbacks_of(routes: &Value) -> Fallbacks {
+    routes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|route| {
+            let handler = &route["handle"][0];
+            handler.get("dynamic_upstreams")?;
+            let list = handler.get("upstreams")?;
+            Some((service_of(route)?.to_owned(), list.clone()))
+        })
+        .collect()
 }
 
 /// Caddy's selection policy for a Harbor strategy. Caddy 2.6 has no weighted round-robin, so
@@ -163,7 +182,7 @@ pub fn routes(
     services: &[Service<'_>],
     settings: &Settings,
     features: Features,
-    live: &Partitions,
+    kept: &Fallbacks,
 ) -> Vec<Value> {
     let mut ordered: Vec<&Service<'_>> = services.iter().collect();
     // Longer path prefixes first, so `/api` wins over `/` on the same host.
@@ -175,11 +194,11 @@ pub fn routes(
     });
     ordered
         .iter()
-        .map(|s| route(s, settings, features, live.get(s.name).copied()))
+        .map(|s| route(s, settings, features, kept.get(s.name)))
         .collect()
 }
 
-fn route(s: &Service<'_>, settings: &Settings, features: Features, live: Option<usize>) -> Value {
+fn route(s: &Service<'_>, settings: &Settings, features: Features, kept: Option<&Value>) -> Value {
     let mut matcher = serde_json::Map::new();
     if !s.hosts.is_empty() {
         matcher.insert("host".into(), json!(s.hosts));
@@ -194,16 +213,15 @@ fn route(s: &Service<'_>, settings: &Settings, features: Features, live: Option<
             .iter()
             .all(|(a, _)| a.parse::<std::net::SocketAddrV4>().is_ok());
     let passive = json!({"fail_duration": "5s", "max_fails": 3});
+    let statics = || -> Value {
+        s.upstreams
+            .iter()
+            .map(|(a, _)| json!({"dial": a}))
+            .collect()
+    };
     let handler = if dynamic {
-        let resolver = json!({"addresses": [format!("udp/{}", settings.upstream_dns)]});
-        let srv = |name: String| {
-            json!({
-                "source": "srv",
-                "name": name,
-                "refresh": settings.dns_refresh,
-                "resolver": resolver,
-            })
-        };
+        let udp = json!({"addresses": [format!("udp/{}", settings.upstream_dns)]});
+        let tcp = json!({"addresses": [format!("tcp/{}", settings.upstream_dns)]});
         let zone = format!("{}.{}", s.name, settings.dns_zone);
         let policy = selection_policy(s.strategy, &[], false);
         let round_robin = policy["policy"] == "round_robin";
@@ -211,22 +229,24 @@ fn route(s: &Service<'_>, settings: &Settings, features: Features, live: Option<
             policy["policy"].as_str(),
             Some("round_robin" | "least_conn" | "random")
         );
-        let window = settings.aperture.min(settings.dns_max);
-        let k = partition_count(s.upstreams.len(), live, settings.dns_max);
-        let source = if window > 0 && !affinity {
-            // One source whatever the size, so a growing service never re-partitions (reloads).
-            srv(format!("_a{window}.{zone}"))
-        } else if k == 1 {
-            srv(zone)
+        let (name, resolver) = if settings.aperture > 0 && !affinity {
+            // One window whatever the size, so a growing service never changes its route.
+            (format!("_a{}.{zone}", settings.aperture), &udp)
         } else {
-            let partitions = (0..k).map(|i| srv(format!("_{i}-{k}.{zone}"))).collect();
-            json!({"source": "multi", "sources": Value::Array(partitions)})
+            (zone, &tcp)
         };
         let mut handler = json!({
             "handler": "reverse_proxy",
-            "dynamic_upstreams": source,
+            "dynamic_upstreams": {
+                "source": "srv",
+                "name": name,
+                "refresh": settings.dns_refresh,
+                "resolver": resolver,
+            },
+            // What Caddy uses when the lookup fails: while Harbor is away.
+            "upstreams": kept.cloned().unwrap_or_else(statics),
             // SRV targets are names in Harbor's zone: they resolve through it too.
-            "transport": {"protocol": "http", "resolver": resolver},
+            "transport": {"protocol": "http", "resolver": udp},
             "load_balancing": {
                 "selection_policy": policy,
                 "retries": settings.retries,
@@ -248,11 +268,7 @@ fn route(s: &Service<'_>, settings: &Settings, features: Features, live: Option<
             "body": format!("{}: no instances registered\n", s.name),
         })
     } else {
-        let upstreams: Vec<Value> = s
-            .upstreams
-            .iter()
-            .map(|(a, _)| json!({"dial": a}))
-            .collect();
+        let upstreams = statics();
         let weights: Vec<u32> = s.upstreams.iter().map(|(_, w)| *w).collect();
         let mut checks = json!({"passive": passive});
         if let Some(active) = s.health.as_ref().and_then(|h| active_check(h, features)) {
@@ -338,39 +354,97 @@ mod tests {
         );
     }
 
-    #[test]
-    fn loopback_services_use_dynamic_upstreams_when_a_resolver_is_set() {
-        let hosts = vec!["a.localhost".to_owned()];
-        let settings = Settings {
+    const MODERN: Features = Features {
+        weighted: true,
+        thresholds: true,
+    };
+
+    fn dns_settings() -> Settings {
+        Settings {
             upstream_dns: "127.0.0.1:5353".into(),
             ..Settings::default()
-        };
-        let old = Features {
-            weighted: false,
-            thresholds: false,
-        };
-        let r = routes(
-            &[svc("a", &hosts, "/", "random")],
-            &settings,
-            old,
-            &Partitions::new(),
+        }
+    }
+
+    #[test]
+    fn features_follow_the_version_caddy_reports() {
+        assert_eq!(Features::of_version("2.6.2"), Some(Features::default()));
+        assert_eq!(
+            Features::of_version("v2.11.7 h1:yj0Y4fYZGPkSvibBJ1sTWE33xC0fxztVyXEW5iIdUT4="),
+            Some(MODERN)
         );
+        assert_eq!(Features::of_version("v2.7.0-beta.1"), Some(MODERN));
+        assert_eq!(Features::of_version("v3.0.0"), Some(MODERN));
+        assert_eq!(Features::of_version("banana"), None);
+        let unknown = Settings::default();
+        assert_eq!(Features::of(&unknown), Features::default(), "2.6 at worst");
+        assert!(Settings::parse(r#"{"version": "nope"}"#).is_err());
+        assert!(Settings::parse(r#"{"aperture": 33}"#).is_err());
+    }
+
+    #[test]
+    fn loopback_services_use_dynamic_upstreams_with_a_static_fallback() {
+        let hosts = vec!["a.localhost".to_owned()];
+        let settings = dns_settings();
+        let old = Features::default();
+        let none = Fallbacks::new();
+        let r = routes(&[svc("a", &hosts, "/", "random")], &settings, old, &none);
         let h = &r[0]["handle"][0];
         assert_eq!(h["dynamic_upstreams"]["name"], "_a4.a.svc.harbor.");
-        assert!(h.get("upstreams").is_none());
+        assert_eq!(
+            h["dynamic_upstreams"]["resolver"]["addresses"],
+            json!(["udp/127.0.0.1:5353"])
+        );
+        assert_eq!(
+            h["upstreams"],
+            json!([{"dial": "127.0.0.1:9001"}, {"dial": "127.0.0.1:9002"}]),
+            "what Caddy serves while Harbor is away"
+        );
         // Random can retry onto the instance that just failed: passive checks take it out.
         assert!(h["health_checks"]["passive"].is_object());
         let r = routes(
             &[svc("a", &hosts, "/", "round-robin")],
             &settings,
             old,
-            &Partitions::new(),
+            &none,
         );
         assert!(r[0]["handle"][0].get("health_checks").is_none());
         let mut remote = svc("b", &hosts, "/", "random");
         remote.upstreams.push(("backend.internal:80", 1));
-        let r = routes(&[remote], &settings, old, &Partitions::new());
-        assert!(r[0]["handle"][0]["upstreams"].is_array());
+        let r = routes(&[remote], &settings, old, &none);
+        assert!(r[0]["handle"][0].get("dynamic_upstreams").is_none());
+        assert_eq!(r[0]["handle"][0]["upstreams"].as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn the_static_fallback_is_kept_through_churn_until_refreshed() {
+        let hosts = vec!["a.localhost".to_owned()];
+        let settings = dns_settings();
+        let first = routes(
+            &[svc("a", &hosts, "/", "round-robin")],
+            &settings,
+            MODERN,
+            &Fallbacks::new(),
+        );
+        let kept = fallbacks_of(&Value::Array(first.clone()));
+        assert_eq!(kept.len(), 1);
+        let mut churned = svc("a", &hosts, "/", "round-robin");
+        churned.upstreams = vec![("127.0.0.1:9003", 1)];
+        let again = routes(std::slice::from_ref(&churned), &settings, MODERN, &kept);
+        assert_eq!(again, first, "instance churn changes nothing Caddy holds");
+        let refreshed = routes(&[churned], &settings, MODERN, &Fallbacks::new());
+        assert_eq!(
+            refreshed[0]["handle"][0]["upstreams"],
+            json!([{"dial": "127.0.0.1:9003"}])
+        );
+        // Static services have no fallback to keep: their upstreams are the route.
+        let plain = routes(
+            &[svc("a", &hosts, "/", "round-robin")],
+            &Settings::default(),
+            MODERN,
+            &Fallbacks::new(),
+        );
+        assert!(fallbacks_of(&Value::Array(plain)).is_empty());
     }
 
     #[test]
@@ -380,13 +454,9 @@ mod tests {
             svc("a", &hosts, "/", "random"),
             svc("b", &hosts, "/api", "first"),
         ];
-        let r = routes(
-            &services,
-            &Settings::default(),
-            Features::default(),
-            &Partitions::new(),
-        );
+        let r = routes(&services, &Settings::default(), MODERN, &Fallbacks::new());
         assert_eq!(r[0]["group"], "harbor-b");
+        assert_eq!(service_of(&r[0]), Some("b"));
         assert_eq!(r[0]["match"][0]["path"], json!(["/api", "/api/*"]));
         assert!(r[1]["match"][0].get("path").is_none());
         assert_eq!(r[1]["handle"][0]["upstreams"][1]["dial"], "127.0.0.1:9002");
@@ -399,77 +469,48 @@ mod tests {
     #[test]
     fn services_without_affinity_get_one_rotating_window_at_any_size() {
         let hosts = vec!["a.localhost".to_owned()];
-        let settings = Settings {
-            upstream_dns: "127.0.0.1:5353".into(),
-            ..Settings::default()
-        };
+        let settings = dns_settings();
         for strategy in ["round-robin", "least-connections", "random", "my-canary"] {
             let mut s = svc("a", &hosts, "/", strategy);
             let addrs = many(100);
             s.upstreams = addrs.iter().map(|a| (a.as_str(), 1)).collect();
-            let r = routes(&[s], &settings, Features::default(), &Partitions::new());
+            let r = routes(&[s], &settings, MODERN, &Fallbacks::new());
             let source = &r[0]["handle"][0]["dynamic_upstreams"];
             assert_eq!(source["source"], "srv", "{strategy}");
             assert_eq!(source["name"], "_a4.a.svc.harbor.", "{strategy}");
         }
-        // With the window off, a round-robin service is partitioned like any other.
+    }
+
+    #[test]
+    fn services_with_affinity_see_every_instance_over_tcp_at_any_size() {
+        let hosts = vec!["a.localhost".to_owned()];
+        let settings = dns_settings();
+        let with = |n: u16, strategy: &str, settings: &Settings| {
+            let mut s = svc("a", &hosts, "/", strategy);
+            let addrs = many(n);
+            s.upstreams = addrs.iter().map(|a| (a.as_str(), 1)).collect();
+            routes(&[s], settings, MODERN, &Fallbacks::new())[0]["handle"][0]["dynamic_upstreams"]
+                .clone()
+        };
+        for n in [1, 40, 1000] {
+            let source = with(n, "consistent-hash", &settings);
+            assert_eq!(source["name"], "a.svc.harbor.", "{n}");
+            assert_eq!(
+                source["resolver"]["addresses"],
+                json!(["tcp/127.0.0.1:5353"])
+            );
+            assert_eq!(
+                source,
+                with(3, "consistent-hash", &settings),
+                "{n}: same route"
+            );
+        }
+        // With the window off, a round-robin service asks for all of them the same way.
         let whole = Settings {
             aperture: 0,
             ..settings
         };
-        let mut s = svc("a", &hosts, "/", "round-robin");
-        let addrs = many(100);
-        s.upstreams = addrs.iter().map(|a| (a.as_str(), 1)).collect();
-        let r = routes(&[s], &whole, Features::default(), &Partitions::new());
-        assert_eq!(r[0]["handle"][0]["dynamic_upstreams"]["source"], "multi");
-    }
-
-    #[test]
-    fn big_services_are_partitioned_and_churn_keeps_the_partition_count() {
-        let hosts = vec!["a.localhost".to_owned()];
-        let settings = Settings {
-            upstream_dns: "127.0.0.1:5353".into(),
-            ..Settings::default()
-        };
-        let with = |addrs: &[String], live: &Partitions| {
-            // Hashing needs every instance in view: no window.
-            let mut s = svc("a", &hosts, "/", "consistent-hash");
-            s.upstreams = addrs.iter().map(|a| (a.as_str(), 1)).collect();
-            routes(&[s], &settings, Features::default(), live)
-        };
-        let addrs = many(100);
-        let r = with(&addrs, &Partitions::new());
-        let source = &r[0]["handle"][0]["dynamic_upstreams"];
-        assert_eq!(source["source"], "multi");
-        let names: Vec<&str> = source["sources"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["name"].as_str().unwrap())
-            .collect();
-        assert_eq!(
-            names,
-            [
-                "_0-4.a.svc.harbor.",
-                "_1-4.a.svc.harbor.",
-                "_2-4.a.svc.harbor.",
-                "_3-4.a.svc.harbor."
-            ]
-        );
-        let live = partitions_of(&Value::Array(r.clone()));
-        assert_eq!(live.get("a"), Some(&4));
-        // Instances come and go: while four partitions hold them, nothing changes.
-        for n in [4, 60, 160] {
-            assert_eq!(with(&many(n), &live), r, "{n} instances");
-        }
-        // Past what four partitions hold, or below one instance per partition, the count changes.
-        let grown = with(&many(161), &live);
-        assert_eq!(partitions_of(&Value::Array(grown)).get("a"), Some(&6));
-        let shrunk = with(&many(3), &live);
-        assert_eq!(
-            shrunk[0]["handle"][0]["dynamic_upstreams"]["name"],
-            "a.svc.harbor."
-        );
+        assert_eq!(with(100, "round-robin", &whole)["name"], "a.svc.harbor.");
     }
 
     #[test]
@@ -484,26 +525,19 @@ mod tests {
             rise: 2,
             fall: 3,
         });
+        let none = Fallbacks::new();
         let r = routes(
             std::slice::from_ref(&s),
             &Settings::default(),
-            Features::default(),
-            &Partitions::new(),
+            MODERN,
+            &none,
         );
         assert_eq!(
             r[0]["handle"][0]["health_checks"]["active"],
             json!({"uri": "/healthz", "expect_status": 204, "interval": "500ms", "timeout": "200ms", "passes": 2, "fails": 3})
         );
-        let old = Features {
-            weighted: false,
-            thresholds: false,
-        };
-        let r = routes(
-            std::slice::from_ref(&s),
-            &Settings::default(),
-            old,
-            &Partitions::new(),
-        );
+        let old = Features::default();
+        let r = routes(std::slice::from_ref(&s), &Settings::default(), old, &none);
         assert!(
             r[0]["handle"][0]["health_checks"]["active"]
                 .get("fails")
@@ -511,7 +545,7 @@ mod tests {
         );
         // A TCP connect check has no Caddy equivalent: passive checks only.
         s.health.as_mut().unwrap().path = None;
-        let r = routes(&[s], &Settings::default(), old, &Partitions::new());
+        let r = routes(&[s], &Settings::default(), old, &none);
         assert!(r[0]["handle"][0]["health_checks"].get("active").is_none());
         assert!(r[0]["handle"][0]["health_checks"]["passive"].is_object());
     }

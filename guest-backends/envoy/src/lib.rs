@@ -12,7 +12,7 @@ pub mod xds;
 use std::cell::RefCell;
 
 use harbor_adapter_common::bindings::exports::harbor::backend::adapter::{
-    AdapterError, Description, DesiredState, Guest, ProbeReport,
+    AdapterError, Applied, Description, DesiredState, Guest, ProbeReport,
 };
 
 use sync::Files;
@@ -50,8 +50,14 @@ impl Guest for Envoy {
         Ok(())
     }
 
-    fn apply(state: DesiredState) -> Result<u64, AdapterError> {
-        with_files(|f| f.apply(&state))
+    fn apply(state: DesiredState) -> Result<Applied, AdapterError> {
+        // Envoy's files hold every instance, so there is no fallback to refresh.
+        let revision = with_files(|f| f.apply(&state))?;
+        Ok(Applied {
+            revision,
+            refused: Vec::new(),
+            fallbacks_stale: false,
+        })
     }
 
     fn probe() -> Result<ProbeReport, AdapterError> {

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use wasmtime::Store;
 
 use super::bindings::{
-    AdapterError, AdapterPlugin, AdapterPluginPre, AdapterState, CALL_BUDGET, Description,
+    AdapterError, AdapterPlugin, AdapterPluginPre, AdapterState, Applied, CALL_BUDGET, Description,
     DesiredState, ProbeReport, prepare,
 };
 use super::files::ConfinedDir;
@@ -149,7 +149,7 @@ impl Adapter {
         rx.await.map_err(|_| CallError::Gone)
     }
 
-    pub async fn apply(&self, state: DesiredState) -> Result<u64, CallError> {
+    pub async fn apply(&self, state: DesiredState) -> Result<Applied, CallError> {
         self.run(move |w| {
             w.call(|plugin, store| plugin.harbor_backend_adapter().call_apply(store, &state))
         })

@@ -21,13 +21,13 @@ mod generated {
 use generated::harbor::backend::{files, http_client, log, types};
 
 pub use generated::harbor::backend::types::{
-    AdapterError, Description, DesiredState, HealthCheck, HttpService, ProbeReport, TcpService,
-    Upstream,
+    AdapterError, Applied, Description, DesiredState, HealthCheck, HttpService, ProbeReport,
+    RefusedService, TcpService, Upstream,
 };
 pub use generated::{AdapterPlugin, AdapterPluginPre};
 
 /// The version of the adapter contract this host speaks.
-pub const CONTRACT: &str = "harbor:backend@0.2.0";
+pub const CONTRACT: &str = "harbor:backend@0.3.0";
 
 /// Linear memory an adapter instance may use: room for the JSON of a few thousand services.
 pub const MEMORY_LIMIT: usize = 128 << 20;

@@ -17,8 +17,8 @@ mod http;
 
 pub use adapter::{Adapter, AdapterSpec, CallError, Capabilities, FaultSink};
 pub use bindings::{
-    AdapterError, CONTRACT, Description, DesiredState, HealthCheck, HttpService, ProbeReport,
-    TcpService, Upstream,
+    AdapterError, Applied, CONTRACT, Description, DesiredState, HealthCheck, HttpService,
+    ProbeReport, RefusedService, TcpService, Upstream,
 };
 pub use builtin::{builtin, builtin_names};
 pub use files::ConfinedDir;

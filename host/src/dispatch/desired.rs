@@ -58,7 +58,8 @@ impl Desired {
         self.http.len() + self.tcp.len()
     }
 
-    pub fn to_wit(&self, revision: u64) -> DesiredState {
+    /// The state as the adapter contract has it; `refresh_fallbacks` as the contract says.
+    pub fn to_wit(&self, revision: u64, refresh_fallbacks: bool) -> DesiredState {
         let ups = |u: &[(String, u32)]| {
             u.iter()
                 .map(|(address, weight)| Upstream {
@@ -92,6 +93,7 @@ impl Desired {
                     health: s.health.as_ref().map(health_to_wit),
                 })
                 .collect(),
+            refresh_fallbacks,
         }
     }
 }

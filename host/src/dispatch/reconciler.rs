@@ -3,6 +3,10 @@
 //! backoff while the proxy is down, probes for drift and re-applies in full, and swaps adapters:
 //! the new one gets the full desired state before the old one retires.
 //!
+//! What the proxy keeps for when Harbor is away (Caddy's static upstream lists) may lag
+//! instance churn, so that churn costs no reload: when an apply says it lags, the reconciler
+//! asks for a refresh at most once every [`FALLBACK_EVERY`], and once more at shutdown.
+//!
 //! It drives anything [`Driven`] and loads swaps through a [`Loader`], so that its timing and
 //! its decisions are tested with paused time and no proxy at all.
 
@@ -15,7 +19,9 @@ use tokio::time::Instant;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Adapter, AdapterSpec, CallError, Description, DesiredState, ProbeReport};
+use crate::backend::{
+    Adapter, AdapterSpec, Applied, CallError, Description, DesiredState, ProbeReport,
+};
 use crate::backoff::Backoff;
 use crate::events::{Event, EventBus, Follower, Since};
 use crate::registry::Registry;
@@ -30,6 +36,10 @@ pub(super) const QUIET: Duration = Duration::from_millis(20);
 pub(super) const MAX_DELAY: Duration = Duration::from_millis(150);
 /// How often the proxy is checked for drift.
 pub(super) const PROBE_EVERY: Duration = Duration::from_millis(400);
+/// The proxy's fallbacks are refreshed at most this often while they lag the registry.
+pub(super) const FALLBACK_EVERY: Duration = Duration::from_secs(60);
+/// Longest the last apply at shutdown may take.
+pub(super) const SETTLE_WITHIN: Duration = Duration::from_secs(5);
 /// Retries of an apply the proxy failed: 100 ms doubling to 5 s.
 pub(super) const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
@@ -40,8 +50,9 @@ pub trait Driven: Send + Sync + 'static {
     fn source(&self) -> &str;
     /// Its component's content hash.
     fn hash(&self) -> &str;
-    /// Brings the proxy to `state`; the revision applied.
-    fn apply(&self, state: DesiredState) -> impl Future<Output = Result<u64, CallError>> + Send;
+    /// Brings the proxy to `state`, but for the services it refuses.
+    fn apply(&self, state: DesiredState)
+    -> impl Future<Output = Result<Applied, CallError>> + Send;
     /// Whether the proxy still runs what was applied.
     fn probe(&self) -> impl Future<Output = Result<ProbeReport, CallError>> + Send;
     /// Removes what it put in the proxy.
@@ -61,7 +72,10 @@ impl Driven for Adapter {
         &self.hash
     }
 
-    fn apply(&self, state: DesiredState) -> impl Future<Output = Result<u64, CallError>> + Send {
+    fn apply(
+        &self,
+        state: DesiredState,
+    ) -> impl Future<Output = Result<Applied, CallError>> + Send {
         Adapter::apply(self, state)
     }
 
@@ -98,6 +112,10 @@ struct Reconciler<A, L> {
     /// Applies failed in a row.
     failures: u32,
     next_probe: Instant,
+    /// When the proxy's fallbacks, which lag the registry, are to be refreshed.
+    fallbacks_due: Option<Instant>,
+    /// When they were last refreshed (or the reconciler started).
+    last_refresh: Instant,
 }
 
 /// Runs the dispatcher's reconciler until cancelled.
@@ -106,10 +124,11 @@ pub async fn run(
     pending: Pending,
     registry: Arc<Registry>,
     cancel: CancellationToken,
+    settled: CancellationToken,
 ) {
     let Pending { swaps, first } = pending;
     let book = dispatcher.book.clone();
-    reconcile(book, dispatcher, first, swaps, registry, cancel).await;
+    reconcile(book, dispatcher, first, swaps, registry, cancel, settled).await;
 }
 
 /// Keeps what `loader` loads in step with `registry`, starting with `first`, until cancelled.
@@ -120,7 +139,9 @@ async fn reconcile<A: Driven, L: Loader<A>>(
     mut swaps: mpsc::Receiver<SwapRequest>,
     registry: Arc<Registry>,
     cancel: CancellationToken,
+    settled: CancellationToken,
 ) {
+    let _settled = settled.drop_guard();
     let mut r = Reconciler {
         book: book.clone(),
         loader: loader.clone(),
@@ -134,6 +155,8 @@ async fn reconcile<A: Driven, L: Loader<A>>(
         retry_at: None,
         failures: 0,
         next_probe: Instant::now() + PROBE_EVERY,
+        fallbacks_due: None,
+        last_refresh: Instant::now(),
     };
     if let Some(spec) = first {
         let source = spec.source.clone();
@@ -161,7 +184,10 @@ async fn reconcile<A: Driven, L: Loader<A>>(
                 let _ = req.reply.send(result);
             }
             () = tokio::time::sleep_until(wake) => {}
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => {
+                r.settle().await;
+                return;
+            }
         }
     }
 }
@@ -185,6 +211,10 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
 
     fn next_wake(&self) -> Instant {
         let mut wake = self.next_probe;
+        // Pending changes are applied first, and the refresh goes with them when it is due.
+        if let (Some(due), None) = (self.fallbacks_due, self.dirty_since) {
+            wake = wake.min(due);
+        }
         if let Some(since) = self.dirty_since {
             let due = (self.last_change + QUIET).min(since + MAX_DELAY);
             let due = self.retry_at.map_or(due, |r| r.max(due));
@@ -195,6 +225,11 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
 
     async fn step(&mut self) {
         let now = Instant::now();
+        if self.dirty_since.is_none() && self.fallbacks_due.is_some_and(|due| now >= due) {
+            // Due now: no quiet window to wait out.
+            self.dirty_since = Some(now - MAX_DELAY);
+            self.last_change = now - QUIET;
+        }
         if let Some(since) = self.dirty_since {
             let due = (self.last_change + QUIET).min(since + MAX_DELAY);
             if now >= due && self.retry_at.is_none_or(|r| now >= r) {
@@ -225,15 +260,26 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             return;
         };
         let (revision, desired) = self.desired();
-        if self.refused.as_ref() == Some(&desired) {
+        let started = Instant::now();
+        let refresh = self.fallbacks_due.is_some_and(|due| started >= due);
+        if self.refused.as_ref() == Some(&desired) && !refresh {
             self.dirty_since = None;
             return;
         }
-        let started = Instant::now();
-        match adapter.apply(desired.to_wit(revision)).await {
+        match adapter.apply(desired.to_wit(revision, refresh)).await {
             Ok(applied) => {
-                self.book
-                    .record_applied(applied, desired.services(), started.elapsed());
+                self.book.record_applied(
+                    applied.revision,
+                    desired.services(),
+                    started.elapsed(),
+                    &applied.refused,
+                );
+                if refresh {
+                    self.last_refresh = started;
+                }
+                self.fallbacks_due = applied
+                    .fallbacks_stale
+                    .then_some(self.last_refresh + FALLBACK_EVERY);
                 self.applied = Some(desired);
                 self.refused = None;
                 self.dirty_since = None;
@@ -248,8 +294,25 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
                 } else {
                     self.refused = Some(desired);
                     self.dirty_since = None;
+                    // Nothing of a refused state is in the proxy to refresh.
+                    self.fallbacks_due = None;
                 }
             }
+        }
+    }
+
+    /// At shutdown: brings the proxy's fallbacks (and any change not yet applied) up to date,
+    /// so that the proxy routes to what the registry holds while Harbor is away.
+    async fn settle(&mut self) {
+        if self.adapter.is_none() || (self.fallbacks_due.is_none() && self.dirty_since.is_none()) {
+            return;
+        }
+        self.fallbacks_due = Some(Instant::now());
+        if tokio::time::timeout(SETTLE_WITHIN, self.apply())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the proxy's fallbacks could not be refreshed before shutdown");
         }
     }
 
@@ -312,7 +375,7 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
         let desired = Desired::of(&self.registry.services(), with_tcp);
         let started = Instant::now();
         let applied = new
-            .apply(desired.to_wit(revision))
+            .apply(desired.to_wit(revision, false))
             .await
             .map_err(|e| SwapError::Apply(e.to_string()))?;
         let old = self.adapter.replace(new);
@@ -332,8 +395,15 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             return Err(SwapError::Stopped);
         };
         self.book.set_active(active);
-        self.book
-            .record_applied(applied, desired.services(), started.elapsed());
+        self.book.record_applied(
+            applied.revision,
+            desired.services(),
+            started.elapsed(),
+            &applied.refused,
+        );
+        self.fallbacks_due = applied
+            .fallbacks_stale
+            .then_some(self.last_refresh + FALLBACK_EVERY);
         self.applied = Some(desired);
         self.refused = None;
         self.dirty_since = None;
@@ -363,7 +433,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::backend::{AdapterError, Capabilities};
+    use crate::backend::{AdapterError, Capabilities, RefusedService};
     use crate::events::lock;
     use crate::metrics::Metrics;
     use crate::model::{RouteInput, ServiceName, Upstream, UpstreamAddr};
@@ -381,6 +451,12 @@ mod tests {
         /// Whether the proxy still runs what was applied (what a probe finds).
         drifted: bool,
         released: bool,
+        /// A service the proxy refuses while taking the rest.
+        refuses_service: Option<String>,
+        /// How many services its fallbacks hold (they lag until refreshed), and the applies
+        /// that refreshed them.
+        fallbacks: usize,
+        refreshes: Vec<Instant>,
     }
 
     struct Fake {
@@ -417,11 +493,10 @@ mod tests {
             "0"
         }
 
-        async fn apply(&self, state: DesiredState) -> Result<u64, CallError> {
+        async fn apply(&self, state: DesiredState) -> Result<Applied, CallError> {
             let mut proxy = lock(&self.proxy);
-            proxy
-                .applies
-                .push((Instant::now(), state.http.len() + state.tcp.len()));
+            let services = state.http.len() + state.tcp.len();
+            proxy.applies.push((Instant::now(), services));
             if proxy.refuses {
                 return Err(CallError::Adapter(AdapterError::Rejected("bad".into())));
             }
@@ -430,7 +505,24 @@ mod tests {
                 return Err(CallError::Adapter(AdapterError::Retryable("down".into())));
             }
             proxy.drifted = false;
-            Ok(state.revision)
+            if state.refresh_fallbacks {
+                proxy.fallbacks = services;
+                proxy.refreshes.push(Instant::now());
+            }
+            let refused = state
+                .http
+                .iter()
+                .filter(|s| proxy.refuses_service.as_ref() == Some(&s.name))
+                .map(|s| RefusedService {
+                    name: s.name.clone(),
+                    reason: "unknown field".into(),
+                })
+                .collect();
+            Ok(Applied {
+                revision: state.revision,
+                refused,
+                fallbacks_stale: proxy.fallbacks != services,
+            })
         }
 
         async fn probe(&self) -> Result<ProbeReport, CallError> {
@@ -484,6 +576,7 @@ mod tests {
         loads: Arc<Loads>,
         swaps: mpsc::Sender<SwapRequest>,
         cancel: CancellationToken,
+        settled: CancellationToken,
     }
 
     /// A reconciler driving `first` for a fresh registry, running on its own task.
@@ -499,7 +592,7 @@ mod tests {
         let loads = Arc::new(Loads::default());
         lock(&loads.0).push_back(first);
         let (swaps, rx) = mpsc::channel(1);
-        let cancel = CancellationToken::new();
+        let (cancel, settled) = (CancellationToken::new(), CancellationToken::new());
         tokio::spawn(reconcile(
             book.clone(),
             loads.clone(),
@@ -507,6 +600,7 @@ mod tests {
             rx,
             registry.clone(),
             cancel.clone(),
+            settled.clone(),
         ));
         Rig {
             registry,
@@ -514,6 +608,7 @@ mod tests {
             loads,
             swaps,
             cancel,
+            settled,
         }
     }
 
@@ -689,6 +784,89 @@ mod tests {
             lock(&old_proxy).released,
             "the old one cleaned up after itself"
         );
+        rig.cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lagging_fallbacks_are_refreshed_at_most_once_a_minute_and_at_shutdown() {
+        let (fake, proxy) = Fake::new("fake");
+        let rig = rig(fake);
+        run_for(Duration::from_secs(1)).await;
+        assert!(lock(&proxy).refreshes.is_empty(), "nothing lags yet");
+        let started = Instant::now();
+        // A new instance every second for two and a half minutes.
+        for n in 0..150 {
+            register(&rig.registry, &format!("s{n}"));
+            run_for(Duration::from_secs(1)).await;
+        }
+        let refreshes = lock(&proxy).refreshes.clone();
+        assert_eq!(refreshes.len(), 2, "at 60 and 120 s: {refreshes:?}");
+        assert!(refreshes[0] - started <= FALLBACK_EVERY);
+        assert!(refreshes[1] - refreshes[0] >= FALLBACK_EVERY);
+        assert!(
+            applies(&proxy).len() > 100,
+            "every change was applied meanwhile"
+        );
+        assert!(!rig.settled.is_cancelled());
+
+        rig.cancel.cancel();
+        tokio::time::timeout(SETTLE_WITHIN, rig.settled.cancelled())
+            .await
+            .expect("settled");
+        let proxy = lock(&proxy);
+        assert_eq!(proxy.refreshes.len(), 3, "and once more at shutdown");
+        assert_eq!(proxy.fallbacks, 150, "holding every service");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fallbacks_that_do_not_lag_cost_nothing_at_shutdown() {
+        let (fake, proxy) = Fake::new("fake");
+        let rig = rig(fake);
+        run_for(Duration::from_secs(1)).await;
+        rig.cancel.cancel();
+        rig.settled.cancelled().await;
+        assert_eq!(applies(&proxy).len(), 1, "no apply at shutdown");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_service_is_reported_once_and_the_rest_stay_applied() {
+        let (fake, proxy) = Fake::new("fake");
+        lock(&proxy).refuses_service = Some("bad".into());
+        let rig = rig(fake);
+        let from = rig.registry.bus().last_id();
+        register(&rig.registry, "good");
+        register(&rig.registry, "bad");
+        run_for(Duration::from_secs(1)).await;
+        let status = rig.book.status();
+        assert!(status.in_sync, "the rest is applied: {status:?}");
+        assert_eq!(status.refused.len(), 1);
+        assert_eq!(status.refused[0].service, "bad");
+        assert_eq!(status.refused[0].reason, "unknown field");
+
+        register(&rig.registry, "other");
+        run_for(Duration::from_secs(1)).await;
+        assert_eq!(applies(&proxy).last().map(|a| a.1), Some(3), "still driven");
+        let bus = rig.registry.bus();
+        let Since::Events(told) = bus.since(from) else {
+            panic!("events")
+        };
+        let refusals: Vec<_> = told
+            .iter()
+            .filter_map(|e| match &e.event {
+                Event::BackendFailed {
+                    service: Some(service),
+                    retryable: false,
+                    ..
+                } => Some(service.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(refusals, ["bad"], "told once, not at every apply");
+
+        lock(&proxy).refuses_service = None;
+        register(&rig.registry, "again");
+        run_for(Duration::from_secs(1)).await;
+        assert!(rig.book.status().refused.is_empty(), "cleared once taken");
         rig.cancel.cancel();
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::backend::{AdapterError, CallError};
+use crate::backend::{AdapterError, CallError, RefusedService};
 use crate::events::{Event, EventBus, lock};
 use crate::metrics::Metrics;
 use crate::model::timestamp;
@@ -29,6 +29,15 @@ pub struct BackendStatus {
     pub in_sync: bool,
     /// Applies that changed or confirmed the proxy since start.
     pub applies: u64,
+    /// Services the proxy refused, left out of what it runs; the rest are applied.
+    pub refused: Vec<Refusal>,
+}
+
+/// A service the proxy refused, and its reason.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Refusal {
+    pub service: String,
+    pub reason: String,
 }
 
 /// Where the status is kept and every change of it is counted and told.
@@ -68,17 +77,51 @@ impl Book {
         s.in_sync = false;
     }
 
-    pub fn record_applied(&self, revision: u64, services: usize, took: Duration) {
-        let adapter = {
+    pub fn record_applied(
+        &self,
+        revision: u64,
+        services: usize,
+        took: Duration,
+        refused: &[RefusedService],
+    ) {
+        let refused: Vec<Refusal> = refused
+            .iter()
+            .map(|r| Refusal {
+                service: r.name.clone(),
+                reason: r.reason.clone(),
+            })
+            .collect();
+        let (adapter, new) = {
             let mut s = lock(&self.status);
             s.applied_revision = Some(revision);
             s.applied_at = Some(timestamp(SystemTime::now()));
             s.last_error = None;
             s.in_sync = true;
             s.applies += 1;
-            s.adapter.clone()
+            let new: Vec<Refusal> = refused
+                .iter()
+                .filter(|r| !s.refused.contains(r))
+                .cloned()
+                .collect();
+            s.refused = refused.clone();
+            (s.adapter.clone(), new)
         };
         self.metrics.backend.in_sync.set(1);
+        self.metrics
+            .backend
+            .refused_services
+            .set(i64::try_from(refused.len()).unwrap_or(i64::MAX));
+        // Each refusal is told once, as a failure that retrying will not mend.
+        for r in new {
+            tracing::error!(adapter = %adapter, service = %r.service, reason = %r.reason, "the proxy refused this service; it runs every other one");
+            self.bus.publish(Event::BackendFailed {
+                adapter: adapter.clone(),
+                revision,
+                reason: format!("{}: {}", r.service, r.reason),
+                retryable: false,
+                service: Some(r.service),
+            });
+        }
         self.metrics
             .backend
             .applies
@@ -130,6 +173,7 @@ impl Book {
                 revision,
                 reason,
                 retryable: error.retryable(),
+                service: None,
             });
         }
     }

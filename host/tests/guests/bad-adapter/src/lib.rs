@@ -9,7 +9,7 @@ mod bindings {
 }
 
 use bindings::exports::harbor::backend::adapter::{
-    AdapterError, Description, DesiredState, Guest, ProbeReport,
+    AdapterError, Applied, Description, DesiredState, Guest, ProbeReport,
 };
 
 struct Bad;
@@ -27,7 +27,7 @@ impl Guest for Bad {
         Ok(())
     }
 
-    fn apply(state: DesiredState) -> Result<u64, AdapterError> {
+    fn apply(state: DesiredState) -> Result<Applied, AdapterError> {
         if cfg!(feature = "spin") {
             let mut n = state.revision;
             loop {
