@@ -7,7 +7,10 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::proxies::{Caddy, Upstream, bodies, checked_route, free_port, through, until_routed};
+use common::proxies::{
+    Caddy, Release, Upstream, bodies, checked_route, free_port, steady_stream, through,
+    until_routed,
+};
 use common::upstreams::{HttpBackend, health_checks_hold_out_a_failing_upstream};
 use common::{TestHarbor, eventually};
 use harbor::config::BackendKind;
@@ -32,9 +35,11 @@ async fn harbor_for(caddy: &Caddy) -> TestHarbor {
 
 /// The test's (shared) turn, a Caddy of its own and a Harbor driving it; none when Caddy is not
 /// installed and not required.
-async fn caddy_and_harbor() -> Option<(RwLockReadGuard<'static, ()>, Caddy, TestHarbor)> {
+async fn caddy_and_harbor(
+    release: Release,
+) -> Option<(RwLockReadGuard<'static, ()>, Caddy, TestHarbor)> {
     let turn = EXCLUSIVE.read().await;
-    let caddy = Caddy::start().await?;
+    let caddy = Caddy::start(release).await?;
     let h = harbor_for(&caddy).await;
     Some((turn, caddy, h))
 }
@@ -76,9 +81,8 @@ async fn user_route_works(caddy: &Caddy) {
     assert_eq!(r, Some((200, "user route".to_owned())));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn files_and_registrations_reach_caddy_and_leave_it() {
-    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
+async fn files_and_registrations_reach_caddy_and_leave_it(release: Release) {
+    let Some((_turn, caddy, h)) = caddy_and_harbor(release).await else {
         return;
     };
     let web = Upstream::start("web").await;
@@ -122,10 +126,9 @@ async fn files_and_registrations_reach_caddy_and_leave_it() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_caddy_gets_harbors_routes_back() {
+async fn a_restarted_caddy_gets_harbors_routes_back(release: Release) {
     let _turn = EXCLUSIVE.read().await;
-    let Some(mut caddy) = Caddy::start().await else {
+    let Some(mut caddy) = Caddy::start(release).await else {
         return;
     };
     let h = harbor_for(&caddy).await;
@@ -147,9 +150,8 @@ async fn a_restarted_caddy_gets_harbors_routes_back() {
 
 /// Caddy's configuration names Harbor's DNS responder; a responder on a new port at every start
 /// made every restart of Harbor rewrite it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_of_harbor_leaves_caddys_configuration_as_it_was() {
-    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
+async fn a_restart_of_harbor_leaves_caddys_configuration_as_it_was(release: Release) {
+    let Some((_turn, caddy, h)) = caddy_and_harbor(release).await else {
         return;
     };
     let _web = web_routed(&caddy, &h).await;
@@ -174,9 +176,8 @@ async fn a_restart_of_harbor_leaves_caddys_configuration_as_it_was() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hand_edit_of_harbors_route_is_repaired() {
-    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
+async fn a_hand_edit_of_harbors_route_is_repaired(release: Release) {
+    let Some((_turn, caddy, h)) = caddy_and_harbor(release).await else {
         return;
     };
     let _web = web_routed(&caddy, &h).await;
@@ -205,10 +206,9 @@ async fn a_hand_edit_of_harbors_route_is_repaired() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn harbor_starts_with_caddy_down_and_converges_when_it_comes_up() {
+async fn harbor_starts_with_caddy_down_and_converges_when_it_comes_up(release: Release) {
     let _turn = EXCLUSIVE.read().await;
-    let Some(mut caddy) = Caddy::start().await else {
+    let Some(mut caddy) = Caddy::start(release).await else {
         return;
     };
     caddy.kill();
@@ -240,9 +240,8 @@ async fn harbor_starts_with_caddy_down_and_converges_when_it_comes_up() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_swaps_are_refused_and_the_old_adapter_keeps_serving() {
-    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
+async fn bad_swaps_are_refused_and_the_old_adapter_keeps_serving(release: Release) {
+    let Some((_turn, caddy, h)) = caddy_and_harbor(release).await else {
         return;
     };
     let _web = web_routed(&caddy, &h).await;
@@ -315,10 +314,9 @@ fn load(
     (stop, task)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn swapping_the_caddy_adapter_twenty_times_under_load_fails_no_request() {
+async fn swapping_the_caddy_adapter_twenty_times_under_load_fails_no_request(release: Release) {
     let _turn = EXCLUSIVE.write().await;
-    let Some(caddy) = Caddy::start().await else {
+    let Some(caddy) = Caddy::start(release).await else {
         return;
     };
     let original = common::guests::component("backend-caddy", &[]);
@@ -359,10 +357,9 @@ async fn swapping_the_caddy_adapter_twenty_times_under_load_fails_no_request() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switching_from_caddy_to_envoy_releases_caddys_routes() {
+async fn switching_from_caddy_to_envoy_releases_caddys_routes(release: Release) {
     let _turn = EXCLUSIVE.read().await;
-    let Some(caddy) = Caddy::start().await else {
+    let Some(caddy) = Caddy::start(release).await else {
         return;
     };
     let Some(mut envoy) = common::proxies::Envoy::prepare() else {
@@ -413,8 +410,7 @@ async fn switching_from_caddy_to_envoy_releases_caddys_routes() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_adapter_that_traps_or_spins_is_refused_and_reported() {
+async fn an_adapter_that_traps_or_spins_is_refused_and_reported(release: Release) {
     // Built before anything is registered: on a cold build directory compiling them takes
     // longer than web's lease, which then ran out while the test waited.
     let adapters = [(&[][..], "trap"), (&["spin"][..], "timeout")].map(|(features, fault)| {
@@ -423,7 +419,7 @@ async fn an_adapter_that_traps_or_spins_is_refused_and_reported() {
             fault,
         )
     });
-    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
+    let Some((_turn, caddy, h)) = caddy_and_harbor(release).await else {
         return;
     };
     let _web = web_routed(&caddy, &h).await;
@@ -496,10 +492,9 @@ async fn measure(
     (ok, failed)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn instance_churn_does_not_reload_caddy_or_hurt_a_loaded_service() {
+async fn instance_churn_does_not_reload_caddy_or_hurt_a_loaded_service(release: Release) {
     let _turn = EXCLUSIVE.write().await;
-    let Some(caddy) = Caddy::start().await else {
+    let Some(caddy) = Caddy::start(release).await else {
         return;
     };
     let h = harbor_for(&caddy).await;
@@ -518,9 +513,10 @@ async fn instance_churn_does_not_reload_caddy_or_hurt_a_loaded_service() {
     }
     let addrs: Vec<String> = pool.iter().map(|u| u.addr.to_string()).collect();
 
-    // Quiet and churning windows alternate, so that the machine's other load hits both alike;
-    // the churn adds up to 10 s at 50 registrations per second (each lease 1 s).
-    let (concurrency, window, rounds) = (4, Duration::from_secs(2), 5);
+    // A quiet window, then 60 s of churn at 50 registrations a second (each lease 1 s): long
+    // enough for the fallback lists to lag and be refreshed once. Throughput under churn is the
+    // backends benchmark's business; this test holds the mechanism.
+    let (concurrency, window, churn_for) = (4, Duration::from_secs(2), Duration::from_secs(60));
     let churning = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = tokio_util::sync::CancellationToken::new();
     let churn = {
@@ -558,51 +554,47 @@ async fn instance_churn_does_not_reload_caddy_or_hurt_a_loaded_service() {
         })
     };
     let writes_before = caddy.config_writes();
-    let (mut quiet, mut busy, mut failed) = (0u64, 0u64, Vec::new());
-    for _ in 0..rounds {
-        let (ok, f) = measure(
-            caddy.listen_addr(),
-            "hot.localhost",
-            "hot",
-            concurrency,
-            window,
-        )
-        .await;
-        quiet += ok;
-        failed.extend(f);
-        churning.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (ok, f) = measure(
-            caddy.listen_addr(),
-            "hot.localhost",
-            "hot",
-            concurrency,
-            window,
-        )
-        .await;
-        churning.store(false, std::sync::atomic::Ordering::Relaxed);
-        busy += ok;
-        failed.extend(f);
-    }
+    let (quiet, mut failed) = measure(
+        caddy.listen_addr(),
+        "hot.localhost",
+        "hot",
+        concurrency,
+        window,
+    )
+    .await;
+    churning.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (busy, f) = measure(
+        caddy.listen_addr(),
+        "hot.localhost",
+        "hot",
+        concurrency,
+        churn_for,
+    )
+    .await;
+    failed.extend(f);
     stop.cancel();
     let registered = churn.await.expect("churn task");
     let writes = caddy.config_writes() - writes_before;
-    let seconds = window.as_secs_f64() * rounds as f64;
-    let (quiet_rate, busy_rate) = (quiet as f64 / seconds, busy as f64 / seconds);
+    let (quiet_rate, busy_rate) = (
+        quiet as f64 / window.as_secs_f64(),
+        busy as f64 / churn_for.as_secs_f64(),
+    );
     eprintln!(
-        "churn: {registered} registrations in {seconds} s; {quiet_rate:.0} req/s quiet, {busy_rate:.0} req/s under churn; {writes} Caddy config writes; {} failed",
+        "churn: {registered} registrations in {churn_for:?}; {quiet_rate:.0} req/s quiet, {busy_rate:.0} req/s under churn; {writes} Caddy config writes; {} failed",
         failed.len()
     );
-    assert!(registered >= 400, "only {registered} registrations");
+    assert!(registered >= 2400, "only {registered} registrations");
     assert!(
         failed.is_empty(),
         "{} requests failed: {:?}",
         failed.len(),
         &failed[..failed.len().min(5)]
     );
-    // The mechanism is asserted: no reload, no failed request. The throughput ratio is printed,
+    // The mechanism is asserted: no failed request, and at most the one-a-minute refresh of
+    // the fallback lists (two, if the minute falls just so). The throughput ratio is printed,
     // not asserted: on a shared 2-core machine the churn's own CPU (registrations, DNS answers)
     // competes with the load generator, and a speed target has no place in a test.
-    assert_eq!(writes, 0, "instance churn reloaded Caddy");
+    assert!(writes <= 2, "instance churn reloaded Caddy {writes} times");
     eprintln!(
         "churn: throughput under churn is {:.0} % of the quiet rate",
         100.0 * busy_rate / quiet_rate.max(1.0)
@@ -610,10 +602,9 @@ async fn instance_churn_does_not_reload_caddy_or_hurt_a_loaded_service() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_adapter_dropped_in_the_plugin_directory_takes_over() {
+async fn an_adapter_dropped_in_the_plugin_directory_takes_over(release: Release) {
     let _turn = EXCLUSIVE.read().await;
-    let Some(caddy) = Caddy::start().await else {
+    let Some(caddy) = Caddy::start(release).await else {
         return;
     };
     let plugins = tempfile::tempdir().expect("plugins dir");
@@ -670,9 +661,8 @@ async fn an_adapter_dropped_in_the_plugin_directory_takes_over() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn harbors_health_checks_steer_caddys_dynamic_upstreams() {
-    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
+async fn harbors_health_checks_steer_caddys_dynamic_upstreams(release: Release) {
+    let Some((_turn, caddy, h)) = caddy_and_harbor(release).await else {
         return;
     };
     let (a, b) = (
@@ -701,9 +691,10 @@ async fn harbors_health_checks_steer_caddys_dynamic_upstreams() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_instance_costs_round_robin_clients_nothing_without_passive_checks() {
-    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
+async fn a_dead_instance_costs_round_robin_clients_nothing_without_passive_checks(
+    release: Release,
+) {
+    let Some((_turn, caddy, h)) = caddy_and_harbor(release).await else {
         return;
     };
     let live = Upstream::start("live").await;
@@ -783,9 +774,8 @@ async fn reaches_them_all(caddy: &Caddy, pool: &[Upstream]) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_big_round_robin_service_rotates_a_window_through_all_its_instances() {
-    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
+async fn a_big_round_robin_service_rotates_a_window_through_all_its_instances(release: Release) {
+    let Some((_turn, caddy, h)) = caddy_and_harbor(release).await else {
         return;
     };
     let pool = wide_service(&h).await;
@@ -808,12 +798,13 @@ async fn a_big_round_robin_service_rotates_a_window_through_all_its_instances() 
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_service_with_more_instances_than_one_dns_answer_holds_reaches_them_all() {
-    let Some((_turn, caddy, h)) = caddy_and_harbor().await else {
+async fn a_service_with_more_instances_than_one_udp_answer_holds_reaches_them_all_over_tcp(
+    release: Release,
+) {
+    let Some((_turn, caddy, h)) = caddy_and_harbor(release).await else {
         return;
     };
-    // Without the window, every instance is named in every refresh: in partitions.
+    // Without the window, every instance is named in every refresh: over TCP.
     let r = h
         .client
         .put(h.url("/api/v1/backend"))
@@ -823,29 +814,24 @@ async fn a_service_with_more_instances_than_one_dns_answer_holds_reaches_them_al
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let pool = wide_service(&h).await;
-    // Registrations are coalesced, so the last re-partition may reach Caddy after the last `201`;
-    // its reload closes connections. At three partitions or more every instance fits, so the
-    // configuration stays as it is from then on. How many partitions depends on the coalescing.
-    eventually(
-        Duration::from_secs(10),
-        "split into DNS partitions",
-        || async {
-            let config = caddy_config(&caddy).await?;
-            (config.contains("\"source\":\"multi\"") && config.contains("\"_2-")).then_some(())
-        },
-    )
+    eventually(Duration::from_secs(10), "looked up over TCP", || async {
+        let config = caddy_config(&caddy).await?;
+        (config.contains("\"name\":\"wide.svc.harbor.\"") && config.contains("\"tcp/127.0.0.1:"))
+            .then_some(())
+    })
     .await;
-    // Caddy's round-robin over all the partitions' answers reaches every instance.
+    let writes = caddy.config_writes();
+    // Caddy's round-robin over the one answer that names them all reaches every instance.
     reaches_them_all(&caddy, &pool).await;
+    assert_eq!(caddy.config_writes(), writes, "growth reloaded Caddy");
     let (_, backend) = h.get("/api/v1/backend").await;
     assert_eq!(backend["in_sync"], true, "{backend}");
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn caddys_admin_api_on_a_unix_socket() {
+async fn caddys_admin_api_on_a_unix_socket(release: Release) {
     let _turn = EXCLUSIVE.read().await;
-    let Some(caddy) = Caddy::start_with_unix_admin().await else {
+    let Some(caddy) = Caddy::start_with_unix_admin(release).await else {
         return;
     };
     assert!(caddy.admin_url().starts_with("unix:/"));
@@ -863,3 +849,186 @@ async fn caddys_admin_api_on_a_unix_socket() {
     until_gone(&caddy, "web.localhost", Duration::from_secs(3)).await;
     h.shutdown().await;
 }
+
+async fn caddy_keeps_routing_while_harbor_is_stopped_and_restarted(release: Release) {
+    let Some((_turn, caddy, h)) = caddy_and_harbor(release).await else {
+        return;
+    };
+    // A service asked for in windows (round-robin, over UDP), and one that needs all of its 60
+    // instances in one answer (hashing, over TCP): more than one UDP answer holds.
+    let _web = web_routed(&caddy, &h).await;
+    let mut pool = Vec::new();
+    for i in 0..60 {
+        let u = Upstream::start(&format!("hashed-{i}")).await;
+        h.register(
+            json!({"name": "hashed", "upstream": u.addr.to_string(), "ttl_secs": 300,
+            "host": "hashed.localhost", "strategy": "consistent-hash"}),
+        )
+        .await;
+        pool.push(u);
+    }
+    eventually(
+        Duration::from_secs(10),
+        "hashed routed over TCP",
+        || async {
+            let config = caddy_config(&caddy).await?;
+            config
+                .contains("\"name\":\"hashed.svc.harbor.\"")
+                .then_some(())
+        },
+    )
+    .await;
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    let addr = caddy.listen_addr();
+    let (stop, stream) = steady_stream(vec![
+        (addr, "web.localhost", "web"),
+        (addr, "hashed.localhost", "hashed-"),
+    ]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let writes = caddy.config_writes();
+
+    let h = h.restart_after(Duration::from_secs(10)).await;
+    let in_sync = || async {
+        let (_, status) = h.get("/api/v1/backend").await;
+        (status["in_sync"] == true).then_some(())
+    };
+    eventually(Duration::from_secs(10), "Caddy in step again", in_sync).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let (ok, failed) = stream.await.expect("the stream");
+    eprintln!(
+        "{release:?}: {ok} requests through a stop of 10 s and a restart, {} failed; {} Caddy writes",
+        failed.len(),
+        caddy.config_writes() - writes
+    );
+    assert!(ok > 200, "only {ok} requests went through");
+    assert!(
+        failed.is_empty(),
+        "{} requests failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    // The fallbacks were current, so neither the stop nor the restart rewrote anything.
+    assert_eq!(
+        caddy.config_writes(),
+        writes,
+        "the stop or the restart reloaded Caddy"
+    );
+    let log = std::fs::read_to_string(caddy.dir.path().join("caddy.log")).expect("caddy.log");
+    assert!(
+        log.contains("falling back to static upstreams"),
+        "Caddy never served from its static lists"
+    );
+    h.shutdown().await;
+}
+
+async fn a_health_checked_route_on_a_host_name_upstream_blocks_nothing(release: Release) {
+    let Some((_turn, caddy, h)) = caddy_and_harbor(release).await else {
+        return;
+    };
+    let checked = Upstream::start("checked").await;
+    h.write_route(
+        "checked.route",
+        &format!(
+            "host = \"checked.localhost\"\nupstreams = [\"localhost:{}\"]\n\n[health]\npath = \"/\"\ninterval = \"1s\"\n",
+            checked.addr.port()
+        ),
+    );
+    until_routed(
+        &caddy,
+        "checked.localhost",
+        "checked",
+        Duration::from_secs(5),
+    )
+    .await;
+    let web = web_routed(&caddy, &h).await;
+    drop(web);
+    let (_, errors) = h.get("/api/v1/route-errors").await;
+    assert_eq!(errors["refused"], json!([]), "{errors}");
+
+    // Tell the adapter this Caddy is newer than it is: on 2.6 the health thresholds it then
+    // writes are refused. The refusal is that one service's, named, and the rest still apply.
+    let r = h
+        .client
+        .put(h.url("/api/v1/backend"))
+        .json(&json!({"adapter": "caddy", "config": {"version": "v2.11.0"}}))
+        .send()
+        .await
+        .expect("swap");
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    let late = Upstream::start("late").await;
+    h.register(json!({"name": "late", "upstream": late.addr.to_string(), "ttl_secs": 60, "host": "late.localhost"}))
+        .await;
+    until_routed(&caddy, "late.localhost", "late", Duration::from_secs(5)).await;
+    let (_, errors) = h.get("/api/v1/route-errors").await;
+    let refused = errors["refused"].as_array().expect("a list").clone();
+    if release == Release::Debian {
+        assert_eq!(refused.len(), 1, "{errors}");
+        assert_eq!(refused[0]["service"], "checked");
+        let reason = refused[0]["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("passes") || reason.contains("fails"),
+            "{reason}"
+        );
+        let metrics = h.metrics().await;
+        assert!(
+            metrics.contains("harbor_backend_refused_services 1"),
+            "{metrics}"
+        );
+        let (_, status) = h.get("/api/v1/backend").await;
+        assert_eq!(status["in_sync"], true, "the rest is applied: {status}");
+    } else {
+        assert!(refused.is_empty(), "{errors}");
+        until_routed(
+            &caddy,
+            "checked.localhost",
+            "checked",
+            Duration::from_secs(3),
+        )
+        .await;
+    }
+    h.shutdown().await;
+}
+
+/// Every test above, once against each Caddy release.
+macro_rules! on_each_caddy {
+    ($($test:ident),* $(,)?) => {
+        mod on_caddy_2_6 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Release::Debian).await;
+                }
+            )*
+        }
+        mod on_current_caddy {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Release::Current).await;
+                }
+            )*
+        }
+    };
+}
+
+on_each_caddy!(
+    files_and_registrations_reach_caddy_and_leave_it,
+    a_restarted_caddy_gets_harbors_routes_back,
+    a_restart_of_harbor_leaves_caddys_configuration_as_it_was,
+    a_hand_edit_of_harbors_route_is_repaired,
+    harbor_starts_with_caddy_down_and_converges_when_it_comes_up,
+    bad_swaps_are_refused_and_the_old_adapter_keeps_serving,
+    swapping_the_caddy_adapter_twenty_times_under_load_fails_no_request,
+    switching_from_caddy_to_envoy_releases_caddys_routes,
+    an_adapter_that_traps_or_spins_is_refused_and_reported,
+    instance_churn_does_not_reload_caddy_or_hurt_a_loaded_service,
+    an_adapter_dropped_in_the_plugin_directory_takes_over,
+    harbors_health_checks_steer_caddys_dynamic_upstreams,
+    a_dead_instance_costs_round_robin_clients_nothing_without_passive_checks,
+    a_big_round_robin_service_rotates_a_window_through_all_its_instances,
+    a_service_with_more_instances_than_one_udp_answer_holds_reaches_them_all_over_tcp,
+    caddy_keeps_routing_while_harbor_is_stopped_and_restarted,
+    a_health_checked_route_on_a_host_name_upstream_blocks_nothing,
+    caddys_admin_api_on_a_unix_socket,
+);

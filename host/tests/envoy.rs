@@ -7,7 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::proxies::{Envoy, Upstream, checked_route, free_port, through, until_routed};
+use common::proxies::{
+    Envoy, Upstream, checked_route, free_port, steady_stream, through, until_routed,
+};
 use common::upstreams::{HttpBackend, health_checks_hold_out_a_failing_upstream};
 use common::{TestHarbor, eventually};
 use harbor::config::BackendKind;
@@ -206,5 +208,69 @@ async fn a_routes_health_check_becomes_envoys_own() {
     health_checks_hold_out_a_failing_upstream(&envoy, "checked.localhost", &a, &b).await;
     let cds = std::fs::read_to_string(envoy.xds.join("cds.json")).expect("cds");
     assert!(cds.contains("\"http_health_check\""), "{cds}");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_keeps_routing_while_harbor_is_stopped_and_restarted() {
+    let Some(mut envoy) = Envoy::prepare() else {
+        return;
+    };
+    let h = harbor_for(&envoy).await;
+    eventually(Duration::from_secs(3), "the first xDS files", || async {
+        envoy.xds.join("lds.json").exists().then_some(())
+    })
+    .await;
+    envoy.start_process().await;
+    let (web, db) = (Upstream::start("web").await, Upstream::start("db").await);
+    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 300, "host": "web.localhost"}))
+        .await;
+    let port = free_port();
+    h.write_route(
+        "db.route",
+        &format!(
+            "protocol = \"tcp\"\nlisten = \"127.0.0.1:{port}\"\nupstreams = [\"{}\"]\n",
+            db.addr
+        ),
+    );
+    until_routed(&envoy, "web.localhost", "web", Duration::from_secs(5)).await;
+    let tcp = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let client = reqwest::Client::new();
+    eventually(
+        Duration::from_secs(5),
+        "the tcp listener forwarding",
+        || {
+            let client = client.clone();
+            async move {
+                let answer = through(&client, tcp, "x", "/").await;
+                (answer == Some((200, "db".to_owned()))).then_some(())
+            }
+        },
+    )
+    .await;
+    let (stop, stream) = steady_stream(vec![
+        (envoy.listen_addr(), "web.localhost", "web"),
+        (tcp, "x", "db"),
+    ]);
+    let h = h.restart_after(Duration::from_secs(10)).await;
+    eventually(Duration::from_secs(10), "Envoy in step again", || async {
+        let status = backend_status(&h).await;
+        (status["in_sync"] == true).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let (ok, failed) = stream.await.expect("the stream");
+    eprintln!(
+        "envoy: {ok} requests through a stop of 10 s and a restart, {} failed",
+        failed.len()
+    );
+    assert!(ok > 200, "only {ok} requests went through");
+    assert!(
+        failed.is_empty(),
+        "{} requests failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
     h.shutdown().await;
 }

@@ -71,7 +71,9 @@ pub async fn swap(
     };
     let spec = if is_component(&headers) {
         let kind = query.proxy.unwrap_or(dispatcher.kind());
-        dispatcher.spec_for(kind, Arc::from(&body[..]), "upload".into(), None)
+        dispatcher
+            .spec_for(kind, Arc::from(&body[..]), "upload".into(), None)
+            .await
     } else {
         let request: SwapBody = parse(&headers, &body)?;
         if request.adapter == BackendKind::Embedded {
@@ -86,7 +88,9 @@ pub async fn swap(
                 "config must be a JSON object of the adapter's settings",
             ));
         }
-        dispatcher.builtin_spec(request.adapter, request.config.as_ref())
+        dispatcher
+            .builtin_spec(request.adapter, request.config.as_ref())
+            .await
     }
     .map_err(|e| ApiError::bad_request(None, format!("{e:#}")))?;
     match dispatcher.swap(spec).await {

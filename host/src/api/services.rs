@@ -172,5 +172,11 @@ pub async fn catalog(State(app): State<AppState>) -> impl IntoResponse {
 }
 
 pub async fn route_errors(State(app): State<AppState>) -> impl IntoResponse {
-    Json(json!({ "errors": app.registry.route_errors() }))
+    // Route files Harbor could not read, and services the proxy refused to run.
+    let refused = app
+        .dispatcher
+        .as_ref()
+        .map(|d| d.status().refused)
+        .unwrap_or_default();
+    Json(json!({ "errors": app.registry.route_errors(), "refused": refused }))
 }

@@ -12,6 +12,7 @@
 mod adapter;
 mod bindings;
 mod builtin;
+pub mod caddy;
 mod files;
 mod http;
 

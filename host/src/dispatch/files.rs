@@ -52,7 +52,7 @@ pub async fn rescan_adapters(
             continue;
         }
         tracing::info!(file = %path.display(), "the adapter in force was removed; going back to the built-in one");
-        match dispatcher.builtin_spec(dispatcher.kind(), None) {
+        match dispatcher.builtin_spec(dispatcher.kind(), None).await {
             // A refusal is logged and published by the swap itself.
             Ok(spec) => drop(dispatcher.swap(spec).await),
             Err(e) => tracing::warn!(error = %e, "no built-in adapter to go back to"),
@@ -72,7 +72,9 @@ pub async fn rescan_adapters(
         }
         lock(seen).insert(path.clone(), hash);
         let source = path.display().to_string();
-        let spec = match dispatcher.spec_for(dispatcher.kind(), bytes.into(), source.clone(), None)
+        let spec = match dispatcher
+            .spec_for(dispatcher.kind(), bytes.into(), source.clone(), None)
+            .await
         {
             Ok(spec) => spec,
             Err(e) => {

@@ -16,14 +16,14 @@ mod files;
 mod reconciler;
 mod status;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::{Adapter, AdapterSpec, Capabilities, builtin};
 use crate::config::{BackendKind, Config};
-use crate::events::{Event, EventBus};
+use crate::events::{Event, EventBus, lock};
 use crate::metrics::Metrics;
 use crate::plugins::PluginEngine;
 
@@ -62,12 +62,13 @@ pub struct Dispatcher {
     swaps: mpsc::Sender<SwapRequest>,
     /// Harbor's DNS responder for Caddy's dynamic upstreams.
     upstream_dns: Option<std::net::SocketAddr>,
+    /// The version the driven Caddy reports, once it could be told.
+    caddy_version: Mutex<Option<String>>,
 }
 
 /// Where the dispatcher's task picks up.
 pub struct Pending {
     swaps: mpsc::Receiver<SwapRequest>,
-    first: Option<AdapterSpec>,
 }
 
 impl Dispatcher {
@@ -87,15 +88,13 @@ impl Dispatcher {
             book: Arc::new(Book::new(metrics, bus)),
             swaps,
             upstream_dns,
+            caddy_version: Mutex::new(None),
         });
-        let first = dispatcher.builtin_spec(config.backend, None)?;
-        Ok((
-            dispatcher,
-            Pending {
-                swaps: rx,
-                first: Some(first),
-            },
-        ))
+        let name = config.backend.to_string();
+        if builtin(&name).is_none() {
+            anyhow::bail!("there is no built-in adapter named {name:?}");
+        }
+        Ok((dispatcher, Pending { swaps: rx }))
     }
 
     pub fn status(&self) -> BackendStatus {
@@ -108,7 +107,7 @@ impl Dispatcher {
 
     /// The spec of a built-in adapter with the capabilities and settings from the config;
     /// `overrides` (a JSON object) replaces settings key by key.
-    pub fn builtin_spec(
+    pub async fn builtin_spec(
         &self,
         kind: BackendKind,
         overrides: Option<&serde_json::Value>,
@@ -117,10 +116,29 @@ impl Dispatcher {
         let component = builtin(&name)
             .ok_or_else(|| anyhow::anyhow!("there is no built-in adapter named {name:?}"))?;
         self.spec_for(kind, component.into(), format!("builtin:{name}"), overrides)
+            .await
+    }
+
+    /// The version the driven Caddy reports; asked until it answers, then remembered.
+    async fn caddy_version(&self) -> String {
+        if let Some(known) = lock(&self.caddy_version).clone() {
+            return known;
+        }
+        match crate::backend::caddy::version(&self.config.caddy_admin).await {
+            Ok(version) => {
+                tracing::info!(%version, "driving Caddy");
+                *lock(&self.caddy_version) = Some(version.clone());
+                version
+            }
+            Err(why) => {
+                tracing::warn!(reason = %why, "Caddy's version cannot be told; Harbor writes only what Caddy 2.6 understands");
+                String::new()
+            }
+        }
     }
 
     /// A spec for `component` with the capabilities and default settings of proxy `kind`.
-    pub fn spec_for(
+    pub async fn spec_for(
         &self,
         kind: BackendKind,
         component: Arc<[u8]>,
@@ -133,6 +151,7 @@ impl Dispatcher {
                 serde_json::json!({
                     "listen": c.caddy_listen.to_string(),
                     "upstream_dns": self.upstream_dns.map(|a| a.to_string()).unwrap_or_default(),
+                    "version": self.caddy_version().await,
                 }),
                 Capabilities {
                     http: Some(c.caddy_admin.clone()),

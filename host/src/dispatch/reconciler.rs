@@ -126,8 +126,15 @@ pub async fn run(
     cancel: CancellationToken,
     settled: CancellationToken,
 ) {
-    let Pending { swaps, first } = pending;
+    let Pending { swaps } = pending;
     let book = dispatcher.book.clone();
+    let first = match dispatcher.builtin_spec(dispatcher.kind(), None).await {
+        Ok(spec) => Some(spec),
+        Err(e) => {
+            tracing::error!(error = %e, "no built-in adapter to start with");
+            None
+        }
+    };
     reconcile(book, dispatcher, first, swaps, registry, cancel, settled).await;
 }
 

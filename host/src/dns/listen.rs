@@ -74,12 +74,14 @@ async fn bind_pair(addr: SocketAddr) -> std::io::Result<Bound> {
     Ok(Bound { udp, tcp, addr })
 }
 
-/// A free loopback port, for UDP and TCP both.
+/// A free loopback port for UDP and TCP both, below the range the system hands out for
+/// outgoing connections and for port 0 (32768 and up on Linux), so that while Harbor is
+/// stopped nothing is likely to take it before Harbor binds it again.
 async fn bind_free() -> std::io::Result<Bound> {
     let mut last = None;
-    // A port free for UDP may be taken for TCP; a few tries find one free for both.
-    for _ in 0..8 {
-        match bind_pair(SocketAddr::from(([127, 0, 0, 1], 0))).await {
+    for _ in 0..32 {
+        let port = fastrand::u16(20_000..32_000);
+        match bind_pair(SocketAddr::from(([127, 0, 0, 1], port))).await {
             Ok(bound) => return Ok(bound),
             Err(e) => last = Some(e),
         }

