@@ -38,7 +38,7 @@ use anyhow::{Context, ensure};
 use futures_util::{StreamExt, stream};
 use harbor::config::{BackendKind, ListenAddr};
 use machine::{MAX_STOLEN_PCT, MachineTicks};
-use proxies::{Caddy, Envoy, Upstream};
+use proxies::{Caddy, Envoy, Release, Upstream};
 use serde_json::json;
 
 const SAMPLES: usize = 100;
@@ -248,8 +248,8 @@ async fn envoy_updates(admin: &str) -> anyhow::Result<u64> {
 }
 
 /// A Caddy of its own and a Harbor driving it; none when Caddy is not installed.
-async fn caddy_bench() -> anyhow::Result<Option<(Caddy, Bench)>> {
-    let Some(caddy) = Caddy::start().await else {
+async fn caddy_bench(release: Release) -> anyhow::Result<Option<(Caddy, Bench)>> {
+    let Some(caddy) = Caddy::start(release).await else {
         return Ok(None);
     };
     let admin = caddy.admin_url().parse().map_err(anyhow::Error::msg)?;
@@ -270,26 +270,36 @@ async fn caddy_bench() -> anyhow::Result<Option<(Caddy, Bench)>> {
     Ok(Some((caddy, b)))
 }
 
+/// Each part against Debian's Caddy 2.6 and the current release, one after the other.
 async fn bench_caddy() -> anyhow::Result<()> {
+    for release in [Release::Debian, Release::Current] {
+        bench_caddy_release(release).await?;
+    }
+    Ok(())
+}
+
+async fn bench_caddy_release(release: Release) -> anyhow::Result<()> {
     // Churn gets a Caddy and a Harbor of their own: the services the other parts leave behind
     // (a hundred routes in Caddy, their instances in Harbor's registry) would make it measure
     // a different case from the one it describes.
     if wanted("churn")
-        && let Some((caddy, b)) = caddy_bench().await?
+        && let Some((caddy, b)) = caddy_bench(release).await?
     {
         churn(&b, &caddy).await?;
         b.harbor.shutdown().await;
     }
-    let Some((caddy, b)) = caddy_bench().await? else {
+    let Some((caddy, b)) = caddy_bench(release).await? else {
         return Ok(());
     };
     if wanted("latency") {
         println!(
-            "caddy  new service:  {}",
+            "caddy {} new service:  {}",
+            caddy.version,
             percentiles(b.new_services("svc").await?)
         );
         println!(
-            "caddy  new instance: {}",
+            "caddy {} new instance: {}",
+            caddy.version,
             percentiles(b.new_instances().await?)
         );
     }
@@ -297,7 +307,8 @@ async fn bench_caddy() -> anyhow::Result<()> {
         let before = caddy.config_writes();
         let took = b.burst("burst").await?;
         println!(
-            "caddy  burst of {BURST} registrations: all routable after {:.0} ms, {} config writes (reloads)",
+            "caddy {} burst of {BURST} registrations: all routable after {:.0} ms, {} config writes (reloads)",
+            caddy.version,
             took.as_secs_f64() * 1e3,
             caddy.config_writes() - before
         );
@@ -412,7 +423,10 @@ async fn churn(b: &Bench, caddy: &Caddy) -> anyhow::Result<()> {
         .output()
         .is_err()
     {
-        println!("caddy  churn: skipped, wrk is not installed");
+        println!(
+            "caddy {} churn: skipped, wrk is not installed",
+            caddy.version
+        );
         return Ok(());
     }
     let (hot, cold, cool) = (
@@ -547,7 +561,8 @@ async fn churn_mix(
         };
         let calm = quiet.stolen.max(busy.stolen) < MAX_STOLEN_PCT;
         println!(
-            "caddy  churn pair ({}): quiet {:.0} req/s, changed {:.0} req/s ({:.0} %){}; Caddy µs CPU/request {:.0} / {:.0}; this process (Harbor, upstreams, churn client) CPU ms {} / {}; machine {} / {}",
+            "caddy {} churn pair ({}): quiet {:.0} req/s, changed {:.0} req/s ({:.0} %){}; Caddy µs CPU/request {:.0} / {:.0}; this process (Harbor, upstreams, churn client) CPU ms {} / {}; machine {} / {}",
+            caddy.version,
             if pair % 2 == 1 {
                 "changed first"
             } else {
@@ -583,7 +598,8 @@ async fn churn_mix(
         },
     );
     println!(
-        "caddy  churn, {what}: {registered} churn registrations in {} s ({refused} refused); throughput, median of {calm_pairs} calm window pairs out of {PAIRS}: {summary}; {failed} failed requests; {writes} Caddy config writes in changed windows",
+        "caddy {} churn, {what}: {registered} churn registrations in {} s ({refused} refused); throughput, median of {calm_pairs} calm window pairs out of {PAIRS}: {summary}; {failed} failed requests; {writes} Caddy config writes in changed windows",
+        caddy.version,
         // Churn runs through each changed window and the lease before it.
         PAIRS as u64 * (SECS + 1),
     );

@@ -2,6 +2,10 @@
 //! reach Caddy's listener quickly, leave it on expiry and deletion, never disturb the user's own
 //! routes, come back after Caddy restarts from its Caddyfile, and survive a hand edit.
 
+// The tests are plain functions run once per Caddy release (see `on_each_caddy!`), which
+// clippy does not see as tests.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::SocketAddr;

@@ -85,8 +85,9 @@ pub enum Release {
 }
 
 impl Release {
-    /// The binary, or none (a failure in CI) when it is not installed.
-    pub fn binary(self) -> Option<PathBuf> {
+    /// The binary and the version it reports, or none (a failure in CI) when it is not
+    /// installed.
+    pub fn binary(self) -> Option<(PathBuf, String)> {
         let found = match self {
             Release::Debian => Some(PathBuf::from("/usr/bin/caddy")).filter(|p| p.is_file()),
             Release::Current => std::env::var_os("HARBOR_TEST_CADDY_CURRENT")
@@ -117,7 +118,8 @@ impl Release {
             "{} is Caddy {version:?}, not the {self:?} release",
             binary.display()
         );
-        Some(binary)
+        let version = version.split_whitespace().next().unwrap_or_default();
+        Some((binary, version.trim_start_matches('v').to_owned()))
     }
 }
 
@@ -135,6 +137,8 @@ fn current_caddy_on_path() -> Option<PathBuf> {
 pub struct Caddy {
     pub dir: TempDir,
     pub release: Release,
+    /// What the binary reports, without its `v`: `2.6.2`, `2.11.7`.
+    pub version: String,
     binary: PathBuf,
     /// The admin API: `http://127.0.0.1:PORT` or `unix:/path`.
     admin: String,
@@ -154,7 +158,7 @@ impl Caddy {
     }
 
     async fn launch(release: Release, unix_admin: bool) -> Option<Caddy> {
-        let binary = release.binary()?;
+        let (binary, version) = release.binary()?;
         let dir = tempfile::tempdir().expect("caddy dir");
         let listen = free_port();
         let (admin, admin_directive) = if unix_admin {
@@ -178,6 +182,7 @@ impl Caddy {
         let caddy = Caddy {
             dir,
             release,
+            version,
             binary,
             admin,
             listen,
