@@ -479,7 +479,26 @@ async fn measure(
             let client = reqwest::Client::new();
             let (mut ok, mut failed) = (0u64, Vec::new());
             while Instant::now() < deadline {
-                match through(&client, addr, host, "/").await {
+                // A reload closes idle keep-alive connections, and a request sent on one just
+                // as it closes gets no answer. Like browsers and Go's client, the load retries
+                // such a GET once on a new connection (RFC 9112, 9.3.1); a second failure, or
+                // any answer but the service's, counts.
+                let send = || {
+                    client
+                        .get(format!("http://{addr}/"))
+                        .header(reqwest::header::HOST, host)
+                        .timeout(Duration::from_secs(2))
+                        .send()
+                };
+                let mut sent = send().await;
+                if sent.as_ref().is_err_and(|e| !e.is_timeout()) {
+                    sent = send().await;
+                }
+                let answer = match sent {
+                    Ok(r) => Some((r.status().as_u16(), r.text().await.unwrap_or_default())),
+                    Err(e) => Some((0, e.to_string())),
+                };
+                match answer {
                     Some((200, body)) if body == want => ok += 1,
                     other => failed.push(format!("{other:?}")),
                 }

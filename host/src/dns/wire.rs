@@ -80,7 +80,7 @@ pub fn answer(query: &[u8], zone: &Zone, over: Over) -> Option<Vec<u8>> {
         count = 1;
     }
     if let (Some(records), TYPE_SRV) = (records, qtype) {
-        for (ip, port, weight) in records {
+        for (order, (ip, port, weight)) in records.into_iter().enumerate() {
             let mut rr = Vec::with_capacity(32);
             rr.extend_from_slice(&[0xC0, 0x0C]); // the question's name
             rr.extend_from_slice(&TYPE_SRV.to_be_bytes());
@@ -91,7 +91,11 @@ pub fn answer(query: &[u8], zone: &Zone, over: Over) -> Option<Vec<u8>> {
             target.extend_from_slice(label.as_bytes());
             target.push(0);
             rr.extend_from_slice(&((6 + target.len()) as u16).to_be_bytes());
-            rr.extend_from_slice(&0u16.to_be_bytes()); // priority
+            // Each record a priority of its own: Go sorts SRV answers by priority and shuffles
+            // records of equal priority by weight, so equal priorities would reorder every
+            // answer, and Caddy's round-robin, retrying after a refresh, could land on the
+            // same dead instance again.
+            rr.extend_from_slice(&u16::try_from(order).unwrap_or(u16::MAX).to_be_bytes());
             rr.extend_from_slice(&weight.max(1).to_be_bytes());
             rr.extend_from_slice(&port.to_be_bytes());
             rr.extend_from_slice(&target);
