@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::proxies::{
-    Caddy, Release, Upstream, bodies, checked_route, free_port, steady_stream, through,
-    until_routed,
+    Caddy, Release, Upstream, bodies, checked_route, free_port, none_failed, steady_stream,
+    through, until_routed,
 };
 use common::upstreams::{HttpBackend, health_checks_hold_out_a_failing_upstream};
 use common::{TestHarbor, eventually};
@@ -919,17 +919,10 @@ async fn caddy_keeps_routing_while_harbor_is_stopped_and_restarted(release: Rele
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
     let (ok, failed) = stream.await.expect("the stream");
-    eprintln!(
-        "{release:?}: {ok} requests through a stop of 10 s and a restart, {} failed; {} Caddy writes",
-        failed.len(),
-        caddy.config_writes() - writes
-    );
-    assert!(ok > 200, "only {ok} requests went through");
-    assert!(
-        failed.is_empty(),
-        "{} requests failed: {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
+    none_failed(
+        &format!("Caddy {}: a stop of 10 s and a restart", caddy.version),
+        ok,
+        &failed,
     );
     // The fallbacks were current, so neither the stop nor the restart rewrote anything.
     assert_eq!(

@@ -497,3 +497,15 @@ pub fn steady_stream(
     });
     (stop, task)
 }
+
+/// Asserts that a [`steady_stream`] got through: a fair number answered, none failed.
+pub fn none_failed(what: &str, ok: u64, failed: &[String]) {
+    eprintln!("{what}: {ok} requests answered, {} failed", failed.len());
+    assert!(ok > 200, "{what}: only {ok} requests went through");
+    assert!(
+        failed.is_empty(),
+        "{what}: {} requests failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
