@@ -160,11 +160,27 @@ async fn an_update_envoy_rejects_is_reported() {
     h.register(json!({"name": "web", "upstream": a.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
         .await;
     until_routed(&envoy, "web.localhost", "a", Duration::from_secs(5)).await;
+    // A host name is not an endpoint address to Envoy: such a service resolves through DNS.
+    let named = Upstream::start("named").await;
+    h.register(
+        json!({"name": "named", "upstream": format!("localhost:{}", named.addr.port()),
+        "ttl_secs": 60, "host": "named.localhost"}),
+    )
+    .await;
+    until_routed(&envoy, "named.localhost", "named", Duration::from_secs(5)).await;
     let mut events = h.events(None).await;
 
-    // A DNS name is a valid upstream for Harbor, but not an EDS endpoint address for Envoy.
-    h.register(json!({"name": "named", "upstream": "backend.invalid:80", "ttl_secs": 60, "host": "named.localhost"}))
-        .await;
+    // A TCP service on a port something else holds: Envoy cannot bind its listener and refuses
+    // the listeners' update.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to hold");
+    let port = taken.local_addr().expect("its address").port();
+    h.write_route(
+        "db.route",
+        &format!(
+            "protocol = \"tcp\"\nlisten = \"127.0.0.1:{port}\"\nupstreams = [\"{}\"]\n",
+            a.addr
+        ),
+    );
     let failed = events.next_of("backend_failed").await;
     assert!(
         failed.data["reason"].as_str().unwrap().contains("rejected"),

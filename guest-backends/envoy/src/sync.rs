@@ -44,7 +44,7 @@ impl Files {
 
         // Endpoints first and listeners last: a new cluster finds its EDS file, a new route
         // finds its cluster, a new listener finds its routes.
-        let eds = |i: usize| i < self.settings.eds_max;
+        let eds = |i: usize| i < self.settings.eds_max && !xds::names_upstreams(all[i]);
         let mut plan: Vec<(String, Value)> = Vec::new();
         for (i, s) in all.iter().enumerate() {
             if eds(i) {

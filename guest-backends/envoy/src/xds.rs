@@ -125,7 +125,16 @@ pub fn discovery(version: u64, resources: Vec<Value>) -> Value {
     json!({"version_info": version.to_string(), "resources": resources})
 }
 
-/// A service's cluster: its endpoints from its own EDS file when `eds`, else inline.
+/// Whether any upstream of `s` is a host name. Envoy refuses names as EDS or static endpoint
+/// addresses; a `STRICT_DNS` cluster resolves them instead (and re-resolves them as DNS does).
+pub fn names_upstreams(s: &Service<'_>) -> bool {
+    s.upstreams
+        .iter()
+        .any(|(addr, _)| addr.parse::<std::net::SocketAddr>().is_err())
+}
+
+/// A service's cluster: its endpoints from its own EDS file when `eds`, else inline; resolved
+/// through DNS when it names its upstreams by host name.
 pub fn cluster(s: &Service<'_>, settings: &Settings, eds: bool) -> Value {
     let mut c = json!({
         "@type": CLUSTER,
@@ -136,7 +145,7 @@ pub fn cluster(s: &Service<'_>, settings: &Settings, eds: bool) -> Value {
     if let Some(h) = &s.health {
         c["health_checks"] = json!([health_check(h)]);
     }
-    if eds {
+    if eds && !names_upstreams(s) {
         c["type"] = json!("EDS");
         c["eds_cluster_config"] = json!({
             "eds_config": {
@@ -149,7 +158,14 @@ pub fn cluster(s: &Service<'_>, settings: &Settings, eds: bool) -> Value {
         if let Some(map) = assignment.as_object_mut() {
             map.remove("@type");
         }
-        c["type"] = json!("STATIC");
+        if names_upstreams(s) {
+            c["type"] = json!("STRICT_DNS");
+            // Names like `localhost` resolve to IPv6 first, where a service on 127.0.0.1
+            // does not listen; Caddy and Harbor's own proxy dial IPv4 first too.
+            c["dns_lookup_family"] = json!("V4_PREFERRED");
+        } else {
+            c["type"] = json!("STATIC");
+        }
         c["load_assignment"] = assignment;
     }
     c
@@ -333,6 +349,23 @@ mod tests {
         assert_eq!(
             e["endpoints"][0]["lb_endpoints"][1]["load_balancing_weight"],
             3
+        );
+    }
+
+    #[test]
+    fn services_named_by_host_name_resolve_through_dns_instead_of_eds() {
+        let h = vec!["a.localhost".to_owned()];
+        let settings = Settings::parse(r#"{"dir": "/x"}"#).unwrap();
+        let by_ip = cluster(&svc("a", &h, "/", "round-robin"), &settings, true);
+        assert_eq!(by_ip["type"], "EDS");
+        let mut named = svc("b", &h, "/", "round-robin");
+        named.upstreams = vec![("localhost:3000", 1), ("127.0.0.1:9001", 1)];
+        assert!(names_upstreams(&named));
+        let c = cluster(&named, &settings, true);
+        assert_eq!(c["type"], "STRICT_DNS");
+        assert_eq!(
+            c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"],
+            json!({"socket_address": {"address": "localhost", "port_value": 3000}})
         );
     }
 }
