@@ -30,8 +30,10 @@ use super::desired::Desired;
 use super::status::{BackendStatus, Book};
 use super::{Dispatcher, Pending, SwapError, SwapRequest};
 
-/// A change waits this long for more before it is applied...
-pub(super) const QUIET: Duration = Duration::from_millis(20);
+/// A change waits this long for more before it is applied (a burst of registrations arrives
+/// closer together than this; 20 ms here cost a new service's route a fifth of a second at the
+/// 99th percentile through Caddy, against a goal of 50 ms)...
+pub(super) const QUIET: Duration = Duration::from_millis(5);
 /// ...but never longer than this after the first change of a burst.
 pub(super) const MAX_DELAY: Duration = Duration::from_millis(150);
 /// How often the proxy is checked for drift.
@@ -660,11 +662,11 @@ mod tests {
         assert_eq!(after_burst[1].1, 5, "with all five services");
         assert!(after_burst[1].0 - burst >= QUIET, "after the quiet window");
 
-        // A change every 10 ms never leaves the quiet window, so the delay cap applies them.
+        // A change every 2 ms never leaves the quiet window, so the delay cap applies them.
         let trickle = Instant::now();
-        for n in 0..30 {
+        for n in 0..150 {
             register(&rig.registry, &format!("t{n}"));
-            run_for(Duration::from_millis(10)).await;
+            run_for(QUIET * 2 / 5).await;
         }
         run_for(Duration::from_secs(1)).await;
         let during: Vec<Instant> = applies(&proxy)[2..].iter().map(|a| a.0).collect();
@@ -674,7 +676,7 @@ mod tests {
             during.len()
         );
         assert!(during[0] - trickle <= MAX_DELAY);
-        assert_eq!(applies(&proxy).last().map(|a| a.1), Some(35));
+        assert_eq!(applies(&proxy).last().map(|a| a.1), Some(155));
         rig.cancel.cancel();
     }
 
