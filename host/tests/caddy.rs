@@ -115,6 +115,12 @@ async fn files_and_registrations_reach_caddy_and_leave_it(release: Release) {
     let status = backend_status(&h).await;
     assert_eq!(status["adapter"], "caddy");
     assert_eq!(status["backend"], "caddy");
+    let version = status["proxy_version"].as_str().unwrap_or_default();
+    assert!(
+        version.trim_start_matches('v').starts_with(&caddy.version),
+        "Harbor should have asked Caddy {} its version: {status}",
+        caddy.version
+    );
     assert!(status["applied_revision"].as_u64().is_some(), "{status}");
 
     // The lease runs out (no renewal) and the file goes: both routes leave Caddy.

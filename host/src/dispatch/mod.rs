@@ -128,6 +128,7 @@ impl Dispatcher {
             Ok(version) => {
                 tracing::info!(%version, "driving Caddy");
                 *lock(&self.caddy_version) = Some(version.clone());
+                self.book.edit(|s| s.proxy_version = Some(version.clone()));
                 version
             }
             Err(why) => {

@@ -31,6 +31,8 @@ pub struct BackendStatus {
     pub applies: u64,
     /// Services the proxy refused, left out of what it runs; the rest are applied.
     pub refused: Vec<Refusal>,
+    /// The version the proxy reports, when Harbor could ask it (Caddy).
+    pub proxy_version: Option<String>,
 }
 
 /// A service the proxy refused, and its reason.
