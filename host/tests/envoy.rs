@@ -151,7 +151,7 @@ async fn tcp_services_become_tcp_proxy_listeners() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_update_envoy_rejects_is_reported() {
+async fn a_service_envoy_refuses_is_isolated_and_reported() {
     let Some(mut envoy) = Envoy::prepare() else {
         return;
     };
@@ -171,7 +171,7 @@ async fn an_update_envoy_rejects_is_reported() {
     let mut events = h.events(None).await;
 
     // A TCP service on a port something else holds: Envoy cannot bind its listener and refuses
-    // the listeners' update.
+    // the listeners' update. The adapter finds that service, applies the rest, and names it.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to hold");
     let port = taken.local_addr().expect("its address").port();
     h.write_route(
@@ -181,20 +181,41 @@ async fn an_update_envoy_rejects_is_reported() {
             a.addr
         ),
     );
+    let late = Upstream::start("late").await;
+    h.register(json!({"name": "late", "upstream": late.addr.to_string(), "ttl_secs": 60, "host": "late.localhost"}))
+        .await;
     let failed = events.next_of("backend_failed").await;
+    assert_eq!(failed.data["service"], "db", "{:?}", failed.data);
+    assert_eq!(failed.data["retryable"], false, "{:?}", failed.data);
+    until_routed(&envoy, "late.localhost", "late", Duration::from_secs(5)).await;
+    let (_, errors) = h.get("/api/v1/route-errors").await;
+    let refused = errors["refused"].as_array().expect("a list").clone();
+    assert_eq!(refused.len(), 1, "{errors}");
+    assert_eq!(refused[0]["service"], "db");
+    let reason = refused[0]["reason"].as_str().unwrap_or_default();
     assert!(
-        failed.data["reason"].as_str().unwrap().contains("rejected"),
-        "{:?}",
-        failed.data
+        reason.contains("rejected") && reason.contains(&format!("cannot bind '127.0.0.1:{port}'")),
+        "Envoy's own reason, from its configuration dump: {errors}"
     );
-    let status = backend_status(&h).await;
-    assert_eq!(status["in_sync"], false, "{status}");
-    assert!(
-        status["last_error"].as_str().unwrap().contains("rejected"),
-        "{status}"
-    );
-    // What Envoy ran before keeps serving.
+    // What Envoy ran before keeps serving, and so does every service it took.
     until_routed(&envoy, "web.localhost", "a", Duration::from_secs(2)).await;
+    until_routed(&envoy, "named.localhost", "named", Duration::from_secs(2)).await;
+
+    // Once the port is free and the route changes, the service is offered again and taken.
+    drop(taken);
+    h.write_route(
+        "db.route",
+        &format!(
+            "protocol = \"tcp\"\nlisten = \"127.0.0.1:{port}\"\nupstreams = [\"{}\"]\n",
+            late.addr
+        ),
+    );
+    until_forwarding(([127, 0, 0, 1], port).into(), "late").await;
+    eventually(Duration::from_secs(5), "the refusal cleared", || async {
+        let (_, errors) = h.get("/api/v1/route-errors").await;
+        (errors["refused"] == json!([])).then_some(())
+    })
+    .await;
     h.shutdown().await;
 }
 

@@ -51,13 +51,7 @@ impl Guest for Envoy {
     }
 
     fn apply(state: DesiredState) -> Result<Applied, AdapterError> {
-        // Envoy's files hold every instance, so there is no fallback to refresh.
-        let revision = with_files(|f| f.apply(&state))?;
-        Ok(Applied {
-            revision,
-            refused: Vec::new(),
-            fallbacks_stale: false,
-        })
+        with_files(|f| f.apply(&state))
     }
 
     fn probe() -> Result<ProbeReport, AdapterError> {

@@ -1,8 +1,13 @@
 //! Writing the xDS files and reading Envoy's verdict. Only files whose resources changed are
 //! replaced, so an instance coming or going rewrites one EDS file and nothing else: Envoy
-//! updates the endpoints without touching listeners, routes or clusters. Filesystem xDS has no
-//! ACK/NACK, so `probe` reads the admin API: the route configuration's version must be the one
-//! written, and no `update_rejected` counter may have grown since the write.
+//! updates the endpoints without touching listeners, routes or clusters.
+//!
+//! Filesystem xDS has no ACK/NACK: Envoy's verdict on a file is a counter that moves after the
+//! write (`update_success` or `update_rejected` of its resource type). After writing listeners,
+//! clusters or routes, an apply watches those counters until they move. When Envoy refuses an
+//! update, the adapter finds the services it refuses by halving the services it writes, as the
+//! Caddy adapter does, and applies the rest. `probe` reads the same counters and the route
+//! configuration's live version.
 
 use std::collections::BTreeMap;
 
@@ -11,7 +16,9 @@ use serde_json::Value;
 use harbor_adapter_common::bindings::exports::harbor::backend::adapter::{
     AdapterError, DesiredState, ProbeReport,
 };
-use harbor_adapter_common::bindings::harbor::backend::{files, http_client};
+use harbor_adapter_common::bindings::harbor::backend::log::{self, Level};
+use harbor_adapter_common::bindings::harbor::backend::types::{Applied, RefusedService};
+use harbor_adapter_common::bindings::harbor::backend::{files, http_client, timer};
 use harbor_adapter_common::{Service, http_services, tcp_services};
 
 use crate::xds::{self, Settings};
@@ -25,6 +32,18 @@ pub struct Files {
     /// The version of `rds.json` last written.
     rds_version: Option<u64>,
     revision: u64,
+    /// Services Envoy refused: how each looked, and Envoy's reason.
+    refusals: BTreeMap<String, (String, String)>,
+}
+
+/// Longest an apply waits for Envoy to take or refuse what it wrote, and how often it looks.
+const VERDICT_WITHIN_MS: u32 = 3_000;
+const VERDICT_EVERY_MS: u32 = 10;
+
+/// Envoy's verdict on a write.
+enum Verdict {
+    Taken,
+    Refused(String),
 }
 
 impl Files {
@@ -35,18 +54,118 @@ impl Files {
             rejected_before: None,
             rds_version: None,
             revision: 0,
+            refusals: BTreeMap::new(),
         }
     }
 
-    pub fn apply(&mut self, state: &DesiredState) -> Result<u64, AdapterError> {
+    pub fn apply(&mut self, state: &DesiredState) -> Result<Applied, AdapterError> {
         let (http, tcp) = (http_services(state), tcp_services(state));
         let all: Vec<&Service<'_>> = http.iter().chain(tcp.iter()).collect();
+        // A service Envoy refused is not offered again while it stays the same.
+        let mut refused = Vec::new();
+        let mut offered = Vec::with_capacity(all.len());
+        for s in all {
+            match self.refusals.get(s.name) {
+                Some((looked, reason)) if *looked == looks(s) => refused.push(RefusedService {
+                    name: s.name.to_owned(),
+                    reason: reason.clone(),
+                }),
+                _ => offered.push(s),
+            }
+        }
+        let mut newly = Vec::new();
+        if let Verdict::Refused(reason) = self.write(state.revision, &offered)? {
+            log::log(
+                Level::Warn,
+                &format!("{reason}; finding the services it refuses"),
+            );
+            newly = self.isolate(state.revision, &offered, reason)?;
+        }
+        self.refusals
+            .retain(|name, _| refused.iter().any(|r| &r.name == name));
+        for (s, reason) in newly {
+            log::log(Level::Warn, &format!("Envoy refuses {}: {reason}", s.name));
+            refused.push(RefusedService {
+                name: s.name.to_owned(),
+                reason: reason.clone(),
+            });
+            self.refusals.insert(s.name.to_owned(), (looks(s), reason));
+        }
+        self.revision = state.revision;
+        Ok(Applied {
+            revision: state.revision,
+            refused,
+            // Envoy's files hold every instance: there is no fallback to refresh.
+            fallbacks_stale: false,
+        })
+    }
+
+    /// Writes the largest part of `services` (which Envoy refused whole, for `reason`) that it
+    /// takes, found by halving; returns the services it refuses, with its reasons.
+    fn isolate<'s, 'a>(
+        &mut self,
+        revision: u64,
+        services: &[&'s Service<'a>],
+        reason: String,
+    ) -> Result<Vec<(&'s Service<'a>, String)>, AdapterError> {
+        let mut accepted: Vec<usize> = Vec::new();
+        let mut refused = Vec::new();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        match services.len() {
+            0 => {}
+            1 => refused.push((services[0], reason)),
+            n => {
+                let all: Vec<usize> = (0..n).collect();
+                let (left, right) = all.split_at(n / 2);
+                groups.push(right.to_vec());
+                groups.push(left.to_vec());
+            }
+        }
+        let pick = |indices: &[usize]| -> Vec<&'s Service<'a>> {
+            indices.iter().map(|&i| services[i]).collect()
+        };
+        while let Some(group) = groups.pop() {
+            let mut trial: Vec<usize> = accepted.iter().chain(&group).copied().collect();
+            trial.sort_unstable();
+            match self.write(revision, &pick(&trial))? {
+                Verdict::Taken => accepted = trial,
+                Verdict::Refused(reason) if group.len() == 1 => {
+                    refused.push((services[group[0]], reason));
+                }
+                Verdict::Refused(_) => {
+                    let (left, right) = group.split_at(group.len() / 2);
+                    groups.push(right.to_vec());
+                    groups.push(left.to_vec());
+                }
+            }
+        }
+        // Envoy holds what it took last; bring every file to the services it takes.
+        if let Verdict::Refused(reason) = self.write(revision, &pick(&accepted))? {
+            return Err(AdapterError::Rejected(format!(
+                "Envoy refuses Harbor's configuration whatever services it holds: {reason}"
+            )));
+        }
+        Ok(refused)
+    }
+
+    /// Writes the files for `services` that changed and waits for Envoy's verdict on them.
+    fn write(&mut self, revision: u64, services: &[&Service<'_>]) -> Result<Verdict, AdapterError> {
+        let http: Vec<Service<'_>> = services
+            .iter()
+            .filter(|s| s.listen.is_none())
+            .map(|s| (*s).clone())
+            .collect();
+        let tcp: Vec<&Service<'_>> = services
+            .iter()
+            .copied()
+            .filter(|s| s.listen.is_some())
+            .collect();
 
         // Endpoints first and listeners last: a new cluster finds its EDS file, a new route
         // finds its cluster, a new listener finds its routes.
-        let eds = |i: usize| i < self.settings.eds_max && !xds::names_upstreams(all[i]);
+        let eds = |i: usize| i < self.settings.eds_max && !xds::names_upstreams(services[i]);
         let mut plan: Vec<(String, Value)> = Vec::new();
-        for (i, s) in all.iter().enumerate() {
+        for (i, s) in services.iter().enumerate() {
             if eds(i) {
                 plan.push((xds::eds_file(s.name), Value::Array(vec![xds::endpoints(s)])));
             }
@@ -54,7 +173,8 @@ impl Files {
         plan.push((
             "cds.json".into(),
             Value::Array(
-                all.iter()
+                services
+                    .iter()
                     .enumerate()
                     .map(|(i, s)| xds::cluster(s, &self.settings, eds(i)))
                     .collect(),
@@ -65,33 +185,40 @@ impl Files {
             Value::Array(vec![xds::route_config(&http)]),
         ));
         let mut listeners = vec![xds::http_listener(&self.settings)];
-        listeners.extend(tcp.iter().map(xds::tcp_listener));
+        listeners.extend(tcp.iter().map(|s| xds::tcp_listener(s)));
         plan.push(("lds.json".into(), Value::Array(listeners)));
 
         let changed: Vec<&(String, Value)> = plan
             .iter()
             .filter(|(name, resources)| self.written.get(name).is_none_or(|(w, _)| w != resources))
             .collect();
-        if !changed.is_empty() {
-            self.rejected_before = rejected_counters().ok();
+        // Envoy may not be up yet: then there is no verdict to wait for, and `probe` tells.
+        let before = if changed.is_empty() {
+            None
+        } else {
+            counters().ok()
+        };
+        if before.is_some() {
+            self.rejected_before = before.as_ref().map(rejected_only);
         }
+        let mut judged = Vec::new();
         for (name, resources) in changed {
-            let doc = xds::discovery(
-                state.revision,
-                resources.as_array().cloned().unwrap_or_default(),
-            );
+            let doc = xds::discovery(revision, resources.as_array().cloned().unwrap_or_default());
             let bytes = serde_json::to_vec_pretty(&doc)
                 .map_err(|e| AdapterError::Rejected(e.to_string()))?;
             files::write(name, &bytes)
                 .map_err(|e| AdapterError::Retryable(format!("cannot write {name}: {e}")))?;
             if name == "rds.json" {
-                self.rds_version = Some(state.revision);
+                self.rds_version = Some(revision);
             }
             self.written
-                .insert(name.clone(), (resources.clone(), state.revision));
+                .insert(name.clone(), (resources.clone(), revision));
+            if let Some(kind) = Kind::of_file(name) {
+                judged.push(kind);
+            }
         }
         // EDS files of services that are gone, once no cluster names them.
-        let keep: Vec<String> = all
+        let keep: Vec<String> = services
             .iter()
             .take(self.settings.eds_max)
             .map(|s| xds::eds_file(s.name))
@@ -103,8 +230,17 @@ impl Files {
                 self.written.remove(&name);
             }
         }
-        self.revision = state.revision;
-        Ok(state.revision)
+        let verdict = match before {
+            Some(before) if !judged.is_empty() => verdict(&before, &judged)?,
+            _ => Verdict::Taken,
+        };
+        if let Verdict::Refused(_) = verdict {
+            // Envoy kept what it had: these files are not in force, whatever they hold.
+            for kind in judged {
+                self.written.remove(kind.file());
+            }
+        }
+        Ok(verdict)
     }
 
     pub fn probe(&mut self) -> Result<ProbeReport, AdapterError> {
@@ -115,7 +251,7 @@ impl Files {
                 detail: "nothing applied yet".into(),
             });
         };
-        let rejected = rejected_counters()?;
+        let rejected = rejected_only(&counters()?);
         if let Some(before) = &self.rejected_before {
             let grew: Vec<String> = rejected
                 .iter()
@@ -176,16 +312,120 @@ fn admin_get(path: &str) -> Result<String, AdapterError> {
     Ok(String::from_utf8_lossy(&r.body).into_owned())
 }
 
-/// Every `*.update_rejected` counter Envoy has, by name.
-fn rejected_counters() -> Result<BTreeMap<String, u64>, AdapterError> {
-    let text = admin_get("/stats?filter=update_rejected")?;
+/// Every `*.update_success` and `*.update_rejected` counter Envoy has, by name.
+fn counters() -> Result<BTreeMap<String, u64>, AdapterError> {
+    // A plain filter: a regular expression's characters are not all valid in a URL.
+    let text = admin_get("/stats?filter=update_")?;
     Ok(text
         .lines()
         .filter_map(|line| {
             let (name, value) = line.split_once(": ")?;
-            Some((name.trim().to_owned(), value.trim().parse().ok()?))
+            let name = name.trim();
+            let judged = name.ends_with(".update_success") || name.ends_with(".update_rejected");
+            judged.then(|| Some((name.to_owned(), value.trim().parse().ok()?)))?
         })
         .collect())
+}
+
+fn rejected_only(counters: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    counters
+        .iter()
+        .filter(|(name, _)| name.ends_with(".update_rejected"))
+        .map(|(name, n)| (name.clone(), *n))
+        .collect()
+}
+
+/// A resource type whose file Envoy judges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Listeners,
+    Clusters,
+    Routes,
+}
+
+impl Kind {
+    fn file(self) -> &'static str {
+        match self {
+            Kind::Listeners => "lds.json",
+            Kind::Clusters => "cds.json",
+            Kind::Routes => "rds.json",
+        }
+    }
+
+    fn of_file(name: &str) -> Option<Self> {
+        match name {
+            "lds.json" => Some(Kind::Listeners),
+            "cds.json" => Some(Kind::Clusters),
+            "rds.json" => Some(Kind::Routes),
+            _ => None,
+        }
+    }
+
+    /// Whether `counter` counts this type's updates.
+    fn counts(self, counter: &str) -> bool {
+        match self {
+            Kind::Listeners => counter.starts_with("listener_manager.lds."),
+            Kind::Clusters => counter.starts_with("cluster_manager.cds."),
+            Kind::Routes => counter.contains(&format!(".rds.{}.", xds::ROUTE_CONFIG)),
+        }
+    }
+}
+
+/// Watches Envoy's counters for `kinds` until each has moved from `before`; refused as soon as
+/// a rejection counter moves. A verdict that does not come in time counts as taken: `probe`
+/// keeps watching.
+fn verdict(before: &BTreeMap<String, u64>, kinds: &[Kind]) -> Result<Verdict, AdapterError> {
+    let mut waited = 0;
+    loop {
+        let now = counters()?;
+        let moved = |name: &String, n: &u64| *n > before.get(name).copied().unwrap_or(0);
+        let rejected: Vec<&String> = now
+            .iter()
+            .filter(|(name, n)| name.ends_with(".update_rejected") && moved(name, n))
+            .map(|(name, _)| name)
+            .collect();
+        if !rejected.is_empty() {
+            let counters = rejected
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Ok(Verdict::Refused(match listener_errors() {
+                Some(details) => format!("Envoy rejected the update: {details} ({counters})"),
+                None => format!("Envoy rejected the update ({counters})"),
+            }));
+        }
+        let all_taken = kinds.iter().all(|kind| {
+            now.iter().any(|(name, n)| {
+                kind.counts(name) && name.ends_with(".update_success") && moved(name, n)
+            })
+        });
+        if all_taken || waited >= VERDICT_WITHIN_MS {
+            return Ok(Verdict::Taken);
+        }
+        timer::pause(VERDICT_EVERY_MS);
+        waited += VERDICT_EVERY_MS;
+    }
+}
+
+/// Why Envoy refused listeners, as its configuration dump tells (`error_state`), if it does.
+fn listener_errors() -> Option<String> {
+    let text = admin_get("/config_dump?resource=dynamic_listeners").ok()?;
+    let dump: Value = serde_json::from_str(&text).ok()?;
+    let mut details: Vec<String> = dump["configs"]
+        .as_array()?
+        .iter()
+        .filter_map(|l| l["error_state"]["details"].as_str())
+        .map(str::to_owned)
+        .collect();
+    details.sort_unstable();
+    details.dedup();
+    (!details.is_empty()).then(|| details.join("; "))
+}
+
+/// What a service looked like when Envoy judged it.
+fn looks(s: &Service<'_>) -> String {
+    format!("{s:?}")
 }
 
 /// The version of Harbor's route configuration Envoy runs.

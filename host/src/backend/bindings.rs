@@ -1,6 +1,7 @@
 //! The adapter world's bindings (generated once, here, from `wit/backend`), the state each
 //! adapter store carries, and the linker: an adapter's only capabilities are the bound HTTP
-//! client, the confined directory and the log, plus harmless WASI (random numbers, clocks).
+//! client, the confined directory, the log and a pause, plus harmless WASI (random numbers,
+//! clocks).
 //! Every other import traps.
 
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ mod generated {
     });
 }
 
-use generated::harbor::backend::{files, http_client, log, types};
+use generated::harbor::backend::{files, http_client, log, timer, types};
 
 pub use generated::harbor::backend::types::{
     AdapterError, Applied, Description, DesiredState, HealthCheck, HttpService, ProbeReport,
@@ -164,6 +165,17 @@ fn with_dir<R>(
     match dir {
         Some(d) => f(d),
         None => Err("this adapter was given no directory".into()),
+    }
+}
+
+/// The longest pause an adapter may ask for at once.
+const LONGEST_PAUSE: Duration = Duration::from_secs(1);
+
+impl timer::Host for AdapterState {
+    fn pause(&mut self, ms: u32) {
+        // Each adapter runs on a thread of its own: blocking it holds up nothing else.
+        let pause = Duration::from_millis(ms.into()).min(LONGEST_PAUSE);
+        self.blocked(|_| std::thread::sleep(pause));
     }
 }
 
