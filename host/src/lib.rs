@@ -36,7 +36,7 @@
 //! | rewind | a socket with bytes already read from it put back in front (`rewind`) |
 //! | plan | how a strategy tells the host to answer picks natively, without a call per pick ([`plugins`]) |
 //! | shard | a per-thread instance of a strategy's component ([`plugins`]) |
-//! | partition | one of the DNS names a big Caddy-driven service is split across ([`dns`]) |
+//! | fallback | the static list of instances Caddy serves a service from while Harbor is away ([`dns`], the Caddy adapter) |
 //! | aperture, window | the rotating subset of a service's instances one DNS answer names, for Caddy 2.6 |
 //! | follower | a reader of a feed (events, public events) from a cursor, told of gaps ([`events`]) |
 //! | door | a listener's way in, within its share of the file descriptors ([`descriptors`]) |
