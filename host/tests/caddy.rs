@@ -158,6 +158,40 @@ async fn a_restarted_caddy_gets_harbors_routes_back(release: Release) {
     h.shutdown().await;
 }
 
+async fn routes_registered_during_a_long_caddy_outage_arrive_soon_after_it_ends(release: Release) {
+    let _turn = EXCLUSIVE.read().await;
+    let Some(mut caddy) = Caddy::start(release).await else {
+        return;
+    };
+    let h = harbor_for(&caddy).await;
+    let _web = web_routed(&caddy, &h).await;
+    caddy.kill();
+    // Registrations during a 12 s outage: the retries back off to their 5 s cap meanwhile.
+    let mut late = Vec::new();
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let name = format!("late{i}");
+        let upstream = Upstream::start(&name).await;
+        h.register(
+            json!({"name": name, "upstream": upstream.addr.to_string(), "ttl_secs": 60,
+            "host": format!("{name}.localhost")}),
+        )
+        .await;
+        late.push(upstream);
+    }
+    caddy.start_again().await;
+    let back = Instant::now();
+    until_routed(&caddy, "late2.localhost", "late2", Duration::from_secs(3)).await;
+    until_routed(&caddy, "late0.localhost", "late0", Duration::from_secs(1)).await;
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(1)).await;
+    eprintln!(
+        "Caddy {}: routes back {:?} after it answered",
+        caddy.version,
+        back.elapsed()
+    );
+    h.shutdown().await;
+}
+
 /// Caddy's configuration names Harbor's DNS responder; a responder on a new port at every start
 /// made every restart of Harbor rewrite it.
 async fn a_restart_of_harbor_leaves_caddys_configuration_as_it_was(release: Release) {
@@ -1037,6 +1071,7 @@ macro_rules! on_each_caddy {
 on_each_caddy!(
     files_and_registrations_reach_caddy_and_leave_it,
     a_restarted_caddy_gets_harbors_routes_back,
+    routes_registered_during_a_long_caddy_outage_arrive_soon_after_it_ends,
     a_restart_of_harbor_leaves_caddys_configuration_as_it_was,
     a_hand_edit_of_harbors_route_is_repaired,
     harbor_starts_with_caddy_down_and_converges_when_it_comes_up,

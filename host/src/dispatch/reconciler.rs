@@ -247,9 +247,23 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
         }
         if Instant::now() >= self.next_probe {
             self.next_probe = Instant::now() + PROBE_EVERY;
-            if self.dirty_since.is_none() && self.applied.is_some() {
+            if self.retry_at.is_some() {
+                self.probe_during_backoff().await;
+            } else if self.dirty_since.is_none() && self.applied.is_some() {
                 self.probe().await;
             }
+        }
+    }
+
+    /// While an apply waits out its backoff, the probe keeps asking the proxy; once it answers,
+    /// the apply is retried at once, so a proxy back from a long outage gets its routes within
+    /// a probe's period instead of at the end of the backoff (up to 5 s).
+    async fn probe_during_backoff(&mut self) {
+        let Some(adapter) = &self.adapter else {
+            return;
+        };
+        if adapter.probe().await.is_ok() {
+            self.retry_at = Some(Instant::now());
         }
     }
 
@@ -459,6 +473,8 @@ mod tests {
         refuses: bool,
         /// Whether the proxy still runs what was applied (what a probe finds).
         drifted: bool,
+        /// Whether probes fail as they do while the proxy is down.
+        probe_down: bool,
         released: bool,
         /// A service the proxy refuses while taking the rest.
         refuses_service: Option<String>,
@@ -535,7 +551,13 @@ mod tests {
         }
 
         async fn probe(&self) -> Result<ProbeReport, CallError> {
-            let drifted = lock(&self.proxy).drifted;
+            let (drifted, down) = {
+                let p = lock(&self.proxy);
+                (p.drifted, p.probe_down || p.down_for > 0)
+            };
+            if down {
+                return Err(CallError::Adapter(AdapterError::Retryable("down".into())));
+            }
             Ok(ProbeReport {
                 in_sync: !drifted,
                 applied_revision: None,
@@ -689,11 +711,47 @@ mod tests {
         let times: Vec<Instant> = applies(&proxy).iter().map(|a| a.0).collect();
         assert_eq!(times.len(), 5, "four failures, then the apply that took");
         let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
-        let expected: Vec<Duration> = (1..=4).map(|n| RETRY.after(n)).collect();
-        assert_eq!(gaps, expected, "100, 200, 400 and 800 ms apart");
+        let expected: Vec<Duration> = (1..=3).map(|n| RETRY.after(n)).collect();
+        assert_eq!(gaps[..3], expected, "100, 200 and 400 ms apart");
+        // The proxy answers again after the fourth failure: the probe sees it, and the apply
+        // comes within a probe's period instead of after the next 800 ms of backoff.
+        assert!(
+            gaps[3] <= PROBE_EVERY && gaps[3] < RETRY.after(4),
+            "{gaps:?}"
+        );
         let status = rig.book.status();
         assert!(status.in_sync && status.last_error.is_none(), "{status:?}");
         assert_eq!(status.applies, 1);
+        rig.cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_proxy_back_from_a_long_outage_gets_its_routes_within_a_probe_period() {
+        let (fake, proxy) = Fake::new("fake");
+        lock(&proxy).down_for = u32::MAX;
+        let rig = rig(fake);
+        // Twelve seconds down, with registrations meanwhile: the backoff reaches its 5 s cap.
+        for n in 0..12 {
+            register(&rig.registry, &format!("s{n}"));
+            run_for(Duration::from_secs(1)).await;
+        }
+        let failed = applies(&proxy).len();
+        assert!(failed < 12, "backed off: {failed} tries in 12 s");
+        let back = Instant::now();
+        {
+            let mut p = lock(&proxy);
+            p.down_for = 0;
+            p.probe_down = false;
+        }
+        run_for(Duration::from_secs(2)).await;
+        let first_ok = applies(&proxy)[failed..].first().map(|a| a.0);
+        let took = first_ok.expect("applied once the proxy answered") - back;
+        assert!(
+            took <= PROBE_EVERY + QUIET,
+            "routes back {took:?} after the proxy"
+        );
+        assert_eq!(applies(&proxy).last().map(|a| a.1), Some(12));
+        assert!(rig.book.status().in_sync);
         rig.cancel.cancel();
     }
 
