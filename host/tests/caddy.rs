@@ -439,6 +439,10 @@ async fn switching_from_caddy_to_envoy_releases_caddys_routes(release: Release) 
         .unwrap();
     assert_eq!(id.status(), 404);
     user_route_works(&caddy).await;
+    // Both status endpoints name the proxy in force, not the one Harbor started with.
+    assert_eq!(backend_status(&h).await["backend"], "envoy");
+    let (_, status) = h.get("/api/v1/status").await;
+    assert_eq!(status["backend"], "envoy", "{status}");
     envoy.start_process().await;
     let client = reqwest::Client::new();
     eventually(Duration::from_secs(5), "web through Envoy", || {

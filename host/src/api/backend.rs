@@ -24,7 +24,7 @@ pub async fn status(State(app): State<AppState>) -> impl IntoResponse {
     match &app.dispatcher {
         Some(d) => {
             let mut body = serde_json::to_value(d.status()).unwrap_or_default();
-            body["backend"] = json!(d.kind().to_string());
+            body["backend"] = json!(d.proxy_in_force());
             Json(body)
         }
         None => Json(json!({"backend": "embedded", "adapter": null, "in_sync": true})),

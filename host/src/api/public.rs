@@ -29,7 +29,10 @@ pub fn status_of(app: &App) -> Value {
     let uptime = now.duration_since(app.started_at).unwrap_or_default();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "backend": app.backend.to_string(),
+        "backend": app
+            .dispatcher
+            .as_ref()
+            .map_or_else(|| app.backend.to_string(), |d| d.proxy_in_force()),
         // Whether the driven proxy matches the desired state; `null` for the embedded
         // proxy, which is the desired state.
         "in_sync": app.dispatcher.as_ref().map(|d| d.status().in_sync),

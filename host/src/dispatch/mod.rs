@@ -101,8 +101,19 @@ impl Dispatcher {
         self.book.status()
     }
 
+    /// The proxy Harbor was started to drive.
     pub fn kind(&self) -> BackendKind {
         self.kind
+    }
+
+    /// The proxy driven now: the active adapter's, which a swap may have changed.
+    pub fn proxy_in_force(&self) -> String {
+        let adapter = self.book.status().adapter;
+        if adapter.is_empty() {
+            self.kind.to_string()
+        } else {
+            adapter
+        }
     }
 
     /// The spec of a built-in adapter with the capabilities and settings from the config;
