@@ -153,6 +153,7 @@ pub struct BackendMetrics {
     pub swaps: IntCounterVec,
     pub in_sync: IntGauge,
     pub refused_services: IntGauge,
+    pub writes: IntCounterVec,
 }
 
 impl BackendMetrics {
@@ -160,7 +161,7 @@ impl BackendMetrics {
         let applies = IntCounterVec::new(
             Opts::new(
                 "backend_applies_total",
-                "Desired states given to the backend adapter, by result (ok, retryable, rejected, fault)",
+                "Desired states given to the backend adapter, by result (ok: the proxy was written; unchanged: it already ran the state; retryable, rejected, fault)",
             ),
             &["adapter", "result"],
         )?;
@@ -197,7 +198,15 @@ impl BackendMetrics {
             "Services the proxy refused and Harbor left out of its configuration",
         )?;
         registry.register(Box::new(in_sync.clone()))?;
+        let writes = IntCounterVec::new(
+            Opts::new(
+                "backend_writes_total",
+                "Configuration writes the proxy received (Caddy reloads, Envoy files), as opposed to applies that found it already in step",
+            ),
+            &["adapter"],
+        )?;
         registry.register(Box::new(refused_services.clone()))?;
+        registry.register(Box::new(writes.clone()))?;
         Ok(Self {
             applies,
             apply_seconds,
@@ -205,6 +214,7 @@ impl BackendMetrics {
             swaps,
             in_sync,
             refused_services,
+            writes,
         })
     }
 }

@@ -34,6 +34,8 @@ pub struct Admin {
     revision: Option<u64>,
     /// Routes Caddy refused, by service, with its reason.
     refusals: HashMap<String, (Value, String)>,
+    /// Configuration writes sent during the current apply.
+    writes: u32,
 }
 
 struct Read {
@@ -63,6 +65,7 @@ impl Admin {
             live: None,
             revision: None,
             refusals: HashMap::new(),
+            writes: 0,
         }
     }
 
@@ -71,6 +74,7 @@ impl Admin {
     }
 
     pub fn apply(&mut self, state: &DesiredState) -> Result<Applied, AdapterError> {
+        self.writes = 0;
         let services = http_services(state);
         let live = match &self.live {
             Some(live) => live.clone(),
@@ -119,6 +123,7 @@ impl Admin {
             revision: state.revision,
             refused,
             fallbacks_stale,
+            writes: self.writes,
         })
     }
 
@@ -197,6 +202,7 @@ impl Admin {
             } else if current.body == desired {
                 return Ok(Ok(()));
             } else {
+                self.writes += 1;
                 send(
                     "PATCH",
                     &self.inner_path(),
@@ -232,7 +238,8 @@ impl Admin {
     /// Inserts the container route, holding `inner`, first in the server that listens on the
     /// configured address (or the configured server), creating that server if none exists.
     /// Returns Caddy's answer to the write, for [`Admin::apply`] to judge like any other.
-    fn create_container(&self, inner: &Value) -> Result<Read, AdapterError> {
+    fn create_container(&mut self, inner: &Value) -> Result<Read, AdapterError> {
+        self.writes += 1;
         let container = routes::container(
             &self.settings.route_id,
             inner.as_array().cloned().unwrap_or_default(),

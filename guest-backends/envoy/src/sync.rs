@@ -34,6 +34,8 @@ pub struct Files {
     revision: u64,
     /// Services Envoy refused: how each looked, and Envoy's reason.
     refusals: BTreeMap<String, (String, String)>,
+    /// Files written during the current apply.
+    writes: u32,
 }
 
 /// Longest an apply waits for Envoy to take or refuse what it wrote, and how often it looks.
@@ -55,10 +57,12 @@ impl Files {
             rds_version: None,
             revision: 0,
             refusals: BTreeMap::new(),
+            writes: 0,
         }
     }
 
     pub fn apply(&mut self, state: &DesiredState) -> Result<Applied, AdapterError> {
+        self.writes = 0;
         let (http, tcp) = (http_services(state), tcp_services(state));
         let all: Vec<&Service<'_>> = http.iter().chain(tcp.iter()).collect();
         // A service Envoy refused is not offered again while it stays the same.
@@ -97,6 +101,7 @@ impl Files {
             refused,
             // Envoy's files hold every instance: there is no fallback to refresh.
             fallbacks_stale: false,
+            writes: self.writes,
         })
     }
 
@@ -208,6 +213,7 @@ impl Files {
                 .map_err(|e| AdapterError::Rejected(e.to_string()))?;
             files::write(name, &bytes)
                 .map_err(|e| AdapterError::Retryable(format!("cannot write {name}: {e}")))?;
+            self.writes += 1;
             if name == "rds.json" {
                 self.rds_version = Some(revision);
             }

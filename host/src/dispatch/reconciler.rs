@@ -291,12 +291,8 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
         }
         match adapter.apply(desired.to_wit(revision, refresh)).await {
             Ok(applied) => {
-                self.book.record_applied(
-                    applied.revision,
-                    desired.services(),
-                    started.elapsed(),
-                    &applied.refused,
-                );
+                self.book
+                    .record_applied(&applied, desired.services(), started.elapsed());
                 if refresh {
                     self.last_refresh = started;
                 }
@@ -418,12 +414,8 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             return Err(SwapError::Stopped);
         };
         self.book.set_active(active);
-        self.book.record_applied(
-            applied.revision,
-            desired.services(),
-            started.elapsed(),
-            &applied.refused,
-        );
+        self.book
+            .record_applied(&applied, desired.services(), started.elapsed());
         self.fallbacks_due = applied
             .fallbacks_stale
             .then_some(self.last_refresh + FALLBACK_EVERY);
@@ -547,6 +539,7 @@ mod tests {
                 revision: state.revision,
                 refused,
                 fallbacks_stale: proxy.fallbacks != services,
+                writes: 1,
             })
         }
 

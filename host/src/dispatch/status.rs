@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::backend::{AdapterError, CallError, RefusedService};
+use crate::backend::{AdapterError, Applied, CallError};
 use crate::events::{Event, EventBus, lock};
 use crate::metrics::Metrics;
 use crate::model::timestamp;
@@ -79,14 +79,10 @@ impl Book {
         s.in_sync = false;
     }
 
-    pub fn record_applied(
-        &self,
-        revision: u64,
-        services: usize,
-        took: Duration,
-        refused: &[RefusedService],
-    ) {
-        let refused: Vec<Refusal> = refused
+    pub fn record_applied(&self, applied: &Applied, services: usize, took: Duration) {
+        let revision = applied.revision;
+        let refused: Vec<Refusal> = applied
+            .refused
             .iter()
             .map(|r| Refusal {
                 service: r.name.clone(),
@@ -124,11 +120,21 @@ impl Book {
                 service: Some(r.service),
             });
         }
+        let result = if applied.writes > 0 {
+            "ok"
+        } else {
+            "unchanged"
+        };
         self.metrics
             .backend
             .applies
-            .with_label_values(&[adapter.as_str(), "ok"])
+            .with_label_values(&[adapter.as_str(), result])
             .inc();
+        self.metrics
+            .backend
+            .writes
+            .with_label_values(&[adapter.as_str()])
+            .inc_by(applied.writes.into());
         self.metrics
             .backend
             .apply_seconds
