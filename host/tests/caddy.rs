@@ -421,6 +421,11 @@ async fn switching_from_caddy_to_envoy_releases_caddys_routes(release: Release) 
     })
     .await;
     let _web = web_routed(&caddy, &h).await;
+    let (_, status) = h.get("/api/v1/status").await;
+    assert_eq!(
+        status["proxy_port"], caddy.listen,
+        "links point at Caddy: {status}"
+    );
 
     // Envoy is not running: the new adapter writes its files but the swap still succeeds,
     // since its files are its proxy's configuration.
@@ -438,10 +443,12 @@ async fn switching_from_caddy_to_envoy_releases_caddys_routes(release: Release) 
         .unwrap();
     assert_eq!(id.status(), 404);
     user_route_works(&caddy).await;
-    // Both status endpoints name the proxy in force, not the one Harbor started with.
+    // Both status endpoints name the proxy in force, not the one Harbor started with, and
+    // Gangway's links point at it.
     assert_eq!(backend_status(&h).await["backend"], "envoy");
     let (_, status) = h.get("/api/v1/status").await;
     assert_eq!(status["backend"], "envoy", "{status}");
+    assert_eq!(status["proxy_port"], envoy_listen.port(), "{status}");
     envoy.start_process().await;
     let client = reqwest::Client::new();
     eventually(Duration::from_secs(5), "web through Envoy", || {

@@ -40,7 +40,11 @@ pub fn status_of(app: &App) -> Value {
         "started_at": crate::model::timestamp(app.started_at),
         "uptime_secs": uptime.as_secs(),
         "server_time_ms": now.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
-        "proxy_port": app.public.proxy_port(),
+        // Where links to services point: the embedded proxy's port, or the driven proxy's.
+        "proxy_port": app
+            .dispatcher
+            .as_ref()
+            .map_or_else(|| app.public.proxy_port(), |d| Some(d.proxy_port())),
     })
 }
 

@@ -106,6 +106,14 @@ impl Dispatcher {
         self.kind
     }
 
+    /// Where the proxy driven now takes HTTP requests, for links to services.
+    pub fn proxy_port(&self) -> u16 {
+        match self.proxy_in_force().as_str() {
+            "envoy" => self.config.proxy_listen.port(),
+            _ => self.config.caddy_listen.port(),
+        }
+    }
+
     /// The proxy driven now: the active adapter's, which a swap may have changed.
     pub fn proxy_in_force(&self) -> String {
         let adapter = self.book.status().adapter;
