@@ -400,7 +400,7 @@ async fn swapping_the_caddy_adapter_twenty_times_under_load_fails_no_request(rel
     h.shutdown().await;
 }
 
-async fn switching_from_caddy_to_envoy_releases_caddys_routes(release: Release) {
+async fn switching_between_caddy_and_envoy_leaves_nothing_of_the_other_behind(release: Release) {
     let _turn = EXCLUSIVE.read().await;
     let Some(caddy) = Caddy::start(release).await else {
         return;
@@ -461,6 +461,33 @@ async fn switching_from_caddy_to_envoy_releases_caddys_routes(release: Release) 
         }
     })
     .await;
+
+    // And back: Envoy's adapter leaves only its two bootstrap files behind, empty.
+    let r = h
+        .client
+        .put(h.url("/api/v1/backend"))
+        .json(&json!({"adapter": "caddy"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    let mut left: Vec<String> = std::fs::read_dir(&envoy.xds)
+        .expect("the xDS directory")
+        .map(|e| {
+            e.expect("an entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    left.sort();
+    assert_eq!(left, ["cds.json", "lds.json"]);
+    for file in &left {
+        let doc: Value =
+            serde_json::from_slice(&std::fs::read(envoy.xds.join(file)).expect("read")).unwrap();
+        assert_eq!(doc["resources"], json!([]), "{file}");
+    }
     h.shutdown().await;
 }
 
@@ -1087,7 +1114,7 @@ on_each_caddy!(
     harbor_starts_with_caddy_down_and_converges_when_it_comes_up,
     bad_swaps_are_refused_and_the_old_adapter_keeps_serving,
     swapping_the_caddy_adapter_twenty_times_under_load_fails_no_request,
-    switching_from_caddy_to_envoy_releases_caddys_routes,
+    switching_between_caddy_and_envoy_leaves_nothing_of_the_other_behind,
     an_adapter_that_traps_or_spins_is_refused_and_reported,
     instance_churn_does_not_reload_caddy_or_hurt_a_loaded_service,
     an_adapter_dropped_in_the_plugin_directory_takes_over,

@@ -286,12 +286,25 @@ impl Files {
     }
 
     pub fn release(&mut self) -> Result<(), AdapterError> {
-        // Empty resource lists: Envoy drops Harbor's listeners and clusters.
+        // Empty resource lists: Envoy drops Harbor's listeners and clusters. The bootstrap
+        // names these two files, so they stay, empty.
+        let before = counters().ok();
         for name in ["lds.json", "cds.json"] {
             let doc = xds::discovery(self.revision + 1, Vec::new());
             let bytes = serde_json::to_vec_pretty(&doc)
                 .map_err(|e| AdapterError::Rejected(e.to_string()))?;
             files::write(name, &bytes).map_err(AdapterError::Retryable)?;
+        }
+        // Once no listener refers to the routes and no cluster to its endpoints, their files
+        // go too.
+        if let Some(before) = before {
+            verdict(&before, &[Kind::Listeners, Kind::Clusters])?;
+        }
+        for name in files::list().map_err(AdapterError::Retryable)? {
+            let ours = name == "rds.json" || (name.starts_with("eds-") && name.ends_with(".json"));
+            if ours {
+                files::remove(&name).map_err(AdapterError::Retryable)?;
+            }
         }
         self.written.clear();
         self.rds_version = None;
