@@ -191,6 +191,31 @@ async fn routes_registered_during_a_long_caddy_outage_arrive_soon_after_it_ends(
     h.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_address_that_is_not_caddy_is_a_clear_error() {
+    let _turn = EXCLUSIVE.read().await;
+    // Not Caddy at all: a plain web server where Caddy's admin API should be.
+    let impostor = Upstream::start("not caddy").await;
+    let admin: harbor::config::BaseUrl = format!("http://{}", impostor.addr).parse().unwrap();
+    let h = common::start_with(move |c| {
+        c.backend = BackendKind::Caddy;
+        c.caddy_admin = admin.clone();
+    })
+    .await;
+    let status = eventually(Duration::from_secs(5), "the error", || async {
+        let status = backend_status(&h).await;
+        status["last_error"].as_str().is_some().then_some(status)
+    })
+    .await;
+    let error = status["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("does not answer as Caddy's admin API"),
+        "{status}"
+    );
+    assert_eq!(status["in_sync"], false, "{status}");
+    h.shutdown().await;
+}
+
 /// Caddy's configuration names Harbor's DNS responder; a responder on a new port at every start
 /// made every restart of Harbor rewrite it.
 async fn a_restart_of_harbor_leaves_caddys_configuration_as_it_was(release: Release) {

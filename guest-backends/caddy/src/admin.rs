@@ -78,7 +78,10 @@ impl Admin {
         let services = http_services(state);
         let live = match &self.live {
             Some(live) => live.clone(),
-            None => get(&self.inner_path())?.body,
+            None => {
+                is_caddy()?;
+                get(&self.inner_path())?.body
+            }
         };
         let kept = if state.refresh_fallbacks {
             Fallbacks::new()
@@ -410,6 +413,23 @@ fn refusal(status: u16, text: &str) -> AdapterError {
     } else {
         AdapterError::Retryable(message)
     }
+}
+
+/// Checks that the admin address answers as Caddy's admin API does: `GET /config/` gives JSON
+/// (`null` for an empty configuration). Anything else there is a configuration mistake that
+/// retrying will not mend.
+fn is_caddy() -> Result<(), AdapterError> {
+    let r = http_client::send("GET", "/config/", &[], &[]).map_err(unavailable)?;
+    let json = header(&r, "content-type").is_some_and(|t| t.starts_with("application/json"));
+    let parsed = serde_json::from_slice::<Value>(&r.body).is_ok();
+    if r.status == 200 && json && parsed {
+        return Ok(());
+    }
+    Err(AdapterError::Rejected(format!(
+        "the admin address does not answer as Caddy's admin API: GET /config/ gave {} ({})",
+        r.status,
+        header(&r, "content-type").unwrap_or("no content type")
+    )))
 }
 
 fn unavailable(e: HttpError) -> AdapterError {
