@@ -192,6 +192,11 @@ async fn a_service_envoy_refuses_is_isolated_and_reported() {
     let refused = errors["refused"].as_array().expect("a list").clone();
     assert_eq!(refused.len(), 1, "{errors}");
     assert_eq!(refused[0]["service"], "db");
+    let status = backend_status(&h).await;
+    assert_eq!(
+        status["in_sync"], false,
+        "a refused service is not in step: {status}"
+    );
     let reason = refused[0]["reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("rejected") && reason.contains(&format!("cannot bind '127.0.0.1:{port}'")),
@@ -216,6 +221,8 @@ async fn a_service_envoy_refuses_is_isolated_and_reported() {
         (errors["refused"] == json!([])).then_some(())
     })
     .await;
+    let status = backend_status(&h).await;
+    assert_eq!(status["in_sync"], true, "all of it live again: {status}");
     h.shutdown().await;
 }
 

@@ -340,13 +340,7 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             return;
         };
         match adapter.probe().await {
-            Ok(report) if report.in_sync => {
-                let back = self.book.edit(|s| !std::mem::replace(&mut s.in_sync, true));
-                if back {
-                    self.book.edit(|s| s.last_error = None);
-                    self.book.metrics.backend.in_sync.set(1);
-                }
-            }
+            Ok(report) if report.in_sync => self.book.record_confirmed(),
             Ok(report) => {
                 self.book.record_drift(&report.detail);
                 self.applied = None;
@@ -898,7 +892,9 @@ mod tests {
         register(&rig.registry, "bad");
         run_for(Duration::from_secs(1)).await;
         let status = rig.book.status();
-        assert!(status.in_sync, "the rest is applied: {status:?}");
+        assert!(!status.in_sync, "not all of it is live: {status:?}");
+        let error = status.last_error.as_deref().unwrap_or_default();
+        assert!(error.contains("bad: unknown field"), "{status:?}");
         assert_eq!(status.refused.len(), 1);
         assert_eq!(status.refused[0].service, "bad");
         assert_eq!(status.refused[0].reason, "unknown field");
@@ -926,7 +922,9 @@ mod tests {
         lock(&proxy).refuses_service = None;
         register(&rig.registry, "again");
         run_for(Duration::from_secs(1)).await;
-        assert!(rig.book.status().refused.is_empty(), "cleared once taken");
+        let status = rig.book.status();
+        assert!(status.refused.is_empty(), "cleared once taken");
+        assert!(status.in_sync && status.last_error.is_none(), "{status:?}");
         rig.cancel.cancel();
     }
 }

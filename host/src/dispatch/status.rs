@@ -93,8 +93,9 @@ impl Book {
             let mut s = lock(&self.status);
             s.applied_revision = Some(revision);
             s.applied_at = Some(timestamp(SystemTime::now()));
-            s.last_error = None;
-            s.in_sync = true;
+            // In step means the whole desired state is live: a refused service is not.
+            s.last_error = refusal_summary(&refused);
+            s.in_sync = refused.is_empty();
             s.applies += 1;
             let new: Vec<Refusal> = refused
                 .iter()
@@ -104,7 +105,10 @@ impl Book {
             s.refused = refused.clone();
             (s.adapter.clone(), new)
         };
-        self.metrics.backend.in_sync.set(1);
+        self.metrics
+            .backend
+            .in_sync
+            .set(i64::from(refused.is_empty()));
         self.metrics
             .backend
             .refused_services
@@ -186,6 +190,17 @@ impl Book {
         }
     }
 
+    /// A probe found the proxy running what was applied: in step, unless services were refused.
+    pub fn record_confirmed(&self) {
+        let in_sync = {
+            let mut s = lock(&self.status);
+            s.in_sync = s.refused.is_empty();
+            s.last_error = refusal_summary(&s.refused);
+            s.in_sync
+        };
+        self.metrics.backend.in_sync.set(i64::from(in_sync));
+    }
+
     pub fn record_drift(&self, detail: &str) {
         let adapter = {
             let mut s = lock(&self.status);
@@ -204,4 +219,15 @@ impl Book {
             detail: detail.to_owned(),
         });
     }
+}
+
+/// The error that refused services amount to, if any.
+fn refusal_summary(refused: &[Refusal]) -> Option<String> {
+    (!refused.is_empty()).then(|| {
+        let each: Vec<String> = refused
+            .iter()
+            .map(|r| format!("{}: {}", r.service, r.reason))
+            .collect();
+        format!("the proxy refused {}", each.join("; "))
+    })
 }
