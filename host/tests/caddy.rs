@@ -452,15 +452,39 @@ async fn switching_between_caddy_and_envoy_leaves_nothing_of_the_other_behind(re
         "links point at Caddy: {status}"
     );
 
-    // Envoy is not running: the new adapter writes its files but the swap still succeeds,
-    // since its files are its proxy's configuration.
-    let r = h
-        .client
-        .put(h.url("/api/v1/backend"))
-        .json(&json!({"adapter": "envoy"}))
-        .send()
-        .await
-        .unwrap();
+    // Envoy is not running: the swap is refused before anything is written, and Caddy keeps
+    // serving through it.
+    let addr = caddy.listen_addr();
+    let (stop, stream) = steady_stream(vec![(addr, "web.localhost", "web")]);
+    let swap = || {
+        h.client
+            .put(h.url("/api/v1/backend"))
+            .json(&json!({"adapter": "envoy"}))
+            .send()
+    };
+    let r = swap().await.unwrap();
+    assert_eq!(r.status(), 502, "{}", r.text().await.unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    let (ok, failed) = stream.await.expect("the stream");
+    assert!(failed.is_empty() && ok > 0, "{ok} answered, {failed:?}");
+    assert_eq!(backend_status(&h).await["adapter"], "caddy");
+    assert!(
+        !envoy.xds.join("lds.json").exists(),
+        "nothing was written for the Envoy that is down"
+    );
+
+    // With Envoy up (its bootstrap's files in place, empty, as an operator sets it up), the
+    // swap proves it serves the state before Caddy's routes go.
+    for file in ["lds.json", "cds.json"] {
+        std::fs::write(
+            envoy.xds.join(file),
+            r#"{"version_info": "0", "resources": []}"#,
+        )
+        .expect("an empty xDS file");
+    }
+    envoy.start_process().await;
+    let r = swap().await.unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     until_gone(&caddy, "web.localhost", Duration::from_secs(2)).await;
     let id = reqwest::get(format!("{}/id/harbor", caddy.admin_url()))
@@ -474,7 +498,6 @@ async fn switching_between_caddy_and_envoy_leaves_nothing_of_the_other_behind(re
     let (_, status) = h.get("/api/v1/status").await;
     assert_eq!(status["backend"], "envoy", "{status}");
     assert_eq!(status["proxy_port"], envoy_listen.port(), "{status}");
-    envoy.start_process().await;
     let client = reqwest::Client::new();
     eventually(Duration::from_secs(5), "web through Envoy", || {
         let client = client.clone();

@@ -250,6 +250,8 @@ impl Files {
     }
 
     pub fn probe(&mut self) -> Result<ProbeReport, AdapterError> {
+        // Envoy is asked first, so that a probe of an Envoy that is down fails.
+        let rejected = rejected_only(&counters()?);
         let Some(rds_version) = self.rds_version else {
             return Ok(ProbeReport {
                 in_sync: false,
@@ -257,7 +259,6 @@ impl Files {
                 detail: "nothing applied yet".into(),
             });
         };
-        let rejected = rejected_only(&counters()?);
         if let Some(before) = &self.rejected_before {
             let grew: Vec<String> = rejected
                 .iter()

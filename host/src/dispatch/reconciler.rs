@@ -42,6 +42,8 @@ pub(super) const PROBE_EVERY: Duration = Duration::from_millis(400);
 pub(super) const FALLBACK_EVERY: Duration = Duration::from_secs(60);
 /// Longest the last apply at shutdown may take.
 pub(super) const SETTLE_WITHIN: Duration = Duration::from_secs(5);
+/// Longest a swap waits for its new proxy to show the desired state live.
+pub(super) const PROVE_WITHIN: Duration = Duration::from_secs(3);
 /// Retries of an apply the proxy failed: 100 ms doubling to 5 s.
 pub(super) const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
@@ -383,6 +385,12 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
 
     async fn try_swap(&mut self, spec: AdapterSpec) -> Result<BackendStatus, SwapError> {
         let new = self.loader.load(spec).await?;
+        // A proxy that does not answer is not written to at all.
+        if let Err(e) = new.probe().await {
+            return Err(SwapError::Apply(format!(
+                "the new proxy does not answer: {e}"
+            )));
+        }
         let with_tcp = new.description().supports_tcp;
         let revision = self.registry.bus().last_id();
         let desired = Desired::of(&self.registry.services(), with_tcp);
@@ -391,6 +399,15 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             .apply(desired.to_wit(revision, false))
             .await
             .map_err(|e| SwapError::Apply(e.to_string()))?;
+        // The old adapter retires only once the new proxy shows the state live.
+        if let Err(why) = prove(&new).await {
+            if let Err(e) = new.release().await {
+                tracing::warn!(error = %e, "the refused adapter could not remove what it wrote");
+            }
+            return Err(SwapError::Apply(format!(
+                "the new proxy did not show the state live within {PROVE_WITHIN:?}: {why}"
+            )));
+        }
         let old = self.adapter.replace(new);
         let (from, released) = match old {
             Some(old) if old.description().name != self.adapter_name() => {
@@ -433,6 +450,22 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             .as_ref()
             .map(|a| a.description().name.clone())
             .unwrap_or_default()
+    }
+}
+
+/// Waits until `adapter`'s proxy reports what was applied as live; why not, if it does not.
+async fn prove<A: Driven>(adapter: &A) -> Result<(), String> {
+    let deadline = Instant::now() + PROVE_WITHIN;
+    loop {
+        let why = match adapter.probe().await {
+            Ok(report) if report.in_sync => return Ok(()),
+            Ok(report) => report.detail,
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(why);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
