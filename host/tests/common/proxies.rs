@@ -398,6 +398,31 @@ pub async fn through(
     Some((status, resp.text().await.unwrap_or_default()))
 }
 
+/// `GET /` through `proxy` for `host`, sent once more on a new connection if the first failed
+/// other than by timing out: a reused keep-alive connection closed under it (a Caddy reload),
+/// which browsers and Go's client retry (RFC 9112, 9.3.1). The status and body, or the error.
+pub async fn through_as_browsers_do(
+    client: &reqwest::Client,
+    proxy: SocketAddr,
+    host: &str,
+) -> Option<(u16, String)> {
+    let send = || {
+        client
+            .get(format!("http://{proxy}/"))
+            .header(reqwest::header::HOST, host)
+            .timeout(Duration::from_secs(2))
+            .send()
+    };
+    let mut sent = send().await;
+    if sent.as_ref().is_err_and(|e| !e.is_timeout()) {
+        sent = send().await;
+    }
+    Some(match sent {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(e) => (0, e.to_string()),
+    })
+}
+
 /// A proxy under test that Harbor drives: where it listens, and its name for messages.
 pub trait Driven {
     const NAME: &'static str;
@@ -470,7 +495,8 @@ pub fn checked_route(host: &str, upstreams: &[SocketAddr]) -> String {
 
 /// Requests sent one after another to each of `targets` (address, host, what the answer starts
 /// with) in turn, until stopped; returns how many were answered by the service and what became
-/// of the others.
+/// of the others. Like browsers and Go's client (RFC 9112, 9.3.1), a GET whose keep-alive
+/// connection closed under it (a Caddy reload) is sent once more on a new one.
 pub fn steady_stream(
     targets: Vec<(SocketAddr, &'static str, &'static str)>,
 ) -> (
@@ -487,7 +513,7 @@ pub fn steady_stream(
                 if stop.is_cancelled() {
                     break;
                 }
-                match through(&client, *addr, host, "/").await {
+                match through_as_browsers_do(&client, *addr, host).await {
                     Some((200, body)) if body.starts_with(prefix) => ok += 1,
                     other => failed.push(format!("{host} at {addr}: {other:?}")),
                 }

@@ -39,7 +39,12 @@ impl Guest for Bad {
     }
 
     fn probe() -> Result<ProbeReport, AdapterError> {
-        Err(AdapterError::Retryable("never in sync".into()))
+        // The proxy answers, so a swap goes on to `apply`, which is where this adapter fails.
+        Ok(ProbeReport {
+            in_sync: false,
+            applied_revision: None,
+            detail: "never in sync".into(),
+        })
     }
 
     fn release() -> Result<(), AdapterError> {
