@@ -88,9 +88,8 @@ impl Admin {
         } else {
             routes::fallbacks_of(&live)
         };
-        let build = |kept| routes::routes(&services, &self.settings, self.features, kept);
-        let desired = build(&kept);
-        let fallbacks_stale = desired != build(&Fallbacks::new());
+        let desired = routes::routes(&services, &self.settings, self.features, &kept);
+        let fallbacks_stale = routes::fallbacks_lag(&desired, &services);
         self.live = Some(live);
 
         // A route Caddy refused is not offered again while it stays the same.

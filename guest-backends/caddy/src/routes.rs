@@ -145,18 +145,38 @@ pub fn service_of(route: &Value) -> Option<&str> {
     route["group"].as_str()?.strip_prefix("harbor-")
 }
 
+/// `s`'s instances as Caddy's static upstreams.
+fn static_list(s: &Service<'_>) -> Value {
+    s.upstreams
+        .iter()
+        .map(|(a, _)| json!({"dial": a}))
+        .collect()
+}
+
+/// Each dynamic service's static list in `routes`, by service name.
+fn static_lists(routes: &[Value]) -> impl Iterator<Item = (&str, &Value)> {
+    routes.iter().filter_map(|route| {
+        let handler = &route["handle"][0];
+        handler.get("dynamic_upstreams")?;
+        Some((service_of(route)?, handler.get("upstreams")?))
+    })
+}
+
+/// Whether a static fallback list in `routes` differs from its service's instances now.
+pub fn fallbacks_lag(routes: &[Value], services: &[Service<'_>]) -> bool {
+    static_lists(routes).any(|(name, list)| {
+        services
+            .iter()
+            .find(|s| s.name == name)
+            .is_some_and(|s| static_list(s) != *list)
+    })
+}
+
 /// The static lists in `routes` as last written.
 pub fn fallbacks_of(routes: &Value) -> Fallbacks {
-    routes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|route| {
-            let handler = &route["handle"][0];
-            handler.get("dynamic_upstreams")?;
-            let list = handler.get("upstreams")?;
-            Some((service_of(route)?.to_owned(), list.clone()))
-        })
+    let routes = routes.as_array().map(Vec::as_slice).unwrap_or_default();
+    static_lists(routes)
+        .map(|(name, list)| (name.to_owned(), list.clone()))
         .collect()
 }
 
@@ -213,12 +233,7 @@ fn route(s: &Service<'_>, settings: &Settings, features: Features, kept: Option<
             .iter()
             .all(|(a, _)| a.parse::<std::net::SocketAddrV4>().is_ok());
     let passive = json!({"fail_duration": "5s", "max_fails": 3});
-    let statics = || -> Value {
-        s.upstreams
-            .iter()
-            .map(|(a, _)| json!({"dial": a}))
-            .collect()
-    };
+    let statics = || static_list(s);
     let handler = if dynamic {
         let udp = json!({"addresses": [format!("udp/{}", settings.upstream_dns)]});
         let tcp = json!({"addresses": [format!("tcp/{}", settings.upstream_dns)]});
@@ -432,6 +447,14 @@ mod tests {
         churned.upstreams = vec![("127.0.0.1:9003", 1)];
         let again = routes(std::slice::from_ref(&churned), &settings, MODERN, &kept);
         assert_eq!(again, first, "instance churn changes nothing Caddy holds");
+        assert!(
+            fallbacks_lag(&again, std::slice::from_ref(&churned)),
+            "but the list lags"
+        );
+        assert!(!fallbacks_lag(
+            &first,
+            &[svc("a", &hosts, "/", "round-robin")]
+        ));
         let refreshed = routes(&[churned], &settings, MODERN, &Fallbacks::new());
         assert_eq!(
             refreshed[0]["handle"][0]["upstreams"],

@@ -682,6 +682,14 @@ mod tests {
         lock(proxy).applies.clone()
     }
 
+    /// The events published after event `from`.
+    fn told_since(rig: &Rig, from: u64) -> Vec<Arc<crate::events::Envelope>> {
+        let Since::Events(told) = rig.registry.bus().since(from) else {
+            panic!("events after {from} are gone from the ring")
+        };
+        told
+    }
+
     /// Lets the reconciler run for `d` of (paused) time.
     async fn run_for(d: Duration) {
         tokio::time::sleep(d).await;
@@ -808,10 +816,7 @@ mod tests {
             times[1].0 - drifted
         );
         assert!(rig.book.status().in_sync);
-        let bus = rig.registry.bus();
-        let Since::Events(told) = bus.since(bus.last_id() - 3) else {
-            panic!("events")
-        };
+        let told = told_since(&rig, rig.registry.bus().last_id() - 3);
         assert!(
             told.iter().any(|e| e.event.kind() == "backend_drift"),
             "the drift is told"
@@ -935,10 +940,7 @@ mod tests {
         register(&rig.registry, "other");
         run_for(Duration::from_secs(1)).await;
         assert_eq!(applies(&proxy).last().map(|a| a.1), Some(3), "still driven");
-        let bus = rig.registry.bus();
-        let Since::Events(told) = bus.since(from) else {
-            panic!("events")
-        };
+        let told = told_since(&rig, from);
         let refusals: Vec<_> = told
             .iter()
             .filter_map(|e| match &e.event {
