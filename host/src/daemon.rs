@@ -19,7 +19,7 @@ use crate::dirwatch::{DirWatch, WatchOptions};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::plugins::{self, DirState, PluginEngine, Reporter, Strategies};
-use crate::proxy::{self, Proxy, ProxyMetrics};
+use crate::proxy::{self, Proxy, ProxyMetrics, TcpCarriage};
 use crate::public::{self, PublicView};
 use crate::registry::{self, Registry};
 use crate::routes;
@@ -74,6 +74,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
             core.registry.bus().clone(),
             core.metrics.clone(),
             zone.as_ref().map(|z| z.bound.addr),
+            proxy.tcp_carriage().clone(),
         )?),
     };
 
@@ -282,9 +283,10 @@ async fn start_proxy(
         core.proxy_metrics.clone(),
         core.registry.bus().clone(),
         proxy::Options {
-            // Caddy and Envoy carry HTTP themselves; only Envoy also carries tcp routes.
+            // Caddy and Envoy carry HTTP themselves; only Envoy also carries tcp routes, until
+            // a swap says otherwise.
             http: (config.backend == BackendKind::Embedded).then_some(config.proxy_listen),
-            tcp: config.backend != BackendKind::Envoy,
+            tcp: TcpCarriage::new(config.backend != BackendKind::Envoy),
             descriptors: core.descriptors.clone(),
         },
         tasks,

@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::proxies::{
-    Caddy, Release, Upstream, bodies, checked_route, free_port, none_failed, steady_stream,
-    through, through_as_browsers_do, until_routed,
+    Caddy, Release, Upstream, bodies, checked_route, free_port, listening_processes, none_failed,
+    steady_stream, through, through_as_browsers_do, until_routed,
 };
 use common::upstreams::{HttpBackend, health_checks_hold_out_a_failing_upstream};
 use common::{TestHarbor, eventually};
@@ -536,6 +536,155 @@ async fn switching_between_caddy_and_envoy_leaves_nothing_of_the_other_behind(re
             serde_json::from_slice(&std::fs::read(envoy.xds.join(file)).expect("read")).unwrap();
         assert_eq!(doc["resources"], json!([]), "{file}");
     }
+    h.shutdown().await;
+}
+
+/// Caddy carries no tcp routes, so Harbor's own TCP proxy does; Envoy carries them itself. A
+/// swap between the two hands each port over with never two processes listening on it, and
+/// new connections find a listener again within a second. Once, on Debian's Caddy: what moves
+/// is Harbor's and Envoy's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_hands_tcp_ports_over_with_one_listener_at_a_time() {
+    let _turn = EXCLUSIVE.read().await;
+    let Some(caddy) = Caddy::start(Release::Debian).await else {
+        return;
+    };
+    let Some(mut envoy) = common::proxies::Envoy::prepare() else {
+        return;
+    };
+    for file in ["lds.json", "cds.json"] {
+        std::fs::write(
+            envoy.xds.join(file),
+            r#"{"version_info": "0", "resources": []}"#,
+        )
+        .expect("an empty xDS file");
+    }
+    envoy.start_process().await;
+    let admin: harbor::config::BaseUrl = caddy.admin_url().parse().unwrap();
+    let envoy_admin: harbor::config::BaseUrl = envoy.admin_url().parse().unwrap();
+    let (listen, dir, envoy_listen) = (caddy.listen_addr(), envoy.xds.clone(), envoy.listen_addr());
+    let h = common::start_with(move |c| {
+        c.backend = BackendKind::Caddy;
+        c.caddy_admin = admin.clone();
+        c.caddy_listen = listen;
+        c.envoy_admin = envoy_admin.clone();
+        c.envoy_dir = dir.clone();
+        c.proxy_listen = envoy_listen;
+    })
+    .await;
+    let db = Upstream::start("db").await;
+    let port = free_port();
+    let tcp = SocketAddr::from(([127, 0, 0, 1], port));
+    h.write_route(
+        "db.route",
+        &format!(
+            "protocol = \"tcp\"\nlisten = \"{tcp}\"\nupstreams = [\"{}\"]\n",
+            db.addr
+        ),
+    );
+    // A new connection for every request: an open one stays with whoever accepted it.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let forwarding =
+        || async { through(&fresh, tcp, "x", "/").await == Some((200, "db".to_owned())) };
+    eventually(
+        Duration::from_secs(5),
+        "Harbor's TCP proxy forwarding",
+        || async { forwarding().await.then_some(()) },
+    )
+    .await;
+    let harbor = std::process::id();
+    let envoy_pid = envoy.pid().unwrap();
+    let both = [harbor, envoy_pid];
+    assert_eq!(listening_processes(port, &both), [harbor].into());
+
+    // Who listens, sampled throughout, and the longest run of failed new connections.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sampler = tokio::task::spawn_blocking({
+        let stop = stop.clone();
+        move || {
+            let mut seen = Vec::new();
+            while !stop.is_cancelled() {
+                seen.push(listening_processes(port, &both));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            seen
+        }
+    });
+    let prober = tokio::spawn({
+        let (stop, fresh) = (stop.clone(), fresh.clone());
+        async move {
+            let (mut longest, mut failing_since, mut ok) = (Duration::ZERO, None, 0u32);
+            while !stop.is_cancelled() {
+                if through(&fresh, tcp, "x", "/").await == Some((200, "db".to_owned())) {
+                    ok += 1;
+                    if let Some(since) = failing_since.take() {
+                        longest = longest.max(Instant::elapsed(&since));
+                    }
+                } else {
+                    failing_since.get_or_insert_with(Instant::now);
+                }
+            }
+            (longest, ok)
+        }
+    });
+    let swap = |to: &'static str| {
+        let h = &h;
+        async move {
+            let r = h
+                .client
+                .put(h.url("/api/v1/backend"))
+                .json(&json!({"adapter": to}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "to {to}: {}", r.text().await.unwrap());
+        }
+    };
+    let held_by = |pid: u32| async move {
+        eventually(
+            Duration::from_secs(3),
+            "the port changing hands",
+            || async { (listening_processes(port, &both) == [pid].into()).then_some(()) },
+        )
+        .await;
+    };
+    swap("envoy").await;
+    held_by(envoy_pid).await;
+    eventually(Duration::from_secs(3), "Envoy forwarding", || async {
+        forwarding().await.then_some(())
+    })
+    .await;
+    swap("caddy").await;
+    held_by(harbor).await;
+    eventually(
+        Duration::from_secs(3),
+        "Harbor forwarding again",
+        || async { forwarding().await.then_some(()) },
+    )
+    .await;
+    stop.cancel();
+    let seen = sampler.await.unwrap();
+    let (longest, ok) = prober.await.unwrap();
+    eprintln!(
+        "{} samples of the port's listeners; longest gap for new connections {longest:?}; {ok} answered",
+        seen.len()
+    );
+    let shared: Vec<_> = seen.iter().filter(|pids| pids.len() > 1).collect();
+    assert!(
+        shared.is_empty(),
+        "two processes listened at once: {shared:?}"
+    );
+    assert!(
+        seen.iter().any(|pids| pids == &[envoy_pid].into()),
+        "Envoy was seen holding the port"
+    );
+    assert!(
+        longest <= Duration::from_secs(1),
+        "new connections failed for {longest:?}"
+    );
     h.shutdown().await;
 }
 

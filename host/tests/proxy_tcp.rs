@@ -360,3 +360,48 @@ async fn shutdown_cuts_connections_that_outlive_the_grace_period() {
         .unwrap_or(0);
     assert_eq!(n, 0);
 }
+
+/// Another process's listener that shares its port (`SO_REUSEPORT`, as Envoy's do) keeps
+/// Harbor off that port until it closes: two listeners on one port would split the route's
+/// connections between two proxies.
+#[tokio::test]
+async fn a_port_another_listener_holds_is_not_shared() {
+    let backend = Backend::echo().await;
+    let listen = free_port();
+    let other = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    other.set_reuse_address(true).unwrap();
+    other.set_reuse_port(true).unwrap();
+    other.bind(&listen.into()).unwrap();
+    other.listen(16).unwrap();
+    let h = start(&[("db.route", tcp_route(listen, &[backend.addr], ""))]).await;
+    // Once the route is in the routing table, and over the next moments while Harbor's TCP
+    // proxy tries its port, every connection still reaches only the other listener.
+    eventually(Duration::from_secs(5), "the route", || async {
+        let harbor = h.harbor.as_ref().expect("running");
+        harbor
+            .routing()
+            .snapshot()
+            .tcp
+            .contains_key(&listen)
+            .then_some(())
+    })
+    .await;
+    let other: std::net::TcpListener = other.into();
+    other.set_nonblocking(true).unwrap();
+    for _ in 0..20 {
+        let _client = TcpStream::connect(listen).await.unwrap();
+        let accepted = eventually(
+            Duration::from_secs(2),
+            "the other listener's accept",
+            || async { other.accept().ok() },
+        )
+        .await;
+        drop(accepted);
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    drop(other);
+    let mut stream = connect(listen).await;
+    echo_round_trip(&mut stream, b"Harbor's at last").await;
+    drop(stream);
+    h.shutdown().await;
+}

@@ -264,6 +264,9 @@ pub fn tcp_listener(s: &Service<'_>) -> Value {
         "@type": LISTENER,
         "name": format!("harbor_tcp_{}", s.name),
         "address": socket_address(s.listen.unwrap_or_default()),
+        // Alone on its port: were Harbor's own TCP proxy still listening there, Envoy refuses
+        // the listener instead of sharing the port with it.
+        "enable_reuse_port": false,
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.tcp_proxy",
             "typed_config": {

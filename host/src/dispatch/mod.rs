@@ -26,6 +26,7 @@ use crate::config::{BackendKind, Config};
 use crate::events::{Event, EventBus, lock};
 use crate::metrics::Metrics;
 use crate::plugins::PluginEngine;
+use crate::proxy::TcpCarriage;
 
 pub use files::{AdapterFiles, rescan_adapters};
 pub use reconciler::run;
@@ -64,6 +65,8 @@ pub struct Dispatcher {
     upstream_dns: Option<std::net::SocketAddr>,
     /// The version the driven Caddy reports, once it could be told.
     caddy_version: Mutex<Option<String>>,
+    /// Whether Harbor's own TCP proxy carries the tcp routes; a swap moves them.
+    tcp: TcpCarriage,
 }
 
 /// Where the dispatcher's task picks up.
@@ -79,6 +82,7 @@ impl Dispatcher {
         bus: Arc<EventBus>,
         metrics: Arc<Metrics>,
         upstream_dns: Option<std::net::SocketAddr>,
+        tcp: TcpCarriage,
     ) -> anyhow::Result<(Arc<Self>, Pending)> {
         let (swaps, rx) = mpsc::channel(4);
         let dispatcher = Arc::new(Self {
@@ -89,6 +93,7 @@ impl Dispatcher {
             swaps,
             upstream_dns,
             caddy_version: Mutex::new(None),
+            tcp,
         });
         let name = config.backend.to_string();
         if builtin(&name).is_none() {

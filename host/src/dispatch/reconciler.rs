@@ -24,6 +24,7 @@ use crate::backend::{
 };
 use crate::backoff::Backoff;
 use crate::events::{Event, EventBus, Follower, Since};
+use crate::proxy::TcpCarriage;
 use crate::registry::Registry;
 
 use super::desired::Desired;
@@ -44,6 +45,9 @@ pub(super) const FALLBACK_EVERY: Duration = Duration::from_secs(60);
 pub(super) const SETTLE_WITHIN: Duration = Duration::from_secs(5);
 /// Longest a swap waits for its new proxy to show the desired state live.
 pub(super) const PROVE_WITHIN: Duration = Duration::from_secs(3);
+/// Longest Harbor's tcp listeners may take to close, or to bind again, when a swap moves the
+/// tcp routes between Harbor and a proxy that carries them itself.
+pub(super) const TCP_HANDOVER_WITHIN: Duration = Duration::from_secs(1);
 /// Retries of an apply the proxy failed: 100 ms doubling to 5 s.
 pub(super) const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
@@ -103,6 +107,8 @@ struct Reconciler<A, L> {
     loader: Arc<L>,
     registry: Arc<Registry>,
     adapter: Option<A>,
+    /// Whether Harbor's own TCP proxy carries the tcp routes.
+    tcp: TcpCarriage,
     /// The registry's events, followed.
     events: Follower<EventBus>,
     /// Set when the registry changed (or the proxy drifted) since the last apply.
@@ -139,7 +145,15 @@ pub async fn run(
             None
         }
     };
-    reconcile(book, dispatcher, first, swaps, registry, cancel, settled).await;
+    let tcp = dispatcher.tcp.clone();
+    let until = Until { cancel, settled };
+    reconcile(book, dispatcher, first, swaps, registry, tcp, until).await;
+}
+
+/// When the reconciler stops, and what it tells once the proxy is settled for Harbor's absence.
+struct Until {
+    cancel: CancellationToken,
+    settled: CancellationToken,
 }
 
 /// Keeps what `loader` loads in step with `registry`, starting with `first`, until cancelled.
@@ -149,15 +163,17 @@ async fn reconcile<A: Driven, L: Loader<A>>(
     first: Option<AdapterSpec>,
     mut swaps: mpsc::Receiver<SwapRequest>,
     registry: Arc<Registry>,
-    cancel: CancellationToken,
-    settled: CancellationToken,
+    tcp: TcpCarriage,
+    until: Until,
 ) {
+    let Until { cancel, settled } = until;
     let _settled = settled.drop_guard();
     let mut r = Reconciler {
         book: book.clone(),
         loader: loader.clone(),
         registry: registry.clone(),
         adapter: None,
+        tcp,
         events: Follower::new(registry.bus().clone(), registry.bus().last_id()),
         dirty_since: Some(Instant::now()),
         last_change: Instant::now(),
@@ -385,29 +401,47 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
 
     async fn try_swap(&mut self, spec: AdapterSpec) -> Result<BackendStatus, SwapError> {
         let new = self.loader.load(spec).await?;
-        // A proxy that does not answer is not written to at all.
+        // A proxy that does not answer is not written to at all, and no listener moves.
         if let Err(e) = new.probe().await {
             return Err(SwapError::Apply(format!(
                 "the new proxy does not answer: {e}"
             )));
         }
         let with_tcp = new.description().supports_tcp;
+        // The new proxy carries the tcp routes: Harbor lets go of their ports first.
+        let handed_over = with_tcp && self.tcp.carrying();
+        if handed_over {
+            self.tcp
+                .release(TCP_HANDOVER_WITHIN)
+                .await
+                .map_err(SwapError::Apply)?;
+        }
         let revision = self.registry.bus().last_id();
         let desired = Desired::of(&self.registry.services(), with_tcp);
         let started = Instant::now();
-        let applied = new
-            .apply(desired.to_wit(revision, false))
-            .await
-            .map_err(|e| SwapError::Apply(e.to_string()))?;
-        // The old adapter retires only once the new proxy shows the state live.
-        if let Err(why) = prove(&new).await {
-            if let Err(e) = new.release().await {
-                tracing::warn!(error = %e, "the refused adapter could not remove what it wrote");
+        let proven = match new.apply(desired.to_wit(revision, false)).await {
+            Ok(applied) => match prove(&new).await {
+                Ok(()) => Ok(applied),
+                Err(why) => {
+                    if let Err(e) = new.release().await {
+                        tracing::warn!(error = %e, "the refused adapter could not remove what it wrote");
+                    }
+                    Err(SwapError::Apply(format!(
+                        "the new proxy did not show the state live within {PROVE_WITHIN:?}: {why}"
+                    )))
+                }
+            },
+            Err(e) => Err(SwapError::Apply(e.to_string())),
+        };
+        let applied = match proven {
+            Ok(applied) => applied,
+            Err(e) => {
+                if handed_over && let Err(why) = self.tcp.carry(TCP_HANDOVER_WITHIN).await {
+                    tracing::warn!(reason = %why, "Harbor takes its tcp listeners back more slowly than it should");
+                }
+                return Err(e);
             }
-            return Err(SwapError::Apply(format!(
-                "the new proxy did not show the state live within {PROVE_WITHIN:?}: {why}"
-            )));
-        }
+        };
         let old = self.adapter.replace(new);
         let (from, released) = match old {
             Some(old) if old.description().name != self.adapter_name() => {
@@ -421,6 +455,13 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             Some(old) => (old.description().name.clone(), false),
             None => (String::new(), false),
         };
+        // The old proxy carried the tcp routes and has let go of them: Harbor takes them back.
+        if !with_tcp
+            && !self.tcp.carrying()
+            && let Err(why) = self.tcp.carry(TCP_HANDOVER_WITHIN).await
+        {
+            tracing::warn!(reason = %why, "Harbor takes the tcp listeners back more slowly than it should");
+        }
         let Some(active) = &self.adapter else {
             return Err(SwapError::Stopped);
         };
@@ -650,8 +691,11 @@ mod tests {
             Some(spec()),
             rx,
             registry.clone(),
-            cancel.clone(),
-            settled.clone(),
+            TcpCarriage::new(true),
+            Until {
+                cancel: cancel.clone(),
+                settled: settled.clone(),
+            },
         ));
         Rig {
             registry,

@@ -1,6 +1,7 @@
 //! The embedded proxy: an HTTP reverse proxy ([`http`], with a direct path for plain HTTP/1.1
-//! requests in [`h1`]) in embedded mode, and the L4 TCP proxy ([`tcp`]) for `tcp` routes in
-//! every mode but Envoy's (a stock Caddy has no L4 proxy). Both HTTP paths hold one policy
+//! requests in [`h1`]) in embedded mode, and the L4 TCP proxy ([`tcp`]) for `tcp` routes
+//! whenever the proxy Harbor drives does not carry them itself (a stock Caddy has no L4 proxy;
+//! Envoy has), which a swap may change ([`carriage`]). Both HTTP paths hold one policy
 //! ([`policy`]): heads and framing are read strictly and written anew ([`wire`], [`chunked`]),
 //! and hyper reads clients only through [`gate`]. Both
 //! read the routing snapshot, never the registry; upstreams are chosen by the route's strategy
@@ -8,6 +9,7 @@
 //! ([`metrics`]).
 
 mod body;
+mod carriage;
 mod choose;
 mod chunked;
 mod conns;
@@ -42,6 +44,7 @@ use crate::descriptors::{Descriptors, Door};
 use crate::events::EventBus;
 use crate::routing::RoutingTable;
 
+pub use carriage::TcpCarriage;
 pub use conns::Connections;
 pub use metrics::ProxyMetrics;
 
@@ -66,6 +69,7 @@ pub struct Shared {
 pub struct Proxy {
     shared: Arc<Shared>,
     http_addr: Option<SocketAddr>,
+    tcp: TcpCarriage,
     /// Stops the listeners (and the tasks that follow the routing table).
     stop_accepting: CancellationToken,
 }
@@ -73,8 +77,8 @@ pub struct Proxy {
 pub struct Options {
     /// Where the HTTP proxy listens; `None` when another proxy carries HTTP.
     pub http: Option<SocketAddr>,
-    /// Whether Harbor carries `tcp` routes.
-    pub tcp: bool,
+    /// Whether Harbor carries `tcp` routes, now and after a swap.
+    pub tcp: TcpCarriage,
     pub descriptors: Arc<Descriptors>,
 }
 
@@ -109,9 +113,7 @@ impl Proxy {
         let stop = CancellationToken::new();
         // Each accept loop holds the lanes and drops them when it stops, so the lane threads end
         // once accepting has stopped everywhere and their connections have ended.
-        let lanes = (options.http.is_some() || options.tcp)
-            .then(|| start_lanes(&shared))
-            .flatten();
+        let lanes = start_lanes(&shared);
         let mut http_addr = None;
         if let Some(addr) = options.http {
             let listener = TcpListener::bind(addr)
@@ -127,20 +129,29 @@ impl Proxy {
                 stop.clone(),
             ));
         }
-        if options.tcp {
-            tasks.spawn(tcp::supervise(shared.clone(), lanes, stop.clone()));
-        }
+        tasks.spawn(tcp::supervise(
+            shared.clone(),
+            lanes,
+            options.tcp.clone(),
+            stop.clone(),
+        ));
         tasks.spawn(health::supervise(shared.clone(), stop.clone()));
         tasks.spawn(follow(shared.clone(), stop.clone()));
         Ok(Self {
             shared,
             http_addr,
+            tcp: options.tcp,
             stop_accepting: stop,
         })
     }
 
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// The switch of who carries the tcp routes.
+    pub fn tcp_carriage(&self) -> &TcpCarriage {
+        &self.tcp
     }
 
     /// Connections open now (HTTP connections, TCP connections, upgraded tunnels).

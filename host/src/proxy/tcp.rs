@@ -23,6 +23,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::descriptors::Admission;
 use crate::plugins::Outcome;
@@ -35,37 +36,73 @@ use super::lanes::{Job, Lanes, Task};
 use super::metrics::ErrorKind;
 use super::splice;
 use super::spread::{self, Loads};
-use super::{Shared, accept_backoff};
+use super::{Shared, TcpCarriage, accept_backoff};
+use crate::backoff::Backoff;
 
-/// How often a listener that could not bind tries again.
-const REBIND_EVERY: Duration = Duration::from_secs(2);
+/// Waits between tries of a listener that could not bind: short at first, since a port a swap
+/// hands back is freed within moments of the other proxy letting go.
+const REBIND: Backoff = Backoff::new(Duration::from_millis(25), Duration::from_secs(2));
 
-/// Runs the listeners of every tcp route until `stop`, on the lanes when there are some.
-pub async fn supervise(shared: Arc<Shared>, lanes: Option<Arc<Lanes>>, stop: CancellationToken) {
+/// How long closing listeners may take to let go of their sockets.
+const CLOSE_WITHIN: Duration = Duration::from_secs(1);
+
+/// A route's listeners: their stop, and the sockets still open.
+struct Listening {
+    stop: CancellationToken,
+    sockets: TaskTracker,
+}
+
+/// Runs the listeners of every tcp route while `carriage` says Harbor carries them, until
+/// `stop`, on the lanes when there are some.
+pub async fn supervise(
+    shared: Arc<Shared>,
+    lanes: Option<Arc<Lanes>>,
+    carriage: TcpCarriage,
+    stop: CancellationToken,
+) {
     let mut changes = shared.routing.subscribe();
+    let mut wanted = carriage.wanted();
     let count = lanes.as_ref().map_or(1, |l| l.count());
     let loads = Arc::new(Loads::new(count));
-    let mut listening: HashMap<SocketAddr, CancellationToken> = HashMap::new();
+    let mut listening: HashMap<SocketAddr, Listening> = HashMap::new();
+    let mut failures = 0u32;
     loop {
         changes.borrow_and_update();
+        let carrying = *wanted.borrow_and_update();
         let snapshot = shared.routing.snapshot();
-        listening.retain(|addr, token| {
-            let keep = snapshot.tcp.contains_key(addr) && !token.is_cancelled();
+        let mut closing = Vec::new();
+        listening.retain(|addr, l| {
+            let keep = carrying && snapshot.tcp.contains_key(addr) && !l.stop.is_cancelled();
             if !keep {
                 tracing::info!(%addr, "TCP proxy stopped listening");
-                token.cancel();
+                l.stop.cancel();
+                closing.push(l.sockets.clone());
             }
             keep
         });
+        // Closed before anything is reported: the proxy that takes the ports over binds next.
+        for sockets in closing {
+            sockets.close();
+            if tokio::time::timeout(CLOSE_WITHIN, sockets.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("a TCP listener did not close in time");
+            }
+        }
         let mut unbound = false;
-        for (addr, route) in &snapshot.tcp {
+        let routes = snapshot.tcp.iter().filter(|_| carrying);
+        for (addr, route) in routes {
             if listening.contains_key(addr) {
                 continue;
             }
             match bind(*addr, count) {
                 Ok(listeners) => {
                     tracing::info!(service = %route.name, %addr, listeners = listeners.len(), "TCP proxy listening");
-                    let token = stop.child_token();
+                    let l = Listening {
+                        stop: stop.child_token(),
+                        sockets: TaskTracker::new(),
+                    };
                     // One count of open connections for the route, whichever lane holds them.
                     let open_here = Arc::new(AtomicUsize::new(0));
                     for (lane, listener) in listeners.into_iter().enumerate() {
@@ -74,9 +111,12 @@ pub async fn supervise(shared: Arc<Shared>, lanes: Option<Arc<Lanes>>, stop: Can
                             loads: loads.clone(),
                         };
                         let (shared, open_here, token, addr) =
-                            (shared.clone(), open_here.clone(), token.clone(), *addr);
+                            (shared.clone(), open_here.clone(), l.stop.clone(), *addr);
+                        let socket = l.sockets.token();
                         let task: Task = Box::new(move || {
-                            Box::pin(accept(shared, listener, addr, open_here, spread, token))
+                            Box::pin(accept(
+                                shared, listener, socket, addr, open_here, spread, token,
+                            ))
                         });
                         let refused = match &lanes {
                             Some(lanes) => lanes.run_on(lane, task),
@@ -86,7 +126,7 @@ pub async fn supervise(shared: Arc<Shared>, lanes: Option<Arc<Lanes>>, stop: Can
                             tokio::spawn(task());
                         }
                     }
-                    listening.insert(*addr, token);
+                    listening.insert(*addr, l);
                 }
                 Err(e) => {
                     unbound = true;
@@ -94,28 +134,53 @@ pub async fn supervise(shared: Arc<Shared>, lanes: Option<Arc<Lanes>>, stop: Can
                 }
             }
         }
+        failures = if unbound { failures + 1 } else { 0 };
+        carriage.reached((!unbound).then_some(carrying));
         let retry = async {
             if unbound {
-                tokio::time::sleep(REBIND_EVERY).await;
+                tokio::time::sleep(REBIND.after(failures)).await;
             } else {
                 std::future::pending::<()>().await;
             }
         };
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { break },
+            changed = wanted.changed() => {
+                if changed.is_err() { break }
+                failures = 0;
+            }
             () = retry => {}
             () = stop.cancelled() => break,
         }
     }
-    for (addr, token) in listening {
+    for (addr, l) in listening {
         tracing::info!(%addr, "TCP proxy stopped listening");
-        token.cancel();
+        l.stop.cancel();
     }
+}
+
+/// Fails when another socket listens on `addr` already. Harbor's own sockets share their port
+/// (`SO_REUSEPORT`), and so may another process's that asks the same (Envoy's, by default):
+/// a plain bind, which no listener on the port lets through, tells first.
+fn held_elsewhere(addr: SocketAddr) -> std::io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into()).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("another process listens on {addr} ({e})"))
+    })
 }
 
 /// `count` listening sockets on `addr`, sharing it through `SO_REUSEPORT` when there are
 /// several (all or none).
 fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    held_elsewhere(addr)?;
     let first = listen(addr, count > 1)?;
     // A route on port 0 gets its port from the first socket, and the others share it.
     let addr = first.local_addr()?;
@@ -156,6 +221,7 @@ struct Spread {
 async fn accept(
     shared: Arc<Shared>,
     listener: std::net::TcpListener,
+    socket: TaskTrackerToken,
     addr: SocketAddr,
     open_here: Arc<AtomicUsize>,
     spread: Spread,
@@ -201,6 +267,7 @@ async fn accept(
             },
             () = &mut stopped => {
                 drop(listener);
+                drop(socket);
                 relays.close();
                 relays.wait().await;
                 return;

@@ -343,6 +343,44 @@ impl Envoy {
     pub fn kill(&mut self) {
         self.process.kill();
     }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.id()
+    }
+}
+
+/// Which of `pids` listen on TCP `port` now, read from `/proc`: the sockets in state `LISTEN`
+/// on that port, and the processes holding them.
+pub fn listening_processes(port: u16, pids: &[u32]) -> std::collections::BTreeSet<u32> {
+    let mut inodes = std::collections::BTreeSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let on_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                == Some(port);
+            if on_port && *state == "0A" {
+                inodes.insert(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    let holds = |pid: &u32| {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return false;
+        };
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| inodes.contains(target.to_string_lossy().as_ref()))
+        })
+    };
+    pids.iter().copied().filter(holds).collect()
 }
 
 /// An HTTP upstream answering every request with `name`.
