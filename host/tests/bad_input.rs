@@ -390,3 +390,66 @@ async fn garbage_never_hurts() {
     );
     h.shutdown().await;
 }
+
+/// A dry run checks a registration exactly as a real one is checked, shows the service as it
+/// would be, and registers nothing; a query it does not know is an error, not a registration.
+#[tokio::test]
+async fn a_dry_run_registration_is_checked_and_changes_nothing() {
+    let h = start().await;
+    h.register(json!({"name": "web", "upstream": "127.0.0.1:9001", "ttl_secs": 60, "host": "web.localhost"}))
+        .await;
+    // The services, but for the time their leases have left.
+    let services = || async {
+        let (_, mut body) = h.get("/api/v1/services").await;
+        for s in body["services"].as_array_mut().into_iter().flatten() {
+            for i in s["instances"].as_array_mut().into_iter().flatten() {
+                i["lease"]["remaining_ms"] = Value::Null;
+            }
+        }
+        body
+    };
+    let before = services().await;
+    let post = |path: &'static str, body: Value| {
+        let body = serde_json::to_vec(&body).expect("JSON");
+        let h = &h;
+        async move { raw(h, "POST", path, Some("application/json"), body).await }
+    };
+
+    let (status, dry) = post(
+        "/api/v1/services?dry_run=true",
+        json!({"name": "web", "upstream": "127.0.0.1:9002", "ttl_secs": 60, "host": "web.localhost"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{dry}");
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(
+        dry["service"]["instances"].as_array().map(Vec::len),
+        Some(2),
+        "{dry}"
+    );
+    assert_eq!(
+        dry["backend"],
+        Value::Null,
+        "the embedded proxy is written nothing"
+    );
+
+    // The same conflict a real registration meets.
+    let (status, err) = post(
+        "/api/v1/services?dry_run=true",
+        json!({"name": "other", "upstream": "127.0.0.1:9003", "ttl_secs": 60, "host": "web.localhost"}),
+    )
+    .await;
+    assert_eq!(status, 409, "{err}");
+    let (status, err) = post(
+        "/api/v1/services?dry_run=yes",
+        json!({"name": "api", "upstream": "127.0.0.1:9003", "ttl_secs": 60, "host": "api.localhost"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{err}");
+    assert!(
+        err["error"].as_str().unwrap_or_default().contains("query"),
+        "{err}"
+    );
+    assert_eq!(services().await, before, "nothing changed");
+    h.shutdown().await;
+}

@@ -688,6 +688,137 @@ async fn a_swap_hands_tcp_ports_over_with_one_listener_at_a_time() {
     h.shutdown().await;
 }
 
+/// `GET /api/v1/backend/config` shows what Harbor wrote, which is what Caddy holds; a dry run
+/// of a registration or a swap shows what would be written and writes nothing, even when the
+/// adapter tries.
+async fn the_pushed_config_and_dry_runs_show_what_is_written_and_write_nothing(release: Release) {
+    let sneaky = common::guests::component("harbor-test-bad-adapter", &[]);
+    let Some(envoy) = common::proxies::Envoy::prepare() else {
+        return;
+    };
+    let Some(caddy) = Caddy::start(release).await else {
+        return;
+    };
+    let _turn = EXCLUSIVE.read().await;
+    let admin: harbor::config::BaseUrl = caddy.admin_url().parse().unwrap();
+    let envoy_admin: harbor::config::BaseUrl = envoy.admin_url().parse().unwrap();
+    let (listen, dir) = (caddy.listen_addr(), envoy.xds.clone());
+    let h = common::start_with(move |c| {
+        c.backend = BackendKind::Caddy;
+        c.caddy_admin = admin.clone();
+        c.caddy_listen = listen;
+        c.envoy_admin = envoy_admin.clone();
+        c.envoy_dir = dir.clone();
+    })
+    .await;
+    let _web = web_routed(&caddy, &h).await;
+
+    // What was pushed is what Caddy holds, document for document.
+    let (status, pushed) = h.get("/api/v1/backend/config").await;
+    assert_eq!(status, 200, "{pushed}");
+    assert_eq!(pushed["adapter"], "caddy");
+    let documents = pushed["documents"].as_array().unwrap();
+    assert_eq!(documents.len(), 1, "{pushed}");
+    let target = documents[0]["target"].as_str().unwrap();
+    let live: Value = reqwest::get(format!("{}{target}", caddy.admin_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(documents[0]["content"], live);
+    assert!(live.to_string().contains("web.localhost"), "{live}");
+
+    // A dry registration: the service as it would be, Caddy's routes as they would be, and
+    // nothing registered or written.
+    let writes = caddy.config_writes();
+    let other = Upstream::start("api").await;
+    let registration = json!({"name": "api", "upstream": other.addr.to_string(), "ttl_secs": 60, "host": "api.localhost"});
+    let r = h
+        .client
+        .post(h.url("/api/v1/services?dry_run=true"))
+        .json(&registration)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let dry: Value = r.json().await.unwrap();
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["service"]["name"], "api", "{dry}");
+    let would = dry["backend"]["documents"][0]["content"].to_string();
+    assert!(
+        would.contains("api.localhost") && would.contains("web.localhost"),
+        "{dry}"
+    );
+    // A misspelt flag is an error, not a registration.
+    let r = h
+        .client
+        .post(h.url("/api/v1/services?dryrun=true"))
+        .json(&registration)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(h.service("api").await.is_none(), "nothing was registered");
+    assert_eq!(
+        caddy.config_writes(),
+        writes,
+        "nothing was written to Caddy"
+    );
+    assert!(
+        through(&reqwest::Client::new(), listen, "api.localhost", "/").await
+            != Some((200, "api".into()))
+    );
+
+    // A dry swap to Envoy: its files as they would be, with none written (Envoy is not even
+    // running: a dry run does not need it).
+    let r = h
+        .client
+        .put(h.url("/api/v1/backend?dry_run=true"))
+        .json(&json!({"adapter": "envoy"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let dry: Value = r.json().await.unwrap();
+    assert_eq!(dry["adapter"], "envoy", "{dry}");
+    let mut files: Vec<&str> = dry["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["target"].as_str())
+        .collect();
+    files.sort_unstable();
+    assert_eq!(files, ["cds.json", "eds-web.json", "lds.json", "rds.json"]);
+    assert_eq!(
+        std::fs::read_dir(&envoy.xds).unwrap().count(),
+        0,
+        "no file written"
+    );
+    assert_eq!(backend_status(&h).await["adapter"], "caddy");
+
+    // An adapter that tries to write during a dry run is refused by the host.
+    let r = h
+        .client
+        .put(h.url("/api/v1/backend?dry_run=true"))
+        .header("content-type", "application/wasm")
+        .body(sneaky)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let dry: Value = r.json().await.unwrap();
+    let answer = dry["documents"][0]["content"].as_str().unwrap_or_default();
+    assert!(answer.starts_with("forbidden: POST /load"), "{dry}");
+    assert_eq!(
+        caddy.config_writes(),
+        writes,
+        "nothing was written to Caddy"
+    );
+    until_routed(&caddy, "web.localhost", "web", Duration::from_secs(2)).await;
+    h.shutdown().await;
+}
+
 async fn an_adapter_that_traps_or_spins_is_refused_and_reported(release: Release) {
     // Built before anything is registered: on a cold build directory compiling them takes
     // longer than web's lease, which then ran out while the test waited.
@@ -1314,4 +1445,5 @@ on_each_caddy!(
     caddy_keeps_routing_while_harbor_is_stopped_and_restarted,
     a_health_checked_route_on_a_host_name_upstream_blocks_nothing,
     caddys_admin_api_on_a_unix_socket,
+    the_pushed_config_and_dry_runs_show_what_is_written_and_write_nothing,
 );

@@ -290,3 +290,37 @@ async fn envoy_keeps_routing_while_harbor_is_stopped_and_restarted() {
     none_failed("envoy: a stop of 10 s and a restart", ok, &failed);
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pushed_config_is_the_files_envoy_reads() {
+    let Some(mut envoy) = Envoy::prepare() else {
+        return;
+    };
+    let h = harbor_then_envoy(&mut envoy).await;
+    let a = Upstream::start("a").await;
+    h.register(json!({"name": "web", "upstream": a.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
+        .await;
+    until_routed(&envoy, "web.localhost", "a", Duration::from_secs(5)).await;
+    let (status, pushed) = h.get("/api/v1/backend/config").await;
+    assert_eq!(status, 200, "{pushed}");
+    assert_eq!(pushed["adapter"], "envoy");
+    let documents = pushed["documents"].as_array().expect("documents");
+    let mut on_disk: Vec<String> = std::fs::read_dir(&envoy.xds)
+        .expect("the xDS directory")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    let mut shown: Vec<String> = documents
+        .iter()
+        .map(|d| d["target"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    shown.sort();
+    assert_eq!(shown, on_disk);
+    for d in documents {
+        let file = envoy.xds.join(d["target"].as_str().unwrap_or_default());
+        let written: Value =
+            serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("JSON");
+        assert_eq!(d["content"], written, "{}", file.display());
+    }
+    h.shutdown().await;
+}

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use serde_json::{Value, json};
 
 use harbor_adapter_common::bindings::exports::harbor::backend::adapter::{
-    AdapterError, DesiredState, ProbeReport,
+    AdapterError, DesiredState, Document, ProbeReport,
 };
 use harbor_adapter_common::bindings::harbor::backend::http_client::{self, HttpError, Response};
 use harbor_adapter_common::bindings::harbor::backend::log::{self, Level};
@@ -45,6 +45,15 @@ struct Read {
     text: String,
 }
 
+/// What an apply starts from.
+struct Plan {
+    /// Harbor's inner routes as Caddy holds them.
+    live: Value,
+    offered: Vec<Value>,
+    refused: Vec<RefusedService>,
+    fallbacks_stale: bool,
+}
+
 /// A route Caddy refused, and its reason.
 type Refused = (Value, String);
 
@@ -75,35 +84,13 @@ impl Admin {
 
     pub fn apply(&mut self, state: &DesiredState) -> Result<Applied, AdapterError> {
         self.writes = 0;
-        let services = http_services(state);
-        let live = match &self.live {
-            Some(live) => live.clone(),
-            None => {
-                is_caddy()?;
-                get(&self.inner_path())?.body
-            }
-        };
-        let kept = if state.refresh_fallbacks {
-            Fallbacks::new()
-        } else {
-            routes::fallbacks_of(&live)
-        };
-        let desired = routes::routes(&services, &self.settings, self.features, &kept);
-        let fallbacks_stale = routes::fallbacks_lag(&desired, &services);
+        let Plan {
+            live,
+            offered,
+            mut refused,
+            fallbacks_stale,
+        } = self.plan(state)?;
         self.live = Some(live);
-
-        // A route Caddy refused is not offered again while it stays the same.
-        let mut refused = Vec::new();
-        let mut offered = Vec::with_capacity(desired.len());
-        for route in desired {
-            match service_of(&route).and_then(|name| self.refusals.get(name)) {
-                Some((same, reason)) if *same == route => refused.push(RefusedService {
-                    name: service_of(&route).unwrap_or_default().to_owned(),
-                    reason: reason.clone(),
-                }),
-                _ => offered.push(route),
-            }
-        }
         let (accepted, newly) = self.write_isolating(offered)?;
         self.refusals
             .retain(|name, _| refused.iter().any(|r| &r.name == name));
@@ -126,6 +113,56 @@ impl Admin {
             refused,
             fallbacks_stale,
             writes: self.writes,
+        })
+    }
+
+    /// Harbor's inner routes for `state`, as `apply` would write them (reading Caddy only to
+    /// keep the fallback lists it holds), writing nothing.
+    pub fn render(&self, state: &DesiredState) -> Result<Vec<Document>, AdapterError> {
+        let offered = self.plan(state)?.offered;
+        let content = serde_json::to_string_pretty(&Value::Array(offered))
+            .map_err(|e| AdapterError::Rejected(e.to_string()))?;
+        Ok(vec![Document {
+            target: self.inner_path(),
+            content,
+        }])
+    }
+
+    /// The routes for `state`: those to offer Caddy, and those it refused before and would
+    /// refuse again, which are not offered.
+    fn plan(&self, state: &DesiredState) -> Result<Plan, AdapterError> {
+        let services = http_services(state);
+        let live = match &self.live {
+            Some(live) => live.clone(),
+            None => {
+                is_caddy()?;
+                get(&self.inner_path())?.body
+            }
+        };
+        let kept = if state.refresh_fallbacks {
+            Fallbacks::new()
+        } else {
+            routes::fallbacks_of(&live)
+        };
+        let desired = routes::routes(&services, &self.settings, self.features, &kept);
+        let fallbacks_stale = routes::fallbacks_lag(&desired, &services);
+        // A route Caddy refused is not offered again while it stays the same.
+        let mut refused = Vec::new();
+        let mut offered = Vec::with_capacity(desired.len());
+        for route in desired {
+            match service_of(&route).and_then(|name| self.refusals.get(name)) {
+                Some((same, reason)) if *same == route => refused.push(RefusedService {
+                    name: service_of(&route).unwrap_or_default().to_owned(),
+                    reason: reason.clone(),
+                }),
+                _ => offered.push(route),
+            }
+        }
+        Ok(Plan {
+            live,
+            offered,
+            refused,
+            fallbacks_stale,
         })
     }
 

@@ -12,7 +12,7 @@ pub mod routes;
 use std::cell::RefCell;
 
 use harbor_adapter_common::bindings::exports::harbor::backend::adapter::{
-    AdapterError, Applied, Description, DesiredState, Guest, ProbeReport,
+    AdapterError, Applied, Description, DesiredState, Document, Guest, ProbeReport,
 };
 
 use admin::Admin;
@@ -43,6 +43,10 @@ impl Guest for Caddy {
 
     fn apply(state: DesiredState) -> Result<Applied, AdapterError> {
         ADMIN.with(|a| a.borrow_mut().apply(&state))
+    }
+
+    fn render(state: DesiredState) -> Result<Vec<Document>, AdapterError> {
+        ADMIN.with(|a| a.borrow().render(&state))
     }
 
     fn probe() -> Result<ProbeReport, AdapterError> {

@@ -12,7 +12,7 @@ pub mod xds;
 use std::cell::RefCell;
 
 use harbor_adapter_common::bindings::exports::harbor::backend::adapter::{
-    AdapterError, Applied, Description, DesiredState, Guest, ProbeReport,
+    AdapterError, Applied, Description, DesiredState, Document, Guest, ProbeReport,
 };
 
 use sync::Files;
@@ -52,6 +52,10 @@ impl Guest for Envoy {
 
     fn apply(state: DesiredState) -> Result<Applied, AdapterError> {
         with_files(|f| f.apply(&state))
+    }
+
+    fn render(state: DesiredState) -> Result<Vec<Document>, AdapterError> {
+        with_files(|f| f.render(&state))
     }
 
     fn probe() -> Result<ProbeReport, AdapterError> {

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use harbor_adapter_common::bindings::exports::harbor::backend::adapter::{
-    AdapterError, DesiredState, ProbeReport,
+    AdapterError, DesiredState, Document, ProbeReport,
 };
 use harbor_adapter_common::bindings::harbor::backend::log::{self, Level};
 use harbor_adapter_common::bindings::harbor::backend::types::{Applied, RefusedService};
@@ -65,18 +65,7 @@ impl Files {
         self.writes = 0;
         let (http, tcp) = (http_services(state), tcp_services(state));
         let all: Vec<&Service<'_>> = http.iter().chain(tcp.iter()).collect();
-        // A service Envoy refused is not offered again while it stays the same.
-        let mut refused = Vec::new();
-        let mut offered = Vec::with_capacity(all.len());
-        for s in all {
-            match self.refusals.get(s.name) {
-                Some((looked, reason)) if *looked == looks(s) => refused.push(RefusedService {
-                    name: s.name.to_owned(),
-                    reason: reason.clone(),
-                }),
-                _ => offered.push(s),
-            }
-        }
+        let (offered, mut refused) = self.offer(all);
         let mut newly = Vec::new();
         if let Verdict::Refused(reason) = self.write(state.revision, &offered)? {
             log::log(
@@ -103,6 +92,91 @@ impl Files {
             fallbacks_stale: false,
             writes: self.writes,
         })
+    }
+
+    /// The files `apply` would write for `state`, as they would stand after it, writing
+    /// nothing. A file whose resources are unchanged keeps the version it was written with.
+    pub fn render(&self, state: &DesiredState) -> Result<Vec<Document>, AdapterError> {
+        let (http, tcp) = (http_services(state), tcp_services(state));
+        let (offered, _) = self.offer(http.iter().chain(tcp.iter()).collect());
+        self.plan(&offered)
+            .into_iter()
+            .map(|(name, resources)| {
+                let version = match self.written.get(&name) {
+                    Some((written, version)) if *written == resources => *version,
+                    _ => state.revision,
+                };
+                let doc =
+                    xds::discovery(version, resources.as_array().cloned().unwrap_or_default());
+                let content = serde_json::to_string_pretty(&doc)
+                    .map_err(|e| AdapterError::Rejected(e.to_string()))?;
+                Ok(Document {
+                    target: name,
+                    content,
+                })
+            })
+            .collect()
+    }
+
+    /// The services to offer Envoy, and those it refused before and would refuse again, which
+    /// are not offered.
+    fn offer<'s, 'a>(
+        &self,
+        all: Vec<&'s Service<'a>>,
+    ) -> (Vec<&'s Service<'a>>, Vec<RefusedService>) {
+        let mut refused = Vec::new();
+        let mut offered = Vec::with_capacity(all.len());
+        for s in all {
+            match self.refusals.get(s.name) {
+                Some((looked, reason)) if *looked == looks(s) => refused.push(RefusedService {
+                    name: s.name.to_owned(),
+                    reason: reason.clone(),
+                }),
+                _ => offered.push(s),
+            }
+        }
+        (offered, refused)
+    }
+
+    /// Every file for `services`, with its resources, in the order they are written: endpoints
+    /// first and listeners last, so that a new cluster finds its EDS file, a new route finds
+    /// its cluster, and a new listener finds its routes.
+    fn plan(&self, services: &[&Service<'_>]) -> Vec<(String, Value)> {
+        let http: Vec<Service<'_>> = services
+            .iter()
+            .filter(|s| s.listen.is_none())
+            .map(|s| (*s).clone())
+            .collect();
+        let tcp: Vec<&Service<'_>> = services
+            .iter()
+            .copied()
+            .filter(|s| s.listen.is_some())
+            .collect();
+        let eds = |i: usize| i < self.settings.eds_max && !xds::names_upstreams(services[i]);
+        let mut plan: Vec<(String, Value)> = Vec::new();
+        for (i, s) in services.iter().enumerate() {
+            if eds(i) {
+                plan.push((xds::eds_file(s.name), Value::Array(vec![xds::endpoints(s)])));
+            }
+        }
+        plan.push((
+            "cds.json".into(),
+            Value::Array(
+                services
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| xds::cluster(s, &self.settings, eds(i)))
+                    .collect(),
+            ),
+        ));
+        plan.push((
+            "rds.json".into(),
+            Value::Array(vec![xds::route_config(&http)]),
+        ));
+        let mut listeners = vec![xds::http_listener(&self.settings)];
+        listeners.extend(tcp.iter().map(|s| xds::tcp_listener(s)));
+        plan.push(("lds.json".into(), Value::Array(listeners)));
+        plan
     }
 
     /// Writes the largest part of `services` (which Envoy refused whole, for `reason`) that it
@@ -155,44 +229,7 @@ impl Files {
 
     /// Writes the files for `services` that changed and waits for Envoy's verdict on them.
     fn write(&mut self, revision: u64, services: &[&Service<'_>]) -> Result<Verdict, AdapterError> {
-        let http: Vec<Service<'_>> = services
-            .iter()
-            .filter(|s| s.listen.is_none())
-            .map(|s| (*s).clone())
-            .collect();
-        let tcp: Vec<&Service<'_>> = services
-            .iter()
-            .copied()
-            .filter(|s| s.listen.is_some())
-            .collect();
-
-        // Endpoints first and listeners last: a new cluster finds its EDS file, a new route
-        // finds its cluster, a new listener finds its routes.
-        let eds = |i: usize| i < self.settings.eds_max && !xds::names_upstreams(services[i]);
-        let mut plan: Vec<(String, Value)> = Vec::new();
-        for (i, s) in services.iter().enumerate() {
-            if eds(i) {
-                plan.push((xds::eds_file(s.name), Value::Array(vec![xds::endpoints(s)])));
-            }
-        }
-        plan.push((
-            "cds.json".into(),
-            Value::Array(
-                services
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| xds::cluster(s, &self.settings, eds(i)))
-                    .collect(),
-            ),
-        ));
-        plan.push((
-            "rds.json".into(),
-            Value::Array(vec![xds::route_config(&http)]),
-        ));
-        let mut listeners = vec![xds::http_listener(&self.settings)];
-        listeners.extend(tcp.iter().map(|s| xds::tcp_listener(s)));
-        plan.push(("lds.json".into(), Value::Array(listeners)));
-
+        let plan = self.plan(services);
         let changed: Vec<&(String, Value)> = plan
             .iter()
             .filter(|(name, resources)| self.written.get(name).is_none_or(|(w, _)| w != resources))

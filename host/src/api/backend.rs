@@ -1,13 +1,15 @@
 //! `/api/v1/backend`: the active backend adapter and whether the proxy is in step (`GET`), and
 //! swapping the adapter at runtime (`PUT`), either for a built-in one by name with settings
 //! (`{"adapter": "caddy", "config": {...}}`) or for an uploaded component
-//! (`Content-Type: application/wasm`, `?proxy=caddy|envoy` naming the capabilities it gets).
+//! (`Content-Type: application/wasm`, `?proxy=caddy|envoy` naming the capabilities it gets);
+//! `?dry_run=true` shows what the new adapter would write instead, writing nothing.
+//! `/api/v1/backend/config`: what Harbor pushed to the proxy for the state it last applied.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Deserialize;
@@ -16,7 +18,7 @@ use serde_json::json;
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use super::json::parse;
+use super::json::{QueryOf, parse};
 use crate::config::BackendKind;
 use crate::dispatch::SwapError;
 
@@ -42,8 +44,49 @@ pub struct SwapBody {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SwapQuery {
     proxy: Option<BackendKind>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// What the adapter in force wrote for the state it last applied: Caddy's route JSON, Envoy's
+/// files.
+pub async fn config(
+    State(app): State<AppState>,
+    caller: Caller,
+) -> Result<impl IntoResponse, ApiError> {
+    // Every service's route is in it, whoever may see or change it.
+    caller.unrestricted()?;
+    let dispatcher = driven(&app)?;
+    let pushed = dispatcher.pushed().await.map_err(swap_error)?;
+    Ok(Json(pushed))
+}
+
+fn driven(app: &AppState) -> Result<&Arc<crate::dispatch::Dispatcher>, ApiError> {
+    app.dispatcher.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "Harbor runs the embedded proxy (--backend embedded); no adapter writes a configuration",
+        )
+    })
+}
+
+/// The answer for a swap, or a render, that did not happen.
+pub fn swap_error(e: SwapError) -> ApiError {
+    match e {
+        e @ SwapError::Load(_) => ApiError::bad_request(
+            Some("component".into()),
+            format!("the adapter was refused: {e}"),
+        ),
+        e @ (SwapError::Apply(_) | SwapError::Render(_)) => {
+            ApiError::new(StatusCode::BAD_GATEWAY, e.to_string())
+        }
+        e @ (SwapError::NoAdapter | SwapError::Stopped) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+    }
 }
 
 fn is_component(headers: &HeaderMap) -> bool {
@@ -58,17 +101,12 @@ fn is_component(headers: &HeaderMap) -> bool {
 pub async fn swap(
     State(app): State<AppState>,
     caller: Caller,
-    Query(query): Query<SwapQuery>,
+    QueryOf(query): QueryOf<SwapQuery>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     caller.unrestricted()?;
-    let Some(dispatcher) = &app.dispatcher else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "Harbor runs the embedded proxy (--backend embedded); there is no adapter to swap",
-        ));
-    };
+    let dispatcher = driven(&app)?;
     let spec = if is_component(&headers) {
         let kind = query.proxy.unwrap_or(dispatcher.kind());
         dispatcher
@@ -93,16 +131,12 @@ pub async fn swap(
             .await
     }
     .map_err(|e| ApiError::bad_request(None, format!("{e:#}")))?;
-    match dispatcher.swap(spec).await {
-        Ok(status) => Ok(Json(status)),
-        Err(e @ SwapError::Load(_)) => Err(ApiError::bad_request(
-            Some("component".into()),
-            format!("the adapter was refused: {e}"),
-        )),
-        Err(e @ SwapError::Apply(_)) => Err(ApiError::new(StatusCode::BAD_GATEWAY, e.to_string())),
-        Err(e @ SwapError::Stopped) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            e.to_string(),
-        )),
+    if query.dry_run {
+        let rendered = dispatcher.dry_swap(spec).await.map_err(swap_error)?;
+        let mut body = serde_json::to_value(rendered).unwrap_or_default();
+        body["dry_run"] = json!(true);
+        return Ok(Json(body));
     }
+    let status = dispatcher.swap(spec).await.map_err(swap_error)?;
+    Ok(Json(serde_json::to_value(status).unwrap_or_default()))
 }

@@ -1,5 +1,6 @@
 //! Reading JSON request bodies with errors a client can act on: `415` for a body that is not
-//! JSON, `413` past the size limit, and `400` naming the field for anything else.
+//! JSON, `413` past the size limit, and `400` naming the field for anything else; and query
+//! strings, as strictly, so that a misspelt `dry_run` is an error rather than a real change.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -18,6 +19,24 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         let headers = req.headers().clone();
         let body = read_body(req, state).await?;
         parse(&headers, &body).map(JsonBody)
+    }
+}
+
+/// A query string, deserialized strictly; a `400` in Harbor's JSON error shape when it does not
+/// fit.
+pub struct QueryOf<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for QueryOf<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or_default();
+        serde_urlencoded::from_str(query)
+            .map(QueryOf)
+            .map_err(|e| ApiError::bad_request(None, format!("the query string: {e}")))
     }
 }
 

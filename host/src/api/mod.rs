@@ -82,6 +82,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
                     crate::plugins::MAX_COMPONENT_BYTES as usize,
                 )),
         )
+        .route("/api/v1/backend/config", get(backend::config))
         .route("/api/v1/catalog", get(services::catalog))
         .route("/api/v1/route-errors", get(services::route_errors))
         .route("/api/v1/events", get(events::stream))

@@ -13,7 +13,7 @@ use serde_json::json;
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use super::json::{JsonBody, OptionalJsonBody};
+use super::json::{JsonBody, OptionalJsonBody, QueryOf};
 use crate::model::{
     CatalogEntry, InstanceId, LeaseView, Meta, Protocol, RouteInput, ServiceName, Upstream,
     UpstreamAddr, check_meta, check_weight,
@@ -107,20 +107,49 @@ fn authorized_instance(app: &AppState, caller: &Caller, raw: &str) -> Result<Ins
     Ok(id)
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterQuery {
+    /// Check the registration and show what it would make the proxy run, changing nothing.
+    #[serde(default)]
+    dry_run: bool,
+}
+
 pub async fn register(
     State(app): State<AppState>,
     caller: Caller,
+    QueryOf(query): QueryOf<RegisterQuery>,
     JsonBody(req): JsonBody<RegisterRequest>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let reg = req.into_registration()?;
     caller.may_change(&reg.name)?;
+    if query.dry_run {
+        return Ok(Json(dry_run(&app, reg).await?).into_response());
+    }
     let grant = app.registry.register(reg)?;
     let status = if grant.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(GrantBody::from(grant))))
+    Ok((status, Json(GrantBody::from(grant))).into_response())
+}
+
+/// The service as `reg` would leave it, and what the proxy would be given: nothing registered,
+/// nothing written.
+async fn dry_run(app: &AppState, reg: Registration) -> Result<serde_json::Value, ApiError> {
+    let name = reg.name.clone();
+    let services = app.registry.preview_register(reg)?;
+    let service = services.iter().find(|s| s.name == name).cloned();
+    let backend = match &app.dispatcher {
+        Some(d) => Some(
+            d.render(services)
+                .await
+                .map_err(super::backend::swap_error)?,
+        ),
+        None => None,
+    };
+    Ok(json!({"dry_run": true, "service": service, "backend": backend}))
 }
 
 pub async fn renew(

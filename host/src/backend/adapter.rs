@@ -16,7 +16,7 @@ use wasmtime::Store;
 
 use super::bindings::{
     AdapterError, AdapterPlugin, AdapterPluginPre, AdapterState, Applied, CALL_BUDGET, Description,
-    DesiredState, ProbeReport, prepare,
+    DesiredState, Document, ProbeReport, prepare,
 };
 use super::files::ConfinedDir;
 use super::http::{BaseUrl, BoundHttp};
@@ -31,6 +31,8 @@ pub struct Capabilities {
     pub files: Option<PathBuf>,
     /// Deadline of each HTTP request.
     pub http_deadline: Duration,
+    /// Refuse every write, for the adapter's whole life: one loaded for a dry run.
+    pub read_only: bool,
 }
 
 /// Everything needed to load an adapter.
@@ -157,6 +159,19 @@ impl Adapter {
         .map_err(CallError::Adapter)
     }
 
+    /// What `apply` would write for `state`, with every write refused while it runs.
+    pub async fn render(&self, state: DesiredState) -> Result<Vec<Document>, CallError> {
+        self.run(move |w| {
+            let was = std::mem::replace(&mut w.store.data_mut().read_only, true);
+            let rendered =
+                w.call(|plugin, store| plugin.harbor_backend_adapter().call_render(store, &state));
+            w.store.data_mut().read_only = was;
+            rendered
+        })
+        .await??
+        .map_err(CallError::Adapter)
+    }
+
     pub async fn probe(&self) -> Result<ProbeReport, CallError> {
         self.run(|w| w.call(|plugin, store| plugin.harbor_backend_adapter().call_probe(store)))
             .await??
@@ -202,7 +217,8 @@ impl Worker {
             Some(dir) => Some(ConfinedDir::new(dir)?),
             None => None,
         };
-        let state = AdapterState::new("adapter", http, files);
+        let mut state = AdapterState::new("adapter", http, files);
+        state.read_only = spec.capabilities.read_only;
         let (store, plugin) = instantiate(engine.engine(), &pre, state)?;
         let mut worker = Worker {
             engine: engine.engine().clone(),

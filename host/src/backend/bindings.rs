@@ -22,13 +22,13 @@ mod generated {
 use generated::harbor::backend::{files, http_client, log, timer, types};
 
 pub use generated::harbor::backend::types::{
-    AdapterError, Applied, Description, DesiredState, HealthCheck, HttpService, ProbeReport,
-    RefusedService, TcpService, Upstream,
+    AdapterError, Applied, Description, DesiredState, Document, HealthCheck, HttpService,
+    ProbeReport, RefusedService, TcpService, Upstream,
 };
 pub use generated::{AdapterPlugin, AdapterPluginPre};
 
 /// The version of the adapter contract this host speaks.
-pub const CONTRACT: &str = "harbor:backend@0.3.0";
+pub const CONTRACT: &str = "harbor:backend@0.4.0";
 
 /// Linear memory an adapter instance may use: room for the JSON of a few thousand services.
 pub const MEMORY_LIMIT: usize = 128 << 20;
@@ -47,6 +47,8 @@ pub struct AdapterState {
     limits: StoreLimits,
     http: Option<BoundHttp>,
     files: Option<ConfinedDir>,
+    /// While set, every write is refused: a dry run, or a render of what was pushed.
+    pub read_only: bool,
     call_started: Instant,
     /// Time the current call spent blocked in host capabilities.
     blocked: Duration,
@@ -65,6 +67,7 @@ impl AdapterState {
                 .build(),
             http,
             files,
+            read_only: false,
             call_started: Instant::now(),
             blocked: Duration::ZERO,
         }
@@ -104,6 +107,9 @@ impl AdapterState {
 
 impl types::Host for AdapterState {}
 
+/// Why a write was refused while the adapter only renders.
+const NOTHING_WRITTEN: &str = "refused, since this call only shows what would be written";
+
 impl http_client::Host for AdapterState {
     fn send(
         &mut self,
@@ -113,6 +119,11 @@ impl http_client::Host for AdapterState {
         body: Vec<u8>,
     ) -> Result<http_client::Response, http_client::HttpError> {
         let name = self.name.clone();
+        if self.read_only && !matches!(method.as_str(), "GET" | "HEAD") {
+            return Err(http_client::HttpError::Forbidden(format!(
+                "{method} {path}: {NOTHING_WRITTEN}"
+            )));
+        }
         self.blocked(|s| match s.http.as_mut() {
             Some(http) => http
                 .send(&method, &path, &headers, body)
@@ -142,6 +153,9 @@ impl http_client::Host for AdapterState {
 
 impl files::Host for AdapterState {
     fn write(&mut self, name: String, contents: Vec<u8>) -> Result<(), String> {
+        if self.read_only {
+            return Err(format!("writing {name}: {NOTHING_WRITTEN}"));
+        }
         self.blocked(|s| with_dir(&s.files, |d| d.write(&name, &contents)))
     }
 
@@ -150,6 +164,9 @@ impl files::Host for AdapterState {
     }
 
     fn remove(&mut self, name: String) -> Result<(), String> {
+        if self.read_only {
+            return Err(format!("removing {name}: {NOTHING_WRITTEN}"));
+        }
         self.blocked(|s| with_dir(&s.files, |d| d.remove(&name)))
     }
 

@@ -18,7 +18,7 @@ mod http;
 
 pub use adapter::{Adapter, AdapterSpec, CallError, Capabilities, FaultSink};
 pub use bindings::{
-    AdapterError, Applied, CONTRACT, Description, DesiredState, HealthCheck, HttpService,
+    AdapterError, Applied, CONTRACT, Description, DesiredState, Document, HealthCheck, HttpService,
     ProbeReport, RefusedService, TcpService, Upstream,
 };
 pub use builtin::{builtin, builtin_names};

@@ -25,6 +25,7 @@ use crate::backend::{Adapter, AdapterSpec, Capabilities, builtin};
 use crate::config::{BackendKind, Config};
 use crate::events::{Event, EventBus, lock};
 use crate::metrics::Metrics;
+use crate::model::ServiceView;
 use crate::plugins::PluginEngine;
 use crate::proxy::TcpCarriage;
 
@@ -38,20 +39,69 @@ use status::Book;
 /// Deadline of each request to a proxy's admin API.
 const HTTP_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Why a swap was refused.
+/// Why a swap, or a render, was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum SwapError {
     #[error("{0}")]
     Load(String),
     #[error("the new adapter could not apply the current state: {0}")]
     Apply(String),
+    #[error("the adapter could not render the state: {0}")]
+    Render(String),
+    #[error("no adapter is in force")]
+    NoAdapter,
     #[error("the dispatcher has stopped")]
     Stopped,
 }
 
-struct SwapRequest {
-    spec: AdapterSpec,
-    reply: oneshot::Sender<Result<BackendStatus, SwapError>>,
+/// What the API asks of the reconciler's task.
+enum Request {
+    /// Swap to this adapter.
+    Swap {
+        spec: AdapterSpec,
+        reply: oneshot::Sender<Result<BackendStatus, SwapError>>,
+    },
+    /// What this adapter would write for the registry as it stands, writing nothing.
+    DrySwap {
+        spec: AdapterSpec,
+        reply: oneshot::Sender<Result<Rendered, SwapError>>,
+    },
+    /// What the adapter in force would write for `services`, or with none, for the state it
+    /// last applied.
+    Render {
+        services: Option<Vec<ServiceView>>,
+        reply: oneshot::Sender<Result<Rendered, SwapError>>,
+    },
+}
+
+/// What an adapter writes (or would write) for one state.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Rendered {
+    pub adapter: String,
+    pub version: String,
+    /// The registry's revision the state is of; none when nothing has been applied yet.
+    pub revision: Option<u64>,
+    pub documents: Vec<RenderedDocument>,
+}
+
+/// One file, or one admin API document.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RenderedDocument {
+    /// A file name in the adapter's directory, or an admin API path.
+    pub target: String,
+    /// The JSON written, or the text when it is not JSON.
+    pub content: serde_json::Value,
+}
+
+impl RenderedDocument {
+    fn of(document: crate::backend::Document) -> Self {
+        let content = serde_json::from_str(&document.content)
+            .unwrap_or(serde_json::Value::String(document.content));
+        Self {
+            target: document.target,
+            content,
+        }
+    }
 }
 
 /// The dispatcher's handle, shared with the API.
@@ -60,7 +110,7 @@ pub struct Dispatcher {
     config: Config,
     engine: Arc<PluginEngine>,
     book: Arc<Book>,
-    swaps: mpsc::Sender<SwapRequest>,
+    requests: mpsc::Sender<Request>,
     /// Harbor's DNS responder for Caddy's dynamic upstreams.
     upstream_dns: Option<std::net::SocketAddr>,
     /// The version the driven Caddy reports, once it could be told.
@@ -71,7 +121,7 @@ pub struct Dispatcher {
 
 /// Where the dispatcher's task picks up.
 pub struct Pending {
-    swaps: mpsc::Receiver<SwapRequest>,
+    requests: mpsc::Receiver<Request>,
 }
 
 impl Dispatcher {
@@ -84,13 +134,13 @@ impl Dispatcher {
         upstream_dns: Option<std::net::SocketAddr>,
         tcp: TcpCarriage,
     ) -> anyhow::Result<(Arc<Self>, Pending)> {
-        let (swaps, rx) = mpsc::channel(4);
+        let (requests, rx) = mpsc::channel(4);
         let dispatcher = Arc::new(Self {
             kind: config.backend,
             config: config.clone(),
             engine,
             book: Arc::new(Book::new(metrics, bus)),
-            swaps,
+            requests,
             upstream_dns,
             caddy_version: Mutex::new(None),
             tcp,
@@ -99,7 +149,7 @@ impl Dispatcher {
         if builtin(&name).is_none() {
             anyhow::bail!("there is no built-in adapter named {name:?}");
         }
-        Ok((dispatcher, Pending { swaps: rx }))
+        Ok((dispatcher, Pending { requests: rx }))
     }
 
     pub fn status(&self) -> BackendStatus {
@@ -182,6 +232,7 @@ impl Dispatcher {
                     http: Some(c.caddy_admin.clone()),
                     files: None,
                     http_deadline: HTTP_DEADLINE,
+                    read_only: false,
                 },
             ),
             BackendKind::Envoy => {
@@ -195,6 +246,7 @@ impl Dispatcher {
                         http: Some(c.envoy_admin.clone()),
                         files: Some(dir),
                         http_deadline: HTTP_DEADLINE,
+                        read_only: false,
                     },
                 )
             }
@@ -219,9 +271,38 @@ impl Dispatcher {
     /// Loads `spec`, gives it the full desired state and only then retires the current
     /// adapter. On any failure the current adapter keeps serving.
     pub async fn swap(&self, spec: AdapterSpec) -> Result<BackendStatus, SwapError> {
+        self.ask(|reply| Request::Swap { spec, reply }).await
+    }
+
+    /// What `spec`'s adapter would write for the registry as it stands: loaded with every
+    /// write refused, and dropped after.
+    pub async fn dry_swap(&self, mut spec: AdapterSpec) -> Result<Rendered, SwapError> {
+        spec.capabilities.read_only = true;
+        self.ask(|reply| Request::DrySwap { spec, reply }).await
+    }
+
+    /// What the adapter in force would write for `services`, writing nothing.
+    pub async fn render(&self, services: Vec<ServiceView>) -> Result<Rendered, SwapError> {
+        let services = Some(services);
+        self.ask(|reply| Request::Render { services, reply }).await
+    }
+
+    /// What the adapter in force wrote for the state it last applied.
+    pub async fn pushed(&self) -> Result<Rendered, SwapError> {
+        self.ask(|reply| Request::Render {
+            services: None,
+            reply,
+        })
+        .await
+    }
+
+    async fn ask<R>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<R, SwapError>>) -> Request,
+    ) -> Result<R, SwapError> {
         let (reply, answer) = oneshot::channel();
-        self.swaps
-            .send(SwapRequest { spec, reply })
+        self.requests
+            .send(request(reply))
             .await
             .map_err(|_| SwapError::Stopped)?;
         answer.await.map_err(|_| SwapError::Stopped)?

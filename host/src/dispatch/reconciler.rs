@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{
-    Adapter, AdapterSpec, Applied, CallError, Description, DesiredState, ProbeReport,
+    Adapter, AdapterSpec, Applied, CallError, Description, DesiredState, Document, ProbeReport,
 };
 use crate::backoff::Backoff;
 use crate::events::{Event, EventBus, Follower, Since};
@@ -29,7 +29,8 @@ use crate::registry::Registry;
 
 use super::desired::Desired;
 use super::status::{BackendStatus, Book};
-use super::{Dispatcher, Pending, SwapError, SwapRequest};
+use super::{Dispatcher, Pending, Rendered, RenderedDocument, Request, SwapError};
+use crate::model::ServiceView;
 
 /// A change waits this long for more before it is applied (a burst of registrations arrives
 /// closer together than this; 20 ms here cost a new service's route a fifth of a second at the
@@ -61,6 +62,11 @@ pub trait Driven: Send + Sync + 'static {
     /// Brings the proxy to `state`, but for the services it refuses.
     fn apply(&self, state: DesiredState)
     -> impl Future<Output = Result<Applied, CallError>> + Send;
+    /// What `apply` would write for `state`, writing nothing.
+    fn render(
+        &self,
+        state: DesiredState,
+    ) -> impl Future<Output = Result<Vec<Document>, CallError>> + Send;
     /// Whether the proxy still runs what was applied.
     fn probe(&self) -> impl Future<Output = Result<ProbeReport, CallError>> + Send;
     /// Removes what it put in the proxy.
@@ -85,6 +91,13 @@ impl Driven for Adapter {
         state: DesiredState,
     ) -> impl Future<Output = Result<Applied, CallError>> + Send {
         Adapter::apply(self, state)
+    }
+
+    fn render(
+        &self,
+        state: DesiredState,
+    ) -> impl Future<Output = Result<Vec<Document>, CallError>> + Send {
+        Adapter::render(self, state)
     }
 
     fn probe(&self) -> impl Future<Output = Result<ProbeReport, CallError>> + Send {
@@ -116,6 +129,8 @@ struct Reconciler<A, L> {
     last_change: Instant,
     /// What the proxy was last brought to, successfully.
     applied: Option<Desired>,
+    /// The registry's revision `applied` is of.
+    applied_revision: u64,
     /// A state the proxy refused: not retried until the registry changes.
     refused: Option<Desired>,
     retry_at: Option<Instant>,
@@ -136,7 +151,7 @@ pub async fn run(
     cancel: CancellationToken,
     settled: CancellationToken,
 ) {
-    let Pending { swaps } = pending;
+    let Pending { requests } = pending;
     let book = dispatcher.book.clone();
     let first = match dispatcher.builtin_spec(dispatcher.kind(), None).await {
         Ok(spec) => Some(spec),
@@ -147,7 +162,7 @@ pub async fn run(
     };
     let tcp = dispatcher.tcp.clone();
     let until = Until { cancel, settled };
-    reconcile(book, dispatcher, first, swaps, registry, tcp, until).await;
+    reconcile(book, dispatcher, first, requests, registry, tcp, until).await;
 }
 
 /// When the reconciler stops, and what it tells once the proxy is settled for Harbor's absence.
@@ -161,7 +176,7 @@ async fn reconcile<A: Driven, L: Loader<A>>(
     book: Arc<Book>,
     loader: Arc<L>,
     first: Option<AdapterSpec>,
-    mut swaps: mpsc::Receiver<SwapRequest>,
+    mut requests: mpsc::Receiver<Request>,
     registry: Arc<Registry>,
     tcp: TcpCarriage,
     until: Until,
@@ -178,6 +193,7 @@ async fn reconcile<A: Driven, L: Loader<A>>(
         dirty_since: Some(Instant::now()),
         last_change: Instant::now(),
         applied: None,
+        applied_revision: 0,
         refused: None,
         retry_at: None,
         failures: 0,
@@ -206,10 +222,7 @@ async fn reconcile<A: Driven, L: Loader<A>>(
         let wake = r.next_wake();
         tokio::select! {
             changed = r.events.changed() => if !changed { return },
-            Some(req) = swaps.recv() => {
-                let result = r.swap(req.spec).await;
-                let _ = req.reply.send(result);
-            }
+            Some(request) = requests.recv() => r.answer(request).await,
             () = tokio::time::sleep_until(wake) => {}
             () = cancel.cancelled() => {
                 r.settle().await;
@@ -318,6 +331,7 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
                     .fallbacks_stale
                     .then_some(self.last_refresh + FALLBACK_EVERY);
                 self.applied = Some(desired);
+                self.applied_revision = revision;
                 self.refused = None;
                 self.dirty_since = None;
                 self.retry_at = None;
@@ -377,6 +391,56 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
                 }
             }
         }
+    }
+
+    async fn answer(&mut self, request: Request) {
+        match request {
+            Request::Swap { spec, reply } => {
+                let _ = reply.send(self.swap(spec).await);
+            }
+            Request::DrySwap { spec, reply } => {
+                let _ = reply.send(self.dry_swap(spec).await);
+            }
+            Request::Render { services, reply } => {
+                let _ = reply.send(self.render(services).await);
+            }
+        }
+    }
+
+    /// What the adapter in force writes for `services`, or with none, what it wrote for the
+    /// state last applied.
+    async fn render(&self, services: Option<Vec<ServiceView>>) -> Result<Rendered, SwapError> {
+        let adapter = self.adapter.as_ref().ok_or(SwapError::NoAdapter)?;
+        let with_tcp = adapter.description().supports_tcp;
+        let (revision, desired) = match services {
+            Some(services) => (
+                self.registry.bus().last_id(),
+                Desired::of(&services, with_tcp),
+            ),
+            None => match &self.applied {
+                Some(applied) => (self.applied_revision, applied.clone()),
+                None => return Ok(rendered(adapter, None, Vec::new())),
+            },
+        };
+        let documents = adapter
+            .render(desired.to_wit(revision, false))
+            .await
+            .map_err(|e| SwapError::Render(e.to_string()))?;
+        Ok(rendered(adapter, Some(revision), documents))
+    }
+
+    /// What `spec`'s adapter would write for the registry as it stands; it is dropped after,
+    /// and the adapter in force never knows.
+    async fn dry_swap(&self, spec: AdapterSpec) -> Result<Rendered, SwapError> {
+        let new = self.loader.load(spec).await?;
+        let with_tcp = new.description().supports_tcp;
+        let revision = self.registry.bus().last_id();
+        let desired = Desired::of(&self.registry.services(), with_tcp);
+        let documents = new
+            .render(desired.to_wit(revision, false))
+            .await
+            .map_err(|e| SwapError::Render(e.to_string()))?;
+        Ok(rendered(&new, Some(revision), documents))
     }
 
     async fn swap(&mut self, spec: AdapterSpec) -> Result<BackendStatus, SwapError> {
@@ -472,6 +536,7 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             .fallbacks_stale
             .then_some(self.last_refresh + FALLBACK_EVERY);
         self.applied = Some(desired);
+        self.applied_revision = revision;
         self.refused = None;
         self.dirty_since = None;
         self.retry_at = None;
@@ -491,6 +556,15 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             .as_ref()
             .map(|a| a.description().name.clone())
             .unwrap_or_default()
+    }
+}
+
+fn rendered<A: Driven>(adapter: &A, revision: Option<u64>, documents: Vec<Document>) -> Rendered {
+    Rendered {
+        adapter: adapter.description().name.clone(),
+        version: adapter.description().version.clone(),
+        revision,
+        documents: documents.into_iter().map(RenderedDocument::of).collect(),
     }
 }
 
@@ -611,6 +685,14 @@ mod tests {
             })
         }
 
+        async fn render(&self, state: DesiredState) -> Result<Vec<Document>, CallError> {
+            let names: Vec<&str> = state.http.iter().map(|s| s.name.as_str()).collect();
+            Ok(vec![Document {
+                target: "services".into(),
+                content: serde_json::json!(names).to_string(),
+            }])
+        }
+
         async fn probe(&self) -> Result<ProbeReport, CallError> {
             let (drifted, down) = {
                 let p = lock(&self.proxy);
@@ -658,6 +740,7 @@ mod tests {
                 http: None,
                 files: None,
                 http_deadline: Duration::from_secs(1),
+                read_only: false,
             },
         }
     }
@@ -666,7 +749,7 @@ mod tests {
         registry: Arc<Registry>,
         book: Arc<Book>,
         loads: Arc<Loads>,
-        swaps: mpsc::Sender<SwapRequest>,
+        swaps: mpsc::Sender<Request>,
         cancel: CancellationToken,
         settled: CancellationToken,
     }
@@ -878,7 +961,7 @@ mod tests {
             let swaps = rig.swaps.clone();
             async move {
                 swaps
-                    .send(SwapRequest {
+                    .send(Request::Swap {
                         spec: spec(),
                         reply,
                     })

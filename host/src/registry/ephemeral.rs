@@ -11,7 +11,7 @@ use super::{
     release_claims, take_claims,
 };
 use crate::events::{DeregisterReason, Event, lock};
-use crate::model::{Claim, InstanceId, LeaseView, Route, ServiceName};
+use crate::model::{Claim, InstanceId, LeaseView, Route, ServiceName, ServiceView};
 
 impl Registry {
     fn check_ttl(&self, ttl: Option<Duration>) -> Result<Duration, RegistryError> {
@@ -42,6 +42,46 @@ impl Registry {
         }
         self.ephemeral_changed.notify_one();
         Ok(grant)
+    }
+
+    /// The services as they would stand after `reg`, which is checked as [`Registry::register`]
+    /// checks it but not registered: no lease, no event. What a dry run shows.
+    pub fn preview_register(&self, reg: Registration) -> Result<Vec<ServiceView>, RegistryError> {
+        let ttl = self.check_ttl(reg.ttl)?;
+        self.check_strategy(&reg.route.strategy)?;
+        let state = lock(&self.state);
+        fits(&state, &reg)?;
+        let mut instances = match state.services.get(&reg.name) {
+            Some(Service {
+                body: Body::Ephemeral(instances),
+                ..
+            }) => instances.clone(),
+            _ => BTreeMap::new(),
+        };
+        let now = SystemTime::now();
+        let id = instances.get(&reg.upstream.addr).map(|i| i.id);
+        let instance = Instance::new(
+            id,
+            reg.upstream.clone(),
+            reg.meta,
+            now,
+            ttl,
+            Instant::now() + ttl,
+            now + ttl,
+        );
+        instances.insert(reg.upstream.addr, instance);
+        let would = Service {
+            route: reg.route,
+            body: Body::Ephemeral(instances),
+        };
+        let mut services: Vec<ServiceView> = state
+            .services
+            .iter()
+            .filter(|(name, _)| **name != reg.name)
+            .map(|(name, service)| service.view(name))
+            .collect();
+        services.push(would.view(&reg.name));
+        Ok(services)
     }
 
     /// Puts back instances from the state file; those whose lease ran out while Harbor was down

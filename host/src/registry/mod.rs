@@ -310,19 +310,24 @@ impl Registry {
 
 impl State {
     fn view(&self, name: &ServiceName) -> Option<ServiceView> {
-        let svc = self.services.get(name)?;
+        Some(self.services.get(name)?.view(name))
+    }
+}
+
+impl Service {
+    fn view(&self, name: &ServiceName) -> ServiceView {
         let mut view = ServiceView {
             name: name.clone(),
             kind: Kind::Static,
-            route: RouteView::from(&svc.route),
-            public: svc.route.public,
+            route: RouteView::from(&self.route),
+            public: self.route.public,
             upstreams: Vec::new(),
             instances: Vec::new(),
             meta: Meta::new(),
             source: None,
-            proxy: svc.route.options.clone(),
+            proxy: self.route.options.clone(),
         };
-        match &svc.body {
+        match &self.body {
             Body::Static(spec, file) => {
                 view.upstreams = spec.upstreams.clone();
                 view.meta = spec.meta.clone();
@@ -334,9 +339,11 @@ impl State {
                 view.instances = instances.values().map(Instance::view).collect();
             }
         }
-        Some(view)
+        view
     }
+}
 
+impl State {
     fn instance_mut(&mut self, name: &ServiceName, addr: &UpstreamAddr) -> Option<&mut Instance> {
         match &mut self.services.get_mut(name)?.body {
             Body::Ephemeral(instances) => instances.get_mut(addr),

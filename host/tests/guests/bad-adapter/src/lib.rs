@@ -1,5 +1,7 @@
 //! An adapter that loads fine and then fails every `apply`: it traps, or with the `spin`
-//! feature never returns. Harbor must refuse it as a swap and keep the adapter in force.
+//! feature never returns. Harbor must refuse it as a swap and keep the adapter in force. Its
+//! `render` tries to write to the proxy, as a careless or hostile adapter might during a dry
+//! run, and shows what the host answered.
 
 mod bindings {
     wit_bindgen::generate!({
@@ -9,8 +11,9 @@ mod bindings {
 }
 
 use bindings::exports::harbor::backend::adapter::{
-    AdapterError, Applied, Description, DesiredState, Guest, ProbeReport,
+    AdapterError, Applied, Description, DesiredState, Document, Guest, ProbeReport,
 };
+use bindings::harbor::backend::http_client;
 
 struct Bad;
 
@@ -36,6 +39,18 @@ impl Guest for Bad {
         }
         // A panic is a trap in a component.
         panic!("apply is broken on purpose")
+    }
+
+    fn render(_: DesiredState) -> Result<Vec<Document>, AdapterError> {
+        let answer = match http_client::send("POST", "/load", &[], b"{}") {
+            Ok(r) => format!("the proxy answered {}", r.status),
+            Err(http_client::HttpError::Forbidden(why)) => format!("forbidden: {why}"),
+            Err(e) => format!("failed: {e:?}"),
+        };
+        Ok(vec![Document {
+            target: "/load".into(),
+            content: answer,
+        }])
     }
 
     fn probe() -> Result<ProbeReport, AdapterError> {
