@@ -819,6 +819,72 @@ async fn the_pushed_config_and_dry_runs_show_what_is_written_and_write_nothing(r
     h.shutdown().await;
 }
 
+/// `caddy reload` from a Caddyfile drops what Harbor added until Harbor's probe puts it back.
+/// With Harbor's routes on a port of their own, as the README advises, a request in that gap
+/// finds no listener, which clients retry; it never gets a wrong answer such as an empty `200`
+/// from another site.
+async fn a_caddy_reload_never_answers_harbors_hosts_wrongly(release: Release) {
+    let _turn = EXCLUSIVE.read().await;
+    let Some(caddy) = Caddy::start(release).await else {
+        return;
+    };
+    let admin: harbor::config::BaseUrl = caddy.admin_url().parse().unwrap();
+    let own = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let h = common::start_with(move |c| {
+        c.backend = BackendKind::Caddy;
+        c.caddy_admin = admin.clone();
+        c.caddy_listen = own;
+    })
+    .await;
+    let web = Upstream::start("web").await;
+    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
+        .await;
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    eventually(Duration::from_secs(3), "web through Caddy", || async {
+        (through(&fresh, own, "web.localhost", "/").await == Some((200, "web".into())))
+            .then_some(())
+    })
+    .await;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let prober = tokio::spawn({
+        let (stop, fresh) = (stop.clone(), fresh.clone());
+        async move {
+            let (mut ok, mut refused, mut wrong) = (0u32, 0u32, Vec::new());
+            while !stop.is_cancelled() {
+                match through(&fresh, own, "web.localhost", "/").await {
+                    Some((200, body)) if body == "web" => ok += 1,
+                    None => refused += 1,
+                    Some(other) => wrong.push(other),
+                }
+            }
+            (ok, refused, wrong)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let reloaded = Instant::now();
+    caddy.reload();
+    let back = eventually(Duration::from_secs(3), "Harbor's routes back", || async {
+        (through(&fresh, own, "web.localhost", "/").await == Some((200, "web".into())))
+            .then(|| reloaded.elapsed())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.cancel();
+    let (ok, refused, wrong) = prober.await.unwrap();
+    eprintln!("routes back {back:?} after the reload; {ok} answered, {refused} found no listener");
+    assert!(
+        wrong.is_empty(),
+        "wrong answers during the reload: {wrong:?}"
+    );
+    assert!(ok > 20, "only {ok} answered");
+    user_route_works(&caddy).await;
+    h.shutdown().await;
+}
+
 async fn an_adapter_that_traps_or_spins_is_refused_and_reported(release: Release) {
     // Built before anything is registered: on a cold build directory compiling them takes
     // longer than web's lease, which then ran out while the test waited.
@@ -1446,4 +1512,5 @@ on_each_caddy!(
     a_health_checked_route_on_a_host_name_upstream_blocks_nothing,
     caddys_admin_api_on_a_unix_socket,
     the_pushed_config_and_dry_runs_show_what_is_written_and_write_nothing,
+    a_caddy_reload_never_answers_harbors_hosts_wrongly,
 );

@@ -324,3 +324,37 @@ async fn the_pushed_config_is_the_files_envoy_reads() {
     }
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_address_that_is_not_envoy_is_a_clear_error() {
+    let Some(envoy) = Envoy::prepare() else {
+        return;
+    };
+    // Not Envoy at all: a plain web server where Envoy's admin API should be.
+    let impostor = Upstream::start("not envoy").await;
+    let admin: harbor::config::BaseUrl = format!("http://{}", impostor.addr).parse().expect("url");
+    let dir = envoy.xds.clone();
+    let h = common::start_with(move |c| {
+        c.backend = BackendKind::Envoy;
+        c.envoy_admin = admin.clone();
+        c.envoy_dir = dir.clone();
+    })
+    .await;
+    let status = eventually(Duration::from_secs(5), "the error", || async {
+        let status = backend_status(&h).await;
+        status["last_error"].as_str().is_some().then_some(status)
+    })
+    .await;
+    let error = status["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("does not answer as Envoy's admin API"),
+        "{status}"
+    );
+    assert_eq!(status["in_sync"], false, "{status}");
+    // It stays an error: no probe turns it into a success.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = backend_status(&h).await;
+    assert_eq!(status["in_sync"], false, "{status}");
+    assert!(status["last_error"].as_str().is_some(), "{status}");
+    h.shutdown().await;
+}

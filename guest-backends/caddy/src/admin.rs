@@ -290,6 +290,14 @@ impl Admin {
         };
         let written = match found {
             Some(name) => {
+                if name != "harbor" {
+                    log::log(
+                        Level::Warn,
+                        &format!(
+                            "Harbor's routes share Caddy's server {name:?} with other sites: a `caddy reload` from a Caddyfile drops them until Harbor puts them back (within a second), and meanwhile that server answers Harbor's hosts itself; a port of Harbor's own (--caddy-listen) avoids that"
+                        ),
+                    );
+                }
                 let routes_path = format!("/config/apps/http/servers/{name}/routes");
                 let existing = get(&routes_path)?;
                 if existing.status == 200 && existing.body.is_array() {

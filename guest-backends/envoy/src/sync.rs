@@ -36,6 +36,8 @@ pub struct Files {
     refusals: BTreeMap<String, (String, String)>,
     /// Files written during the current apply.
     writes: u32,
+    /// Whether the admin address was seen to answer as Envoy's; asked again after any failure.
+    is_envoy: bool,
 }
 
 /// Longest an apply waits for Envoy to take or refuse what it wrote, and how often it looks.
@@ -58,11 +60,35 @@ impl Files {
             revision: 0,
             refusals: BTreeMap::new(),
             writes: 0,
+            is_envoy: false,
         }
+    }
+
+    /// Checks, once while it keeps answering, that the admin address is Envoy's: anything else
+    /// there is a configuration mistake that retrying will not mend, and Harbor's files would
+    /// be written for nobody.
+    fn check_envoy(&mut self) -> Result<(), AdapterError> {
+        if self.is_envoy {
+            return Ok(());
+        }
+        let info = admin_get("/server_info")?;
+        let info: Value = serde_json::from_str(&info).unwrap_or(Value::Null);
+        if info["version"].is_string() && info["state"].is_string() {
+            self.is_envoy = true;
+            return Ok(());
+        }
+        Err(AdapterError::Rejected(
+            "the admin address does not answer as Envoy's admin API: GET /server_info gave no Envoy version and state".into(),
+        ))
     }
 
     pub fn apply(&mut self, state: &DesiredState) -> Result<Applied, AdapterError> {
         self.writes = 0;
+        // Envoy may not be up yet, and its files are written all the same: it reads them when
+        // it starts. Only an admin address that answers as something else is refused.
+        if let Err(AdapterError::Rejected(why)) = self.check_envoy() {
+            return Err(AdapterError::Rejected(why));
+        }
         let (http, tcp) = (http_services(state), tcp_services(state));
         let all: Vec<&Service<'_>> = http.iter().chain(tcp.iter()).collect();
         let (offered, mut refused) = self.offer(all);
@@ -288,7 +314,15 @@ impl Files {
 
     pub fn probe(&mut self) -> Result<ProbeReport, AdapterError> {
         // Envoy is asked first, so that a probe of an Envoy that is down fails.
-        let rejected = rejected_only(&counters()?);
+        self.check_envoy()?;
+        let rejected = match counters() {
+            Ok(counters) => rejected_only(&counters),
+            Err(e) => {
+                // Whatever answers when it is back is checked again.
+                self.is_envoy = false;
+                return Err(e);
+            }
+        };
         let Some(rds_version) = self.rds_version else {
             return Ok(ProbeReport {
                 in_sync: false,

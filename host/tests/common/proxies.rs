@@ -231,6 +231,29 @@ impl Caddy {
             .count()
     }
 
+    /// `caddy reload` from the Caddyfile, as an operator runs it: Caddy replaces its whole
+    /// configuration with the Caddyfile's, and what Harbor added is gone until Harbor puts it
+    /// back.
+    pub fn reload(&self) {
+        let address = self.admin.trim_start_matches("http://");
+        let status = Command::new(&self.binary)
+            .args([
+                "reload",
+                "--adapter",
+                "caddyfile",
+                "--address",
+                address,
+                "--config",
+            ])
+            .arg(self.dir.path().join("Caddyfile"))
+            .env("HOME", self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run caddy reload");
+        assert!(status.success(), "caddy reload failed: {status}");
+    }
+
     /// Starts Caddy again from its Caddyfile (the way a host reboot or `systemctl restart`
     /// does): whatever was added through the admin API is gone.
     pub async fn start_again(&mut self) {
