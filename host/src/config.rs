@@ -582,9 +582,6 @@ pub struct Config {
     /// Events kept for clients that resume a stream.
     #[serde(skip)]
     pub event_ring: usize,
-    /// Longest a change waits before the state file is rewritten.
-    #[serde(skip)]
-    pub state_flush: Duration,
     /// How often an idle event stream gets a keep-alive comment.
     #[serde(skip)]
     pub sse_keep_alive: Duration,
@@ -685,7 +682,6 @@ impl Config {
             dns_listen: None,
             envoy_admin: BaseUrl::tcp("127.0.0.1:9901"),
             event_ring: 4096,
-            state_flush: Duration::from_millis(500),
             sse_keep_alive: Duration::from_secs(15),
             proxy: ProxySettings::default(),
         }

@@ -24,12 +24,14 @@ use crate::public::{self, PublicView};
 use crate::registry::{self, Registry};
 use crate::routes;
 use crate::routing::{self, RoutingTable};
-use crate::store::{self, Store};
+use crate::store::{self, JournalWriter};
 use crate::{dispatch, dns};
 
 /// A running daemon.
 pub struct Harbor {
     registry: Arc<Registry>,
+    /// Where registrations are made durable; closed last at shutdown.
+    journal: Arc<JournalWriter>,
     proxy: Proxy,
     shutdown_grace: std::time::Duration,
     strategies: Arc<Strategies>,
@@ -47,7 +49,6 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     config.validate()?;
     let core = Core::new(&config)?;
     let plugins = load_strategies(&config, &core).await?;
-    let restored = store::restore(&core.store, &core.registry);
     let routes = read_routes(&config, &core.registry).await?;
 
     let routing = Arc::new(RoutingTable::new(plugins.strategies.clone()));
@@ -140,12 +141,6 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         cancel.clone(),
     ));
     follow_plugins(&config, &app, plugins.watch, &mut tasks, cancel);
-    tasks.spawn(store::persist(
-        registry.clone(),
-        core.store.clone(),
-        config.state_flush,
-        cancel.clone(),
-    ));
     let rescan = Arc::new(Notify::new());
     tasks.spawn(routes::follow(
         routes,
@@ -162,13 +157,14 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         static_services = counts.static_services,
         strategies = plugins.strategies.names().len(),
         route_errors = counts.route_errors,
-        restored_instances = restored,
+        restored_instances = core.restored,
         backend = %config.backend,
         "harbor started"
     );
 
     Ok(Harbor {
         registry: core.registry,
+        journal: core.journal,
         proxy,
         shutdown_grace: config.proxy.shutdown_grace,
         strategies: plugins.strategies,
@@ -188,7 +184,9 @@ struct Core {
     proxy_metrics: Arc<ProxyMetrics>,
     descriptors: Arc<Descriptors>,
     registry: Arc<Registry>,
-    store: Arc<Store>,
+    journal: Arc<JournalWriter>,
+    /// Instances the state directory gave back.
+    restored: usize,
     cancel: CancellationToken,
 }
 
@@ -203,12 +201,15 @@ impl Core {
             .context("cannot set up the descriptors' metrics")?;
         let bus = Arc::new(EventBus::new(config.event_ring));
         let registry = Arc::new(Registry::new(bus, metrics.clone(), config.lease));
+        // First, before anything else writes into the state directory: it is this daemon's.
+        let (journal, restored) = store::open(&config.state_dir, &registry, &metrics)?;
         Ok(Self {
             metrics,
             proxy_metrics,
             descriptors,
             registry,
-            store: Arc::new(Store::open(&config.state_dir)?),
+            journal,
+            restored,
             cancel: CancellationToken::new(),
         })
     }
@@ -508,6 +509,10 @@ impl Harbor {
         }
         for path in &self.unix_sockets {
             let _ = std::fs::remove_file(path);
+        }
+        let journal = self.journal.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || journal.close()).await {
+            tracing::error!(error = %e, "the journal could not be closed");
         }
         tracing::info!(connections_cut = cut, "harbor stopped");
         cut

@@ -62,6 +62,12 @@ pub enum Event {
         file: String,
         reason: String,
     },
+    /// Changes cannot be saved: mutations are refused (`503`) until they can again.
+    StateWriteFailed {
+        reason: String,
+    },
+    /// Changes are saved again.
+    StateWriteRecovered,
     PluginLoaded {
         name: String,
         version: String,
@@ -156,6 +162,8 @@ impl Event {
             Event::RouteFileError { .. } => "route_file_error",
             Event::RouteFileRecovered { .. } => "route_file_recovered",
             Event::StateFileError { .. } => "state_file_error",
+            Event::StateWriteFailed { .. } => "state_write_failed",
+            Event::StateWriteRecovered => "state_write_recovered",
             Event::PluginLoaded { .. } => "plugin_loaded",
             Event::PluginRejected { .. } => "plugin_rejected",
             Event::PluginFault { .. } => "plugin_fault",

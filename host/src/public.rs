@@ -237,7 +237,9 @@ impl PublicView {
                 | Event::PluginRejected { .. }
                 | Event::RouteFileError { .. }
                 | Event::RouteFileRecovered { .. }
-                | Event::StateFileError { .. } => {}
+                | Event::StateFileError { .. }
+                | Event::StateWriteFailed { .. }
+                | Event::StateWriteRecovered => {}
             }
         }
         for name in &touched {

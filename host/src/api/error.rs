@@ -71,6 +71,7 @@ impl From<RegistryError> for ApiError {
             | RegistryError::Claimed { .. }
             | RegistryError::RouteMismatch { .. } => StatusCode::CONFLICT,
             RegistryError::TtlOutOfBounds { .. } => StatusCode::BAD_REQUEST,
+            RegistryError::NotSaved(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         let field = e.field();
         let err = Self::new(status, e.to_string());

@@ -65,6 +65,7 @@ impl Reader {
                     "type": "snapshot",
                     "services": snap.services,
                     "route_errors": snap.route_errors,
+                    "state": snap.state,
                 });
                 return Some(
                     SseEvent::default()

@@ -87,7 +87,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/api/v1/route-errors", get(services::route_errors))
         .route("/api/v1/events", get(events::stream))
         .route("/api/v1/catalog/events", get(public::stream))
-        .route("/api/v1/status", get(public::status))
+        .route("/api/v1/status", get(public::operator_status))
         .merge(gangway::files())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -108,6 +108,6 @@ pub async fn set_strategy(
     let name = ServiceName::parse(&name)?;
     caller.may_change(&name)?;
     let strategy = StrategyName::parse(&change.strategy)?;
-    let service = app.registry.set_strategy(&name, strategy)?;
+    let service = app.registry.set_strategy(&name, strategy).await?;
     Ok(Json(service))
 }

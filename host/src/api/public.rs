@@ -45,12 +45,22 @@ pub fn status_of(app: &App) -> Value {
             .dispatcher
             .as_ref()
             .map_or_else(|| app.public.proxy_port(), |d| Some(d.proxy_port())),
+        // Whether registrations are being saved; why not, with paths, only on the operator's API.
+        "state_writable": app.registry.state_condition().write_error.is_none(),
     })
 }
 
-/// `GET /api/v1/status`: what the status strip shows.
+/// `GET /api/v1/status` on Gangway's listener: what the status strip shows.
 pub async fn status(State(app): State<AppState>) -> impl IntoResponse {
     Json(status_of(&app))
+}
+
+/// `GET /api/v1/status` on the API: the same, and how the saved state stands (a failure to
+/// save, a state file set aside at start), with reasons.
+pub async fn operator_status(State(app): State<AppState>) -> impl IntoResponse {
+    let mut body = status_of(&app);
+    body["state"] = json!(app.registry.state_condition());
+    Json(body)
 }
 
 /// `GET /api/v1/catalog/events`: the public view as Server-Sent Events, snapshot first. A client

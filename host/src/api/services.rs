@@ -126,7 +126,7 @@ pub async fn register(
     if query.dry_run {
         return Ok(Json(dry_run(&app, reg).await?).into_response());
     }
-    let grant = app.registry.register(reg)?;
+    let grant = app.registry.register_saved(reg).await?;
     let status = if grant.created {
         StatusCode::CREATED
     } else {
@@ -160,7 +160,7 @@ pub async fn renew(
 ) -> Result<Json<GrantBody>, ApiError> {
     let id = authorized_instance(&app, &caller, &id)?;
     let ttl = req.and_then(|r| r.ttl_secs).map(Duration::from_secs);
-    Ok(Json(app.registry.renew(id, ttl)?.into()))
+    Ok(Json(app.registry.renew_saved(id, ttl).await?.into()))
 }
 
 pub async fn deregister(
@@ -169,7 +169,7 @@ pub async fn deregister(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = authorized_instance(&app, &caller, &id)?;
-    app.registry.deregister(id)?;
+    app.registry.deregister_saved(id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

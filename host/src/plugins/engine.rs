@@ -172,6 +172,10 @@ fn restrict(dir: &Path) {
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     // Several daemons may share a cache: each writes its own temp file, and rename is atomic.
     let tmp = path.with_extension(format!("tmp-{}-{}", std::process::id(), fastrand::u64(..)));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        // A full disk must not fill up further with halves of artefacts.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }

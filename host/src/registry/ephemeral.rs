@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::{
-    Body, Grant, Instance, Registration, Registry, RegistryError, RestoredInstance, Service, State,
-    release_claims, take_claims,
+    Body, Change, Grant, Instance, Registration, Registry, RegistryError, RestoredInstance, Service,
+    State, Ticket, release_claims, take_claims,
 };
 use crate::events::{DeregisterReason, Event, lock};
 use crate::model::{Claim, InstanceId, LeaseView, Route, ServiceName, ServiceView};
@@ -27,13 +27,30 @@ impl Registry {
     }
 
     /// Registers an ephemeral instance, or refreshes the lease of the instance already registered
-    /// with the same name and upstream.
+    /// with the same name and upstream; answers once the change is saved.
+    pub async fn register_saved(&self, reg: Registration) -> Result<Grant, RegistryError> {
+        let (grant, saved) = self.register_now(reg)?;
+        saved.saved().await.map_err(RegistryError::NotSaved)?;
+        Ok(grant)
+    }
+
+    /// [`Registry::register_saved`], without waiting for the change to be saved.
     pub fn register(&self, reg: Registration) -> Result<Grant, RegistryError> {
+        self.register_now(reg).map(|(grant, _)| grant)
+    }
+
+    fn register_now(&self, reg: Registration) -> Result<(Grant, Ticket), RegistryError> {
         let ttl = self.check_ttl(reg.ttl)?;
         self.check_strategy(&reg.route.strategy)?;
+        self.check_saving()?;
         let now = SystemTime::now();
+        let addr = reg.upstream.addr.clone();
         let mut state = lock(&self.state);
         let grant = self.insert_instance(&mut state, reg, None, now, now + ttl, ttl)?;
+        let saved = match state.restorable_instance(&grant.name, &addr) {
+            Some(instance) => self.journal(Change::Put(Box::new(instance))),
+            None => Ticket::done(),
+        };
         drop(state);
         if grant.created {
             self.metrics.leases_granted.inc();
@@ -41,7 +58,7 @@ impl Registry {
             self.metrics.leases_renewed.inc();
         }
         self.ephemeral_changed.notify_one();
-        Ok(grant)
+        Ok((grant, saved))
     }
 
     /// The services as they would stand after `reg`, which is checked as [`Registry::register`]
@@ -224,8 +241,28 @@ impl Registry {
         })
     }
 
-    /// Extends a lease by its TTL (or a new TTL) from now.
+    /// Extends a lease by its TTL (or a new TTL) from now; answers once the change is saved.
+    pub async fn renew_saved(
+        &self,
+        id: InstanceId,
+        ttl: Option<Duration>,
+    ) -> Result<Grant, RegistryError> {
+        let (grant, saved) = self.renew_now(id, ttl)?;
+        saved.saved().await.map_err(RegistryError::NotSaved)?;
+        Ok(grant)
+    }
+
+    /// [`Registry::renew_saved`], without waiting for the change to be saved.
     pub fn renew(&self, id: InstanceId, ttl: Option<Duration>) -> Result<Grant, RegistryError> {
+        self.renew_now(id, ttl).map(|(grant, _)| grant)
+    }
+
+    fn renew_now(
+        &self,
+        id: InstanceId,
+        ttl: Option<Duration>,
+    ) -> Result<(Grant, Ticket), RegistryError> {
+        self.check_saving()?;
         let mut state = lock(&self.state);
         let (name, addr) = state
             .instances
@@ -251,17 +288,22 @@ impl Registry {
             id,
             lease: LeaseView::new(ttl, expires_at),
         });
+        let saved = match state.restorable_instance(&name, &addr) {
+            Some(instance) => self.journal(Change::Put(Box::new(instance))),
+            None => Ticket::done(),
+        };
         drop(state);
         // Renewals only push deadlines later, so the reaper never needs waking for one.
         self.metrics.leases_renewed.inc();
         self.ephemeral_changed.notify_one();
-        Ok(Grant {
+        let grant = Grant {
             id,
             name,
             ttl,
             expires_at,
             created: false,
-        })
+        };
+        Ok((grant, saved))
     }
 
     /// The service an instance belongs to, if the instance is live.
@@ -269,11 +311,25 @@ impl Registry {
         lock(&self.state).instances.get(&id).map(|(n, _)| n.clone())
     }
 
+    /// Removes an instance; answers once the removal is saved.
+    pub async fn deregister_saved(&self, id: InstanceId) -> Result<ServiceName, RegistryError> {
+        let (name, saved) = self.deregister_now(id)?;
+        saved.saved().await.map_err(RegistryError::NotSaved)?;
+        Ok(name)
+    }
+
+    /// [`Registry::deregister_saved`], without waiting for the removal to be saved.
     pub fn deregister(&self, id: InstanceId) -> Result<ServiceName, RegistryError> {
+        self.deregister_now(id).map(|(name, _)| name)
+    }
+
+    fn deregister_now(&self, id: InstanceId) -> Result<(ServiceName, Ticket), RegistryError> {
+        self.check_saving()?;
         let mut state = lock(&self.state);
         let inst = state
             .remove_instance(id)
             .ok_or(RegistryError::UnknownInstance(id))?;
+        let saved = self.journal(Change::Remove(id));
         self.bus.publish(Event::InstanceDeregistered {
             name: inst.0.clone(),
             id,
@@ -284,7 +340,7 @@ impl Registry {
         drop(state);
         self.metrics.instances_deregistered.inc();
         self.ephemeral_changed.notify_one();
-        Ok(inst.0)
+        Ok((inst.0, saved))
     }
 
     /// Expires every lease whose deadline has passed; returns the next deadline.
@@ -305,6 +361,8 @@ impl Registry {
                 upstream: inst.upstream.addr,
             });
             self.remove_if_empty(&mut state, &name);
+            // Not waited for: a restart drops a lease that has run out by its own clock.
+            let _ = self.journal(Change::Remove(id));
             expired += 1;
         }
         let next = state.leases.next_deadline();
@@ -334,22 +392,8 @@ impl Registry {
     pub fn ephemeral_instances(&self) -> Vec<RestoredInstance> {
         let state = lock(&self.state);
         let mut out = Vec::with_capacity(state.instances.len());
-        for (name, svc) in &state.services {
-            let Body::Ephemeral(instances) = &svc.body else {
-                continue;
-            };
-            out.extend(instances.values().map(|inst| RestoredInstance {
-                id: inst.id,
-                registration: Registration {
-                    name: name.clone(),
-                    upstream: inst.upstream.clone(),
-                    route: svc.route.clone(),
-                    ttl: Some(inst.ttl),
-                    meta: inst.meta.clone(),
-                },
-                registered_at: inst.registered_at,
-                expires_at: inst.expires_at,
-            }));
+        for name in state.services.keys() {
+            out.extend(state.restorable(name));
         }
         out
     }

@@ -3,6 +3,7 @@
 //! lock; every change is published on the event bus while that lock is held, so a snapshot and the
 //! events after it never disagree.
 
+mod durable;
 mod ephemeral;
 mod lease;
 mod statics;
@@ -14,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+pub use durable::{Change, Journal, SetAside, StateCondition, Ticket};
 pub use lease::{LeaseLimits, reaper};
 pub use statics::{ParsedRoute, RouteFile, StaticSpec};
 
@@ -71,6 +73,8 @@ pub enum RegistryError {
         min: Duration,
         max: Duration,
     },
+    #[error("the change could not be saved, so it is not acknowledged: {0}")]
+    NotSaved(String),
 }
 
 impl RegistryError {
@@ -83,6 +87,7 @@ impl RegistryError {
             RegistryError::TtlOutOfBounds { .. } => Some("ttl_secs"),
             RegistryError::UnknownStrategy(_) => Some("strategy"),
             RegistryError::UnknownService(_) => Some("name"),
+            RegistryError::NotSaved(_) => None,
         }
     }
 }
@@ -102,6 +107,8 @@ pub struct Snapshot {
     pub last_event_id: u64,
     pub services: Vec<ServiceView>,
     pub route_errors: Vec<RouteFileError>,
+    /// How the saved state stands (a failure to save, a state file set aside).
+    pub state: StateCondition,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -121,6 +128,8 @@ pub struct Registry {
     ephemeral_changed: Notify,
     /// Whether a strategy name is loaded; every name is accepted until this is set.
     strategy_known: std::sync::OnceLock<StrategyCheck>,
+    /// Where changes to ephemeral instances are made durable; none in tests that need no disk.
+    journal: std::sync::OnceLock<Arc<dyn Journal>>,
 }
 
 pub type StrategyCheck = Box<dyn Fn(&str) -> bool + Send + Sync>;
@@ -177,6 +186,21 @@ impl Instance {
         }
     }
 
+    fn restorable(&self, name: &ServiceName, route: &Route) -> RestoredInstance {
+        RestoredInstance {
+            id: self.id,
+            registration: Registration {
+                name: name.clone(),
+                upstream: self.upstream.clone(),
+                route: route.clone(),
+                ttl: Some(self.ttl),
+                meta: self.meta.clone(),
+            },
+            registered_at: self.registered_at,
+            expires_at: self.expires_at,
+        }
+    }
+
     fn view(&self) -> InstanceView {
         InstanceView {
             id: self.id,
@@ -199,6 +223,38 @@ impl Registry {
             reaper_wake: Notify::new(),
             ephemeral_changed: Notify::new(),
             strategy_known: std::sync::OnceLock::new(),
+            journal: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Makes every later change to an ephemeral instance go through `journal`.
+    pub fn set_journal(&self, journal: Arc<dyn Journal>) {
+        if self.journal.set(journal).is_err() {
+            tracing::warn!("the registry's journal was already set");
+        }
+    }
+
+    /// How the saved state stands.
+    pub fn state_condition(&self) -> StateCondition {
+        self.journal
+            .get()
+            .map(|j| j.condition())
+            .unwrap_or_default()
+    }
+
+    /// Refuses a change before it is made when changes cannot be saved now.
+    fn check_saving(&self) -> Result<(), RegistryError> {
+        match self.journal.get().and_then(|j| j.refuses()) {
+            Some(reason) => Err(RegistryError::NotSaved(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues `change` for the journal, in the order changes are made (the state is locked).
+    fn journal(&self, change: Change) -> Ticket {
+        match self.journal.get() {
+            Some(j) => j.append(change),
+            None => Ticket::done(),
         }
     }
 
@@ -220,12 +276,25 @@ impl Registry {
 
     /// Changes a service's strategy at runtime. For a static service this lasts until its
     /// route file changes.
-    pub fn set_strategy(
+    pub async fn set_strategy(
         &self,
         name: &ServiceName,
         strategy: StrategyName,
     ) -> Result<ServiceView, RegistryError> {
+        let (view, saved) = self.set_strategy_now(name, strategy)?;
+        saved.saved().await.map_err(RegistryError::NotSaved)?;
+        Ok(view)
+    }
+
+    /// Changes the strategy in memory; the ticket says when an ephemeral service's instances,
+    /// which carry it, are saved with it.
+    fn set_strategy_now(
+        &self,
+        name: &ServiceName,
+        strategy: StrategyName,
+    ) -> Result<(ServiceView, Ticket), RegistryError> {
         self.check_strategy(&strategy)?;
+        self.check_saving()?;
         let mut state = lock(&self.state);
         let svc = state
             .services
@@ -241,11 +310,17 @@ impl Registry {
         let view = state
             .view(name)
             .ok_or_else(|| RegistryError::UnknownService(name.clone()))?;
+        // Each instance carries its service's route: saved again, the last one's ticket
+        // answers for all of them.
+        let mut saved = Ticket::done();
+        for instance in state.restorable(name) {
+            saved = self.journal(Change::Put(Box::new(instance)));
+        }
         drop(state);
         if ephemeral {
             self.ephemeral_changed.notify_one();
         }
-        Ok(view)
+        Ok((view, saved))
     }
 
     pub fn bus(&self) -> &Arc<EventBus> {
@@ -288,6 +363,7 @@ impl Registry {
                 .filter_map(|name| state.view(name))
                 .collect(),
             route_errors: state.route_errors.values().cloned().collect(),
+            state: self.state_condition(),
         }
     }
 
@@ -344,6 +420,34 @@ impl Service {
 }
 
 impl State {
+    /// The instances of ephemeral service `name`, as the state file keeps them.
+    fn restorable(&self, name: &ServiceName) -> Vec<RestoredInstance> {
+        let Some(Service {
+            route,
+            body: Body::Ephemeral(instances),
+        }) = self.services.get(name)
+        else {
+            return Vec::new();
+        };
+        instances
+            .values()
+            .map(|inst| inst.restorable(name, route))
+            .collect()
+    }
+
+    /// One instance, as the state file keeps it.
+    fn restorable_instance(
+        &self,
+        name: &ServiceName,
+        addr: &UpstreamAddr,
+    ) -> Option<RestoredInstance> {
+        let svc = self.services.get(name)?;
+        let Body::Ephemeral(instances) = &svc.body else {
+            return None;
+        };
+        Some(instances.get(addr)?.restorable(name, &svc.route))
+    }
+
     fn instance_mut(&mut self, name: &ServiceName, addr: &UpstreamAddr) -> Option<&mut Instance> {
         match &mut self.services.get_mut(name)?.body {
             Body::Ephemeral(instances) => instances.get_mut(addr),

@@ -46,7 +46,6 @@ async fn launch(routes: TempDir, state: TempDir, configure: Configure) -> TestHa
     let mut config = Config::new(routes.path(), state.path());
     config.api = vec![ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr"))];
     config.proxy_listen = "127.0.0.1:0".parse().expect("addr");
-    config.state_flush = Duration::from_millis(20);
     (*configure)(&mut config);
     let harbor = harbor::start(config).await.expect("harbor starts");
     let base = format!("http://{}", harbor.api_addr().expect("a TCP API listener"));

@@ -1,0 +1,327 @@
+//! Persistence of ephemeral registrations across restarts and crashes. The state directory holds
+//! a snapshot (`ephemeral.json`, replaced atomically: temp file, fsync, rename, fsync of the
+//! directory) and a log of the changes made since it (`ephemeral.journal-<n>`, appended and
+//! synced before each change is acknowledged; see [`journal`]). The snapshot names its log, so
+//! a crash between writing a new snapshot and removing the old log never replays the old one.
+//!
+//! Loading reads the snapshot and replays its log: a line torn by a crash at the log's end is
+//! dropped (it was never acknowledged); a file that cannot be read is moved aside and reported.
+//! A state file from before the log existed is read as the first snapshot. One daemon owns the
+//! directory at a time ([`lock`]).
+
+mod journal;
+mod lock;
+mod record;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::events::Event;
+use crate::model::InstanceId;
+use crate::registry::{Registry, RestoredInstance, SetAside};
+
+pub use journal::JournalWriter;
+
+use journal::{Line, Log};
+use lock::DirLock;
+use record::{StoredInstance, unix_ms};
+
+const FILE_NAME: &str = "ephemeral.json";
+const LOG_PREFIX: &str = "ephemeral.journal-";
+const FORMAT_VERSION: u32 = 1;
+
+pub struct Store {
+    dir: PathBuf,
+    /// The log the snapshot names.
+    generation: u64,
+    /// The snapshot's size, against which the log's is weighed.
+    snapshot_len: u64,
+    _lock: DirLock,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    /// The log of changes made since this snapshot; 0 in files from before logs existed.
+    #[serde(default)]
+    journal: u64,
+    instances: Vec<StoredInstance>,
+}
+
+/// What loading found.
+pub struct Loaded {
+    pub instances: Vec<RestoredInstance>,
+    /// A file that could not be used, moved aside.
+    pub set_aside: Option<SetAside>,
+}
+
+impl Store {
+    /// Opens the state directory, creating it, and takes its lock.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+        let lock = DirLock::take(dir)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            generation: 0,
+            snapshot_len: 0,
+            _lock: lock,
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join(FILE_NAME)
+    }
+
+    fn log_path(&self, generation: u64) -> PathBuf {
+        self.dir.join(format!("{LOG_PREFIX}{generation}"))
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        self.dir.join(format!(".{FILE_NAME}.tmp"))
+    }
+
+    pub fn snapshot_len(&self) -> u64 {
+        self.snapshot_len
+    }
+
+    /// Reads the saved instances: the snapshot, then its log replayed over it.
+    pub fn load(&mut self) -> Loaded {
+        let mut set_aside = None;
+        let mut instances: BTreeMap<InstanceId, StoredInstance> = BTreeMap::new();
+        match self.read_snapshot() {
+            Ok(Some(file)) => {
+                self.generation = file.journal;
+                instances.extend(file.instances.into_iter().map(|i| (i.id, i)));
+                let log = self.log_path(self.generation);
+                if let Err(reason) = replay(&log, &mut instances) {
+                    set_aside = Some(self.set_aside(&log, reason));
+                }
+            }
+            Ok(None) => {}
+            Err(reason) => set_aside = Some(self.set_aside(&self.path(), reason)),
+        }
+        self.remove_leftovers();
+        let mut out = Vec::with_capacity(instances.len());
+        for (id, record) in instances {
+            match record.into_restored() {
+                Ok(inst) => out.push(inst),
+                Err(e) => {
+                    tracing::warn!(id = %id, error = %e, "skipping an invalid saved instance")
+                }
+            }
+        }
+        Loaded {
+            instances: out,
+            set_aside,
+        }
+    }
+
+    fn read_snapshot(&mut self) -> Result<Option<StateFile>, String> {
+        let text = match fs::read(self.path()) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("cannot read: {e}")),
+        };
+        let file: StateFile =
+            serde_json::from_slice(&text).map_err(|e| format!("not a valid state file: {e}"))?;
+        if file.version != FORMAT_VERSION {
+            return Err(format!(
+                "state file version {} is not {FORMAT_VERSION}",
+                file.version
+            ));
+        }
+        self.snapshot_len = text.len() as u64;
+        Ok(Some(file))
+    }
+
+    /// Logs of other generations (a crash between a new snapshot and the old log's removal) and
+    /// temporary files of writes that never finished.
+    fn remove_leftovers(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        let current = format!("{LOG_PREFIX}{}", self.generation);
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale_log = name.starts_with(LOG_PREFIX) && name != current;
+            if (stale_log || name == format!(".{FILE_NAME}.tmp"))
+                && let Err(e) = fs::remove_file(entry.path())
+            {
+                tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove a leftover state file");
+            }
+        }
+    }
+
+    fn set_aside(&self, path: &Path, reason: String) -> SetAside {
+        let aside = path.with_file_name(format!(
+            "{}.corrupt-{}",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            unix_ms(SystemTime::now())
+        ));
+        let moved_to = match fs::rename(path, &aside) {
+            Ok(()) => Some(aside.display().to_string()),
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot move the bad state file aside");
+                None
+            }
+        };
+        SetAside {
+            file: path.display().to_string(),
+            moved_to,
+            reason,
+        }
+    }
+
+    /// Opens the snapshot's log for appending.
+    fn open_log(&self) -> anyhow::Result<Log> {
+        let path = self.log_path(self.generation);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open the journal {}", path.display()))?;
+        let len = file.metadata()?.len();
+        Ok(Log { file, len })
+    }
+
+    /// Writes a snapshot of `instances` that names a new, empty log, and removes the old log.
+    /// On failure the old snapshot and log stay in force, and nothing half-written is left.
+    fn compact(&mut self, instances: &[RestoredInstance]) -> Result<Log, String> {
+        let next = self.generation + 1;
+        let log_path = self.log_path(next);
+        let written = self.write_snapshot(instances, next).and_then(|len| {
+            let file = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&log_path)?;
+            // Both new directory entries, durable at once.
+            File::open(&self.dir)?.sync_all()?;
+            Ok((len, file))
+        });
+        let (len, file) = match written {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = fs::remove_file(self.tmp_path());
+                let _ = fs::remove_file(&log_path);
+                return Err(self.unwritable(&e));
+            }
+        };
+        let old = self.log_path(self.generation);
+        self.generation = next;
+        self.snapshot_len = len;
+        if let Err(e) = fs::remove_file(&old)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %old.display(), error = %e, "cannot remove the old journal");
+        }
+        Ok(Log { file, len: 0 })
+    }
+
+    /// Replaces the snapshot; returns its size. The rename is made durable by the caller.
+    fn write_snapshot(&self, instances: &[RestoredInstance], journal: u64) -> std::io::Result<u64> {
+        let file = StateFile {
+            version: FORMAT_VERSION,
+            journal,
+            instances: instances
+                .iter()
+                .map(StoredInstance::from_restored)
+                .collect(),
+        };
+        let json = serde_json::to_vec(&file)?;
+        let tmp = self.tmp_path();
+        let mut f = File::create(&tmp)?;
+        f.write_all(&json)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, self.path())?;
+        Ok(json.len() as u64)
+    }
+
+    /// The reason a write failed, for people.
+    fn unwritable(&self, e: &std::io::Error) -> String {
+        format!("the state directory {} is not writable: {e}", self.dir.display())
+    }
+}
+
+/// Replays the log at `path` over `instances`. A last line without its newline was torn by a
+/// crash and is dropped; a bad line before the end is corruption: what came before it stands,
+/// and the reason is returned.
+fn replay(path: &Path, instances: &mut BTreeMap<InstanceId, StoredInstance>) -> Result<(), String> {
+    let text = match fs::read(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot read: {e}")),
+    };
+    let complete = text.rsplit_once_newline();
+    for (number, line) in complete.split(|b| *b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        match serde_json::from_slice::<Line>(line) {
+            Ok(Line::Put(instance)) => {
+                instances.insert(instance.id, instance);
+            }
+            Ok(Line::Remove(id)) => {
+                instances.remove(&id);
+            }
+            Err(e) => return Err(format!("line {} is not a journal entry: {e}", number + 1)),
+        }
+    }
+    Ok(())
+}
+
+trait CompleteLines {
+    /// Everything up to and including the last newline.
+    fn rsplit_once_newline(&self) -> &[u8];
+}
+
+impl CompleteLines for Vec<u8> {
+    fn rsplit_once_newline(&self) -> &[u8] {
+        match self.iter().rposition(|b| *b == b'\n') {
+            Some(end) => &self[..=end],
+            None => &[],
+        }
+    }
+}
+
+/// Opens the state directory, loads what it holds into the registry, and starts the journal
+/// that every later change goes through. A file set aside is reported as an event (before any
+/// client can subscribe) and kept in the state's condition (which they can read).
+pub fn open(
+    dir: &Path,
+    registry: &std::sync::Arc<Registry>,
+    metrics: &crate::metrics::Metrics,
+) -> anyhow::Result<(std::sync::Arc<JournalWriter>, usize)> {
+    let mut store = Store::open(dir)?;
+    let loaded = store.load();
+    if let Some(bad) = &loaded.set_aside {
+        tracing::error!(
+            file = %bad.file,
+            moved_to = bad.moved_to.as_deref().unwrap_or("-"),
+            reason = %bad.reason,
+            "state file set aside; starting without what it held"
+        );
+        registry.bus().publish(Event::StateFileError {
+            file: bad.file.clone(),
+            reason: bad.reason.clone(),
+        });
+    }
+    let restored = registry.restore(loaded.instances);
+    let journal = JournalWriter::start(
+        store,
+        std::sync::Arc::downgrade(registry),
+        registry.bus().clone(),
+        metrics,
+        loaded.set_aside,
+    )?;
+    registry.set_journal(journal.clone());
+    Ok((journal, restored))
+}
