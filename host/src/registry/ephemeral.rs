@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::{
-    Body, Change, Grant, Instance, Registration, Registry, RegistryError, RestoredInstance, Service,
-    State, Ticket, release_claims, take_claims,
+    Body, Change, Grant, Instance, Registration, Registry, RegistryError, RestoredInstance,
+    Service, State, Ticket, release_claims, take_claims,
 };
 use crate::events::{DeregisterReason, Event, lock};
 use crate::model::{Claim, InstanceId, LeaseView, Route, ServiceName, ServiceView};

@@ -42,7 +42,8 @@ pub struct Store {
     generation: u64,
     /// The snapshot's size, against which the log's is weighed.
     snapshot_len: u64,
-    _lock: DirLock,
+    /// Held while the store is; none only for tests that read what a crashed writer left.
+    _lock: Option<DirLock>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -71,7 +72,7 @@ impl Store {
             dir: dir.to_owned(),
             generation: 0,
             snapshot_len: 0,
-            _lock: lock,
+            _lock: Some(lock),
         })
     }
 
@@ -104,7 +105,13 @@ impl Store {
                     set_aside = Some(self.set_aside(&log, reason));
                 }
             }
-            Ok(None) => {}
+            Ok(None) => {
+                // No snapshot yet: everything is in the first log.
+                let log = self.log_path(0);
+                if let Err(reason) = replay(&log, &mut instances) {
+                    set_aside = Some(self.set_aside(&log, reason));
+                }
+            }
             Err(reason) => set_aside = Some(self.set_aside(&self.path(), reason)),
         }
         self.remove_leftovers();
@@ -247,7 +254,10 @@ impl Store {
 
     /// The reason a write failed, for people.
     fn unwritable(&self, e: &std::io::Error) -> String {
-        format!("the state directory {} is not writable: {e}", self.dir.display())
+        format!(
+            "the state directory {} is not writable: {e}",
+            self.dir.display()
+        )
     }
 }
 
@@ -324,4 +334,154 @@ pub fn open(
     )?;
     registry.set_journal(journal.clone());
     Ok((journal, restored))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::events::EventBus;
+    use crate::metrics::Metrics;
+    use crate::model::{Meta, RouteInput, ServiceName, Upstream, UpstreamAddr};
+    use crate::registry::{LeaseLimits, Registration};
+
+    fn registry() -> (Arc<Registry>, Metrics) {
+        let bus = Arc::new(EventBus::new(1024));
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let r = Arc::new(Registry::new(bus, metrics, LeaseLimits::default()));
+        (r, Metrics::new().unwrap())
+    }
+
+    fn reg(service: &str, upstream: &str) -> Registration {
+        let name = ServiceName::parse(service).unwrap();
+        Registration {
+            route: RouteInput::new(&name).validate().unwrap(),
+            name,
+            upstream: Upstream {
+                addr: UpstreamAddr::parse(upstream).unwrap(),
+                weight: 1,
+            },
+            ttl: Some(Duration::from_secs(60)),
+            meta: Meta::new(),
+        }
+    }
+
+    fn upstreams(r: &Registry) -> Vec<String> {
+        let mut all: Vec<String> = r
+            .ephemeral_instances()
+            .iter()
+            .map(|i| i.registration.upstream.addr.to_string())
+            .collect();
+        all.sort();
+        all
+    }
+
+    #[tokio::test]
+    async fn saved_changes_come_back_in_order_and_a_torn_last_line_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, metrics) = registry();
+        let (journal, _) = open(dir.path(), &r, &metrics).unwrap();
+        r.register_saved(reg("a", "127.0.0.1:1")).await.unwrap();
+        let gone = r.register_saved(reg("a", "127.0.0.1:2")).await.unwrap();
+        r.renew_saved(gone.id, None).await.unwrap();
+        r.deregister_saved(gone.id).await.unwrap();
+        r.register_saved(reg("b", "127.0.0.1:3")).await.unwrap();
+        // A crash: the writer never folds its log into a snapshot, and the last write tore.
+        std::mem::forget(journal);
+        let log = dir.path().join(format!("{LOG_PREFIX}0"));
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(b"{\"put\": {\"id\": \"half").unwrap();
+        drop(f);
+        drop(r);
+
+        let mut store = Store::open_unlocked(dir.path());
+        let loaded = store.load();
+        assert!(loaded.set_aside.is_none(), "a torn end is not corruption");
+        let (again, _) = registry();
+        again.restore(loaded.instances);
+        assert_eq!(upstreams(&again), ["127.0.0.1:1", "127.0.0.1:3"]);
+    }
+
+    #[test]
+    fn a_bad_line_before_the_end_sets_the_log_aside_and_keeps_what_came_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = registry();
+        r.register(reg("a", "127.0.0.1:1")).unwrap();
+        let good = serde_json::to_string(&Line::Put(StoredInstance::from_restored(
+            &r.ephemeral_instances()[0],
+        )))
+        .unwrap();
+        let log = dir.path().join(format!("{LOG_PREFIX}0"));
+        fs::write(&log, format!("{good}\nnot json\n{good}\n")).unwrap();
+        let mut store = Store::open_unlocked(dir.path());
+        let loaded = store.load();
+        assert_eq!(loaded.instances.len(), 1);
+        let aside = loaded.set_aside.expect("reported");
+        assert!(aside.reason.contains("line 2"), "{}", aside.reason);
+        assert!(!log.exists(), "moved aside");
+    }
+
+    #[tokio::test]
+    async fn a_grown_log_is_folded_into_a_snapshot_that_names_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, metrics) = registry();
+        let (journal, _) = open(dir.path(), &r, &metrics).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..50 {
+            ids.push(
+                r.register_saved(reg("a", &format!("127.0.0.1:{}", 1000 + i)))
+                    .await
+                    .unwrap()
+                    .id,
+            );
+        }
+        // Renewals until the log is past its limit several times over.
+        for _ in 0..80 {
+            for id in &ids {
+                r.renew_saved(*id, None).await.unwrap();
+            }
+        }
+        let logs: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(LOG_PREFIX))
+            .collect();
+        assert_eq!(logs.len(), 1, "{logs:?}");
+        assert_ne!(logs[0], format!("{LOG_PREFIX}0"), "a new generation");
+        let log_len = fs::metadata(dir.path().join(&logs[0])).unwrap().len();
+        assert!(log_len <= 2 << 20, "the log was folded: {log_len} bytes");
+        journal.close();
+        let mut store = Store::open_unlocked(dir.path());
+        assert_eq!(store.load().instances.len(), 50);
+    }
+
+    #[test]
+    fn a_state_file_from_before_the_journal_is_read_as_the_first_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = registry();
+        r.register(reg("a", "127.0.0.1:1")).unwrap();
+        let record =
+            serde_json::to_value(StoredInstance::from_restored(&r.ephemeral_instances()[0]))
+                .unwrap();
+        let old = serde_json::json!({"version": 1, "instances": [record]});
+        fs::write(dir.path().join(FILE_NAME), old.to_string()).unwrap();
+        let mut store = Store::open_unlocked(dir.path());
+        let loaded = store.load();
+        assert!(loaded.set_aside.is_none());
+        assert_eq!(loaded.instances.len(), 1);
+    }
+
+    impl Store {
+        /// A store for reading what another left, as a restarted daemon would.
+        fn open_unlocked(dir: &Path) -> Store {
+            Store {
+                dir: dir.to_owned(),
+                generation: 0,
+                snapshot_len: 0,
+                _lock: None,
+            }
+        }
+    }
 }
