@@ -3,10 +3,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use common::{Daemon, eventually};
@@ -18,62 +16,9 @@ fn contrib_routes() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/routes.d")
 }
 
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Starts the binary and returns it with the API address it logged, and the HTTP proxy's.
 fn spawn(args: &[&str]) -> (Daemon, String, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("harbor starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let line = strip_ansi(&line);
-            for what in ["API listening", "HTTP proxy listening"] {
-                if let Some(addr) = line
-                    .contains(what)
-                    .then(|| line.split("addr=").nth(1))
-                    .flatten()
-                {
-                    let addr = addr.split_whitespace().next().unwrap_or("").to_owned();
-                    let _ = tx.send((what, addr));
-                }
-            }
-        }
-    });
-    let (mut api, mut proxy) = (None, None);
-    while api.is_none() || proxy.is_none() {
-        let (what, addr) = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("harbor logs its API and proxy addresses");
-        match what {
-            "API listening" => api = Some(addr),
-            _ => proxy = Some(addr),
-        }
-    }
-    let url = |a: Option<String>| format!("http://{}", a.unwrap_or_default());
-    (Daemon(child), url(api), url(proxy))
+    Daemon::spawn(BIN, args)
 }
 
 fn signal(daemon: &Daemon, sig: &str) {

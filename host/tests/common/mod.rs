@@ -352,6 +352,69 @@ impl Drop for Daemon {
     }
 }
 
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Daemon {
+    /// Starts the binary at `bin` and returns it with the API address it logged, and the HTTP
+    /// proxy's.
+    pub fn spawn(bin: &str, args: &[&str]) -> (Daemon, String, String) {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("harbor starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let line = strip_ansi(&line);
+                for what in ["API listening", "HTTP proxy listening"] {
+                    if let Some(addr) = line
+                        .contains(what)
+                        .then(|| line.split("addr=").nth(1))
+                        .flatten()
+                    {
+                        let addr = addr.split_whitespace().next().unwrap_or("").to_owned();
+                        let _ = tx.send((what, addr));
+                    }
+                }
+            }
+        });
+        let (mut api, mut proxy) = (None, None);
+        while api.is_none() || proxy.is_none() {
+            let (what, addr) = rx
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .expect("harbor logs its API and proxy addresses");
+            match what {
+                "API listening" => api = Some(addr),
+                _ => proxy = Some(addr),
+            }
+        }
+        let url = |a: Option<String>| format!("http://{}", a.unwrap_or_default());
+        (Daemon(child), url(api), url(proxy))
+    }
+}
+
 /// Runs each named `async fn(direct: bool)` as two tests: on the direct HTTP/1.1 path
 /// (`direct::`) and on the full HTTP stack alone (`full_stack::`, `--no-direct-http1`).
 #[allow(unused_macros)]
