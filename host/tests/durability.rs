@@ -64,7 +64,7 @@ async fn storm(worker: usize, base: String, model: Model, ports: Arc<AtomicU16>)
             }
             _ => live[(step as usize / 8) % live.len()].clone(),
         };
-        let before = model.lock().unwrap().get(&upstream).cloned();
+        let before = model.lock().expect("the model").get(&upstream).cloned();
         let id = match &before {
             Some(Known::Live { id, .. }) => Some(id.clone()),
             _ => None,
@@ -79,7 +79,7 @@ async fn storm(worker: usize, base: String, model: Model, ports: Arc<AtomicU16>)
             (Some(id), 4..=6) => (client.put(format!("{base}/api/v1/services/{id}/lease")), false),
             (Some(id), _) => (client.delete(format!("{base}/api/v1/services/{id}")), true),
         };
-        model.lock().unwrap().insert(
+        model.lock().expect("the model").insert(
             upstream.clone(),
             Known::Unknown {
                 id: id.clone(),
@@ -113,7 +113,7 @@ async fn storm(worker: usize, base: String, model: Model, ports: Arc<AtomicU16>)
                     .to_owned(),
             }
         };
-        model.lock().unwrap().insert(upstream, known);
+        model.lock().expect("the model").insert(upstream, known);
     }
 }
 
@@ -146,7 +146,7 @@ async fn restored(base: &str) -> BTreeMap<String, (String, String)> {
 /// Checks what came back against what was acknowledged, and makes what came back the model's
 /// truth for the next round.
 fn check(model: &Model, back: &BTreeMap<String, (String, String)>) -> (usize, usize) {
-    let mut model = model.lock().unwrap();
+    let mut model = model.lock().expect("the model");
     let sent: BTreeSet<&String> = model.keys().collect();
     for upstream in back.keys() {
         assert!(
