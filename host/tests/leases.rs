@@ -260,6 +260,18 @@ async fn a_corrupt_state_file_is_set_aside_not_a_crash() {
         .filter(|e| e.file_name().to_string_lossy().contains("corrupt"))
         .collect();
     assert_eq!(aside.len(), 1, "corrupt file kept for inspection");
+    // Reported where a client that arrives after the start can see it.
+    let (_, status) = h.get("/api/v1/status").await;
+    let reason = status["state"]["set_aside"]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("not a valid state file"), "{status}");
+    let snapshot = h.events(None).await.next_of("snapshot").await;
+    assert!(
+        snapshot.data["state"]["set_aside"]["moved_to"].is_string(),
+        "{:?}",
+        snapshot.data
+    );
     // And the daemon works: new registrations are saved again.
     h.register(json!({"name": "b", "upstream": "127.0.0.1:9001"}))
         .await;
