@@ -179,7 +179,8 @@ pub struct RunArgs {
     )]
     pub plugins: Option<PathBuf>,
 
-    /// Bearer tokens for mutating API calls, one per line: `TOKEN [SERVICE-PREFIX]`.
+    /// Bearer tokens for mutating API calls, one per line: `TOKEN` for full access, or
+    /// `TOKEN SERVICE-PREFIX [hosts=PATTERN,...] [listen=IP:PORT[-PORT],...]` for a scoped one.
     #[arg(
         long,
         env = "HARBOR_TOKEN_FILE",
@@ -187,6 +188,12 @@ pub struct RunArgs {
         help_heading = "API"
     )]
     pub token_file: Option<PathBuf>,
+
+    /// Put every read of the API behind a token too (any valid token reads everything), but
+    /// for `/healthz` and Gangway's public view.
+    #[arg(long, env = "HARBOR_PROTECT_READS", help_heading = "API")]
+    #[serde(serialize_with = "on_if_given")]
+    pub protect_reads: bool,
 
     /// Shortest lease a registration may ask for.
     #[arg(long, env = "HARBOR_TTL_MIN", value_parser = humantime::parse_duration, value_name = "DURATION", help_heading = "Routes and leases")]
@@ -439,6 +446,14 @@ impl std::fmt::Display for ListenAddr {
 
 /// A negative flag (`--no-watch`) as its file key (`watch`): `false` when the flag is given,
 /// nothing when it is not.
+fn on_if_given<S: Serializer>(given: &bool, s: S) -> Result<S::Ok, S::Error> {
+    if *given {
+        s.serialize_some(&true)
+    } else {
+        s.serialize_none()
+    }
+}
+
 fn off_if_given<S: Serializer>(given: &bool, s: S) -> Result<S::Ok, S::Error> {
     if *given {
         s.serialize_some(&false)
@@ -566,6 +581,8 @@ pub struct Config {
     #[serde(rename = "plugins")]
     pub plugins_dir: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
+    /// Whether reads need a token too.
+    pub protect_reads: bool,
     /// From `ttl_min`, `ttl_max` and `ttl_default`.
     #[serde(skip)]
     pub lease: LeaseLimits,
@@ -672,6 +689,7 @@ impl Config {
             gangway_listen: None,
             plugins_dir: None,
             token_file: None,
+            protect_reads: false,
             lease: LeaseLimits::default(),
             rescan_interval: Some(Duration::from_secs(30)),
             watch: true,
@@ -752,6 +770,9 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.protect_reads && self.token_file.is_none() {
+            bail!("--protect-reads needs --token-file: without tokens no one could read");
+        }
         let l = &self.lease;
         if l.min.is_zero() || l.min > l.max {
             bail!(

@@ -92,6 +92,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         dispatcher: dispatcher.as_ref().map(|(d, _)| d.clone()),
         started_at: std::time::SystemTime::now(),
         public: public.clone(),
+        protect_reads: config.protect_reads,
     });
     let listeners = bind_api(&config, &core, &app, &mut tasks).await?;
 

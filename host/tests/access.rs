@@ -147,3 +147,163 @@ async fn the_api_answers_on_a_unix_socket() {
     h.shutdown().await;
     assert!(!sock.exists(), "socket file left behind");
 }
+
+const BARE: &str = "bare-token-0123456789abcdef";
+
+/// A token file of its own, written with `lines`.
+fn tokens(dir: &tempfile::TempDir, lines: &str) -> std::path::PathBuf {
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, lines).expect("the token file");
+    file
+}
+
+/// A scoped token reaches only the hosts and listen addresses its line grants: no wildcard, no
+/// foreign host (not even one just freed), no listener outside its ranges.
+#[tokio::test]
+async fn a_scoped_token_claims_only_the_hosts_and_ports_it_was_given() {
+    let dir = tempfile::tempdir().expect("dir");
+    let port = common::proxies::free_port();
+    let file = tokens(
+        &dir,
+        &format!(
+            "{ADMIN}\n{PREVIEW} preview- hosts=*.preview.example.com,preview-*.localhost listen=127.0.0.1:{port}-{port}\n{BARE} bare-\n"
+        ),
+    );
+    let h = start_with(move |c| c.token_file = Some(file.clone())).await;
+    let register = |token: &'static str, body: serde_json::Value| {
+        let h = &h;
+        async move {
+            let r = h
+                .client
+                .post(h.url("/api/v1/services"))
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .expect("the API answers");
+            let status = r.status().as_u16();
+            (
+                status,
+                r.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        }
+    };
+    let up = "127.0.0.1:9001";
+
+    // Wildcards need full access.
+    let (status, err) = register(
+        PREVIEW,
+        json!({"name": "preview-w", "upstream": up, "host": "*.localhost"}),
+    )
+    .await;
+    assert_eq!(status, 403, "{err}");
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("wildcard"),
+        "{err}"
+    );
+    // A host outside the patterns, even one a service just let go of.
+    let (status, _) = register(
+        PREVIEW,
+        json!({"name": "preview-x", "upstream": up, "host": "api.prod.example"}),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, grant) = register(
+        ADMIN,
+        json!({"name": "www", "upstream": up, "host": "www.prod.example"}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let id = grant["id"].as_str().unwrap_or_default().to_owned();
+    let gone = h
+        .client
+        .delete(h.url(&format!("/api/v1/services/{id}")))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(gone.status(), 204);
+    let (status, _) = register(
+        PREVIEW,
+        json!({"name": "preview-www", "upstream": up, "host": "www.prod.example"}),
+    )
+    .await;
+    assert_eq!(status, 403, "a freed host is not up for grabs");
+    // Hosts inside the patterns.
+    for host in ["pr-1.preview.example.com", "preview-1.localhost"] {
+        let (status, body) = register(
+            PREVIEW,
+            json!({"name": format!("preview-{}", &host[..4]), "upstream": up, "host": host}),
+        )
+        .await;
+        assert_eq!(status, 201, "{host}: {body}");
+    }
+    // Listeners: only inside the range.
+    let outside = common::proxies::free_port();
+    let (status, err) = register(PREVIEW, json!({"name": "preview-db", "upstream": up, "protocol": "tcp", "listen": format!("127.0.0.1:{outside}")})).await;
+    assert_eq!(status, 403, "{err}");
+    let (status, err) = register(PREVIEW, json!({"name": "preview-db", "upstream": up, "protocol": "tcp", "listen": format!("127.0.0.1:{port}")})).await;
+    assert_eq!(status, 201, "{err}");
+
+    // A prefix alone grants its default host and nothing else.
+    let (status, _) = register(BARE, json!({"name": "bare-a", "upstream": up})).await;
+    assert_eq!(status, 201);
+    let (status, err) = register(
+        BARE,
+        json!({"name": "bare-b", "upstream": up, "host": "bare-b.example.com"}),
+    )
+    .await;
+    assert_eq!(status, 403, "{err}");
+    let (status, _) = register(BARE, json!({"name": "bare-c", "upstream": up, "protocol": "tcp", "listen": format!("127.0.0.1:{outside}")})).await;
+    assert_eq!(status, 403);
+
+    // Full access takes a wildcard.
+    let (status, err) = register(
+        ADMIN,
+        json!({"name": "catchall", "upstream": up, "host": "*.example.org"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{err}");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn protected_reads_need_a_token_but_the_public_view_does_not() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = tokens(&dir, &format!("{ADMIN}\n{BARE} bare-\n"));
+    let h = start_with(move |c| {
+        c.token_file = Some(file.clone());
+        c.protect_reads = true;
+    })
+    .await;
+    let get = |path: &'static str, token: Option<&'static str>| {
+        let mut req = h.client.get(h.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move { req.send().await.expect("the API answers").status().as_u16() }
+    };
+    for path in [
+        "/api/v1/services",
+        "/api/v1/status",
+        "/api/v1/route-errors",
+        "/api/v1/plugins",
+        "/api/v1/backend",
+        "/api/v1/events",
+        "/metrics",
+    ] {
+        assert_eq!(get(path, None).await, 401, "{path} without a token");
+        assert_eq!(
+            get(path, Some(BARE)).await,
+            200,
+            "{path} with any valid token"
+        );
+    }
+    for path in ["/healthz", "/api/v1/catalog", "/"] {
+        assert_eq!(get(path, None).await, 200, "{path} stays public");
+    }
+    h.shutdown().await;
+}

@@ -267,6 +267,43 @@ async fn each_bad_request_gets_its_status_and_field() {
     )
     .await;
     assert_eq!(s, 413, "oversized body: {e}");
+    let (s, e) = raw(
+        &h,
+        "POST",
+        "/api/v1/services",
+        Some("application/json"),
+        br#"{"name": "new", "upstream": "127.0.0.1:9001"}xyz"#.to_vec(),
+    )
+    .await;
+    assert_eq!(s, 400, "trailing data after the JSON value: {e}");
+    assert!(
+        e["error"].as_str().unwrap_or_default().contains("trailing"),
+        "{e}"
+    );
+    let (s, e) = raw(
+        &h,
+        "POST",
+        "/api/v1/services",
+        Some("application/json"),
+        serde_json::to_vec(&json!({"name": "new", "upstream": "999.1.1.1:80"})).unwrap(),
+    )
+    .await;
+    assert_eq!((s, e["field"].as_str()), (400, Some("upstream")), "{e}");
+    // Names in messages are shown as they were written.
+    let (s, e) = raw(
+        &h,
+        "POST",
+        "/api/v1/services",
+        Some("application/json"),
+        serde_json::to_vec(&json!({"name": "static-svc", "upstream": "127.0.0.1:9001"})).unwrap(),
+    )
+    .await;
+    assert_eq!(s, 409, "{e}");
+    let message = e["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("service \"static-svc\"") && !message.contains("ServiceName"),
+        "{e}"
+    );
 
     let unknown = "00000000-0000-4000-8000-000000000000";
     assert_eq!(

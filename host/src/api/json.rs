@@ -93,14 +93,17 @@ pub(super) fn parse<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Re
             "the body must be JSON with Content-Type: application/json",
         ));
     }
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let message = inner.to_string();
         let field = field_from_message(&message).or((path != ".").then_some(path));
         ApiError::bad_request(field, format!("invalid JSON body: {message}"))
     })?;
+    // One value and nothing after it but whitespace: `{...}xyz` is not JSON.
+    de.end()
+        .map_err(|e| ApiError::bad_request(None, format!("invalid JSON body: {e}")))?;
     Ok(value)
 }
 

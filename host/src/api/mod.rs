@@ -44,13 +44,21 @@ pub struct App {
     pub started_at: std::time::SystemTime,
     /// What Gangway and anyone else may see: public services, safe fields only.
     pub public: Arc<crate::public::PublicView>,
+    /// Reads need a token too (`--protect-reads`).
+    pub protect_reads: bool,
 }
 
 pub type AppState = Arc<App>;
 
 pub fn router(state: AppState, max_body: usize) -> Router {
-    Router::new()
+    // What anyone may read, whatever `--protect-reads` says: the liveness check and Gangway's
+    // public view.
+    let public = Router::new()
         .route("/healthz", get(healthz))
+        .route("/api/v1/catalog", get(services::catalog))
+        .route("/api/v1/catalog/events", get(public::stream))
+        .merge(gangway::files());
+    let operator = Router::new()
         .route("/metrics", get(metrics))
         .route(
             "/api/v1/services",
@@ -83,12 +91,12 @@ pub fn router(state: AppState, max_body: usize) -> Router {
                 )),
         )
         .route("/api/v1/backend/config", get(backend::config))
-        .route("/api/v1/catalog", get(services::catalog))
         .route("/api/v1/route-errors", get(services::route_errors))
         .route("/api/v1/events", get(events::stream))
-        .route("/api/v1/catalog/events", get(public::stream))
         .route("/api/v1/status", get(public::operator_status))
-        .merge(gangway::files())
+        .route_layer(middleware::from_fn_with_state(state.clone(), guard_reads));
+    public
+        .merge(operator)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -97,6 +105,27 @@ pub fn router(state: AppState, max_body: usize) -> Router {
             count_requests,
         ))
         .with_state(state)
+}
+
+/// With `--protect-reads`, a read of anything but the public view needs a valid token (of any
+/// scope); changes need one whatever it says.
+async fn guard_reads(
+    State(app): State<AppState>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let read = matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if app.protect_reads
+        && read
+        && let Some(tokens) = &app.tokens
+        && let Err(e) = tokens.admits(request.headers())
+    {
+        return e.into_response();
+    }
+    next.run(request).await
 }
 
 async fn healthz() -> impl IntoResponse {

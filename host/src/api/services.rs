@@ -122,7 +122,7 @@ pub async fn register(
     JsonBody(req): JsonBody<RegisterRequest>,
 ) -> Result<axum::response::Response, ApiError> {
     let reg = req.into_registration()?;
-    caller.may_change(&reg.name)?;
+    caller.may_register(&reg.name, &reg.route)?;
     if query.dry_run {
         return Ok(Json(dry_run(&app, reg).await?).into_response());
     }

@@ -42,6 +42,12 @@ macro_rules! string_newtype {
                 f.write_str(&self.0)
             }
         }
+        // Shown as the quoted text it is: messages say `"api"`, not `ServiceName("api")`.
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
                 &self.0
@@ -63,7 +69,7 @@ macro_rules! string_newtype {
 
 /// A service name: 1–63 characters of `a-z 0-9 - _ .`, starting and ending with a letter or
 /// digit, so that it is safe as a file name, a URL segment, a DNS label run and a metric label.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceName(String);
 string_newtype!(ServiceName, "name", check_service_name);
 
@@ -91,7 +97,7 @@ fn check_service_name(raw: &str) -> Result<String, String> {
 
 /// A host name a request is matched on: a DNS name (lower-cased), a `*.`-prefixed wildcard, or an
 /// IP address.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct HostName(String);
 string_newtype!(HostName, "host", check_host_name);
 
@@ -108,6 +114,14 @@ fn check_host_name(raw: &str) -> Result<String, String> {
 fn check_dns_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() || name.len() > 253 {
         return Err("must be 1 to 253 characters");
+    }
+    // No top-level domain is all digits (RFC 3696): `999.1.1.1` is a bad address, not a name.
+    if name
+        .rsplit('.')
+        .next()
+        .is_some_and(|tld| tld.chars().all(|c| c.is_ascii_digit()))
+    {
+        return Err("the last label is all digits: not a DNS name, and not a valid IP address");
     }
     for label in name.split('.') {
         if label.is_empty() || label.len() > 63 {
@@ -127,7 +141,7 @@ fn check_dns_name(name: &str) -> Result<(), &'static str> {
 }
 
 /// A request path prefix: starts with `/`, printable ASCII, no query or fragment.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PathPrefix(String);
 string_newtype!(PathPrefix, "path", check_path);
 
@@ -157,7 +171,7 @@ fn check_path(raw: &str) -> Result<String, String> {
 
 /// An upstream address, `host:port`, where host is a DNS name, an IPv4 address or a bracketed
 /// IPv6 address.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct UpstreamAddr(String);
 string_newtype!(UpstreamAddr, "upstream", check_upstream);
 
@@ -183,7 +197,7 @@ fn check_upstream(raw: &str) -> Result<String, String> {
 
 /// The name of a load-balancing strategy. Only its form is checked here; whether such a
 /// strategy is loaded is the plugin runtime's business.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StrategyName(String);
 string_newtype!(StrategyName, "strategy", check_strategy);
 
