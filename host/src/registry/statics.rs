@@ -179,10 +179,6 @@ fn resolve(
     BTreeMap<ServiceName, (StaticSpec, String)>,
     BTreeMap<String, RouteFileError>,
 ) {
-    let current = |name: &ServiceName| match state.services.get(name).map(|s| &s.body) {
-        Some(Body::Static(spec, file)) => Some((&**spec, file)),
-        _ => None,
-    };
     let mut taken: HashMap<Claim, ServiceName> = HashMap::new();
     for (name, svc) in &state.services {
         if matches!(svc.body, Body::Ephemeral(_)) {
@@ -202,11 +198,9 @@ fn resolve(
             }
             continue;
         };
+        // Files claim hosts and ports in the order of their names, whichever came first:
+        // the same files give the same winner at every start.
         match &f.parsed {
-            Ok(p) if current(name) == Some((&p.spec, &f.file)) => {
-                claim_all(&mut taken, name, &p.spec.route);
-                accepted.insert(name.clone(), (p.spec.clone(), f.file.clone()));
-            }
             Ok(p) => pending.push((name, f, Some(p))),
             Err(e) => {
                 errors.insert(f.file.clone(), e.clone());

@@ -215,33 +215,42 @@ async fn a_bad_route_file_keeps_the_last_good_version() {
 }
 
 #[tokio::test]
-async fn duplicate_listen_addresses_go_to_the_incumbent() {
+async fn a_contested_port_goes_to_the_file_that_sorts_first_whatever_came_first() {
     let r = registry();
     let tcp = |port: u16| {
         format!(
             "protocol = \"tcp\"\nlisten = \"127.0.0.1:{port}\"\nupstreams = [\"127.0.0.1:5432\"]\n"
         )
     };
+    let both = || {
+        vec![
+            static_file("a-pg.route", &tcp(15432)),
+            static_file("pg.route", &tcp(15432)),
+        ]
+    };
     r.apply_routes(vec![static_file("pg.route", &tcp(15432))]);
-    // A file that sorts first asks for the same port: the running service keeps it.
+    assert!(r.service(&name("pg")).is_some());
+    // A file that sorts first asks for the same port: it gets it, as it would at a start, so a
+    // restart never changes which service holds a port.
+    r.apply_routes(both());
+    assert!(r.service(&name("a-pg")).is_some());
+    assert!(r.service(&name("pg")).is_none());
+    let errors = r.route_errors();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].file, "pg.route");
+    assert_eq!(errors[0].line, Some(2));
+    assert_eq!(errors[0].field.as_deref(), Some("listen"));
+    let restarted = registry();
+    restarted.apply_routes(both());
+    assert!(restarted.service(&name("a-pg")).is_some());
+    assert!(restarted.service(&name("pg")).is_none());
+
+    // Once the winner moves, the other file gets the port on the next scan.
     r.apply_routes(vec![
-        static_file("a-pg.route", &tcp(15432)),
+        static_file("a-pg.route", &tcp(15433)),
         static_file("pg.route", &tcp(15432)),
     ]);
     assert!(r.service(&name("pg")).is_some());
-    assert!(r.service(&name("a-pg")).is_none());
-    let errors = r.route_errors();
-    assert_eq!(errors.len(), 1);
-    assert_eq!(errors[0].file, "a-pg.route");
-    assert_eq!(errors[0].line, Some(2));
-    assert_eq!(errors[0].field.as_deref(), Some("listen"));
-
-    // Once the incumbent moves, the other file gets the port on the next scan.
-    r.apply_routes(vec![
-        static_file("a-pg.route", &tcp(15432)),
-        static_file("pg.route", &tcp(15433)),
-    ]);
-    assert!(r.service(&name("a-pg")).is_some());
     assert!(r.route_errors().is_empty());
 }
 
