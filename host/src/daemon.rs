@@ -266,10 +266,13 @@ async fn read_routes(config: &Config, registry: &Registry) -> anyhow::Result<Dir
                 config.routes_dir.display()
             )
         })?;
-    if !config.routes_dir.exists() {
-        tracing::warn!(dir = %config.routes_dir.display(), "the routes directory does not exist; no static services until it does");
+    match files {
+        Some(files) => registry.apply_routes(files),
+        None => {
+            tracing::warn!(dir = %config.routes_dir.display(), "the routes directory does not exist; no static services until it does");
+            registry.routes_dir_missing(&config.routes_dir.display().to_string());
+        }
     }
-    registry.apply_routes(files);
     Ok(watch)
 }
 

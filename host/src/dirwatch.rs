@@ -2,6 +2,11 @@
 //! events for one save becomes one re-read, with a periodic rescan for file systems that never
 //! deliver events (some bind mounts and network file systems). Used for `.route` files and for
 //! plugins.
+//!
+//! A watch holds the directory it was armed on, not its path: deleted and created again, or a
+//! symlink whose target is swapped, would leave it watching nothing. So the parent directory is
+//! watched too, for the directory's own name; when that entry changes, the watch is armed again
+//! on whatever the path now names, and the directory is read.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -32,6 +37,8 @@ pub struct DirWatch {
     dir: PathBuf,
     options: WatchOptions,
     kick: Arc<Notify>,
+    /// Told when the directory's entry in its parent changed: the watch must be armed again.
+    moved: Arc<Notify>,
     watcher: Option<notify::RecommendedWatcher>,
 }
 
@@ -41,6 +48,7 @@ impl DirWatch {
             dir,
             options,
             kick: Arc::new(Notify::new()),
+            moved: Arc::new(Notify::new()),
             watcher: None,
         };
         watch.arm();
@@ -54,8 +62,14 @@ impl DirWatch {
     /// Starts watching if asked to and not yet watching (the directory may appear later).
     fn arm(&mut self) {
         if self.options.notify && self.watcher.is_none() {
-            self.watcher = start_watcher(&self.dir, self.kick.clone());
+            self.watcher = start_watcher(&self.dir, self.kick.clone(), self.moved.clone());
         }
+    }
+
+    /// Arms the watch again on what the path names now.
+    fn rearm(&mut self) {
+        self.watcher = None;
+        self.arm();
     }
 
     /// Calls `reread` after each settled change, each rescan period and each `trigger`, until
@@ -86,6 +100,11 @@ impl DirWatch {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = self.kick.notified() => settle(&self.kick).await,
+                () = self.moved.notified() => {
+                    tracing::info!(dir = %self.dir.display(), "the directory was replaced; following it again");
+                    settle(&self.kick).await;
+                    self.rearm();
+                }
                 () = trigger.notified() => tracing::info!(dir = %self.dir.display(), "re-reading"),
                 () = tick => self.arm(),
             }
@@ -106,11 +125,25 @@ async fn settle(kick: &Notify) {
     }
 }
 
-fn start_watcher(dir: &Path, kick: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+fn start_watcher(
+    dir: &Path,
+    kick: Arc<Notify>,
+    moved: Arc<Notify>,
+) -> Option<notify::RecommendedWatcher> {
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
+    let parent = dir.parent().map(Path::to_owned);
+    let own_entry = dir.clone();
     let handler = move |res: notify::Result<notify::Event>| match res {
         // Reading the files ourselves produces access events; they must not trigger a re-read.
         Ok(event) if matches!(event.kind, EventKind::Access(_)) => {}
-        Ok(_) => kick.notify_one(),
+        Ok(event) => {
+            if event.paths.iter().any(|p| *p == own_entry) {
+                moved.notify_one();
+            } else if event.paths.iter().any(|p| p.starts_with(&own_entry)) {
+                kick.notify_one();
+            }
+            // Anything else happened beside the directory, in its parent: not ours.
+        }
         Err(e) => tracing::warn!(error = %e, "directory watch error"),
     };
     let mut watcher = match notify::recommended_watcher(handler) {
@@ -120,8 +153,18 @@ fn start_watcher(dir: &Path, kick: Arc<Notify>) -> Option<notify::RecommendedWat
             return None;
         }
     };
-    match watcher.watch(dir, RecursiveMode::NonRecursive) {
+    if let Some(parent) = &parent
+        && let Err(e) = watcher.watch(parent, RecursiveMode::NonRecursive)
+    {
+        tracing::warn!(dir = %parent.display(), error = %e, "cannot watch the parent directory; a replaced directory is followed again at the next rescan");
+    }
+    match watcher.watch(&dir, RecursiveMode::NonRecursive) {
         Ok(()) => Some(watcher),
+        // The directory may come later: the parent's watch tells when.
+        Err(e) if parent.is_some() => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the directory yet; waiting for it to appear");
+            Some(watcher)
+        }
         Err(e) => {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the directory yet; will retry at the next rescan");
             None

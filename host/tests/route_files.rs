@@ -224,3 +224,97 @@ async fn the_periodic_rescan_catches_what_the_watcher_misses() {
     .await;
     h.shutdown().await;
 }
+
+async fn route_error_about(h: &common::TestHarbor, needle: &str) -> Option<()> {
+    let (_, body) = h.get("/api/v1/route-errors").await;
+    body.to_string().contains(needle).then_some(())
+}
+
+/// Deleted, the routes directory leaves its services in force and says so; created again, it is
+/// followed again at once, without waiting for the periodic rescan.
+#[tokio::test]
+async fn a_deleted_and_recreated_routes_directory_is_followed_again() {
+    let h = start().await;
+    h.write_route("a.route", "upstreams = [\"127.0.0.1:3000\"]\n");
+    eventually(APPLY_WITHIN, "a", || async { h.service("a").await }).await;
+
+    std::fs::remove_dir_all(h.routes.path()).unwrap();
+    eventually(
+        Duration::from_secs(2),
+        "the missing directory reported",
+        || route_error_about(&h, "routes directory does not exist"),
+    )
+    .await;
+    assert!(
+        h.service("a").await.is_some(),
+        "the last good services stay"
+    );
+
+    std::fs::create_dir(h.routes.path()).unwrap();
+    h.write_route("b.route", "upstreams = [\"127.0.0.1:3001\"]\n");
+    eventually(Duration::from_secs(2), "the new directory read", || async {
+        let (a, b) = (h.service("a").await, h.service("b").await);
+        (a.is_none() && b.is_some()).then_some(())
+    })
+    .await;
+    let (_, errors) = h.get("/api/v1/route-errors").await;
+    assert_eq!(errors["errors"], serde_json::json!([]), "{errors}");
+    h.write_route("c.route", "upstreams = [\"127.0.0.1:3002\"]\n");
+    eventually(APPLY_WITHIN, "a change in the new directory", || async {
+        h.service("c").await
+    })
+    .await;
+    h.shutdown().await;
+}
+
+/// `--routes` names a symlink; pointing it at another directory (as deployment tools do, by
+/// renaming a new link over it) is followed at once.
+#[tokio::test]
+async fn a_swapped_symlink_target_is_followed() {
+    let base = tempfile::tempdir().unwrap();
+    let (v1, v2, link) = (
+        base.path().join("v1"),
+        base.path().join("v2"),
+        base.path().join("current"),
+    );
+    std::fs::create_dir(&v1).unwrap();
+    std::fs::create_dir(&v2).unwrap();
+    std::fs::write(v1.join("old.route"), "upstreams = [\"127.0.0.1:3000\"]\n").unwrap();
+    std::fs::write(v2.join("new.route"), "upstreams = [\"127.0.0.1:3001\"]\n").unwrap();
+    std::os::unix::fs::symlink(&v1, &link).unwrap();
+    let routes = link.clone();
+    let h = start_with(move |c| c.routes_dir = routes.clone()).await;
+    eventually(APPLY_WITHIN, "old", || async { h.service("old").await }).await;
+
+    let next = base.path().join("current.next");
+    std::os::unix::fs::symlink(&v2, &next).unwrap();
+    std::fs::rename(&next, &link).unwrap();
+    eventually(Duration::from_secs(2), "the new target read", || async {
+        let (old, new) = (h.service("old").await, h.service("new").await);
+        (old.is_none() && new.is_some()).then_some(())
+    })
+    .await;
+    std::fs::write(v2.join("more.route"), "upstreams = [\"127.0.0.1:3002\"]\n").unwrap();
+    eventually(APPLY_WITHIN, "a change in the new target", || async {
+        h.service("more").await
+    })
+    .await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_route_file_whose_name_is_not_utf8_is_reported() {
+    use std::os::unix::ffi::OsStrExt;
+    let h = start().await;
+    let name = std::ffi::OsStr::from_bytes(b"caf\xe9.route");
+    std::fs::write(
+        h.routes.path().join(name),
+        "upstreams = [\"127.0.0.1:3000\"]\n",
+    )
+    .unwrap();
+    eventually(APPLY_WITHIN, "the bad name reported", || {
+        route_error_about(&h, "not valid UTF-8")
+    })
+    .await;
+    h.shutdown().await;
+}

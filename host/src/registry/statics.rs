@@ -141,6 +141,25 @@ impl Registry {
         self.ephemeral_changed.notify_one();
     }
 
+    /// The routes directory is gone (deleted, or a symlink to nowhere): the static services read
+    /// from it stay in force, as a bad file's last good version does, and a route error says so
+    /// until the directory is read again.
+    pub fn routes_dir_missing(&self, dir: &str) {
+        let mut state = lock(&self.state);
+        let mut errors = state.route_errors.clone();
+        errors.insert(
+            dir.to_owned(),
+            RouteFileError {
+                file: dir.to_owned(),
+                line: None,
+                column: None,
+                field: None,
+                reason: "the routes directory does not exist; the static services read from it stay in force until it is back".to_owned(),
+            },
+        );
+        self.converge_errors(&mut state, errors);
+    }
+
     fn converge_errors(&self, state: &mut State, errors: BTreeMap<String, RouteFileError>) {
         let recovered: Vec<String> = state
             .route_errors
@@ -167,10 +186,9 @@ impl Registry {
 
 /// Decides which static services the scan puts in force and which files are in error.
 ///
-/// Claims are settled in a fixed order so the outcome does not depend on timing: ephemeral
-/// services and unchanged static services keep what they hold; changed and new files then take
-/// what is free, in file-name order; a file that cannot have what it asks keeps its previous
-/// version if that still fits.
+/// Claims are settled in a fixed order so the outcome depends on neither timing nor history:
+/// ephemeral services keep what they hold; files then take what is free, in file-name order; a
+/// file that cannot have what it asks keeps its previous version if that still fits.
 fn resolve(
     state: &State,
     files: &[RouteFile],

@@ -23,16 +23,23 @@ const MAX_FILE_BYTES: u64 = 256 * 1024;
 /// Reads every `.route` file in `dir`. A directory that does not exist holds no routes; one that
 /// cannot be read is an error, so that a passing permission problem does not remove every
 /// static service.
-pub fn scan(dir: &Path) -> std::io::Result<Vec<RouteFile>> {
+pub fn scan(dir: &Path) -> std::io::Result<Option<Vec<RouteFile>>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
     let mut files = Vec::new();
     for entry in entries {
         let path = entry?.path();
-        let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
+        let Some(os_name) = path.file_name() else {
+            continue;
+        };
+        let Some(file_name) = os_name.to_str() else {
+            let raw = os_name.as_encoded_bytes();
+            if raw.ends_with(b".route") && !raw.starts_with(b".") {
+                files.push(unreadable_name(&path));
+            }
             continue;
         };
         // Dot-files are editor and tool droppings (.#x.route, .x.route.swp).
@@ -45,7 +52,23 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<RouteFile>> {
         files.push(read_route_file(&path, stem));
     }
     files.sort_by(|a, b| a.file.cmp(&b.file));
-    Ok(files)
+    Ok(Some(files))
+}
+
+/// A `.route` file whose name is not UTF-8 cannot name a service: reported, not skipped.
+fn unreadable_name(path: &Path) -> RouteFile {
+    let file = path.display().to_string();
+    RouteFile {
+        name: None,
+        file: file.clone(),
+        parsed: Err(RouteFileError {
+            file,
+            line: None,
+            column: None,
+            field: Some("name".to_owned()),
+            reason: "the file name is not valid UTF-8, so it names no service".to_owned(),
+        }),
+    }
 }
 
 fn read_route_file(path: &Path, stem: &str) -> RouteFile {
@@ -99,7 +122,11 @@ fn read_text(path: &Path) -> Result<String, String> {
 pub async fn rescan(registry: &Registry, dir: &Path) {
     let owned = dir.to_owned();
     match tokio::task::spawn_blocking(move || scan(&owned)).await {
-        Ok(Ok(files)) => registry.apply_routes(files),
+        Ok(Ok(Some(files))) => registry.apply_routes(files),
+        Ok(Ok(None)) => {
+            tracing::warn!(dir = %dir.display(), "the routes directory does not exist; static services unchanged until it is back");
+            registry.routes_dir_missing(&dir.display().to_string());
+        }
         Ok(Err(e)) => {
             tracing::error!(dir = %dir.display(), error = %e, "cannot read the routes directory; static services unchanged")
         }
