@@ -137,7 +137,7 @@ fn start_watcher(
         // Reading the files ourselves produces access events; they must not trigger a re-read.
         Ok(event) if matches!(event.kind, EventKind::Access(_)) => {}
         Ok(event) => {
-            if event.paths.iter().any(|p| *p == own_entry) {
+            if event.paths.contains(&own_entry) {
                 moved.notify_one();
             } else if event.paths.iter().any(|p| p.starts_with(&own_entry)) {
                 kick.notify_one();
