@@ -93,6 +93,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         started_at: std::time::SystemTime::now(),
         public: public.clone(),
         protect_reads: config.protect_reads,
+        tcp: proxy.tcp_carriage().clone(),
     });
     let listeners = bind_api(&config, &core, &app, &mut tasks).await?;
 
@@ -292,6 +293,10 @@ async fn start_proxy(
             // a swap says otherwise.
             http: (config.backend == BackendKind::Embedded).then_some(config.proxy_listen),
             tcp: TcpCarriage::new(config.backend != BackendKind::Envoy),
+            listen_report: {
+                let registry = core.registry.clone();
+                Arc::new(move |name, reason| registry.listen_failed(name, reason))
+            },
             descriptors: core.descriptors.clone(),
         },
         tasks,

@@ -405,3 +405,60 @@ async fn a_port_another_listener_holds_is_not_shared() {
     drop(stream);
     h.shutdown().await;
 }
+
+/// An address Harbor's TCP proxy cannot bind is a `409` at registration, naming the reason, and
+/// a route error for a route file until the address is free.
+#[tokio::test]
+async fn an_address_that_cannot_be_bound_is_refused_or_reported() {
+    let backend = Backend::echo().await;
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap();
+    let h = common::start().await;
+    let r = h
+        .client
+        .post(h.url("/api/v1/services"))
+        .json(&serde_json::json!({"name": "db", "upstream": backend.addr.to_string(), "protocol": "tcp", "listen": taken.to_string()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let err: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(err["field"], "listen", "{err}");
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot listen"),
+        "{err}"
+    );
+    // Not a local address at all.
+    let r = h
+        .client
+        .post(h.url("/api/v1/services"))
+        .json(&serde_json::json!({"name": "db", "upstream": backend.addr.to_string(), "protocol": "tcp", "listen": "192.0.2.1:5432"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert!(h.service("db").await.is_none());
+
+    // A route file asking for it: a route error, gone once the address is free.
+    h.write_route("pg.route", &tcp_route(taken, &[backend.addr], ""));
+    eventually(Duration::from_secs(5), "the listen error", || async {
+        let (_, errors) = h.get("/api/v1/route-errors").await;
+        errors["errors"]
+            .as_array()
+            .and_then(|e| e.iter().find(|e| e["field"] == "listen").cloned())
+    })
+    .await;
+    drop(held);
+    let mut stream = connect(taken).await;
+    echo_round_trip(&mut stream, b"bound at last").await;
+    drop(stream);
+    eventually(Duration::from_secs(5), "the error cleared", || async {
+        let (_, errors) = h.get("/api/v1/route-errors").await;
+        (errors["errors"] == serde_json::json!([])).then_some(())
+    })
+    .await;
+    h.shutdown().await;
+}

@@ -46,6 +46,8 @@ pub struct App {
     pub public: Arc<crate::public::PublicView>,
     /// Reads need a token too (`--protect-reads`).
     pub protect_reads: bool,
+    /// Whether Harbor's own TCP proxy carries tcp services (and so must bind their addresses).
+    pub tcp: crate::proxy::TcpCarriage,
 }
 
 pub type AppState = Arc<App>;

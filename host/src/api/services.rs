@@ -123,6 +123,7 @@ pub async fn register(
 ) -> Result<axum::response::Response, ApiError> {
     let reg = req.into_registration()?;
     caller.may_register(&reg.name, &reg.route)?;
+    check_listen(&app, &reg)?;
     if query.dry_run {
         return Ok(Json(dry_run(&app, reg).await?).into_response());
     }
@@ -133,6 +134,34 @@ pub async fn register(
         StatusCode::OK
     };
     Ok((status, Json(GrantBody::from(grant))).into_response())
+}
+
+/// Where Harbor's own TCP proxy carries tcp services, an address it cannot bind is refused at
+/// registration rather than retried in the background forever.
+fn check_listen(app: &AppState, reg: &Registration) -> Result<(), ApiError> {
+    let crate::model::Match::Tcp { listen } = reg.route.matcher else {
+        return Ok(());
+    };
+    if !app.tcp.carrying() {
+        return Ok(());
+    }
+    // Held by a service already: Harbor listens there itself, and the registry tells whose it
+    // is when it is another's.
+    let held = app
+        .registry
+        .services()
+        .iter()
+        .any(|s| s.route.listen == Some(listen));
+    if held {
+        return Ok(());
+    }
+    crate::proxy::can_listen(listen).map_err(|e| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            format!("cannot listen on {listen}: {e}"),
+        )
+        .with_field("listen")
+    })
 }
 
 /// The service as `reg` would leave it, and what the proxy would be given: nothing registered,

@@ -47,6 +47,7 @@ use crate::routing::RoutingTable;
 pub use carriage::TcpCarriage;
 pub use conns::Connections;
 pub use metrics::ProxyMetrics;
+pub use tcp::can_listen;
 
 /// What every proxy task shares.
 pub struct Shared {
@@ -63,7 +64,12 @@ pub struct Shared {
     tcp_door: Arc<Door>,
     /// How many lanes serve connections.
     lanes: usize,
+    /// Told when a tcp route's address cannot be bound, and when it can again.
+    listen_report: ListenReport,
 }
+
+/// Told, for a tcp route, why its address cannot be bound (`None`: it is bound now).
+pub type ListenReport = Arc<dyn Fn(&crate::model::ServiceName, Option<String>) + Send + Sync>;
 
 /// A running proxy.
 pub struct Proxy {
@@ -79,6 +85,7 @@ pub struct Options {
     pub http: Option<SocketAddr>,
     /// Whether Harbor carries `tcp` routes, now and after a swap.
     pub tcp: TcpCarriage,
+    pub listen_report: ListenReport,
     pub descriptors: Arc<Descriptors>,
 }
 
@@ -109,6 +116,7 @@ impl Proxy {
             http_door,
             tcp_door,
             lanes,
+            listen_report: options.listen_report.clone(),
         });
         let stop = CancellationToken::new();
         // Each accept loop holds the lanes and drops them when it stops, so the lane threads end

@@ -65,11 +65,21 @@ pub async fn supervise(
     let count = lanes.as_ref().map_or(1, |l| l.count());
     let loads = Arc::new(Loads::new(count));
     let mut listening: HashMap<SocketAddr, Listening> = HashMap::new();
+    // Routes whose address could not be bound, reported once until they can be.
+    let mut failing: HashMap<SocketAddr, crate::model::ServiceName> = HashMap::new();
     let mut failures = 0u32;
     loop {
         changes.borrow_and_update();
         let carrying = *wanted.borrow_and_update();
         let snapshot = shared.routing.snapshot();
+        // A route gone, or handed to another proxy, has nothing left to report.
+        failing.retain(|addr, name| {
+            let keep = carrying && snapshot.tcp.contains_key(addr);
+            if !keep {
+                (shared.listen_report)(name, None);
+            }
+            keep
+        });
         let mut closing = Vec::new();
         listening.retain(|addr, l| {
             let keep = carrying && snapshot.tcp.contains_key(addr) && !l.stop.is_cancelled();
@@ -99,6 +109,9 @@ pub async fn supervise(
             match bind(*addr, count) {
                 Ok(listeners) => {
                     tracing::info!(service = %route.name, %addr, listeners = listeners.len(), "TCP proxy listening");
+                    if failing.remove(addr).is_some() {
+                        (shared.listen_report)(&route.name, None);
+                    }
                     let l = Listening {
                         stop: stop.child_token(),
                         sockets: TaskTracker::new(),
@@ -130,7 +143,13 @@ pub async fn supervise(
                 }
                 Err(e) => {
                     unbound = true;
-                    tracing::warn!(service = %route.name, %addr, error = %e, "cannot listen for a tcp route; retrying");
+                    if failing.insert(*addr, route.name.clone()).is_none() {
+                        tracing::warn!(service = %route.name, %addr, error = %e, "cannot listen for a tcp route; retrying");
+                        (shared.listen_report)(
+                            &route.name,
+                            Some(format!("cannot listen on {addr}: {e}")),
+                        );
+                    }
                 }
             }
         }
@@ -157,6 +176,12 @@ pub async fn supervise(
         tracing::info!(%addr, "TCP proxy stopped listening");
         l.stop.cancel();
     }
+}
+
+/// Whether Harbor could listen on `addr` now: the address is local, the port free and
+/// permitted. Checked before a tcp registration is accepted.
+pub fn can_listen(addr: SocketAddr) -> std::io::Result<()> {
+    held_elsewhere(addr)
 }
 
 /// Fails when another socket listens on `addr` already. Harbor's own sockets share their port

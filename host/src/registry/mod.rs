@@ -141,6 +141,9 @@ struct State {
     leases: DeadlineQueue,
     claims: HashMap<Claim, ServiceName>,
     route_errors: BTreeMap<String, RouteFileError>,
+    /// Route files whose tcp listen address cannot be bound, by service; kept apart from the
+    /// files' own errors, which each scan recomputes.
+    listen_errors: BTreeMap<ServiceName, RouteFileError>,
 }
 
 struct Service {
@@ -350,7 +353,47 @@ impl Registry {
     }
 
     pub fn route_errors(&self) -> Vec<RouteFileError> {
-        lock(&self.state).route_errors.values().cloned().collect()
+        let state = lock(&self.state);
+        state
+            .route_errors
+            .values()
+            .chain(state.listen_errors.values())
+            .cloned()
+            .collect()
+    }
+
+    /// Harbor's TCP proxy cannot listen where static service `name` asks (`None`: it can
+    /// again): reported as an error of its route file, as a bad file is.
+    pub fn listen_failed(&self, name: &ServiceName, reason: Option<String>) {
+        let mut state = lock(&self.state);
+        let file = match state.services.get(name).map(|s| &s.body) {
+            Some(Body::Static(_, file)) => file.clone(),
+            _ => {
+                state.listen_errors.remove(name);
+                return;
+            }
+        };
+        match reason {
+            Some(reason) => {
+                let error = RouteFileError {
+                    file: file.clone(),
+                    line: None,
+                    column: None,
+                    field: Some("listen".to_owned()),
+                    reason,
+                };
+                if state.listen_errors.get(name) != Some(&error) {
+                    tracing::warn!(file = %file, reason = %error.reason, "a route file's listen address cannot be bound");
+                    state.listen_errors.insert(name.clone(), error.clone());
+                    self.bus.publish(Event::RouteFileError { error });
+                }
+            }
+            None => {
+                if state.listen_errors.remove(name).is_some() {
+                    self.bus.publish(Event::RouteFileRecovered { file });
+                }
+            }
+        }
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -362,7 +405,12 @@ impl Registry {
                 .keys()
                 .filter_map(|name| state.view(name))
                 .collect(),
-            route_errors: state.route_errors.values().cloned().collect(),
+            route_errors: state
+                .route_errors
+                .values()
+                .chain(state.listen_errors.values())
+                .cloned()
+                .collect(),
             state: self.state_condition(),
         }
     }
@@ -371,7 +419,7 @@ impl Registry {
         let state = lock(&self.state);
         let mut counts = Counts {
             instances: state.instances.len(),
-            route_errors: state.route_errors.len(),
+            route_errors: state.route_errors.len() + state.listen_errors.len(),
             ..Counts::default()
         };
         for svc in state.services.values() {
