@@ -189,6 +189,16 @@ pub struct RunArgs {
     )]
     pub token_file: Option<PathBuf>,
 
+    /// Connections the API listeners take at once, and as many for Gangway's; more are closed
+    /// as they arrive.
+    #[arg(
+        long,
+        env = "HARBOR_API_MAX_CONNECTIONS",
+        value_name = "N",
+        help_heading = "API"
+    )]
+    pub api_max_connections: Option<usize>,
+
     /// Put every read of the API behind a token too (any valid token reads everything), but
     /// for `/healthz` and Gangway's public view.
     #[arg(long, env = "HARBOR_PROTECT_READS", help_heading = "API")]
@@ -583,6 +593,8 @@ pub struct Config {
     pub token_file: Option<PathBuf>,
     /// Whether reads need a token too.
     pub protect_reads: bool,
+    /// Connections the API listeners take at once (and Gangway's, apart).
+    pub api_max_connections: usize,
     /// From `ttl_min`, `ttl_max` and `ttl_default`.
     #[serde(skip)]
     pub lease: LeaseLimits,
@@ -690,6 +702,7 @@ impl Config {
             plugins_dir: None,
             token_file: None,
             protect_reads: false,
+            api_max_connections: 1024,
             lease: LeaseLimits::default(),
             rescan_interval: Some(Duration::from_secs(30)),
             watch: true,
@@ -770,6 +783,9 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.api_max_connections == 0 {
+            bail!("--api-max-connections must be at least 1");
+        }
         if self.protect_reads && self.token_file.is_none() {
             bail!("--protect-reads needs --token-file: without tokens no one could read");
         }

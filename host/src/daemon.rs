@@ -19,7 +19,7 @@ use crate::dirwatch::{DirWatch, WatchOptions};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::plugins::{self, DirState, PluginEngine, Reporter, Strategies};
-use crate::proxy::{self, Proxy, ProxyMetrics, TcpCarriage};
+use crate::proxy::{self, Guarded, Proxy, ProxyMetrics, TcpCarriage};
 use crate::public::{self, PublicView};
 use crate::registry::{self, Registry};
 use crate::routes;
@@ -85,7 +85,10 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         metrics: core.metrics.clone(),
         tokens,
         cancel: core.cancel.clone(),
-        sse_keep_alive: config.sse_keep_alive,
+        // A stream's comments are what keeps its connection from counting as idle.
+        sse_keep_alive: config
+            .sse_keep_alive
+            .min(config.proxy.keepalive_timeout / 2),
         strategies: plugins.strategies.clone(),
         routing: routing.clone(),
         backend: config.backend,
@@ -352,7 +355,7 @@ async fn bind_api(
     };
     // A client's API connections come through a door of their own, as Gangway's do: a flood
     // on the proxy's port leaves them room, and a flood here leaves the proxy room.
-    let api_door = core.descriptors.door("api", 1, usize::MAX);
+    let api_door = core.descriptors.door("api", 1, config.api_max_connections);
     for listen in &config.api {
         let (router, stop) = (router.clone(), core.cancel.clone());
         match listen {
@@ -363,18 +366,19 @@ async fn bind_api(
                 let bound = listener.local_addr()?;
                 tracing::info!(addr = %bound, "API listening");
                 listeners.api.push(bound);
-                let listener = Admitting::new(listener.tap_io(nodelay), api_door.clone());
+                let listener = Guarded::new(
+                    Admitting::new(listener.tap_io(nodelay), api_door.clone()),
+                    &config.proxy,
+                );
                 tasks.spawn(serve(listener, router, stop));
             }
             ListenAddr::Unix(path) => {
                 let listener = bind_unix(path)?;
                 tracing::info!(addr = %listen, "API listening");
                 listeners.unix_sockets.push(path.clone());
-                tasks.spawn(serve(
-                    Admitting::new(listener, api_door.clone()),
-                    router,
-                    stop,
-                ));
+                let listener =
+                    Guarded::new(Admitting::new(listener, api_door.clone()), &config.proxy);
+                tasks.spawn(serve(listener, router, stop));
             }
         }
     }
@@ -385,8 +389,13 @@ async fn bind_api(
         let bound = listener.local_addr()?;
         tracing::info!(addr = %bound, "Gangway listening");
         let router = api::gangway::router(app.clone());
-        let door = core.descriptors.door("gangway", 1, usize::MAX);
-        let listener = Admitting::new(listener.tap_io(nodelay), door);
+        let door = core
+            .descriptors
+            .door("gangway", 1, config.api_max_connections);
+        let listener = Guarded::new(
+            Admitting::new(listener.tap_io(nodelay), door),
+            &config.proxy,
+        );
         tasks.spawn(serve(listener, router, core.cancel.clone()));
         listeners.gangway = Some(bound);
     }

@@ -512,3 +512,93 @@ async fn a_flood_on_the_proxy_port_leaves_the_api_and_tcp_routes_working() {
     .await;
     drop(daemon);
 }
+
+/// Harbor's own listeners hold the proxy's client limits: a slow head gets `408`, an idle
+/// connection is closed after the keep-alive timeout, on the API and on Gangway alike.
+#[tokio::test]
+async fn the_api_and_gangway_close_slow_and_idle_clients() {
+    let h = common::start_with(|c| {
+        c.proxy.header_timeout = Duration::from_secs(1);
+        c.proxy.keepalive_timeout = Duration::from_secs(1);
+        c.gangway_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await;
+    let api = h.harbor().api_addr().expect("api");
+    let gangway = h.harbor().gangway_addr().expect("gangway");
+    for addr in [api, gangway] {
+        let mut slow = TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(b"GET /api/v1/catalog HTTP/1.1\r\nHo")
+            .await
+            .expect("write");
+        let answer = read_to_end(&mut slow).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{addr}: {answer:?}");
+
+        let mut idle = TcpStream::connect(addr).await.expect("connect");
+        idle.write_all(b"GET /api/v1/catalog HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let answered = Instant::now();
+        let answer = read_to_end(&mut idle).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{addr}: {answer:?}");
+        assert!(
+            answered.elapsed() >= Duration::from_millis(900),
+            "{addr}: kept open for the keep-alive timeout first"
+        );
+        // And a connection that never says a word: its first head is late.
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+        let answer = read_to_end(&mut silent).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{addr}: {answer:?}");
+    }
+    h.shutdown().await;
+}
+
+/// The API takes `--api-max-connections` at once; more are closed as they arrive, and the proxy
+/// serves all the while.
+#[tokio::test]
+async fn api_connections_past_the_cap_are_closed_and_the_proxy_serves_on() {
+    let h = common::start_with(|c| c.api_max_connections = 8).await;
+    route_to(&h, counting_upstream().await).await;
+    let api = h.harbor().api_addr().expect("api");
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut conn = TcpStream::connect(api).await.expect("connect");
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 12];
+        conn.read_exact(&mut buf).await.expect("an answer");
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        held.push(conn);
+    }
+    // A flood past the cap: each connection is closed unanswered.
+    let mut flood = Vec::new();
+    for _ in 0..50 {
+        let mut conn = TcpStream::connect(api).await.expect("connect");
+        let _ = conn
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        flood.push(conn);
+    }
+    for conn in flood.iter_mut().take(5) {
+        assert_eq!(read_to_end(conn).await, "", "closed unanswered");
+    }
+    assert!(
+        served(proxy_addr(&h)).await.is_some(),
+        "the proxy serves while the API is flooded"
+    );
+    drop(held.pop());
+    eventually(Duration::from_secs(5), "room on the API again", || async {
+        let mut conn = TcpStream::connect(api).await.ok()?;
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        read_to_end(&mut conn)
+            .await
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    })
+    .await;
+    drop(held);
+    drop(flood);
+    h.shutdown().await;
+}

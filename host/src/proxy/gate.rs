@@ -407,7 +407,8 @@ impl<I: AsyncRead + Unpin, S> Gate<I, S> {
 /// A client's side: requests, an HTTP/2 preface first, refusals answered, and the client's
 /// time limits held as on the direct path.
 pub struct Clients {
-    metrics: Arc<ProxyMetrics>,
+    /// None for Harbor's own listeners, whose refusals are not the proxy's.
+    metrics: Option<Arc<ProxyMetrics>>,
     limits: ClientLimits,
     answer: Option<Answer>,
 }
@@ -435,9 +436,25 @@ impl From<&crate::config::ProxySettings> for ClientLimits {
 impl Clients {
     pub fn new(metrics: Arc<ProxyMetrics>, limits: ClientLimits) -> Self {
         Self {
-            metrics,
+            metrics: Some(metrics),
             limits,
             answer: None,
+        }
+    }
+
+    /// A client of Harbor's own API or Gangway: the same policy and patience, not counted
+    /// among the proxy's errors.
+    pub fn of_api(limits: ClientLimits) -> Self {
+        Self {
+            metrics: None,
+            limits,
+            answer: None,
+        }
+    }
+
+    fn count(&self, kind: ErrorKind) {
+        if let Some(metrics) = &self.metrics {
+            metrics.error("", kind);
         }
     }
 }
@@ -461,7 +478,7 @@ impl Side for Clients {
             // A quiet connection just closes, as on the direct path.
             Waiting::Idle => Step::End,
             Waiting::Head => {
-                self.metrics.error("", ErrorKind::ClientTimeout);
+                self.count(ErrorKind::ClientTimeout);
                 self.answer = Some(Answer::request_timeout());
                 Step::End
             }
@@ -497,7 +514,7 @@ impl Side for Clients {
             },
             Parse::Refused(refusal) => {
                 tracing::debug!(why = refusal.why, "request refused");
-                self.metrics.error("", ErrorKind::BadRequest);
+                self.count(ErrorKind::BadRequest);
                 self.answer = Some(refusal.answer());
                 Step::End
             }

@@ -17,6 +17,7 @@ mod copy;
 mod deadline;
 mod dial;
 mod gate;
+mod guard;
 mod h1;
 mod headers;
 mod health;
@@ -46,6 +47,7 @@ use crate::routing::RoutingTable;
 
 pub use carriage::TcpCarriage;
 pub use conns::Connections;
+pub use guard::Guarded;
 pub use metrics::ProxyMetrics;
 pub use tcp::can_listen;
 
