@@ -425,6 +425,48 @@ fn misbehaving_guests_are_contained_and_the_pick_falls_back() {
     assert!(b.pick(Some(0xDEAD_0001), &[]).unwrap().fallback);
 }
 
+/// A strategy that answers no backend while healthy ones are left would fail its requests: the
+/// answer is a fault, and the request gets the host's pick.
+#[test]
+fn an_answer_of_no_backend_while_some_are_healthy_is_a_fault_and_the_host_picks() {
+    let rt = runtime();
+    rt.strategies
+        .install(
+            &component("harbor-test-misbehaving", &[]),
+            Source::Api,
+            None,
+        )
+        .expect("installed");
+    let b = balancer(&rt, "misbehaving", backends(&[1, 1, 1]));
+    let start = rt.bus.last_id();
+    for _ in 0..3 {
+        let p = b
+            .pick(Some(0xDEAD_0005), &[])
+            .expect("a backend, not a 503");
+        assert!(p.fallback);
+    }
+    let faults: Vec<String> = match rt.bus.since(start) {
+        Since::Events(v) => v
+            .iter()
+            .filter_map(|e| match &e.event {
+                harbor::events::Event::PluginFault { fault, message, .. } => {
+                    Some(format!("{}: {message}", fault.as_str()))
+                }
+                _ => None,
+            })
+            .collect(),
+        Since::Gap => panic!("gap"),
+    };
+    assert_eq!(faults.len(), 3, "{faults:?}");
+    assert!(
+        faults[0].starts_with("bad_answer: answered no backend"),
+        "{faults:?}"
+    );
+    // With every backend tried, no backend is the right answer, and no fault.
+    assert!(b.pick(Some(1), &[0, 1, 2]).is_none());
+    assert_eq!(event_kinds(&rt.bus, start).len(), 3);
+}
+
 #[test]
 fn components_that_cannot_serve_are_refused_with_a_reason() {
     let rt = runtime();

@@ -321,7 +321,13 @@ impl Balancer {
                         fallback: false,
                     });
                 }
-                Ok(None) => return None,
+                // No backend is a fair answer only when none is usable; otherwise it would
+                // fail the request (a 503) for no reason: a fault, and the host picks.
+                Ok(None) if !usable(&set, exclude) => return None,
+                Ok(None) => loaded.fault(
+                    super::report::FaultKind::BadAnswer,
+                    "answered no backend while healthy ones were left",
+                ),
                 Ok(Some(i)) => loaded.fault(
                     super::report::FaultKind::BadAnswer,
                     &format!("picked index {i}, which is out of range or excluded"),
@@ -360,6 +366,14 @@ impl Balancer {
             shard::done(loaded, self.id, picked.index as u32, outcome, ns);
         }
     }
+}
+
+/// Whether a healthy backend is left outside `exclude`.
+fn usable(set: &BackendSet, exclude: &[u32]) -> bool {
+    set.backends
+        .iter()
+        .enumerate()
+        .any(|(i, b)| b.healthy && !exclude.contains(&(i as u32)))
 }
 
 /// The host's own round-robin over healthy, non-excluded backends (over all non-excluded ones

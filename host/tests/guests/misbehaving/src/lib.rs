@@ -19,6 +19,8 @@ pub const HOG: u64 = 0xDEAD_0002;
 pub const PANIC: u64 = 0xDEAD_0003;
 /// Answer an index out of range.
 pub const BAD_INDEX: u64 = 0xDEAD_0004;
+/// Answer no backend at all, while there are some.
+pub const NONE: u64 = 0xDEAD_0005;
 
 thread_local! {
     /// Backend count per route.
@@ -120,6 +122,7 @@ fn choose(route: Route, sequence: u64, hash_key: Option<u64>, exclude: &[u32]) -
         }
         Some(PANIC) => panic!("asked to panic"),
         Some(BAD_INDEX) => Some(count(route) + 7),
+        Some(NONE) => None,
         _ => {
             let n = u64::from(count(route));
             (0..n)
