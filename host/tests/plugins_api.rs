@@ -412,3 +412,50 @@ async fn a_misbehaving_plugin_never_takes_the_daemon_down() {
     assert_eq!(plugin(&list, "misbehaving").unwrap()["faults"], 4);
     h.shutdown().await;
 }
+
+/// A component over the size limit is refused, by upload and from the plugin directory alike,
+/// with the limit named: a JSON `413`, or a `plugin_rejected` event and an entry in the list.
+#[tokio::test]
+async fn a_component_over_the_size_limit_is_refused_with_the_limit_named() {
+    let plugins = tempfile::tempdir().unwrap();
+    let dir = plugins.path().to_owned();
+    let configured = dir.clone();
+    let h = start_with(move |c| {
+        c.plugins_dir = Some(configured.clone());
+        c.rescan_interval = Some(Duration::from_millis(200));
+    })
+    .await;
+    let mut events = h.events(None).await;
+    let (status, body) = upload(&h, "huge", vec![0u8; (32 << 20) + 1], "application/wasm").await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("33554432 bytes"),
+        "{body}"
+    );
+
+    let file = std::fs::File::create(dir.join("huge.wasm")).unwrap();
+    file.set_len((32 << 20) + 1).unwrap();
+    drop(file);
+    let rejected = events.next_of("plugin_rejected").await;
+    assert!(
+        rejected.data["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("at most 33554432 bytes"),
+        "{:?}",
+        rejected.data
+    );
+    let (_, list) = h.get("/api/v1/plugins").await;
+    let listed = list["plugins"].as_array().into_iter().flatten().any(|p| {
+        p["state"] == "rejected"
+            && p["source"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("huge.wasm")
+    });
+    assert!(listed, "{list}");
+    h.shutdown().await;
+}

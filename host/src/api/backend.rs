@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
@@ -18,7 +17,7 @@ use serde_json::json;
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use super::json::{QueryOf, parse};
+use super::json::{QueryOf, Upload, parse};
 use crate::config::BackendKind;
 use crate::dispatch::SwapError;
 
@@ -103,7 +102,7 @@ pub async fn swap(
     caller: Caller,
     QueryOf(query): QueryOf<SwapQuery>,
     headers: HeaderMap,
-    body: Bytes,
+    Upload(body): Upload,
 ) -> Result<impl IntoResponse, ApiError> {
     caller.unrestricted()?;
     let dispatcher = driven(&app)?;

@@ -40,6 +40,29 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for
     }
 }
 
+/// A component upload's bytes, up to [`crate::plugins::MAX_COMPONENT_BYTES`]; past it, a JSON
+/// `413` that names the limit.
+pub struct Upload(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Upload {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        let limit = crate::plugins::MAX_COMPONENT_BYTES as usize;
+        axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map(Upload)
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the upload is larger than the limit for a component, {limit} bytes (32 MiB)"
+                    ),
+                )
+            })
+    }
+}
+
 /// A body that may be empty; when present it must be JSON.
 pub struct OptionalJsonBody<T>(pub Option<T>);
 

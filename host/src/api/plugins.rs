@@ -2,7 +2,6 @@
 //! one; and `PUT /api/v1/services/{name}/strategy` to switch a service's strategy at runtime.
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
@@ -12,7 +11,7 @@ use serde_json::json;
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use super::json::JsonBody;
+use super::json::{JsonBody, Upload};
 use crate::model::{ServiceName, StrategyName};
 use crate::plugins::Source;
 
@@ -37,7 +36,7 @@ pub async fn upload(
     caller: Caller,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    Upload(body): Upload,
 ) -> Result<impl IntoResponse, ApiError> {
     caller.unrestricted()?;
     let name = StrategyName::parse(&name)?;

@@ -165,6 +165,14 @@ impl Strategies {
             .collect()
     }
 
+    /// Records a plugin file that could not even be read (too large, unreadable): reported and
+    /// listed as a rejection, as a component that fails its checks is.
+    pub fn refuse(&self, source: Source, reason: &str) {
+        let key = source.to_string();
+        self.reporter.rejected(&key, reason);
+        lock(&self.errors).insert(key.clone(), (key, reason.to_owned()));
+    }
+
     /// Checks a component and, if it passes, puts it in force under the name it describes.
     /// `expected` is the name the caller asked for (the API's URL), which must match. A
     /// component that fails leaves the version in force untouched.

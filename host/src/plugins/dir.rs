@@ -53,7 +53,14 @@ pub fn scan(strategies: &Strategies, dir: &Path, state: &mut DirState) {
         let bytes = match read(&path) {
             Ok(bytes) => bytes,
             Err(reason) => {
-                tracing::warn!(file = %path.display(), reason, "plugin file not loaded");
+                // Reported once per version of the file, as a failed check is.
+                let unchanged = std::fs::metadata(&path)
+                    .map(|m| format!("unreadable:{}:{:?}", m.len(), m.modified().ok()))
+                    .unwrap_or_default();
+                if state.seen.get(&path) != Some(&unchanged) {
+                    state.seen.insert(path.clone(), unchanged);
+                    strategies.refuse(source, &reason);
+                }
                 continue;
             }
         };
@@ -89,7 +96,7 @@ pub fn read(path: &Path) -> Result<Vec<u8>, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
     if meta.len() > MAX_COMPONENT_BYTES {
         return Err(format!(
-            "{} bytes; a plugin may be at most {MAX_COMPONENT_BYTES}",
+            "the file is {} bytes; a plugin may be at most {MAX_COMPONENT_BYTES} bytes (32 MiB)",
             meta.len()
         ));
     }

@@ -49,6 +49,10 @@ fn thread_cpu_time() -> Option<std::time::Duration> {
 /// Linear memory a strategy instance may use.
 pub const MEMORY_LIMIT: usize = 32 << 20;
 
+/// Core module instances one strategy component may make. Components made from other languages
+/// are several modules wired together: componentize-py's are 14, componentize-js's fewer.
+pub const INSTANCE_LIMIT: usize = 32;
+
 pub struct GuestState {
     limits: StoreLimits,
     /// The thread's CPU time when the current call first reached its deadline.
@@ -66,7 +70,7 @@ impl GuestState {
             overrun_from: None,
             limits: StoreLimitsBuilder::new()
                 .memory_size(MEMORY_LIMIT)
-                .instances(4)
+                .instances(INSTANCE_LIMIT)
                 .tables(16)
                 .memories(4)
                 .trap_on_grow_failure(true)

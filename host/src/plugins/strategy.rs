@@ -89,7 +89,17 @@ impl Loaded {
             .map_err(|e| Rejected(format!("{e:#}")))?;
         let mut store = new_store(engine);
         let plugin = call(&mut store, SETUP_DEADLINE_TICKS, |s| pre.instantiate(s))
-            .map_err(|e| Rejected(format!("instantiating failed: {e}")))?;
+            .map_err(|e| {
+                let why = e.to_string();
+                Rejected(if why.contains("instance count too high") {
+                    format!(
+                        "the component makes more core instances than Harbor's limit of {} per strategy ({why})",
+                        guest::INSTANCE_LIMIT
+                    )
+                } else {
+                    format!("instantiating failed: {why}")
+                })
+            })?;
         let api = plugin.harbor_strategy_strategy();
         let description = call(&mut store, SETUP_DEADLINE_TICKS, |s| api.call_describe(s))
             .map_err(|e| Rejected(format!("describe failed: {e}")))?;
