@@ -2,8 +2,8 @@
 //! their own counts), rendered in the text exposition format.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, TextEncoder,
 };
 
 use crate::registry::Counts;
@@ -23,6 +23,7 @@ pub struct Metrics {
     pub plugin_faults: IntCounterVec,
     pub plugin_fallback_picks: IntCounterVec,
     pub plugin_loads: IntCounterVec,
+    pub plugin_pick_seconds: HistogramVec,
     pub backend: BackendMetrics,
 }
 
@@ -85,7 +86,19 @@ impl Metrics {
             Opts::new("plugin_loads_total", "Plugin components checked, by result"),
             &["result"],
         )?;
+        let plugin_pick_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "plugin_pick_seconds",
+                "Time of each pick that called into a strategy (a plan's answers call nothing)",
+            )
+            .buckets(vec![
+                1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01,
+                0.02,
+            ]),
+            &["plugin"],
+        )?;
         let backend = BackendMetrics::new(&registry)?;
+        registry.register(Box::new(plugin_pick_seconds.clone()))?;
         registry.register(Box::new(plugin_faults.clone()))?;
         registry.register(Box::new(plugin_fallback_picks.clone()))?;
         registry.register(Box::new(plugin_loads.clone()))?;
@@ -114,6 +127,7 @@ impl Metrics {
             plugin_faults,
             plugin_fallback_picks,
             plugin_loads,
+            plugin_pick_seconds,
             backend,
         })
     }

@@ -29,15 +29,20 @@ fn thread_cpu() -> Duration {
 struct Runtime {
     strategies: Arc<Strategies>,
     bus: Arc<EventBus>,
+    metrics: Arc<Metrics>,
 }
 
 fn runtime() -> Runtime {
     let bus = Arc::new(EventBus::new(4096));
     let metrics = Arc::new(Metrics::new().expect("metrics"));
-    let reporter = Arc::new(Reporter::new(bus.clone(), metrics));
+    let reporter = Arc::new(Reporter::new(bus.clone(), metrics.clone()));
     let strategies = Strategies::new(PluginEngine::shared().expect("the engine"), None, reporter)
         .expect("the built-in strategies");
-    Runtime { strategies, bus }
+    Runtime {
+        strategies,
+        bus,
+        metrics,
+    }
 }
 
 fn backends(weights: &[u32]) -> Vec<BackendSpec> {
@@ -465,6 +470,59 @@ fn an_answer_of_no_backend_while_some_are_healthy_is_a_fault_and_the_host_picks(
     // With every backend tried, no backend is the right answer, and no fault.
     assert!(b.pick(Some(1), &[0, 1, 2]).is_none());
     assert_eq!(event_kinds(&rt.bus, start).len(), 3);
+}
+
+/// Picks of 5 ms each are within the 20 ms deadline but far over the 1 ms budget: once a hundred
+/// have been seen the plugin is out of service, and the host picks.
+#[test]
+fn a_strategy_whose_picks_are_over_budget_is_taken_out_of_service() {
+    let rt = runtime();
+    rt.strategies
+        .install(
+            &component("harbor-test-misbehaving", &[]),
+            Source::Api,
+            None,
+        )
+        .expect("installed");
+    let b = balancer(&rt, "misbehaving", backends(&[1, 1, 1]));
+    let start = rt.bus.last_id();
+    let mut guest_picks = 0;
+    while !event_kinds(&rt.bus, start).contains(&"plugin_disabled".to_owned()) {
+        let p = b.pick(Some(0xDEAD_0006), &[]).expect("a backend");
+        assert!(!p.fallback, "in service until judged");
+        guest_picks += 1;
+        assert!(guest_picks <= 100, "not judged after {guest_picks} slow picks");
+    }
+    assert_eq!(guest_picks, 100, "judged as soon as there are enough picks");
+    let faults: Vec<String> = match rt.bus.since(start) {
+        Since::Events(v) => v
+            .iter()
+            .filter_map(|e| match &e.event {
+                harbor::events::Event::PluginFault { fault, message, .. } => {
+                    Some(format!("{}: {message}", fault.as_str()))
+                }
+                _ => None,
+            })
+            .collect(),
+        Since::Gap => panic!("gap"),
+    };
+    assert_eq!(faults.len(), 1, "{faults:?}");
+    assert!(faults[0].starts_with("slow: "), "{faults:?}");
+    // Out of service: the host picks, and the guest is not called.
+    let p = b.pick(Some(0xDEAD_0006), &[]).expect("a backend");
+    assert!(p.fallback);
+    let entry = rt
+        .strategies
+        .list()
+        .into_iter()
+        .find(|p| p.name.as_deref() == Some("misbehaving"))
+        .expect("listed");
+    assert_eq!(entry.state, "disabled");
+    let metrics = rt.metrics.render(Default::default());
+    assert!(
+        metrics.contains("harbor_plugin_pick_seconds_count{plugin=\"misbehaving\"} 100"),
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -19,8 +19,11 @@ pub enum FaultKind {
     Timeout,
     /// The guest tried to grow its memory past the cap.
     Memory,
-    /// The guest answered something it may not (an index out of range or excluded).
+    /// The guest answered something it may not (an index out of range or excluded, or no
+    /// backend while healthy ones were left).
     BadAnswer,
+    /// The guest's picks were over its pick budget.
+    Slow,
 }
 
 impl FaultKind {
@@ -30,6 +33,7 @@ impl FaultKind {
             FaultKind::Timeout => "timeout",
             FaultKind::Memory => "memory",
             FaultKind::BadAnswer => "bad_answer",
+            FaultKind::Slow => "slow",
         }
     }
 }
@@ -69,6 +73,13 @@ impl Reporter {
             name: name.to_string(),
             seconds: backoff.as_secs_f64(),
         });
+    }
+
+    /// The histogram a plugin's guest picks are timed into.
+    pub fn pick_times(&self, name: &StrategyName) -> prometheus::Histogram {
+        self.metrics
+            .plugin_pick_seconds
+            .with_label_values(&[name.as_str()])
     }
 
     pub fn fell_back(&self, name: &StrategyName) {

@@ -116,7 +116,7 @@ pub fn pick(
                     .or_insert(Shard::new(loaded)?)
             }
         };
-        let result = shard.pick(id, alive, set, ask);
+        let result = shard.pick(loaded, id, alive, set, ask);
         if result.is_err() {
             // A trap leaves the instance unusable; the next pick on this thread starts afresh.
             shards.remove(&loaded.generation);
@@ -156,6 +156,7 @@ impl Shard {
 
     fn pick(
         &mut self,
+        loaded: &Loaded,
         id: u64,
         alive: &Arc<()>,
         set: &BackendSet,
@@ -189,7 +190,9 @@ impl Shard {
         let route = route.number;
         let api = self.plugin.harbor_strategy_strategy();
         arm(&mut self.store, CALL_DEADLINE_TICKS);
-        if ask.exclude.is_empty() {
+        // Only picks that call the guest are timed: a plan's answer costs no clock read.
+        let began = std::time::Instant::now();
+        let answer = if ask.exclude.is_empty() {
             api.call_pick(
                 &mut self.store,
                 route,
@@ -207,7 +210,11 @@ impl Shard {
                 ask.exclude,
             )
         }
-        .map_err(|e| Box::new(fault(e)))
+        .map_err(|e| Box::new(fault(e)));
+        if answer.is_ok() {
+            loaded.timed_pick(began.elapsed());
+        }
+        answer
     }
 
     /// Gives the guest the route's current backends, numbering the route first if this

@@ -22,6 +22,13 @@ pub const CALL_DEADLINE_TICKS: u64 = ticks(Duration::from_millis(20));
 /// fill a large table), in epoch ticks. It is off the request path but for the first pick after
 /// a backend change.
 pub const SETUP_DEADLINE_TICKS: u64 = ticks(Duration::from_secs(1));
+/// A strategy's picks may take this long at the 99th percentile (over a window of the breaker's
+/// length, judged from 100 picks on): more is a fault that takes it out of service, since every
+/// request of its routes waits on its picks.
+pub const PICK_BUDGET: Duration = Duration::from_millis(1);
+/// Picks in a window before the budget is judged.
+const BUDGET_SAMPLE: u32 = 100;
+
 /// Faults within one breaker window that take a plugin out of service.
 const FAULTS_TO_TRIP: u32 = 5;
 /// How long a tripped breaker keeps a plugin out: 1 s, doubling with each trip, up to a minute.
@@ -63,6 +70,16 @@ pub struct Loaded {
     pub(super) config: String,
     pub(super) reporter: Arc<Reporter>,
     breaker: Breaker,
+    /// Guest picks in the current window, and how many were over the budget.
+    picks: PickWindow,
+    pick_times: prometheus::Histogram,
+}
+
+#[derive(Default)]
+struct PickWindow {
+    start_ms: AtomicU64,
+    count: AtomicU32,
+    over: AtomicU32,
 }
 
 static GENERATION: AtomicU64 = AtomicU64::new(1);
@@ -112,6 +129,7 @@ impl Loaded {
         .map_err(|e| Rejected(format!("configure failed: {e}")))?
         .map_err(|reason| Rejected(format!("refuses the default configuration: {reason}")))?;
         sample_picks(&mut store, &plugin, description.wants_outcomes)?;
+        let pick_times = reporter.pick_times(&name);
         Ok(Self {
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
             name,
@@ -122,8 +140,10 @@ impl Loaded {
             engine: engine.clone(),
             pre,
             config,
+            pick_times,
             reporter,
             breaker: Breaker::default(),
+            picks: PickWindow::default(),
         })
     }
 
@@ -150,6 +170,47 @@ impl Loaded {
 
     pub fn succeeded(&self) {
         self.breaker.record_success();
+    }
+
+    /// Times one pick that called into the guest. More than one pick in a hundred over the
+    /// budget, in a window of at least a hundred, puts the p99 over it: a fault, and the plugin
+    /// goes out of service at once (the host picks meanwhile).
+    pub fn timed_pick(&self, took: Duration) {
+        self.pick_times.observe(took.as_secs_f64());
+        let w = &self.picks;
+        let now = now_ms();
+        let start = w.start_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(start) > WINDOW_MS
+            && w
+                .start_ms
+                .compare_exchange(start, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            w.count.store(0, Ordering::Relaxed);
+            w.over.store(0, Ordering::Relaxed);
+        }
+        let count = w.count.fetch_add(1, Ordering::Relaxed) + 1;
+        // Built-ins are Harbor's own, measured in its benches: a clock that counts the time a
+        // busy machine descheduled the thread must not take them out of service.
+        if took <= PICK_BUDGET || self.source == Source::Builtin {
+            return;
+        }
+        let over = w.over.fetch_add(1, Ordering::Relaxed) + 1;
+        if count >= BUDGET_SAMPLE && over * 100 > count {
+            // Judged once per window: counting starts afresh.
+            w.count.store(0, Ordering::Relaxed);
+            w.over.store(0, Ordering::Relaxed);
+            self.reporter.fault(
+                &self.name,
+                FaultKind::Slow,
+                &format!(
+                    "{over} of its last {count} picks took over its budget of {PICK_BUDGET:?} (the last {took:?}): its p99 is over budget"
+                ),
+            );
+            self.breaker.total.fetch_add(1, Ordering::Relaxed);
+            let backoff = self.breaker.trip();
+            self.reporter.disabled(&self.name, backoff);
+        }
     }
 }
 
@@ -367,6 +428,15 @@ impl Breaker {
         self.disabled_until_ms
             .store(now + backoff.as_millis() as u64, Ordering::Relaxed);
         Some(backoff)
+    }
+
+    /// Takes the plugin out of service now; returns for how long.
+    fn trip(&self) -> Duration {
+        let trips = self.trips.fetch_add(1, Ordering::Relaxed);
+        let backoff = OUT_OF_SERVICE.after(trips.saturating_add(1));
+        self.disabled_until_ms
+            .store(now_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
+        backoff
     }
 
     fn record_success(&self) {

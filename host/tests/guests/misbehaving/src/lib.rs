@@ -21,6 +21,8 @@ pub const PANIC: u64 = 0xDEAD_0003;
 pub const BAD_INDEX: u64 = 0xDEAD_0004;
 /// Answer no backend at all, while there are some.
 pub const NONE: u64 = 0xDEAD_0005;
+/// Answer well, after 5 ms of work: within the pick deadline, far over the pick budget.
+pub const SLOW: u64 = 0xDEAD_0006;
 
 thread_local! {
     /// Backend count per route.
@@ -123,6 +125,14 @@ fn choose(route: Route, sequence: u64, hash_key: Option<u64>, exclude: &[u32]) -
         Some(PANIC) => panic!("asked to panic"),
         Some(BAD_INDEX) => Some(count(route) + 7),
         Some(NONE) => None,
+        Some(SLOW) => {
+            let began = std::time::Instant::now();
+            while began.elapsed() < std::time::Duration::from_millis(5) {
+                std::hint::black_box(());
+            }
+            let n = count(route);
+            (n > 0).then(|| (sequence % u64::from(n)) as u32)
+        }
         _ => {
             let n = u64::from(count(route));
             (0..n)
