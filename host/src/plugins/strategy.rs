@@ -301,7 +301,7 @@ fn sample_picks(
     let plan = call(store, SETUP_DEADLINE_TICKS, |s| {
         api.call_rebuild(s, ROUTE, &backends)
     })
-    .map_err(|e| Rejected(format!("building a route failed: {e}")))?;
+    .map_err(|e| Rejected(format!("rebuild(route 0, 4 backends) failed: {e}")))?;
     check_plan(plan, 4)?;
     let check = |store: &mut Store<GuestState>,
                  n: u32,
@@ -314,7 +314,12 @@ fn sample_picks(
                 api.call_retry(s, ROUTE, sequence, entropy, hash_key, exclude)
             }
         });
-        let what = if exclude.is_empty() { "pick" } else { "retry" };
+        // The call as it was made, so that a failure names it exactly.
+        let what = if exclude.is_empty() {
+            format!("pick(route 0, sequence {sequence}, hash key {hash_key:?})")
+        } else {
+            format!("retry(route 0, sequence {sequence}, hash key {hash_key:?}, exclude {exclude:?})")
+        };
         match answer {
             Err(e) => Err(Rejected(format!("{what} failed: {e}"))),
             Ok(None) => Err(Rejected(format!(
@@ -336,27 +341,28 @@ fn sample_picks(
             seq.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             (seq % 2 == 0).then_some(seq.wrapping_mul(31)),
         );
-        let exclude: &[u32] = if seq % 5 == 0 { &[0, 1] } else { &[] };
+        // A first try comes first: a guest that fails every call is named by its `pick`.
+        let exclude: &[u32] = if seq % 5 == 4 { &[0, 1] } else { &[] };
         let i = check(store, 4, ask, exclude)?;
         if wants_outcomes {
             call(store, SETUP_DEADLINE_TICKS, |s| {
                 api.call_done(s, ROUTE, i, guest::Outcome::Success, 1_000_000)
             })
-            .map_err(|e| Rejected(format!("done failed: {e}")))?;
+            .map_err(|e| Rejected(format!("done(route 0, index {i}) failed: {e}")))?;
         }
     }
     let fewer = sample_backends(3, Some(1));
     let plan = call(store, SETUP_DEADLINE_TICKS, |s| {
         api.call_rebuild(s, ROUTE, &fewer)
     })
-    .map_err(|e| Rejected(format!("rebuild failed: {e}")))?;
+    .map_err(|e| Rejected(format!("rebuild(route 0, 3 backends) failed: {e}")))?;
     check_plan(plan, 3)?;
     for seq in 0..50u64 {
         let ask = (seq, seq.wrapping_mul(0xD1B5_4A32_D192_ED03), Some(seq));
         check(store, 3, ask, &[])?;
     }
     call(store, SETUP_DEADLINE_TICKS, |s| api.call_forget(s, ROUTE))
-        .map_err(|e| Rejected(format!("forget failed: {e}")))?;
+        .map_err(|e| Rejected(format!("forget(route 0) failed: {e}")))?;
     tracing::debug!(elapsed = ?started.elapsed(), "strategy sample picks passed");
     Ok(())
 }
