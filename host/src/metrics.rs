@@ -92,8 +92,8 @@ impl Metrics {
                 "Time of each pick that called into a strategy (a plan's answers call nothing)",
             )
             .buckets(vec![
-                1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01,
-                0.02,
+                1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
+                0.01, 0.02,
             ]),
             &["plugin"],
         )?;

@@ -491,7 +491,10 @@ fn a_strategy_whose_picks_are_over_budget_is_taken_out_of_service() {
         let p = b.pick(Some(0xDEAD_0006), &[]).expect("a backend");
         assert!(!p.fallback, "in service until judged");
         guest_picks += 1;
-        assert!(guest_picks <= 100, "not judged after {guest_picks} slow picks");
+        assert!(
+            guest_picks <= 100,
+            "not judged after {guest_picks} slow picks"
+        );
     }
     assert_eq!(guest_picks, 100, "judged as soon as there are enough picks");
     let faults: Vec<String> = match rt.bus.since(start) {

@@ -49,17 +49,27 @@ impl<S: Send + Sync> FromRequest<S> for Upload {
 
     async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
         let limit = crate::plugins::MAX_COMPONENT_BYTES as usize;
+        let too_large = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the upload is larger than the limit for a component, {limit} bytes (32 MiB)"
+                ),
+            )
+        };
+        // Refused before a byte of the body is read when its length says so.
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(too_large());
+        }
         axum::body::to_bytes(req.into_body(), limit)
             .await
             .map(Upload)
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "the upload is larger than the limit for a component, {limit} bytes (32 MiB)"
-                    ),
-                )
-            })
+            .map_err(|_| too_large())
     }
 }
 

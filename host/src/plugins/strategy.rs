@@ -181,8 +181,7 @@ impl Loaded {
         let now = now_ms();
         let start = w.start_ms.load(Ordering::Relaxed);
         if now.saturating_sub(start) > WINDOW_MS
-            && w
-                .start_ms
+            && w.start_ms
                 .compare_exchange(start, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
@@ -318,7 +317,9 @@ fn sample_picks(
         let what = if exclude.is_empty() {
             format!("pick(route 0, sequence {sequence}, hash key {hash_key:?})")
         } else {
-            format!("retry(route 0, sequence {sequence}, hash key {hash_key:?}, exclude {exclude:?})")
+            format!(
+                "retry(route 0, sequence {sequence}, hash key {hash_key:?}, exclude {exclude:?})"
+            )
         };
         match answer {
             Err(e) => Err(Rejected(format!("{what} failed: {e}"))),
