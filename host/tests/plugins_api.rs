@@ -117,6 +117,7 @@ async fn builtins_are_listed_and_uploads_are_checked_before_they_serve() {
         .routing()
         .balancer(&ServiceName::parse("web").unwrap())
         .unwrap();
+    common::strategy_ready(&balancer);
     assert!(!balancer.pick(None, &[]).unwrap().fallback);
 
     // The same bytes again: 200, not 201.
@@ -379,8 +380,11 @@ async fn a_misbehaving_plugin_never_takes_the_daemon_down() {
 
     // Picks run on the proxy's threads; here a blocking thread stands in for one.
     let picks = tokio::task::spawn_blocking(move || {
-        [0xDEAD_0001u64, 0xDEAD_0002, 0xDEAD_0003, 0xDEAD_0004]
-            .map(|key| b.pick(Some(key), &[]).map(|p| p.fallback))
+        [0xDEAD_0001u64, 0xDEAD_0002, 0xDEAD_0003, 0xDEAD_0004].map(|key| {
+            // Each fault costs the thread its instance; a new one is made off the thread.
+            common::strategy_ready(&b);
+            b.pick(Some(key), &[]).map(|p| p.fallback)
+        })
     })
     .await
     .unwrap();
@@ -470,5 +474,82 @@ async fn a_component_over_the_size_limit_is_refused_with_the_limit_named() {
                 .ends_with("huge.wasm")
     });
     assert!(listed, "{list}");
+    h.shutdown().await;
+}
+
+/// A strategy whose `rebuild` loops is set up off the proxy's threads: the stuck setup runs on
+/// the strategy setup thread (its fault says where), and the other route keeps completing
+/// requests while it is stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_that_loops_never_holds_up_a_picking_thread() {
+    let h = start().await;
+    let mut events = h.events(None).await;
+    let (status, body) = upload(
+        &h,
+        "misbehaving",
+        component("harbor-test-misbehaving", &[]),
+        "application/wasm",
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let fine = common::proxies::Upstream::start("fine").await;
+    let fragile = common::proxies::Upstream::start("fragile").await;
+    h.register(json!({"name": "fine", "upstream": fine.addr.to_string(), "host": "fine.localhost", "ttl_secs": 60}))
+        .await;
+    h.register(json!({"name": "fragile", "upstream": fragile.addr.to_string(), "host": "fragile.localhost", "strategy": "misbehaving", "ttl_secs": 60}))
+        .await;
+    let proxy = h.harbor().proxy_addr().expect("the proxy");
+    let client = reqwest::Client::new();
+    for (host, want) in [("fine.localhost", "fine"), ("fragile.localhost", "fragile")] {
+        eventually(Duration::from_secs(5), host, || {
+            let client = client.clone();
+            async move {
+                let got = common::proxies::through(&client, proxy, host, "/").await;
+                (got == Some((200, want.to_owned()))).then_some(())
+            }
+        })
+        .await;
+    }
+
+    // A backend on the magic port: the guest's rebuild of the route loops.
+    h.register(json!({"name": "fragile", "upstream": "127.0.0.1:6666", "host": "fragile.localhost", "strategy": "misbehaving", "ttl_secs": 60}))
+        .await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let traffic = tokio::spawn({
+        let (client, stop) = (client.clone(), stop.clone());
+        async move {
+            let (mut fine_ok, mut slowest) = (0u32, Duration::ZERO);
+            while !stop.is_cancelled() {
+                // Fragile's picks are what ask for the rebuild.
+                let _ = common::proxies::through(&client, proxy, "fragile.localhost", "/").await;
+                let began = std::time::Instant::now();
+                let got = common::proxies::through(&client, proxy, "fine.localhost", "/").await;
+                assert_eq!(
+                    got,
+                    Some((200, "fine".to_owned())),
+                    "the other route failed"
+                );
+                slowest = slowest.max(began.elapsed());
+                fine_ok += 1;
+            }
+            (fine_ok, slowest)
+        }
+    });
+    let fault = events.next_of("plugin_fault").await;
+    stop.cancel();
+    let (fine_ok, slowest) = traffic.await.expect("the traffic");
+    eprintln!(
+        "while the rebuild was stuck: {fine_ok} requests to the other route, slowest {slowest:?}"
+    );
+    let message = fault.data["message"].as_str().unwrap_or_default();
+    assert_eq!(fault.data["fault"], "timeout", "{:?}", fault.data);
+    assert!(
+        message.contains("harbor-strategy-setup") && !message.contains("harbor-lane"),
+        "{message}"
+    );
+    assert!(
+        fine_ok > 0,
+        "the other route completed nothing while the rebuild was stuck"
+    );
     h.shutdown().await;
 }

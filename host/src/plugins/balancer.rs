@@ -313,7 +313,9 @@ impl Balancer {
                 exclude,
             };
             match shard::pick(loaded, self.id, &self.alive, &set, &ask) {
-                Ok(Some(i)) if (i as usize) < set.backends.len() && !exclude.contains(&i) => {
+                Ok(shard::Answer::Chose(Some(i)))
+                    if (i as usize) < set.backends.len() && !exclude.contains(&i) =>
+                {
                     loaded.succeeded();
                     return Some(Picked {
                         set: local,
@@ -323,12 +325,14 @@ impl Balancer {
                 }
                 // No backend is a fair answer only when none is usable; otherwise it would
                 // fail the request (a 503) for no reason: a fault, and the host picks.
-                Ok(None) if !usable(&set, exclude) => return None,
-                Ok(None) => loaded.fault(
+                Ok(shard::Answer::Chose(None)) if !usable(&set, exclude) => return None,
+                Ok(shard::Answer::Chose(None)) => loaded.fault(
                     super::report::FaultKind::BadAnswer,
                     "answered no backend while healthy ones were left",
                 ),
-                Ok(Some(i)) => loaded.fault(
+                // Its instance for this thread is being made: the host picks meanwhile.
+                Ok(shard::Answer::Preparing) => {}
+                Ok(shard::Answer::Chose(Some(i))) => loaded.fault(
                     super::report::FaultKind::BadAnswer,
                     &format!("picked index {i}, which is out of range or excluded"),
                 ),

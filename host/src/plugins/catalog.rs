@@ -169,8 +169,9 @@ impl Strategies {
     /// listed as a rejection, as a component that fails its checks is.
     pub fn refuse(&self, source: Source, reason: &str) {
         let key = source.to_string();
+        // Listed before it is told, so that whoever hears of it finds it.
+        lock(&self.errors).insert(key.clone(), (key.clone(), reason.to_owned()));
         self.reporter.rejected(&key, reason);
-        lock(&self.errors).insert(key.clone(), (key, reason.to_owned()));
     }
 
     /// Checks a component and, if it passes, puts it in force under the name it describes.
@@ -208,8 +209,8 @@ impl Strategies {
         let loaded = match outcome {
             Ok(loaded) => loaded,
             Err(rejected) => {
-                self.reporter.rejected(&source.to_string(), &rejected.0);
                 lock(&self.errors).insert(key, (source.to_string(), rejected.0.clone()));
+                self.reporter.rejected(&source.to_string(), &rejected.0);
                 return Err(rejected);
             }
         };

@@ -4,6 +4,13 @@
 //! guest call with scalar arguments: no resource handle, no list unless a retry excludes some.
 //! A strategy that hands the host a pick plan when it is given the backends (every built-in
 //! but consistent hashing) costs no call at all on a first try: the plan answers it here.
+//!
+//! Only bounded picks run on a picking thread for a plugin. Making an instance (`instantiate`,
+//! `configure`) and giving it a route's backends (`rebuild`) may take a guest its whole second
+//! of setup time, so for plugins they run on a thread of their own ([`prepare`]): a thread
+//! that needs an instance, or a route built afresh, asks for a new instance with every route it
+//! serves built, picks with the host's round-robin until it is ready, and then takes it in
+//! place of the old one. Built-in strategies, Harbor's own code, are set up where they pick.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -16,13 +23,15 @@ use super::balancer::BackendSet;
 use super::guest::{GuestState, Plugin};
 use super::plan::Plan;
 use super::report::FaultKind;
-use super::strategy::{CALL_DEADLINE_TICKS, Loaded, SETUP_DEADLINE_TICKS, arm, classify};
+use super::strategy::{CALL_DEADLINE_TICKS, Loaded, SETUP_DEADLINE_TICKS, Source, arm, classify};
 
 struct Shard {
     store: Store<GuestState>,
     plugin: Plugin,
     /// Which strategy version this instance belongs to; dead once that version is replaced.
     owner: Weak<Loaded>,
+    /// The strategy's name, which the version replacing it shares.
+    name: crate::model::StrategyName,
     /// Route balancer id → the route as this instance knows it.
     routes: IdMap<Route>,
     /// Route numbers given back by `forget`, reused before new ones.
@@ -38,8 +47,30 @@ struct Route {
     plan: Option<Plan>,
     /// The backend-set version the guest last saw.
     version: u64,
+    /// The backend set the guest last saw, to build the route again in a new instance.
+    set: Arc<BackendSet>,
     /// Dead once the route's balancer is dropped.
     alive: Weak<()>,
+}
+
+/// A strategy version's place on one picking thread.
+#[derive(Default)]
+struct Slot {
+    shard: Option<Shard>,
+    /// An instance being made off this thread, once asked for.
+    preparing: Option<Arc<Preparing>>,
+}
+
+/// An instance made on the setup thread, waiting for its picking thread to take it.
+#[derive(Default)]
+struct Preparing {
+    done: std::sync::Mutex<Option<Result<Shard, Fault>>>,
+}
+
+/// What the strategy answered, or that it cannot yet: the host picks meanwhile.
+pub enum Answer {
+    Chose(Option<u32>),
+    Preparing,
 }
 
 /// Maps keyed by ids Harbor hands out itself (generations, balancer ids): unique, never chosen
@@ -66,7 +97,7 @@ impl Hasher for IdHasher {
 }
 
 thread_local! {
-    static SHARDS: RefCell<IdMap<Shard>> = RefCell::new(IdMap::default());
+    static SHARDS: RefCell<IdMap<Slot>> = RefCell::new(IdMap::default());
 }
 
 /// A failed guest call. The instance it happened in has been discarded.
@@ -97,9 +128,9 @@ pub fn pick(
     loaded: &Arc<Loaded>,
     id: u64,
     alive: &Arc<()>,
-    set: &BackendSet,
+    set: &Arc<BackendSet>,
     ask: &Ask<'_>,
-) -> Result<Option<u32>, Box<Fault>> {
+) -> Result<Answer, Box<Fault>> {
     SHARDS.with(|cell| {
         let Ok(mut shards) = cell.try_borrow_mut() else {
             return Err(Box::new(Fault {
@@ -107,30 +138,211 @@ pub fn pick(
                 message: "re-entered the strategy runtime".into(),
             }));
         };
-        let shard = match shards.get_mut(&loaded.generation) {
-            Some(shard) => shard,
-            None => {
-                sweep(&mut shards);
-                shards
-                    .entry(loaded.generation)
-                    .or_insert(Shard::new(loaded)?)
+        let built_in = matches!(loaded.source, Source::Builtin);
+        // The common case first, with one lookup: this thread's instance can answer.
+        if let Some(slot) = shards.get_mut(&loaded.generation)
+            && let Some(shard) = slot.shard.as_mut()
+            && (built_in || shard.knows(id, set.version))
+        {
+            let result = shard.pick(loaded, id, alive, set, ask);
+            if result.is_err() {
+                // A trap leaves the instance unusable; this thread gets a new one.
+                slot.shard = None;
             }
-        };
-        let result = shard.pick(loaded, id, alive, set, ask);
-        if result.is_err() {
-            // A trap leaves the instance unusable; the next pick on this thread starts afresh.
-            shards.remove(&loaded.generation);
+            return result.map(Answer::Chose);
         }
-        result
+        if !shards.contains_key(&loaded.generation) {
+            sweep(&mut shards);
+        }
+        let slot = shards.entry(loaded.generation).or_default();
+        if built_in {
+            // Harbor's own code is set up where it picks.
+            let shard = match &mut slot.shard {
+                Some(shard) => shard,
+                None => slot.shard.insert(Shard::new(loaded)?),
+            };
+            let result = shard.pick(loaded, id, alive, set, ask);
+            if result.is_err() {
+                slot.shard = None;
+            }
+            return result.map(Answer::Chose);
+        }
+        slot.prepare(loaded, id, alive, set)?;
+        if !slot.ready(id, set.version) {
+            // Meanwhile the version this one replaced answers, where this thread still has it
+            // and it knows the route as it is.
+            let Some(old) = previous(&mut shards, loaded, id, set.version) else {
+                return Ok(Answer::Preparing);
+            };
+            let Some(shard) = old.shard.as_mut() else {
+                return Ok(Answer::Preparing);
+            };
+            let result = shard.pick(loaded, id, alive, set, ask);
+            if result.is_err() {
+                old.shard = None;
+            }
+            return result.map(Answer::Chose);
+        }
+        // A prepared instance was just taken: the ones it replaces may go.
+        sweep(&mut shards);
+        let Some(shard) = shards
+            .get_mut(&loaded.generation)
+            .and_then(|slot| slot.shard.as_mut())
+        else {
+            return Ok(Answer::Preparing);
+        };
+        shard.pick(loaded, id, alive, set, ask).map(Answer::Chose)
     })
 }
 
-/// Drops this thread's instances of strategy versions that have been replaced.
-fn sweep(shards: &mut IdMap<Shard>) {
-    shards.retain(|_, s| s.owner.strong_count() > 0);
+impl Slot {
+    /// Whether this thread's instance has built route `id` for backend set `version`.
+    fn ready(&self, id: u64, version: u64) -> bool {
+        self.shard.as_ref().is_some_and(|s| s.knows(id, version))
+    }
+
+    /// Takes a prepared instance if one is done; otherwise asks for one (if none is on its way)
+    /// with every route this thread serves built, and route `id` with `set`. A preparation that
+    /// failed is this pick's fault.
+    fn prepare(
+        &mut self,
+        loaded: &Arc<Loaded>,
+        id: u64,
+        alive: &Arc<()>,
+        set: &Arc<BackendSet>,
+    ) -> Result<(), Box<Fault>> {
+        if let Some(preparing) = &self.preparing {
+            let done = crate::events::lock(&preparing.done).take();
+            match done {
+                None => return Ok(()),
+                Some(Ok(shard)) => {
+                    self.preparing = None;
+                    self.shard = Some(shard);
+                    if self.ready(id, set.version) {
+                        return Ok(());
+                    }
+                }
+                Some(Err(fault)) => {
+                    self.preparing = None;
+                    return Err(Box::new(fault));
+                }
+            }
+        }
+        let mut wanted: Vec<(u64, Weak<()>, Arc<BackendSet>)> = self
+            .shard
+            .iter()
+            .flat_map(|s| s.routes.iter())
+            .filter(|(rid, r)| **rid != id && r.alive.strong_count() > 0)
+            .map(|(&rid, r)| (rid, r.alive.clone(), r.set.clone()))
+            .collect();
+        wanted.push((id, Arc::downgrade(alive), set.clone()));
+        let preparing = Arc::new(Preparing::default());
+        self.preparing = Some(preparing.clone());
+        let loaded = loaded.clone();
+        prepare(Box::new(move || {
+            let made = Shard::new(&loaded)
+                .and_then(|mut shard| {
+                    for (rid, alive, set) in &wanted {
+                        if alive.strong_count() > 0 {
+                            shard.rebuild(*rid, alive, set)?;
+                        }
+                    }
+                    Ok(shard)
+                })
+                .map_err(|mut fault| {
+                    // Where it ran, for people and for the tests that check no picking thread
+                    // ever waits on setup.
+                    let here = std::thread::current();
+                    fault.message = format!(
+                        "{} (while an instance was made on thread {})",
+                        fault.message,
+                        here.name().unwrap_or("unnamed")
+                    );
+                    fault
+                });
+            *crate::events::lock(&preparing.done) = Some(made);
+        }));
+        Ok(())
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Runs `job` on the setup thread, started on first use. One thread: a guest that loops in
+/// setup holds up other preparations for its second, never a pick.
+fn prepare(job: Job) {
+    static SETUP: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    let sender = SETUP.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new()
+            .name("harbor-strategy-setup".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the strategy setup thread; plugins pick with the host's round-robin");
+        }
+        std::sync::Mutex::new(tx)
+    });
+    let _ = crate::events::lock(sender).send(job);
+}
+
+/// The slot of this thread's instance of an earlier version of `loaded`'s strategy that has
+/// built route `id` for backend set `version`.
+fn previous<'a>(
+    shards: &'a mut IdMap<Slot>,
+    loaded: &Loaded,
+    id: u64,
+    version: u64,
+) -> Option<&'a mut Slot> {
+    shards
+        .iter_mut()
+        .filter(|(generation, _)| **generation != loaded.generation)
+        .map(|(_, slot)| slot)
+        .find(|slot| {
+            slot.shard.as_ref().is_some_and(|shard| {
+                shard.name == loaded.name
+                    && shard.routes.get(&id).is_some_and(|r| r.version == version)
+            })
+        })
+}
+
+/// Drops this thread's instances of strategy versions that have been replaced, once the
+/// version that replaced them has an instance here (until then they answer for it).
+fn sweep(shards: &mut IdMap<Slot>) {
+    // Whether each version is in force is read once: another thread may let go of one while
+    // this sweeps, and its instance must not be dropped for a version that has none here.
+    let in_force: IdMap<bool> = shards
+        .iter()
+        .map(|(&generation, s)| {
+            let alive = s
+                .shard
+                .as_ref()
+                .is_some_and(|sh| sh.owner.strong_count() > 0);
+            (generation, alive)
+        })
+        .collect();
+    let live: std::collections::HashSet<crate::model::StrategyName> = shards
+        .iter()
+        .filter(|(generation, _)| in_force.get(*generation).copied().unwrap_or(false))
+        .filter_map(|(_, s)| s.shard.as_ref().map(|sh| sh.name.clone()))
+        .collect();
+    shards.retain(|generation, s| match &s.shard {
+        Some(_) if in_force.get(generation).copied().unwrap_or(false) => true,
+        Some(shard) => !live.contains(&shard.name),
+        None => s.preparing.is_some(),
+    });
 }
 
 impl Shard {
+    /// Whether this instance has built route `id` for backend set `version`.
+    fn knows(&self, id: u64, version: u64) -> bool {
+        self.routes.get(&id).is_some_and(|r| r.version == version)
+    }
+
     fn new(loaded: &Arc<Loaded>) -> Result<Self, Fault> {
         let mut store = super::strategy::new_store(&loaded.engine);
         arm(&mut store, SETUP_DEADLINE_TICKS);
@@ -148,6 +360,7 @@ impl Shard {
             store,
             plugin,
             owner: Arc::downgrade(loaded),
+            name: loaded.name.clone(),
             routes: IdMap::default(),
             free: Vec::new(),
             next: 0,
@@ -159,7 +372,7 @@ impl Shard {
         loaded: &Loaded,
         id: u64,
         alive: &Arc<()>,
-        set: &BackendSet,
+        set: &Arc<BackendSet>,
         ask: &Ask<'_>,
     ) -> Result<Option<u32>, Box<Fault>> {
         // Point the load import at this route's counters (an Arc swap only when the route or
@@ -175,7 +388,7 @@ impl Shard {
         let route = match self.routes.get(&id) {
             Some(r) if r.version == set.version => r,
             _ => {
-                self.rebuild(id, alive, set)?;
+                self.rebuild(id, &Arc::downgrade(alive), set)?;
                 self.routes.get(&id).ok_or_else(|| Fault {
                     kind: FaultKind::Trap,
                     message: "a rebuilt route went missing".into(),
@@ -188,9 +401,20 @@ impl Shard {
             return Ok(answer);
         }
         let route = route.number;
+        self.call_pick(loaded, route, ask)
+    }
+
+    /// A pick the guest answers itself, timed for its pick budget. Kept out of [`Shard::pick`]
+    /// so that the plan's answers, most picks, run through a small function.
+    #[inline(never)]
+    fn call_pick(
+        &mut self,
+        loaded: &Loaded,
+        route: u32,
+        ask: &Ask<'_>,
+    ) -> Result<Option<u32>, Box<Fault>> {
         let api = self.plugin.harbor_strategy_strategy();
         arm(&mut self.store, CALL_DEADLINE_TICKS);
-        // Only picks that call the guest are timed: a plan's answer costs no clock read.
         let began = std::time::Instant::now();
         let answer = if ask.exclude.is_empty() {
             api.call_pick(
@@ -219,7 +443,7 @@ impl Shard {
 
     /// Gives the guest the route's current backends, numbering the route first if this
     /// instance has not seen it (and forgetting routes whose balancers are gone).
-    fn rebuild(&mut self, id: u64, alive: &Arc<()>, set: &BackendSet) -> Result<u32, Fault> {
+    fn rebuild(&mut self, id: u64, alive: &Weak<()>, set: &Arc<BackendSet>) -> Result<u32, Fault> {
         let api = self.plugin.harbor_strategy_strategy();
         let number = match self.routes.get(&id) {
             Some(r) => r.number,
@@ -259,7 +483,8 @@ impl Shard {
                 number,
                 plan,
                 version: set.version,
-                alive: Arc::downgrade(alive),
+                set: set.clone(),
+                alive: alive.clone(),
             },
         );
         Ok(number)
@@ -278,7 +503,10 @@ pub fn done(
         let Ok(mut shards) = cell.try_borrow_mut() else {
             return;
         };
-        let Some(shard) = shards.get_mut(&loaded.generation) else {
+        let Some(shard) = shards
+            .get_mut(&loaded.generation)
+            .and_then(|slot| slot.shard.as_mut())
+        else {
             return;
         };
         let Some(route) = shard.routes.get(&id).map(|r| r.number) else {
@@ -289,7 +517,9 @@ pub fn done(
         if let Err(e) = api.call_done(&mut shard.store, route, index, outcome, latency_ns) {
             let (kind, message) = classify(&e);
             loaded.fault(kind, &message);
-            shards.remove(&loaded.generation);
+            if let Some(slot) = shards.get_mut(&loaded.generation) {
+                slot.shard = None;
+            }
         }
     });
 }

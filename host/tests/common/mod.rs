@@ -340,6 +340,20 @@ pub fn without_countdowns(mut v: Value) -> Value {
     v
 }
 
+/// Waits, picking on this thread, until `b`'s strategy answers picks here: a plugin's instance
+/// for a thread is made off that thread, and its picks fall back until then.
+#[allow(dead_code)]
+pub fn strategy_ready(b: &harbor::plugins::Balancer) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b.pick(Some(1), &[]).is_some_and(|p| p.fallback) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the strategy never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// A daemon process (the real binary), killed if a test leaves it running, however it ends.
 pub struct Daemon(pub std::process::Child);
 

@@ -1,5 +1,5 @@
 //! A strategy that behaves during Harbor's admission check and misbehaves on command at run
-//! time, chosen by magic hash keys, so tests can show each failure is contained. Built with the
+//! time, chosen by magic hash keys (and, for `rebuild`, a backend on a magic port), so tests can show each failure is contained. Built with the
 //! `stuck` feature, its `describe` never returns; with `bad-table`, its pick table names a
 //! backend that does not exist; with `bad-rule`, its load rule gives a backend weight 0: the
 //! admission check must refuse all three.
@@ -23,6 +23,8 @@ pub const BAD_INDEX: u64 = 0xDEAD_0004;
 pub const NONE: u64 = 0xDEAD_0005;
 /// Answer well, after 5 ms of work: within the pick deadline, far over the pick budget.
 pub const SLOW: u64 = 0xDEAD_0006;
+/// A backend on this port makes `rebuild` loop forever.
+pub const STUCK_REBUILD_PORT: &str = ":6666";
 
 thread_local! {
     /// Backend count per route.
@@ -53,6 +55,12 @@ impl Guest for Component {
     }
 
     fn rebuild(route: Route, backends: Vec<Backend>) -> Option<PickPlan> {
+        if backends
+            .iter()
+            .any(|b| b.address.ends_with(STUCK_REBUILD_PORT))
+        {
+            spin();
+        }
         COUNTS.with_borrow_mut(|c| {
             let i = route as usize;
             if c.len() <= i {
