@@ -48,6 +48,22 @@ async fn caddy_and_harbor(
     Some((turn, caddy, h))
 }
 
+/// A Harbor driving `caddy`, with `envoy`'s settings in place for a swap to it.
+async fn harbor_for_caddy_and_envoy(caddy: &Caddy, envoy: &common::proxies::Envoy) -> TestHarbor {
+    let admin: harbor::config::BaseUrl = caddy.admin_url().parse().unwrap();
+    let envoy_admin: harbor::config::BaseUrl = envoy.admin_url().parse().unwrap();
+    let (listen, dir, envoy_listen) = (caddy.listen_addr(), envoy.xds.clone(), envoy.listen_addr());
+    common::start_with(move |c| {
+        c.backend = BackendKind::Caddy;
+        c.caddy_admin = admin.clone();
+        c.caddy_listen = listen;
+        c.envoy_admin = envoy_admin.clone();
+        c.envoy_dir = dir.clone();
+        c.proxy_listen = envoy_listen;
+    })
+    .await
+}
+
 /// Registers `web` at `web.localhost` with Harbor and waits until Caddy routes to it.
 async fn web_routed(caddy: &Caddy, h: &TestHarbor) -> Upstream {
     let web = Upstream::start("web").await;
@@ -433,18 +449,8 @@ async fn switching_between_caddy_and_envoy_leaves_nothing_of_the_other_behind(re
     let Some(mut envoy) = common::proxies::Envoy::prepare() else {
         return;
     };
-    let admin: harbor::config::BaseUrl = caddy.admin_url().parse().unwrap();
-    let envoy_admin: harbor::config::BaseUrl = envoy.admin_url().parse().unwrap();
-    let (listen, dir, envoy_listen) = (caddy.listen_addr(), envoy.xds.clone(), envoy.listen_addr());
-    let h = common::start_with(move |c| {
-        c.backend = BackendKind::Caddy;
-        c.caddy_admin = admin.clone();
-        c.caddy_listen = listen;
-        c.envoy_admin = envoy_admin.clone();
-        c.envoy_dir = dir.clone();
-        c.proxy_listen = envoy_listen;
-    })
-    .await;
+    let h = harbor_for_caddy_and_envoy(&caddy, &envoy).await;
+    let envoy_listen = envoy.listen_addr();
     let _web = web_routed(&caddy, &h).await;
     let (_, status) = h.get("/api/v1/status").await;
     assert_eq!(
@@ -476,13 +482,7 @@ async fn switching_between_caddy_and_envoy_leaves_nothing_of_the_other_behind(re
 
     // With Envoy up (its bootstrap's files in place, empty, as an operator sets it up), the
     // swap proves it serves the state before Caddy's routes go.
-    for file in ["lds.json", "cds.json"] {
-        std::fs::write(
-            envoy.xds.join(file),
-            r#"{"version_info": "0", "resources": []}"#,
-        )
-        .expect("an empty xDS file");
-    }
+    envoy.write_empty_bootstrap_files();
     envoy.start_process().await;
     let r = swap().await.unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
@@ -552,26 +552,9 @@ async fn a_swap_hands_tcp_ports_over_with_one_listener_at_a_time() {
     let Some(mut envoy) = common::proxies::Envoy::prepare() else {
         return;
     };
-    for file in ["lds.json", "cds.json"] {
-        std::fs::write(
-            envoy.xds.join(file),
-            r#"{"version_info": "0", "resources": []}"#,
-        )
-        .expect("an empty xDS file");
-    }
+    envoy.write_empty_bootstrap_files();
     envoy.start_process().await;
-    let admin: harbor::config::BaseUrl = caddy.admin_url().parse().unwrap();
-    let envoy_admin: harbor::config::BaseUrl = envoy.admin_url().parse().unwrap();
-    let (listen, dir, envoy_listen) = (caddy.listen_addr(), envoy.xds.clone(), envoy.listen_addr());
-    let h = common::start_with(move |c| {
-        c.backend = BackendKind::Caddy;
-        c.caddy_admin = admin.clone();
-        c.caddy_listen = listen;
-        c.envoy_admin = envoy_admin.clone();
-        c.envoy_dir = dir.clone();
-        c.proxy_listen = envoy_listen;
-    })
-    .await;
+    let h = harbor_for_caddy_and_envoy(&caddy, &envoy).await;
     let db = Upstream::start("db").await;
     let port = free_port();
     let tcp = SocketAddr::from(([127, 0, 0, 1], port));
@@ -699,17 +682,8 @@ async fn the_pushed_config_and_dry_runs_show_what_is_written_and_write_nothing(r
         return;
     };
     let _turn = EXCLUSIVE.read().await;
-    let admin: harbor::config::BaseUrl = caddy.admin_url().parse().unwrap();
-    let envoy_admin: harbor::config::BaseUrl = envoy.admin_url().parse().unwrap();
-    let (listen, dir) = (caddy.listen_addr(), envoy.xds.clone());
-    let h = common::start_with(move |c| {
-        c.backend = BackendKind::Caddy;
-        c.caddy_admin = admin.clone();
-        c.caddy_listen = listen;
-        c.envoy_admin = envoy_admin.clone();
-        c.envoy_dir = dir.clone();
-    })
-    .await;
+    let h = harbor_for_caddy_and_envoy(&caddy, &envoy).await;
+    let listen = caddy.listen_addr();
     let _web = web_routed(&caddy, &h).await;
 
     // What was pushed is what Caddy holds, document for document.

@@ -39,6 +39,18 @@ async fn harbor_then_envoy(envoy: &mut Envoy) -> TestHarbor {
     h
 }
 
+/// An Envoy driven by a Harbor, routing `web.localhost` to an upstream named `a`; none when
+/// Envoy is not installed and not required.
+async fn envoy_routing_web() -> Option<(Envoy, TestHarbor, Upstream)> {
+    let mut envoy = Envoy::prepare()?;
+    let h = harbor_then_envoy(&mut envoy).await;
+    let a = Upstream::start("a").await;
+    h.register(json!({"name": "web", "upstream": a.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
+        .await;
+    until_routed(&envoy, "web.localhost", "a", Duration::from_secs(5)).await;
+    Some((envoy, h, a))
+}
+
 /// Waits until Envoy's TCP listener at `addr` reaches the upstream named `want`.
 async fn until_forwarding(addr: std::net::SocketAddr, want: &str) {
     let client = reqwest::Client::new();
@@ -152,14 +164,9 @@ async fn tcp_services_become_tcp_proxy_listeners() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_envoy_refuses_is_isolated_and_reported() {
-    let Some(mut envoy) = Envoy::prepare() else {
+    let Some((envoy, h, a)) = envoy_routing_web().await else {
         return;
     };
-    let h = harbor_then_envoy(&mut envoy).await;
-    let a = Upstream::start("a").await;
-    h.register(json!({"name": "web", "upstream": a.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
-        .await;
-    until_routed(&envoy, "web.localhost", "a", Duration::from_secs(5)).await;
     // A host name is not an endpoint address to Envoy: such a service resolves through DNS.
     let named = Upstream::start("named").await;
     h.register(
@@ -293,14 +300,9 @@ async fn envoy_keeps_routing_while_harbor_is_stopped_and_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pushed_config_is_the_files_envoy_reads() {
-    let Some(mut envoy) = Envoy::prepare() else {
+    let Some((envoy, h, _a)) = envoy_routing_web().await else {
         return;
     };
-    let h = harbor_then_envoy(&mut envoy).await;
-    let a = Upstream::start("a").await;
-    h.register(json!({"name": "web", "upstream": a.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
-        .await;
-    until_routed(&envoy, "web.localhost", "a", Duration::from_secs(5)).await;
     let (status, pushed) = h.get("/api/v1/backend/config").await;
     assert_eq!(status, 200, "{pushed}");
     assert_eq!(pushed["adapter"], "envoy");

@@ -45,6 +45,22 @@ fn runtime() -> Runtime {
     }
 }
 
+/// The plugin faults told since event `start`, as `kind: message`.
+fn faults_since(rt: &Runtime, start: u64) -> Vec<String> {
+    match rt.bus.since(start) {
+        Since::Events(v) => v
+            .iter()
+            .filter_map(|e| match &e.event {
+                harbor::events::Event::PluginFault { fault, message, .. } => {
+                    Some(format!("{}: {message}", fault.as_str()))
+                }
+                _ => None,
+            })
+            .collect(),
+        Since::Gap => panic!("the event ring overflowed"),
+    }
+}
+
 fn backends(weights: &[u32]) -> Vec<BackendSpec> {
     weights
         .iter()
@@ -466,18 +482,7 @@ fn an_answer_of_no_backend_while_some_are_healthy_is_a_fault_and_the_host_picks(
             .expect("a backend, not a 503");
         assert!(p.fallback);
     }
-    let faults: Vec<String> = match rt.bus.since(start) {
-        Since::Events(v) => v
-            .iter()
-            .filter_map(|e| match &e.event {
-                harbor::events::Event::PluginFault { fault, message, .. } => {
-                    Some(format!("{}: {message}", fault.as_str()))
-                }
-                _ => None,
-            })
-            .collect(),
-        Since::Gap => panic!("gap"),
-    };
+    let faults = faults_since(&rt, start);
     assert_eq!(faults.len(), 3, "{faults:?}");
     assert!(
         faults[0].starts_with("bad_answer: answered no backend"),
@@ -514,18 +519,7 @@ fn a_strategy_whose_picks_are_over_budget_is_taken_out_of_service() {
     }
     // The pick that found the instance ready was the first of the hundred.
     assert_eq!(guest_picks, 99, "judged as soon as there are enough picks");
-    let faults: Vec<String> = match rt.bus.since(start) {
-        Since::Events(v) => v
-            .iter()
-            .filter_map(|e| match &e.event {
-                harbor::events::Event::PluginFault { fault, message, .. } => {
-                    Some(format!("{}: {message}", fault.as_str()))
-                }
-                _ => None,
-            })
-            .collect(),
-        Since::Gap => panic!("gap"),
-    };
+    let faults = faults_since(&rt, start);
     assert_eq!(faults.len(), 1, "{faults:?}");
     assert!(faults[0].starts_with("slow: "), "{faults:?}");
     // Out of service: the host picks, and the guest is not called.

@@ -370,6 +370,18 @@ impl Envoy {
     pub fn pid(&self) -> Option<u32> {
         self.process.id()
     }
+
+    /// The two files the bootstrap names, empty, as an operator sets up an Envoy that Harbor
+    /// has not written to yet (Envoy does not finish starting without them).
+    pub fn write_empty_bootstrap_files(&self) {
+        for file in ["lds.json", "cds.json"] {
+            std::fs::write(
+                self.xds.join(file),
+                r#"{"version_info": "0", "resources": []}"#,
+            )
+            .expect("an empty xDS file");
+        }
+    }
 }
 
 /// Which of `pids` listen on TCP `port` now, read from `/proc`: the sockets in state `LISTEN`
