@@ -218,17 +218,7 @@ async fn an_admin_address_that_is_not_caddy_is_a_clear_error() {
         c.caddy_admin = admin.clone();
     })
     .await;
-    let status = eventually(Duration::from_secs(5), "the error", || async {
-        let status = backend_status(&h).await;
-        status["last_error"].as_str().is_some().then_some(status)
-    })
-    .await;
-    let error = status["last_error"].as_str().unwrap_or_default();
-    assert!(
-        error.contains("does not answer as Caddy's admin API"),
-        "{status}"
-    );
-    assert_eq!(status["in_sync"], false, "{status}");
+    common::a_lasting_backend_error(&h, "does not answer as Caddy's admin API").await;
     h.shutdown().await;
 }
 

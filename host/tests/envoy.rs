@@ -342,21 +342,6 @@ async fn an_admin_address_that_is_not_envoy_is_a_clear_error() {
         c.envoy_dir = dir.clone();
     })
     .await;
-    let status = eventually(Duration::from_secs(5), "the error", || async {
-        let status = backend_status(&h).await;
-        status["last_error"].as_str().is_some().then_some(status)
-    })
-    .await;
-    let error = status["last_error"].as_str().unwrap_or_default();
-    assert!(
-        error.contains("does not answer as Envoy's admin API"),
-        "{status}"
-    );
-    assert_eq!(status["in_sync"], false, "{status}");
-    // It stays an error: no probe turns it into a success.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let status = backend_status(&h).await;
-    assert_eq!(status["in_sync"], false, "{status}");
-    assert!(status["last_error"].as_str().is_some(), "{status}");
+    common::a_lasting_backend_error(&h, "does not answer as Envoy's admin API").await;
     h.shutdown().await;
 }

@@ -45,6 +45,21 @@ fn runtime() -> Runtime {
     }
 }
 
+/// A runtime with the misbehaving test strategy installed, and a route of three backends using
+/// it, ready on this thread.
+fn misbehaving() -> (Runtime, Balancer) {
+    let rt = runtime();
+    rt.strategies
+        .install(
+            &component("harbor-test-misbehaving", &[]),
+            Source::Api,
+            None,
+        )
+        .expect("installed");
+    let b = balancer(&rt, "misbehaving", backends(&[1, 1, 1]));
+    (rt, b)
+}
+
 /// The plugin faults told since event `start`, as `kind: message`.
 fn faults_since(rt: &Runtime, start: u64) -> Vec<String> {
     match rt.bus.since(start) {
@@ -466,15 +481,7 @@ fn misbehaving_guests_are_contained_and_the_pick_falls_back() {
 /// answer is a fault, and the request gets the host's pick.
 #[test]
 fn an_answer_of_no_backend_while_some_are_healthy_is_a_fault_and_the_host_picks() {
-    let rt = runtime();
-    rt.strategies
-        .install(
-            &component("harbor-test-misbehaving", &[]),
-            Source::Api,
-            None,
-        )
-        .expect("installed");
-    let b = balancer(&rt, "misbehaving", backends(&[1, 1, 1]));
+    let (rt, b) = misbehaving();
     let start = rt.bus.last_id();
     for _ in 0..3 {
         let p = b
@@ -497,15 +504,7 @@ fn an_answer_of_no_backend_while_some_are_healthy_is_a_fault_and_the_host_picks(
 /// have been seen the plugin is out of service, and the host picks.
 #[test]
 fn a_strategy_whose_picks_are_over_budget_is_taken_out_of_service() {
-    let rt = runtime();
-    rt.strategies
-        .install(
-            &component("harbor-test-misbehaving", &[]),
-            Source::Api,
-            None,
-        )
-        .expect("installed");
-    let b = balancer(&rt, "misbehaving", backends(&[1, 1, 1]));
+    let (rt, b) = misbehaving();
     let start = rt.bus.last_id();
     let mut guest_picks = 0;
     while !event_kinds(&rt.bus, start).contains(&"plugin_disabled".to_owned()) {

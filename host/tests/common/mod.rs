@@ -340,6 +340,29 @@ pub fn without_countdowns(mut v: Value) -> Value {
     v
 }
 
+/// Waits for `GET /api/v1/backend` to report an error containing `needle`, and checks that it
+/// lasts: no probe turns it into a success a second later.
+#[allow(dead_code)]
+pub async fn a_lasting_backend_error(h: &TestHarbor, needle: &str) {
+    let backend = || async {
+        let (status, body) = h.get("/api/v1/backend").await;
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    let status = eventually(Duration::from_secs(5), "the error", || async {
+        let status = backend().await;
+        status["last_error"].as_str().is_some().then_some(status)
+    })
+    .await;
+    let error = status["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains(needle), "{status}");
+    assert_eq!(status["in_sync"], false, "{status}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = backend().await;
+    assert_eq!(status["in_sync"], false, "{status}");
+    assert!(status["last_error"].as_str().is_some(), "{status}");
+}
+
 /// Waits, picking on this thread, until `b`'s strategy answers picks here: a plugin's instance
 /// for a thread is made off that thread, and its picks fall back until then.
 #[allow(dead_code)]
