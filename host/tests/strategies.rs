@@ -538,6 +538,49 @@ fn a_strategy_whose_picks_are_over_budget_is_taken_out_of_service() {
     );
 }
 
+/// `bytes` with a custom section appended: the same component, a different content hash.
+fn variant(bytes: &[u8], n: u32) -> Vec<u8> {
+    let name = format!("harbor-test-{n}");
+    let mut section = vec![name.len() as u8];
+    section.extend_from_slice(name.as_bytes());
+    let mut out = bytes.to_vec();
+    out.push(0); // a custom section
+    out.push(section.len() as u8);
+    out.extend_from_slice(&section);
+    out
+}
+
+/// Upload-and-delete cycles of ever new components leave no compiled code behind in memory,
+/// and the precompiled files on disk within their bound.
+#[test]
+fn removed_plugins_leave_no_compiled_code_behind() {
+    let cache = tempfile::tempdir().unwrap();
+    let bus = Arc::new(EventBus::new(4096));
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let reporter = Arc::new(Reporter::new(bus, metrics));
+    let engine = PluginEngine::shared().expect("the engine");
+    let strategies = Strategies::new(engine.clone(), Some(cache.path().to_owned()), reporter)
+        .expect("the built-in strategies");
+    let swapper = component("harbor-test-swapper", &[]);
+    for n in 0..20 {
+        let bytes = variant(&swapper, n);
+        strategies
+            .install(&bytes, Source::Api, Some("swapper"))
+            .expect("a variant installs");
+        assert!(engine.holds(&harbor::plugins::content_hash(&bytes)));
+        assert!(strategies.remove("swapper"));
+        assert!(
+            !engine.holds(&harbor::plugins::content_hash(&bytes)),
+            "variant {n}: its compiled code is still cached"
+        );
+    }
+    let on_disk: u64 = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(on_disk <= 512 << 20, "{on_disk} bytes on disk");
+}
+
 #[test]
 fn components_that_cannot_serve_are_refused_with_a_reason() {
     let rt = runtime();

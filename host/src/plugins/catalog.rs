@@ -253,11 +253,13 @@ impl Strategies {
         let Some(slot) = self.slot(name) else {
             return false;
         };
-        let removed = slot.current.swap(None).is_some();
-        if removed {
+        let removed = slot.current.swap(None);
+        if let Some(loaded) = &removed {
+            // Its compiled code goes with it, once the last instance using it has.
+            self.engine.forget(&loaded.hash);
             self.reporter.removed(name);
         }
-        removed
+        removed.is_some()
     }
 
     /// The name of the custom strategy loaded from `source`, if any.

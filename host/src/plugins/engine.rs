@@ -34,8 +34,13 @@ pub struct PluginEngine {
     ticker_stop: Arc<AtomicBool>,
 }
 
-/// How many compiled components the memory cache keeps.
-const MEMORY_CACHE: usize = 64;
+/// How many compiled components the memory cache keeps, besides those in use: enough to swap
+/// back and forth between versions without compiling again. A component's native code can be
+/// several times its size, so the cache is short.
+const MEMORY_CACHE: usize = 8;
+
+/// The most the precompiled files on disk may take; past it the least recently used go.
+const DISK_CACHE_BYTES: u64 = 512 << 20;
 
 static SHARED: OnceLock<Arc<PluginEngine>> = OnceLock::new();
 
@@ -93,8 +98,18 @@ impl PluginEngine {
     /// `cache_dir`, which must be private to Harbor: what it holds is loaded as native code.
     pub fn compile(&self, bytes: &[u8], cache_dir: Option<&Path>) -> anyhow::Result<Component> {
         let hash = content_hash(bytes);
-        if let Some((_, component)) = lock(&self.compiled).iter().find(|(h, _)| *h == hash) {
-            return Ok(component.clone());
+        {
+            let mut compiled = lock(&self.compiled);
+            if let Some(entry) = compiled
+                .iter()
+                .position(|(h, _)| *h == hash)
+                .and_then(|i| compiled.remove(i))
+            {
+                // Most recently used at the back, evicted last.
+                let component = entry.1.clone();
+                compiled.push_back(entry);
+                return Ok(component);
+            }
         }
         let component = self.compile_uncached(bytes, &hash, cache_dir)?;
         let mut compiled = lock(&self.compiled);
@@ -103,6 +118,17 @@ impl PluginEngine {
         }
         compiled.push_back((hash, component.clone()));
         Ok(component)
+    }
+
+    /// Whether the memory cache holds the compiled component of content hash `hash`.
+    pub fn holds(&self, hash: &str) -> bool {
+        lock(&self.compiled).iter().any(|(h, _)| h == hash)
+    }
+
+    /// Drops a removed plugin's compiled code from the memory cache; what still uses it keeps
+    /// it until it lets go.
+    pub fn forget(&self, hash: &str) {
+        lock(&self.compiled).retain(|(h, _)| h != hash);
     }
 
     fn compile_uncached(
@@ -121,6 +147,8 @@ impl PluginEngine {
         restrict(dir);
         let path = self.cache_path(dir, hash);
         if path.exists() {
+            // Used now: the last to be pruned.
+            touch(&path);
             // SAFETY: the cache directory is private to Harbor (see `new`), its files are
             // written only by `compile_fresh` below, and the file name binds both the source
             // hash and this engine's compatibility hash.
@@ -138,6 +166,7 @@ impl PluginEngine {
         if let Err(e) = write_private(&path, &precompiled) {
             tracing::warn!(file = %path.display(), error = %e, "cannot cache a precompiled plugin");
         }
+        prune(dir, DISK_CACHE_BYTES);
         // SAFETY: `precompiled` was produced by this engine a moment ago.
         unsafe { Component::deserialize(&self.engine, &precompiled) }
             .map_err(|e| anyhow::anyhow!("{e:#}"))
@@ -169,6 +198,42 @@ fn restrict(dir: &Path) {
     }
 }
 
+/// Marks a cached file as just used.
+fn touch(path: &Path) {
+    if let Ok(file) = std::fs::File::options().append(true).open(path) {
+        let _ = file.set_modified(std::time::SystemTime::now());
+    }
+}
+
+/// Removes the least recently used precompiled files until those left take at most `bound`
+/// bytes.
+fn prune(dir: &Path, bound: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            Some((meta.modified().ok()?, meta.len(), e.path()))
+        })
+        .collect();
+    let mut total: u64 = files.iter().map(|(_, len, _)| len).sum();
+    files.sort();
+    for (_, len, path) in files {
+        if total <= bound {
+            break;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => total -= len,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot prune the plugin cache")
+            }
+        }
+    }
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     // Several daemons may share a cache: each writes its own temp file, and rename is atomic.
     let tmp = path.with_extension(format!("tmp-{}-{}", std::process::id(), fastrand::u64(..)));
@@ -178,4 +243,32 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_disk_cache_is_pruned_to_its_bound_least_recently_used_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::time::SystemTime::now() - Duration::from_secs(100);
+        for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
+            let path = dir.path().join(format!("{name}.cwasm"));
+            std::fs::write(&path, vec![0u8; 1000]).unwrap();
+            let file = std::fs::File::options().append(true).open(&path).unwrap();
+            file.set_modified(base + Duration::from_secs(i as u64))
+                .unwrap();
+        }
+        std::fs::write(dir.path().join("other.txt"), vec![0u8; 5000]).unwrap();
+        // "a" is the oldest, but it was just used.
+        touch(&dir.path().join("a.cwasm"));
+        prune(dir.path(), 2500);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["a.cwasm", "d.cwasm", "other.txt"]);
+    }
 }
