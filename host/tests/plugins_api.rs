@@ -28,6 +28,13 @@ async fn upload(
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// Uploads the misbehaving test strategy, which passes its checks.
+async fn upload_misbehaving(h: &common::TestHarbor) {
+    let bytes = component("harbor-test-misbehaving", &[]);
+    let (status, body) = upload(h, "misbehaving", bytes, "application/wasm").await;
+    assert_eq!(status, 201, "{body}");
+}
+
 fn plugin<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
     list["plugins"]
         .as_array()?
@@ -350,14 +357,7 @@ async fn a_misbehaving_plugin_never_takes_the_daemon_down() {
     let h = start().await;
     let mut events = h.events(None).await;
     events.next().await;
-    let (status, body) = upload(
-        &h,
-        "misbehaving",
-        component("harbor-test-misbehaving", &[]),
-        "application/wasm",
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
+    upload_misbehaving(&h).await;
     h.register(json!({"name": "fragile", "upstream": "127.0.0.1:9001", "strategy": "misbehaving"}))
         .await;
     h.register(json!({"name": "fragile", "upstream": "127.0.0.1:9002", "strategy": "misbehaving"}))
@@ -484,14 +484,7 @@ async fn a_component_over_the_size_limit_is_refused_with_the_limit_named() {
 async fn a_rebuild_that_loops_never_holds_up_a_picking_thread() {
     let h = start().await;
     let mut events = h.events(None).await;
-    let (status, body) = upload(
-        &h,
-        "misbehaving",
-        component("harbor-test-misbehaving", &[]),
-        "application/wasm",
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
+    upload_misbehaving(&h).await;
     let fine = common::proxies::Upstream::start("fine").await;
     let fragile = common::proxies::Upstream::start("fragile").await;
     h.register(json!({"name": "fine", "upstream": fine.addr.to_string(), "host": "fine.localhost", "ttl_secs": 60}))

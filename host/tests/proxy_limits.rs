@@ -53,10 +53,17 @@ async fn sent(h: &TestHarbor, bytes: &[u8]) -> TcpStream {
 
 /// Whether a `GET /` for `app.localhost` sent to `addr` is answered 200.
 async fn served(addr: SocketAddr) -> Option<()> {
+    answered_200(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: app.localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await
+}
+
+/// Whether `request`, sent to `addr` on a new connection, is answered 200.
+async fn answered_200(addr: SocketAddr, request: &[u8]) -> Option<()> {
     let mut conn = TcpStream::connect(addr).await.ok()?;
-    conn.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
+    conn.write_all(request).await.ok()?;
     read_to_end(&mut conn)
         .await
         .starts_with("HTTP/1.1 200")
@@ -587,15 +594,11 @@ async fn api_connections_past_the_cap_are_closed_and_the_proxy_serves_on() {
         "the proxy serves while the API is flooded"
     );
     drop(held.pop());
-    eventually(Duration::from_secs(5), "room on the API again", || async {
-        let mut conn = TcpStream::connect(api).await.ok()?;
-        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        read_to_end(&mut conn)
-            .await
-            .starts_with("HTTP/1.1 200")
-            .then_some(())
+    eventually(Duration::from_secs(5), "room on the API again", || {
+        answered_200(
+            api,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
     })
     .await;
     drop(held);

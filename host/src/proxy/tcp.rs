@@ -178,16 +178,12 @@ pub async fn supervise(
     }
 }
 
-/// Whether Harbor could listen on `addr` now: the address is local, the port free and
-/// permitted. Checked before a tcp registration is accepted.
+/// Whether Harbor could listen on `addr` now: the address is local, the port permitted and
+/// not held by another listener. Checked before each bind and before a tcp registration is
+/// accepted. Harbor's own sockets share their port (`SO_REUSEPORT`), and so may another
+/// process's that asks the same (Envoy's, by default): a plain bind, which no listener on the
+/// port lets through, tells first.
 pub fn can_listen(addr: SocketAddr) -> std::io::Result<()> {
-    held_elsewhere(addr)
-}
-
-/// Fails when another socket listens on `addr` already. Harbor's own sockets share their port
-/// (`SO_REUSEPORT`), and so may another process's that asks the same (Envoy's, by default):
-/// a plain bind, which no listener on the port lets through, tells first.
-fn held_elsewhere(addr: SocketAddr) -> std::io::Result<()> {
     if addr.port() == 0 {
         return Ok(());
     }
@@ -205,7 +201,7 @@ fn held_elsewhere(addr: SocketAddr) -> std::io::Result<()> {
 /// `count` listening sockets on `addr`, sharing it through `SO_REUSEPORT` when there are
 /// several (all or none).
 fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
-    held_elsewhere(addr)?;
+    can_listen(addr)?;
     let first = listen(addr, count > 1)?;
     // A route on port 0 gets its port from the first socket, and the others share it.
     let addr = first.local_addr()?;

@@ -530,4 +530,4 @@ fn release_claims(claims: &mut HashMap<Claim, ServiceName>, name: &ServiceName, 
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

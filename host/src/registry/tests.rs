@@ -21,7 +21,7 @@ fn name(n: &str) -> ServiceName {
     ServiceName::parse(n).unwrap()
 }
 
-fn reg(service: &str, upstream: &str, ttl_secs: u64) -> Registration {
+pub(crate) fn reg(service: &str, upstream: &str, ttl_secs: u64) -> Registration {
     let name = name(service);
     Registration {
         route: RouteInput::new(&name).validate().unwrap(),

@@ -339,12 +339,10 @@ pub fn open(
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::Duration;
 
     use super::*;
     use crate::events::EventBus;
     use crate::metrics::Metrics;
-    use crate::model::{Meta, RouteInput, ServiceName, Upstream, UpstreamAddr};
     use crate::registry::{LeaseLimits, Registration};
 
     fn registry() -> (Arc<Registry>, Metrics) {
@@ -355,17 +353,7 @@ mod tests {
     }
 
     fn reg(service: &str, upstream: &str) -> Registration {
-        let name = ServiceName::parse(service).unwrap();
-        Registration {
-            route: RouteInput::new(&name).validate().unwrap(),
-            name,
-            upstream: Upstream {
-                addr: UpstreamAddr::parse(upstream).unwrap(),
-                weight: 1,
-            },
-            ttl: Some(Duration::from_secs(60)),
-            meta: Meta::new(),
-        }
+        crate::registry::tests::reg(service, upstream, 60)
     }
 
     fn upstreams(r: &Registry) -> Vec<String> {
