@@ -23,7 +23,7 @@
 //! Run with `cargo bench -p harbor --bench backends` (needs `caddy` and `envoy` on PATH; a
 //! missing one is skipped); `-- churn`, `-- latency` or `-- burst` runs one part.
 
-#[path = "../tests/common/proxies.rs"]
+#[path = "../tests/integration/common/proxies.rs"]
 #[allow(dead_code)]
 mod proxies;
 

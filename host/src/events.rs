@@ -68,6 +68,13 @@ pub enum Event {
     },
     /// Changes are saved again.
     StateWriteRecovered,
+    /// A version is being compiled and checked; `plugin_loaded` or `plugin_rejected` follows.
+    /// `name` is the name it was uploaded under, or its file where none is known yet.
+    PluginCompiling {
+        name: String,
+        hash: String,
+        source: String,
+    },
     PluginLoaded {
         name: String,
         version: String,
@@ -164,6 +171,7 @@ impl Event {
             Event::StateFileError { .. } => "state_file_error",
             Event::StateWriteFailed { .. } => "state_write_failed",
             Event::StateWriteRecovered => "state_write_recovered",
+            Event::PluginCompiling { .. } => "plugin_compiling",
             Event::PluginLoaded { .. } => "plugin_loaded",
             Event::PluginRejected { .. } => "plugin_rejected",
             Event::PluginFault { .. } => "plugin_fault",

@@ -11,9 +11,9 @@ use serde_json::json;
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use super::json::{JsonBody, Upload};
+use super::json::{JsonBody, QueryOf, Upload};
 use crate::model::{ServiceName, StrategyName};
-use crate::plugins::Source;
+use crate::plugins::{RequestedLimits, Size, Source, check_shape};
 
 pub async fn list(State(app): State<AppState>) -> impl IntoResponse {
     Json(json!({ "plugins": app.strategies.list() }))
@@ -29,15 +29,31 @@ fn is_component(headers: &HeaderMap) -> bool {
         || essence.eq_ignore_ascii_case("application/octet-stream")
 }
 
-/// Uploads a component. It is checked off the request's thread; if it passes it serves at once
-/// under its name, otherwise the version in force (if any) keeps serving.
+/// How an upload is asked for: whether to wait for the check, and the plugin's limits.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadQuery {
+    /// Answer when the component is checked (`200`/`201` or `400`) rather than at once (`202`).
+    #[serde(default)]
+    wait: bool,
+    memory: Option<String>,
+    instances: Option<u32>,
+    pick_deadline: Option<String>,
+    pick_budget: Option<String>,
+}
+
+/// Uploads a component. What can be told without compiling (the size, that it is a component
+/// of this contract version, the limits asked for) is answered at once with `400`; otherwise
+/// the answer is `202 Accepted` and the plugin is listed as compiling until it is checked, when
+/// `plugin_loaded` or `plugin_rejected` follows. The version in force serves meanwhile.
 pub async fn upload(
     State(app): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
+    QueryOf(query): QueryOf<UploadQuery>,
     headers: HeaderMap,
     Upload(body): Upload,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     caller.unrestricted()?;
     let name = StrategyName::parse(&name)?;
     if !is_component(&headers) {
@@ -46,13 +62,42 @@ pub async fn upload(
             "upload the component with Content-Type: application/wasm",
         ));
     }
+    let limits = RequestedLimits {
+        memory: query.memory.map(Size::Words),
+        instances: query.instances,
+        pick_deadline: query.pick_deadline,
+        pick_budget: query.pick_budget,
+    }
+    .resolve()
+    .map_err(|e| ApiError::bad_request(Some("limits".into()), e))?;
+    if let Err(reason) = check_shape(&body) {
+        app.strategies
+            .refuse(Source::Api, Some(name.as_str()), &reason);
+        return Err(ApiError::bad_request(Some("component".into()), reason));
+    }
     let existed = app.strategies.knows(name.as_str());
-    let strategies = app.strategies.clone();
-    let installed = tokio::task::spawn_blocking(move || {
-        strategies.install(&body, Source::Api, Some(name.as_str()))
-    })
-    .await
-    .map_err(|e| {
+    let ticket = app
+        .strategies
+        .begin(&body, &Source::Api, Some(name.as_str()));
+    let (strategies, expected) = (app.strategies.clone(), name.clone());
+    let checked = tokio::task::spawn_blocking(move || {
+        strategies.install_begun(ticket, &body, Source::Api, Some(expected.as_str()), limits)
+    });
+    if !query.wait {
+        let listed = app
+            .strategies
+            .list()
+            .into_iter()
+            .find(|p| p.name.as_deref() == Some(name.as_str()));
+        let location = format!("/api/v1/plugins/{name}");
+        return Ok((
+            StatusCode::ACCEPTED,
+            [(header::LOCATION, location)],
+            Json(listed),
+        )
+            .into_response());
+    }
+    let installed = checked.await.map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("the check did not finish: {e}"),
@@ -65,7 +110,7 @@ pub async fn upload(
             } else {
                 StatusCode::CREATED
             };
-            Ok((status, Json(info)))
+            Ok((status, Json(info)).into_response())
         }
         Err(rejected) => Err(ApiError::bad_request(Some("component".into()), rejected.0)),
     }

@@ -10,15 +10,16 @@ use arc_swap::{ArcSwapOption, Guard};
 use serde::Serialize;
 use wasmtime::component::Linker;
 
-use super::engine::PluginEngine;
+use super::engine::{PluginEngine, content_hash};
 use super::guest::{self, GuestState};
+use super::limits::{Limits, Shown};
 use super::report::Reporter;
 use super::strategy::{Loaded, Rejected, Source};
 use crate::events::lock;
 use crate::model::timestamp;
 
 /// The strategies compiled into the binary: (package, component).
-const BUILTINS: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/builtins.rs"));
+pub(super) const BUILTINS: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/builtins.rs"));
 
 /// Used when a route names no strategy, and by the host's own fallback.
 pub const DEFAULT_STRATEGY: &str = "round-robin";
@@ -44,7 +45,8 @@ pub struct PluginInfo {
     pub version: Option<String>,
     pub hash: Option<String>,
     pub source: String,
-    /// `active`, `disabled` (its breaker tripped; back after `disabled_for_ms`) or `rejected`.
+    /// `active`, `disabled` (its breaker tripped; back after `disabled_for_ms`), `compiling`
+    /// (uploaded, not yet checked; nothing of that name in force) or `rejected`.
     pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disabled_for_ms: Option<u64>,
@@ -53,6 +55,33 @@ pub struct PluginInfo {
     pub loaded_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The limits it runs under.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Shown>,
+    /// A version on its way: uploaded, being compiled and checked. What is in force serves
+    /// until it passes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compiling: Option<Pending>,
+}
+
+/// A version being compiled and checked.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pending {
+    pub hash: String,
+    pub source: String,
+    pub since: String,
+}
+
+/// A compile under way, for the key it will be listed under (the expected name, or the source).
+struct Compiling {
+    ticket: u64,
+    pending: Pending,
+}
+
+/// The right to put one begun version in force, unless a later one of the same key began since.
+pub struct Ticket {
+    key: String,
+    number: u64,
 }
 
 pub struct Strategies {
@@ -65,6 +94,11 @@ pub struct Strategies {
     errors: Mutex<BTreeMap<String, (String, String)>>,
     builtin_names: HashSet<String>,
     default: Arc<Slot>,
+    compiling: Mutex<BTreeMap<String, Compiling>>,
+    /// One compile at a time: a compile uses every core, and each holds its component's code
+    /// in memory several times over while it runs.
+    compile_gate: Mutex<()>,
+    tickets: std::sync::atomic::AtomicU64,
 }
 
 impl Strategies {
@@ -89,7 +123,7 @@ impl Strategies {
                                 cache,
                                 base,
                                 bytes,
-                                Source::Builtin,
+                                (Source::Builtin, Limits::default()),
                                 reporter.clone(),
                             )
                         }),
@@ -134,6 +168,9 @@ impl Strategies {
             errors: Mutex::new(BTreeMap::new()),
             builtin_names,
             default,
+            compiling: Mutex::new(BTreeMap::new()),
+            compile_gate: Mutex::new(()),
+            tickets: std::sync::atomic::AtomicU64::new(1),
         }))
     }
 
@@ -165,13 +202,18 @@ impl Strategies {
             .collect()
     }
 
-    /// Records a plugin file that could not even be read (too large, unreadable): reported and
-    /// listed as a rejection, as a component that fails its checks is.
-    pub fn refuse(&self, source: Source, reason: &str) {
-        let key = source.to_string();
+    /// Records a plugin that was refused before any compile (a file too large or unreadable, an
+    /// upload that is not a strategy component): reported and listed as a rejection, as a
+    /// component that fails its checks is. `expected` is the name it was uploaded under.
+    pub fn refuse(&self, source: Source, expected: Option<&str>, reason: &str) {
+        // Under the name of the version in force, which keeps serving, if any.
+        let key = expected
+            .map(str::to_owned)
+            .or_else(|| self.name_from(&source))
+            .unwrap_or_else(|| source.to_string());
         // Listed before it is told, so that whoever hears of it finds it.
-        lock(&self.errors).insert(key.clone(), (key.clone(), reason.to_owned()));
-        self.reporter.rejected(&key, reason);
+        lock(&self.errors).insert(key, (source.to_string(), reason.to_owned()));
+        self.reporter.rejected(&source.to_string(), reason);
     }
 
     /// Checks a component and, if it passes, puts it in force under the name it describes.
@@ -182,16 +224,64 @@ impl Strategies {
         bytes: &[u8],
         source: Source,
         expected: Option<&str>,
+        limits: Limits,
     ) -> Result<PluginInfo, Rejected> {
-        let key = expected.map_or_else(|| source.to_string(), str::to_owned);
-        let outcome = Loaded::admit(
-            &self.engine,
-            self.cache_dir.as_deref(),
-            &self.base,
-            bytes,
-            source.clone(),
-            self.reporter.clone(),
-        )
+        let ticket = self.begin(bytes, &source, expected);
+        self.install_begun(ticket, bytes, source, expected, limits)
+    }
+
+    /// Lists a version as compiling (and tells so) before its compile starts: the API answers
+    /// the upload with this, and finishes it with [`Strategies::install_begun`] off the request.
+    pub fn begin(&self, bytes: &[u8], source: &Source, expected: Option<&str>) -> Ticket {
+        let key = expected
+            .map(str::to_owned)
+            .or_else(|| self.name_from(source))
+            .unwrap_or_else(|| source.to_string());
+        let number = self
+            .tickets
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pending = Pending {
+            hash: content_hash(bytes),
+            source: source.to_string(),
+            since: timestamp(std::time::SystemTime::now()),
+        };
+        // Listed before it is told, so that whoever hears of it finds it.
+        lock(&self.compiling).insert(
+            key.clone(),
+            Compiling {
+                ticket: number,
+                pending: pending.clone(),
+            },
+        );
+        self.reporter
+            .compiling(&key, &pending.hash, &pending.source);
+        Ticket { key, number }
+    }
+
+    /// Compiles and checks a begun version and, if it passes and no later version of its key
+    /// began meanwhile, puts it in force.
+    pub fn install_begun(
+        &self,
+        ticket: Ticket,
+        bytes: &[u8],
+        source: Source,
+        expected: Option<&str>,
+        limits: Limits,
+    ) -> Result<PluginInfo, Rejected> {
+        let outcome = {
+            let _gate = lock(&self.compile_gate);
+            if !self.is_latest(&ticket) {
+                return Err(Rejected(SUPERSEDED.into()));
+            }
+            Loaded::admit(
+                &self.engine,
+                self.cache_dir.as_deref(),
+                &self.base,
+                bytes,
+                (source.clone(), limits),
+                self.reporter.clone(),
+            )
+        }
         .and_then(|loaded| {
             let name = loaded.name.to_string();
             if self.builtin_names.contains(&name) {
@@ -206,43 +296,61 @@ impl Strategies {
             }
             Ok(loaded)
         });
+        let mut compiling = lock(&self.compiling);
+        if compiling
+            .get(&ticket.key)
+            .is_none_or(|c| c.ticket != ticket.number)
+        {
+            return Err(Rejected(SUPERSEDED.into()));
+        }
+        compiling.remove(&ticket.key);
         let loaded = match outcome {
             Ok(loaded) => loaded,
             Err(rejected) => {
-                lock(&self.errors).insert(key, (source.to_string(), rejected.0.clone()));
+                lock(&self.errors).insert(ticket.key, (source.to_string(), rejected.0.clone()));
+                drop(compiling);
                 self.reporter.rejected(&source.to_string(), &rejected.0);
                 return Err(rejected);
             }
         };
         let name = loaded.name.to_string();
-        self.reporter.loaded(
-            &name,
-            &loaded.description.version,
-            &loaded.hash,
-            &source.to_string(),
-        );
         let loaded = Arc::new(loaded);
-        let info = info(&loaded, None);
+        let info = info(&loaded, None, None);
         {
             let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
             match slots.get(&name) {
-                Some(slot) => slot.current.store(Some(loaded)),
+                Some(slot) => slot.current.store(Some(loaded.clone())),
                 None => {
                     slots.insert(
                         name.clone(),
                         Arc::new(Slot {
                             name: name.clone(),
-                            current: ArcSwapOption::new(Some(loaded)),
+                            current: ArcSwapOption::new(Some(loaded.clone())),
                             reporter: self.reporter.clone(),
                         }),
                     );
                 }
             }
         }
-        let mut errors = lock(&self.errors);
-        errors.remove(&name);
-        errors.remove(&source.to_string());
+        {
+            let mut errors = lock(&self.errors);
+            errors.remove(&name);
+            errors.remove(&source.to_string());
+        }
+        drop(compiling);
+        self.reporter.loaded(
+            &name,
+            &loaded.description.version,
+            &loaded.hash,
+            &source.to_string(),
+        );
         Ok(info)
+    }
+
+    fn is_latest(&self, ticket: &Ticket) -> bool {
+        lock(&self.compiling)
+            .get(&ticket.key)
+            .is_some_and(|c| c.ticket == ticket.number)
     }
 
     /// Takes a custom strategy out of force; routes using it fall back to round-robin.
@@ -273,46 +381,84 @@ impl Strategies {
 
     pub fn list(&self) -> Vec<PluginInfo> {
         let errors = lock(&self.errors).clone();
+        let compiling: BTreeMap<String, Pending> = lock(&self.compiling)
+            .iter()
+            .map(|(key, c)| (key.clone(), c.pending.clone()))
+            .collect();
         let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<PluginInfo> = slots
             .values()
             .filter_map(|s| {
                 let current = s.current();
                 let loaded = current.as_ref()?;
-                Some(info(loaded, errors.get(&s.name).map(|(_, e)| e.clone())))
+                Some(info(
+                    loaded,
+                    errors.get(&s.name).map(|(_, e)| e.clone()),
+                    compiling.get(&s.name).cloned(),
+                ))
             })
             .collect();
+        let listed =
+            |out: &[PluginInfo], key: &str| out.iter().any(|p| p.name.as_deref() == Some(key));
+        for (key, pending) in &compiling {
+            if !listed(&out, key) {
+                let mut entry = unlisted(key, &pending.source, "compiling");
+                entry.last_error = errors.get(key).map(|(_, e)| e.clone());
+                entry.compiling = Some(pending.clone());
+                out.push(entry);
+            }
+        }
         for (key, (source, error)) in &errors {
-            if !out.iter().any(|p| p.name.as_deref() == Some(key.as_str())) {
-                out.push(PluginInfo {
-                    name: (!key.contains(':')).then(|| key.clone()),
-                    kind: "strategy",
-                    version: None,
-                    hash: None,
-                    source: source.clone(),
-                    state: "rejected",
-                    disabled_for_ms: None,
-                    faults: 0,
-                    loaded_at: None,
-                    last_error: Some(error.clone()),
-                });
+            if !listed(&out, key) {
+                let mut entry = unlisted(key, source, "rejected");
+                entry.last_error = Some(error.clone());
+                out.push(entry);
             }
         }
         out
     }
 }
 
+/// Said of a version whose compile finished after a later one of the same name had begun: the
+/// later one decides.
+const SUPERSEDED: &str = "superseded by a later version of the same plugin";
+
+/// An entry for a plugin nothing of which is in force.
+fn unlisted(key: &str, source: &str, state: &'static str) -> PluginInfo {
+    PluginInfo {
+        name: (!key.contains(':')).then(|| key.to_owned()),
+        kind: "strategy",
+        version: None,
+        hash: None,
+        source: source.to_owned(),
+        state,
+        disabled_for_ms: None,
+        faults: 0,
+        loaded_at: None,
+        last_error: None,
+        limits: None,
+        compiling: None,
+    }
+}
+
 /// Runs the admission check on a component without a daemon (`harbor plugin check`).
-pub fn check(bytes: &[u8], source: Source) -> anyhow::Result<Result<PluginInfo, Rejected>> {
+pub fn check(
+    bytes: &[u8],
+    source: Source,
+    limits: Limits,
+) -> anyhow::Result<Result<PluginInfo, Rejected>> {
     let engine = PluginEngine::shared()?;
     let base = guest::base_linker(engine.engine())?;
     let bus = Arc::new(crate::events::EventBus::new(16));
     let metrics = Arc::new(crate::metrics::Metrics::new()?);
     let reporter = Arc::new(Reporter::new(bus, metrics));
-    Ok(Loaded::admit(&engine, None, &base, bytes, source, reporter).map(|l| info(&l, None)))
+    Ok(
+        Loaded::admit(&engine, None, &base, bytes, (source, limits), reporter)
+            .map(|l| info(&l, None, None)),
+    )
 }
 
-fn info(loaded: &Loaded, last_error: Option<String>) -> PluginInfo {
+fn info(loaded: &Loaded, last_error: Option<String>, compiling: Option<Pending>) -> PluginInfo {
     let disabled = loaded.disabled_for();
     PluginInfo {
         name: Some(loaded.name.to_string()),
@@ -329,5 +475,7 @@ fn info(loaded: &Loaded, last_error: Option<String>) -> PluginInfo {
         faults: loaded.faults(),
         loaded_at: Some(timestamp(loaded.loaded_at)),
         last_error,
+        limits: Some(loaded.limits.into()),
+        compiling,
     }
 }

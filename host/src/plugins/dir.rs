@@ -1,7 +1,9 @@
 //! Custom strategies from the plugin directory: every `*.wasm` file is checked and, if it
 //! passes, put in force under the name it describes; a changed file is checked again (the old
 //! version serves until the new one passes); a removed file takes its strategy out of force.
-//! Files named `backend-*.wasm` are backend adapters, which the dispatcher loads instead.
+//! A `NAME.toml` beside `NAME.wasm` sets the plugin's limits; a change to it checks the plugin
+//! again under the new ones. Files named `backend-*.wasm` are backend adapters, which the
+//! dispatcher loads instead.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,6 +11,7 @@ use std::sync::Arc;
 
 use super::catalog::Strategies;
 use super::engine::content_hash;
+use super::limits::{read_sidecar, sidecar};
 use super::strategy::Source;
 
 /// The file name prefix of backend adapters in the plugin directory.
@@ -17,7 +20,7 @@ pub const ADAPTER_PREFIX: &str = "backend-";
 /// Components larger than this are refused unread.
 pub const MAX_COMPONENT_BYTES: u64 = 32 << 20;
 
-/// What the directory held at the last scan: path → content hash.
+/// What the directory held at the last scan: path → content hash (with its sidecar's).
 #[derive(Default)]
 pub struct DirState {
     seen: HashMap<PathBuf, String>,
@@ -59,19 +62,25 @@ pub fn scan(strategies: &Strategies, dir: &Path, state: &mut DirState) {
                     .unwrap_or_default();
                 if state.seen.get(&path) != Some(&unchanged) {
                     state.seen.insert(path.clone(), unchanged);
-                    strategies.refuse(source, &reason);
+                    strategies.refuse(source, None, &reason);
                 }
                 continue;
             }
         };
-        let hash = content_hash(&bytes);
+        let limits_text = std::fs::read(sidecar(&path)).unwrap_or_default();
+        let hash = format!("{}+{}", content_hash(&bytes), content_hash(&limits_text));
         if state.seen.get(&path) == Some(&hash) {
             continue;
         }
         state.seen.insert(path.clone(), hash);
         // A rejection is reported by the catalog (log, event, API); the old version keeps
-        // serving and the file is checked again when it changes.
-        let _ = strategies.install(&bytes, source, None);
+        // serving and the file is checked again when it or its sidecar changes.
+        match read_sidecar(&path) {
+            Ok(limits) => {
+                let _ = strategies.install(&bytes, source, None, limits);
+            }
+            Err(reason) => strategies.refuse(source, None, &reason),
+        }
     }
     forget_missing(strategies, state, &present);
 }

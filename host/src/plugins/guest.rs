@@ -1,6 +1,7 @@
 //! The strategy world's bindings (generated once, here, from `wit/strategy`), the state each
 //! guest store carries, and the linker that gives a strategy its only capabilities: the `load`
-//! import, random numbers and clocks. Every other import traps.
+//! import, random numbers, clocks, an empty environment and output to a bounded buffer (see
+//! `stdio`). Every other import traps.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -9,6 +10,7 @@ use wasmtime::StoreContextMut;
 use wasmtime::component::{Component, ComponentType, Linker, Lower};
 use wasmtime::{Engine, StoreLimits, StoreLimitsBuilder};
 
+use super::limits::Limits;
 use super::load::LoadTable;
 
 mod bindings {
@@ -46,13 +48,6 @@ fn thread_cpu_time() -> Option<std::time::Duration> {
     (rc == 0).then(|| std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
 }
 
-/// Linear memory a strategy instance may use.
-pub const MEMORY_LIMIT: usize = 32 << 20;
-
-/// Core module instances one strategy component may make. Components made from other languages
-/// are several modules wired together: componentize-py's are 14, componentize-js's fewer.
-pub const INSTANCE_LIMIT: usize = 32;
-
 pub struct GuestState {
     limits: StoreLimits,
     /// The thread's CPU time when the current call first reached its deadline.
@@ -62,21 +57,24 @@ pub struct GuestState {
     /// The buffer `in-flight-all` answers from: this store's own, so a pick that reads every
     /// count allocates nothing once it has grown to the route's size.
     in_flight_all: Arc<Vec<u32>>,
+    /// What the guest printed during the current call, up to [`super::stdio::PRINTED_LIMIT`].
+    printed: Vec<u8>,
 }
 
 impl GuestState {
-    pub fn new() -> Self {
+    pub fn new(limits: &Limits) -> Self {
         Self {
             overrun_from: None,
             limits: StoreLimitsBuilder::new()
-                .memory_size(MEMORY_LIMIT)
-                .instances(INSTANCE_LIMIT)
+                .memory_size(usize::try_from(limits.memory).unwrap_or(usize::MAX))
+                .instances(limits.instances as usize)
                 .tables(16)
                 .memories(4)
                 .trap_on_grow_failure(true)
                 .build(),
             loads: None,
             in_flight_all: Arc::default(),
+            printed: Vec::new(),
         }
     }
 
@@ -87,6 +85,21 @@ impl GuestState {
     /// Starts the deadline of a new call.
     pub fn start_call(&mut self) {
         self.overrun_from = None;
+        self.printed.clear();
+    }
+
+    /// Keeps what the guest printed, up to the bound; the rest is dropped.
+    pub fn print(&mut self, bytes: &[u8]) {
+        let room = super::stdio::PRINTED_LIMIT.saturating_sub(self.printed.len());
+        self.printed
+            .extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    /// What the guest printed during the last call, as one line of text, if anything.
+    pub fn printed(&self) -> Option<String> {
+        let text = String::from_utf8_lossy(&self.printed);
+        let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        (!line.is_empty()).then_some(line)
     }
 
     /// Decides, when a call reaches its (wall-clock) epoch deadline, whether the guest has
@@ -177,9 +190,9 @@ struct Datetime {
 }
 
 /// Prepares a component for instantiation. Of WASI it gets only what is pure and harmless
-/// (random numbers, clocks), defined under the exact versions it imports; everything else it
-/// imports (files, sockets, stdio, environment) is linked to a trap, so asking for it is allowed
-/// but using it fails.
+/// (random numbers, clocks, an empty environment, stdout and stderr into a bounded buffer),
+/// defined under the exact versions it imports; everything else it imports (files, sockets,
+/// stdin) is linked to a trap, so asking for it is allowed but using it fails.
 pub fn prepare(
     base: &Linker<GuestState>,
     engine: &Engine,
@@ -189,6 +202,7 @@ pub fn prepare(
     let mut linker = base.clone();
     for (name, _) in component.component_type().imports(engine) {
         define_pure_wasi(&mut linker, name).map_err(err)?;
+        super::stdio::define(&mut linker, name).map_err(err)?;
     }
     linker
         .define_unknown_imports_as_traps(component)

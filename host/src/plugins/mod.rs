@@ -7,6 +7,9 @@
 //! |---|---|
 //! | `engine` | the wasmtime engine, the epoch ticker, the precompiled-component cache |
 //! | `guest` | the generated bindings, the guest store's state, the linker |
+//! | `stdio` | what a guest prints (kept for its fault report) and the environment it sees |
+//! | `limits` | what one strategy may use: defaults, ceilings, the sidecar file |
+//! | `shape` | what a component exports, read without compiling it |
 //! | `strategy` | one loaded component: the admission check, the fault breaker |
 //! | `shard` | per-thread instances and the guest side of a pick |
 //! | `plan` | the pick plans a strategy hands the host: tables and load rules, run natively |
@@ -20,10 +23,13 @@ mod catalog;
 mod dir;
 mod engine;
 mod guest;
+mod limits;
 pub mod load;
 mod plan;
 mod report;
+mod shape;
 mod shard;
+mod stdio;
 mod strategy;
 
 pub use balancer::{BackendSet, BackendSpec, Balancer, Picked, fallback};
@@ -34,6 +40,8 @@ pub use dir::{
 };
 pub use engine::{PluginEngine, content_hash, ticks};
 pub use guest::{CONTRACT, Outcome, define_pure_wasi};
+pub use limits::{Limits, Requested as RequestedLimits, Size, read_sidecar};
 pub use load::{BackendLoad, InFlight};
 pub use report::{FaultKind, Reporter};
+pub use shape::check as check_shape;
 pub use strategy::{Rejected, Source, classify};

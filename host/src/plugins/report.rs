@@ -107,6 +107,15 @@ impl Reporter {
         });
     }
 
+    pub fn compiling(&self, key: &str, hash: &str, source: &str) {
+        tracing::info!(plugin = key, source, "strategy plugin compiling");
+        self.bus.publish(Event::PluginCompiling {
+            name: key.to_owned(),
+            hash: hash.to_owned(),
+            source: source.to_owned(),
+        });
+    }
+
     pub fn rejected(&self, source: &str, reason: &str) {
         tracing::warn!(
             source,

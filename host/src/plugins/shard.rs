@@ -23,7 +23,7 @@ use super::balancer::BackendSet;
 use super::guest::{GuestState, Plugin};
 use super::plan::Plan;
 use super::report::FaultKind;
-use super::strategy::{CALL_DEADLINE_TICKS, Loaded, SETUP_DEADLINE_TICKS, Source, arm, classify};
+use super::strategy::{Loaded, SETUP_DEADLINE_TICKS, Source, arm, failure};
 
 struct Shard {
     store: Store<GuestState>,
@@ -107,8 +107,8 @@ pub struct Fault {
     pub message: String,
 }
 
-fn fault(e: wasmtime::Error) -> Fault {
-    let (kind, message) = classify(&e);
+fn fault(store: &Store<GuestState>, e: wasmtime::Error) -> Fault {
+    let (kind, message) = failure(store, &e);
     Fault { kind, message }
 }
 
@@ -344,14 +344,17 @@ impl Shard {
     }
 
     fn new(loaded: &Arc<Loaded>) -> Result<Self, Fault> {
-        let mut store = super::strategy::new_store(&loaded.engine);
+        let mut store = super::strategy::new_store(&loaded.engine, &loaded.limits);
         arm(&mut store, SETUP_DEADLINE_TICKS);
-        let plugin = loaded.pre.instantiate(&mut store).map_err(fault)?;
+        let plugin = loaded
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| fault(&store, e))?;
         arm(&mut store, SETUP_DEADLINE_TICKS);
         plugin
             .harbor_strategy_strategy()
             .call_configure(&mut store, &loaded.config)
-            .map_err(fault)?
+            .map_err(|e| fault(&store, e))?
             .map_err(|reason| Fault {
                 kind: FaultKind::Trap,
                 message: format!("configure refused: {reason}"),
@@ -414,7 +417,7 @@ impl Shard {
         ask: &Ask<'_>,
     ) -> Result<Option<u32>, Box<Fault>> {
         let api = self.plugin.harbor_strategy_strategy();
-        arm(&mut self.store, CALL_DEADLINE_TICKS);
+        arm(&mut self.store, loaded.pick_ticks);
         let began = std::time::Instant::now();
         let answer = if ask.exclude.is_empty() {
             api.call_pick(
@@ -434,7 +437,7 @@ impl Shard {
                 ask.exclude,
             )
         }
-        .map_err(|e| Box::new(fault(e)));
+        .map_err(|e| Box::new(fault(&self.store, e)));
         if answer.is_ok() {
             loaded.timed_pick(began.elapsed());
         }
@@ -457,7 +460,8 @@ impl Shard {
                 for dead_id in dead {
                     if let Some(r) = self.routes.remove(&dead_id) {
                         arm(&mut self.store, SETUP_DEADLINE_TICKS);
-                        api.call_forget(&mut self.store, r.number).map_err(fault)?;
+                        api.call_forget(&mut self.store, r.number)
+                            .map_err(|e| fault(&self.store, e))?;
                         self.free.push(r.number);
                     }
                 }
@@ -474,7 +478,7 @@ impl Shard {
         arm(&mut self.store, SETUP_DEADLINE_TICKS);
         let plan = api
             .call_rebuild(&mut self.store, number, set.guest_backends())
-            .map_err(fault)?
+            .map_err(|e| fault(&self.store, e))?
             .map(|p| Plan::check(p, &set.loads))
             .transpose()?;
         self.routes.insert(
@@ -513,9 +517,9 @@ pub fn done(
             return;
         };
         let api = shard.plugin.harbor_strategy_strategy();
-        arm(&mut shard.store, CALL_DEADLINE_TICKS);
+        arm(&mut shard.store, loaded.pick_ticks);
         if let Err(e) = api.call_done(&mut shard.store, route, index, outcome, latency_ns) {
-            let (kind, message) = classify(&e);
+            let (kind, message) = failure(&shard.store, &e);
             loaded.fault(kind, &message);
             if let Some(slot) = shards.get_mut(&loaded.generation) {
                 slot.shard = None;

@@ -10,22 +10,16 @@ use wasmtime::component::Linker;
 
 use super::engine::{PluginEngine, content_hash, ticks};
 use super::guest::{self, Backend, Description, GuestState, PluginPre};
+use super::limits::{Limits, how_to_raise, show_size};
 use super::load::LoadTable;
 use super::report::{FaultKind, Reporter};
 use crate::backoff::Backoff;
 use crate::model::StrategyName;
 
-/// Deadline of a pick or an outcome report, in epoch ticks: far above what a pick costs
-/// (microseconds), well under the time a stuck pick may hold a connection.
-pub const CALL_DEADLINE_TICKS: u64 = ticks(Duration::from_millis(20));
 /// Deadline of set-up work (instantiation, describe, configure, building a balancer, which may
 /// fill a large table), in epoch ticks. It is off the request path but for the first pick after
 /// a backend change.
 pub const SETUP_DEADLINE_TICKS: u64 = ticks(Duration::from_secs(1));
-/// A strategy's picks may take this long at the 99th percentile (over a window of the breaker's
-/// length, judged from 100 picks on): more is a fault that takes it out of service, since every
-/// request of its routes waits on its picks.
-pub const PICK_BUDGET: Duration = Duration::from_millis(1);
 /// Picks in a window before the budget is judged.
 const BUDGET_SAMPLE: u32 = 100;
 
@@ -68,6 +62,9 @@ pub struct Loaded {
     pub(super) engine: Arc<PluginEngine>,
     pub(super) pre: PluginPre<GuestState>,
     pub(super) config: String,
+    pub limits: Limits,
+    /// The pick deadline in epoch ticks.
+    pub(super) pick_ticks: u64,
     pub(super) reporter: Arc<Reporter>,
     breaker: Breaker,
     /// Guest picks in the current window, and how many were over the budget.
@@ -87,15 +84,17 @@ static GENERATION: AtomicU64 = AtomicU64::new(1);
 impl Loaded {
     /// Compiles `bytes` and checks that the component can serve: it instantiates, implements
     /// this contract version, describes itself with a valid name, accepts the default
-    /// configuration, and answers a sample of picks correctly within its deadline.
+    /// configuration, and answers a sample of picks correctly within its deadline, all within
+    /// `limits`.
     pub fn admit(
         engine: &Arc<PluginEngine>,
         cache_dir: Option<&std::path::Path>,
         base: &Linker<GuestState>,
         bytes: &[u8],
-        source: Source,
+        (source, limits): (Source, Limits),
         reporter: Arc<Reporter>,
     ) -> Result<Self, Rejected> {
+        super::shape::check(bytes).map_err(Rejected)?;
         let component = engine.compile(bytes, cache_dir).map_err(|e| {
             Rejected(format!(
                 "not a WebAssembly component Harbor can load: {}",
@@ -104,31 +103,23 @@ impl Loaded {
         })?;
         let pre = guest::prepare(base, engine.engine(), &component)
             .map_err(|e| Rejected(format!("{e:#}")))?;
-        let mut store = new_store(engine);
+        let mut store = new_store(engine, &limits);
+        let over_limits = |why: String| over_limits(why, &limits, &source);
         let plugin = call(&mut store, SETUP_DEADLINE_TICKS, |s| pre.instantiate(s))
-            .map_err(|e| {
-                let why = e.to_string();
-                Rejected(if why.contains("instance count too high") {
-                    format!(
-                        "the component makes more core instances than Harbor's limit of {} per strategy ({why})",
-                        guest::INSTANCE_LIMIT
-                    )
-                } else {
-                    format!("instantiating failed: {why}")
-                })
-            })?;
+            .map_err(|e| Rejected(format!("instantiating failed: {}", over_limits(e))))?;
         let api = plugin.harbor_strategy_strategy();
         let description = call(&mut store, SETUP_DEADLINE_TICKS, |s| api.call_describe(s))
-            .map_err(|e| Rejected(format!("describe failed: {e}")))?;
+            .map_err(|e| Rejected(format!("describe failed: {}", over_limits(e))))?;
         let name = StrategyName::parse(&description.name)
             .map_err(|e| Rejected(format!("describe returned an unusable name: {}", e.reason)))?;
         let config = "{}".to_owned();
         call(&mut store, SETUP_DEADLINE_TICKS, |s| {
             api.call_configure(s, &config)
         })
-        .map_err(|e| Rejected(format!("configure failed: {e}")))?
+        .map_err(|e| Rejected(format!("configure failed: {}", over_limits(e))))?
         .map_err(|reason| Rejected(format!("refuses the default configuration: {reason}")))?;
-        sample_picks(&mut store, &plugin, description.wants_outcomes)?;
+        sample_picks(&mut store, &plugin, description.wants_outcomes)
+            .map_err(|Rejected(why)| Rejected(over_limits(why)))?;
         let pick_times = reporter.pick_times(&name);
         Ok(Self {
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
@@ -140,6 +131,8 @@ impl Loaded {
             engine: engine.clone(),
             pre,
             config,
+            limits,
+            pick_ticks: ticks(limits.pick_deadline),
             pick_times,
             reporter,
             breaker: Breaker::default(),
@@ -162,7 +155,21 @@ impl Loaded {
 
     /// Records a failed call; may take the plugin out of service for a while.
     pub fn fault(&self, kind: FaultKind, message: &str) {
-        self.reporter.fault(&self.name, kind, message);
+        if kind == FaultKind::Memory {
+            let limit = self.limits.memory;
+            let raise = how_to_raise(
+                &self.source,
+                "memory",
+                &format!("\"{}\"", show_size(limit * 2)),
+            );
+            let message = format!(
+                "{message}; its memory limit is {}: {raise}",
+                show_size(limit)
+            );
+            self.reporter.fault(&self.name, kind, &message);
+        } else {
+            self.reporter.fault(&self.name, kind, message);
+        }
         if let Some(backoff) = self.breaker.record_fault() {
             self.reporter.disabled(&self.name, backoff);
         }
@@ -191,7 +198,8 @@ impl Loaded {
         let count = w.count.fetch_add(1, Ordering::Relaxed) + 1;
         // Built-ins are Harbor's own, measured in its benches: a clock that counts the time a
         // busy machine descheduled the thread must not take them out of service.
-        if took <= PICK_BUDGET || self.source == Source::Builtin {
+        let budget = self.limits.pick_budget;
+        if took <= budget || self.source == Source::Builtin {
             return;
         }
         let over = w.over.fetch_add(1, Ordering::Relaxed) + 1;
@@ -203,7 +211,8 @@ impl Loaded {
                 &self.name,
                 FaultKind::Slow,
                 &format!(
-                    "{over} of its last {count} picks took over its budget of {PICK_BUDGET:?} (the last {took:?}): its p99 is over budget"
+                    "{over} of its last {count} picks took over its budget of {budget:?} (the last {took:?}): its p99 is over budget; {}",
+                    how_to_raise(&self.source, "pick_budget", &format!("\"{}ms\"", (budget * 2).as_millis().max(1)))
                 ),
             );
             self.breaker.total.fetch_add(1, Ordering::Relaxed);
@@ -213,8 +222,8 @@ impl Loaded {
     }
 }
 
-pub(super) fn new_store(engine: &PluginEngine) -> Store<GuestState> {
-    let mut store = Store::new(engine.engine(), GuestState::new());
+pub(super) fn new_store(engine: &PluginEngine, limits: &Limits) -> Store<GuestState> {
+    let mut store = Store::new(engine.engine(), GuestState::new(limits));
     store.limiter(|s| s.limits());
     store.epoch_deadline_callback(|mut ctx| ctx.data_mut().on_deadline());
     store
@@ -234,9 +243,41 @@ pub(super) fn call<T>(
 ) -> Result<T, String> {
     arm(store, ticks);
     f(store).map_err(|e| {
-        let (kind, message) = classify(&e);
+        let (kind, message) = failure(store, &e);
         format!("{kind}: {message}")
     })
+}
+
+/// [`classify`], with what the guest printed during the call (a panic's message) quoted.
+pub(super) fn failure(store: &Store<GuestState>, e: &wasmtime::Error) -> (FaultKind, String) {
+    let (kind, mut message) = classify(e);
+    if let Some(printed) = store.data().printed() {
+        message.push_str(&format!("; it printed: {printed}"));
+    }
+    (kind, message)
+}
+
+/// A failure that hit one of the plugin's limits, with the limit named and how to raise it.
+fn over_limits(why: String, limits: &Limits, source: &Source) -> String {
+    if why.contains("instance count too high") {
+        format!(
+            "the component makes more core instances than its limit of {} ({why}); {}",
+            limits.instances,
+            how_to_raise(source, "instances", &(limits.instances * 2).to_string())
+        )
+    } else if why.contains("memory") && (why.contains("grow") || why.contains("limit")) {
+        format!(
+            "{why}: its memory limit is {}; {}",
+            show_size(limits.memory),
+            how_to_raise(
+                source,
+                "memory",
+                &format!("\"{}\"", show_size(limits.memory * 2))
+            )
+        )
+    } else {
+        why
+    }
 }
 
 /// The innermost cause of an error on one line, without dumps of the bytes involved.

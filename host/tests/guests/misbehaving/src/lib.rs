@@ -25,10 +25,28 @@ pub const NONE: u64 = 0xDEAD_0005;
 pub const SLOW: u64 = 0xDEAD_0006;
 /// A backend on this port makes `rebuild` loop forever.
 pub const STUCK_REBUILD_PORT: &str = ":6666";
+/// A backend labelled `misbehave=MODE` makes every pick of its route misbehave as the magic key
+/// of that name would (`loop`, `hog`, `panic`, `bad-index`, `none`, `slow`), or its `rebuild`
+/// loop (`rebuild`): how traffic through a proxy, whose hash keys no client chooses, asks.
+const MODE_LABEL: &str = "misbehave";
 
 thread_local! {
     /// Backend count per route.
     static COUNTS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// The magic key each route's labels ask every pick to behave as, if any.
+    static MODES: RefCell<Vec<Option<u64>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn mode(route: Route) -> Option<u64> {
+    MODES.with_borrow(|m| m.get(route as usize).copied().flatten())
+}
+
+fn labelled_mode(backends: &[Backend]) -> Option<&str> {
+    backends
+        .iter()
+        .flat_map(|b| b.labels.iter())
+        .find(|(k, _)| k == MODE_LABEL)
+        .map(|(_, v)| v.as_str())
 }
 
 fn count(route: Route) -> u32 {
@@ -55,18 +73,35 @@ impl Guest for Component {
     }
 
     fn rebuild(route: Route, backends: Vec<Backend>) -> Option<PickPlan> {
-        if backends
-            .iter()
-            .any(|b| b.address.ends_with(STUCK_REBUILD_PORT))
+        let labelled = labelled_mode(&backends);
+        if labelled == Some("rebuild")
+            || backends
+                .iter()
+                .any(|b| b.address.ends_with(STUCK_REBUILD_PORT))
         {
             spin();
         }
+        let key = match labelled {
+            Some("loop") => Some(LOOP),
+            Some("hog") => Some(HOG),
+            Some("panic") => Some(PANIC),
+            Some("bad-index") => Some(BAD_INDEX),
+            Some("none") => Some(NONE),
+            Some("slow") => Some(SLOW),
+            _ => None,
+        };
+        let i = route as usize;
         COUNTS.with_borrow_mut(|c| {
-            let i = route as usize;
             if c.len() <= i {
                 c.resize(i + 1, 0);
             }
             c[i] = backends.len() as u32;
+        });
+        MODES.with_borrow_mut(|m| {
+            if m.len() <= i {
+                m.resize(i + 1, None);
+            }
+            m[i] = key;
         });
         if cfg!(feature = "bad-rule") {
             return Some(PickPlan::LeastLoaded(LoadRule {
@@ -118,7 +153,7 @@ fn spin() -> ! {
 }
 
 fn choose(route: Route, sequence: u64, hash_key: Option<u64>, exclude: &[u32]) -> Option<u32> {
-    match hash_key {
+    match mode(route).or(hash_key) {
         Some(LOOP) => spin(),
         Some(HOG) => {
             // Reserve without touching, so the memory cap, not the clock, stops it.

@@ -1,7 +1,7 @@
 //! The `harbor` binary as a user runs it: with the contrib examples, re-reading on SIGHUP,
 //! stopping cleanly on SIGTERM, refusing bad flags with a clear message.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! back nothing acknowledged as removed; a full disk turns changes into `503`s that say why,
 //! and Harbor recovers once there is room; and a second daemon cannot share a state directory.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

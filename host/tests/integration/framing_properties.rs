@@ -10,7 +10,7 @@
 //! a request without a route from its head alone, closing; it may never read a boundary where
 //! the oracle reads none, or a different one.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

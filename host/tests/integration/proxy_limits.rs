@@ -8,7 +8,7 @@
 //! Timeouts are set to a second or so and waited on with deadlines of many seconds: a loaded
 //! machine makes them late, never early.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

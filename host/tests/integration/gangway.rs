@@ -7,7 +7,7 @@
 
 #[path = "common/browser.rs"]
 mod browser;
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! that left the route, shutdown cutting what outlives the grace period, and servers that speak
 //! first.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

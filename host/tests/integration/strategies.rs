@@ -2,17 +2,17 @@
 //! backends join, leave or go unhealthy; misbehaving guests contained; admission refusals; hot
 //! swap under load.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::guests::component;
+use common::guests::{component, variant};
 use harbor::events::{EventBus, Since};
 use harbor::metrics::Metrics;
-use harbor::plugins::{BackendSpec, Balancer, PluginEngine, Reporter, Source, Strategies};
+use harbor::plugins::{BackendSpec, Balancer, Limits, PluginEngine, Reporter, Source, Strategies};
 
 /// CPU time used by the calling thread.
 fn thread_cpu() -> Duration {
@@ -54,6 +54,7 @@ fn misbehaving() -> (Runtime, Balancer) {
             &component("harbor-test-misbehaving", &[]),
             Source::Api,
             None,
+            Limits::default(),
         )
         .expect("installed");
     let b = balancer(&rt, "misbehaving", backends(&[1, 1, 1]));
@@ -416,6 +417,7 @@ fn misbehaving_guests_are_contained_and_the_pick_falls_back() {
             &component("harbor-test-misbehaving", &[]),
             Source::Api,
             None,
+            Limits::default(),
         )
         .expect("it behaves during the admission check");
     assert_eq!(info.name.as_deref(), Some("misbehaving"));
@@ -463,6 +465,16 @@ fn misbehaving_guests_are_contained_and_the_pick_falls_back() {
         Since::Gap => panic!("gap"),
     };
     assert_eq!(faults, ["timeout", "memory", "trap", "bad_answer"]);
+    // The panic's own words reach its fault, with where it happened.
+    let messages = faults_since(&rt, start);
+    assert!(
+        messages[2].contains("it printed:")
+            && messages[2].contains("asked to panic")
+            && messages[2].contains("src/lib.rs"),
+        "{messages:?}"
+    );
+    // The memory fault names the limit and how to raise it.
+    assert!(messages[1].contains("32 MiB"), "{messages:?}");
 
     // A fifth fault within the window takes the plugin out of service for a while.
     b.pick(Some(0xDEAD_0003), &[]).unwrap();
@@ -538,18 +550,6 @@ fn a_strategy_whose_picks_are_over_budget_is_taken_out_of_service() {
     );
 }
 
-/// `bytes` with a custom section appended: the same component, a different content hash.
-fn variant(bytes: &[u8], n: u32) -> Vec<u8> {
-    let name = format!("harbor-test-{n}");
-    let mut section = vec![name.len() as u8];
-    section.extend_from_slice(name.as_bytes());
-    let mut out = bytes.to_vec();
-    out.push(0); // a custom section
-    out.push(section.len() as u8);
-    out.extend_from_slice(&section);
-    out
-}
-
 /// Upload-and-delete cycles of ever new components leave no compiled code behind in memory,
 /// and the precompiled files on disk within their bound.
 #[test]
@@ -565,7 +565,7 @@ fn removed_plugins_leave_no_compiled_code_behind() {
     for n in 0..20 {
         let bytes = variant(&swapper, n);
         strategies
-            .install(&bytes, Source::Api, Some("swapper"))
+            .install(&bytes, Source::Api, Some("swapper"), Limits::default())
             .expect("a variant installs");
         assert!(engine.holds(&harbor::plugins::content_hash(&bytes)));
         assert!(strategies.remove("swapper"));
@@ -586,7 +586,7 @@ fn components_that_cannot_serve_are_refused_with_a_reason() {
     let rt = runtime();
     let refused = |bytes: &[u8]| {
         rt.strategies
-            .install(bytes, Source::Api, None)
+            .install(bytes, Source::Api, None, Limits::default())
             .unwrap_err()
             .0
     };
@@ -624,7 +624,7 @@ fn components_that_cannot_serve_are_refused_with_a_reason() {
     let canary = component("strategy-example-canary", &[]);
     let named = rt
         .strategies
-        .install(&canary, Source::Api, Some("other"))
+        .install(&canary, Source::Api, Some("other"), Limits::default())
         .unwrap_err()
         .0;
     assert!(named.contains("example-canary"), "{named}");
@@ -636,13 +636,13 @@ fn a_refused_version_leaves_the_old_one_serving() {
     let rt = runtime();
     let v1 = component("harbor-test-swapper", &[]);
     rt.strategies
-        .install(&v1, Source::Api, Some("swapper"))
+        .install(&v1, Source::Api, Some("swapper"), Limits::default())
         .unwrap();
     let b = balancer(&rt, "swapper", backends(&[1, 1, 1]));
     assert_eq!(b.pick(None, &[]).unwrap().index, 0);
     assert!(
         rt.strategies
-            .install(b"junk", Source::Api, Some("swapper"))
+            .install(b"junk", Source::Api, Some("swapper"), Limits::default())
             .is_err()
     );
     assert_eq!(b.pick(None, &[]).unwrap().index, 0);
@@ -667,7 +667,7 @@ fn hot_swap_under_load_loses_no_pick() {
     let v1 = component("harbor-test-swapper", &[]);
     let v2 = component("harbor-test-swapper", &["second"]);
     rt.strategies
-        .install(&v1, Source::Api, Some("swapper"))
+        .install(&v1, Source::Api, Some("swapper"), Limits::default())
         .unwrap();
     let b = Arc::new(balancer(&rt, "swapper", backends(&[1, 1, 1])));
     let stop = Arc::new(AtomicBool::new(false));
@@ -705,7 +705,7 @@ fn hot_swap_under_load_loses_no_pick() {
     for swap in 0..100 {
         let (bytes, want) = if swap % 2 == 0 { (&v2, 1) } else { (&v1, 0) };
         rt.strategies
-            .install(bytes, Source::Api, Some("swapper"))
+            .install(bytes, Source::Api, Some("swapper"), Limits::default())
             .unwrap();
         let swapped = Instant::now();
         let before = picks.load(Ordering::Relaxed);

@@ -2,7 +2,7 @@
 //! spreading by strategy, HTTP hygiene, upgrades, retries and cooldowns, health checks, error
 //! answers, and routing changes taking effect within 100 ms.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

@@ -1,7 +1,7 @@
 //! The event stream: a snapshot first, every change after it in order, resumption with
 //! `Last-Event-ID`, a fresh snapshot for a client too far behind, keep-alive comments.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Every kind of bad request gets its status and a JSON error naming the problem, and the
 //! registry is left exactly as it was.
 
-mod common;
+use crate::common;
 
 use common::start;
 use serde_json::{Value, json};

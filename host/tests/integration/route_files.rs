@@ -1,7 +1,7 @@
 //! `.route` files followed live: create, edit, rename and delete apply within a second without a
 //! restart; a bad file keeps the last good version and is reported with file and line.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

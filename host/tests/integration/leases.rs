@@ -1,7 +1,7 @@
 //! Ephemeral registration through the API: leases granted, renewed, expired on time, deregistered;
 //! the read views; persistence across a restart.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime};
 

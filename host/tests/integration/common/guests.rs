@@ -55,3 +55,15 @@ pub fn component(package: &str, features: &[&str]) -> Vec<u8> {
     built.insert(key, bytes.clone());
     bytes
 }
+
+/// `bytes` with a custom section appended: the same component, a different content hash.
+pub fn variant(bytes: &[u8], n: u32) -> Vec<u8> {
+    let name = format!("harbor-test-{n}");
+    let mut section = vec![name.len() as u8];
+    section.extend_from_slice(name.as_bytes());
+    let mut out = bytes.to_vec();
+    out.push(0); // a custom section
+    out.push(section.len() as u8);
+    out.extend_from_slice(&section);
+    out
+}

@@ -1,6 +1,6 @@
 //! Access control (bearer tokens with service-name prefixes) and the unix-socket listener.
 
-mod common;
+use crate::common;
 
 use common::start_with;
 use serde_json::json;

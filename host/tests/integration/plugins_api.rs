@@ -1,15 +1,16 @@
 //! Plugins through the daemon: the list, uploads (checked before they serve), the plugin
 //! directory followed live, strategy changes at runtime, and unknown strategies refused.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::guests::component;
+use common::guests::{component, variant};
 use common::{eventually, start, start_with};
 use harbor::model::ServiceName;
 use serde_json::{Value, json};
 
+/// Uploads a component and waits for its check (`?wait=true`).
 async fn upload(
     h: &common::TestHarbor,
     name: &str,
@@ -18,7 +19,7 @@ async fn upload(
 ) -> (u16, Value) {
     let resp = h
         .client
-        .put(h.url(&format!("/api/v1/plugins/{name}")))
+        .put(h.url(&format!("/api/v1/plugins/{name}?wait=true")))
         .header("content-type", content_type)
         .body(bytes)
         .send()
@@ -544,5 +545,145 @@ async fn a_rebuild_that_loops_never_holds_up_a_picking_thread() {
         fine_ok > 0,
         "the other route completed nothing while the rebuild was stuck"
     );
+    h.shutdown().await;
+}
+
+/// An upload is answered before it is compiled: `202` with the plugin listed as compiling,
+/// then `plugin_compiling` and `plugin_loaded`, while the version in force keeps serving. What
+/// can be told without compiling is a `400` at once, and limits are set with the upload.
+#[tokio::test]
+async fn an_upload_is_answered_at_once_and_compiled_off_the_request() {
+    let h = start().await;
+    let swapper = component("harbor-test-swapper", &[]);
+    let (status, body) = upload(&h, "swapper", swapper.clone(), "application/wasm").await;
+    assert_eq!(status, 201, "{body}");
+    let first_hash = body["hash"].clone();
+    let mut events = h.events(None).await;
+
+    // Never compiled before in this process: its bytes are new.
+    let next = variant(&swapper, 7001);
+    let put = |bytes: Vec<u8>, query: &str| {
+        h.client
+            .put(h.url(&format!("/api/v1/plugins/swapper{query}")))
+            .header("content-type", "application/wasm")
+            .body(bytes)
+            .send()
+    };
+    let resp = put(next.clone(), "").await.expect("the API answers");
+    assert_eq!(resp.status().as_u16(), 202);
+    assert_eq!(
+        resp.headers()["location"].to_str().unwrap(),
+        "/api/v1/plugins/swapper"
+    );
+    let body: Value = resp.json().await.unwrap();
+    // The version in force is listed, and serves, until the new one passes.
+    assert_eq!(body["state"], "active", "{body}");
+    assert_eq!(body["hash"], first_hash, "{body}");
+    let pending = body["compiling"]["hash"].clone();
+    assert!(pending.is_string() && pending != first_hash, "{body}");
+
+    let compiling = events.next_of("plugin_compiling").await;
+    assert_eq!(compiling.data["name"], "swapper");
+    assert_eq!(compiling.data["hash"], pending);
+    let loaded = events.next_of("plugin_loaded").await;
+    assert_eq!(loaded.data["hash"], pending, "{:?}", loaded.data);
+    let (_, list) = h.get("/api/v1/plugins").await;
+    let p = plugin(&list, "swapper").expect("listed");
+    assert_eq!(p["hash"], pending);
+    assert!(p.get("compiling").is_none(), "{p}");
+
+    // Refused at once, none of them compiled: not WebAssembly, a core module, a component of
+    // another contract version, limits out of bounds, a misspelt limit.
+    let wrong = component("harbor-test-wrong-version", &[]);
+    for (bytes, query, needle) in [
+        (
+            b"definitely not wasm".to_vec(),
+            "",
+            "not WebAssembly at all",
+        ),
+        (b"\0asm\x01\0\0\0".to_vec(), "", "core module"),
+        (wrong, "", "this Harbor speaks harbor:strategy@0.4.0"),
+        (
+            swapper.clone(),
+            "?instances=0",
+            "instances: 0 is outside 1 to 256",
+        ),
+        (swapper.clone(), "?memory=64MB", "use KiB, MiB or GiB"),
+        (swapper.clone(), "?memroy=64MiB", "memroy"),
+    ] {
+        let resp = put(bytes, query).await.expect("the API answers");
+        assert_eq!(resp.status().as_u16(), 400, "{needle}");
+        let body: Value = resp.json().await.unwrap();
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(needle), "{needle}: {body}");
+    }
+    // The next compile the daemon tells of is the next good upload's, with its limits.
+    let resp = put(
+        variant(&swapper, 7002),
+        "?memory=64MiB&instances=40&pick_budget=2ms",
+    )
+    .await
+    .expect("the API answers");
+    assert_eq!(resp.status().as_u16(), 202);
+    let body: Value = resp.json().await.unwrap();
+    let compiling = events.next_of("plugin_compiling").await;
+    assert_eq!(compiling.data["hash"], body["compiling"]["hash"]);
+    events.next_of("plugin_loaded").await;
+    let (_, list) = h.get("/api/v1/plugins").await;
+    let limits = &plugin(&list, "swapper").expect("listed")["limits"];
+    assert_eq!(limits["memory_bytes"], 64 << 20, "{limits}");
+    assert_eq!(limits["instances"], 40, "{limits}");
+    assert_eq!(limits["pick_budget_ms"], 2.0, "{limits}");
+    assert_eq!(limits["pick_deadline_ms"], 20.0, "{limits}");
+    h.shutdown().await;
+}
+
+/// A plugin's limits come from `NAME.toml` beside it. One that makes more core instances than
+/// its limit is refused with the limit named and how to raise it; raised, it loads.
+#[tokio::test]
+async fn a_sidecar_file_sets_a_plugins_limits_and_a_refusal_names_them() {
+    let plugins = tempfile::tempdir().unwrap();
+    let dir = plugins.path().to_owned();
+    let configured = dir.clone();
+    let h = start_with(move |c| {
+        c.plugins_dir = Some(configured.clone());
+        c.rescan_interval = Some(Duration::from_millis(200));
+    })
+    .await;
+    let mut events = h.events(None).await;
+    common::write_atomically(&dir.join("swapper.toml"), "instances = 1\n");
+    common::write_bytes_atomically(
+        &dir.join("swapper.wasm"),
+        &component("harbor-test-swapper", &[]),
+    );
+    let rejected = events.next_of("plugin_rejected").await;
+    let reason = rejected.data["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("more core instances than its limit of 1")
+            && reason.contains("raise it with `instances = 2` in")
+            && reason.contains("swapper.toml"),
+        "{reason}"
+    );
+
+    // A misspelt key is named, with the file.
+    common::write_atomically(&dir.join("swapper.toml"), "instance = 40\n");
+    let rejected = events.next_of("plugin_rejected").await;
+    let reason = rejected.data["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("swapper.toml") && reason.contains("unknown field `instance`"),
+        "{reason}"
+    );
+
+    common::write_atomically(
+        &dir.join("swapper.toml"),
+        "instances = 40\nmemory = \"48 MiB\"\npick_deadline = \"50ms\"\n",
+    );
+    events.next_of("plugin_loaded").await;
+    let (_, list) = h.get("/api/v1/plugins").await;
+    let p = plugin(&list, "swapper").expect("listed");
+    assert_eq!(p["state"], "active", "{p}");
+    assert_eq!(p["limits"]["instances"], 40, "{p}");
+    assert_eq!(p["limits"]["memory_bytes"], 48 << 20, "{p}");
+    assert_eq!(p["limits"]["pick_deadline_ms"], 50.0, "{p}");
     h.shutdown().await;
 }

@@ -1,7 +1,7 @@
 //! `/metrics` checked by Prometheus's own linter, `promtool check metrics`. When `CI=true` the
 //! tool is required; elsewhere the test says it was skipped.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

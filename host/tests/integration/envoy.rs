@@ -3,7 +3,7 @@
 //! route, a restarted Envoy comes back with Harbor's routes, TCP services become `tcp_proxy`
 //! listeners, and an update Envoy rejects is reported rather than lost.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

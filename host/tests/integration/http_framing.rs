@@ -8,7 +8,7 @@
 //! `X-Forwarded-For`. After every case another client's request must get its own answer, so a
 //! desynchronised pooled socket shows. Response cases have the upstream misbehave instead.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

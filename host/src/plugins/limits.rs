@@ -1,0 +1,258 @@
+//! What one strategy may use: its memory, its core instances, how long one pick may run and
+//! what its picks may take at the 99th percentile. Each has a default and a ceiling; a plugin
+//! sets its own through the upload's query string or a `NAME.toml` beside its file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::strategy::Source;
+
+/// The limits one strategy runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Linear memory, in bytes, over all its memories.
+    pub memory: u64,
+    /// Core module instances the component may make: Rust strategies make 2 to 4; components
+    /// made by componentize-py make 14, by componentize-js fewer.
+    pub instances: u32,
+    /// How long one pick (or outcome report) may run before it is interrupted.
+    pub pick_deadline: Duration,
+    /// What its picks may take at the 99th percentile, judged over the breaker's window from
+    /// 100 picks on: every request of its routes waits on its picks.
+    pub pick_budget: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory: 32 << 20,
+            instances: 32,
+            pick_deadline: Duration::from_millis(20),
+            pick_budget: Duration::from_millis(1),
+        }
+    }
+}
+
+/// The most a plugin may ask for. The deadline is bounded by the setup deadline, which no pick
+/// may outlast, and floored by the epoch tick that measures it.
+const MAX_MEMORY: u64 = 1 << 30;
+const MAX_INSTANCES: u32 = 256;
+const MIN_DEADLINE: Duration = super::engine::EPOCH_TICK;
+const MAX_DEADLINE: Duration = Duration::from_secs(1);
+const MIN_BUDGET: Duration = Duration::from_micros(10);
+
+/// The limits as written by whoever sets them: every field optional, sizes and durations in
+/// words ("64 MiB", "50ms"). The same keys serve the sidecar file and the query string.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Requested {
+    pub memory: Option<Size>,
+    pub instances: Option<u32>,
+    pub pick_deadline: Option<String>,
+    pub pick_budget: Option<String>,
+}
+
+/// A size: a number of bytes, or a number with a binary unit.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    Bytes(u64),
+    Words(String),
+}
+
+impl Requested {
+    /// The limits these ask for over the defaults, each checked against its ceiling.
+    pub fn resolve(&self) -> Result<Limits, String> {
+        let mut limits = Limits::default();
+        if let Some(memory) = &self.memory {
+            let bytes = match memory {
+                Size::Bytes(n) => *n,
+                Size::Words(text) => parse_size(text)?,
+            };
+            if !(1 << 20..=MAX_MEMORY).contains(&bytes) {
+                return Err(format!(
+                    "memory: {} is outside 1 MiB to {}",
+                    show_size(bytes),
+                    show_size(MAX_MEMORY)
+                ));
+            }
+            limits.memory = bytes;
+        }
+        if let Some(instances) = self.instances {
+            if !(1..=MAX_INSTANCES).contains(&instances) {
+                return Err(format!(
+                    "instances: {instances} is outside 1 to {MAX_INSTANCES}"
+                ));
+            }
+            limits.instances = instances;
+        }
+        if let Some(text) = &self.pick_deadline {
+            let deadline = parse_duration("pick_deadline", text)?;
+            if !(MIN_DEADLINE..=MAX_DEADLINE).contains(&deadline) {
+                return Err(format!(
+                    "pick_deadline: {deadline:?} is outside {MIN_DEADLINE:?} to {MAX_DEADLINE:?}"
+                ));
+            }
+            limits.pick_deadline = deadline;
+        }
+        if let Some(text) = &self.pick_budget {
+            limits.pick_budget = parse_duration("pick_budget", text)?;
+        }
+        if !(MIN_BUDGET..=limits.pick_deadline).contains(&limits.pick_budget) {
+            return Err(format!(
+                "pick_budget: {:?} is outside {MIN_BUDGET:?} to the pick deadline, {:?}",
+                limits.pick_budget, limits.pick_deadline
+            ));
+        }
+        Ok(limits)
+    }
+}
+
+fn parse_duration(key: &str, text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{key}: {text:?} is not a duration such as \"50ms\" ({e})"))
+}
+
+/// "64 MiB", "64MiB", "512 KiB", "1 GiB" or a plain number of bytes.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let shift = match unit.trim() {
+        "" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        other => {
+            return Err(format!(
+                "memory: {text:?} has the unit {other:?}; use KiB, MiB or GiB, or a number of bytes"
+            ));
+        }
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("memory: {text:?} is not a size such as \"64 MiB\""))
+}
+
+/// A size in the largest binary unit that divides it.
+pub fn show_size(bytes: u64) -> String {
+    for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{} {unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes} bytes")
+}
+
+/// The limits as the API lists them.
+#[derive(Debug, Clone, Serialize)]
+pub struct Shown {
+    pub memory_bytes: u64,
+    pub instances: u32,
+    pub pick_deadline_ms: f64,
+    pub pick_budget_ms: f64,
+}
+
+impl From<Limits> for Shown {
+    fn from(l: Limits) -> Self {
+        Self {
+            memory_bytes: l.memory,
+            instances: l.instances,
+            pick_deadline_ms: l.pick_deadline.as_secs_f64() * 1e3,
+            pick_budget_ms: l.pick_budget.as_secs_f64() * 1e3,
+        }
+    }
+}
+
+/// The sidecar file that sets the limits of the plugin in `wasm`: `NAME.toml` beside
+/// `NAME.wasm`.
+pub fn sidecar(wasm: &Path) -> PathBuf {
+    wasm.with_extension("toml")
+}
+
+/// Reads the limits a plugin file's sidecar sets; the defaults where there is none.
+pub fn read_sidecar(wasm: &Path) -> Result<Limits, String> {
+    let path = sidecar(wasm);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Limits::default()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    toml::from_str::<Requested>(&text)
+        .map_err(|e| format!("{}: {}", path.display(), e.message()))
+        .and_then(|r| r.resolve().map_err(|e| format!("{}: {e}", path.display())))
+}
+
+/// How whoever loaded a plugin from `source` raises one of its limits: `key = example`.
+pub fn how_to_raise(source: &Source, key: &str, example: &str) -> String {
+    match source {
+        Source::File(path) => format!(
+            "raise it with `{key} = {example}` in {}",
+            sidecar(Path::new(path)).display()
+        ),
+        Source::Api => format!(
+            "raise it with `?{key}={}` on the upload",
+            example.trim_matches('"').replace(' ', "")
+        ),
+        Source::Builtin => "built-in strategies have fixed limits".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_toml(text: &str) -> Result<Limits, String> {
+        toml::from_str::<Requested>(text)
+            .map_err(|e| e.message().to_owned())
+            .and_then(|r| r.resolve())
+    }
+
+    #[test]
+    fn limits_are_read_in_words_and_checked_against_their_ceilings() {
+        assert_eq!(from_toml("").unwrap(), Limits::default());
+        let l = from_toml(
+            "memory = \"64 MiB\"\ninstances = 40\npick_deadline = \"50ms\"\npick_budget = \"2ms\"",
+        )
+        .unwrap();
+        assert_eq!(l.memory, 64 << 20);
+        assert_eq!(l.instances, 40);
+        assert_eq!(l.pick_deadline, Duration::from_millis(50));
+        assert_eq!(l.pick_budget, Duration::from_millis(2));
+        assert_eq!(from_toml("memory = 2097152").unwrap().memory, 2 << 20);
+
+        for (text, named) in [
+            ("memory = \"64 MB\"", "use KiB, MiB or GiB"),
+            ("memory = \"2 GiB\"", "outside 1 MiB to 1 GiB"),
+            ("instances = 0", "instances: 0 is outside 1 to 256"),
+            ("pick_deadline = \"2s\"", "outside 5ms to 1s"),
+            ("pick_deadline = \"soon\"", "not a duration"),
+            ("pick_budget = \"30ms\"", "to the pick deadline, 20ms"),
+            ("memroy = \"64 MiB\"", "unknown field `memroy`"),
+        ] {
+            let err = from_toml(text).unwrap_err();
+            assert!(err.contains(named), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_way_to_raise_a_limit_fits_where_the_plugin_came_from() {
+        let file = Source::File("/plugins/canary.wasm".into());
+        assert_eq!(
+            how_to_raise(&file, "instances", "64"),
+            "raise it with `instances = 64` in /plugins/canary.toml"
+        );
+        assert_eq!(
+            how_to_raise(&Source::Api, "memory", "\"64 MiB\""),
+            "raise it with `?memory=64MiB` on the upload"
+        );
+        assert_eq!(show_size(32 << 20), "32 MiB");
+        assert_eq!(show_size(1000), "1000 bytes");
+    }
+}

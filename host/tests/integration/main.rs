@@ -1,0 +1,25 @@
+//! The integration tests, one binary: each module drives a real daemon (in-process or the built
+//! `harbor` binary) over real sockets on 127.0.0.1, and the real Caddy, Envoy and Chromium where a
+//! module says so. One binary rather than one per file, because each links all of wasmtime: a
+//! binary per file multiplied a clean build's link time and disk by the number of files.
+
+mod common;
+
+mod access;
+mod bad_input;
+mod binary;
+mod caddy;
+mod durability;
+mod envoy;
+mod events;
+mod framing_properties;
+mod gangway;
+mod http_framing;
+mod leases;
+mod metrics_format;
+mod plugins_api;
+mod proxy_http;
+mod proxy_limits;
+mod proxy_tcp;
+mod route_files;
+mod strategies;
