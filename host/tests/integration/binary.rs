@@ -227,3 +227,87 @@ fn help_names_every_environment_variable() {
         assert!(help.contains(var), "--help does not mention {var}");
     }
 }
+
+/// Executable mappings and resident memory of process `pid`.
+fn code_and_rss(pid: u32) -> (usize, u64) {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    // Compiled guest code is mapped anonymously; the binary's own code has its path.
+    let code = maps
+        .lines()
+        .filter(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            fields.get(1).is_some_and(|p| p.starts_with("r-x")) && fields.len() < 6
+        })
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS");
+    (code, rss_kib << 10)
+}
+
+/// Upload-and-delete cycles of ever new components leave no compiled code behind: the daemon's
+/// executable mappings stay as many as after the first cycles, whatever the number of cycles.
+#[tokio::test]
+async fn upload_and_delete_cycles_leave_no_compiled_code_mapped() {
+    let state = tempfile::tempdir().unwrap();
+    let routes = tempfile::tempdir().unwrap();
+    let (child, base, _) = spawn(&[
+        "--routes",
+        routes.path().to_str().unwrap(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--api",
+        "127.0.0.1:0",
+        "--proxy-listen",
+        "127.0.0.1:0",
+    ]);
+    let pid = child.0.id();
+    let client = reqwest::Client::new();
+    let canary = common::guests::component("strategy-example-canary", &[]);
+    let cycle = |n: u32| {
+        let (client, base) = (client.clone(), base.clone());
+        let bytes = common::guests::variant(&canary, 5000 + n);
+        async move {
+            let put = client
+                .put(format!("{base}/api/v1/plugins/example-canary?wait=true"))
+                .header("content-type", "application/wasm")
+                .body(bytes)
+                .send()
+                .await
+                .expect("upload");
+            assert_eq!(put.status().as_u16(), 201, "cycle {n}");
+            let delete = client
+                .delete(format!("{base}/api/v1/plugins/example-canary"))
+                .send()
+                .await
+                .expect("delete");
+            assert_eq!(delete.status().as_u16(), 204, "cycle {n}");
+        }
+    };
+    for n in 0..5 {
+        cycle(n).await;
+    }
+    let (code_before, rss_before) = code_and_rss(pid);
+    for n in 5..45 {
+        cycle(n).await;
+    }
+    let (code_after, rss_after) = code_and_rss(pid);
+    eprintln!(
+        "after 5 cycles: {code_before} code mappings, {} MiB resident; after 45: {code_after}, {} MiB",
+        rss_before >> 20,
+        rss_after >> 20
+    );
+    // Forty more compiled components, had they stayed, would be forty more mappings.
+    assert!(
+        code_after <= code_before + 2,
+        "code mappings grew from {code_before} to {code_after}"
+    );
+    let cached = std::fs::read_dir(state.path().join("plugin-cache"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(cached > 0, "the precompiled components are cached on disk");
+    drop(child);
+}
