@@ -224,7 +224,8 @@ impl Slot {
                 }
                 Some(Err(fault)) => {
                     self.preparing = None;
-                    return Err(Box::new(fault));
+                    loaded.setup_fault(fault.kind, &fault.message);
+                    return Ok(());
                 }
             }
         }

@@ -175,6 +175,19 @@ impl Loaded {
         }
     }
 
+    /// Records a failed setup (making an instance, giving it a route). One that ran out its
+    /// whole setup deadline takes the plugin out of service at once: each try costs the setup
+    /// thread a second, and other plugins' setups wait behind it.
+    pub fn setup_fault(&self, kind: FaultKind, message: &str) {
+        if kind != FaultKind::Timeout {
+            return self.fault(kind, message);
+        }
+        self.reporter.fault(&self.name, kind, message);
+        self.breaker.total.fetch_add(1, Ordering::Relaxed);
+        let backoff = self.breaker.trip();
+        self.reporter.disabled(&self.name, backoff);
+    }
+
     pub fn succeeded(&self) {
         self.breaker.record_success();
     }
