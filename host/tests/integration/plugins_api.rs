@@ -36,6 +36,18 @@ async fn upload_misbehaving(h: &common::TestHarbor) {
     assert_eq!(status, 201, "{body}");
 }
 
+/// A daemon following a plugin directory of its own, rescanned every 200 ms as well.
+async fn start_with_plugin_dir() -> (common::TestHarbor, tempfile::TempDir) {
+    let plugins = tempfile::tempdir().expect("a plugin directory");
+    let configured = plugins.path().to_owned();
+    let h = start_with(move |c| {
+        c.plugins_dir = Some(configured.clone());
+        c.rescan_interval = Some(Duration::from_millis(200));
+    })
+    .await;
+    (h, plugins)
+}
+
 fn plugin<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
     list["plugins"]
         .as_array()?
@@ -422,14 +434,8 @@ async fn a_misbehaving_plugin_never_takes_the_daemon_down() {
 /// with the limit named: a JSON `413`, or a `plugin_rejected` event and an entry in the list.
 #[tokio::test]
 async fn a_component_over_the_size_limit_is_refused_with_the_limit_named() {
-    let plugins = tempfile::tempdir().unwrap();
+    let (h, plugins) = start_with_plugin_dir().await;
     let dir = plugins.path().to_owned();
-    let configured = dir.clone();
-    let h = start_with(move |c| {
-        c.plugins_dir = Some(configured.clone());
-        c.rescan_interval = Some(Duration::from_millis(200));
-    })
-    .await;
     let mut events = h.events(None).await;
     // Only the head: the answer comes before any of the body, as it would for a client that
     // waits for `100 Continue`.
@@ -642,14 +648,8 @@ async fn an_upload_is_answered_at_once_and_compiled_off_the_request() {
 /// its limit is refused with the limit named and how to raise it; raised, it loads.
 #[tokio::test]
 async fn a_sidecar_file_sets_a_plugins_limits_and_a_refusal_names_them() {
-    let plugins = tempfile::tempdir().unwrap();
+    let (h, plugins) = start_with_plugin_dir().await;
     let dir = plugins.path().to_owned();
-    let configured = dir.clone();
-    let h = start_with(move |c| {
-        c.plugins_dir = Some(configured.clone());
-        c.rescan_interval = Some(Duration::from_millis(200));
-    })
-    .await;
     let mut events = h.events(None).await;
     common::write_atomically(&dir.join("swapper.toml"), "instances = 1\n");
     common::write_bytes_atomically(
