@@ -206,14 +206,19 @@ impl Strategies {
     /// upload that is not a strategy component): reported and listed as a rejection, as a
     /// component that fails its checks is. `expected` is the name it was uploaded under.
     pub fn refuse(&self, source: Source, expected: Option<&str>, reason: &str) {
-        // Under the name of the version in force, which keeps serving, if any.
-        let key = expected
-            .map(str::to_owned)
-            .or_else(|| self.name_from(&source))
-            .unwrap_or_else(|| source.to_string());
+        let key = self.key_for(&source, expected);
         // Listed before it is told, so that whoever hears of it finds it.
         lock(&self.errors).insert(key, (source.to_string(), reason.to_owned()));
         self.reporter.rejected(&source.to_string(), reason);
+    }
+
+    /// What a version from `source` is listed under until it is in force: the name it was
+    /// uploaded under, or that of the version its file gave before, or else its source.
+    fn key_for(&self, source: &Source, expected: Option<&str>) -> String {
+        expected
+            .map(str::to_owned)
+            .or_else(|| self.name_from(source))
+            .unwrap_or_else(|| source.to_string())
     }
 
     /// Checks a component and, if it passes, puts it in force under the name it describes.
@@ -233,10 +238,7 @@ impl Strategies {
     /// Lists a version as compiling (and tells so) before its compile starts: the API answers
     /// the upload with this, and finishes it with [`Strategies::install_begun`] off the request.
     pub fn begin(&self, bytes: &[u8], source: &Source, expected: Option<&str>) -> Ticket {
-        let key = expected
-            .map(str::to_owned)
-            .or_else(|| self.name_from(source))
-            .unwrap_or_else(|| source.to_string());
+        let key = self.key_for(source, expected);
         let number = self
             .tickets
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -189,8 +189,45 @@ pub fn read_sidecar(wasm: &Path) -> Result<Limits, String> {
         .and_then(|r| r.resolve().map_err(|e| format!("{}: {e}", path.display())))
 }
 
+/// A limit a failure can hit.
+#[derive(Debug, Clone, Copy)]
+pub enum Limit {
+    Memory,
+    Instances,
+    PickBudget,
+}
+
+impl Limits {
+    /// The limit a failure hit and how to raise it (to twice its value) where the plugin came
+    /// from: "its memory limit is 32 MiB; raise it with …".
+    pub fn advice(&self, limit: Limit, source: &Source) -> String {
+        let (key, now, twice) = match limit {
+            Limit::Memory => (
+                "memory",
+                show_size(self.memory),
+                format!("\"{}\"", show_size(self.memory * 2)),
+            ),
+            Limit::Instances => (
+                "instances",
+                self.instances.to_string(),
+                (self.instances * 2).to_string(),
+            ),
+            Limit::PickBudget => (
+                "pick_budget",
+                format!("{:?}", self.pick_budget),
+                format!("\"{:?}\"", self.pick_budget * 2),
+            ),
+        };
+        format!(
+            "its {} limit is {now}; {}",
+            key.replace('_', " "),
+            how_to_raise(source, key, &twice)
+        )
+    }
+}
+
 /// How whoever loaded a plugin from `source` raises one of its limits: `key = example`.
-pub fn how_to_raise(source: &Source, key: &str, example: &str) -> String {
+fn how_to_raise(source: &Source, key: &str, example: &str) -> String {
     match source {
         Source::File(path) => format!(
             "raise it with `{key} = {example}` in {}",
@@ -244,13 +281,18 @@ mod tests {
     #[test]
     fn the_way_to_raise_a_limit_fits_where_the_plugin_came_from() {
         let file = Source::File("/plugins/canary.wasm".into());
+        let limits = Limits::default();
         assert_eq!(
-            how_to_raise(&file, "instances", "64"),
-            "raise it with `instances = 64` in /plugins/canary.toml"
+            limits.advice(Limit::Instances, &file),
+            "its instances limit is 32; raise it with `instances = 64` in /plugins/canary.toml"
         );
         assert_eq!(
-            how_to_raise(&Source::Api, "memory", "\"64 MiB\""),
-            "raise it with `?memory=64MiB` on the upload"
+            limits.advice(Limit::Memory, &Source::Api),
+            "its memory limit is 32 MiB; raise it with `?memory=64MiB` on the upload"
+        );
+        assert_eq!(
+            limits.advice(Limit::PickBudget, &Source::Api),
+            "its pick budget limit is 1ms; raise it with `?pick_budget=2ms` on the upload"
         );
         assert_eq!(show_size(32 << 20), "32 MiB");
         assert_eq!(show_size(1000), "1000 bytes");

@@ -10,7 +10,7 @@ use wasmtime::component::Linker;
 
 use super::engine::{PluginEngine, content_hash, ticks};
 use super::guest::{self, Backend, Description, GuestState, PluginPre};
-use super::limits::{Limits, how_to_raise, show_size};
+use super::limits::{Limit, Limits};
 use super::load::LoadTable;
 use super::report::{FaultKind, Reporter};
 use crate::backoff::Backoff;
@@ -156,17 +156,9 @@ impl Loaded {
     /// Records a failed call; may take the plugin out of service for a while.
     pub fn fault(&self, kind: FaultKind, message: &str) {
         if kind == FaultKind::Memory {
-            let limit = self.limits.memory;
-            let raise = how_to_raise(
-                &self.source,
-                "memory",
-                &format!("\"{}\"", show_size(limit * 2)),
-            );
-            let message = format!(
-                "{message}; its memory limit is {}: {raise}",
-                show_size(limit)
-            );
-            self.reporter.fault(&self.name, kind, &message);
+            let advice = self.limits.advice(Limit::Memory, &self.source);
+            self.reporter
+                .fault(&self.name, kind, &format!("{message}; {advice}"));
         } else {
             self.reporter.fault(&self.name, kind, message);
         }
@@ -182,6 +174,11 @@ impl Loaded {
         if kind != FaultKind::Timeout {
             return self.fault(kind, message);
         }
+        self.take_out(kind, message);
+    }
+
+    /// A fault that takes the plugin out of service at once, whatever the breaker counted.
+    fn take_out(&self, kind: FaultKind, message: &str) {
         self.reporter.fault(&self.name, kind, message);
         self.breaker.total.fetch_add(1, Ordering::Relaxed);
         let backoff = self.breaker.trip();
@@ -220,17 +217,13 @@ impl Loaded {
             // Judged once per window: counting starts afresh.
             w.count.store(0, Ordering::Relaxed);
             w.over.store(0, Ordering::Relaxed);
-            self.reporter.fault(
-                &self.name,
+            let advice = self.limits.advice(Limit::PickBudget, &self.source);
+            self.take_out(
                 FaultKind::Slow,
                 &format!(
-                    "{over} of its last {count} picks took over its budget of {budget:?} (the last {took:?}): its p99 is over budget; {}",
-                    how_to_raise(&self.source, "pick_budget", &format!("\"{}ms\"", (budget * 2).as_millis().max(1)))
+                    "{over} of its last {count} picks took over its budget (the last {took:?}): its p99 is over budget; {advice}"
                 ),
             );
-            self.breaker.total.fetch_add(1, Ordering::Relaxed);
-            let backoff = self.breaker.trip();
-            self.reporter.disabled(&self.name, backoff);
         }
     }
 }
@@ -274,20 +267,11 @@ pub(super) fn failure(store: &Store<GuestState>, e: &wasmtime::Error) -> (FaultK
 fn over_limits(why: String, limits: &Limits, source: &Source) -> String {
     if why.contains("instance count too high") {
         format!(
-            "the component makes more core instances than its limit of {} ({why}); {}",
-            limits.instances,
-            how_to_raise(source, "instances", &(limits.instances * 2).to_string())
+            "the component makes more core instances than allowed ({why}): {}",
+            limits.advice(Limit::Instances, source)
         )
     } else if why.contains("memory") && (why.contains("grow") || why.contains("limit")) {
-        format!(
-            "{why}: its memory limit is {}; {}",
-            show_size(limits.memory),
-            how_to_raise(
-                source,
-                "memory",
-                &format!("\"{}\"", show_size(limits.memory * 2))
-            )
-        )
+        format!("{why}: {}", limits.advice(Limit::Memory, source))
     } else {
         why
     }

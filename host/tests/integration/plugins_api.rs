@@ -659,7 +659,8 @@ async fn a_sidecar_file_sets_a_plugins_limits_and_a_refusal_names_them() {
     let rejected = events.next_of("plugin_rejected").await;
     let reason = rejected.data["reason"].as_str().unwrap_or_default();
     assert!(
-        reason.contains("more core instances than its limit of 1")
+        reason.contains("more core instances than allowed")
+            && reason.contains("its instances limit is 1")
             && reason.contains("raise it with `instances = 2` in")
             && reason.contains("swapper.toml"),
         "{reason}"
