@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::catalog::Strategies;
 use super::engine::content_hash;
-use super::limits::{read_sidecar, sidecar};
+use super::limits::SidecarText;
 use super::strategy::Source;
 
 /// The file name prefix of backend adapters in the plugin directory.
@@ -67,15 +67,19 @@ pub fn scan(strategies: &Strategies, dir: &Path, state: &mut DirState) {
                 continue;
             }
         };
-        let limits_text = std::fs::read(sidecar(&path)).unwrap_or_default();
-        let hash = format!("{}+{}", content_hash(&bytes), content_hash(&limits_text));
+        let sidecar = SidecarText::read(&path);
+        let hash = format!(
+            "{}+{}",
+            content_hash(&bytes),
+            content_hash(sidecar.fingerprint())
+        );
         if state.seen.get(&path) == Some(&hash) {
             continue;
         }
         state.seen.insert(path.clone(), hash);
         // A rejection is reported by the catalog (log, event, API); the old version keeps
         // serving and the file is checked again when it or its sidecar changes.
-        match read_sidecar(&path) {
+        match sidecar.limits() {
             Ok(limits) => {
                 let _ = strategies.install(&bytes, source, None, limits);
             }

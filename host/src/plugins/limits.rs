@@ -176,17 +176,49 @@ pub fn sidecar(wasm: &Path) -> PathBuf {
     wasm.with_extension("toml")
 }
 
+/// A plugin file's sidecar, as read: its text, or none if there is no sidecar.
+pub struct SidecarText {
+    path: PathBuf,
+    text: Result<Option<String>, String>,
+}
+
+impl SidecarText {
+    /// Reads the sidecar of the plugin in `wasm`.
+    pub fn read(wasm: &Path) -> Self {
+        let path = sidecar(wasm);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        };
+        Self { path, text }
+    }
+
+    /// The bytes that tell one version of the sidecar from another.
+    pub fn fingerprint(&self) -> &[u8] {
+        match &self.text {
+            Ok(Some(text)) => text.as_bytes(),
+            Ok(None) => b"",
+            Err(e) => e.as_bytes(),
+        }
+    }
+
+    /// The limits it sets; the defaults where there is no sidecar.
+    pub fn limits(&self) -> Result<Limits, String> {
+        let path = self.path.display();
+        match &self.text {
+            Ok(None) => Ok(Limits::default()),
+            Ok(Some(text)) => toml::from_str::<Requested>(text)
+                .map_err(|e| format!("{path}: {}", e.message()))
+                .and_then(|r| r.resolve().map_err(|e| format!("{path}: {e}"))),
+            Err(e) => Err(e.clone()),
+        }
+    }
+}
+
 /// Reads the limits a plugin file's sidecar sets; the defaults where there is none.
 pub fn read_sidecar(wasm: &Path) -> Result<Limits, String> {
-    let path = sidecar(wasm);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Limits::default()),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    };
-    toml::from_str::<Requested>(&text)
-        .map_err(|e| format!("{}: {}", path.display(), e.message()))
-        .and_then(|r| r.resolve().map_err(|e| format!("{}: {e}", path.display())))
+    SidecarText::read(wasm).limits()
 }
 
 /// A limit a failure can hit.
