@@ -77,6 +77,7 @@ impl RegisterRequest {
         let upstream = Upstream {
             addr: UpstreamAddr::parse(&self.upstream)?,
             weight: check_weight(self.weight.unwrap_or(1))?,
+            labels: Meta::new(),
         };
         let meta = self.meta.unwrap_or_default();
         check_meta(&meta)?;

@@ -798,6 +798,7 @@ mod tests {
             upstream: Upstream {
                 addr: UpstreamAddr::parse("127.0.0.1:9").expect("an address"),
                 weight: 1,
+                labels: Default::default(),
             },
             ttl: Some(Duration::from_secs(3600)),
             meta: Default::default(),

@@ -217,11 +217,14 @@ fn parse_listen(raw: &str) -> Result<SocketAddr, FieldError> {
     Ok(addr)
 }
 
-/// One upstream of a service, with its weight for weighted strategies.
+/// One upstream of a service, with its weight for weighted strategies and, for a route file's
+/// upstreams, the labels strategies see (an instance's labels are its `meta`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Upstream {
     pub addr: UpstreamAddr,
     pub weight: u32,
+    #[serde(default, skip_serializing_if = "Meta::is_empty")]
+    pub labels: Meta,
 }
 
 pub const MAX_WEIGHT: u32 = 10_000;

@@ -29,6 +29,7 @@ pub(crate) fn reg(service: &str, upstream: &str, ttl_secs: u64) -> Registration 
         upstream: Upstream {
             addr: UpstreamAddr::parse(upstream).unwrap(),
             weight: 1,
+            labels: Default::default(),
         },
         ttl: Some(Duration::from_secs(ttl_secs)),
         meta: Meta::new(),

@@ -33,10 +33,11 @@ struct RawRoute {
     max_connections: Option<Spanned<u32>>,
 }
 
-/// An upstream is either `"host:port"` or `{ addr = "host:port", weight = 2 }`.
+/// An upstream is either `"host:port"` or `{ addr = "host:port", weight = 2, labels = { … } }`.
 struct RawUpstream {
     addr: String,
     weight: Option<u32>,
+    labels: Option<Meta>,
 }
 
 impl<'de> Deserialize<'de> for RawUpstream {
@@ -46,17 +47,19 @@ impl<'de> Deserialize<'de> for RawUpstream {
         struct Table {
             addr: String,
             weight: Option<u32>,
+            labels: Option<Meta>,
         }
         struct UpstreamVisitor;
         impl<'de> Visitor<'de> for UpstreamVisitor {
             type Value = RawUpstream;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(r#""host:port" or { addr = "host:port", weight = N }"#)
+                f.write_str(r#""host:port" or { addr = "host:port", weight = N, labels = { … } }"#)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<RawUpstream, E> {
                 Ok(RawUpstream {
                     addr: v.to_owned(),
                     weight: None,
+                    labels: None,
                 })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawUpstream, A::Error> {
@@ -64,6 +67,7 @@ impl<'de> Deserialize<'de> for RawUpstream {
                 Ok(RawUpstream {
                     addr: t.addr,
                     weight: t.weight,
+                    labels: t.labels,
                 })
             }
         }
@@ -209,6 +213,11 @@ pub fn parse_route(
             .map_err(|e| error_at(Some(span.clone()), Some("upstreams"), e.reason))?;
         let weight = check_weight(raw.weight.unwrap_or(1))
             .map_err(|e| error_at(Some(span.clone()), Some("upstreams"), e.reason))?;
+        let labels = raw.labels.unwrap_or_default();
+        check_meta(&labels).map_err(|e| {
+            let reason = e.reason.replacen("meta", "labels", 1);
+            error_at(Some(span.clone()), Some("upstreams"), reason)
+        })?;
         if !seen.insert(addr.clone()) {
             return Err(error_at(
                 Some(span),
@@ -216,7 +225,11 @@ pub fn parse_route(
                 format!("upstream {addr} is listed twice"),
             ));
         }
-        upstreams.push(Upstream { addr, weight });
+        upstreams.push(Upstream {
+            addr,
+            weight,
+            labels,
+        });
     }
 
     let meta: BTreeMap<String, String> = raw.meta.map(Spanned::into_inner).unwrap_or_default();
@@ -246,7 +259,7 @@ mod tests {
             r#"
 host = "grafana.localhost"
 path = "/app"
-upstreams = ["127.0.0.1:3000", { addr = "127.0.0.1:3001", weight = 3 }]
+upstreams = ["127.0.0.1:3000", { addr = "127.0.0.1:3001", weight = 3, labels = { zone = "b" } }]
 public = true
 strategy = "least-connections"
 meta = { team = "ops" }
@@ -259,6 +272,8 @@ meta = { team = "ops" }
         assert_eq!(hosts[0].as_str(), "grafana.localhost");
         assert_eq!(path.as_str(), "/app");
         assert_eq!(p.spec.upstreams[1].weight, 3);
+        assert!(p.spec.upstreams[0].labels.is_empty());
+        assert_eq!(p.spec.upstreams[1].labels["zone"], "b");
         assert!(p.spec.route.public);
         assert_eq!(p.spec.route.strategy.as_str(), "least-connections");
         assert_eq!(p.spec.meta["team"], "ops");
@@ -298,6 +313,11 @@ meta = { team = "ops" }
                 "upstreams = [\"127.0.0.1:1\"]\nprotocol = \"udp\"\n",
                 2,
                 None,
+            ),
+            (
+                "upstreams = [{ addr = \"127.0.0.1:1\", labels = { \"\" = \"a\" } }]\n",
+                1,
+                Some("upstreams"),
             ),
             (
                 "upstreams = [{ addr = \"127.0.0.1:1\", weight = 0 }]\n",

@@ -153,7 +153,8 @@ impl RoutingTable {
 
 fn backends_of(service: &ServiceView) -> Vec<BackendSpec> {
     match service.kind {
-        // An instance's metadata doubles as its labels (e.g. track=canary).
+        // An instance's metadata doubles as its labels (e.g. track=canary); a route file's
+        // upstreams carry theirs.
         Kind::Ephemeral => service
             .instances
             .iter()
@@ -171,7 +172,11 @@ fn backends_of(service: &ServiceView) -> Vec<BackendSpec> {
                 address: u.addr.to_string(),
                 weight: u.weight,
                 healthy: true,
-                labels: Vec::new(),
+                labels: u
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
             })
             .collect(),
     }

@@ -83,6 +83,8 @@ impl StoredInstance {
                 upstream: Upstream {
                     addr: UpstreamAddr::parse(&self.upstream)?,
                     weight: check_weight(self.weight)?,
+                    // An instance's labels are its meta.
+                    labels: Default::default(),
                 },
                 route,
                 ttl: (self.ttl_ms > 0).then(|| Duration::from_millis(self.ttl_ms)),

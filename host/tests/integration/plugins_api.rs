@@ -688,3 +688,42 @@ async fn a_sidecar_file_sets_a_plugins_limits_and_a_refusal_names_them() {
     assert_eq!(p["limits"]["pick_deadline_ms"], 50.0, "{p}");
     h.shutdown().await;
 }
+
+/// Labels on a route file's upstreams reach the strategy: the test strategy answers no backend
+/// for a route whose upstream is labelled `misbehave = "none"`, a fault the host covers with its
+/// own pick, so the request still succeeds.
+#[tokio::test]
+async fn labels_on_a_route_files_upstreams_reach_the_strategy() {
+    let h = start().await;
+    upload_misbehaving(&h).await;
+    let mut events = h.events(None).await;
+    let upstream = common::proxies::Upstream::start("labelled").await;
+    h.write_route(
+        "labelled.route",
+        &format!(
+            "host = \"labelled.localhost\"\nstrategy = \"misbehaving\"\nupstreams = [{{ addr = \"{}\", labels = {{ misbehave = \"none\" }} }}]\n",
+            upstream.addr
+        ),
+    );
+    let proxy = h.harbor().proxy_addr().expect("the proxy");
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let fault = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fault from the labelled route"
+        );
+        let got = common::proxies::through(&client, proxy, "labelled.localhost", "/").await;
+        if got.as_ref().is_some_and(|(status, _)| *status != 404) {
+            assert_eq!(got, Some((200, "labelled".to_owned())));
+        }
+        if let Some(e) = events.next_within(Duration::from_millis(50)).await
+            && e.event == "plugin_fault"
+        {
+            break e;
+        }
+    };
+    assert_eq!(fault.data["fault"], "bad_answer", "{:?}", fault.data);
+    assert_eq!(fault.data["name"], "misbehaving");
+    h.shutdown().await;
+}
