@@ -14,7 +14,7 @@ use serde::Serialize;
 pub use names::{
     FieldError, HostName, InstanceId, PathPrefix, ServiceName, StrategyName, UpstreamAddr,
 };
-pub use options::{HealthCheck, HealthInput, RouteOptions};
+pub use options::{HashKey, HealthCheck, HealthInput, RouteOptions};
 pub use route::{
     Claim, Kind, MAX_WEIGHT, Match, Meta, Protocol, Route, RouteInput, Upstream, check_meta,
     check_weight,

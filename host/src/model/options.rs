@@ -1,6 +1,7 @@
 //! How the embedded proxy treats a route beyond matching and balancing: active health checks,
-//! the `Host` sent upstream, and a cap on TCP connections. Only route files set these; an
-//! ephemeral instance's lease already says whether it is alive.
+//! the `Host` sent upstream, a cap on TCP connections, and what a request's hash key is made
+//! of. Only route files set these; an ephemeral instance's lease already says whether it is
+//! alive.
 
 use std::time::Duration;
 
@@ -18,6 +19,62 @@ pub struct RouteOptions {
     /// Connections in flight at most, for a TCP route.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
+    /// What the strategy is given as a request's hash key.
+    #[serde(skip_serializing_if = "HashKey::is_client_ip")]
+    pub hash_key: HashKey,
+}
+
+/// What a request's hash key is made of: the client's address, or a header's or cookie's
+/// value (so that consistent hashing keeps a session on one upstream). A request without the
+/// header or cookie is keyed by its client's address.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub enum HashKey {
+    #[default]
+    ClientIp,
+    /// A header, by its lower-cased name.
+    Header(String),
+    Cookie(String),
+}
+
+impl HashKey {
+    /// `client_ip`, `header:NAME` or `cookie:NAME`.
+    pub fn parse(text: &str) -> Result<Self, FieldError> {
+        let bad = |why: &str| {
+            FieldError::new(
+                "hash_key",
+                format!("{text:?} {why}; use \"client_ip\", \"header:NAME\" or \"cookie:NAME\""),
+            )
+        };
+        let token = |name: &str| {
+            !name.is_empty()
+                && name.len() <= 128
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        };
+        match text.split_once(':') {
+            None if text == "client_ip" => Ok(Self::ClientIp),
+            Some(("header", name)) if token(name) => Ok(Self::Header(name.to_ascii_lowercase())),
+            Some(("cookie", name)) if token(name) => Ok(Self::Cookie(name.to_owned())),
+            Some(("header" | "cookie", _)) => Err(bad("names no valid header or cookie")),
+            _ => Err(bad("is not a hash key")),
+        }
+    }
+
+    pub fn is_client_ip(&self) -> bool {
+        *self == Self::ClientIp
+    }
+}
+
+impl From<HashKey> for String {
+    fn from(key: HashKey) -> String {
+        match key {
+            HashKey::ClientIp => "client_ip".to_owned(),
+            HashKey::Header(name) => format!("header:{name}"),
+            HashKey::Cookie(name) => format!("cookie:{name}"),
+        }
+    }
 }
 
 impl RouteOptions {
@@ -147,6 +204,25 @@ mod humantime_serde_secs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hash_keys_are_a_client_a_header_or_a_cookie() {
+        assert_eq!(HashKey::parse("client_ip").unwrap(), HashKey::ClientIp);
+        assert_eq!(
+            HashKey::parse("header:X-User").unwrap(),
+            HashKey::Header("x-user".into())
+        );
+        assert_eq!(
+            HashKey::parse("cookie:sid").unwrap(),
+            HashKey::Cookie("sid".into())
+        );
+        for bad in ["ip", "header:", "cookie:a b", "header:x;y", "query:x"] {
+            let err = HashKey::parse(bad).unwrap_err();
+            assert_eq!(err.field, "hash_key");
+            assert!(err.reason.contains("header:NAME"), "{bad}: {}", err.reason);
+        }
+        assert_eq!(String::from(HashKey::Cookie("sid".into())), "cookie:sid");
+    }
 
     #[test]
     fn health_defaults_and_limits() {

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::model::HashKey;
 use crate::plugins::{Outcome, Picked};
 use crate::routing::ServiceRoute;
 
@@ -57,13 +58,44 @@ impl Failure {
 
 /// The consistent-hash key of a client address.
 pub fn client_key(ip: IpAddr) -> u64 {
-    // FNV-1a: fixed, so that a client hashes the same way across restarts and versions.
     let octets = match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
     };
-    octets.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+    fnv(&octets)
+}
+
+/// FNV-1a: fixed, so that a client hashes the same way across restarts and versions.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A request's hash key as its route asks: a header's value (the first), a cookie's, or the
+/// client's address when the request carries neither. `headers(name)` gives the values of the
+/// request's `name` headers, `name` in lower case.
+pub fn request_key<'v>(
+    rule: &HashKey,
+    client: IpAddr,
+    headers: impl FnOnce(&str) -> Vec<&'v [u8]>,
+) -> u64 {
+    let value = match rule {
+        HashKey::ClientIp => None,
+        HashKey::Header(name) => headers(name).first().copied(),
+        HashKey::Cookie(name) => headers("cookie")
+            .into_iter()
+            .find_map(|header| cookie(header, name.as_bytes())),
+    };
+    value.map_or_else(|| client_key(client), fnv)
+}
+
+/// The value of cookie `name` in a `Cookie` header's `a=1; b=2`.
+fn cookie<'v>(header: &'v [u8], name: &[u8]) -> Option<&'v [u8]> {
+    header.split(|&b| b == b';').find_map(|pair| {
+        let pair = pair.trim_ascii();
+        let at = pair.iter().position(|&b| b == b'=')?;
+        (&pair[..at] == name).then(|| &pair[at + 1..])
     })
 }
 
@@ -142,5 +174,45 @@ where
         }
         retries += 1;
         shared.metrics.retry(service);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hash_key_comes_from_the_header_or_cookie_the_route_names_else_the_client() {
+        let client: IpAddr = "192.0.2.7".parse().unwrap();
+        let by_ip = client_key(client);
+        let header = HashKey::Header("x-user".into());
+        let cookie = HashKey::Cookie("sid".into());
+        let key = |rule: &HashKey, headers: &[(&str, &[u8])]| {
+            request_key(rule, client, |name| {
+                headers
+                    .iter()
+                    .filter(|(n, _)| *n == name)
+                    .map(|(_, v)| *v)
+                    .collect()
+            })
+        };
+        assert_eq!(key(&HashKey::ClientIp, &[("x-user", b"a")]), by_ip);
+        assert_eq!(key(&header, &[("x-user", b"a")]), fnv(b"a"));
+        assert_eq!(
+            key(&header, &[("x-user", b"a"), ("x-user", b"b")]),
+            fnv(b"a")
+        );
+        assert_eq!(key(&header, &[]), by_ip);
+        // The cookie by its exact name, in any `Cookie` header, spaces around pairs ignored.
+        assert_eq!(
+            key(&cookie, &[("cookie", b"a=1; sid=s-9; b=2")]),
+            fnv(b"s-9")
+        );
+        assert_eq!(
+            key(&cookie, &[("cookie", b"a=1"), ("cookie", b"sid=s-9")]),
+            fnv(b"s-9")
+        );
+        assert_eq!(key(&cookie, &[("cookie", b"xsid=1; sidx=2")]), by_ip);
+        assert_eq!(key(&cookie, &[]), by_ip);
     }
 }

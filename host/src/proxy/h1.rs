@@ -25,7 +25,7 @@ use crate::routing::ServiceRoute;
 
 use super::Shared;
 use super::body::Flight;
-use super::choose::{choose, client_key};
+use super::choose::{choose, request_key};
 use super::chunked::Check;
 use super::deadline::Deadline;
 use super::dial::dial;
@@ -321,25 +321,23 @@ impl Conn {
         // The head is still in `inbound` until the request's bytes are built, once.
         let mut built = false;
         let mut fresh_only = false;
+        let key = request_key(&route.options.hash_key, self.peer.ip(), |name| {
+            head.header_values(&self.inbound, name)
+        });
         loop {
-            let chosen = choose(
-                &shared,
-                route,
-                Some(client_key(self.peer.ip())),
-                |address| {
-                    let pooled = if fresh_only {
-                        None
-                    } else {
-                        shared.streams.checkout(&address, resendable)
-                    };
-                    async move {
-                        match pooled {
-                            Some(stream) => Ok((stream, true)),
-                            None => dial(&address, false).await.map(|s| (s, false)),
-                        }
+            let chosen = choose(&shared, route, Some(key), |address| {
+                let pooled = if fresh_only {
+                    None
+                } else {
+                    shared.streams.checkout(&address, resendable)
+                };
+                async move {
+                    match pooled {
+                        Some(stream) => Ok((stream, true)),
+                        None => dial(&address, false).await.map(|s| (s, false)),
                     }
-                },
-            )
+                }
+            })
             .await;
             let chosen = match chosen {
                 Ok(chosen) => chosen,

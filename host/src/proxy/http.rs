@@ -23,7 +23,7 @@ use crate::plugins::Outcome;
 use crate::routing::ServiceRoute;
 
 use super::body::{ClientBody, Flight, Loan, ResponseBody, Stall, UpstreamBody, text};
-use super::choose::{choose, client_key};
+use super::choose::{choose, request_key};
 use super::copy::{self, Tally};
 use super::gate::{ClientLimits, Clients, Gate};
 use super::headers::{add_forwarded, append_via, strip_hop_by_hop, upgrade_of};
@@ -170,7 +170,14 @@ async fn forward(
 ) -> Response<ClientBody> {
     let service = route.name.as_str();
     let pool = shared.pool.clone();
-    let chosen = choose(shared, route, Some(client_key(peer.ip())), |address| {
+    let key = request_key(&route.options.hash_key, peer.ip(), |name| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect()
+    });
+    let chosen = choose(shared, route, Some(key), |address| {
         let pooled = pool.checkout(&address);
         async move {
             match pooled {

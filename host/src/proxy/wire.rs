@@ -402,6 +402,11 @@ impl RequestHead {
         &buf[self.method.clone()] == b"HEAD"
     }
 
+    /// The values of every `name` header (name in lower case), in order.
+    pub fn header_values<'b>(&self, buf: &'b [u8], name: &str) -> Vec<&'b [u8]> {
+        self.head.all(buf, name)
+    }
+
     /// The host the request is for.
     pub fn host<'b>(&self, buf: &'b [u8]) -> &'b str {
         std::str::from_utf8(&buf[self.host.clone()]).unwrap_or("")

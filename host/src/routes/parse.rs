@@ -11,7 +11,7 @@ use toml::Spanned;
 
 use crate::events::RouteFileError;
 use crate::model::{
-    FieldError, HealthInput, HostName, Meta, Protocol, Route, RouteInput, RouteOptions,
+    FieldError, HashKey, HealthInput, HostName, Meta, Protocol, Route, RouteInput, RouteOptions,
     ServiceName, Upstream, UpstreamAddr, check_meta, check_weight,
 };
 use crate::registry::{ParsedRoute, StaticSpec};
@@ -31,6 +31,7 @@ struct RawRoute {
     upstream_host: Option<Spanned<String>>,
     health: Option<Spanned<HealthInput>>,
     max_connections: Option<Spanned<u32>>,
+    hash_key: Option<Spanned<String>>,
 }
 
 /// An upstream is either `"host:port"` or `{ addr = "host:port", weight = 2, labels = { … } }`.
@@ -111,10 +112,24 @@ fn options(raw: &RawRoute, route: &Route) -> Result<RouteOptions, FieldError> {
         .as_ref()
         .map(|h| h.get_ref().validate())
         .transpose()?;
+    let hash_key = match &raw.hash_key {
+        Some(key) => match HashKey::parse(key.get_ref())? {
+            HashKey::ClientIp => HashKey::ClientIp,
+            _ if tcp => {
+                return Err(FieldError::new(
+                    "hash_key",
+                    "a tcp route has no headers or cookies; its hash key is the client's address",
+                ));
+            }
+            key => key,
+        },
+        None => HashKey::ClientIp,
+    };
     Ok(RouteOptions {
         upstream_host,
         health,
         max_connections,
+        hash_key,
     })
 }
 
@@ -167,7 +182,8 @@ pub fn parse_route(
         meta,
         upstream_host,
         health,
-        max_connections
+        max_connections,
+        hash_key
     );
     let at_field = |e: FieldError| {
         let span = spans.get(e.field.as_str()).cloned();
@@ -333,6 +349,16 @@ meta = { team = "ops" }
                 "protocol = \"tcp\"\nlisten = \"nowhere\"\nupstreams = [\"127.0.0.1:1\"]\n",
                 2,
                 Some("listen"),
+            ),
+            (
+                "protocol = \"tcp\"\nlisten = \"127.0.0.1:9\"\nupstreams = [\"127.0.0.1:1\"]\nhash_key = \"header:x\"\n",
+                4,
+                Some("hash_key"),
+            ),
+            (
+                "upstreams = [\"127.0.0.1:1\"]\nhash_key = \"ip\"\n",
+                2,
+                Some("hash_key"),
             ),
         ];
         for (text, line, field) in cases {

@@ -742,6 +742,71 @@ async fn request_bodies_reach_the_upstream_and_a_broken_one_gets_400(direct: boo
     assert!(all.contains("\"error\":\"bad request\""), "{all}");
 }
 
+/// `hash_key = "header:NAME"` and `"cookie:NAME"` give consistent hashing the session's value:
+/// each session stays on one upstream, sessions spread over the upstreams, and a request with
+/// neither is keyed by the client's address.
+async fn a_header_or_cookie_hash_key_keeps_a_session_on_one_upstream(direct: bool) {
+    let backends = [
+        Backend::echo().await,
+        Backend::echo().await,
+        Backend::echo().await,
+    ];
+    let h = start(direct).await;
+    let upstreams = backends.iter().collect::<Vec<_>>();
+    for (file, rule) in [
+        ("by-header", "header:X-Session"),
+        ("by-cookie", "cookie:sid"),
+    ] {
+        let text = route(
+            &upstreams,
+            &format!("strategy = \"consistent-hash\"\nhash_key = \"{rule}\""),
+        )
+        .replace("app.localhost", &format!("{file}.localhost"));
+        h.write_route(&format!("{file}.route"), &text);
+        routable(&h, &format!("{file}.localhost")).await;
+    }
+    let send = |host: &'static str, header: Option<(&'static str, String)>| {
+        let mut req = h
+            .client
+            .get(format!("{}/", h.proxy_base()))
+            .header("host", host);
+        if let Some((name, value)) = header {
+            req = req.header(name, value);
+        }
+        async move {
+            let resp = req.send().await.expect("a request through the proxy");
+            assert_eq!(resp.status(), 200);
+            served_by(&resp.text().await.expect("a body"))
+        }
+    };
+    let by_header = |s: u32| ("x-session", format!("user-{s}"));
+    let by_cookie = |s: u32| ("cookie", format!("theme=dark; sid=user-{s}; x=1"));
+    let rules: [(&str, &dyn Fn(u32) -> (&'static str, String)); 2] = [
+        ("by-header.localhost", &by_header),
+        ("by-cookie.localhost", &by_cookie),
+    ];
+    for (host, header) in rules {
+        let mut seen = HashMap::new();
+        for session in 0..24u32 {
+            let first = send(host, Some(header(session))).await;
+            for _ in 0..4 {
+                assert_eq!(send(host, Some(header(session))).await, first, "{host}");
+            }
+            seen.insert(session, first);
+        }
+        let spread: std::collections::HashSet<_> = seen.values().collect();
+        assert!(
+            spread.len() >= 2,
+            "{host}: every session on one upstream: {seen:?}"
+        );
+        // Without the header or cookie: the client's address, the same every time.
+        let bare = send(host, None).await;
+        for _ in 0..4 {
+            assert_eq!(send(host, None).await, bare, "{host}");
+        }
+    }
+}
+
 // Every test runs on both HTTP paths: the direct one first, and hyper's alone.
 common::on_both_paths!(
     round_robin_cycles_and_weights_hold,
@@ -755,4 +820,5 @@ common::on_both_paths!(
     registrations_route_and_expiries_stop_routing_within_100ms,
     shutdown_lets_requests_in_flight_finish,
     request_bodies_reach_the_upstream_and_a_broken_one_gets_400,
+    a_header_or_cookie_hash_key_keeps_a_session_on_one_upstream,
 );
