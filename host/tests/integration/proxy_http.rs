@@ -779,13 +779,19 @@ async fn a_header_or_cookie_hash_key_keeps_a_session_on_one_upstream(direct: boo
             served_by(&resp.text().await.expect("a body"))
         }
     };
-    let by_header = |s: u32| ("x-session", format!("user-{s}"));
-    let by_cookie = |s: u32| ("cookie", format!("theme=dark; sid=user-{s}; x=1"));
-    let rules: [(&str, &dyn Fn(u32) -> (&'static str, String)); 2] = [
-        ("by-header.localhost", &by_header),
-        ("by-cookie.localhost", &by_cookie),
-    ];
-    for (host, header) in rules {
+    // A session's header: its own, or a cookie among others.
+    let header = |cookie: bool, s: u32| {
+        if cookie {
+            ("cookie", format!("theme=dark; sid=user-{s}; x=1"))
+        } else {
+            ("x-session", format!("user-{s}"))
+        }
+    };
+    for (host, by_cookie) in [
+        ("by-header.localhost", false),
+        ("by-cookie.localhost", true),
+    ] {
+        let header = |s: u32| header(by_cookie, s);
         let mut seen = HashMap::new();
         for session in 0..24u32 {
             let first = send(host, Some(header(session))).await;
