@@ -103,7 +103,7 @@ impl Settings {
     }
 }
 
-pub use harbor_adapter_common::{Health, Service};
+pub use harbor_adapter_common::{HashKey, Health, Service};
 
 /// What the Caddy being driven understands, from the version it reports. Caddy 2.6 has none of
 /// these; 2.7 brought them all.
@@ -180,12 +180,25 @@ pub fn fallbacks_of(routes: &Value) -> Fallbacks {
         .collect()
 }
 
-/// Caddy's selection policy for a Harbor strategy. Caddy 2.6 has no weighted round-robin, so
-/// weights are honoured only where `weighted` is true (a newer Caddy).
-pub fn selection_policy(strategy: &str, weights: &[u32], weighted: bool) -> Value {
+/// The request header through which a route's hash key reaches Caddy's `header` policy.
+const HASH_KEY_HEADER: &str = "X-Harbor-Hash-Key";
+
+/// Caddy's selection policy for a Harbor strategy, in the words of the Caddy `features` tell.
+/// Caddy 2.6 has no weighted round-robin, so weights (`None` where the upstreams are dynamic)
+/// are honoured only by a newer Caddy. Consistent hashing by a header or cookie hashes
+/// [`HASH_KEY_HEADER`], which [`hash_key_handler`] fills in.
+pub fn selection_policy(
+    strategy: &str,
+    hash_key: HashKey<'_>,
+    weights: Option<&[u32]>,
+    features: Features,
+) -> Value {
     match strategy {
-        "weighted-round-robin" if weighted => {
-            json!({"policy": "weighted_round_robin", "weights": weights})
+        "consistent-hash" if hash_key != HashKey::ClientIp => {
+            json!({"policy": "header", "field": HASH_KEY_HEADER})
+        }
+        "weighted-round-robin" if features.weighted && weights.is_some() => {
+            json!({"policy": "weighted_round_robin", "weights": weights.unwrap_or_default()})
         }
         "round-robin" | "weighted-round-robin" => json!({"policy": "round_robin"}),
         "least-connections" | "least-request" | "peak-ewma" => json!({"policy": "least_conn"}),
@@ -195,6 +208,43 @@ pub fn selection_policy(strategy: &str, weights: &[u32], weighted: bool) -> Valu
         // A custom strategy: the nearest Caddy has to Harbor's default.
         _ => json!({"policy": "round_robin"}),
     }
+}
+
+/// A handler that puts a request's hash key in [`HASH_KEY_HEADER`] (whatever the client sent
+/// there): the header's or cookie's value where the request has it, else the client's address.
+/// Caddy's own policies differ from Harbor's rule: its cookie policy sets a cookie of its own,
+/// and its header policy picks at random when the header is missing (on 2.6).
+fn hash_key_handler(key: HashKey<'_>) -> Option<Value> {
+    let (present, value) = match key {
+        HashKey::ClientIp => return None,
+        HashKey::Header(name) => (
+            json!({"header": {name: ["*"]}}),
+            format!("{{http.request.header.{name}}}"),
+        ),
+        HashKey::Cookie(name) => (
+            json!({"header_regexp": {"Cookie": {"pattern": format!("(?:^|[;,]\\s*){}=", regex_escape(name))}}}),
+            format!("{{http.request.cookie.{name}}}"),
+        ),
+    };
+    let set = |v: &str| json!({"handler": "headers", "request": {"set": {HASH_KEY_HEADER: [v]}}});
+    Some(json!({
+        "handler": "subroute",
+        "routes": [
+            {"handle": [set("{http.request.remote.host}")]},
+            {"match": [present], "handle": [set(&value)]},
+        ],
+    }))
+}
+
+/// `text` with the characters a regular expression gives meaning to escaped (cookie names are
+/// HTTP tokens, which may contain some).
+fn regex_escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let special = "\\.+*?()|[]{}^$".contains(c);
+            special.then_some('\\').into_iter().chain([c])
+        })
+        .collect()
 }
 
 /// The routes for `services`, in the order Caddy should try them.
@@ -238,7 +288,7 @@ fn route(s: &Service<'_>, settings: &Settings, features: Features, kept: Option<
         let udp = json!({"addresses": [format!("udp/{}", settings.upstream_dns)]});
         let tcp = json!({"addresses": [format!("tcp/{}", settings.upstream_dns)]});
         let zone = format!("{}.{}", s.name, settings.dns_zone);
-        let policy = selection_policy(s.strategy, &[], false);
+        let policy = selection_policy(s.strategy, s.hash_key, None, features);
         let round_robin = policy["policy"] == "round_robin";
         let affinity = !matches!(
             policy["policy"].as_str(),
@@ -293,16 +343,20 @@ fn route(s: &Service<'_>, settings: &Settings, features: Features, kept: Option<
             "handler": "reverse_proxy",
             "upstreams": upstreams,
             "load_balancing": {
-                "selection_policy": selection_policy(s.strategy, &weights, features.weighted),
+                "selection_policy": selection_policy(s.strategy, s.hash_key, Some(&weights), features),
                 "retries": settings.retries,
             },
             "health_checks": checks,
         })
     };
+    let handle = match hash_key_handler(s.hash_key).filter(|_| s.strategy == "consistent-hash") {
+        Some(key) => json!([key, handler]),
+        None => json!([handler]),
+    };
     json!({
         "group": format!("harbor-{}", s.name),
         "match": [Value::Object(matcher)],
-        "handle": [handler],
+        "handle": handle,
         "terminal": true,
     })
 }
@@ -349,7 +403,7 @@ mod tests {
     #[test]
     fn strategies_map_to_caddy_policies() {
         let p = |s: &str| {
-            selection_policy(s, &[1, 3], false)["policy"]
+            selection_policy(s, HashKey::ClientIp, Some(&[1, 3]), Features::default())["policy"]
                 .as_str()
                 .unwrap()
                 .to_owned()
@@ -362,11 +416,52 @@ mod tests {
         assert_eq!(p("consistent-hash"), "ip_hash");
         assert_eq!(p("my-canary"), "round_robin");
         assert_eq!(p("weighted-round-robin"), "round_robin");
-        let w = selection_policy("weighted-round-robin", &[1, 3], true);
+        let w = selection_policy(
+            "weighted-round-robin",
+            HashKey::ClientIp,
+            Some(&[1, 3]),
+            MODERN,
+        );
         assert_eq!(
             w,
             json!({"policy": "weighted_round_robin", "weights": [1, 3]})
         );
+        // `ip_hash` on every release: 2.7's `client_ip_hash` differs only behind trusted proxies,
+        // which Harbor's routes do not name, and a policy that depended on the version would
+        // be rewritten (a reload) whenever the version could not be told at a start.
+        let hash = selection_policy("consistent-hash", HashKey::ClientIp, None, MODERN);
+        assert_eq!(hash["policy"], "ip_hash");
+    }
+
+    #[test]
+    fn a_header_or_cookie_hash_key_is_hashed_through_a_header_of_harbors() {
+        let by = |key| selection_policy("consistent-hash", key, None, Features::default());
+        assert_eq!(by(HashKey::ClientIp)["policy"], "ip_hash");
+        assert_eq!(
+            by(HashKey::Cookie("sid")),
+            json!({"policy": "header", "field": HASH_KEY_HEADER})
+        );
+        // Other strategies do not hash: the key changes nothing.
+        assert_eq!(
+            selection_policy("round-robin", HashKey::Header("x"), None, MODERN)["policy"],
+            "round_robin"
+        );
+        let handler = hash_key_handler(HashKey::Cookie("s.id")).unwrap();
+        let routes = handler["routes"].as_array().unwrap();
+        // The client's address first, whatever the client sent; the cookie where it is.
+        assert_eq!(
+            routes[0]["handle"][0]["request"]["set"][HASH_KEY_HEADER][0],
+            "{http.request.remote.host}"
+        );
+        assert_eq!(
+            routes[1]["match"][0]["header_regexp"]["Cookie"]["pattern"],
+            "(?:^|[;,]\\s*)s\\.id="
+        );
+        assert_eq!(
+            routes[1]["handle"][0]["request"]["set"][HASH_KEY_HEADER][0],
+            "{http.request.cookie.s.id}"
+        );
+        assert!(hash_key_handler(HashKey::ClientIp).is_none());
     }
 
     const MODERN: Features = Features {

@@ -1,7 +1,7 @@
 //! The desired state's services, borrowed from the generated records.
 
 use crate::bindings::exports::harbor::backend::adapter::DesiredState;
-use crate::bindings::harbor::backend::types::{HealthCheck, Upstream};
+use crate::bindings::harbor::backend::types::{HashKey as WitHashKey, HealthCheck, Upstream};
 
 /// A service as an adapter sees it, free of the generated binding types.
 #[derive(Debug, Clone)]
@@ -15,7 +15,19 @@ pub struct Service<'a> {
     /// (address, weight)
     pub upstreams: Vec<(&'a str, u32)>,
     pub strategy: &'a str,
+    /// What the strategy hashes, if it hashes (HTTP only).
+    pub hash_key: HashKey<'a>,
     pub health: Option<Health<'a>>,
+}
+
+/// What a request's hash key is made of; a request without the header or cookie is hashed by
+/// its client's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashKey<'a> {
+    ClientIp,
+    /// A header, by its lower-cased name.
+    Header(&'a str),
+    Cookie(&'a str),
 }
 
 impl<'a> Service<'a> {
@@ -34,6 +46,7 @@ impl<'a> Service<'a> {
             listen: None,
             upstreams,
             strategy,
+            hash_key: HashKey::ClientIp,
             health: None,
         }
     }
@@ -64,6 +77,11 @@ pub fn http_services(state: &DesiredState) -> Vec<Service<'_>> {
             listen: None,
             upstreams: upstreams(&s.upstreams),
             strategy: &s.strategy,
+            hash_key: match &s.hash_key {
+                WitHashKey::ClientIp => HashKey::ClientIp,
+                WitHashKey::Header(name) => HashKey::Header(name),
+                WitHashKey::Cookie(name) => HashKey::Cookie(name),
+            },
             health: s.health.as_ref().map(health),
         })
         .collect()
@@ -81,6 +99,7 @@ pub fn tcp_services(state: &DesiredState) -> Vec<Service<'_>> {
             listen: Some(&s.listen),
             upstreams: upstreams(&s.upstreams),
             strategy: &s.strategy,
+            hash_key: HashKey::ClientIp,
             health: s.health.as_ref().map(health),
         })
         .collect()

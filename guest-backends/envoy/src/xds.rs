@@ -72,7 +72,7 @@ fn socket_address(addr: &str) -> Value {
     json!({"socket_address": {"address": host, "port_value": port}})
 }
 
-pub use harbor_adapter_common::{Health, Service};
+pub use harbor_adapter_common::{HashKey, Health, Service};
 
 /// Envoy's health checker for `h`. Envoy checks idle clusters only every
 /// `no_traffic_interval` (60 s by default), so that is set to the interval too: a check that
@@ -192,6 +192,20 @@ pub fn endpoints(s: &Service<'_>) -> Value {
 }
 
 /// One route configuration: a virtual host per host name, longer path prefixes first.
+/// What a route hashes: the header or cookie, if the request has it (`terminal`: the client's
+/// address is then left out), else the client's address. Without a `ttl` Envoy never sets the
+/// cookie itself.
+fn hash_policy(key: HashKey<'_>) -> Value {
+    let client = json!({"connection_properties": {"source_ip": true}});
+    match key {
+        HashKey::ClientIp => json!([client]),
+        HashKey::Header(name) => {
+            json!([{"header": {"header_name": name}, "terminal": true}, client])
+        }
+        HashKey::Cookie(name) => json!([{"cookie": {"name": name}, "terminal": true}, client]),
+    }
+}
+
 pub fn route_config(http: &[Service<'_>]) -> Value {
     let mut by_host: BTreeMap<&str, Vec<&Service<'_>>> = BTreeMap::new();
     for s in http {
@@ -219,8 +233,7 @@ pub fn route_config(http: &[Service<'_>]) -> Value {
                     };
                     let mut route = json!({"cluster": cluster_name(s.name), "timeout": "0s"});
                     if lb_policy(s.strategy) == "RING_HASH" {
-                        route["hash_policy"] =
-                            json!([{"connection_properties": {"source_ip": true}}]);
+                        route["hash_policy"] = hash_policy(s.hash_key);
                     }
                     json!({"match": matcher, "route": route})
                 })

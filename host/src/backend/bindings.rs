@@ -22,13 +22,13 @@ mod generated {
 use generated::harbor::backend::{files, http_client, log, timer, types};
 
 pub use generated::harbor::backend::types::{
-    AdapterError, Applied, Description, DesiredState, Document, HealthCheck, HttpService,
+    AdapterError, Applied, Description, DesiredState, Document, HashKey, HealthCheck, HttpService,
     ProbeReport, RefusedService, TcpService, Upstream,
 };
 pub use generated::{AdapterPlugin, AdapterPluginPre};
 
 /// The version of the adapter contract this host speaks.
-pub const CONTRACT: &str = "harbor:backend@0.4.0";
+pub const CONTRACT: &str = "harbor:backend@0.5.0";
 
 /// Linear memory an adapter instance may use: room for the JSON of a few thousand services.
 pub const MEMORY_LIMIT: usize = 128 << 20;

@@ -18,8 +18,8 @@ mod http;
 
 pub use adapter::{Adapter, AdapterSpec, CallError, Capabilities, FaultSink};
 pub use bindings::{
-    AdapterError, Applied, CONTRACT, Description, DesiredState, Document, HealthCheck, HttpService,
-    ProbeReport, RefusedService, TcpService, Upstream,
+    AdapterError, Applied, CONTRACT, Description, DesiredState, Document, HashKey, HealthCheck,
+    HttpService, ProbeReport, RefusedService, TcpService, Upstream,
 };
 pub use builtin::{builtin, builtin_names};
 pub use files::ConfinedDir;

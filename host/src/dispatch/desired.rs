@@ -2,9 +2,10 @@
 //! (comparable, unlike the generated types), and its conversion for the adapter contract.
 
 use crate::backend::{
-    DesiredState, HealthCheck as WitHealthCheck, HttpService, TcpService, Upstream,
+    DesiredState, HashKey as WitHashKey, HealthCheck as WitHealthCheck, HttpService, TcpService,
+    Upstream,
 };
-use crate::model::{HealthCheck, Protocol, ServiceView};
+use crate::model::{HashKey, HealthCheck, Protocol, ServiceView};
 
 /// The desired state in the host's own terms (comparable, unlike the generated types).
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +23,7 @@ struct DesiredService {
     listen: String,
     upstreams: Vec<(String, u32)>,
     strategy: String,
+    hash_key: HashKey,
     health: Option<HealthCheck>,
 }
 
@@ -41,6 +43,7 @@ impl Desired {
                 listen: s.route.listen.map(|l| l.to_string()).unwrap_or_default(),
                 upstreams: s.upstream_addresses(),
                 strategy: s.route.strategy.to_string(),
+                hash_key: s.proxy.hash_key.clone(),
                 health: s.proxy.health.clone(),
             };
             match s.route.protocol {
@@ -79,6 +82,11 @@ impl Desired {
                     path_prefix: s.path.clone(),
                     upstreams: ups(&s.upstreams),
                     strategy: s.strategy.clone(),
+                    hash_key: match &s.hash_key {
+                        HashKey::ClientIp => WitHashKey::ClientIp,
+                        HashKey::Header(name) => WitHashKey::Header(name.clone()),
+                        HashKey::Cookie(name) => WitHashKey::Cookie(name.clone()),
+                    },
                     health: s.health.as_ref().map(health_to_wit),
                 })
                 .collect(),

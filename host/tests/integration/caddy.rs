@@ -1432,6 +1432,15 @@ async fn a_health_checked_route_on_a_host_name_upstream_blocks_nothing(release: 
     h.shutdown().await;
 }
 
+/// `hash_key` by header and by cookie reaches Caddy: each session stays on one upstream.
+async fn a_header_or_cookie_hash_key_keeps_a_session_on_one_upstream(release: Release) {
+    let Some((_turn, caddy, h)) = caddy_and_harbor(release).await else {
+        return;
+    };
+    common::hash_keys_keep_sessions_on_one_upstream(&h, caddy.listen_addr()).await;
+    h.shutdown().await;
+}
+
 /// Every test above, once against each Caddy release.
 macro_rules! on_each_caddy {
     ($($test:ident),* $(,)?) => {
@@ -1476,4 +1485,5 @@ on_each_caddy!(
     caddys_admin_api_on_a_unix_socket,
     the_pushed_config_and_dry_runs_show_what_is_written_and_write_nothing,
     a_caddy_reload_never_answers_harbors_hosts_wrongly,
+    a_header_or_cookie_hash_key_keeps_a_session_on_one_upstream,
 );

@@ -345,3 +345,14 @@ async fn an_admin_address_that_is_not_envoy_is_a_clear_error() {
     common::a_lasting_backend_error(&h, "does not answer as Envoy's admin API").await;
     h.shutdown().await;
 }
+
+/// `hash_key` by header and by cookie reaches Envoy: each session stays on one upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_or_cookie_hash_key_keeps_a_session_on_one_upstream() {
+    let Some(mut envoy) = Envoy::prepare() else {
+        return;
+    };
+    let h = harbor_then_envoy(&mut envoy).await;
+    common::hash_keys_keep_sessions_on_one_upstream(&h, envoy.listen_addr()).await;
+    h.shutdown().await;
+}

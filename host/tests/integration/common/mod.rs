@@ -473,3 +473,83 @@ macro_rules! on_both_paths {
 }
 #[allow(unused_imports)]
 pub(crate) use on_both_paths;
+
+/// Through the proxy at `proxy`, driven by `h`: consistent hashing by a header and by a cookie
+/// (`hash_key` in a route file) keeps each session on one upstream, spreads sessions over the
+/// upstreams, and never sets a cookie.
+pub async fn hash_keys_keep_sessions_on_one_upstream(h: &TestHarbor, proxy: std::net::SocketAddr) {
+    let upstreams = [
+        proxies::Upstream::start("a").await,
+        proxies::Upstream::start("b").await,
+        proxies::Upstream::start("c").await,
+    ];
+    let list: Vec<String> = upstreams
+        .iter()
+        .map(|u| format!("\"{}\"", u.addr))
+        .collect();
+    let rules = [
+        ("by-header.localhost", "header:X-Session"),
+        ("by-cookie.localhost", "cookie:sid"),
+    ];
+    for (host, rule) in rules {
+        let file = host.replace(".localhost", ".route");
+        h.write_route(
+            &file,
+            &format!(
+                "host = \"{host}\"\nstrategy = \"consistent-hash\"\nhash_key = \"{rule}\"\nupstreams = [{}]\n",
+                list.join(", ")
+            ),
+        );
+    }
+    // No cookie store: a client that keeps a proxy's cookie would stick for another reason.
+    let client = reqwest::Client::new();
+    let ask = |host: &'static str, session: u32| {
+        let (name, value) = if host.starts_with("by-cookie") {
+            ("cookie", format!("theme=dark; sid=user-{session}"))
+        } else {
+            ("x-session", format!("user-{session}"))
+        };
+        let request = client
+            .get(format!("http://{proxy}/"))
+            .header(reqwest::header::HOST, host)
+            .header(name, value)
+            .timeout(Duration::from_secs(2));
+        async move {
+            let resp = request.send().await.ok()?;
+            let status = resp.status().as_u16();
+            let cookie = resp.headers().get(reqwest::header::SET_COOKIE).cloned();
+            let body = resp.text().await.ok()?;
+            Some((status, body, cookie))
+        }
+    };
+    for (host, _) in rules {
+        eventually(Duration::from_secs(10), host, || async {
+            // An empty 200 is Caddy's answer before the route is in.
+            ask(host, 0).await.filter(|(status, body, _)| {
+                *status == 200 && ["a", "b", "c"].contains(&body.as_str())
+            })
+        })
+        .await;
+        let mut seen = std::collections::BTreeMap::new();
+        for session in 0..16 {
+            let mut served = std::collections::BTreeSet::new();
+            for _ in 0..4 {
+                let (status, body, cookie) = ask(host, session).await.expect("an answer");
+                assert_eq!(status, 200, "{host}: {body}");
+                assert_eq!(cookie, None, "{host}: the proxy set a cookie");
+                served.insert(body);
+            }
+            assert_eq!(
+                served.len(),
+                1,
+                "{host}: session {session} moved: {served:?}"
+            );
+            seen.insert(session, served.into_iter().next().unwrap_or_default());
+        }
+        let spread: std::collections::BTreeSet<_> = seen.values().collect();
+        assert!(
+            spread.len() >= 2,
+            "{host}: every session on one upstream: {seen:?}"
+        );
+    }
+}
