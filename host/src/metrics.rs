@@ -24,6 +24,7 @@ pub struct Metrics {
     pub plugin_fallback_picks: IntCounterVec,
     pub plugin_loads: IntCounterVec,
     pub plugin_pick_seconds: HistogramVec,
+    pub shadow: crate::plugins::ShadowMetrics,
     pub backend: BackendMetrics,
 }
 
@@ -97,6 +98,24 @@ impl Metrics {
             ]),
             &["plugin"],
         )?;
+        let shadow = crate::plugins::ShadowMetrics {
+            picks: IntCounterVec::new(
+                Opts::new(
+                    "strategy_shadow_picks_total",
+                    "First tries a shadow strategy was asked about beside the live one: agree, disagree or no_answer",
+                ),
+                &["service", "shadow", "outcome"],
+            )?,
+            upstream_picks: IntCounterVec::new(
+                Opts::new(
+                    "strategy_shadow_upstream_picks_total",
+                    "First tries of a service with a shadow, by upstream, as the live strategy picked (side=live) and as the shadow would have (side=shadow)",
+                ),
+                &["service", "side", "upstream"],
+            )?,
+        };
+        registry.register(Box::new(shadow.picks.clone()))?;
+        registry.register(Box::new(shadow.upstream_picks.clone()))?;
         let backend = BackendMetrics::new(&registry)?;
         registry.register(Box::new(plugin_pick_seconds.clone()))?;
         registry.register(Box::new(plugin_faults.clone()))?;
@@ -128,6 +147,7 @@ impl Metrics {
             plugin_fallback_picks,
             plugin_loads,
             plugin_pick_seconds,
+            shadow,
             backend,
         })
     }

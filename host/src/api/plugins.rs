@@ -1,6 +1,8 @@
 //! `/api/v1/plugins`: list strategies, upload a custom one (checked before it serves), remove
 //! one; and `PUT /api/v1/services/{name}/strategy` to switch a service's strategy at runtime.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -13,7 +15,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::json::{JsonBody, QueryOf, Upload};
 use crate::model::{ServiceName, StrategyName};
-use crate::plugins::{RequestedLimits, Size, Source, check_shape};
+use crate::plugins::{RequestedLimits, Shadow, Size, Source, check_shape};
 
 pub async fn list(State(app): State<AppState>) -> impl IntoResponse {
     Json(json!({ "plugins": app.strategies.list() }))
@@ -137,12 +139,28 @@ pub async fn remove(
     )))
 }
 
+/// A change of a service's strategy, its shadow, or both.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StrategyChange {
-    strategy: String,
+    strategy: Option<String>,
+    /// Absent: the shadow stays as it is; `null`: removed; a name: that strategy shadows.
+    #[serde(default, deserialize_with = "present")]
+    shadow: Option<Option<String>>,
 }
 
+/// A field that is present, even as `null`.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// `PUT /api/v1/services/{name}/strategy`: `{"strategy": "..."}` switches the live strategy;
+/// `{"shadow": "..."}` runs a candidate beside it on every first try, compared and never used
+/// (`{"shadow": null}` removes it). Both are checked before either is applied.
 pub async fn set_strategy(
     State(app): State<AppState>,
     caller: Caller,
@@ -151,7 +169,73 @@ pub async fn set_strategy(
 ) -> Result<impl IntoResponse, ApiError> {
     let name = ServiceName::parse(&name)?;
     caller.may_change(&name)?;
-    let strategy = StrategyName::parse(&change.strategy)?;
-    let service = app.registry.set_strategy(&name, strategy).await?;
-    Ok(Json(service))
+    if change.strategy.is_none() && change.shadow.is_none() {
+        return Err(ApiError::bad_request(
+            None,
+            "give `strategy`, `shadow` or both".to_owned(),
+        ));
+    }
+    let strategy = change
+        .strategy
+        .as_deref()
+        .map(StrategyName::parse)
+        .transpose()?;
+    let shadow = match &change.shadow {
+        Some(Some(shadow)) => Some(Some(checked_shadow(
+            &app,
+            &name,
+            shadow,
+            strategy.as_ref(),
+        )?)),
+        Some(None) => Some(None),
+        None => None,
+    };
+    let service = match strategy {
+        Some(strategy) => app.registry.set_strategy(&name, strategy).await?,
+        None => app
+            .registry
+            .service(&name)
+            .ok_or_else(|| ApiError::not_found(format!("no service named {name:?}")))?,
+    };
+    if let Some(shadow) = shadow {
+        let balancer = app
+            .routing
+            .balancer(&name)
+            .ok_or_else(|| ApiError::not_found(format!("{name:?} is not routed")))?;
+        balancer
+            .set_shadow(shadow.map(|slot| {
+                Arc::new(Shadow::new(slot, name.as_str(), app.metrics.shadow.clone()))
+            }));
+    }
+    Ok(Json(super::services::with_shadow(&app, service)))
+}
+
+/// The slot of a strategy that may shadow `name`'s: it exists and is not the live one.
+fn checked_shadow(
+    app: &AppState,
+    name: &ServiceName,
+    shadow: &str,
+    live: Option<&StrategyName>,
+) -> Result<Arc<crate::plugins::Slot>, ApiError> {
+    let bad = |reason: String| ApiError::bad_request(Some("shadow".into()), reason);
+    let shadow = StrategyName::parse(shadow).map_err(|e| bad(e.reason))?;
+    let live = match live {
+        Some(live) => live.to_string(),
+        None => app
+            .registry
+            .service(name)
+            .ok_or_else(|| ApiError::not_found(format!("no service named {name:?}")))?
+            .route
+            .strategy
+            .to_string(),
+    };
+    if shadow.as_str() == live {
+        return Err(bad(format!(
+            "{shadow:?} is the live strategy of {name:?}; a shadow is another strategy to compare with it"
+        )));
+    }
+    match app.strategies.slot(shadow.as_str()) {
+        Some(slot) if app.strategies.knows(shadow.as_str()) => Ok(slot),
+        _ => Err(bad(format!("no strategy named {shadow:?} is loaded"))),
+    }
 }

@@ -216,7 +216,21 @@ pub async fn get_one(
         .registry
         .service(&name)
         .ok_or_else(|| ApiError::not_found(format!("no service named {name:?}")))?;
-    Ok(Json(service))
+    Ok(Json(with_shadow(&app, service)))
+}
+
+/// A service as the API shows it, with what its shadow strategy has seen, if it has one.
+pub fn with_shadow(app: &AppState, service: crate::model::ServiceView) -> serde_json::Value {
+    let shadow = app
+        .routing
+        .balancer(&service.name)
+        .and_then(|b| b.shadow())
+        .map(|s| s.report());
+    let mut view = serde_json::to_value(&service).unwrap_or_default();
+    if let (Some(shadow), Some(fields)) = (shadow, view.as_object_mut()) {
+        fields.insert("shadow".into(), json!(shadow));
+    }
+    view
 }
 
 pub async fn catalog(State(app): State<AppState>) -> impl IntoResponse {

@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use super::catalog::Slot;
 use super::guest::Backend;
 use super::load::{BackendLoad, InFlight, LoadTable};
+use super::shadow::Shadow;
 use super::shard;
 
 /// One backend as the route knows it.
@@ -118,6 +119,8 @@ pub struct Balancer {
     /// the other's update; readers never take it.
     writer: Mutex<()>,
     sequence: Counter,
+    /// A candidate strategy picking beside the live one, compared and never used.
+    shadow: ArcSwapOption<Shadow>,
 }
 
 /// The pick counter on a cache line of its own: taking numbers must not evict the pointers that
@@ -163,6 +166,7 @@ impl Balancer {
             })),
             writer: Mutex::new(()),
             sequence: Counter::default(),
+            shadow: ArcSwapOption::empty(),
         };
         balancer.set_backends(backends);
         balancer
@@ -175,6 +179,15 @@ impl Balancer {
     /// Switches the route to another strategy; picks already made are unaffected.
     pub fn set_strategy(&self, strategy: Arc<Slot>) {
         self.strategy.store(strategy);
+    }
+
+    /// Sets or removes the candidate strategy that picks beside the live one.
+    pub fn set_shadow(&self, shadow: Option<Arc<Shadow>>) {
+        self.shadow.store(shadow);
+    }
+
+    pub fn shadow(&self) -> Option<Arc<Shadow>> {
+        self.shadow.load_full()
     }
 
     /// Replaces the backend set, keeping the load counters (and so the health) of backends that
@@ -303,16 +316,34 @@ impl Balancer {
             return None;
         }
         let (local, sequence) = self.local(&set);
+        let ask = shard::Ask {
+            sequence,
+            entropy: fastrand::u64(..),
+            hash_key,
+            exclude,
+        };
+        let picked = self.choose(&set, local, &ask);
+        if exclude.is_empty()
+            && let Some(picked) = &picked
+            && let Some(shadow) = self.shadow.load().as_ref()
+        {
+            self.compare(shadow, picked, &ask);
+        }
+        picked
+    }
+
+    /// The live strategy's pick, or the host's when it cannot answer.
+    fn choose(
+        &self,
+        set: &Arc<BackendSet>,
+        local: Arc<BackendSet>,
+        ask: &shard::Ask<'_>,
+    ) -> Option<Picked> {
+        let (sequence, exclude) = (ask.sequence, ask.exclude);
         let slot = self.strategy.load();
         let current = slot.current();
         if let Some(loaded) = current.as_ref().filter(|l| l.in_service()) {
-            let ask = shard::Ask {
-                sequence,
-                entropy: fastrand::u64(..),
-                hash_key,
-                exclude,
-            };
-            match shard::pick(loaded, self.id, &self.alive, &set, &ask) {
+            match shard::pick(loaded, self.id, &self.alive, set, ask) {
                 Ok(shard::Answer::Chose(Some(i)))
                     if (i as usize) < set.backends.len() && !exclude.contains(&i) =>
                 {
@@ -342,11 +373,56 @@ impl Balancer {
         } else {
             slot.reporter.fell_back_name(&slot.name);
         }
-        fallback(&set, sequence, exclude).map(|index| Picked {
+        fallback(set, sequence, exclude).map(|index| Picked {
             set: local,
             index,
             fallback: true,
         })
+    }
+
+    /// Asks the shadow what it would have picked for the same first try, and counts it beside
+    /// the live pick. Its faults are its own: they count against its breaker, and the live
+    /// pick stands.
+    #[inline(never)]
+    fn compare(&self, shadow: &Shadow, live: &Picked, ask: &shard::Ask<'_>) {
+        if Arc::ptr_eq(&shadow.slot, &self.strategy.load()) {
+            // The live strategy itself: asking it twice would move its state on.
+            return;
+        }
+        let set = &live.set;
+        let current = shadow.slot.current();
+        let answer =
+            current
+                .as_ref()
+                .filter(|l| l.in_service())
+                .and_then(
+                    |loaded| match shard::pick(loaded, self.id, &self.alive, set, ask) {
+                        Ok(shard::Answer::Chose(Some(i))) if (i as usize) < set.backends.len() => {
+                            loaded.succeeded();
+                            Some(i as usize)
+                        }
+                        Ok(shard::Answer::Chose(Some(i))) => {
+                            loaded.fault(
+                                super::report::FaultKind::BadAnswer,
+                                &format!("picked index {i}, which is out of range (as a shadow)"),
+                            );
+                            None
+                        }
+                        Ok(shard::Answer::Chose(None)) if usable(set, &[]) => {
+                            loaded.fault(
+                                super::report::FaultKind::BadAnswer,
+                                "answered no backend while healthy ones were left (as a shadow)",
+                            );
+                            None
+                        }
+                        Ok(_) => None,
+                        Err(fault) => {
+                            loaded.fault(fault.kind, &fault.message);
+                            None
+                        }
+                    },
+                );
+        shadow.record(set, live.index, answer);
     }
 
     /// Reports how a request ended, to strategies that asked for outcomes, and updates the

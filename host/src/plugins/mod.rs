@@ -11,6 +11,7 @@
 //! | `limits` | what one strategy may use: defaults, ceilings, the sidecar file |
 //! | `shape` | what a component exports, read without compiling it |
 //! | `strategy` | one loaded component: the admission check, the fault breaker |
+//! | `shadow` | a candidate strategy picking beside a route's live one, compared, never used |
 //! | `shard` | per-thread instances and the guest side of a pick |
 //! | `plan` | the pick plans a strategy hands the host: tables and load rules, run natively |
 //! | `balancer` | a route's backends, live load, pick sequence and fallback |
@@ -27,6 +28,7 @@ mod limits;
 pub mod load;
 mod plan;
 mod report;
+mod shadow;
 mod shape;
 mod shard;
 mod stdio;
@@ -43,5 +45,6 @@ pub use guest::{CONTRACT, Outcome, define_pure_wasi};
 pub use limits::{Limits, Requested as RequestedLimits, Size, read_sidecar};
 pub use load::{BackendLoad, InFlight};
 pub use report::{FaultKind, Reporter};
+pub use shadow::{Shadow, ShadowMetrics, ShadowReport};
 pub use shape::check as check_shape;
 pub use strategy::{Rejected, Source, classify};

@@ -727,3 +727,133 @@ async fn labels_on_a_route_files_upstreams_reach_the_strategy() {
     assert_eq!(fault.data["name"], "misbehaving");
     h.shutdown().await;
 }
+
+/// A shadow strategy picks beside the live one on every first try: how often the two agree and
+/// where each would send requests show in the service's view and in `/metrics`, while requests
+/// go where the live strategy sends them. A shadow that faults changes nothing for them either.
+#[tokio::test]
+async fn a_shadow_strategy_is_compared_and_never_routes() {
+    let h = start().await;
+    let upstreams = [
+        common::proxies::Upstream::start("a").await,
+        common::proxies::Upstream::start("b").await,
+        common::proxies::Upstream::start("c").await,
+    ];
+    for u in &upstreams {
+        h.register(json!({"name": "web", "upstream": u.addr.to_string(), "host": "web.localhost", "ttl_secs": 60, "meta": {"misbehave": "panic"}}))
+            .await;
+    }
+    let routing = h.harbor().routing().clone();
+    let web = ServiceName::parse("web").unwrap();
+    eventually(Duration::from_secs(5), "all three instances routed", || {
+        let (routing, web) = (routing.clone(), web.clone());
+        async move {
+            routing
+                .balancer(&web)
+                .filter(|b| b.backends().backends.len() == 3)
+        }
+    })
+    .await;
+    let proxy = h.harbor().proxy_addr().expect("the proxy");
+    let client = reqwest::Client::new();
+    let put = |body: Value| {
+        h.client
+            .put(h.url("/api/v1/services/web/strategy"))
+            .json(&body)
+            .send()
+    };
+    // Refused before anything changes.
+    for (body, needle) in [
+        (json!({}), "give `strategy`, `shadow` or both"),
+        (
+            json!({"shadow": "nonesuch"}),
+            "no strategy named \"nonesuch\"",
+        ),
+        (json!({"shadow": "round-robin"}), "is the live strategy"),
+        (
+            json!({"strategy": "first", "shadow": "first"}),
+            "is the live strategy",
+        ),
+    ] {
+        let resp = put(body.clone()).await.expect("the API answers");
+        assert_eq!(resp.status().as_u16(), 400, "{body}");
+        let err: Value = resp.json().await.unwrap();
+        assert!(
+            err["error"].as_str().unwrap_or_default().contains(needle),
+            "{body}: {err}"
+        );
+    }
+    let resp = put(json!({"shadow": "first"}))
+        .await
+        .expect("the API answers");
+    assert_eq!(resp.status().as_u16(), 200);
+    let view: Value = resp.json().await.unwrap();
+    assert_eq!(view["strategy"], "round-robin", "{view}");
+    assert_eq!(view["shadow"]["strategy"], "first", "{view}");
+
+    let mut served = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..30 {
+        let (status, body) = common::proxies::through(&client, proxy, "web.localhost", "/")
+            .await
+            .expect("an answer");
+        assert_eq!(status, 200);
+        *served.entry(body).or_default() += 1;
+    }
+    // Round-robin still decides: ten each.
+    assert_eq!(
+        served.values().copied().collect::<Vec<_>>(),
+        [10, 10, 10],
+        "{served:?}"
+    );
+    let (_, view) = h.get("/api/v1/services/web").await;
+    let shadow = &view["shadow"];
+    assert_eq!(shadow["picks"], 30, "{shadow}");
+    assert_eq!(shadow["agreed"], 10, "{shadow}");
+    let shares = shadow["upstreams"].as_array().expect("shares");
+    let live: Vec<u64> = shares.iter().map(|u| u["live"].as_u64().unwrap()).collect();
+    let mut would: Vec<u64> = shares
+        .iter()
+        .map(|u| u["shadow"].as_u64().unwrap())
+        .collect();
+    would.sort();
+    assert_eq!(live, [10, 10, 10], "{shadow}");
+    assert_eq!(would, [0, 0, 30], "{shadow}");
+    let metrics = h.metrics().await;
+    for line in [
+        "harbor_strategy_shadow_picks_total{outcome=\"agree\",service=\"web\",shadow=\"first\"} 10",
+        "harbor_strategy_shadow_picks_total{outcome=\"disagree\",service=\"web\",shadow=\"first\"} 20",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line}\n{metrics}"
+        );
+    }
+
+    // A shadow that panics on every pick: its faults are its own.
+    upload_misbehaving(&h).await;
+    let mut events = h.events(None).await;
+    let resp = put(json!({"shadow": "misbehaving"}))
+        .await
+        .expect("the API answers");
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut faults = 0;
+    for _ in 0..30 {
+        let (status, body) = common::proxies::through(&client, proxy, "web.localhost", "/")
+            .await
+            .expect("an answer");
+        assert_eq!(status, 200, "{body}");
+        while let Some(e) = events.next_within(Duration::from_millis(1)).await {
+            faults += u32::from(e.event == "plugin_fault");
+        }
+    }
+    assert!(faults > 0, "the shadow's panics were not reported");
+    let (_, view) = h.get("/api/v1/services/web").await;
+    assert_eq!(view["shadow"]["strategy"], "misbehaving", "{view}");
+    assert_eq!(view["shadow"]["agreed"], 0, "{view}");
+
+    let resp = put(json!({"shadow": null})).await.expect("the API answers");
+    assert_eq!(resp.status().as_u16(), 200);
+    let (_, view) = h.get("/api/v1/services/web").await;
+    assert!(view.get("shadow").is_none(), "{view}");
+    h.shutdown().await;
+}
