@@ -356,7 +356,7 @@ impl Balancer {
                 }
                 // No backend is a fair answer only when none is usable; otherwise it would
                 // fail the request (a 503) for no reason: a fault, and the host picks.
-                Ok(shard::Answer::Chose(None)) if !usable(&set, exclude) => return None,
+                Ok(shard::Answer::Chose(None)) if !usable(set, exclude) => return None,
                 Ok(shard::Answer::Chose(None)) => loaded.fault(
                     super::report::FaultKind::BadAnswer,
                     "answered no backend while healthy ones were left",
