@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use harbor::events::EventBus;
 use harbor::metrics::Metrics;
-use harbor::plugins::{BackendSpec, Balancer, PluginEngine, Reporter, Strategies};
+use harbor::plugins::{BackendSpec, Balancer, PluginEngine, Reporter, Shadow, Strategies};
 
 #[path = "support/machine.rs"]
 mod machine;
@@ -64,6 +64,9 @@ enum Kind {
     /// Least connections through a guest call on every pick: what a retry costs, and every pick
     /// of a strategy that hands the host no plan. Not held to the target.
     GuestCall,
+    /// Round-robin with least-connections as its shadow: what a shadow adds to a pick. Its
+    /// native peer is round-robin alone. Not held to the target.
+    Shadowed,
 }
 
 /// An exclusion that names no backend: it makes every pick a retry, which the host always
@@ -71,12 +74,17 @@ enum Kind {
 const NOTHING_REAL: &[u32] = &[u32::MAX];
 
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::RoundRobin, Kind::LeastConnections, Kind::GuestCall];
+    const ALL: [Kind; 4] = [
+        Kind::RoundRobin,
+        Kind::LeastConnections,
+        Kind::GuestCall,
+        Kind::Shadowed,
+    ];
 
     /// The built-in strategy's name, which is also its slot's name.
     fn name(self) -> &'static str {
         match self {
-            Kind::RoundRobin => "round-robin",
+            Kind::RoundRobin | Kind::Shadowed => "round-robin",
             Kind::LeastConnections | Kind::GuestCall => "least-connections",
         }
     }
@@ -85,6 +93,7 @@ impl Kind {
     fn label(self) -> &'static str {
         match self {
             Kind::GuestCall => "lc, guest call",
+            Kind::Shadowed => "rr, lc shadow",
             other => other.name(),
         }
     }
@@ -97,18 +106,18 @@ impl Kind {
     }
 
     fn held_to_target(self) -> bool {
-        self != Kind::GuestCall
+        !matches!(self, Kind::GuestCall | Kind::Shadowed)
     }
 }
 
 fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     eprintln!("compiling the built-in strategies (a few seconds)...");
-    let strategies = strategies()?;
+    let (strategies, metrics) = strategies()?;
     let mut routes = Vec::new();
     for kind in selected_kinds() {
         for size in ROUTE_SIZES {
-            routes.push(Route::new(&strategies, kind, size)?);
+            routes.push(Route::new(&strategies, &metrics, kind, size)?);
         }
     }
     let mut configs: Vec<Config> = routes
@@ -152,12 +161,12 @@ fn selected_kinds() -> Vec<Kind> {
 }
 
 /// The strategy catalog with its built-ins compiled, as the daemon sets it up.
-fn strategies() -> anyhow::Result<Arc<Strategies>> {
+fn strategies() -> anyhow::Result<(Arc<Strategies>, Arc<Metrics>)> {
     let engine = PluginEngine::shared()?;
     let bus = Arc::new(EventBus::new(1024));
     let metrics = Arc::new(Metrics::new()?);
-    let reporter = Arc::new(Reporter::new(bus, metrics));
-    Strategies::new(engine, None, reporter)
+    let reporter = Arc::new(Reporter::new(bus, metrics.clone()));
+    Ok((Strategies::new(engine, None, reporter)?, metrics))
 }
 
 /// A route of `size` healthy backends of weight 1. The addresses are never dialled.
@@ -195,12 +204,27 @@ fn busy(i: usize, size: usize) -> u32 {
 }
 
 impl Route {
-    fn new(strategies: &Strategies, kind: Kind, size: usize) -> anyhow::Result<Self> {
+    fn new(
+        strategies: &Strategies,
+        metrics: &Metrics,
+        kind: Kind,
+        size: usize,
+    ) -> anyhow::Result<Self> {
         let slot = strategies
             .slot(kind.name())
             .with_context(|| format!("no built-in strategy named {}", kind.name()))?;
         let backends = route(size);
         let wasm = Balancer::new(slot, backends.clone());
+        if kind == Kind::Shadowed {
+            let shadow = strategies
+                .slot("least-connections")
+                .context("no built-in least-connections")?;
+            wasm.set_shadow(Some(Arc::new(Shadow::new(
+                shadow,
+                "bench",
+                metrics.shadow.clone(),
+            ))));
+        }
         let native = NativeRoute::new(&backends);
         let loads = wasm.backends().loads.clone();
         let mut held = Vec::new();
@@ -223,7 +247,9 @@ impl Route {
     fn measure_native(&self, threads: usize) -> Vec<ThreadRun> {
         let exclude = self.kind.exclude();
         match self.kind {
-            Kind::RoundRobin => measure(&NativeRoundRobin(&self.native), threads, exclude),
+            Kind::RoundRobin | Kind::Shadowed => {
+                measure(&NativeRoundRobin(&self.native), threads, exclude)
+            }
             Kind::LeastConnections | Kind::GuestCall => {
                 measure(&NativeLeastConnections(&self.native), threads, exclude)
             }

@@ -121,6 +121,9 @@ pub struct Balancer {
     sequence: Counter,
     /// A candidate strategy picking beside the live one, compared and never used.
     shadow: ArcSwapOption<Shadow>,
+    /// Whether `shadow` holds one: a plain load on every pick, where loading the shadow itself
+    /// cost a route without one 8 ns a pick.
+    shadowed: std::sync::atomic::AtomicBool,
 }
 
 /// The pick counter on a cache line of its own: taking numbers must not evict the pointers that
@@ -167,6 +170,7 @@ impl Balancer {
             writer: Mutex::new(()),
             sequence: Counter::default(),
             shadow: ArcSwapOption::empty(),
+            shadowed: std::sync::atomic::AtomicBool::new(false),
         };
         balancer.set_backends(backends);
         balancer
@@ -183,6 +187,7 @@ impl Balancer {
 
     /// Sets or removes the candidate strategy that picks beside the live one.
     pub fn set_shadow(&self, shadow: Option<Arc<Shadow>>) {
+        self.shadowed.store(shadow.is_some(), Ordering::Relaxed);
         self.shadow.store(shadow);
     }
 
@@ -324,6 +329,7 @@ impl Balancer {
         };
         let picked = self.choose(&set, local, &ask);
         if exclude.is_empty()
+            && self.shadowed.load(Ordering::Relaxed)
             && let Some(picked) = &picked
             && let Some(shadow) = self.shadow.load().as_ref()
         {
@@ -333,6 +339,7 @@ impl Balancer {
     }
 
     /// The live strategy's pick, or the host's when it cannot answer.
+    #[inline(always)]
     fn choose(
         &self,
         set: &Arc<BackendSet>,
