@@ -110,7 +110,14 @@
     for (const u of svc.upstreams || []) ups.append(upstreamItem(svc, u, leases));
     if (!svc.upstreams || svc.upstreams.length === 0) ups.append(h('li', { class: 'muted', text: 'none' }));
     tr.append(h('td', { role: 'cell', 'data-label': 'Upstreams' }, ups));
-    tr.append(h('td', { role: 'cell', 'data-label': 'Strategy', class: 'mono', text: svc.strategy || '' }));
+    const strategy = h('td', { role: 'cell', 'data-label': 'Strategy', class: 'mono', text: svc.strategy || '' });
+    if (svc.shadow) {
+      // A candidate picking beside the live strategy: how often the two chose alike.
+      const a = svc.shadow.agreement;
+      const agree = typeof a === 'number' ? `${Math.round(a * 100)} % agree` : 'no picks yet';
+      strategy.append(h('span', { class: 'shadow', text: `shadow ${svc.shadow.strategy}: ${agree}` }));
+    }
+    tr.append(strategy);
 
     const leaseTd = h('td', { role: 'cell', 'data-label': 'Lease' });
     let last = null;

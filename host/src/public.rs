@@ -23,7 +23,8 @@ use crate::plugins::Strategies;
 use crate::registry::Registry;
 use crate::routing::RoutingTable;
 
-/// How often the in-flight load of public upstreams is sampled; it changes without events.
+/// How often the in-flight load of public upstreams, and shadows' agreement, are sampled; they
+/// change without events.
 const LOAD_SAMPLE: Duration = Duration::from_secs(1);
 
 /// One public event, rendered once.
@@ -57,6 +58,17 @@ struct PublicService {
     #[serde(flatten)]
     route: RouteView,
     upstreams: Vec<PublicUpstream>,
+    /// A strategy shadowing the live one, and how often the two agree.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shadow: Option<PublicShadow>,
+}
+
+#[derive(Serialize)]
+struct PublicShadow {
+    strategy: String,
+    /// The share of picks on which the shadow chose as the live strategy did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agreement: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -138,11 +150,24 @@ impl PublicView {
             })
             .collect();
         drop(overrides);
+        // Sampled with the load: agreement changes with every pick, not with events.
+        let shadow = routing
+            .balancer(&service.name)
+            .and_then(|b| b.shadow())
+            .map(|s| {
+                let report = s.report();
+                PublicShadow {
+                    strategy: report.strategy,
+                    // Whole percent: finer changes would be a new event every sample.
+                    agreement: report.agreement.map(|a| (a * 100.0).round() / 100.0),
+                }
+            });
         let public = PublicService {
             name: entry.name,
             kind: entry.kind,
             route: entry.route,
             upstreams,
+            shadow,
         };
         serde_json::to_value(&public)
             .inspect_err(|e| tracing::error!(error = %e, "a public service could not be rendered"))

@@ -809,3 +809,63 @@ async fn plugin_events_reach_the_public_stream_as_name_and_state_only() {
     );
     h.shutdown().await;
 }
+
+/// A public service with a shadow strategy shows on the page how often the shadow agrees with
+/// the live strategy, updated as traffic flows.
+#[tokio::test]
+async fn a_shadows_agreement_shows_on_the_page() {
+    let Some(tools) = browser::tools() else {
+        return;
+    };
+    let _one = ONE_BROWSER.lock().await;
+    let h = start().await;
+    let upstreams = [
+        common::proxies::Upstream::start("a").await,
+        common::proxies::Upstream::start("b").await,
+        common::proxies::Upstream::start("c").await,
+    ];
+    let list: Vec<String> = upstreams
+        .iter()
+        .map(|u| format!("\"{}\"", u.addr))
+        .collect();
+    h.write_route(
+        "web.route",
+        &format!(
+            "host = \"web.localhost\"\npublic = true\nupstreams = [{}]\n",
+            list.join(", ")
+        ),
+    );
+    common::eventually(Duration::from_secs(5), "the route loaded", || async {
+        let routing = h.harbor().routing().clone();
+        let name = harbor::model::ServiceName::parse("web").ok()?;
+        routing
+            .balancer(&name)
+            .filter(|b| b.backends().backends.len() == 3)
+    })
+    .await;
+    let b = Browser::launch(&tools).await;
+    open_page(&b, &h).await;
+    let resp = h
+        .client
+        .put(h.url("/api/v1/services/web/strategy"))
+        .json(&json!({"shadow": "first"}))
+        .send()
+        .await
+        .expect("the API answers");
+    assert_eq!(resp.status().as_u16(), 200);
+    let proxy = h.harbor().proxy_addr().expect("the proxy");
+    let client = reqwest::Client::new();
+    for _ in 0..30 {
+        let got = common::proxies::through(&client, proxy, "web.localhost", "/").await;
+        assert!(matches!(got, Some((200, _))), "{got:?}");
+    }
+    // Round-robin over three, `first` always the first: one pick in three agrees.
+    b.wait_for(
+        Duration::from_secs(5),
+        "the shadow's agreement on the page",
+        "const s = document.querySelector('#rows tr[data-name=web] .shadow');
+         return s !== null && s.textContent === 'shadow first: 33 % agree'",
+    )
+    .await;
+    h.shutdown().await;
+}
