@@ -12,6 +12,7 @@ mod caddy;
 mod durability;
 mod envoy;
 mod events;
+mod example_js;
 mod framing_properties;
 mod gangway;
 mod http_framing;
