@@ -21,10 +21,6 @@ use harbor::config::BackendKind;
 use serde_json::{Value, json};
 use tokio::sync::RwLockReadGuard;
 
-/// Tests in this file run in parallel, except those that measure throughput: they hold this
-/// lock exclusively, the others share it.
-static EXCLUSIVE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
-
 async fn harbor_for(caddy: &Caddy) -> TestHarbor {
     let admin: harbor::config::BaseUrl = caddy.admin_url().parse().expect("admin url");
     let listen = caddy.listen_addr();
@@ -42,7 +38,7 @@ async fn harbor_for(caddy: &Caddy) -> TestHarbor {
 async fn caddy_and_harbor(
     release: Release,
 ) -> Option<(RwLockReadGuard<'static, ()>, Caddy, TestHarbor)> {
-    let turn = EXCLUSIVE.read().await;
+    let turn = common::MACHINE.read().await;
     let caddy = Caddy::start(release).await?;
     let h = harbor_for(&caddy).await;
     Some((turn, caddy, h))
@@ -152,7 +148,7 @@ async fn files_and_registrations_reach_caddy_and_leave_it(release: Release) {
 }
 
 async fn a_restarted_caddy_gets_harbors_routes_back(release: Release) {
-    let _turn = EXCLUSIVE.read().await;
+    let _turn = common::MACHINE.read().await;
     let Some(mut caddy) = Caddy::start(release).await else {
         return;
     };
@@ -174,7 +170,7 @@ async fn a_restarted_caddy_gets_harbors_routes_back(release: Release) {
 }
 
 async fn routes_registered_during_a_long_caddy_outage_arrive_soon_after_it_ends(release: Release) {
-    let _turn = EXCLUSIVE.read().await;
+    let _turn = common::MACHINE.read().await;
     let Some(mut caddy) = Caddy::start(release).await else {
         return;
     };
@@ -209,7 +205,7 @@ async fn routes_registered_during_a_long_caddy_outage_arrive_soon_after_it_ends(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_address_that_is_not_caddy_is_a_clear_error() {
-    let _turn = EXCLUSIVE.read().await;
+    let _turn = common::MACHINE.read().await;
     // Not Caddy at all: a plain web server where Caddy's admin API should be.
     let impostor = Upstream::start("not caddy").await;
     let admin: harbor::config::BaseUrl = format!("http://{}", impostor.addr).parse().unwrap();
@@ -281,7 +277,7 @@ async fn a_hand_edit_of_harbors_route_is_repaired(release: Release) {
 }
 
 async fn harbor_starts_with_caddy_down_and_converges_when_it_comes_up(release: Release) {
-    let _turn = EXCLUSIVE.read().await;
+    let _turn = common::MACHINE.read().await;
     let Some(mut caddy) = Caddy::start(release).await else {
         return;
     };
@@ -389,7 +385,7 @@ fn load(
 }
 
 async fn swapping_the_caddy_adapter_twenty_times_under_load_fails_no_request(release: Release) {
-    let _turn = EXCLUSIVE.write().await;
+    let _turn = common::MACHINE.write().await;
     let Some(caddy) = Caddy::start(release).await else {
         return;
     };
@@ -432,7 +428,7 @@ async fn swapping_the_caddy_adapter_twenty_times_under_load_fails_no_request(rel
 }
 
 async fn switching_between_caddy_and_envoy_leaves_nothing_of_the_other_behind(release: Release) {
-    let _turn = EXCLUSIVE.read().await;
+    let _turn = common::MACHINE.read().await;
     let Some(caddy) = Caddy::start(release).await else {
         return;
     };
@@ -535,7 +531,7 @@ async fn switching_between_caddy_and_envoy_leaves_nothing_of_the_other_behind(re
 /// is Harbor's and Envoy's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swap_hands_tcp_ports_over_with_one_listener_at_a_time() {
-    let _turn = EXCLUSIVE.read().await;
+    let _turn = common::MACHINE.read().await;
     let Some(caddy) = Caddy::start(Release::Debian).await else {
         return;
     };
@@ -671,7 +667,7 @@ async fn the_pushed_config_and_dry_runs_show_what_is_written_and_write_nothing(r
     let Some(caddy) = Caddy::start(release).await else {
         return;
     };
-    let _turn = EXCLUSIVE.read().await;
+    let _turn = common::MACHINE.read().await;
     let h = harbor_for_caddy_and_envoy(&caddy, &envoy).await;
     let listen = caddy.listen_addr();
     let _web = web_routed(&caddy, &h).await;
@@ -787,7 +783,7 @@ async fn the_pushed_config_and_dry_runs_show_what_is_written_and_write_nothing(r
 /// finds no listener, which clients retry; it never gets a wrong answer such as an empty `200`
 /// from another site.
 async fn a_caddy_reload_never_answers_harbors_hosts_wrongly(release: Release) {
-    let _turn = EXCLUSIVE.read().await;
+    let _turn = common::MACHINE.read().await;
     let Some(caddy) = Caddy::start(release).await else {
         return;
     };
@@ -934,7 +930,7 @@ async fn measure(
 }
 
 async fn instance_churn_does_not_reload_caddy_or_hurt_a_loaded_service(release: Release) {
-    let _turn = EXCLUSIVE.write().await;
+    let _turn = common::MACHINE.write().await;
     let Some(caddy) = Caddy::start(release).await else {
         return;
     };
@@ -1044,7 +1040,7 @@ async fn instance_churn_does_not_reload_caddy_or_hurt_a_loaded_service(release: 
 }
 
 async fn an_adapter_dropped_in_the_plugin_directory_takes_over(release: Release) {
-    let _turn = EXCLUSIVE.read().await;
+    let _turn = common::MACHINE.read().await;
     let Some(caddy) = Caddy::start(release).await else {
         return;
     };
@@ -1271,7 +1267,7 @@ async fn a_service_with_more_instances_than_one_udp_answer_holds_reaches_them_al
 }
 
 async fn caddys_admin_api_on_a_unix_socket(release: Release) {
-    let _turn = EXCLUSIVE.read().await;
+    let _turn = common::MACHINE.read().await;
     let Some(caddy) = Caddy::start_with_unix_admin(release).await else {
         return;
     };

@@ -29,6 +29,12 @@ pub struct TestHarbor {
 
 type Configure = std::sync::Arc<dyn Fn(&mut Config) + Send + Sync>;
 
+/// The machine's cores, for tests whose timing depends on them: tests with deadlines that a
+/// starved machine would miss (Caddy's) share it; tests that measure, or that keep both cores
+/// busy for long (compiling a large component), hold it alone. Every test is one binary, so
+/// without it a long compile would land on another module's deadlines.
+pub static MACHINE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 pub async fn start() -> TestHarbor {
     start_with(|_| {}).await
 }
