@@ -1,16 +1,16 @@
 //! The integration tests, one binary: each module drives a real daemon (in-process or the built
 //! `harbor` binary) over real sockets on 127.0.0.1, and the real Caddy, Envoy and Chromium where a
 //! module says so. One binary rather than one per file, because each links all of wasmtime: a
-//! binary per file multiplied a clean build's link time and disk by the number of files.
+//! binary per file multiplied a clean build's link time and disk by the number of files. The
+//! Caddy and Envoy tests, whose deadlines need the machine to themselves, are compiled into a
+//! binary of their own (`../proxies/`).
 
 mod common;
 
 mod access;
 mod bad_input;
 mod binary;
-mod caddy;
 mod durability;
-mod envoy;
 mod events;
 mod example_js;
 mod framing_properties;
