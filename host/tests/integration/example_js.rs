@@ -117,31 +117,36 @@ async fn the_javascript_example_builds_passes_its_check_and_routes() {
     let proxy = h.harbor().proxy_addr().expect("the proxy");
     let client = reqwest::Client::new();
     // One request at a time: every backend is idle, so the strategy takes them in turn. Until a
-    // picking thread's instance is made, the host picks; the JavaScript answers after that.
-    let served = common::eventually(Duration::from_secs(20), "both upstreams served", || {
-        let client = client.clone();
-        async move {
-            let mut seen = std::collections::BTreeSet::new();
-            for _ in 0..10 {
-                let (status, body) =
-                    common::proxies::through(&client, proxy, "js.localhost", "/").await?;
-                assert_eq!(status, 200, "{body}");
-                seen.insert(body);
+    // picking thread's instance is made (a cold, busy machine takes seconds for this engine) the
+    // host picks, so a round counts only when the JavaScript made every one of its picks.
+    let served = common::eventually(
+        Duration::from_secs(90),
+        "ten picks by the JavaScript",
+        || {
+            let (client, h) = (client.clone(), &h);
+            async move {
+                let before = guest_picks(&h.metrics().await);
+                let mut seen = std::collections::BTreeSet::new();
+                for _ in 0..10 {
+                    let (status, body) =
+                        common::proxies::through(&client, proxy, "js.localhost", "/").await?;
+                    assert_eq!(status, 200, "{body}");
+                    seen.insert(body);
+                }
+                (guest_picks(&h.metrics().await) - before >= 10).then_some(seen)
             }
-            (seen.len() == 2).then_some(seen)
-        }
-    })
+        },
+    )
     .await;
     assert_eq!(served.into_iter().collect::<Vec<_>>(), ["a", "b"]);
-    let metrics = h.metrics().await;
-    let guest_picks = metrics
+    h.shutdown().await;
+}
+
+/// How many picks the JavaScript strategy has made.
+fn guest_picks(metrics: &str) -> u64 {
+    metrics
         .lines()
         .find(|l| l.starts_with("harbor_plugin_pick_seconds_count{plugin=\"example-js\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    assert!(
-        guest_picks > 0,
-        "the JavaScript strategy never picked\n{metrics}"
-    );
-    h.shutdown().await;
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
 }
