@@ -6,7 +6,7 @@
 // u64 values (sequence, entropy, hash key, latency) are BigInts, an option is a value or
 // `undefined`, and a `result` error is thrown.
 
-import { inFlight } from 'harbor:strategy/load@0.4.0';
+import { inFlight } from 'harbor:strategy/load@0.5.0';
 
 const NAME = 'example-js';
 
@@ -31,14 +31,25 @@ function choose(route, sequence, exclude) {
   return best.i;
 }
 
+// This strategy has no settings: `{}` is all it accepts, plugin-wide or for a route. A thrown
+// string is the reason the host shows whoever wrote the settings.
+function noSettings(text) {
+  const settings = JSON.parse(text.trim() === '' ? '{}' : text);
+  const keys = Object.keys(settings);
+  if (keys.length > 0) {
+    throw `${NAME} has no settings; give {}, not ${keys[0]}`;
+  }
+}
+
 export const strategy = {
   describe() {
     return { name: NAME, version: '0.1.0', wantsOutcomes: false, usesHashKey: false };
   },
   configure(config) {
-    if (config.trim() !== '' && config.trim() !== '{}') {
-      throw `${NAME} takes no settings, got ${config}`;
-    }
+    noSettings(config);
+  },
+  configureRoute(_route, settings) {
+    noSettings(settings);
   },
   rebuild(route, backends) {
     routes.set(route, backends);

@@ -105,7 +105,7 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum PluginCommand {
     /// Run the admission check on a component file, offline: it must instantiate, implement
-    /// harbor:strategy@0.4.0, describe itself and answer sample picks within its deadline.
+    /// harbor:strategy@0.5.0, describe itself and answer sample picks within its deadline.
     Check {
         /// The component (.wasm) to check.
         file: PathBuf,

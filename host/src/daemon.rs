@@ -239,6 +239,15 @@ async fn load_strategies(config: &Config, core: &Core) -> anyhow::Result<Plugins
     let known = strategies.clone();
     core.registry
         .set_strategy_check(Box::new(move |name| known.knows(name)));
+    let checking = strategies.clone();
+    core.registry
+        .set_settings_check(Arc::new(move |name, settings| {
+            // An unknown strategy is the registry's to report, with the file's other errors.
+            if !checking.knows(name) {
+                return Ok(());
+            }
+            checking.check_settings(name, settings)
+        }));
     let watch = match &config.plugins_dir {
         Some(dir) => {
             let state = Arc::new(std::sync::Mutex::new(DirState::default()));
@@ -262,7 +271,8 @@ fn watch_options(config: &Config) -> WatchOptions {
 async fn read_routes(config: &Config, registry: &Registry) -> anyhow::Result<DirWatch> {
     let watch = DirWatch::new(config.routes_dir.clone(), watch_options(config));
     let dir = config.routes_dir.clone();
-    let files = tokio::task::spawn_blocking(move || routes::scan(&dir))
+    let check = registry.settings_check();
+    let files = tokio::task::spawn_blocking(move || routes::scan_checked(&dir, check.as_ref()))
         .await?
         .with_context(|| {
             format!(

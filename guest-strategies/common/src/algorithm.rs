@@ -14,21 +14,29 @@ pub trait Algorithm: Sized + 'static {
     /// Whether picks read [`PickRequest::hash_key`], which the host then computes.
     const USES_HASH_KEY: bool = false;
 
-    /// Validates settings (JSON text) and applies them to balancers created afterwards; `Err`
-    /// refuses them with a reason shown to whoever applied them, and the old settings stay.
-    /// By default there are no settings: only `{}` or blank text is accepted.
-    fn configure(settings: &str) -> Result<(), String> {
-        config::expect_none(Self::NAME, settings)
+    /// A route's settings, as [`settings`](Algorithm::settings) reads them; `()` for an
+    /// algorithm without any.
+    type Settings: Clone + Default + 'static;
+
+    /// Reads a route's settings: the plugin-wide ones (from `configure`) overlaid with the
+    /// route's own (from `configure-route`), key by key. Take each key the algorithm knows and
+    /// [`finish`](config::Settings::finish) with the list of them, so that an unknown key or a
+    /// wrong type is refused with a reason, which the host shows to whoever wrote it. By default
+    /// there are no settings: anything but `{}` is refused.
+    fn settings(settings: config::Settings) -> Result<Self::Settings, String> {
+        settings.finish(Self::NAME, &[])?;
+        Ok(Self::Settings::default())
     }
 
-    /// A balancer over the route's backends, with the settings configured now.
-    fn new(backends: Backends) -> Self;
+    /// A balancer over the route's backends, under the route's settings.
+    fn new(backends: Backends, settings: &Self::Settings) -> Self;
 
     /// Takes the route's new backend list (backends added, removed, re-weighted or changing
-    /// health). By default the balancer is built afresh; an algorithm with state worth carrying
-    /// over, or settings fixed at creation, overrides this.
-    fn rebuild(&mut self, backends: Backends) {
-        *self = Self::new(backends);
+    /// health), under the same settings (a change of settings builds the balancer afresh). By
+    /// default the balancer is built afresh; an algorithm with state worth carrying over
+    /// overrides this.
+    fn rebuild(&mut self, backends: Backends, settings: &Self::Settings) {
+        *self = Self::new(backends, settings);
     }
 
     /// The index of the backend for this pick, or `None` when there is no backend or every one

@@ -1,4 +1,5 @@
-//! Settings given to `configure`: a flat JSON object of numbers, booleans and strings.
+//! Settings given to `configure` and `configure-route`: a flat JSON object of numbers, booleans
+//! and strings.
 //!
 //! A hand-written parser rather than serde_json because strategies are shipped as wasm and a JSON
 //! stack would double their size for objects of one or two keys. It is strict on purpose: an
@@ -58,6 +59,19 @@ impl Settings {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// These settings with `over`'s put on top, key by key: a route's settings over the
+    /// plugin-wide ones.
+    pub fn overlaid(&self, over: Settings) -> Settings {
+        let mut merged = self.clone();
+        for (key, value) in over.entries {
+            match merged.entries.iter_mut().find(|(k, _)| *k == key) {
+                Some(entry) => entry.1 = value,
+                None => merged.entries.push((key, value)),
+            }
+        }
+        merged
     }
 
     /// Removes and returns the whole number under `key`, refusing other types.

@@ -1,6 +1,7 @@
 //! The glue between the WIT contract and an [`Algorithm`], written once for every built-in
-//! strategy: `describe` and `configure` from the algorithm's constants and settings, a table of
-//! routes each holding one algorithm, the host's records turned into [`Backends`] and
+//! strategy: `describe` from the algorithm's constants, `configure` and `configure-route`
+//! through its [`settings`](Algorithm::settings), a table of routes each holding its settings
+//! and one algorithm, the host's records turned into [`Backends`] and
 //! [`PickRequest`], and the `load` import read through [`Load`].
 //!
 //! A strategy crate exports it with [`strategy!`](crate::strategy); nothing here needs to be
@@ -16,6 +17,7 @@ use crate::bindings::harbor::strategy::types::{
     LoadMeasure as WitMeasure, LoadRule as WitRule, PickTable as WitTable, TableIndex as WitIndex,
     WeightedCandidate,
 };
+use crate::config::Settings;
 use crate::{Algorithm, Backends, Load, LoadMeasure, LoadRule, PickPlan, PickRequest};
 
 /// A strategy crate's component, as [`strategy!`](crate::strategy) declares it: the algorithm it
@@ -29,31 +31,69 @@ pub trait Component: 'static {
     fn with_routes<R>(f: impl FnOnce(&mut Routes<Self::Algorithm>) -> R) -> R;
 }
 
-/// One algorithm per route, indexed by the host's route numbers (small, reused after `forget`).
-pub struct Routes<A> {
-    table: Vec<Option<A>>,
+/// One algorithm per route, indexed by the host's route numbers (small, reused after `forget`),
+/// with the settings each route was given and the plugin-wide ones they lay over.
+pub struct Routes<A: Algorithm> {
+    /// The plugin-wide settings, from `configure`.
+    base: Settings,
+    table: Vec<Option<RouteState<A>>>,
 }
 
-impl<A> Default for Routes<A> {
+/// One route: its settings, and its algorithm once it has backends.
+struct RouteState<A: Algorithm> {
+    settings: A::Settings,
+    algorithm: Option<A>,
+}
+
+impl<A: Algorithm> Default for Routes<A> {
     fn default() -> Self {
-        Self { table: Vec::new() }
+        Self {
+            base: Settings::default(),
+            table: Vec::new(),
+        }
     }
 }
 
 impl<A: Algorithm> Routes<A> {
+    /// Takes the plugin-wide settings, which routes configured afterwards lay theirs over.
+    pub fn configure(&mut self, text: &str) -> Result<(), String> {
+        let base = Settings::parse(text)?;
+        A::settings(base.clone())?;
+        self.base = base;
+        Ok(())
+    }
+
+    /// Gives `route` its own settings, over the plugin-wide ones; its algorithm is built afresh
+    /// under them by the `rebuild` that follows. Refused settings leave the route as it was.
+    pub fn configure_route(&mut self, route: Route, text: &str) -> Result<(), String> {
+        let settings = A::settings(self.base.overlaid(Settings::parse(text)?))?;
+        *self.slot(route) = Some(RouteState {
+            settings,
+            algorithm: None,
+        });
+        Ok(())
+    }
+
     /// Builds the route's algorithm on its first backend list, rebuilds it on later ones;
     /// returns the algorithm's pick plan, if it has one.
     pub fn rebuild(&mut self, route: Route, backends: Backends) -> Option<PickPlan> {
-        let i = route as usize;
-        if self.table.len() <= i {
-            self.table.resize_with(i + 1, || None);
-        }
-        let algorithm = match &mut self.table[i] {
+        // A route the host gave no settings runs on the plugin-wide ones.
+        let unset = self.table.get(route as usize).is_none_or(Option::is_none);
+        let settings = if unset {
+            A::settings(self.base.clone()).unwrap_or_default()
+        } else {
+            A::Settings::default()
+        };
+        let state = self.slot(route).get_or_insert_with(|| RouteState {
+            settings,
+            algorithm: None,
+        });
+        let algorithm = match &mut state.algorithm {
             Some(algorithm) => {
-                algorithm.rebuild(backends);
+                algorithm.rebuild(backends, &state.settings);
                 algorithm
             }
-            empty => empty.insert(A::new(backends)),
+            empty => empty.insert(A::new(backends, &state.settings)),
         };
         algorithm.plan()
     }
@@ -69,7 +109,19 @@ impl<A: Algorithm> Routes<A> {
 
     /// The route's algorithm; none for a route the host never built (or forgot).
     pub fn get(&mut self, route: Route) -> Option<&mut A> {
-        self.table.get_mut(route as usize)?.as_mut()
+        self.table
+            .get_mut(route as usize)?
+            .as_mut()?
+            .algorithm
+            .as_mut()
+    }
+
+    fn slot(&mut self, route: Route) -> &mut Option<RouteState<A>> {
+        let i = route as usize;
+        if self.table.len() <= i {
+            self.table.resize_with(i + 1, || None);
+        }
+        &mut self.table[i]
     }
 }
 
@@ -84,7 +136,11 @@ impl<C: Component> Guest for C {
     }
 
     fn configure(config: String) -> Result<(), String> {
-        C::Algorithm::configure(&config)
+        C::with_routes(|routes| routes.configure(&config))
+    }
+
+    fn configure_route(route: Route, settings: String) -> Result<(), String> {
+        C::with_routes(|routes| routes.configure_route(route, &settings))
     }
 
     fn rebuild(route: Route, backends: Vec<Backend>) -> Option<WitPlan> {
@@ -201,8 +257,9 @@ impl Load for HostLoad {
 
 /// Exports an [`Algorithm`] as the crate's strategy component: `describe` reports the
 /// algorithm's [`NAME`](Algorithm::NAME) and [`USES_HASH_KEY`](Algorithm::USES_HASH_KEY) and
-/// the crate's version, `configure` calls [`Algorithm::configure`], and each route the host
-/// builds holds one instance of the algorithm. Use it once, in the crate's `lib.rs`, with the
+/// the crate's version, `configure` and `configure-route` go through
+/// [`Algorithm::settings`], and each route the host builds holds its settings and one instance
+/// of the algorithm. Use it once, in the crate's `lib.rs`, with the
 /// crate built as a `cdylib`:
 ///
 /// ```
@@ -213,8 +270,9 @@ impl Load for HostLoad {
 ///
 /// impl Algorithm for First {
 ///     const NAME: &'static str = "first";
+///     type Settings = ();
 ///
-///     fn new(backends: Backends) -> Self {
+///     fn new(backends: Backends, _settings: &()) -> Self {
 ///         Self(backends)
 ///     }
 ///
@@ -258,9 +316,11 @@ mod tests {
     use crate::load::FixedLoad;
     use std::cell::RefCell;
 
-    /// Records what the glue hands it; reads no load, so it runs natively.
+    /// Records what the glue hands it; reads no load, so it runs natively. Its one setting,
+    /// `level`, is kept to show which settings a route was built under.
     struct Recorder {
         backends: Backends,
+        level: Option<u64>,
         rebuilds: u32,
         picks: Vec<(u64, u64, Option<u64>, Vec<u32>)>,
     }
@@ -268,23 +328,24 @@ mod tests {
     impl Algorithm for Recorder {
         const NAME: &'static str = "recorder";
         const USES_HASH_KEY: bool = true;
+        type Settings = Option<u64>;
 
-        fn configure(settings: &str) -> Result<(), String> {
-            match settings {
-                "ok" => Ok(()),
-                other => Err(format!("refused {other}")),
-            }
+        fn settings(mut settings: Settings) -> Result<Option<u64>, String> {
+            let level = settings.take_u64("level")?;
+            settings.finish(Self::NAME, &["level"])?;
+            Ok(level)
         }
 
-        fn new(backends: Backends) -> Self {
+        fn new(backends: Backends, level: &Option<u64>) -> Self {
             Self {
                 backends,
+                level: *level,
                 rebuilds: 0,
                 picks: Vec::new(),
             }
         }
 
-        fn rebuild(&mut self, backends: Backends) {
+        fn rebuild(&mut self, backends: Backends, _level: &Option<u64>) {
             self.backends = backends;
             self.rebuilds += 1;
         }
@@ -331,11 +392,39 @@ mod tests {
         assert_eq!(description.version, "9.8.7");
         assert!(description.uses_hash_key);
         assert!(!description.wants_outcomes);
-        assert_eq!(<Test as Guest>::configure("ok".into()), Ok(()));
+        assert_eq!(<Test as Guest>::configure("{}".into()), Ok(()));
+        let err = <Test as Guest>::configure(r#"{"x": 1}"#.into()).expect_err("unknown");
+        assert!(err.contains("no setting `x`"), "{err}");
+    }
+
+    #[test]
+    fn routes_lay_their_settings_over_the_plugin_wide_ones() {
+        let level = |route| Test::with_routes(|routes| routes.get(route).and_then(|r| r.level));
+        assert_eq!(<Test as Guest>::configure(r#"{"level": 1}"#.into()), Ok(()));
+        <Test as Guest>::rebuild(5, vec![backend("a:80", 1, true)]);
+        assert_eq!(level(5), Some(1), "no route settings: the plugin-wide ones");
         assert_eq!(
-            <Test as Guest>::configure("{}".into()),
-            Err("refused {}".into())
+            <Test as Guest>::configure_route(6, r#"{"level": 2}"#.into()),
+            Ok(())
         );
+        <Test as Guest>::rebuild(6, vec![backend("a:80", 1, true)]);
+        assert_eq!(level(6), Some(2));
+
+        // New settings build the route afresh under them; refused ones leave it as it was.
+        <Test as Guest>::rebuild(6, vec![backend("b:80", 1, true)]);
+        assert_eq!(<Test as Guest>::configure_route(6, "{}".into()), Ok(()));
+        <Test as Guest>::rebuild(6, vec![backend("b:80", 1, true)]);
+        Test::with_routes(|routes| {
+            let route = routes.get(6).expect("route 6");
+            assert_eq!((route.level, route.rebuilds), (Some(1), 0));
+        });
+        let err = <Test as Guest>::configure_route(6, r#"{"level": "x"}"#.into())
+            .expect_err("not a number");
+        assert!(err.contains("`level` must be a whole number"), "{err}");
+        assert_eq!(level(6), Some(1));
+        <Test as Guest>::forget(5);
+        <Test as Guest>::forget(6);
+        assert_eq!(<Test as Guest>::configure("{}".into()), Ok(()));
     }
 
     #[test]
@@ -381,8 +470,9 @@ mod tests {
 
         impl Algorithm for Fresh {
             const NAME: &'static str = "fresh";
+            type Settings = ();
 
-            fn new(backends: Backends) -> Self {
+            fn new(backends: Backends, _settings: &()) -> Self {
                 Self(backends, 0)
             }
 
@@ -392,18 +482,24 @@ mod tests {
             }
         }
 
-        let mut fresh = Fresh::new(Backends::default());
+        let mut fresh = Fresh::new(Backends::default(), &());
         assert_eq!(
             fresh.pick(&PickRequest::default(), &FixedLoad::default()),
             None
         );
-        fresh.rebuild([crate::Backend::new("a:80", 1, true)].into_iter().collect());
+        fresh.rebuild(
+            [crate::Backend::new("a:80", 1, true)].into_iter().collect(),
+            &(),
+        );
         assert_eq!(fresh.1, 0, "state from before the rebuild is gone");
         assert_eq!(
             fresh.pick(&PickRequest::default(), &FixedLoad::default()),
             Some(0)
         );
-        assert_eq!(Fresh::configure(" {} "), Ok(()));
-        assert!(Fresh::configure(r#"{"x": 1}"#).is_err());
+        assert_eq!(
+            Fresh::settings(Settings::parse(" {} ").expect("blank")),
+            Ok(())
+        );
+        assert!(Fresh::settings(Settings::parse(r#"{"x": 1}"#).expect("json")).is_err());
     }
 }

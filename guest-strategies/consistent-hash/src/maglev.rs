@@ -14,6 +14,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
+use harbor_strategy_common::config::Settings;
 use harbor_strategy_common::hash::{fnv1a64, mix64, uniform};
 use harbor_strategy_common::{Algorithm, Backends, Load, PickRequest};
 
@@ -36,16 +37,18 @@ impl Algorithm for Maglev {
     const NAME: &'static str = "consistent-hash";
     const USES_HASH_KEY: bool = true;
 
-    fn configure(text: &str) -> Result<(), String> {
-        settings::configure(text)
+    type Settings = settings::TableSize;
+
+    fn settings(settings: Settings) -> Result<settings::TableSize, String> {
+        settings::parse(settings)
     }
 
-    /// With the table size configured now, which the balancer keeps (see [`settings`]).
-    fn new(backends: Backends) -> Self {
-        Self::with_table_size(backends, settings::table_size())
+    fn new(backends: Backends, settings: &settings::TableSize) -> Self {
+        Self::with_table_size(backends, settings.0)
     }
 
-    fn rebuild(&mut self, backends: Backends) {
+    /// Keeps the table size it was built with: only new settings build it afresh.
+    fn rebuild(&mut self, backends: Backends, _settings: &settings::TableSize) {
         let same_shape = self.backends.len() == backends.len()
             && self
                 .backends
@@ -260,27 +263,26 @@ mod tests {
         before.iter().zip(after).filter(|(b, a)| b == a).count()
     }
 
-    /// `configure` applies to balancers created afterwards; a running balancer keeps its table
-    /// size, so that configuring never moves a route's keys. (The only test that configures:
-    /// the others build with an explicit size.)
+    /// A route's table size comes from its settings and stays through rebuilds, so that a
+    /// backend change never moves keys by resizing the table.
     #[test]
-    fn settings_apply_to_balancers_created_afterwards() {
+    fn the_table_size_is_a_route_setting_kept_through_rebuilds() {
         let table_size = |m: &Maglev| m.slot_counts().iter().sum::<usize>();
-        let mut before = Maglev::new(list(&ten()));
-        assert_eq!(Maglev::configure(r#"{"table_size": 101}"#), Ok(()));
-        let after = Maglev::new(list(&ten()));
-        assert!(Maglev::configure(r#"{"table_size": 100}"#).is_err());
-        let after_a_refusal = Maglev::new(list(&ten()));
-        assert_eq!(Maglev::configure("{}"), Ok(()));
-        before.rebuild(list(&ten()[..9]));
-        assert_eq!(table_size(&before), SIZE as usize);
-        assert_eq!(table_size(&after), 101);
+        let settings = |text: &str| {
+            Maglev::settings(harbor_strategy_common::config::Settings::parse(text).expect("json"))
+        };
+        let small = settings(r#"{"table_size": 101}"#).expect("a prime in range");
+        let mut m = Maglev::new(list(&ten()), &small);
+        assert_eq!(table_size(&m), 101);
+        m.rebuild(list(&ten()[..9]), &small);
+        assert_eq!(table_size(&m), 101);
+        let default = settings("{}").expect("the default");
         assert_eq!(
-            table_size(&after_a_refusal),
-            101,
-            "a refusal keeps the old settings"
+            table_size(&Maglev::new(list(&ten()), &default)),
+            SIZE as usize
         );
-        assert_eq!(table_size(&Maglev::new(list(&ten()))), SIZE as usize);
+        let err = settings(r#"{"table_size": "big"}"#).expect_err("not a number");
+        assert!(err.contains("`table_size` must be a whole number"), "{err}");
     }
 
     #[test]
@@ -346,7 +348,7 @@ mod tests {
             let mut rest = spec.clone();
             let gone = rest.remove(leaving).0;
             let mut m = Maglev::with_table_size(list(&spec), SIZE);
-            m.rebuild(list(&rest));
+            m.rebuild(list(&rest), &settings::TableSize::default());
             let after = assignment(&mut m);
             let kept_all = kept(&before, &after) as f64 / KEYS as f64;
             let stayed = before.iter().filter(|a| **a != gone).count();
@@ -365,7 +367,7 @@ mod tests {
         let spec = ten();
         let mut m = Maglev::with_table_size(list(&spec[..9]), SIZE);
         let before = assignment(&mut m);
-        m.rebuild(list(&spec));
+        m.rebuild(list(&spec), &settings::TableSize::default());
         let after = assignment(&mut m);
         let moved = before.iter().zip(&after).filter(|(b, a)| b != a);
         let (mut to_new, mut elsewhere) = (0, 0);
@@ -394,7 +396,7 @@ mod tests {
         let before = assignment(&mut m);
         let mut sick = spec.clone();
         sick[3].2 = false;
-        m.rebuild(list(&sick));
+        m.rebuild(list(&sick), &settings::TableSize::default());
         let during = assignment(&mut m);
         let mut moved_to: HashMap<&str, usize> = HashMap::new();
         for (b, d) in before.iter().zip(&during) {
@@ -410,7 +412,7 @@ mod tests {
             9,
             "spread over every other backend: {moved_to:?}"
         );
-        m.rebuild(list(&spec));
+        m.rebuild(list(&spec), &settings::TableSize::default());
         assert_eq!(assignment(&mut m), before);
     }
 
@@ -482,9 +484,9 @@ mod tests {
     fn nothing_to_pick_without_backends() {
         let mut m = Maglev::with_table_size(Backends::default(), SIZE);
         assert_eq!(pick_key(&mut m, 1, &[]), None);
-        m.rebuild(list(&ten()));
+        m.rebuild(list(&ten()), &settings::TableSize::default());
         assert!(pick_key(&mut m, 1, &[]).is_some());
-        m.rebuild(Backends::default());
+        m.rebuild(Backends::default(), &settings::TableSize::default());
         assert_eq!(pick_key(&mut m, 1, &[]), None);
     }
 

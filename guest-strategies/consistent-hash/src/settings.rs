@@ -1,10 +1,6 @@
-//! `consistent-hash`'s one setting, the Maglev table size, as `configure` accepts it.
-//!
-//! `configure` applies to balancers created afterwards, so the size sits in a static that
-//! [`Maglev::new`] reads once; a running balancer keeps the size it was built with
-//! so that a configure call never moves keys behind a route's back.
-
-use std::sync::atomic::{AtomicU32, Ordering};
+//! `consistent-hash`'s one setting, the Maglev table size: `{"table_size": N}`, N a prime.
+//! A route keeps the size it was built with through backend changes, so that only a change of
+//! its settings moves its keys.
 
 use harbor_strategy_common::Algorithm;
 use harbor_strategy_common::config::Settings;
@@ -19,33 +15,28 @@ pub const MIN_TABLE_SIZE: u32 = 101;
 /// About 4 MB of table per balancer; more buys nothing measurable.
 pub const MAX_TABLE_SIZE: u32 = 1_000_003;
 
-static TABLE_SIZE: AtomicU32 = AtomicU32::new(DEFAULT_TABLE_SIZE);
+/// A route's table size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableSize(pub u32);
 
-/// The table size for balancers created from now on.
-pub fn table_size() -> u32 {
-    TABLE_SIZE.load(Ordering::Relaxed)
+impl Default for TableSize {
+    fn default() -> Self {
+        Self(DEFAULT_TABLE_SIZE)
+    }
 }
 
-/// Validates `text` and, if it is acceptable, applies it; `{}` restores the default.
-pub fn configure(text: &str) -> Result<(), String> {
-    let size = parse(text)?;
-    TABLE_SIZE.store(size, Ordering::Relaxed);
-    Ok(())
-}
-
-/// The table size `text` asks for: `{}` (or blank) or `{"table_size": N}` with N a prime in
+/// The table size `settings` ask for: none (the default) or `table_size`, a prime in
 /// [`MIN_TABLE_SIZE`]`..=`[`MAX_TABLE_SIZE`].
-pub fn parse(text: &str) -> Result<u32, String> {
-    let mut settings = Settings::parse(text)?;
+pub fn parse(mut settings: Settings) -> Result<TableSize, String> {
     let size = settings.take_u64("table_size")?;
     settings.finish(Maglev::NAME, &["table_size"])?;
     let Some(size) = size else {
-        return Ok(DEFAULT_TABLE_SIZE);
+        return Ok(TableSize::default());
     };
     let valid = u32::try_from(size)
         .ok()
         .filter(|n| (MIN_TABLE_SIZE..=MAX_TABLE_SIZE).contains(n) && is_prime(*n));
-    valid.ok_or_else(|| {
+    valid.map(TableSize).ok_or_else(|| {
         format!(
             "`table_size` must be a prime from {MIN_TABLE_SIZE} to {MAX_TABLE_SIZE} \
              ({DEFAULT_TABLE_SIZE} by default), got {size}"
@@ -65,6 +56,10 @@ fn is_prime(n: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(text: &str) -> Result<u32, String> {
+        super::parse(Settings::parse(text)?).map(|size| size.0)
+    }
 
     #[test]
     fn blank_and_empty_mean_the_default() {

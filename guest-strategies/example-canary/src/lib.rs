@@ -1,7 +1,9 @@
 //! An example Harbor load-balancing strategy, written to be copied: a canary split.
 //!
-//! Backends labelled `track=canary` get a configurable percentage of the picks (5 % unless
-//! configured with `{"canary_percent": 10}`); the other backends share the rest in turn.
+//! Backends labelled `track=canary` get a configurable percentage of the picks; the other
+//! backends share the rest in turn. The percentage is 5 unless the plugin's settings say
+//! otherwise (`{"canary_percent": 10}` in its sidecar file), and each route may set its own
+//! (`[strategy_settings]` in a route file, `strategy_settings` in a registration).
 //!
 //! Everything a strategy needs is in this one file and `wit/strategy/strategy.wit`: copy both,
 //! rename `NAME`, change `pick`, build with `cargo build --release --target wasm32-wasip2`.
@@ -23,9 +25,9 @@ const NAME: &str = "example-canary";
 /// Share of picks for canary backends when `configure` did not set one.
 const DEFAULT_CANARY_PERCENT: u64 = 5;
 
-/// The percentage set by the last successful `configure`. The contract applies a configuration
-/// to routes built afterwards, so each route's balancer copies this when it is created. (A wasm
-/// instance runs one call at a time; the atomic is just the simplest safe global in Rust.)
+/// The plugin-wide percentage, set by `configure`, for routes whose settings do not give one.
+/// (A wasm instance runs one call at a time; the atomic is just the simplest safe global in
+/// Rust.)
 static CANARY_PERCENT: AtomicU64 = AtomicU64::new(DEFAULT_CANARY_PERCENT);
 
 thread_local! {
@@ -54,29 +56,35 @@ impl Guest for Canary {
     fn configure(config: String) -> Result<(), String> {
         // Refuse bad settings with a reason and keep the old ones: the host shows the reason to
         // whoever tried to apply them.
-        let percent = parse_canary_percent(&config)?;
+        let percent = parse_canary_percent(&config)?.unwrap_or(DEFAULT_CANARY_PERCENT);
         CANARY_PERCENT.store(percent, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Called before a route's first pick (build its balancer) and whenever its backends change
-    /// (keep the balancer's settings, take the new list). No pick plan: the host calls `pick`
-    /// every time (a strategy whose picks are a table or a load rule over its backends may hand
-    /// the host a plan instead; see `rebuild` in the WIT).
+    /// A route's own settings: called before its first `rebuild` and whenever they change. `{}`
+    /// means the plugin-wide percentage.
+    fn configure_route(route: Route, settings: String) -> Result<(), String> {
+        let percent = parse_canary_percent(&settings)?
+            .unwrap_or_else(|| CANARY_PERCENT.load(Ordering::Relaxed));
+        ROUTES.with_borrow_mut(|routes| match slot(routes, route) {
+            Some(balancer) => balancer.canary_percent = percent,
+            empty => *empty = Some(Balancer::with_percent(Vec::new(), percent)),
+        });
+        Ok(())
+    }
+
+    /// Called before a route's first pick and whenever its backends change: the balancer keeps
+    /// its percentage and takes the new list. No pick plan: the host calls `pick` every time (a
+    /// strategy whose picks are a table or a load rule over its backends may hand the host a
+    /// plan instead; see `rebuild` in the WIT).
     fn rebuild(route: Route, backends: Vec<Backend>) -> Option<PickPlan> {
-        ROUTES.with_borrow_mut(|routes| {
-            let i = route as usize;
-            if routes.len() <= i {
-                routes.resize_with(i + 1, || None);
-            }
-            match &mut routes[i] {
-                Some(balancer) => balancer.rebuild(backends),
-                empty => {
-                    *empty = Some(Balancer::with_percent(
-                        backends,
-                        CANARY_PERCENT.load(Ordering::Relaxed),
-                    ))
-                }
+        ROUTES.with_borrow_mut(|routes| match slot(routes, route) {
+            Some(balancer) => balancer.rebuild(backends),
+            empty => {
+                *empty = Some(Balancer::with_percent(
+                    backends,
+                    CANARY_PERCENT.load(Ordering::Relaxed),
+                ))
             }
         });
         None
@@ -121,6 +129,15 @@ impl Guest for Canary {
     }
 }
 
+/// The place of `route`'s balancer, made if the route is new.
+fn slot(routes: &mut Vec<Option<Balancer>>, route: Route) -> &mut Option<Balancer> {
+    let i = route as usize;
+    if routes.len() <= i {
+        routes.resize_with(i + 1, || None);
+    }
+    &mut routes[i]
+}
+
 /// What one pick knows.
 struct Request<'a> {
     /// The route's pick counter, shared by the host's threads.
@@ -131,14 +148,14 @@ struct Request<'a> {
     exclude: &'a [u32],
 }
 
-/// Reads `{"canary_percent": N}` (N from 0 to 100); `{}` or nothing means the default.
+/// Reads `{"canary_percent": N}` (N from 0 to 100); `{}` or nothing sets no percentage.
 ///
 /// One number does not justify a JSON library; a strategy with richer settings would add
 /// `serde_json` and derive its settings struct instead.
-fn parse_canary_percent(config: &str) -> Result<u64, String> {
+fn parse_canary_percent(config: &str) -> Result<Option<u64>, String> {
     let config = config.trim();
     if config.is_empty() {
-        return Ok(DEFAULT_CANARY_PERCENT);
+        return Ok(None);
     }
     let inner = config
         .strip_prefix('{')
@@ -150,7 +167,7 @@ fn parse_canary_percent(config: &str) -> Result<u64, String> {
         })?
         .trim();
     if inner.is_empty() {
-        return Ok(DEFAULT_CANARY_PERCENT);
+        return Ok(None);
     }
     if inner.contains(',') {
         return Err("the only setting is \"canary_percent\"".into());
@@ -166,7 +183,7 @@ fn parse_canary_percent(config: &str) -> Result<u64, String> {
     }
     let value = value.trim();
     match value.parse::<u64>() {
-        Ok(percent) if percent <= 100 => Ok(percent),
+        Ok(percent) if percent <= 100 => Ok(Some(percent)),
         _ => Err(format!(
             "\"canary_percent\" must be a whole number from 0 to 100, got {value}"
         )),
@@ -301,11 +318,20 @@ mod tests {
 
     #[test]
     fn settings() {
-        assert_eq!(parse_canary_percent(""), Ok(5));
-        assert_eq!(parse_canary_percent(" {} "), Ok(5));
-        assert_eq!(parse_canary_percent(r#"{"canary_percent": 10}"#), Ok(10));
-        assert_eq!(parse_canary_percent(r#"{ "canary_percent" : 0 }"#), Ok(0));
-        assert_eq!(parse_canary_percent(r#"{"canary_percent":100}"#), Ok(100));
+        assert_eq!(parse_canary_percent(""), Ok(None));
+        assert_eq!(parse_canary_percent(" {} "), Ok(None));
+        assert_eq!(
+            parse_canary_percent(r#"{"canary_percent": 10}"#),
+            Ok(Some(10))
+        );
+        assert_eq!(
+            parse_canary_percent(r#"{ "canary_percent" : 0 }"#),
+            Ok(Some(0))
+        );
+        assert_eq!(
+            parse_canary_percent(r#"{"canary_percent":100}"#),
+            Ok(Some(100))
+        );
         for bad in [
             r#"{"canary_percent": 101}"#,
             r#"{"canary_percent": -1}"#,

@@ -15,7 +15,9 @@ pub struct First {
 impl Algorithm for First {
     const NAME: &'static str = "first";
 
-    fn new(backends: Backends) -> Self {
+    type Settings = ();
+
+    fn new(backends: Backends, _settings: &()) -> Self {
         Self { backends }
     }
 
@@ -64,13 +66,13 @@ mod tests {
 
     #[test]
     fn always_the_first_healthy_backend() {
-        let mut first = First::new(backends(&[false, true, true]));
+        let mut first = First::new(backends(&[false, true, true]), &());
         assert!((0..100).all(|n| pick(&mut first, n, &[]) == Some(1)));
     }
 
     #[test]
     fn a_retry_spills_to_the_next() {
-        let mut first = First::new(backends(&[true, true, true]));
+        let mut first = First::new(backends(&[true, true, true]), &());
         assert_eq!(pick(&mut first, 0, &[0]), Some(1));
         assert_eq!(pick(&mut first, 0, &[0, 1]), Some(2));
         assert_eq!(pick(&mut first, 0, &[0, 1, 2]), None);
@@ -78,25 +80,25 @@ mod tests {
 
     #[test]
     fn with_nothing_healthy_the_first_of_all() {
-        let mut first = First::new(backends(&[false, false]));
+        let mut first = First::new(backends(&[false, false]), &());
         assert_eq!(pick(&mut first, 3, &[]), Some(0));
-        let mut first = First::new(backends(&[true, false, false]));
+        let mut first = First::new(backends(&[true, false, false]), &());
         assert_eq!(pick(&mut first, 3, &[0]), Some(1));
     }
 
     #[test]
     fn follows_backends_joining_leaving_and_recovering() {
-        let mut first = First::new(backends(&[]));
+        let mut first = First::new(backends(&[]), &());
         assert_eq!(pick(&mut first, 0, &[]), None);
-        first.rebuild(backends(&[false, true]));
+        first.rebuild(backends(&[false, true]), &());
         assert_eq!(pick(&mut first, 0, &[]), Some(1));
-        first.rebuild(backends(&[true, true]));
+        first.rebuild(backends(&[true, true]), &());
         assert_eq!(
             pick(&mut first, 0, &[]),
             Some(0),
             "the preferred backend recovered"
         );
-        first.rebuild(backends(&[true]));
+        first.rebuild(backends(&[true]), &());
         assert_eq!(pick(&mut first, 0, &[]), Some(0));
     }
 }

@@ -24,7 +24,9 @@ pub struct LeastConnections {
 impl Algorithm for LeastConnections {
     const NAME: &'static str = "least-connections";
 
-    fn new(backends: Backends) -> Self {
+    type Settings = ();
+
+    fn new(backends: Backends, _settings: &()) -> Self {
         Self { backends }
     }
 
@@ -101,14 +103,15 @@ mod tests {
 
     #[test]
     fn picks_the_fewest_in_flight() {
-        let mut lc = LeastConnections::new(backends(&[(1, true), (1, true), (1, true)]));
+        let mut lc = LeastConnections::new(backends(&[(1, true), (1, true), (1, true)]), &());
         let load = FixedLoad::with_in_flight([5, 2, 7]);
         assert!((0..10).all(|s| pick(&mut lc, s, &[], &load) == Some(1)));
     }
 
     #[test]
     fn ties_take_turns() {
-        let mut lc = LeastConnections::new(backends(&[(1, true), (1, true), (1, true), (1, true)]));
+        let mut lc =
+            LeastConnections::new(backends(&[(1, true), (1, true), (1, true), (1, true)]), &());
         let load = FixedLoad::with_in_flight([1, 0, 1, 0]);
         let got: Vec<_> = (0..4).map(|s| pick(&mut lc, s, &[], &load)).collect();
         assert_eq!(got, [1, 1, 3, 3].map(Some));
@@ -119,7 +122,7 @@ mod tests {
 
     #[test]
     fn load_is_weighed() {
-        let mut lc = LeastConnections::new(backends(&[(3, true), (1, true)]));
+        let mut lc = LeastConnections::new(backends(&[(3, true), (1, true)]), &());
         // 2/3 < 1/1.
         assert_eq!(
             pick(&mut lc, 0, &[], &FixedLoad::with_in_flight([2, 1])),
@@ -137,7 +140,7 @@ mod tests {
 
     #[test]
     fn open_connections_spread_evenly() {
-        let mut lc = LeastConnections::new(backends(&[(1, true); 5]));
+        let mut lc = LeastConnections::new(backends(&[(1, true); 5]), &());
         let mut load = FixedLoad::with_in_flight([10, 0, 0, 0, 0]);
         open(&mut lc, 40, &mut load);
         assert_eq!(
@@ -148,7 +151,7 @@ mod tests {
 
     #[test]
     fn skips_unhealthy_and_excluded() {
-        let mut lc = LeastConnections::new(backends(&[(1, true), (1, false), (1, true)]));
+        let mut lc = LeastConnections::new(backends(&[(1, true), (1, false), (1, true)]), &());
         let load = FixedLoad::with_in_flight([3, 0, 1]);
         assert_eq!(pick(&mut lc, 0, &[], &load), Some(2));
         assert_eq!(pick(&mut lc, 0, &[2], &load), Some(0));
@@ -162,7 +165,7 @@ mod tests {
 
     #[test]
     fn balances_over_all_when_none_is_healthy() {
-        let mut lc = LeastConnections::new(backends(&[(1, false), (1, false)]));
+        let mut lc = LeastConnections::new(backends(&[(1, false), (1, false)]), &());
         assert_eq!(
             pick(&mut lc, 0, &[], &FixedLoad::with_in_flight([4, 2])),
             Some(1)
@@ -171,20 +174,20 @@ mod tests {
 
     #[test]
     fn follows_backends_joining_and_leaving() {
-        let mut lc = LeastConnections::new(backends(&[]));
+        let mut lc = LeastConnections::new(backends(&[]), &());
         assert_eq!(pick(&mut lc, 0, &[], &FixedLoad::default()), None);
-        lc.rebuild(backends(&[(1, true), (1, true)]));
+        lc.rebuild(backends(&[(1, true), (1, true)]), &());
         let mut load = FixedLoad::default();
         open(&mut lc, 10, &mut load);
         assert_eq!(load.in_flight, [5, 5]);
         // A new backend takes every new connection until it catches up.
-        lc.rebuild(backends(&[(1, true), (1, true), (1, true)]));
+        lc.rebuild(backends(&[(1, true), (1, true), (1, true)]), &());
         load.in_flight.push(0);
         let got: Vec<_> = (0..5).map(|s| pick(&mut lc, s, &[], &load)).collect();
         assert_eq!(got, [2; 5].map(Some));
         open(&mut lc, 5, &mut load);
         assert_eq!(load.in_flight, [5, 5, 5]);
-        lc.rebuild(backends(&[(1, true), (1, false), (1, true)]));
+        lc.rebuild(backends(&[(1, true), (1, false), (1, true)]), &());
         open(&mut lc, 4, &mut load);
         assert_eq!(load.in_flight, [7, 5, 7]);
     }

@@ -19,7 +19,9 @@ pub struct LeastRequest {
 impl Algorithm for LeastRequest {
     const NAME: &'static str = "least-request";
 
-    fn new(backends: Backends) -> Self {
+    type Settings = ();
+
+    fn new(backends: Backends, _settings: &()) -> Self {
         Self { backends }
     }
 
@@ -72,7 +74,7 @@ mod tests {
 
     #[test]
     fn the_busiest_backend_is_never_picked() {
-        let mut lr = LeastRequest::new(backends(&[(1, true); 4]));
+        let mut lr = LeastRequest::new(backends(&[(1, true); 4]), &());
         let load = FixedLoad::with_in_flight([0, 9, 1, 2]);
         let got = counts(&mut lr, 10_000, &[], &load);
         assert_eq!(got[1], 0);
@@ -82,7 +84,7 @@ mod tests {
 
     #[test]
     fn idle_split_follows_weights() {
-        let mut lr = LeastRequest::new(backends(&[(1, true), (2, true), (7, true)]));
+        let mut lr = LeastRequest::new(backends(&[(1, true), (2, true), (7, true)]), &());
         let got = counts(&mut lr, 100_000, &[], &FixedLoad::default());
         for (i, share) in [(0, 0.1), (1, 0.2), (2, 0.7)] {
             let got = got[i] as f64 / 100_000.0;
@@ -92,7 +94,7 @@ mod tests {
 
     #[test]
     fn load_is_weighed() {
-        let mut lr = LeastRequest::new(backends(&[(3, true), (1, true)]));
+        let mut lr = LeastRequest::new(backends(&[(3, true), (1, true)]), &());
         // Two candidates: every pick compares both. 2/3 < 1/1; 4/3 > 1/1.
         assert_eq!(
             counts(&mut lr, 100, &[], &FixedLoad::with_in_flight([2, 1])),
@@ -106,7 +108,7 @@ mod tests {
 
     #[test]
     fn open_requests_spread_by_weight() {
-        let mut lr = LeastRequest::new(backends(&[(1, true), (1, true), (2, true)]));
+        let mut lr = LeastRequest::new(backends(&[(1, true), (1, true), (2, true)]), &());
         let mut load = FixedLoad::with_in_flight([0, 0, 0]);
         for n in 0..4_000 {
             let i = pick(&mut lr, n, &[], &load).expect("a candidate");
@@ -121,7 +123,10 @@ mod tests {
 
     #[test]
     fn skips_unhealthy_and_excluded() {
-        let mut lr = LeastRequest::new(backends(&[(1, true), (1, false), (1, true), (1, true)]));
+        let mut lr = LeastRequest::new(
+            backends(&[(1, true), (1, false), (1, true), (1, true)]),
+            &(),
+        );
         let load = FixedLoad::default();
         assert_eq!(counts(&mut lr, 1_000, &[], &load)[1], 0);
         let got = counts(&mut lr, 1_000, &[0, 3], &load);
@@ -133,24 +138,24 @@ mod tests {
 
     #[test]
     fn balances_over_all_when_none_is_healthy() {
-        let mut lr = LeastRequest::new(backends(&[(1, false), (1, false)]));
+        let mut lr = LeastRequest::new(backends(&[(1, false), (1, false)]), &());
         let got = counts(&mut lr, 100, &[], &FixedLoad::with_in_flight([3, 1]));
         assert_eq!(got, [0, 100]);
     }
 
     #[test]
     fn follows_backends_joining_and_leaving() {
-        let mut lr = LeastRequest::new(backends(&[]));
+        let mut lr = LeastRequest::new(backends(&[]), &());
         assert_eq!(pick(&mut lr, 0, &[], &FixedLoad::default()), None);
-        lr.rebuild(backends(&[(1, true)]));
+        lr.rebuild(backends(&[(1, true)]), &());
         assert_eq!(
             counts(&mut lr, 10, &[], &FixedLoad::with_in_flight([9])),
             [10]
         );
-        lr.rebuild(backends(&[(1, true), (1, true)]));
+        lr.rebuild(backends(&[(1, true), (1, true)]), &());
         let got = counts(&mut lr, 10, &[], &FixedLoad::with_in_flight([9, 0]));
         assert_eq!(got, [0, 10], "the new, idle backend wins");
-        lr.rebuild(backends(&[(1, false), (1, true)]));
+        lr.rebuild(backends(&[(1, false), (1, true)]), &());
         assert_eq!(counts(&mut lr, 10, &[], &FixedLoad::default()), [0, 10]);
     }
 }

@@ -15,7 +15,9 @@ pub struct WeightedRandom {
 impl Algorithm for WeightedRandom {
     const NAME: &'static str = "random";
 
-    fn new(backends: Backends) -> Self {
+    type Settings = ();
+
+    fn new(backends: Backends, _settings: &()) -> Self {
         Self { backends }
     }
 
@@ -82,23 +84,25 @@ mod tests {
     #[test]
     fn shares_follow_weights() {
         let mut random =
-            WeightedRandom::new(backends(&[(1, true), (1, true), (2, true), (4, true)]));
+            WeightedRandom::new(backends(&[(1, true), (1, true), (2, true), (4, true)]), &());
         assert_close(&shares(&mut random, &[], 4), &[0.125, 0.125, 0.25, 0.5]);
     }
 
     #[test]
     fn skips_unhealthy_and_excluded() {
-        let mut random =
-            WeightedRandom::new(backends(&[(1, true), (1, false), (2, true), (1, true)]));
+        let mut random = WeightedRandom::new(
+            backends(&[(1, true), (1, false), (2, true), (1, true)]),
+            &(),
+        );
         assert_close(&shares(&mut random, &[], 4), &[0.25, 0.0, 0.5, 0.25]);
         assert_close(&shares(&mut random, &[2], 4), &[0.5, 0.0, 0.0, 0.5]);
     }
 
     #[test]
     fn balances_over_all_when_none_is_healthy() {
-        let mut random = WeightedRandom::new(backends(&[(1, false), (3, false)]));
+        let mut random = WeightedRandom::new(backends(&[(1, false), (3, false)]), &());
         assert_close(&shares(&mut random, &[], 2), &[0.25, 0.75]);
-        let mut random = WeightedRandom::new(backends(&[(1, true), (3, false)]));
+        let mut random = WeightedRandom::new(backends(&[(1, true), (3, false)]), &());
         assert_close(&shares(&mut random, &[0], 2), &[0.0, 1.0]);
     }
 
@@ -106,7 +110,7 @@ mod tests {
     fn nothing_to_pick_when_empty_or_all_excluded() {
         let request = PickRequest::default();
         assert_eq!(
-            WeightedRandom::new(backends(&[])).pick(&request, &FixedLoad::default()),
+            WeightedRandom::new(backends(&[]), &()).pick(&request, &FixedLoad::default()),
             None
         );
         let request = PickRequest {
@@ -114,26 +118,26 @@ mod tests {
             ..request
         };
         assert_eq!(
-            WeightedRandom::new(backends(&[(1, true)])).pick(&request, &FixedLoad::default()),
+            WeightedRandom::new(backends(&[(1, true)]), &()).pick(&request, &FixedLoad::default()),
             None
         );
     }
 
     #[test]
     fn shares_follow_backends_joining_and_leaving() {
-        let mut random = WeightedRandom::new(backends(&[(1, true), (1, true)]));
+        let mut random = WeightedRandom::new(backends(&[(1, true), (1, true)]), &());
         assert_close(&shares(&mut random, &[], 2), &[0.5, 0.5]);
-        random.rebuild(backends(&[(1, true), (1, true), (2, true)]));
+        random.rebuild(backends(&[(1, true), (1, true), (2, true)]), &());
         assert_close(&shares(&mut random, &[], 3), &[0.25, 0.25, 0.5]);
-        random.rebuild(backends(&[(1, true), (1, false), (2, true)]));
+        random.rebuild(backends(&[(1, true), (1, false), (2, true)]), &());
         assert_close(&shares(&mut random, &[], 3), &[1.0 / 3.0, 0.0, 2.0 / 3.0]);
-        random.rebuild(backends(&[(2, true)]));
+        random.rebuild(backends(&[(2, true)]), &());
         assert_close(&shares(&mut random, &[], 1), &[1.0]);
     }
 
     #[test]
     fn extreme_entropy_stays_in_range() {
-        let mut random = WeightedRandom::new(backends(&[(1, true), (10_000, true)]));
+        let mut random = WeightedRandom::new(backends(&[(1, true), (10_000, true)]), &());
         for entropy in [0, 1, u64::MAX - 1, u64::MAX] {
             let request = PickRequest {
                 entropy,

@@ -15,7 +15,9 @@ pub struct RoundRobin {
 impl Algorithm for RoundRobin {
     const NAME: &'static str = "round-robin";
 
-    fn new(backends: Backends) -> Self {
+    type Settings = ();
+
+    fn new(backends: Backends, _settings: &()) -> Self {
         Self { backends }
     }
 
@@ -71,7 +73,7 @@ mod tests {
 
     #[test]
     fn the_table_cycles_like_the_picks() {
-        let mut rr = RoundRobin::new(backends(&[true, false, true, true]));
+        let mut rr = RoundRobin::new(backends(&[true, false, true, true]), &());
         let table = rr.table().expect("a table");
         assert_eq!(table.index, TableIndex::Sequence);
         assert_eq!(table.entries, vec![0, 2, 3]);
@@ -87,7 +89,7 @@ mod tests {
 
     #[test]
     fn cycles_exactly_ignoring_weights() {
-        let mut rr = RoundRobin::new(backends(&[true, true, true]));
+        let mut rr = RoundRobin::new(backends(&[true, true, true]), &());
         let got = picks(&mut rr, 0, 7, &[]);
         let want = [0, 1, 2, 0, 1, 2, 0].map(Some);
         assert_eq!(got, want);
@@ -95,40 +97,40 @@ mod tests {
 
     #[test]
     fn skips_unhealthy_and_excluded() {
-        let mut rr = RoundRobin::new(backends(&[true, false, true, true]));
+        let mut rr = RoundRobin::new(backends(&[true, false, true, true]), &());
         assert_eq!(picks(&mut rr, 0, 6, &[]), [0, 2, 3, 0, 2, 3].map(Some));
         assert_eq!(picks(&mut rr, 0, 4, &[2]), [0, 3, 0, 3].map(Some));
     }
 
     #[test]
     fn with_nothing_healthy_cycles_over_all() {
-        let mut rr = RoundRobin::new(backends(&[false, false]));
+        let mut rr = RoundRobin::new(backends(&[false, false]), &());
         assert_eq!(picks(&mut rr, 5, 4, &[]), [1, 0, 1, 0].map(Some));
     }
 
     #[test]
     fn nothing_to_pick_when_empty_or_all_excluded() {
-        let mut rr = RoundRobin::new(backends(&[]));
+        let mut rr = RoundRobin::new(backends(&[]), &());
         assert_eq!(picks(&mut rr, 0, 1, &[]), [None]);
-        let mut rr = RoundRobin::new(backends(&[true, true]));
+        let mut rr = RoundRobin::new(backends(&[true, true]), &());
         assert_eq!(picks(&mut rr, 0, 1, &[0, 1]), [None]);
     }
 
     #[test]
     fn follows_backends_joining_leaving_and_recovering() {
-        let mut rr = RoundRobin::new(backends(&[true, true]));
+        let mut rr = RoundRobin::new(backends(&[true, true]), &());
         assert_eq!(picks(&mut rr, 0, 2, &[]), [0, 1].map(Some));
-        rr.rebuild(backends(&[true, true, true]));
+        rr.rebuild(backends(&[true, true, true]), &());
         assert_eq!(picks(&mut rr, 0, 3, &[]), [0, 1, 2].map(Some));
-        rr.rebuild(backends(&[true, false, true]));
+        rr.rebuild(backends(&[true, false, true]), &());
         assert_eq!(picks(&mut rr, 0, 4, &[]), [0, 2, 0, 2].map(Some));
-        rr.rebuild(backends(&[true]));
+        rr.rebuild(backends(&[true]), &());
         assert_eq!(picks(&mut rr, 0, 2, &[]), [0, 0].map(Some));
     }
 
     #[test]
     fn a_huge_sequence_still_cycles() {
-        let mut rr = RoundRobin::new(backends(&[true, true, true]));
+        let mut rr = RoundRobin::new(backends(&[true, true, true]), &());
         assert_eq!(picks(&mut rr, u64::MAX - 1, 2, &[]), [2, 0].map(Some));
     }
 }

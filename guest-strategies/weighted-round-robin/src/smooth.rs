@@ -24,12 +24,14 @@ pub struct SmoothWeighted {
 impl Algorithm for SmoothWeighted {
     const NAME: &'static str = "weighted-round-robin";
 
-    fn new(backends: Backends) -> Self {
+    type Settings = ();
+
+    fn new(backends: Backends, _settings: &()) -> Self {
         let current = vec![0; backends.len()];
         Self { backends, current }
     }
 
-    fn rebuild(&mut self, backends: Backends) {
+    fn rebuild(&mut self, backends: Backends, _settings: &()) {
         let carried: HashMap<&str, i64> = self
             .backends
             .as_slice()
@@ -122,8 +124,10 @@ mod tests {
 
     #[test]
     fn the_table_is_the_next_cycle_and_leaves_the_counters_alone() {
-        let mut wrr =
-            SmoothWeighted::new(backends(&[("a", 5, true), ("b", 1, true), ("c", 1, true)]));
+        let mut wrr = SmoothWeighted::new(
+            backends(&[("a", 5, true), ("b", 1, true), ("c", 1, true)]),
+            &(),
+        );
         pick(&mut wrr, &[]);
         let table = wrr.table().expect("a table");
         assert_eq!(table.index, TableIndex::Sequence);
@@ -134,16 +138,18 @@ mod tests {
         assert_eq!(picks[..7], table.entries[..]);
         assert_eq!(picks[7..], table.entries[..]);
         // Unhealthy backends are left out; too long a cycle means no table.
-        let mut wrr = SmoothWeighted::new(backends(&[("a", 2, true), ("b", 3, false)]));
+        let mut wrr = SmoothWeighted::new(backends(&[("a", 2, true), ("b", 3, false)]), &());
         assert_eq!(wrr.table().unwrap().entries, vec![0, 0]);
-        let mut wrr = SmoothWeighted::new(backends(&[("a", 10_000, true); 8]));
+        let mut wrr = SmoothWeighted::new(backends(&[("a", 10_000, true); 8]), &());
         assert!(wrr.table().is_none());
     }
 
     #[test]
     fn interleaves_like_nginx() {
-        let mut wrr =
-            SmoothWeighted::new(backends(&[("a", 5, true), ("b", 1, true), ("c", 1, true)]));
+        let mut wrr = SmoothWeighted::new(
+            backends(&[("a", 5, true), ("b", 1, true), ("c", 1, true)]),
+            &(),
+        );
         let order: Vec<_> = (0..7)
             .map(|_| pick(&mut wrr, &[]).expect("a candidate"))
             .collect();
@@ -158,7 +164,7 @@ mod tests {
             .enumerate()
             .map(|(i, &w)| (["a", "b", "c", "d", "e", "f"][i], w, true))
             .collect();
-        let mut wrr = SmoothWeighted::new(backends(&spec));
+        let mut wrr = SmoothWeighted::new(backends(&spec), &());
         let total: u32 = weights.iter().sum();
         let picks = 100_003;
         let got = counts(&mut wrr, picks, weights.len());
@@ -175,8 +181,10 @@ mod tests {
 
     #[test]
     fn skips_unhealthy_and_excluded() {
-        let mut wrr =
-            SmoothWeighted::new(backends(&[("a", 2, true), ("b", 1, false), ("c", 1, true)]));
+        let mut wrr = SmoothWeighted::new(
+            backends(&[("a", 2, true), ("b", 1, false), ("c", 1, true)]),
+            &(),
+        );
         assert_eq!(counts(&mut wrr, 300, 3), [200, 0, 100]);
         for _ in 0..10 {
             assert_eq!(pick(&mut wrr, &[0]), Some(2));
@@ -187,42 +195,45 @@ mod tests {
 
     #[test]
     fn balances_over_all_when_none_is_healthy() {
-        let mut wrr = SmoothWeighted::new(backends(&[("a", 1, false), ("b", 3, false)]));
+        let mut wrr = SmoothWeighted::new(backends(&[("a", 1, false), ("b", 3, false)]), &());
         assert_eq!(counts(&mut wrr, 400, 2), [100, 300]);
     }
 
     #[test]
     fn nothing_to_pick_without_backends() {
         assert_eq!(
-            pick(&mut SmoothWeighted::new(Backends::default()), &[]),
+            pick(&mut SmoothWeighted::new(Backends::default(), &()), &[]),
             None
         );
     }
 
     #[test]
     fn shares_follow_backends_joining_leaving_and_reweighting() {
-        let mut wrr = SmoothWeighted::new(backends(&[("a", 1, true), ("b", 1, true)]));
+        let mut wrr = SmoothWeighted::new(backends(&[("a", 1, true), ("b", 1, true)]), &());
         assert_eq!(counts(&mut wrr, 100, 2), [50, 50]);
-        wrr.rebuild(backends(&[("a", 1, true), ("b", 1, true), ("c", 2, true)]));
+        wrr.rebuild(
+            backends(&[("a", 1, true), ("b", 1, true), ("c", 2, true)]),
+            &(),
+        );
         assert_eq!(counts(&mut wrr, 400, 3), [100, 100, 200]);
-        wrr.rebuild(backends(&[("c", 2, true), ("a", 1, true)]));
+        wrr.rebuild(backends(&[("c", 2, true), ("a", 1, true)]), &());
         assert_eq!(
             counts(&mut wrr, 300, 2),
             [200, 100],
             "indexes moved with b gone"
         );
-        wrr.rebuild(backends(&[("c", 2, false), ("a", 1, true)]));
+        wrr.rebuild(backends(&[("c", 2, false), ("a", 1, true)]), &());
         assert_eq!(counts(&mut wrr, 10, 2), [0, 10]);
-        wrr.rebuild(backends(&[("c", 1, true), ("a", 3, true)]));
+        wrr.rebuild(backends(&[("c", 1, true), ("a", 3, true)]), &());
         assert_eq!(counts(&mut wrr, 400, 2), [100, 300]);
     }
 
     #[test]
     fn running_values_survive_a_health_flap() {
         let spec = [("a", 1, true), ("b", 1, true)];
-        let mut wrr = SmoothWeighted::new(backends(&spec));
+        let mut wrr = SmoothWeighted::new(backends(&spec), &());
         assert_eq!(pick(&mut wrr, &[]), Some(0));
-        wrr.rebuild(backends(&spec));
+        wrr.rebuild(backends(&spec), &());
         assert_eq!(pick(&mut wrr, &[]), Some(1), "b's turn is not forgotten");
     }
 }

@@ -14,7 +14,8 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::json::{JsonBody, QueryOf, Upload};
-use crate::model::{ServiceName, StrategyName};
+use super::services::settings_accepted;
+use crate::model::{SETTINGS_FIELD, ServiceName, StrategyName, StrategySettings};
 use crate::plugins::{RequestedLimits, Shadow, Size, Source, check_shape};
 
 pub async fn list(State(app): State<AppState>) -> impl IntoResponse {
@@ -139,11 +140,13 @@ pub async fn remove(
     )))
 }
 
-/// A change of a service's strategy, its shadow, or both.
+/// A change of a service's strategy, its settings, its shadow, or several at once.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StrategyChange {
     strategy: Option<String>,
+    /// Absent: the settings stay as they are; `{}` removes them.
+    strategy_settings: Option<serde_json::Value>,
     /// Absent: the shadow stays as it is; `null`: removed; a name: that strategy shadows.
     #[serde(default, deserialize_with = "present")]
     shadow: Option<Option<String>>,
@@ -159,8 +162,10 @@ where
 }
 
 /// `PUT /api/v1/services/{name}/strategy`: `{"strategy": "..."}` switches the live strategy;
+/// `{"strategy_settings": {...}}` gives the route new settings, which reconfigure it live;
 /// `{"shadow": "..."}` runs a candidate beside it on every first try, compared and never used
-/// (`{"shadow": null}` removes it). Both are checked before either is applied.
+/// (`{"shadow": null}` removes it). The strategy and its shadow must both accept the route's
+/// settings as they will stand. Everything is checked before anything is applied.
 pub async fn set_strategy(
     State(app): State<AppState>,
     caller: Caller,
@@ -169,33 +174,48 @@ pub async fn set_strategy(
 ) -> Result<impl IntoResponse, ApiError> {
     let name = ServiceName::parse(&name)?;
     caller.may_change(&name)?;
-    if change.strategy.is_none() && change.shadow.is_none() {
+    if change.strategy.is_none() && change.strategy_settings.is_none() && change.shadow.is_none() {
         return Err(ApiError::bad_request(
             None,
-            "give `strategy`, `shadow` or both".to_owned(),
+            "give `strategy`, `strategy_settings`, `shadow`, or several".to_owned(),
         ));
     }
+    let current = app
+        .registry
+        .service(&name)
+        .ok_or_else(|| ApiError::not_found(format!("no service named {name:?}")))?;
     let strategy = change
         .strategy
         .as_deref()
         .map(StrategyName::parse)
         .transpose()?;
+    let settings = change
+        .strategy_settings
+        .as_ref()
+        .map(StrategySettings::from_json)
+        .transpose()?;
+    let live = strategy.clone().unwrap_or(current.route.strategy.clone());
+    let live_settings = settings
+        .clone()
+        .unwrap_or(current.route.strategy_settings.clone());
+    if strategy.is_some() || settings.is_some() {
+        app.registry.check_strategy(&live)?;
+        settings_accepted(&app, &live, &live_settings, SETTINGS_FIELD).await?;
+    }
     let shadow = match &change.shadow {
-        Some(Some(shadow)) => Some(Some(checked_shadow(
-            &app,
-            &name,
-            shadow,
-            strategy.as_ref(),
-        )?)),
+        Some(Some(shadow)) => {
+            let slot = checked_shadow(&app, &name, shadow, &live)?;
+            let shadow = StrategyName::parse(&slot.name)?;
+            settings_accepted(&app, &shadow, &live_settings, "shadow").await?;
+            Some(Some(slot))
+        }
         Some(None) => Some(None),
         None => None,
     };
-    let service = match strategy {
-        Some(strategy) => app.registry.set_strategy(&name, strategy).await?,
-        None => app
-            .registry
-            .service(&name)
-            .ok_or_else(|| ApiError::not_found(format!("no service named {name:?}")))?,
+    let service = if strategy.is_some() || settings.is_some() {
+        app.registry.set_strategy(&name, live, settings).await?
+    } else {
+        current
     };
     if let Some(shadow) = shadow {
         let balancer = app
@@ -215,21 +235,11 @@ fn checked_shadow(
     app: &AppState,
     name: &ServiceName,
     shadow: &str,
-    live: Option<&StrategyName>,
+    live: &StrategyName,
 ) -> Result<Arc<crate::plugins::Slot>, ApiError> {
     let bad = |reason: String| ApiError::bad_request(Some("shadow".into()), reason);
     let shadow = StrategyName::parse(shadow).map_err(|e| bad(e.reason))?;
-    let live = match live {
-        Some(live) => live.to_string(),
-        None => app
-            .registry
-            .service(name)
-            .ok_or_else(|| ApiError::not_found(format!("no service named {name:?}")))?
-            .route
-            .strategy
-            .to_string(),
-    };
-    if shadow.as_str() == live {
+    if shadow == *live {
         return Err(bad(format!(
             "{shadow:?} is the live strategy of {name:?}; a shadow is another strategy to compare with it"
         )));

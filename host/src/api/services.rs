@@ -15,8 +15,8 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::json::{JsonBody, OptionalJsonBody, QueryOf};
 use crate::model::{
-    CatalogEntry, InstanceId, LeaseView, Meta, Protocol, RouteInput, ServiceName, Upstream,
-    UpstreamAddr, check_meta, check_weight,
+    CatalogEntry, InstanceId, LeaseView, Meta, Protocol, Route, RouteInput, SETTINGS_FIELD,
+    ServiceName, StrategyName, StrategySettings, Upstream, UpstreamAddr, check_meta, check_weight,
 };
 use crate::registry::{Grant, Registration, RegistryError};
 
@@ -34,6 +34,7 @@ pub struct RegisterRequest {
     ttl_secs: Option<u64>,
     public: Option<bool>,
     strategy: Option<String>,
+    strategy_settings: Option<serde_json::Value>,
     meta: Option<Meta>,
 }
 
@@ -63,7 +64,7 @@ impl From<Grant> for GrantBody {
 impl RegisterRequest {
     fn into_registration(self) -> Result<Registration, ApiError> {
         let name = ServiceName::parse(&self.name)?;
-        let route = RouteInput {
+        let mut route = RouteInput {
             host: self.host.as_deref(),
             hosts: self.hosts.as_deref(),
             path: self.path.as_deref(),
@@ -74,6 +75,9 @@ impl RegisterRequest {
             ..RouteInput::new(&name)
         }
         .validate()?;
+        if let Some(settings) = &self.strategy_settings {
+            route.strategy_settings = StrategySettings::from_json(settings)?;
+        }
         let upstream = Upstream {
             addr: UpstreamAddr::parse(&self.upstream)?,
             weight: check_weight(self.weight.unwrap_or(1))?,
@@ -125,6 +129,7 @@ pub async fn register(
     let reg = req.into_registration()?;
     caller.may_register(&reg.name, &reg.route)?;
     check_listen(&app, &reg)?;
+    check_settings(&app, &reg.route).await?;
     if query.dry_run {
         return Ok(Json(dry_run(&app, reg).await?).into_response());
     }
@@ -135,6 +140,43 @@ pub async fn register(
         StatusCode::OK
     };
     Ok((status, Json(GrantBody::from(grant))).into_response())
+}
+
+/// Asks the route's strategy whether it accepts the route's settings; a refusal is a `400`
+/// carrying the strategy's own reason.
+async fn check_settings(app: &AppState, route: &Route) -> Result<(), ApiError> {
+    settings_accepted(
+        app,
+        &route.strategy,
+        &route.strategy_settings,
+        SETTINGS_FIELD,
+    )
+    .await
+}
+
+/// Asks `strategy` whether it accepts `settings` for a route, off the runtime's threads (it
+/// runs the strategy's code); a refusal is a `400` against `field` with the strategy's reason.
+pub(super) async fn settings_accepted(
+    app: &AppState,
+    strategy: &StrategyName,
+    settings: &StrategySettings,
+    field: &str,
+) -> Result<(), ApiError> {
+    if settings.is_empty() || !app.strategies.knows(strategy.as_str()) {
+        // No settings need no check; an unknown strategy is the registry's to report.
+        return Ok(());
+    }
+    let strategies = app.strategies.clone();
+    let (name, settings) = (strategy.clone(), settings.clone());
+    tokio::task::spawn_blocking(move || strategies.check_settings(name.as_str(), &settings))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the settings check stopped: {e}"),
+            )
+        })?
+        .map_err(|reason| ApiError::bad_request(Some(field.into()), reason))
 }
 
 /// Where Harbor's own TCP proxy carries tcp services, an address it cannot bind is refused at

@@ -4,6 +4,7 @@
 mod names;
 mod options;
 mod route;
+mod settings;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ pub use route::{
     Claim, Kind, MAX_WEIGHT, Match, Meta, Protocol, Route, RouteInput, Upstream, check_meta,
     check_weight,
 };
+pub use settings::{FIELD as SETTINGS_FIELD, StrategySettings};
 
 /// RFC 3339 with milliseconds, UTC.
 pub fn timestamp(t: SystemTime) -> String {
@@ -91,6 +93,8 @@ pub struct RouteView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
     pub strategy: StrategyName,
+    #[serde(skip_serializing_if = "StrategySettings::is_empty")]
+    pub strategy_settings: StrategySettings,
 }
 
 impl From<&Route> for RouteView {
@@ -105,6 +109,7 @@ impl From<&Route> for RouteView {
             path,
             listen,
             strategy: route.strategy.clone(),
+            strategy_settings: route.strategy_settings.clone(),
         }
     }
 }

@@ -76,6 +76,8 @@ impl fmt::Display for Claim {
 pub struct Route {
     pub matcher: Match,
     pub strategy: StrategyName,
+    /// What the strategy is told for this route (see [`super::StrategySettings`]).
+    pub strategy_settings: super::StrategySettings,
     pub public: bool,
     pub options: super::RouteOptions,
 }
@@ -195,6 +197,7 @@ impl<'a> RouteInput<'a> {
         Ok(Route {
             matcher,
             strategy,
+            strategy_settings: super::StrategySettings::default(),
             public: self.public.unwrap_or(false),
             options: super::RouteOptions::default(),
         })

@@ -29,6 +29,8 @@ pub struct BackendSet {
     pub version: u64,
     pub backends: Vec<BackendSpec>,
     pub loads: Arc<LoadTable>,
+    /// The route's settings for its strategy, JSON text (`{}` when it has none).
+    pub settings: Arc<str>,
     guest: Vec<Backend>,
 }
 
@@ -165,6 +167,7 @@ impl Balancer {
                 version: 0,
                 backends: Vec::new(),
                 loads: Arc::default(),
+                settings: Arc::from("{}"),
                 guest: Vec::new(),
             })),
             writer: Mutex::new(()),
@@ -225,6 +228,21 @@ impl Balancer {
         self.publish(&old, backends, loads);
     }
 
+    /// Gives the route new settings for its strategy: a new backend set version, which every
+    /// thread's instance is given (settings, then backends) before it picks again.
+    pub fn set_settings(&self, settings: Arc<str>) {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.set.load_full();
+        if old.settings == settings {
+            return;
+        }
+        self.set.store(Arc::new(BackendSet {
+            version: old.version + 1,
+            settings,
+            ..BackendSet::clone(&old)
+        }));
+    }
+
     /// Re-reads the health of every backend; call after a health check or cooldown changed one.
     /// Returns the set now in force.
     pub fn refresh_health(&self) -> Arc<BackendSet> {
@@ -267,6 +285,7 @@ impl Balancer {
             version: old.version + 1,
             backends,
             loads: Arc::new(LoadTable::new(loads)),
+            settings: old.settings.clone(),
             guest,
         }));
     }

@@ -16,7 +16,7 @@ use super::limits::{Limits, Shown};
 use super::report::Reporter;
 use super::strategy::{Loaded, Rejected, Source};
 use crate::events::lock;
-use crate::model::timestamp;
+use crate::model::{StrategySettings, timestamp};
 
 /// The strategies compiled into the binary: (package, component).
 pub(super) const BUILTINS: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/builtins.rs"));
@@ -191,6 +191,18 @@ impl Strategies {
     /// Whether a strategy of this name is in force now.
     pub fn knows(&self, name: &str) -> bool {
         self.slot(name).is_some_and(|s| s.current().is_some())
+    }
+
+    /// Whether strategy `name`, as loaded now, accepts `settings` for a route (see
+    /// [`Loaded::check_settings`]); runs guest code, so call it off the async runtime.
+    pub fn check_settings(&self, name: &str, settings: &StrategySettings) -> Result<(), String> {
+        let loaded = self
+            .slot(name)
+            .and_then(|slot| slot.current().clone())
+            .ok_or_else(|| format!("no strategy named {name:?} is loaded"))?;
+        loaded
+            .check_settings(settings.text())
+            .map_err(|reason| format!("{name} refuses these settings: {reason}"))
     }
 
     pub fn names(&self) -> Vec<String> {

@@ -28,9 +28,9 @@ pub use bindings::harbor::strategy::types::{LoadMeasure, LoadRule, TableIndex};
 pub use bindings::{Plugin, PluginPre};
 
 /// The version of the strategy contract this host speaks.
-pub const CONTRACT: &str = "harbor:strategy@0.4.0";
+pub const CONTRACT: &str = "harbor:strategy@0.5.0";
 /// The `load` interface of that contract, as components import it.
-const LOAD_INTERFACE: &str = "harbor:strategy/load@0.4.0";
+const LOAD_INTERFACE: &str = "harbor:strategy/load@0.5.0";
 
 /// How long past its deadline a call is watched before it may be stopped (epoch ticks), and
 /// how much CPU it must burn in that time to be stopped.

@@ -49,6 +49,8 @@ struct Route {
     version: u64,
     /// The backend set the guest last saw, to build the route again in a new instance.
     set: Arc<BackendSet>,
+    /// The route's settings as the guest last accepted them.
+    settings: Arc<str>,
     /// Dead once the route's balancer is dropped.
     alive: Weak<()>,
 }
@@ -476,6 +478,19 @@ impl Shard {
                 }
             }
         };
+        let settled = self
+            .routes
+            .get(&id)
+            .is_some_and(|r| r.settings == set.settings);
+        if !settled {
+            arm(&mut self.store, SETUP_DEADLINE_TICKS);
+            api.call_configure_route(&mut self.store, number, &set.settings)
+                .map_err(|e| fault(&self.store, e))?
+                .map_err(|reason| Fault {
+                    kind: FaultKind::BadAnswer,
+                    message: format!("refused the route's settings {}: {reason}", set.settings),
+                })?;
+        }
         arm(&mut self.store, SETUP_DEADLINE_TICKS);
         let plan = api
             .call_rebuild(&mut self.store, number, set.guest_backends())
@@ -489,6 +504,7 @@ impl Shard {
                 plan,
                 version: set.version,
                 set: set.clone(),
+                settings: set.settings.clone(),
                 alive: alive.clone(),
             },
         );

@@ -20,6 +20,8 @@ use crate::model::StrategyName;
 /// fill a large table), in epoch ticks. It is off the request path but for the first pick after
 /// a backend change.
 pub const SETUP_DEADLINE_TICKS: u64 = ticks(Duration::from_secs(1));
+/// Settings verdicts a strategy version remembers; a service's settings change seldom.
+const MAX_VERDICTS: usize = 256;
 /// Picks in a window before the budget is judged.
 const BUDGET_SAMPLE: u32 = 100;
 
@@ -67,6 +69,12 @@ pub struct Loaded {
     pub(super) pick_ticks: u64,
     pub(super) reporter: Arc<Reporter>,
     breaker: Breaker,
+    /// The instance route settings are checked on, made on first use and kept: checks come
+    /// with registrations, and making an instance can cost a component milliseconds.
+    checker: std::sync::Mutex<Option<(Store<GuestState>, guest::Plugin)>>,
+    /// The verdicts of recent checks, by settings text: every instance of a service registers
+    /// with the same settings, and renews by registering again.
+    verdicts: std::sync::Mutex<std::collections::HashMap<String, Result<(), String>>>,
     /// Guest picks in the current window, and how many were over the budget.
     picks: PickWindow,
     pick_times: prometheus::Histogram,
@@ -136,8 +144,65 @@ impl Loaded {
             pick_times,
             reporter,
             breaker: Breaker::default(),
+            checker: std::sync::Mutex::new(None),
+            verdicts: std::sync::Mutex::default(),
             picks: PickWindow::default(),
         })
+    }
+
+    /// Asks the strategy whether it accepts `settings` for a route: its `configure-route` on an
+    /// instance of the check's own, which then forgets the route. Runs guest code for up to the
+    /// setup deadline: call it off the async runtime's threads. `Err` is the strategy's own
+    /// reason, or what went wrong asking.
+    pub fn check_settings(&self, settings: &str) -> Result<(), String> {
+        if let Some(verdict) = crate::events::lock(&self.verdicts).get(settings) {
+            return verdict.clone();
+        }
+        // A check that failed (a trap, a timeout) is not the strategy's verdict: not kept.
+        let verdict = self
+            .ask_settings(settings)
+            .map_err(|failure| format!("checking them failed: {failure}"))?;
+        let mut verdicts = crate::events::lock(&self.verdicts);
+        if verdicts.len() >= MAX_VERDICTS {
+            verdicts.clear();
+        }
+        verdicts.insert(settings.to_owned(), verdict.clone());
+        verdict
+    }
+
+    /// The strategy's verdict on `settings`, or why it could not be asked.
+    fn ask_settings(&self, settings: &str) -> Result<Result<(), String>, String> {
+        const ROUTE: u32 = 0;
+        let mut checker = crate::events::lock(&self.checker);
+        if checker.is_none() {
+            let mut store = new_store(&self.engine, &self.limits);
+            let plugin = call(&mut store, SETUP_DEADLINE_TICKS, |s| {
+                self.pre.instantiate(s)
+            })?;
+            call(&mut store, SETUP_DEADLINE_TICKS, |s| {
+                plugin
+                    .harbor_strategy_strategy()
+                    .call_configure(s, &self.config)
+            })?
+            .map_err(|reason| format!("it refuses its plugin-wide settings: {reason}"))?;
+            *checker = Some((store, plugin));
+        }
+        let Some((store, plugin)) = checker.as_mut() else {
+            return Err("no instance to check settings on".to_owned());
+        };
+        let api = plugin.harbor_strategy_strategy();
+        let answer = call(store, SETUP_DEADLINE_TICKS, |s| {
+            api.call_configure_route(s, ROUTE, settings)
+        })
+        .and_then(|answer| {
+            call(store, SETUP_DEADLINE_TICKS, |s| api.call_forget(s, ROUTE))?;
+            Ok(answer)
+        });
+        if answer.is_err() {
+            // A trap leaves the instance unusable: the next check makes another.
+            *checker = None;
+        }
+        answer
     }
 
     /// Whether the breaker lets calls through now.
@@ -335,6 +400,15 @@ fn sample_picks(
     const ROUTE: u32 = 0;
     let backends = sample_backends(4, None);
     store.data_mut().loads = Some(Arc::new(super::load::LoadTable::default()));
+    call(store, SETUP_DEADLINE_TICKS, |s| {
+        api.call_configure_route(s, ROUTE, "{}")
+    })
+    .map_err(|e| Rejected(format!("configure-route(route 0, {{}}) failed: {e}")))?
+    .map_err(|reason| {
+        Rejected(format!(
+            "configure-route(route 0, {{}}) refused a route without settings: {reason}"
+        ))
+    })?;
     let plan = call(store, SETUP_DEADLINE_TICKS, |s| {
         api.call_rebuild(s, ROUTE, &backends)
     })

@@ -449,6 +449,8 @@ fn route_difference(a: &Route, b: &Route) -> &'static str {
     }
     if a.strategy != b.strategy {
         "strategy"
+    } else if a.strategy_settings != b.strategy_settings {
+        crate::model::SETTINGS_FIELD
     } else {
         "public"
     }

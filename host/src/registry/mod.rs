@@ -23,7 +23,7 @@ use crate::events::{Event, EventBus, RouteFileError, lock};
 use crate::metrics::Metrics;
 use crate::model::{
     Claim, InstanceId, InstanceView, Kind, LeaseView, Meta, Route, RouteView, ServiceName,
-    ServiceView, StrategyName, Upstream, UpstreamAddr,
+    ServiceView, StrategyName, StrategySettings, Upstream, UpstreamAddr,
 };
 use lease::DeadlineQueue;
 
@@ -128,11 +128,17 @@ pub struct Registry {
     ephemeral_changed: Notify,
     /// Whether a strategy name is loaded; every name is accepted until this is set.
     strategy_known: std::sync::OnceLock<StrategyCheck>,
+    /// Whether a strategy accepts a route file's settings; every setting is accepted until
+    /// this is set. It runs the strategy's code, so it is called where blocking is allowed
+    /// (the route scan), never under the state's lock.
+    settings_check: std::sync::OnceLock<SettingsCheck>,
     /// Where changes to ephemeral instances are made durable; none in tests that need no disk.
     journal: std::sync::OnceLock<Arc<dyn Journal>>,
 }
 
 pub type StrategyCheck = Box<dyn Fn(&str) -> bool + Send + Sync>;
+/// `Err` carries the strategy's reason for refusing the settings.
+pub type SettingsCheck = Arc<dyn Fn(&str, &StrategySettings) -> Result<(), String> + Send + Sync>;
 
 #[derive(Default)]
 struct State {
@@ -226,6 +232,7 @@ impl Registry {
             reaper_wake: Notify::new(),
             ephemeral_changed: Notify::new(),
             strategy_known: std::sync::OnceLock::new(),
+            settings_check: std::sync::OnceLock::new(),
             journal: std::sync::OnceLock::new(),
         }
     }
@@ -268,7 +275,20 @@ impl Registry {
         }
     }
 
-    fn check_strategy(&self, strategy: &StrategyName) -> Result<(), RegistryError> {
+    /// Makes route files' strategy settings pass their strategy's check.
+    pub fn set_settings_check(&self, check: SettingsCheck) {
+        if self.settings_check.set(check).is_err() {
+            tracing::warn!("the settings check was already set");
+        }
+    }
+
+    /// The check route files' settings must pass, if one is set.
+    pub fn settings_check(&self) -> Option<SettingsCheck> {
+        self.settings_check.get().cloned()
+    }
+
+    /// Refuses a strategy that is not loaded.
+    pub fn check_strategy(&self, strategy: &StrategyName) -> Result<(), RegistryError> {
         match self.strategy_known.get() {
             Some(known) if !known(strategy.as_str()) => {
                 Err(RegistryError::UnknownStrategy(strategy.clone()))
@@ -283,8 +303,9 @@ impl Registry {
         &self,
         name: &ServiceName,
         strategy: StrategyName,
+        settings: Option<StrategySettings>,
     ) -> Result<ServiceView, RegistryError> {
-        let (view, saved) = self.set_strategy_now(name, strategy)?;
+        let (view, saved) = self.set_strategy_now(name, strategy, settings)?;
         saved.saved().await.map_err(RegistryError::NotSaved)?;
         Ok(view)
     }
@@ -295,6 +316,7 @@ impl Registry {
         &self,
         name: &ServiceName,
         strategy: StrategyName,
+        settings: Option<StrategySettings>,
     ) -> Result<(ServiceView, Ticket), RegistryError> {
         self.check_strategy(&strategy)?;
         self.check_saving()?;
@@ -304,8 +326,10 @@ impl Registry {
             .get_mut(name)
             .ok_or_else(|| RegistryError::UnknownService(name.clone()))?;
         let ephemeral = matches!(svc.body, Body::Ephemeral(_));
-        if svc.route.strategy != strategy {
+        let settings = settings.unwrap_or_else(|| svc.route.strategy_settings.clone());
+        if svc.route.strategy != strategy || svc.route.strategy_settings != settings {
             svc.route.strategy = strategy;
+            svc.route.strategy_settings = settings;
             if let Some(service) = state.view(name) {
                 self.bus.publish(Event::ServiceUpdated { service });
             }

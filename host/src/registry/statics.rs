@@ -34,7 +34,7 @@ pub struct ParsedRoute {
 
 impl ParsedRoute {
     /// An error about `field` of this file, placed where the field stands in it.
-    fn error_at(&self, file: &str, field: &str, reason: String) -> RouteFileError {
+    pub fn error_at(&self, file: &str, field: &str, reason: String) -> RouteFileError {
         let (line, column) = self.positions.get(field).copied().unzip();
         RouteFileError {
             file: file.to_owned(),

@@ -14,8 +14,8 @@ pub use parse::parse_route;
 
 use crate::dirwatch::DirWatch;
 use crate::events::RouteFileError;
-use crate::model::ServiceName;
-use crate::registry::{Registry, RouteFile};
+use crate::model::{SETTINGS_FIELD, ServiceName};
+use crate::registry::{Registry, RouteFile, SettingsCheck};
 
 /// Route files larger than this are refused unread: a route is a few lines.
 const MAX_FILE_BYTES: u64 = 256 * 1024;
@@ -118,10 +118,40 @@ fn read_text(path: &Path) -> Result<String, String> {
     String::from_utf8(bytes).map_err(|_| "file is not UTF-8 text".to_owned())
 }
 
+/// Turns files whose strategy settings their strategy refuses into errors at the settings,
+/// carrying the strategy's reason; the registry then keeps the file's last good version.
+fn check_settings(files: &mut [RouteFile], check: &SettingsCheck) {
+    for f in files {
+        let Ok(parsed) = &f.parsed else {
+            continue;
+        };
+        let route = &parsed.spec.route;
+        if route.strategy_settings.is_empty() {
+            continue;
+        }
+        if let Err(reason) = check(route.strategy.as_str(), &route.strategy_settings) {
+            f.parsed = Err(parsed.error_at(&f.file, SETTINGS_FIELD, reason));
+        }
+    }
+}
+
+/// [`scan`], with each file's strategy settings put to its strategy (see [`check_settings`]).
+pub fn scan_checked(
+    dir: &Path,
+    check: Option<&SettingsCheck>,
+) -> std::io::Result<Option<Vec<RouteFile>>> {
+    let mut files = scan(dir)?;
+    if let (Some(files), Some(check)) = (&mut files, check) {
+        check_settings(files, check);
+    }
+    Ok(files)
+}
+
 /// Scans `dir` and applies the result; a directory that cannot be read changes nothing.
 pub async fn rescan(registry: &Registry, dir: &Path) {
     let owned = dir.to_owned();
-    match tokio::task::spawn_blocking(move || scan(&owned)).await {
+    let check = registry.settings_check();
+    match tokio::task::spawn_blocking(move || scan_checked(&owned, check.as_ref())).await {
         Ok(Ok(Some(files))) => registry.apply_routes(files),
         Ok(Ok(None)) => {
             tracing::warn!(dir = %dir.display(), "the routes directory does not exist; static services unchanged until it is back");

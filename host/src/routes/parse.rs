@@ -12,7 +12,7 @@ use toml::Spanned;
 use crate::events::RouteFileError;
 use crate::model::{
     FieldError, HashKey, HealthInput, HostName, Meta, Protocol, Route, RouteInput, RouteOptions,
-    ServiceName, Upstream, UpstreamAddr, check_meta, check_weight,
+    ServiceName, StrategySettings, Upstream, UpstreamAddr, check_meta, check_weight,
 };
 use crate::registry::{ParsedRoute, StaticSpec};
 
@@ -25,6 +25,7 @@ struct RawRoute {
     upstreams: Option<Spanned<Vec<Spanned<RawUpstream>>>>,
     public: Option<Spanned<bool>>,
     strategy: Option<Spanned<String>>,
+    strategy_settings: Option<Spanned<toml::Table>>,
     protocol: Option<Spanned<Protocol>>,
     listen: Option<Spanned<String>>,
     meta: Option<Spanned<Meta>>,
@@ -177,6 +178,7 @@ pub fn parse_route(
         upstreams,
         public,
         strategy,
+        strategy_settings,
         protocol,
         listen,
         meta,
@@ -203,6 +205,9 @@ pub fn parse_route(
     .validate()
     .map_err(at_field)?;
     route.options = options(&raw, &route).map_err(at_field)?;
+    if let Some(table) = &raw.strategy_settings {
+        route.strategy_settings = StrategySettings::from_toml(table.get_ref()).map_err(at_field)?;
+    }
 
     let Some(list) = raw.upstreams else {
         return Err(error_at(

@@ -102,16 +102,22 @@ impl RoutingTable {
         for service in services {
             let backends = backends_of(service);
             let slot = self.slot_for(service.route.strategy.as_str());
+            let settings = service.route.strategy_settings.shared();
             let balancer = match current.services.get(&service.name) {
                 Some(existing) => {
                     let balancer = existing.balancer.clone();
                     balancer.set_backends(backends);
+                    balancer.set_settings(settings);
                     if balancer.strategy_name() != slot.name {
                         balancer.set_strategy(slot);
                     }
                     balancer
                 }
-                None => Arc::new(Balancer::new(slot, backends)),
+                None => {
+                    let balancer = Balancer::new(slot, backends);
+                    balancer.set_settings(settings);
+                    Arc::new(balancer)
+                }
             };
             let matcher = match (&service.route.listen, &service.route.path) {
                 (Some(listen), _) => Match::Tcp { listen: *listen },

@@ -36,7 +36,7 @@ const COMPACT_AT: u64 = 1 << 20;
 #[serde(rename_all = "snake_case")]
 pub enum Line {
     /// An instance as it now stands.
-    Put(StoredInstance),
+    Put(Box<StoredInstance>),
     /// An instance removed.
     Remove(InstanceId),
 }
@@ -261,7 +261,9 @@ impl Writer {
         let mut buf = Vec::with_capacity(changes.len() * 320);
         for change in changes {
             let line = match change {
-                Change::Put(instance) => Line::Put(StoredInstance::from_restored(instance)),
+                Change::Put(instance) => {
+                    Line::Put(Box::new(StoredInstance::from_restored(instance)))
+                }
                 Change::Remove(id) => Line::Remove(*id),
             };
             serde_json::to_writer(&mut buf, &line).map_err(|e| e.to_string())?;

@@ -277,7 +277,7 @@ fn replay(path: &Path, instances: &mut BTreeMap<InstanceId, StoredInstance>) -> 
         }
         match serde_json::from_slice::<Line>(line) {
             Ok(Line::Put(instance)) => {
-                instances.insert(instance.id, instance);
+                instances.insert(instance.id, *instance);
             }
             Ok(Line::Remove(id)) => {
                 instances.remove(&id);
@@ -375,7 +375,11 @@ mod tests {
         let gone = r.register_saved(reg("a", "127.0.0.1:2")).await.unwrap();
         r.renew_saved(gone.id, None).await.unwrap();
         r.deregister_saved(gone.id).await.unwrap();
-        r.register_saved(reg("b", "127.0.0.1:3")).await.unwrap();
+        let mut with_settings = reg("b", "127.0.0.1:3");
+        with_settings.route.strategy_settings =
+            crate::model::StrategySettings::from_json(&serde_json::json!({"table_size": 5003}))
+                .unwrap();
+        r.register_saved(with_settings).await.unwrap();
         // A crash: the writer never folds its log into a snapshot, and the last write tore.
         std::mem::forget(journal);
         let log = dir.path().join(format!("{LOG_PREFIX}0"));
@@ -390,6 +394,10 @@ mod tests {
         let (again, _) = registry();
         again.restore(loaded.instances);
         assert_eq!(upstreams(&again), ["127.0.0.1:1", "127.0.0.1:3"]);
+        let b = again
+            .service(&crate::model::ServiceName::parse("b").unwrap())
+            .unwrap();
+        assert_eq!(b.route.strategy_settings.text(), r#"{"table_size":5003}"#);
     }
 
     #[test]
@@ -397,9 +405,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (r, _) = registry();
         r.register(reg("a", "127.0.0.1:1")).unwrap();
-        let good = serde_json::to_string(&Line::Put(StoredInstance::from_restored(
+        let good = serde_json::to_string(&Line::Put(Box::new(StoredInstance::from_restored(
             &r.ephemeral_instances()[0],
-        )))
+        ))))
         .unwrap();
         let log = dir.path().join(format!("{LOG_PREFIX}0"));
         fs::write(&log, format!("{good}\nnot json\n{good}\n")).unwrap();

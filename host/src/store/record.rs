@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    HostName, InstanceId, Meta, Protocol, RouteInput, RouteView, ServiceName, Upstream,
-    UpstreamAddr, check_weight,
+    HostName, InstanceId, Meta, Protocol, RouteInput, RouteView, ServiceName, StrategySettings,
+    Upstream, UpstreamAddr, check_weight,
 };
 use crate::registry::{Registration, RestoredInstance};
 
@@ -24,6 +24,8 @@ pub struct StoredInstance {
     path: Option<String>,
     listen: Option<String>,
     strategy: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    strategy_settings: Option<serde_json::Value>,
     public: bool,
     #[serde(default)]
     meta: Meta,
@@ -56,6 +58,9 @@ impl StoredInstance {
             path: route.path.map(|p| p.to_string()),
             listen: route.listen.map(|l| l.to_string()),
             strategy: route.strategy.to_string(),
+            strategy_settings: (!route.strategy_settings.is_empty())
+                .then(|| serde_json::to_value(&route.strategy_settings).ok())
+                .flatten(),
             public: reg.route.public,
             meta: reg.meta.clone(),
             ttl_ms: reg.ttl.map_or(0, |t| t.as_millis() as u64),
@@ -67,7 +72,7 @@ impl StoredInstance {
     /// Validates a record as strictly as an API registration: the file may have been edited.
     pub fn into_restored(self) -> anyhow::Result<RestoredInstance> {
         let name = ServiceName::parse(&self.name)?;
-        let route = RouteInput {
+        let mut route = RouteInput {
             hosts: (self.protocol == Protocol::Http).then_some(self.hosts.as_slice()),
             path: self.path.as_deref(),
             protocol: Some(self.protocol),
@@ -77,6 +82,9 @@ impl StoredInstance {
             ..RouteInput::new(&name)
         }
         .validate()?;
+        if let Some(settings) = &self.strategy_settings {
+            route.strategy_settings = StrategySettings::from_json(settings)?;
+        }
         Ok(RestoredInstance {
             id: self.id,
             registration: Registration {

@@ -205,7 +205,7 @@ fn plugin_check_runs_the_admission_check_offline() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("harbor:strategy@0.4.0"), "{stderr}");
+    assert!(stderr.contains("harbor:strategy@0.5.0"), "{stderr}");
 }
 
 #[test]

@@ -608,7 +608,7 @@ async fn an_upload_is_answered_at_once_and_compiled_off_the_request() {
             "not WebAssembly at all",
         ),
         (b"\0asm\x01\0\0\0".to_vec(), "", "core module"),
-        (wrong, "", "this Harbor speaks harbor:strategy@0.4.0"),
+        (wrong, "", "this Harbor speaks harbor:strategy@0.5.0"),
         (
             swapper.clone(),
             "?instances=0",

@@ -595,7 +595,7 @@ fn components_that_cannot_serve_are_refused_with_a_reason() {
     assert!(garbage.contains("not a WebAssembly component"), "{garbage}");
 
     let wrong = refused(&component("harbor-test-wrong-version", &[]));
-    assert!(wrong.contains("harbor:strategy@0.4.0"), "{wrong}");
+    assert!(wrong.contains("harbor:strategy@0.5.0"), "{wrong}");
 
     let stuck_component = component("harbor-test-misbehaving", &["stuck"]);
     let stuck = refused(&stuck_component);

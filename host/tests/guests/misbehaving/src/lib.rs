@@ -72,6 +72,10 @@ impl Guest for Component {
         Ok(())
     }
 
+    fn configure_route(_route: Route, _settings: String) -> Result<(), String> {
+        Ok(())
+    }
+
     fn rebuild(route: Route, backends: Vec<Backend>) -> Option<PickPlan> {
         let labelled = labelled_mode(&backends);
         if labelled == Some("rebuild")

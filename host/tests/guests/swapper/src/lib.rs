@@ -23,6 +23,10 @@ impl Guest for Component {
         Ok(())
     }
 
+    fn configure_route(_route: Route, _settings: String) -> Result<(), String> {
+        Ok(())
+    }
+
     fn rebuild(_route: Route, _backends: Vec<Backend>) -> Option<PickPlan> {
         None
     }
