@@ -24,3 +24,4 @@ mod proxy_limits;
 mod proxy_tcp;
 mod route_files;
 mod strategies;
+mod strategy_settings;

@@ -764,7 +764,10 @@ async fn a_shadow_strategy_is_compared_and_never_routes() {
     };
     // Refused before anything changes.
     for (body, needle) in [
-        (json!({}), "give `strategy`, `shadow` or both"),
+        (
+            json!({}),
+            "give `strategy`, `strategy_settings`, `shadow`, or several",
+        ),
         (
             json!({"shadow": "nonesuch"}),
             "no strategy named \"nonesuch\"",
