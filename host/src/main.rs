@@ -91,16 +91,16 @@ fn check_plugin(file: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // The limits it would run under from the plugin directory: its sidecar's, if it has one.
-    let limits = match harbor::plugins::read_sidecar(file) {
-        Ok(limits) => limits,
+    // The limits and settings it would have in the plugin directory: its sidecar's, if any.
+    let setup = match harbor::plugins::read_sidecar(file) {
+        Ok(setup) => setup,
         Err(e) => {
             eprintln!("refused: {e}");
             return ExitCode::FAILURE;
         }
     };
     let source = harbor::plugins::Source::File(file.display().to_string());
-    match harbor::plugins::check(&bytes, source, limits) {
+    match harbor::plugins::check(&bytes, source, setup) {
         Ok(Ok(info)) => {
             println!(
                 "ok: strategy {} {} ({} bytes, sha256 {})",

@@ -43,6 +43,8 @@ pub struct UploadQuery {
     instances: Option<u32>,
     pick_deadline: Option<String>,
     pick_budget: Option<String>,
+    /// The plugin-wide settings, as JSON.
+    settings: Option<String>,
 }
 
 /// Uploads a component. What can be told without compiling (the size, that it is a component
@@ -65,14 +67,33 @@ pub async fn upload(
             "upload the component with Content-Type: application/wasm",
         ));
     }
-    let limits = RequestedLimits {
+    let settings = query
+        .settings
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()
+        .map_err(|e| {
+            ApiError::bad_request(
+                Some("settings".into()),
+                format!("settings are not JSON: {e}"),
+            )
+        })?;
+    let setup = RequestedLimits {
         memory: query.memory.map(Size::Words),
         instances: query.instances,
         pick_deadline: query.pick_deadline,
         pick_budget: query.pick_budget,
+        settings,
     }
     .resolve()
-    .map_err(|e| ApiError::bad_request(Some("limits".into()), e))?;
+    .map_err(|e| {
+        let field = if e.starts_with("settings") {
+            "settings"
+        } else {
+            "limits"
+        };
+        ApiError::bad_request(Some(field.into()), e)
+    })?;
     if let Err(reason) = check_shape(&body) {
         app.strategies
             .refuse(Source::Api, Some(name.as_str()), &reason);
@@ -84,7 +105,7 @@ pub async fn upload(
         .begin(&body, &Source::Api, Some(name.as_str()));
     let (strategies, expected) = (app.strategies.clone(), name.clone());
     let checked = tokio::task::spawn_blocking(move || {
-        strategies.install_begun(ticket, &body, Source::Api, Some(expected.as_str()), limits)
+        strategies.install_begun(ticket, &body, Source::Api, Some(expected.as_str()), setup)
     });
     if !query.wait {
         let listed = app

@@ -12,7 +12,7 @@ use wasmtime::component::Linker;
 
 use super::engine::{PluginEngine, content_hash};
 use super::guest::{self, GuestState};
-use super::limits::{Limits, Shown};
+use super::limits::{Setup, Shown};
 use super::report::Reporter;
 use super::strategy::{Loaded, Rejected, Source};
 use crate::events::lock;
@@ -58,6 +58,9 @@ pub struct PluginInfo {
     /// The limits it runs under.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limits: Option<Shown>,
+    /// Its plugin-wide settings, when it has any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settings: Option<StrategySettings>,
     /// A version on its way: uploaded, being compiled and checked. What is in force serves
     /// until it passes.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -123,7 +126,7 @@ impl Strategies {
                                 cache,
                                 base,
                                 bytes,
-                                (Source::Builtin, Limits::default()),
+                                (Source::Builtin, Setup::default()),
                                 reporter.clone(),
                             )
                         }),
@@ -241,10 +244,10 @@ impl Strategies {
         bytes: &[u8],
         source: Source,
         expected: Option<&str>,
-        limits: Limits,
+        setup: Setup,
     ) -> Result<PluginInfo, Rejected> {
         let ticket = self.begin(bytes, &source, expected);
-        self.install_begun(ticket, bytes, source, expected, limits)
+        self.install_begun(ticket, bytes, source, expected, setup)
     }
 
     /// Lists a version as compiling (and tells so) before its compile starts: the API answers
@@ -280,7 +283,7 @@ impl Strategies {
         bytes: &[u8],
         source: Source,
         expected: Option<&str>,
-        limits: Limits,
+        setup: Setup,
     ) -> Result<PluginInfo, Rejected> {
         let outcome = {
             let _gate = lock(&self.compile_gate);
@@ -292,7 +295,7 @@ impl Strategies {
                 self.cache_dir.as_deref(),
                 &self.base,
                 bytes,
-                (source.clone(), limits),
+                (source.clone(), setup),
                 self.reporter.clone(),
             )
         }
@@ -451,6 +454,7 @@ fn unlisted(key: &str, source: &str, state: &'static str) -> PluginInfo {
         loaded_at: None,
         last_error: None,
         limits: None,
+        settings: None,
         compiling: None,
     }
 }
@@ -459,7 +463,7 @@ fn unlisted(key: &str, source: &str, state: &'static str) -> PluginInfo {
 pub fn check(
     bytes: &[u8],
     source: Source,
-    limits: Limits,
+    setup: Setup,
 ) -> anyhow::Result<Result<PluginInfo, Rejected>> {
     let engine = PluginEngine::shared()?;
     let base = guest::base_linker(engine.engine())?;
@@ -467,7 +471,7 @@ pub fn check(
     let metrics = Arc::new(crate::metrics::Metrics::new()?);
     let reporter = Arc::new(Reporter::new(bus, metrics));
     Ok(
-        Loaded::admit(&engine, None, &base, bytes, (source, limits), reporter)
+        Loaded::admit(&engine, None, &base, bytes, (source, setup), reporter)
             .map(|l| info(&l, None, None)),
     )
 }
@@ -490,6 +494,7 @@ fn info(loaded: &Loaded, last_error: Option<String>, compiling: Option<Pending>)
         loaded_at: Some(timestamp(loaded.loaded_at)),
         last_error,
         limits: Some(loaded.limits.into()),
+        settings: (!loaded.settings.is_empty()).then(|| loaded.settings.clone()),
         compiling,
     }
 }

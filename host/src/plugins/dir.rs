@@ -1,7 +1,7 @@
 //! Custom strategies from the plugin directory: every `*.wasm` file is checked and, if it
 //! passes, put in force under the name it describes; a changed file is checked again (the old
 //! version serves until the new one passes); a removed file takes its strategy out of force.
-//! A `NAME.toml` beside `NAME.wasm` sets the plugin's limits; a change to it checks the plugin
+//! A `NAME.toml` beside `NAME.wasm` sets the plugin's limits and settings; a change to it checks the plugin
 //! again under the new ones. Files named `backend-*.wasm` are backend adapters, which the
 //! dispatcher loads instead.
 
@@ -79,9 +79,9 @@ pub fn scan(strategies: &Strategies, dir: &Path, state: &mut DirState) {
         state.seen.insert(path.clone(), hash);
         // A rejection is reported by the catalog (log, event, API); the old version keeps
         // serving and the file is checked again when it or its sidecar changes.
-        match sidecar.limits() {
-            Ok(limits) => {
-                let _ = strategies.install(&bytes, source, None, limits);
+        match sidecar.setup() {
+            Ok(setup) => {
+                let _ = strategies.install(&bytes, source, None, setup);
             }
             Err(reason) => strategies.refuse(source, None, &reason),
         }

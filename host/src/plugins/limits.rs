@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::strategy::Source;
+use crate::model::{SETTINGS_FIELD, StrategySettings};
 
 /// The limits one strategy runs under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +36,14 @@ impl Default for Limits {
     }
 }
 
+/// What a plugin is given besides its code: the limits it runs under and its plugin-wide
+/// settings, which its `configure` is given and every route's own settings lay over.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Setup {
+    pub limits: Limits,
+    pub settings: StrategySettings,
+}
+
 /// The most a plugin may ask for. The deadline is bounded by the setup deadline, which no pick
 /// may outlast, and floored by the epoch tick that measures it.
 const MAX_MEMORY: u64 = 1 << 30;
@@ -52,6 +61,8 @@ pub struct Requested {
     pub instances: Option<u32>,
     pub pick_deadline: Option<String>,
     pub pick_budget: Option<String>,
+    /// The plugin-wide settings: a `[settings]` table in the sidecar, JSON in the query.
+    pub settings: Option<serde_json::Value>,
 }
 
 /// A size: a number of bytes, or a number with a binary unit.
@@ -63,8 +74,21 @@ pub enum Size {
 }
 
 impl Requested {
-    /// The limits these ask for over the defaults, each checked against its ceiling.
-    pub fn resolve(&self) -> Result<Limits, String> {
+    /// The limits these ask for over the defaults, each checked against its ceiling, and the
+    /// settings, checked for their shape (the plugin's `configure` judges the rest).
+    pub fn resolve(&self) -> Result<Setup, String> {
+        let settings = match &self.settings {
+            Some(value) => StrategySettings::from_json(value)
+                .map_err(|e| e.reason.replace(SETTINGS_FIELD, "settings"))?,
+            None => StrategySettings::default(),
+        };
+        Ok(Setup {
+            limits: self.limits()?,
+            settings,
+        })
+    }
+
+    fn limits(&self) -> Result<Limits, String> {
         let mut limits = Limits::default();
         if let Some(memory) = &self.memory {
             let bytes = match memory {
@@ -203,11 +227,11 @@ impl SidecarText {
         }
     }
 
-    /// The limits it sets; the defaults where there is no sidecar.
-    pub fn limits(&self) -> Result<Limits, String> {
+    /// The limits and settings it sets; the defaults where there is no sidecar.
+    pub fn setup(&self) -> Result<Setup, String> {
         let path = self.path.display();
         match &self.text {
-            Ok(None) => Ok(Limits::default()),
+            Ok(None) => Ok(Setup::default()),
             Ok(Some(text)) => toml::from_str::<Requested>(text)
                 .map_err(|e| format!("{path}: {}", e.message()))
                 .and_then(|r| r.resolve().map_err(|e| format!("{path}: {e}"))),
@@ -216,9 +240,9 @@ impl SidecarText {
     }
 }
 
-/// Reads the limits a plugin file's sidecar sets; the defaults where there is none.
-pub fn read_sidecar(wasm: &Path) -> Result<Limits, String> {
-    SidecarText::read(wasm).limits()
+/// Reads the limits and settings a plugin file's sidecar sets; the defaults where there is none.
+pub fn read_sidecar(wasm: &Path) -> Result<Setup, String> {
+    SidecarText::read(wasm).setup()
 }
 
 /// A limit a failure can hit.
@@ -277,10 +301,24 @@ fn how_to_raise(source: &Source, key: &str, example: &str) -> String {
 mod tests {
     use super::*;
 
-    fn from_toml(text: &str) -> Result<Limits, String> {
+    fn setup(text: &str) -> Result<Setup, String> {
         toml::from_str::<Requested>(text)
             .map_err(|e| e.message().to_owned())
             .and_then(|r| r.resolve())
+    }
+
+    fn from_toml(text: &str) -> Result<Limits, String> {
+        setup(text).map(|s| s.limits)
+    }
+
+    #[test]
+    fn a_sidecar_gives_plugin_wide_settings_as_a_table() {
+        assert!(setup("").unwrap().settings.is_empty());
+        let s = setup("memory = \"64 MiB\"\n[settings]\ncanary_percent = 10\n").unwrap();
+        assert_eq!(s.settings.text(), r#"{"canary_percent":10}"#);
+        assert_eq!(s.limits.memory, 64 << 20);
+        let err = setup("settings = 10").unwrap_err();
+        assert!(err.contains("settings must be an object"), "{err}");
     }
 
     #[test]

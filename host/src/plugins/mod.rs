@@ -42,7 +42,7 @@ pub use dir::{
 };
 pub use engine::{PluginEngine, content_hash, ticks};
 pub use guest::{CONTRACT, Outcome, define_pure_wasi};
-pub use limits::{Limits, Requested as RequestedLimits, Size, read_sidecar};
+pub use limits::{Limits, Requested as RequestedLimits, Setup, Size, read_sidecar};
 pub use load::{BackendLoad, InFlight};
 pub use report::{FaultKind, Reporter};
 pub use shadow::{Shadow, ShadowMetrics, ShadowReport};

@@ -356,7 +356,7 @@ impl Shard {
         arm(&mut store, SETUP_DEADLINE_TICKS);
         plugin
             .harbor_strategy_strategy()
-            .call_configure(&mut store, &loaded.config)
+            .call_configure(&mut store, loaded.settings.text())
             .map_err(|e| fault(&store, e))?
             .map_err(|reason| Fault {
                 kind: FaultKind::Trap,

@@ -10,11 +10,11 @@ use wasmtime::component::Linker;
 
 use super::engine::{PluginEngine, content_hash, ticks};
 use super::guest::{self, Backend, Description, GuestState, PluginPre};
-use super::limits::{Limit, Limits};
+use super::limits::{Limit, Limits, Setup};
 use super::load::LoadTable;
 use super::report::{FaultKind, Reporter};
 use crate::backoff::Backoff;
-use crate::model::StrategyName;
+use crate::model::{StrategyName, StrategySettings};
 
 /// Deadline of set-up work (instantiation, describe, configure, building a balancer, which may
 /// fill a large table), in epoch ticks. It is off the request path but for the first pick after
@@ -63,7 +63,8 @@ pub struct Loaded {
     pub loaded_at: SystemTime,
     pub(super) engine: Arc<PluginEngine>,
     pub(super) pre: PluginPre<GuestState>,
-    pub(super) config: String,
+    /// Its plugin-wide settings, which its `configure` was given.
+    pub settings: StrategySettings,
     pub limits: Limits,
     /// The pick deadline in epoch ticks.
     pub(super) pick_ticks: u64,
@@ -99,7 +100,7 @@ impl Loaded {
         cache_dir: Option<&std::path::Path>,
         base: &Linker<GuestState>,
         bytes: &[u8],
-        (source, limits): (Source, Limits),
+        (source, Setup { limits, settings }): (Source, Setup),
         reporter: Arc<Reporter>,
     ) -> Result<Self, Rejected> {
         super::shape::check(bytes).map_err(Rejected)?;
@@ -120,12 +121,12 @@ impl Loaded {
             .map_err(|e| Rejected(format!("describe failed: {}", over_limits(e))))?;
         let name = StrategyName::parse(&description.name)
             .map_err(|e| Rejected(format!("describe returned an unusable name: {}", e.reason)))?;
-        let config = "{}".to_owned();
+        let config = settings.text().to_owned();
         call(&mut store, SETUP_DEADLINE_TICKS, |s| {
             api.call_configure(s, &config)
         })
         .map_err(|e| Rejected(format!("configure failed: {}", over_limits(e))))?
-        .map_err(|reason| Rejected(format!("refuses the default configuration: {reason}")))?;
+        .map_err(|reason| Rejected(format!("refuses its settings {config}: {reason}")))?;
         sample_picks(&mut store, &plugin, description.wants_outcomes)
             .map_err(|Rejected(why)| Rejected(over_limits(why)))?;
         let pick_times = reporter.pick_times(&name);
@@ -138,7 +139,7 @@ impl Loaded {
             loaded_at: SystemTime::now(),
             engine: engine.clone(),
             pre,
-            config,
+            settings,
             limits,
             pick_ticks: ticks(limits.pick_deadline),
             pick_times,
@@ -182,7 +183,7 @@ impl Loaded {
             call(&mut store, SETUP_DEADLINE_TICKS, |s| {
                 plugin
                     .harbor_strategy_strategy()
-                    .call_configure(s, &self.config)
+                    .call_configure(s, self.settings.text())
             })?
             .map_err(|reason| format!("it refuses its plugin-wide settings: {reason}"))?;
             *checker = Some((store, plugin));

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::guests::{component, variant};
 use harbor::events::{EventBus, Since};
 use harbor::metrics::Metrics;
-use harbor::plugins::{BackendSpec, Balancer, Limits, PluginEngine, Reporter, Source, Strategies};
+use harbor::plugins::{BackendSpec, Balancer, PluginEngine, Reporter, Setup, Source, Strategies};
 
 /// CPU time used by the calling thread.
 fn thread_cpu() -> Duration {
@@ -54,7 +54,7 @@ fn misbehaving() -> (Runtime, Balancer) {
             &component("harbor-test-misbehaving", &[]),
             Source::Api,
             None,
-            Limits::default(),
+            Setup::default(),
         )
         .expect("installed");
     let b = balancer(&rt, "misbehaving", backends(&[1, 1, 1]));
@@ -417,7 +417,7 @@ fn misbehaving_guests_are_contained_and_the_pick_falls_back() {
             &component("harbor-test-misbehaving", &[]),
             Source::Api,
             None,
-            Limits::default(),
+            Setup::default(),
         )
         .expect("it behaves during the admission check");
     assert_eq!(info.name.as_deref(), Some("misbehaving"));
@@ -565,7 +565,7 @@ fn removed_plugins_leave_no_compiled_code_behind() {
     for n in 0..20 {
         let bytes = variant(&swapper, n);
         strategies
-            .install(&bytes, Source::Api, Some("swapper"), Limits::default())
+            .install(&bytes, Source::Api, Some("swapper"), Setup::default())
             .expect("a variant installs");
         assert!(engine.holds(&harbor::plugins::content_hash(&bytes)));
         assert!(strategies.remove("swapper"));
@@ -586,7 +586,7 @@ fn components_that_cannot_serve_are_refused_with_a_reason() {
     let rt = runtime();
     let refused = |bytes: &[u8]| {
         rt.strategies
-            .install(bytes, Source::Api, None, Limits::default())
+            .install(bytes, Source::Api, None, Setup::default())
             .unwrap_err()
             .0
     };
@@ -624,7 +624,7 @@ fn components_that_cannot_serve_are_refused_with_a_reason() {
     let canary = component("strategy-example-canary", &[]);
     let named = rt
         .strategies
-        .install(&canary, Source::Api, Some("other"), Limits::default())
+        .install(&canary, Source::Api, Some("other"), Setup::default())
         .unwrap_err()
         .0;
     assert!(named.contains("example-canary"), "{named}");
@@ -636,13 +636,13 @@ fn a_refused_version_leaves_the_old_one_serving() {
     let rt = runtime();
     let v1 = component("harbor-test-swapper", &[]);
     rt.strategies
-        .install(&v1, Source::Api, Some("swapper"), Limits::default())
+        .install(&v1, Source::Api, Some("swapper"), Setup::default())
         .unwrap();
     let b = balancer(&rt, "swapper", backends(&[1, 1, 1]));
     assert_eq!(b.pick(None, &[]).unwrap().index, 0);
     assert!(
         rt.strategies
-            .install(b"junk", Source::Api, Some("swapper"), Limits::default())
+            .install(b"junk", Source::Api, Some("swapper"), Setup::default())
             .is_err()
     );
     assert_eq!(b.pick(None, &[]).unwrap().index, 0);
@@ -667,7 +667,7 @@ fn hot_swap_under_load_loses_no_pick() {
     let v1 = component("harbor-test-swapper", &[]);
     let v2 = component("harbor-test-swapper", &["second"]);
     rt.strategies
-        .install(&v1, Source::Api, Some("swapper"), Limits::default())
+        .install(&v1, Source::Api, Some("swapper"), Setup::default())
         .unwrap();
     let b = Arc::new(balancer(&rt, "swapper", backends(&[1, 1, 1])));
     let stop = Arc::new(AtomicBool::new(false));
@@ -705,7 +705,7 @@ fn hot_swap_under_load_loses_no_pick() {
     for swap in 0..100 {
         let (bytes, want) = if swap % 2 == 0 { (&v2, 1) } else { (&v1, 0) };
         rt.strategies
-            .install(bytes, Source::Api, Some("swapper"), Limits::default())
+            .install(bytes, Source::Api, Some("swapper"), Setup::default())
             .unwrap();
         let swapped = Instant::now();
         let before = picks.load(Ordering::Relaxed);

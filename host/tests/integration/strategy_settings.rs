@@ -237,3 +237,86 @@ async fn a_route_files_settings_are_checked_and_followed_live() {
     assert_eq!(body["errors"], json!([]));
     h.shutdown().await;
 }
+
+/// A plugin's own settings, from its sidecar file or its upload, are what its routes start
+/// from: a route's settings lay over them, and settings the plugin refuses keep it out.
+#[tokio::test]
+async fn plugin_wide_settings_come_from_the_sidecar_or_the_upload_and_routes_lay_theirs_over() {
+    let plugins = tempfile::tempdir().expect("a plugin directory");
+    let configured = plugins.path().to_owned();
+    let h = common::start_with(move |c| {
+        c.plugins_dir = Some(configured.clone());
+        c.rescan_interval = Some(Duration::from_millis(200));
+    })
+    .await;
+    let mut events = h.events(None).await;
+    let dir = plugins.path();
+    common::write_atomically(
+        &dir.join("example-canary.toml"),
+        "[settings]\ncanary_percent = 100\n",
+    );
+    common::write_bytes_atomically(
+        &dir.join("example-canary.wasm"),
+        &component("strategy-example-canary", &[]),
+    );
+    events.next_of("plugin_loaded").await;
+    let (_, list) = h.get("/api/v1/plugins").await;
+    let listed = list["plugins"]
+        .as_array()
+        .and_then(|all| all.iter().find(|p| p["name"] == "example-canary"))
+        .cloned()
+        .expect("listed");
+    assert_eq!(
+        listed["settings"],
+        json!({"canary_percent": 100}),
+        "{listed}"
+    );
+
+    let stable = common::proxies::Upstream::start("stable").await;
+    let canary = common::proxies::Upstream::start("canary").await;
+    for (service, settings) in [("wide", json!({})), ("own", json!({"canary_percent": 0}))] {
+        for (upstream, track) in [(&stable, "stable"), (&canary, "canary")] {
+            h.register(
+                json!({"name": service, "upstream": upstream.addr.to_string(),
+                              "strategy": "example-canary", "strategy_settings": settings,
+                              "ttl_secs": 60, "meta": {"track": track}}),
+            )
+            .await;
+        }
+    }
+    all_reach(&h, "wide.localhost", "canary").await;
+    all_reach(&h, "own.localhost", "stable").await;
+
+    // Settings the plugin refuses keep a new version out, in its words.
+    let resp = h
+        .client
+        .put(h.url(
+            "/api/v1/plugins/example-canary?wait=true&settings=%7B%22canary_percent%22%3A200%7D",
+        ))
+        .header("content-type", "application/wasm")
+        .body(component("strategy-example-canary", &[]))
+        .send()
+        .await
+        .expect("the API answers");
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().await.expect("json");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(r#"refuses its settings {"canary_percent":200}"#)
+            && error.contains("must be a whole number from 0 to 100, got 200"),
+        "{body}"
+    );
+    let resp = h
+        .client
+        .put(h.url("/api/v1/plugins/example-canary?settings=%5B1%5D"))
+        .header("content-type", "application/wasm")
+        .body(component("strategy-example-canary", &[]))
+        .send()
+        .await
+        .expect("the API answers");
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["field"], "settings", "{body}");
+    all_reach(&h, "wide.localhost", "canary").await;
+    h.shutdown().await;
+}
