@@ -149,6 +149,14 @@ async fn a_registrations_settings_are_checked_by_its_strategy_agreed_on_and_chan
         h.service("web").await.expect("web")["strategy"],
         "example-canary"
     );
+    // A shadow picks under the route's settings too, so it must accept them.
+    let (status, answer) = put_strategy(&h, "web", json!({"shadow": "round-robin"})).await;
+    assert_eq!(
+        (status, &answer["field"]),
+        (400, &json!("shadow")),
+        "{answer}"
+    );
+    assert!(h.service("web").await.expect("web").get("shadow").is_none());
     all_reach(&h, "web.localhost", "canary").await;
 
     // Both at once, and `{}` removes the settings.
