@@ -492,8 +492,19 @@ pub async fn through_as_browsers_do(
     }
     Some(match sent {
         Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-        Err(e) => (0, e.to_string()),
+        Err(e) => (0, error_chain(&e)),
     })
+}
+
+/// An error with its causes, which say what became of the connection (refused, reset, ...).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// A proxy under test that Harbor drives: where it listens, and its name for messages.
