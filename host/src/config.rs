@@ -160,6 +160,16 @@ pub struct RunArgs {
     )]
     pub proxy_listen: Option<SocketAddr>,
 
+    /// Where the embedded proxy serves HTTPS (TLS terminated with the certificate each host's
+    /// `tls` setting names). Without it nothing is served over TLS.
+    #[arg(
+        long,
+        env = "HARBOR_TLS_LISTEN",
+        value_name = "ADDR",
+        help_heading = "Proxy"
+    )]
+    pub tls_listen: Option<SocketAddr>,
+
     /// A second listener that serves only the Gangway dashboard and its public data (never the
     /// mutating API), for exposing the dashboard while the API stays private.
     #[arg(
@@ -586,6 +596,8 @@ pub struct Config {
     pub api: Vec<ListenAddr>,
     pub backend: BackendKind,
     pub proxy_listen: SocketAddr,
+    /// Where the embedded proxy serves HTTPS; none: no TLS.
+    pub tls_listen: Option<SocketAddr>,
     /// Where Gangway alone is served, besides `/` on every API listener.
     pub gangway_listen: Option<SocketAddr>,
     #[serde(rename = "plugins")]
@@ -698,6 +710,7 @@ impl Config {
             api: vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 7070)))],
             backend: BackendKind::Embedded,
             proxy_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls_listen: None,
             gangway_listen: None,
             plugins_dir: None,
             token_file: None,

@@ -25,6 +25,7 @@ use crate::registry::{self, Registry};
 use crate::routes;
 use crate::routing::{self, RoutingTable};
 use crate::store::{self, JournalWriter};
+use crate::tls::Certificates;
 use crate::{dispatch, dns};
 
 /// A running daemon.
@@ -57,7 +58,17 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     for listener in crate::echo::bind(&config.proxy.echo).await? {
         tasks.spawn(crate::echo::serve(listener, core.cancel.clone()));
     }
-    let proxy = start_proxy(&config, &core, &routing, &mut tasks).await?;
+    let certificates = start_certificates(&config, &routing).await?;
+    let proxy = start_proxy(&config, &core, &routing, certificates.as_ref(), &mut tasks).await?;
+    if let Some(certificates) = &certificates {
+        tasks.spawn(crate::tls::follow(
+            certificates.clone(),
+            routing.clone(),
+            core.registry.bus().clone(),
+            CERTIFICATE_CHECKS,
+            core.cancel.clone(),
+        ));
+    }
     let proxy_port = proxy.http_addr().map(|a| a.port());
     let public = Arc::new(PublicView::new(
         config.event_ring,
@@ -97,6 +108,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         public: public.clone(),
         protect_reads: config.protect_reads,
         tcp: proxy.tcp_carriage().clone(),
+        certificates: certificates.clone(),
     });
     let listeners = bind_api(&config, &core, &app, &mut tasks).await?;
 
@@ -290,10 +302,38 @@ async fn read_routes(config: &Config, registry: &Registry) -> anyhow::Result<Dir
     Ok(watch)
 }
 
+/// How often certificate files are looked at for changes, and local certificates for their
+/// age, besides at every routing change.
+const CERTIFICATE_CHECKS: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The certificate store, where a TLS listener is configured, with the routes as they stand
+/// given their certificates before the listener takes its first connection.
+async fn start_certificates(
+    config: &Config,
+    routing: &Arc<RoutingTable>,
+) -> anyhow::Result<Option<Arc<Certificates>>> {
+    if config.tls_listen.is_none() || config.backend != BackendKind::Embedded {
+        return Ok(None);
+    }
+    let dir = config.state_dir.join("tls");
+    let (routing, made) = (routing.clone(), dir.clone());
+    let certificates = tokio::task::spawn_blocking(move || {
+        let certificates = Certificates::new(Some(&made));
+        for problem in certificates.sync(&routing.snapshot()) {
+            tracing::warn!(service = %problem.service, reason = %problem.reason, "TLS problem");
+        }
+        certificates
+    })
+    .await?;
+    tracing::info!(ca = %dir.display(), "certificates ready");
+    Ok(Some(Arc::new(certificates)))
+}
+
 async fn start_proxy(
     config: &Config,
     core: &Core,
     routing: &Arc<RoutingTable>,
+    certificates: Option<&Arc<Certificates>>,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<Proxy> {
     Proxy::start(
@@ -311,6 +351,12 @@ async fn start_proxy(
                 Arc::new(move |name, reason| registry.listen_failed(name, reason))
             },
             descriptors: core.descriptors.clone(),
+            tls: match (config.backend, config.tls_listen, certificates) {
+                (BackendKind::Embedded, Some(addr), Some(certificates)) => {
+                    Some((addr, certificates.clone()))
+                }
+                _ => None,
+            },
         },
         tasks,
     )
@@ -518,6 +564,11 @@ impl Harbor {
     /// Where the embedded HTTP proxy listens, when it runs.
     pub fn proxy_addr(&self) -> Option<SocketAddr> {
         self.proxy.http_addr()
+    }
+
+    /// Where the embedded proxy serves HTTPS, when it does.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.proxy.tls_addr()
     }
 
     pub fn proxy(&self) -> &Proxy {

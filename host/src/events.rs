@@ -141,6 +141,12 @@ pub enum Event {
         source: String,
         reason: String,
     },
+    /// A service is not served over HTTPS as asked, or not with a fresh certificate (files
+    /// that fail their check, a CA that cannot issue); it keeps serving as it can.
+    TlsProblem {
+        service: String,
+        reason: String,
+    },
 }
 
 impl Event {
@@ -184,6 +190,7 @@ impl Event {
             Event::BackendDrift { .. } => "backend_drift",
             Event::BackendSwapped { .. } => "backend_swapped",
             Event::BackendSwapFailed { .. } => "backend_swap_failed",
+            Event::TlsProblem { .. } => "tls_problem",
         }
     }
 }

@@ -67,6 +67,7 @@ mod rewind;
 pub mod routes;
 pub mod routing;
 pub mod store;
+pub mod tls;
 
 pub use config::Config;
 pub use daemon::{Harbor, start};

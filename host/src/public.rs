@@ -259,6 +259,7 @@ impl PublicView {
                 Event::BackendDrift { adapter, .. } => self.backend(adapter, "drift", false),
                 Event::BackendSwapped { to, .. } => self.backend(to, "swapped", false),
                 Event::BackendSwapFailed { .. }
+                | Event::TlsProblem { .. }
                 | Event::PluginCompiling { .. }
                 | Event::PluginRejected { .. }
                 | Event::RouteFileError { .. }

@@ -48,6 +48,8 @@ pub struct App {
     pub protect_reads: bool,
     /// Whether Harbor's own TCP proxy carries tcp services (and so must bind their addresses).
     pub tcp: crate::proxy::TcpCarriage,
+    /// The certificates HTTPS is served with, where a TLS listener is configured.
+    pub certificates: Option<Arc<crate::tls::Certificates>>,
 }
 
 pub type AppState = Arc<App>;
@@ -96,6 +98,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/api/v1/route-errors", get(services::route_errors))
         .route("/api/v1/events", get(events::stream))
         .route("/api/v1/status", get(public::operator_status))
+        .route("/api/v1/tls/ca.pem", get(public::ca_pem))
         .route_layer(middleware::from_fn_with_state(state.clone(), guard_reads));
     public
         .merge(operator)

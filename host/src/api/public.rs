@@ -60,7 +60,27 @@ pub async fn status(State(app): State<AppState>) -> impl IntoResponse {
 pub async fn operator_status(State(app): State<AppState>) -> impl IntoResponse {
     let mut body = status_of(&app);
     body["state"] = json!(app.registry.state_condition());
+    if let Some(certificates) = &app.certificates {
+        body["tls"] = json!({"problems": certificates.problems()});
+    }
     Json(body)
+}
+
+/// `GET /api/v1/tls/ca.pem`: the local CA's root certificate, for clients to trust what
+/// `tls = "internal"` serves.
+pub async fn ca_pem(State(app): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match app.certificates.as_ref().and_then(|c| c.ca_pem()) {
+        Some(pem) => (
+            [(axum::http::header::CONTENT_TYPE, "application/x-pem-file")],
+            pem.to_owned(),
+        )
+            .into_response(),
+        None => super::error::ApiError::not_found(
+            "no local CA: Harbor serves HTTPS only with --tls-listen",
+        )
+        .into_response(),
+    }
 }
 
 /// `GET /api/v1/catalog/events`: the public view as Server-Sent Events, snapshot first. A client

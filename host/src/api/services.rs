@@ -15,8 +15,9 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::json::{JsonBody, OptionalJsonBody, QueryOf};
 use crate::model::{
-    CatalogEntry, InstanceId, LeaseView, Meta, Protocol, Route, RouteInput, SETTINGS_FIELD,
-    ServiceName, StrategyName, StrategySettings, Upstream, UpstreamAddr, check_meta, check_weight,
+    CatalogEntry, HstsInput, InstanceId, LeaseView, Meta, Protocol, Route, RouteInput,
+    SETTINGS_FIELD, ServiceName, StrategyName, StrategySettings, Tls, TlsInput, Upstream,
+    UpstreamAddr, check_meta, check_weight,
 };
 use crate::registry::{Grant, Registration, RegistryError};
 
@@ -35,6 +36,9 @@ pub struct RegisterRequest {
     public: Option<bool>,
     strategy: Option<String>,
     strategy_settings: Option<serde_json::Value>,
+    tls: Option<TlsInput>,
+    redirect_http: Option<bool>,
+    hsts: Option<HstsInput>,
     meta: Option<Meta>,
 }
 
@@ -77,6 +81,13 @@ impl RegisterRequest {
         .validate()?;
         if let Some(settings) = &self.strategy_settings {
             route.strategy_settings = StrategySettings::from_json(settings)?;
+        }
+        route.tls = Tls::parse(self.tls.as_ref(), self.redirect_http, self.hsts.as_ref())?;
+        if route.protocol() == Protocol::Tcp && !route.tls.is_default() {
+            return Err(ApiError::bad_request(
+                Some("tls".into()),
+                "TLS for tcp services (termination, SNI passthrough) is not supported yet",
+            ));
         }
         let upstream = Upstream {
             addr: UpstreamAddr::parse(&self.upstream)?,
@@ -128,8 +139,13 @@ pub async fn register(
 ) -> Result<axum::response::Response, ApiError> {
     let reg = req.into_registration()?;
     caller.may_register(&reg.name, &reg.route)?;
+    if reg.route.tls.names_files() {
+        // Files are read with Harbor's permissions: only whoever may do anything may name them.
+        caller.unrestricted().map_err(|e| e.with_field("tls"))?;
+    }
     check_listen(&app, &reg)?;
     check_settings(&app, &reg.route).await?;
+    check_certificate_files(&reg.route).await?;
     if query.dry_run {
         return Ok(Json(dry_run(&app, reg).await?).into_response());
     }
@@ -140,6 +156,22 @@ pub async fn register(
         StatusCode::OK
     };
     Ok((status, Json(GrantBody::from(grant))).into_response())
+}
+
+/// Reads and checks the certificate files a registration names, off the runtime's threads.
+async fn check_certificate_files(route: &Route) -> Result<(), ApiError> {
+    let Some(crate::model::TlsMode::Files { cert, key }) = route.tls.mode.clone() else {
+        return Ok(());
+    };
+    tokio::task::spawn_blocking(move || crate::tls::files::load(&cert, &key).map(|_| ()))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the certificate check stopped: {e}"),
+            )
+        })?
+        .map_err(|reason| ApiError::bad_request(Some("tls".into()), reason))
 }
 
 /// Asks the route's strategy whether it accepts the route's settings; a refusal is a `400`

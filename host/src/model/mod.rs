@@ -5,6 +5,7 @@ mod names;
 mod options;
 mod route;
 mod settings;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ pub use route::{
     check_weight,
 };
 pub use settings::{FIELD as SETTINGS_FIELD, StrategySettings};
+pub use tls::{HstsInput, Tls, TlsInput, TlsMode, is_public};
 
 /// RFC 3339 with milliseconds, UTC.
 pub fn timestamp(t: SystemTime) -> String {
@@ -95,6 +97,8 @@ pub struct RouteView {
     pub strategy: StrategyName,
     #[serde(skip_serializing_if = "StrategySettings::is_empty")]
     pub strategy_settings: StrategySettings,
+    #[serde(skip_serializing_if = "Tls::is_default")]
+    pub tls: Tls,
 }
 
 impl From<&Route> for RouteView {
@@ -110,6 +114,7 @@ impl From<&Route> for RouteView {
             listen,
             strategy: route.strategy.clone(),
             strategy_settings: route.strategy_settings.clone(),
+            tls: route.tls.clone(),
         }
     }
 }

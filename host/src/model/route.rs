@@ -78,6 +78,8 @@ pub struct Route {
     pub strategy: StrategyName,
     /// What the strategy is told for this route (see [`super::StrategySettings`]).
     pub strategy_settings: super::StrategySettings,
+    /// How it is served over TLS, where a TLS listener is configured.
+    pub tls: super::Tls,
     pub public: bool,
     pub options: super::RouteOptions,
 }
@@ -198,6 +200,7 @@ impl<'a> RouteInput<'a> {
             matcher,
             strategy,
             strategy_settings: super::StrategySettings::default(),
+            tls: super::Tls::default(),
             public: self.public.unwrap_or(false),
             options: super::RouteOptions::default(),
         })

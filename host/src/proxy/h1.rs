@@ -289,6 +289,11 @@ impl Conn {
                 Answer::no_route(host, path).closing(head.close || !head.framing.complete());
             return self.answer(client, answer, head.len()).await;
         };
+        let (host, target) = (head.host(&self.inbound), head.origin_target(&self.inbound));
+        if let Some(redirect) = super::secure::redirect(&self.shared, &route, host, target) {
+            let answer = redirect.closing(head.close || !head.framing.complete());
+            return self.answer(client, answer, head.len()).await;
+        }
         self.forward(client, head, &route, deadline).await
     }
 

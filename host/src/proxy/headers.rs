@@ -46,7 +46,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>) 
 }
 
 /// Writes the forwarding headers (see [`Forwarding`]) for a request from `client` for `host`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: &str, version: Version) {
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    host: &str,
+    version: Version,
+    secure: bool,
+) {
     let prior_for = values(headers, "x-forwarded-for");
     let prior_via = values(headers, "via");
     let prior_for: Vec<&[u8]> = prior_for.iter().map(Vec::as_slice).collect();
@@ -57,6 +63,7 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: &str, versio
         prior_for: &prior_for,
         prior_via: &prior_via,
         version: via_version(version),
+        secure,
     }
     .write(headers);
 }
@@ -144,6 +151,7 @@ mod tests {
             "127.0.0.1".parse().unwrap(),
             "app.localhost",
             Version::HTTP_11,
+            false,
         );
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 198.51.100.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");

@@ -33,13 +33,8 @@ use super::policy::Answer;
 use super::pool;
 use super::{Shared, accept_backoff};
 
-/// Accepts until `stop`, serving each connection on its own task in one of the lanes.
-pub async fn serve(
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    lanes: Option<Arc<Lanes>>,
-    stop: CancellationToken,
-) {
+/// The full stack's settings, shared by the plain and TLS listeners.
+pub(super) fn builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(hyper_util::rt::TokioTimer::new());
     // The gate holds the client to its time limits, answering as the direct path does; hyper's
@@ -48,8 +43,18 @@ pub async fn serve(
     // The gate ends the client's side where the policy refuses; the response in progress is
     // still written, then the refusal's answer.
     builder.http1().half_close(true);
+    builder
+}
+
+/// Accepts until `stop`, serving each connection on its own task in one of the lanes.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    lanes: Option<Arc<Lanes>>,
+    stop: CancellationToken,
+) {
     // Shared: each connection holds its settings for as long as it lives.
-    let builder = Arc::new(builder);
+    let builder = Arc::new(builder());
     let mut failures = 0u32;
     loop {
         let accepted = tokio::select! {
@@ -82,11 +87,20 @@ pub async fn serve(
         let job: Job = Box::new(move |stream: TcpStream| {
             Box::pin(async move {
                 if shared.settings.direct_http1 {
-                    let full =
-                        |stream, read| serve_full(shared.clone(), stream, read, peer, builder);
+                    let full = |stream, read| {
+                        serve_full(shared.clone(), stream, read, peer, builder, false)
+                    };
                     super::h1::serve(shared.clone(), stream, peer, full).await;
                 } else {
-                    Box::pin(serve_full(shared, stream, Bytes::new(), peer, builder)).await;
+                    Box::pin(serve_full(
+                        shared,
+                        stream,
+                        Bytes::new(),
+                        peer,
+                        builder,
+                        false,
+                    ))
+                    .await;
                 }
                 drop(open);
                 drop(admission);
@@ -101,20 +115,24 @@ pub async fn serve(
     }
 }
 
-/// Serves one client connection through the full HTTP stack (hyper): HTTP/1.x and h2c,
-/// upgrades, until the connection or the proxy ends. `read`: bytes already read from it.
-async fn serve_full(
+/// Serves one client connection through the full HTTP stack (hyper): HTTP/1.x and h2 (over
+/// TLS by ALPN, in cleartext by its preface), upgrades, until the connection or the proxy ends.
+/// `read`: bytes already read from it; `secure`: it came over TLS.
+pub(super) async fn serve_full<S>(
     shared: Arc<Shared>,
-    stream: TcpStream,
+    stream: S,
     read: Bytes,
     peer: SocketAddr,
     builder: Arc<auto::Builder<TokioExecutor>>,
-) {
+    secure: bool,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let limits = ClientLimits::from(&shared.settings);
     let io = Gate::new(stream, read, Clients::new(shared.metrics.clone(), limits));
     let service = hyper::service::service_fn(|req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
+        async move { Ok::<_, Infallible>(handle(&shared, peer, secure, req).await) }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
@@ -145,6 +163,7 @@ fn host_of(req: &Request<Incoming>) -> Option<String> {
 async fn handle(
     shared: &Arc<Shared>,
     peer: SocketAddr,
+    secure: bool,
     req: Request<Incoming>,
 ) -> Response<ClientBody> {
     let Some(host) = host_of(&req) else {
@@ -158,13 +177,27 @@ async fn handle(
         return Answer::no_route(&host, req.uri().path()).response();
     };
     drop(snapshot);
-    forward(shared, &route, peer, host, req).await
+    if !secure {
+        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        if let Some(redirect) = super::secure::redirect(shared, &route, &host, target) {
+            return redirect.response();
+        }
+    }
+    let hsts = secure.then(|| route.tls.hsts.clone()).flatten();
+    let mut response = forward(shared, &route, peer, secure, host, req).await;
+    if let Some(value) = hsts.and_then(|v| HeaderValue::try_from(v).ok()) {
+        response
+            .headers_mut()
+            .insert(header::STRICT_TRANSPORT_SECURITY, value);
+    }
+    response
 }
 
 async fn forward(
     shared: &Arc<Shared>,
     route: &Arc<ServiceRoute>,
     peer: SocketAddr,
+    secure: bool,
     host: String,
     mut req: Request<Incoming>,
 ) -> Response<ClientBody> {
@@ -204,7 +237,7 @@ async fn forward(
     let version = req.version();
     let (mut parts, body) = req.into_parts();
     let upgrade = client_upgrade.as_ref().map(|(p, _)| p);
-    rewrite_for_upstream(&mut parts, route, peer, &host, upgrade);
+    rewrite_for_upstream(&mut parts, route, (peer, secure), &host, upgrade);
     let (body, body_ended) = UpstreamBody::new(body, metrics.bytes_in.clone());
     let upstream_req = Request::from_parts(parts, body);
 
@@ -287,7 +320,7 @@ async fn forward(
 fn rewrite_for_upstream(
     parts: &mut http::request::Parts,
     route: &ServiceRoute,
-    peer: SocketAddr,
+    (peer, secure): (SocketAddr, bool),
     host: &str,
     upgrade: Option<&HeaderValue>,
 ) {
@@ -302,7 +335,7 @@ fn rewrite_for_upstream(
             HeaderValue::from_static("chunked"),
         );
     }
-    add_forwarded(&mut parts.headers, peer.ip(), host, parts.version);
+    add_forwarded(&mut parts.headers, peer.ip(), host, parts.version, secure);
     let upstream_host = route
         .options
         .upstream_host

@@ -59,6 +59,8 @@ pub struct ProxyMetrics {
     healthy: IntGaugeVec,
     duration: HistogramVec,
     pub cut_at_shutdown: IntCounter,
+    /// TLS handshakes on the HTTPS listener, by result (`ok`, `failed`, `timeout`).
+    pub tls_handshakes: IntCounterVec,
     /// Live upstreams' handles, by service.
     handles: ArcSwap<HashMap<String, Arc<ServiceHandles>>>,
 }
@@ -175,6 +177,14 @@ impl ProxyMetrics {
         registry.register(Box::new(healthy.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(cut_at_shutdown.clone()))?;
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new(
+                "proxy_tls_handshakes_total",
+                "TLS handshakes on the HTTPS listener, by result",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(tls_handshakes.clone()))?;
         Ok(Self {
             requests,
             connections,
@@ -186,6 +196,7 @@ impl ProxyMetrics {
             healthy,
             duration,
             cut_at_shutdown,
+            tls_handshakes,
             handles: ArcSwap::default(),
         })
     }

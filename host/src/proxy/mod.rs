@@ -26,6 +26,7 @@ mod lanes;
 pub mod metrics;
 mod policy;
 mod pool;
+mod secure;
 mod splice;
 mod spread;
 mod tcp;
@@ -49,6 +50,7 @@ pub use carriage::TcpCarriage;
 pub use conns::Connections;
 pub use guard::Guarded;
 pub use metrics::ProxyMetrics;
+pub use secure::TlsFront;
 pub use tcp::can_listen;
 
 /// What every proxy task shares.
@@ -68,6 +70,8 @@ pub struct Shared {
     lanes: usize,
     /// Told when a tcp route's address cannot be bound, and when it can again.
     listen_report: ListenReport,
+    /// The TLS listener's certificates and port, when there is one.
+    tls: Option<TlsFront>,
 }
 
 /// Told, for a tcp route, why its address cannot be bound (`None`: it is bound now).
@@ -77,6 +81,7 @@ pub type ListenReport = Arc<dyn Fn(&crate::model::ServiceName, Option<String>) +
 pub struct Proxy {
     shared: Arc<Shared>,
     http_addr: Option<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
     tcp: TcpCarriage,
     /// Stops the listeners (and the tasks that follow the routing table).
     stop_accepting: CancellationToken,
@@ -89,6 +94,8 @@ pub struct Options {
     pub tcp: TcpCarriage,
     pub listen_report: ListenReport,
     pub descriptors: Arc<Descriptors>,
+    /// Where HTTPS is served, and with which certificates.
+    pub tls: Option<(SocketAddr, Arc<crate::tls::Certificates>)>,
 }
 
 impl Proxy {
@@ -106,6 +113,17 @@ impl Proxy {
         let pooled = descriptors.pooled() / 2;
         // A proxied connection holds the client's socket and an upstream's.
         let http_door = descriptors.door("http", 2, settings.max_http_connections);
+        let tls_listener = match &options.tls {
+            Some((addr, certificates)) => {
+                let listener = TcpListener::bind(addr).await.map_err(|e| {
+                    anyhow::anyhow!("cannot listen for the HTTPS proxy on {addr}: {e}")
+                })?;
+                let bound = listener.local_addr()?;
+                let config = secure::server_config(certificates.clone())?;
+                Some((listener, bound, certificates.clone(), config))
+            }
+            None => None,
+        };
         let tcp_door = descriptors.door("tcp", 2, settings.max_connections);
         let shared = Arc::new(Shared {
             routing,
@@ -119,6 +137,12 @@ impl Proxy {
             tcp_door,
             lanes,
             listen_report: options.listen_report.clone(),
+            tls: tls_listener
+                .as_ref()
+                .map(|(_, bound, certificates, _)| TlsFront {
+                    certificates: certificates.clone(),
+                    port: bound.port(),
+                }),
         });
         let stop = CancellationToken::new();
         // Each accept loop holds the lanes and drops them when it stops, so the lane threads end
@@ -139,6 +163,18 @@ impl Proxy {
                 stop.clone(),
             ));
         }
+        let mut tls_addr = None;
+        if let Some((listener, bound, _, config)) = tls_listener {
+            tracing::info!(addr = %bound, "HTTPS proxy listening");
+            tls_addr = Some(bound);
+            tasks.spawn(secure::serve(
+                shared.clone(),
+                listener,
+                lanes.clone(),
+                tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+                stop.clone(),
+            ));
+        }
         tasks.spawn(tcp::supervise(
             shared.clone(),
             lanes,
@@ -150,6 +186,7 @@ impl Proxy {
         Ok(Self {
             shared,
             http_addr,
+            tls_addr,
             tcp: options.tcp,
             stop_accepting: stop,
         })
@@ -157,6 +194,10 @@ impl Proxy {
 
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// The switch of who carries the tcp routes.

@@ -65,6 +65,8 @@ pub fn names_framing<T: AsRef<[u8]>>(listed: &[T]) -> Option<&'static str> {
 pub struct Answer {
     pub status: StatusCode,
     body: String,
+    /// Where a redirect sends the client.
+    location: Option<String>,
     /// The client connection closes after it.
     pub close: bool,
 }
@@ -74,7 +76,18 @@ impl Answer {
         Self {
             status,
             body: format!("{body}\n"),
+            location: None,
             close,
+        }
+    }
+
+    /// A permanent redirect to `location` that keeps the method and body (308): plain HTTP to
+    /// the HTTPS listener.
+    pub fn redirect(location: String) -> Self {
+        let body = serde_json::json!({"redirect": location});
+        Self {
+            location: Some(location),
+            ..Self::new(StatusCode::PERMANENT_REDIRECT, body, false)
         }
     }
 
@@ -136,10 +149,14 @@ impl Answer {
         use std::io::Write as _;
         let _ = write!(
             out,
-            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{}",
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}{}\r\n{}",
             self.status.as_u16(),
             self.status.canonical_reason().unwrap_or(""),
             self.body.len(),
+            self.location
+                .as_ref()
+                .map(|l| format!("location: {l}\r\n"))
+                .unwrap_or_default(),
             if self.close {
                 "connection: close\r\n"
             } else {
@@ -160,6 +177,9 @@ impl Answer {
         );
         if self.close {
             headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(location) = self.location.and_then(|l| HeaderValue::try_from(l).ok()) {
+            headers.insert(http::header::LOCATION, location);
         }
         response
     }
@@ -201,13 +221,16 @@ pub struct Forwarding<'a> {
     pub prior_via: &'a [&'a [u8]],
     /// The client's HTTP version as `Via` writes it (`1.1`).
     pub version: &'static str,
+    /// Whether the client came over TLS (`X-Forwarded-Proto: https`).
+    pub secure: bool,
 }
 
 impl Forwarding<'_> {
     pub fn write(&self, out: &mut impl Fields) {
         let client = self.client.to_string();
         out.field("x-forwarded-for", &chain(self.prior_for, client.as_bytes()));
-        out.field("x-forwarded-proto", &[b"http"]);
+        let proto: &[u8] = if self.secure { b"https" } else { b"http" };
+        out.field("x-forwarded-proto", &[proto]);
         out.field("x-forwarded-host", &[self.host]);
         via(self.prior_via, self.version, out);
     }
@@ -279,6 +302,7 @@ mod tests {
             prior_for: &[b"203.0.113.9", b" ", b"198.51.100.1"],
             prior_via: &[b"1.1 edge"],
             version: "1.1",
+            secure: false,
         };
         let mut raw = Vec::new();
         f.write(&mut raw);

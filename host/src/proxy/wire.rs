@@ -412,6 +412,14 @@ impl RequestHead {
         std::str::from_utf8(&buf[self.host.clone()]).unwrap_or("")
     }
 
+    /// The target in origin form: path and query (`/` when an absolute target has no path).
+    pub fn origin_target<'b>(&self, buf: &'b [u8]) -> &'b str {
+        match std::str::from_utf8(&buf[self.target.clone()]) {
+            Ok(target) if target.starts_with('/') => target,
+            _ => "/",
+        }
+    }
+
     /// The target's path, without the query.
     pub fn path<'b>(&self, buf: &'b [u8]) -> &'b str {
         let target = std::str::from_utf8(&buf[self.target.clone()]).unwrap_or("/");
@@ -442,6 +450,8 @@ impl RequestHead {
             prior_for: &self.head.all(buf, "x-forwarded-for"),
             prior_via: &self.head.all(buf, "via"),
             version: "1.1",
+            // The direct path serves plain connections only.
+            secure: false,
         }
         .write(out);
         self.framing.write(out);

@@ -451,6 +451,8 @@ fn route_difference(a: &Route, b: &Route) -> &'static str {
         "strategy"
     } else if a.strategy_settings != b.strategy_settings {
         crate::model::SETTINGS_FIELD
+    } else if a.tls != b.tls {
+        "tls"
     } else {
         "public"
     }

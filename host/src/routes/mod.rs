@@ -14,7 +14,7 @@ pub use parse::parse_route;
 
 use crate::dirwatch::DirWatch;
 use crate::events::RouteFileError;
-use crate::model::{SETTINGS_FIELD, ServiceName};
+use crate::model::{SETTINGS_FIELD, ServiceName, TlsMode};
 use crate::registry::{Registry, RouteFile, SettingsCheck};
 
 /// Route files larger than this are refused unread: a route is a few lines.
@@ -135,14 +135,33 @@ fn check_settings(files: &mut [RouteFile], check: &SettingsCheck) {
     }
 }
 
+/// Turns files whose certificate files fail their check (missing, unreadable, a key that is
+/// not the certificate's, a certificate out of its validity) into errors at `tls`.
+fn check_certificates(files: &mut [RouteFile]) {
+    for f in files {
+        let Ok(parsed) = &f.parsed else {
+            continue;
+        };
+        let Some(TlsMode::Files { cert, key }) = &parsed.spec.route.tls.mode else {
+            continue;
+        };
+        if let Err(reason) = crate::tls::files::load(cert, key) {
+            f.parsed = Err(parsed.error_at(&f.file, "tls", reason));
+        }
+    }
+}
+
 /// [`scan`], with each file's strategy settings put to its strategy (see [`check_settings`]).
 pub fn scan_checked(
     dir: &Path,
     check: Option<&SettingsCheck>,
 ) -> std::io::Result<Option<Vec<RouteFile>>> {
     let mut files = scan(dir)?;
-    if let (Some(files), Some(check)) = (&mut files, check) {
-        check_settings(files, check);
+    if let Some(files) = &mut files {
+        check_certificates(files);
+        if let Some(check) = check {
+            check_settings(files, check);
+        }
     }
     Ok(files)
 }

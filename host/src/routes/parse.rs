@@ -11,8 +11,9 @@ use toml::Spanned;
 
 use crate::events::RouteFileError;
 use crate::model::{
-    FieldError, HashKey, HealthInput, HostName, Meta, Protocol, Route, RouteInput, RouteOptions,
-    ServiceName, StrategySettings, Upstream, UpstreamAddr, check_meta, check_weight,
+    FieldError, HashKey, HealthInput, HostName, HstsInput, Meta, Protocol, Route, RouteInput,
+    RouteOptions, ServiceName, StrategySettings, Tls, TlsInput, Upstream, UpstreamAddr, check_meta,
+    check_weight,
 };
 use crate::registry::{ParsedRoute, StaticSpec};
 
@@ -33,6 +34,9 @@ struct RawRoute {
     health: Option<Spanned<HealthInput>>,
     max_connections: Option<Spanned<u32>>,
     hash_key: Option<Spanned<String>>,
+    tls: Option<Spanned<TlsInput>>,
+    redirect_http: Option<Spanned<bool>>,
+    hsts: Option<Spanned<HstsInput>>,
 }
 
 /// An upstream is either `"host:port"` or `{ addr = "host:port", weight = 2, labels = { … } }`.
@@ -75,6 +79,27 @@ impl<'de> Deserialize<'de> for RawUpstream {
         }
         d.deserialize_any(UpstreamVisitor)
     }
+}
+
+/// The TLS settings of a route file, for HTTP routes.
+fn tls_of(raw: &RawRoute, route: &Route) -> Result<Tls, FieldError> {
+    let tls = Tls::parse(
+        raw.tls.as_ref().map(Spanned::get_ref),
+        raw.redirect_http.as_ref().map(|r| *r.get_ref()),
+        raw.hsts.as_ref().map(Spanned::get_ref),
+    )?;
+    if route.protocol() == Protocol::Tcp && !tls.is_default() {
+        let field = match (&raw.tls, &raw.redirect_http) {
+            (Some(_), _) => "tls",
+            (None, Some(_)) => "redirect_http",
+            (None, None) => "hsts",
+        };
+        return Err(FieldError::new(
+            field,
+            "TLS for tcp routes (termination, SNI passthrough) is not supported yet; serve it over HTTP or terminate in the upstream",
+        ));
+    }
+    Ok(tls)
 }
 
 /// The proxy options of a route file, checked against its protocol.
@@ -185,7 +210,10 @@ pub fn parse_route(
         upstream_host,
         health,
         max_connections,
-        hash_key
+        hash_key,
+        tls,
+        redirect_http,
+        hsts
     );
     let at_field = |e: FieldError| {
         let span = spans.get(e.field.as_str()).cloned();
@@ -205,6 +233,7 @@ pub fn parse_route(
     .validate()
     .map_err(at_field)?;
     route.options = options(&raw, &route).map_err(at_field)?;
+    route.tls = tls_of(&raw, &route).map_err(at_field)?;
     if let Some(table) = &raw.strategy_settings {
         route.strategy_settings = StrategySettings::from_toml(table.get_ref()).map_err(at_field)?;
     }

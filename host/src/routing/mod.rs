@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 pub use hosts::{HostIndex, prefix_matches};
 
 use crate::events::{Event, Follower, Since};
-use crate::model::{Kind, Match, RouteOptions, ServiceName, ServiceView};
+use crate::model::{Kind, Match, RouteOptions, ServiceName, ServiceView, Tls};
 use crate::plugins::{BackendSpec, Balancer, Slot, Strategies};
 use crate::registry::Registry;
 
@@ -33,6 +33,8 @@ pub struct ServiceRoute {
     pub name: ServiceName,
     pub matcher: Match,
     pub options: RouteOptions,
+    /// How it is served over TLS, where a TLS listener is configured.
+    pub tls: Tls,
     pub balancer: Arc<Balancer>,
 }
 
@@ -130,6 +132,7 @@ impl RoutingTable {
                 name: service.name.clone(),
                 matcher,
                 options: service.proxy.clone(),
+                tls: service.route.tls.clone(),
                 balancer,
             });
             match &route.matcher {

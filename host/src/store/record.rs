@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    HostName, InstanceId, Meta, Protocol, RouteInput, RouteView, ServiceName, StrategySettings,
-    Upstream, UpstreamAddr, check_weight,
+    HostName, HstsInput, InstanceId, Meta, Protocol, RouteInput, RouteView, ServiceName,
+    StrategySettings, Tls, TlsInput, Upstream, UpstreamAddr, check_weight,
 };
 use crate::registry::{Registration, RestoredInstance};
 
@@ -26,6 +26,12 @@ pub struct StoredInstance {
     strategy: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     strategy_settings: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls: Option<TlsInput>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    redirect_http: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hsts: Option<HstsInput>,
     public: bool,
     #[serde(default)]
     meta: Meta,
@@ -48,6 +54,7 @@ impl StoredInstance {
     pub fn from_restored(inst: &RestoredInstance) -> Self {
         let reg = &inst.registration;
         let route = RouteView::from(&reg.route);
+        let (tls, redirect_http, hsts) = reg.route.tls.written();
         Self {
             id: inst.id,
             name: reg.name.to_string(),
@@ -61,6 +68,9 @@ impl StoredInstance {
             strategy_settings: (!route.strategy_settings.is_empty())
                 .then(|| serde_json::to_value(&route.strategy_settings).ok())
                 .flatten(),
+            tls,
+            redirect_http,
+            hsts,
             public: reg.route.public,
             meta: reg.meta.clone(),
             ttl_ms: reg.ttl.map_or(0, |t| t.as_millis() as u64),
@@ -85,6 +95,7 @@ impl StoredInstance {
         if let Some(settings) = &self.strategy_settings {
             route.strategy_settings = StrategySettings::from_json(settings)?;
         }
+        route.tls = Tls::parse(self.tls.as_ref(), self.redirect_http, self.hsts.as_ref())?;
         Ok(RestoredInstance {
             id: self.id,
             registration: Registration {

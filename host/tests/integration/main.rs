@@ -25,3 +25,4 @@ mod proxy_tcp;
 mod route_files;
 mod strategies;
 mod strategy_settings;
+mod tls;

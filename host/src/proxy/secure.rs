@@ -1,0 +1,166 @@
+//! The HTTPS side of the embedded proxy: the TLS listener (rustls: TLS 1.2 and 1.3, the
+//! certificate by SNI, ALPN offering `h2` and `http/1.1`), whose connections go to the full
+//! HTTP stack with the same framing policy, limits and timeouts as plain ones; and the redirect
+//! of plain HTTP to it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{HostName, TlsMode};
+use crate::routing::ServiceRoute;
+use crate::tls::Certificates;
+
+use super::lanes::{Job, Lanes};
+use super::policy::Answer;
+use super::{Shared, accept_backoff};
+
+/// What the proxy knows of its TLS listener.
+pub struct TlsFront {
+    pub certificates: Arc<Certificates>,
+    /// The port HTTPS is served on, for redirects.
+    pub port: u16,
+}
+
+/// The server configuration every TLS connection shares.
+pub fn server_config(certificates: Arc<Certificates>) -> anyhow::Result<rustls::ServerConfig> {
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(crate::tls::provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow::anyhow!("TLS versions: {e}"))?
+        .with_no_client_auth()
+        .with_cert_resolver(certificates);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Where a plain-HTTP request for `route` goes instead: the same host and target on the HTTPS
+/// listener, when the route is served over TLS, has a certificate for the host, and redirects.
+/// ACME's HTTP-01 challenges stay on plain HTTP.
+pub fn redirect(shared: &Shared, route: &ServiceRoute, host: &str, target: &str) -> Option<Answer> {
+    let front = shared.tls.as_ref()?;
+    if !route.tls.redirects() || target.starts_with("/.well-known/acme-challenge/") {
+        return None;
+    }
+    let bare = without_port(host);
+    let name = HostName::parse(bare).ok()?;
+    if route.tls.mode_for(&name) == TlsMode::Off || !front.certificates.covers(bare) {
+        return None;
+    }
+    let authority = match (front.port, bare.contains(':')) {
+        (443, false) => bare.to_owned(),
+        (443, true) => format!("[{bare}]"),
+        (port, false) => format!("{bare}:{port}"),
+        (port, true) => format!("[{bare}]:{port}"),
+    };
+    Some(Answer::redirect(format!("https://{authority}{target}")))
+}
+
+fn without_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split_once(']').map_or(host, |(ip, _)| ip);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
+        }
+        _ => host,
+    }
+}
+
+/// Accepts TLS connections until `stop`, each handshaken and served on its own task in one of
+/// the lanes. A handshake gets the head timeout: a client that opens a connection and says
+/// nothing holds it no longer than one that sends half a request head.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    lanes: Option<Arc<Lanes>>,
+    acceptor: TlsAcceptor,
+    stop: CancellationToken,
+) {
+    let builder = Arc::new(super::http::builder());
+    let mut failures = 0u32;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => {
+                failures = 0;
+                conn
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "HTTPS proxy cannot accept; retrying");
+                accept_backoff(failures, &stop).await;
+                continue;
+            }
+        };
+        let Ok(admission) = shared.http_door.admit() else {
+            tracing::debug!(%peer, "HTTPS connection refused: too many open");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let open = shared.conns.open();
+        let (shared, builder, acceptor) = (shared.clone(), builder.clone(), acceptor.clone());
+        let job: Job = Box::new(move |stream: TcpStream| {
+            Box::pin(async move {
+                let timeout = shared.settings.header_timeout;
+                if let Some(tls) = handshake(&shared, &acceptor, stream, peer, timeout).await {
+                    super::http::serve_full(shared, tls, Bytes::new(), peer, builder, true).await;
+                }
+                drop(open);
+                drop(admission);
+            })
+        });
+        match &lanes {
+            Some(lanes) => lanes.hand(stream, peer, job),
+            None => {
+                tokio::spawn(job(stream));
+            }
+        }
+    }
+}
+
+async fn handshake(
+    shared: &Shared,
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    timeout: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            shared
+                .metrics
+                .tls_handshakes
+                .with_label_values(&["ok"])
+                .inc();
+            Some(tls)
+        }
+        Ok(Err(e)) => {
+            shared
+                .metrics
+                .tls_handshakes
+                .with_label_values(&["failed"])
+                .inc();
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .tls_handshakes
+                .with_label_values(&["timeout"])
+                .inc();
+            tracing::debug!(%peer, "TLS handshake not finished in time");
+            None
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! HTTPS for what Harbor routes: the certificate each host is served with, chosen by the
+//! ClientHello's SNI (an exact name first, then a `*.` wildcard covering one label).
+//!
+//! - [`files`]: certificates read from files, checked, and read again when they change;
+//! - [`local_ca`]: Harbor's own CA, for `tls = "internal"`;
+//! - the store here, [`Certificates`], which follows the routing table: every HTTP service whose
+//!   TLS mode is not `off` has a certificate for each of its hosts, or a problem saying why not.
+//!   A service without a certificate keeps serving over plain HTTP (and is not redirected).
+
+pub mod files;
+pub mod local_ca;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::events::lock;
+use crate::model::TlsMode;
+use crate::routing::Snapshot;
+
+use self::files::Pair;
+use self::local_ca::{Issued, LocalCa};
+
+/// The one crypto provider: ring, as built.
+pub fn provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// Certificates by host, as served.
+#[derive(Default)]
+struct Table {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// Keyed by the suffix after `*.`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl Table {
+    fn find(&self, host: &str) -> Option<&Arc<CertifiedKey>> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(key) = self.exact.get(&host) {
+            return Some(key);
+        }
+        let (_, parent) = host.split_once('.')?;
+        self.wildcard.get(parent)
+    }
+
+    fn insert(&mut self, host: &str, key: Arc<CertifiedKey>) {
+        match host.strip_prefix("*.") {
+            Some(parent) => self.wildcard.insert(parent.to_owned(), key),
+            None => self.exact.insert(host.to_owned(), key),
+        };
+    }
+}
+
+/// Why a service is not served over HTTPS, or not with a fresh certificate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    pub service: String,
+    pub reason: String,
+}
+
+pub struct Certificates {
+    table: ArcSwap<Table>,
+    ca: Result<LocalCa, String>,
+    /// The last good certificate of each file pair, kept while a replacement fails its check.
+    files: Mutex<HashMap<files::Files, Pair>>,
+    /// Local CA certificates by host, issued again as they near their end.
+    internal: Mutex<HashMap<String, Issued>>,
+    problems: Mutex<BTreeMap<String, String>>,
+}
+
+impl std::fmt::Debug for Certificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certificates").finish_non_exhaustive()
+    }
+}
+
+impl Certificates {
+    /// A store whose local CA is kept in `ca_dir` (made there on first use).
+    pub fn new(ca_dir: Option<&Path>) -> Self {
+        let ca = LocalCa::open(ca_dir);
+        if let Err(e) = &ca {
+            tracing::error!(error = %e, "no local CA: services with tls = \"internal\" are served over plain HTTP");
+        }
+        Self {
+            table: ArcSwap::default(),
+            ca,
+            files: Mutex::default(),
+            internal: Mutex::default(),
+            problems: Mutex::default(),
+        }
+    }
+
+    /// The local CA's root, PEM.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca.as_ref().ok().map(LocalCa::root_pem)
+    }
+
+    /// Whether `host` has a certificate to be served with.
+    pub fn covers(&self, host: &str) -> bool {
+        self.table.load().find(host).is_some()
+    }
+
+    /// What keeps services from HTTPS now, by service.
+    pub fn problems(&self) -> Vec<Problem> {
+        lock(&self.problems)
+            .iter()
+            .map(|(service, reason)| Problem {
+                service: service.clone(),
+                reason: reason.clone(),
+            })
+            .collect()
+    }
+
+    /// Brings the certificates to the routes of `snapshot`: files read again where they
+    /// changed, local certificates issued where missing or near their end. Reads files and
+    /// makes keys: call it off the async runtime. Returns the problems that are new.
+    pub fn sync(&self, snapshot: &Snapshot) -> Vec<Problem> {
+        let mut table = Table::default();
+        let mut problems = BTreeMap::new();
+        let mut used_files = Vec::new();
+        let mut used_hosts = Vec::new();
+        let mut services: Vec<_> = snapshot.services.values().collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        for route in services {
+            let crate::model::Match::Http { hosts, .. } = &route.matcher else {
+                continue;
+            };
+            for host in hosts {
+                let (key, problem) = match route.tls.mode_for(host) {
+                    TlsMode::Off => continue,
+                    TlsMode::Files { cert, key } => {
+                        used_files.push((cert.clone(), key.clone()));
+                        self.file_pair(&cert, &key)
+                    }
+                    TlsMode::Internal => {
+                        used_hosts.push(host.to_string());
+                        split(self.internal(host.as_str()))
+                    }
+                    TlsMode::Auto => (
+                        None,
+                        Some(format!(
+                            "no ACME certificate for {host}: ACME issuance is not built yet"
+                        )),
+                    ),
+                };
+                if let Some(key) = key {
+                    table.insert(host.as_str(), key);
+                }
+                if let Some(problem) = problem {
+                    problems.insert(route.name.to_string(), problem);
+                }
+            }
+        }
+        lock(&self.files).retain(|pair, _| used_files.contains(pair));
+        lock(&self.internal).retain(|host, _| used_hosts.contains(host));
+        self.table.store(Arc::new(table));
+        let mut known = lock(&self.problems);
+        let new = problems
+            .iter()
+            .filter(|(service, reason)| known.get(*service) != Some(reason))
+            .map(|(service, reason)| Problem {
+                service: service.clone(),
+                reason: reason.clone(),
+            })
+            .collect();
+        *known = problems;
+        new
+    }
+
+    /// The certificate of a file pair, and what is wrong with the files if anything: as last
+    /// read if they are unchanged, read again if they changed. A pair that fails its check
+    /// keeps serving its last good certificate while that is valid.
+    fn file_pair(&self, cert: &Path, key: &Path) -> (Option<Arc<CertifiedKey>>, Option<String>) {
+        let pair = (cert.to_owned(), key.to_owned());
+        let mut known = lock(&self.files);
+        if let Some(good) = known.get(&pair)
+            && good.current(cert, key)
+        {
+            return (Some(good.key.clone()), None);
+        }
+        match files::load(cert, key) {
+            Ok(fresh) => {
+                let served = fresh.key.clone();
+                known.insert(pair, fresh);
+                (Some(served), None)
+            }
+            Err(reason) => match known.get(&pair) {
+                Some(good) if good.not_after > SystemTime::now() => (
+                    Some(good.key.clone()),
+                    Some(format!("{reason}; the last good certificate keeps serving")),
+                ),
+                _ => (None, Some(reason)),
+            },
+        }
+    }
+
+    /// A local CA certificate for `host`, issued if there is none or it is a third from its end.
+    fn internal(&self, host: &str) -> Result<Arc<CertifiedKey>, String> {
+        let ca = self.ca.as_ref().map_err(Clone::clone)?;
+        let mut known = lock(&self.internal);
+        let renew_after = SystemTime::now() + local_ca::LEAF_LIFETIME / 3;
+        if let Some(issued) = known.get(host)
+            && issued.not_after > renew_after
+        {
+            return Ok(issued.key.clone());
+        }
+        let issued = ca.issue(host)?;
+        let key = issued.key.clone();
+        known.insert(host.to_owned(), issued);
+        Ok(key)
+    }
+}
+
+/// A certificate or why there is none.
+fn split(got: Result<Arc<CertifiedKey>, String>) -> (Option<Arc<CertifiedKey>>, Option<String>) {
+    match got {
+        Ok(key) => (Some(key), None),
+        Err(reason) => (None, Some(reason)),
+    }
+}
+
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.table.load().find(hello.server_name()?).cloned()
+    }
+}
+
+/// Keeps the certificates in step with the routing table until `cancel`: at every change, and
+/// every `every` besides (files replaced, local certificates near their end). New problems are
+/// logged and published.
+pub async fn follow(
+    certificates: Arc<Certificates>,
+    routing: Arc<crate::routing::RoutingTable>,
+    bus: Arc<crate::events::EventBus>,
+    every: std::time::Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut changes = routing.subscribe();
+    loop {
+        let snapshot = routing.snapshot();
+        let store = certificates.clone();
+        match tokio::task::spawn_blocking(move || store.sync(&snapshot)).await {
+            Ok(problems) => {
+                for problem in problems {
+                    tracing::warn!(service = %problem.service, reason = %problem.reason, "TLS problem");
+                    bus.publish(crate::events::Event::TlsProblem {
+                        service: problem.service,
+                        reason: problem.reason,
+                    });
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "the certificate sync stopped"),
+        }
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(every) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! HTTPS in the embedded proxy: certificates by SNI from files (exact names and a wildcard),
+//! ALPN, files replaced while serving, the redirect from plain HTTP, HSTS, the local CA, and
+//! bad certificate files refused with the reason while the last good certificate serves. The
+//! test certificates are made here with rcgen; clients are rustls and curl.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::json;
+
+use crate::common::{self, TestHarbor, eventually};
+
+/// A CA for tests, which signs certificates for any names.
+struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    root: CertificateDer<'static>,
+    root_pem: String,
+}
+
+impl TestCa {
+    fn new() -> Self {
+        let key = KeyPair::generate().expect("a key");
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root = params.self_signed(&key).expect("a root");
+        Self {
+            root: root.der().clone(),
+            root_pem: root.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate for `names` valid from `from` to `until`, written as `stem.pem` and
+    /// `stem.key` in `dir`; returns its DER and the two paths.
+    fn issue(
+        &self,
+        dir: &Path,
+        stem: &str,
+        names: &[&str],
+        (from, until): (SystemTime, SystemTime),
+    ) -> (CertificateDer<'static>, PathBuf, PathBuf) {
+        let key = KeyPair::generate().expect("a key");
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                .expect("names");
+        params.not_before = from.into();
+        params.not_after = until.into();
+        let cert = params.signed_by(&key, &self.issuer).expect("signed");
+        let (cert_path, key_path) = (
+            dir.join(format!("{stem}.pem")),
+            dir.join(format!("{stem}.key")),
+        );
+        common::write_atomically(&cert_path, &cert.pem());
+        common::write_atomically(&key_path, &key.serialize_pem());
+        (cert.der().clone(), cert_path, key_path)
+    }
+
+    fn valid(
+        &self,
+        dir: &Path,
+        stem: &str,
+        names: &[&str],
+    ) -> (CertificateDer<'static>, PathBuf, PathBuf) {
+        let now = SystemTime::now();
+        self.issue(
+            dir,
+            stem,
+            names,
+            (
+                now - Duration::from_secs(3600),
+                now + Duration::from_secs(86_400),
+            ),
+        )
+    }
+}
+
+async fn with_tls() -> TestHarbor {
+    common::start_with(|c| {
+        c.tls_listen = Some("127.0.0.1:0".parse().expect("addr"));
+        c.rescan_interval = Some(Duration::from_millis(200));
+    })
+    .await
+}
+
+/// A TLS client trusting `roots`, offering h2 and HTTP/1.1.
+fn connector(roots: &[CertificateDer<'static>]) -> tokio_rustls::TlsConnector {
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone()).expect("a root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// The certificate served for `name` and the protocol ALPN chose, or the handshake's error.
+async fn handshake(
+    h: &TestHarbor,
+    roots: &[CertificateDer<'static>],
+    name: &str,
+) -> Result<(CertificateDer<'static>, Option<Vec<u8>>), String> {
+    let addr = h.harbor().tls_addr().expect("the HTTPS listener");
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let server = ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
+    let tls = connector(roots)
+        .connect(server, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (_, session) = tls.get_ref();
+    let served = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .cloned()
+        .ok_or("no certificate")?;
+    Ok((served, session.alpn_protocol().map(<[u8]>::to_vec)))
+}
+
+/// `curl` over HTTPS to `host` on the TLS listener, trusting `ca`: status and body.
+async fn curl(h: &TestHarbor, ca: &Path, host: &str, extra: &[&str]) -> (u16, String) {
+    let port = h.harbor().tls_addr().expect("the HTTPS listener").port();
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--cacert"])
+        .arg(ca)
+        .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
+        .args(["-w", "\n%{http_code}"])
+        .args(extra)
+        .arg(format!("https://{host}:{port}/"))
+        .output()
+        .await
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        format!("{body}{}", String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+fn file_route(host: &str, upstream: std::net::SocketAddr, cert: &Path, key: &Path) -> String {
+    format!(
+        "host = \"{host}\"\nupstreams = [\"{upstream}\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}\nhsts = true\n",
+        cert.display(),
+        key.display()
+    )
+}
+
+#[tokio::test]
+async fn files_are_chosen_by_sni_negotiate_h2_follow_replacement_and_redirect_plain_http() {
+    let h = with_tls().await;
+    let certs = tempfile::tempdir().expect("a directory");
+    let ca = TestCa::new();
+    let ca_file = certs.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.root_pem).expect("the CA file");
+    let (a_der, a_cert, a_key) = ca.valid(certs.path(), "a", &["a.test"]);
+    let (b_der, b_cert, b_key) = ca.valid(certs.path(), "b", &["b.test"]);
+    let (w_der, w_cert, w_key) = ca.valid(certs.path(), "w", &["*.w.test"]);
+    let upstreams = [
+        common::proxies::Upstream::start("a").await,
+        common::proxies::Upstream::start("b").await,
+        common::proxies::Upstream::start("w").await,
+    ];
+    h.write_route(
+        "a.route",
+        &file_route("a.test", upstreams[0].addr, &a_cert, &a_key),
+    );
+    h.write_route(
+        "b.route",
+        &file_route("b.test", upstreams[1].addr, &b_cert, &b_key),
+    );
+    h.write_route(
+        "w.route",
+        &file_route("*.w.test", upstreams[2].addr, &w_cert, &w_key),
+    );
+    let roots = [ca.root.clone()];
+    let served = eventually(Duration::from_secs(10), "certificates by SNI", || async {
+        let a = handshake(&h, &roots, "a.test").await.ok()?;
+        let b = handshake(&h, &roots, "b.test").await.ok()?;
+        let w = handshake(&h, &roots, "x.w.test").await.ok()?;
+        Some((a, b, w))
+    })
+    .await;
+    assert_eq!(served.0.0, a_der);
+    assert_eq!(served.1.0, b_der);
+    assert_eq!(served.2.0, w_der);
+    assert_eq!(served.0.1.as_deref(), Some(&b"h2"[..]), "ALPN chose h2");
+    assert!(
+        handshake(&h, &roots, "nothing.test").await.is_err(),
+        "no certificate for a name no route has"
+    );
+
+    // Requests over HTTPS reach the route, over h2 and HTTP/1.1, with HSTS.
+    for version in ["--http2", "--http1.1"] {
+        let (status, body) = curl(&h, &ca_file, "x.w.test", &[version]).await;
+        assert_eq!((status, body.as_str()), (200, "w"), "{version}");
+    }
+    let (status, headers) = curl(&h, &ca_file, "a.test", &["-D", "-", "-o", "/dev/null"]).await;
+    assert_eq!(status, 200, "{headers}");
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("strict-transport-security: max-age=31536000"),
+        "{headers}"
+    );
+
+    // Plain HTTP is redirected to the same place on the HTTPS listener.
+    let port = h.harbor().tls_addr().expect("TLS").port();
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("a client");
+    let proxy = h.harbor().proxy_addr().expect("the proxy");
+    for direct in [true, false] {
+        // The direct HTTP/1.1 path and the full stack (which an h2c prior-knowledge client or a
+        // request the direct path hands over reaches) redirect alike.
+        let mut request = plain
+            .get(format!("http://{proxy}/path?q=1"))
+            .header("host", "a.test");
+        if !direct {
+            request = request.header("expect", "100-continue");
+        }
+        let resp = request.send().await.expect("an answer");
+        assert_eq!(resp.status().as_u16(), 308);
+        assert_eq!(
+            resp.headers()["location"],
+            format!("https://a.test:{port}/path?q=1").as_str()
+        );
+    }
+
+    // A replaced certificate is served without a restart.
+    let (fresh, _, _) = ca.valid(certs.path(), "a", &["a.test"]);
+    eventually(
+        Duration::from_secs(10),
+        "the replaced certificate",
+        || async {
+            let (served, _) = handshake(&h, &roots, "a.test").await.ok()?;
+            (served == fresh).then_some(())
+        },
+    )
+    .await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_local_ca_serves_local_names_and_its_root_verifies_them() {
+    let h = with_tls().await;
+    let upstream = common::proxies::Upstream::start("local").await;
+    // A local name gets the local CA by default, once a TLS listener is configured.
+    h.write_route(
+        "local.route",
+        &format!("host = \"nas.lan\"\nupstreams = [\"{}\"]\n", upstream.addr),
+    );
+    let resp = h
+        .client
+        .get(h.url("/api/v1/tls/ca.pem"))
+        .send()
+        .await
+        .expect("the API answers");
+    assert_eq!(resp.status().as_u16(), 200);
+    let pem = resp.text().await.expect("the root");
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    let dir = tempfile::tempdir().expect("a directory");
+    let ca = dir.path().join("harbor-ca.pem");
+    std::fs::write(&ca, &pem).expect("written");
+    let (status, body) = eventually(Duration::from_secs(10), "served over HTTPS", || async {
+        let got = curl(&h, &ca, "nas.lan", &[]).await;
+        (got.0 == 200).then_some(got)
+    })
+    .await;
+    assert_eq!((status, body.as_str()), (200, "local"));
+    // The root is kept in the state directory, for the next start, and its key is private.
+    let key = h.state.path().join("tls/ca.key");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&key)
+        .expect("the CA key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let h = h.restart().await;
+    let resp = h
+        .client
+        .get(h.url("/api/v1/tls/ca.pem"))
+        .send()
+        .await
+        .expect("the API answers");
+    assert_eq!(
+        resp.text().await.expect("the root"),
+        pem,
+        "the same root after a restart"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_certificate_files_are_refused_with_the_reason_and_the_last_good_one_serves() {
+    let h = with_tls().await;
+    let certs = tempfile::tempdir().expect("a directory");
+    let ca = TestCa::new();
+    let upstream = common::proxies::Upstream::start("good").await;
+    let (good_der, cert, key) = ca.valid(certs.path(), "good", &["good.test"]);
+    let (_, _, other_key) = ca.valid(certs.path(), "other", &["other.test"]);
+    let now = SystemTime::now();
+    let (_, expired, expired_key) = ca.issue(
+        certs.path(),
+        "expired",
+        &["good.test"],
+        (
+            now - Duration::from_secs(7200),
+            now - Duration::from_secs(3600),
+        ),
+    );
+    let missing = certs.path().join("missing.pem");
+    let route = |cert: &Path, key: &Path| file_route("good.test", upstream.addr, cert, key);
+
+    for (cert, key, needle) in [
+        (&cert, &other_key, "does not go with the certificate"),
+        (&expired, &expired_key, "expired at"),
+        (&missing, &key, "cannot read the certificate"),
+    ] {
+        h.write_route("bad.route", &route(cert, key));
+        let errors = eventually(Duration::from_secs(10), needle, || async {
+            let (_, body) = h.get("/api/v1/route-errors").await;
+            body["errors"]
+                .as_array()
+                .filter(|e| {
+                    e.iter()
+                        .any(|e| e["reason"].as_str().is_some_and(|r| r.contains(needle)))
+                })
+                .cloned()
+        })
+        .await;
+        assert_eq!(errors[0]["field"], "tls", "{errors:?}");
+    }
+    h.write_route(
+        "bad.route",
+        "host = \"x.test\"\nupstreams = [\"127.0.0.1:9\"]\ntls = \"on\"\n",
+    );
+    eventually(Duration::from_secs(10), "an unknown tls value", || async {
+        let (_, body) = h.get("/api/v1/route-errors").await;
+        body.to_string()
+            .contains("tls \\\"on\\\" is not a mode")
+            .then_some(())
+    })
+    .await;
+    std::fs::remove_file(h.routes.path().join("bad.route")).expect("removed");
+
+    // A registration naming files is checked the same way.
+    let register = json!({"name": "reg", "upstream": upstream.addr.to_string(), "host": "reg.test",
+                          "tls": {"cert": cert.display().to_string(), "key": other_key.display().to_string()}});
+    let (status, body) = h.post("/api/v1/services", register).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["field"], "tls");
+
+    // Serving, then the key is replaced by one that does not fit: the last good certificate
+    // goes on serving and the problem is reported.
+    h.write_route("good.route", &route(&cert, &key));
+    let roots = [ca.root.clone()];
+    eventually(Duration::from_secs(10), "the good certificate", || async {
+        handshake(&h, &roots, "good.test").await.ok()
+    })
+    .await;
+    let mut events = h.events(None).await;
+    std::fs::copy(&other_key, &key).expect("the wrong key in place");
+    let problem = events.next_of("tls_problem").await;
+    assert_eq!(problem.data["service"], "good", "{:?}", problem.data);
+    let reason = problem.data["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("does not go with")
+            && reason.contains("last good certificate keeps serving"),
+        "{reason}"
+    );
+    let (served, _) = handshake(&h, &roots, "good.test")
+        .await
+        .expect("still served");
+    assert_eq!(served, good_der);
+    let (_, status) = h.get("/api/v1/status").await;
+    assert_eq!(status["tls"]["problems"][0]["service"], "good", "{status}");
+    h.shutdown().await;
+}
+
+/// Certificate files are read with Harbor's permissions, so only a full-access token may name
+/// them.
+#[tokio::test]
+async fn a_scoped_token_may_not_name_certificate_files() {
+    let dir = tempfile::tempdir().expect("a directory");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        "admin-token-0123456789abcdef\nscoped-token-0123456789abcdef app- hosts=app.test,app.lan\n",
+    )
+    .expect("tokens");
+    let h = common::start_with(move |c| {
+        c.token_file = Some(tokens.clone());
+        c.tls_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await;
+    let body = json!({"name": "app-1", "upstream": "127.0.0.1:9", "host": "app.test",
+                      "tls": {"cert": "/etc/ssl/certs/x.pem", "key": "/etc/ssl/private/x.key"}});
+    let resp = h
+        .client
+        .post(h.url("/api/v1/services"))
+        .bearer_auth("scoped-token-0123456789abcdef")
+        .json(&body)
+        .send()
+        .await
+        .expect("the API answers");
+    assert_eq!(resp.status().as_u16(), 403);
+    let answer: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(answer["field"], "tls", "{answer}");
+    // The same token may ask for the local CA.
+    let internal =
+        json!({"name": "app-2", "upstream": "127.0.0.1:9", "host": "app.lan", "tls": "internal"});
+    let resp = h
+        .client
+        .post(h.url("/api/v1/services"))
+        .bearer_auth("scoped-token-0123456789abcdef")
+        .json(&internal)
+        .send()
+        .await
+        .expect("the API answers");
+    assert_eq!(resp.status().as_u16(), 201);
+    h.shutdown().await;
+}
