@@ -170,6 +170,37 @@ pub struct RunArgs {
     )]
     pub tls_listen: Option<SocketAddr>,
 
+    /// The ACME directory `tls = "auto"` certificates come from (Let's Encrypt by default).
+    #[arg(
+        long,
+        env = "HARBOR_ACME_DIRECTORY",
+        value_name = "URL",
+        help_heading = "TLS"
+    )]
+    pub acme_directory: Option<String>,
+
+    /// The contact address given to the ACME CA (expiry notices, account recovery).
+    #[arg(
+        long,
+        env = "HARBOR_ACME_EMAIL",
+        value_name = "EMAIL",
+        help_heading = "TLS"
+    )]
+    pub acme_email: Option<String>,
+
+    /// A root certificate (PEM) to trust for the ACME directory's own HTTPS: a private CA.
+    #[arg(
+        long,
+        env = "HARBOR_ACME_CA_ROOT",
+        value_name = "FILE",
+        help_heading = "TLS"
+    )]
+    pub acme_ca_root: Option<PathBuf>,
+
+    /// Renew an ACME certificate when it has less than this left [default: 30d].
+    #[arg(long, env = "HARBOR_ACME_RENEW_BEFORE", value_parser = humantime::parse_duration, value_name = "DURATION", help_heading = "TLS")]
+    pub acme_renew_before: Option<Duration>,
+
     /// A second listener that serves only the Gangway dashboard and its public data (never the
     /// mutating API), for exposing the dashboard while the API stays private.
     #[arg(
@@ -598,6 +629,14 @@ pub struct Config {
     pub proxy_listen: SocketAddr,
     /// Where the embedded proxy serves HTTPS; none: no TLS.
     pub tls_listen: Option<SocketAddr>,
+    pub acme_directory: String,
+    pub acme_email: Option<String>,
+    pub acme_ca_root: Option<PathBuf>,
+    #[serde(with = "written::duration")]
+    pub acme_renew_before: Duration,
+    /// The first wait after a failed ACME order (doubling, up to a day).
+    #[serde(skip)]
+    pub acme_retry: Duration,
     /// Where Gangway alone is served, besides `/` on every API listener.
     pub gangway_listen: Option<SocketAddr>,
     #[serde(rename = "plugins")]
@@ -711,6 +750,11 @@ impl Config {
             backend: BackendKind::Embedded,
             proxy_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             tls_listen: None,
+            acme_directory: crate::tls::acme::LETS_ENCRYPT.to_owned(),
+            acme_email: None,
+            acme_ca_root: None,
+            acme_renew_before: Duration::from_secs(30 * 24 * 3600),
+            acme_retry: Duration::from_secs(60),
             gangway_listen: None,
             plugins_dir: None,
             token_file: None,

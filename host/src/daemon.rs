@@ -26,6 +26,7 @@ use crate::routes;
 use crate::routing::{self, RoutingTable};
 use crate::store::{self, JournalWriter};
 use crate::tls::Certificates;
+use crate::tls::acme::{Acme, AcmeSettings};
 use crate::{dispatch, dns};
 
 /// A running daemon.
@@ -60,6 +61,12 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     }
     let certificates = start_certificates(&config, &routing).await?;
     let proxy = start_proxy(&config, &core, &routing, certificates.as_ref(), &mut tasks).await?;
+    if let Some(acme) = certificates.as_ref().and_then(|c| c.acme()) {
+        tasks.spawn(
+            acme.clone()
+                .run(routing.clone(), core.metrics.clone(), core.cancel.clone()),
+        );
+    }
     if let Some(certificates) = &certificates {
         tasks.spawn(crate::tls::follow(
             certificates.clone(),
@@ -316,9 +323,19 @@ async fn start_certificates(
         return Ok(None);
     }
     let dir = config.state_dir.join("tls");
+    let acme = Arc::new(Acme::new(
+        AcmeSettings {
+            directory: config.acme_directory.clone(),
+            email: config.acme_email.clone(),
+            ca_root: config.acme_ca_root.clone(),
+            renew_before: config.acme_renew_before,
+            retry_after: config.acme_retry,
+        },
+        dir.join("acme"),
+    ));
     let (routing, made) = (routing.clone(), dir.clone());
     let certificates = tokio::task::spawn_blocking(move || {
-        let certificates = Certificates::new(Some(&made));
+        let certificates = Certificates::new(Some(&made), Some(acme));
         for problem in certificates.sync(&routing.snapshot()) {
             tracing::warn!(service = %problem.service, reason = %problem.reason, "TLS problem");
         }

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub plugin_faults: IntCounterVec,
     pub plugin_fallback_picks: IntCounterVec,
     pub plugin_loads: IntCounterVec,
+    /// ACME orders, by result (`issued`, `failed`).
+    pub acme_orders: IntCounterVec,
     pub plugin_pick_seconds: HistogramVec,
     pub shadow: crate::plugins::ShadowMetrics,
     pub backend: BackendMetrics,
@@ -121,6 +123,14 @@ impl Metrics {
         registry.register(Box::new(plugin_faults.clone()))?;
         registry.register(Box::new(plugin_fallback_picks.clone()))?;
         registry.register(Box::new(plugin_loads.clone()))?;
+        let acme_orders = IntCounterVec::new(
+            Opts::new(
+                "acme_orders_total",
+                "ACME certificate orders (issuance and renewal), by result",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(acme_orders.clone()))?;
         registry.register(Box::new(services.clone()))?;
         registry.register(Box::new(instances.clone()))?;
         registry.register(Box::new(route_file_errors_active.clone()))?;
@@ -146,6 +156,7 @@ impl Metrics {
             plugin_faults,
             plugin_fallback_picks,
             plugin_loads,
+            acme_orders,
             plugin_pick_seconds,
             shadow,
             backend,

@@ -274,6 +274,10 @@ impl Conn {
         head: RequestHead,
         deadline: &mut Deadline,
     ) -> Next {
+        if let Some(answer) = super::secure::challenge(&self.shared, head.path(&self.inbound)) {
+            let answer = answer.closing(head.close || !head.framing.complete());
+            return self.answer(client, answer, head.len()).await;
+        }
         let snapshot = self.shared.routing.snapshot();
         let route = snapshot
             .http

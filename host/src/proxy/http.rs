@@ -170,6 +170,9 @@ async fn handle(
         shared.metrics.error("", ErrorKind::BadRequest);
         return Answer::bad_request("the request names no host").response();
     };
+    if !secure && let Some(answer) = super::secure::challenge(shared, req.uri().path()) {
+        return answer.response();
+    }
     let snapshot = shared.routing.snapshot();
     let Some(route) = snapshot.http.find(&host, req.uri().path()).cloned() else {
         shared.metrics.error("", ErrorKind::NoRoute);

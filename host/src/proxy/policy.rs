@@ -67,6 +67,7 @@ pub struct Answer {
     body: String,
     /// Where a redirect sends the client.
     location: Option<String>,
+    content_type: &'static str,
     /// The client connection closes after it.
     pub close: bool,
 }
@@ -77,7 +78,19 @@ impl Answer {
             status,
             body: format!("{body}\n"),
             location: None,
+            content_type: "application/json",
             close,
+        }
+    }
+
+    /// The answer to an ACME HTTP-01 challenge: the key authorization, as it is.
+    pub fn acme_challenge(key_authorization: String) -> Self {
+        Self {
+            status: StatusCode::OK,
+            body: key_authorization,
+            location: None,
+            content_type: "application/octet-stream",
+            close: false,
         }
     }
 
@@ -149,9 +162,10 @@ impl Answer {
         use std::io::Write as _;
         let _ = write!(
             out,
-            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}{}\r\n{}",
+            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n{}{}\r\n{}",
             self.status.as_u16(),
             self.status.canonical_reason().unwrap_or(""),
+            self.content_type,
             self.body.len(),
             self.location
                 .as_ref()
@@ -173,7 +187,7 @@ impl Answer {
         let headers = response.headers_mut();
         headers.insert(
             http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
+            HeaderValue::from_static(self.content_type),
         );
         if self.close {
             headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));

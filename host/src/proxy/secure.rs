@@ -60,6 +60,16 @@ pub fn redirect(shared: &Shared, route: &ServiceRoute, host: &str, target: &str)
     Some(Answer::redirect(format!("https://{authority}{target}")))
 }
 
+/// The answer to an ACME HTTP-01 challenge for an order Harbor has open, whatever the host.
+pub fn challenge(shared: &Shared, path: &str) -> Option<Answer> {
+    let token = path.strip_prefix(crate::tls::acme::CHALLENGE_PREFIX)?;
+    let front = shared.tls.as_ref()?;
+    front
+        .certificates
+        .acme_challenge(token)
+        .map(Answer::acme_challenge)
+}
+
 fn without_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split_once(']').map_or(host, |(ip, _)| ip);

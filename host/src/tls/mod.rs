@@ -7,6 +7,7 @@
 //!   TLS mode is not `off` has a certificate for each of its hosts, or a problem saying why not.
 //!   A service without a certificate keeps serving over plain HTTP (and is not redirected).
 
+pub mod acme;
 pub mod files;
 pub mod local_ca;
 
@@ -72,6 +73,8 @@ pub struct Certificates {
     /// Local CA certificates by host, issued again as they near their end.
     internal: Mutex<HashMap<String, Issued>>,
     problems: Mutex<BTreeMap<String, String>>,
+    /// Where `auto` certificates come from.
+    acme: Option<Arc<acme::Acme>>,
 }
 
 impl std::fmt::Debug for Certificates {
@@ -81,8 +84,9 @@ impl std::fmt::Debug for Certificates {
 }
 
 impl Certificates {
-    /// A store whose local CA is kept in `ca_dir` (made there on first use).
-    pub fn new(ca_dir: Option<&Path>) -> Self {
+    /// A store whose local CA is kept in `ca_dir` (made there on first use), and whose `auto`
+    /// certificates come from `acme`.
+    pub fn new(ca_dir: Option<&Path>, acme: Option<Arc<acme::Acme>>) -> Self {
         let ca = LocalCa::open(ca_dir);
         if let Err(e) = &ca {
             tracing::error!(error = %e, "no local CA: services with tls = \"internal\" are served over plain HTTP");
@@ -93,7 +97,17 @@ impl Certificates {
             files: Mutex::default(),
             internal: Mutex::default(),
             problems: Mutex::default(),
+            acme,
         }
+    }
+
+    /// The key authorization of an open ACME challenge, for the plain listener to answer.
+    pub fn acme_challenge(&self, token: &str) -> Option<String> {
+        self.acme.as_ref()?.challenge(token)
+    }
+
+    pub fn acme(&self) -> Option<&Arc<acme::Acme>> {
+        self.acme.as_ref()
     }
 
     /// The local CA's root, PEM.
@@ -142,12 +156,10 @@ impl Certificates {
                         used_hosts.push(host.to_string());
                         split(self.internal(host.as_str()))
                     }
-                    TlsMode::Auto => (
-                        None,
-                        Some(format!(
-                            "no ACME certificate for {host}: ACME issuance is not built yet"
-                        )),
-                    ),
+                    TlsMode::Auto => match &self.acme {
+                        Some(acme) => acme::served(acme, host.as_str()),
+                        None => (None, Some(format!("no ACME client for {host}"))),
+                    },
                 };
                 if let Some(key) = key {
                     table.insert(host.as_str(), key);
@@ -257,12 +269,19 @@ pub async fn follow(
             }
             Err(e) => tracing::error!(error = %e, "the certificate sync stopped"),
         }
+        let issued = async {
+            match certificates.acme() {
+                Some(acme) => acme.changed.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             changed = changes.changed() => {
                 if changed.is_err() {
                     return;
                 }
             }
+            () = issued => {}
             () = tokio::time::sleep(every) => {}
             () = cancel.cancelled() => return,
         }

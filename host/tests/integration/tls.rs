@@ -434,3 +434,328 @@ async fn a_scoped_token_may_not_name_certificate_files() {
     assert_eq!(resp.status().as_u16(), 201);
     h.shutdown().await;
 }
+
+/// A free port on 127.0.0.1 (bound and let go: Pebble and Harbor's ACME need fixed ports).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Pebble (the ACME test server) with pebble-challtestsrv as its DNS, validating challenges
+/// against Harbor's listeners on `http_port` and `tls_port`. Killed when dropped.
+struct Pebble {
+    directory: String,
+    /// The root Pebble's own HTTPS is signed with.
+    root: PathBuf,
+    dns_admin: String,
+    children: Vec<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Pebble {
+    fn start(http_port: u16, tls_port: u16) -> Option<Self> {
+        let available = ["pebble", "pebble-challtestsrv"]
+            .iter()
+            .all(|bin| std::process::Command::new(bin).arg("-h").output().is_ok());
+        if !available {
+            assert!(
+                std::env::var("CI").is_err(),
+                "pebble and pebble-challtestsrv are required in CI (Debian package pebble)"
+            );
+            eprintln!("skipped: pebble is not installed (Debian package pebble)");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("a directory");
+        let ca = TestCa::new();
+        let root = dir.path().join("root.pem");
+        std::fs::write(&root, &ca.root_pem).expect("the root");
+        let (_, cert, key) = ca.valid(dir.path(), "pebble", &["127.0.0.1", "localhost"]);
+        let (acme, admin, dns, dns_admin) = (free_port(), free_port(), free_port(), free_port());
+        let config = dir.path().join("pebble.json");
+        std::fs::write(
+            &config,
+            json!({"pebble": {
+                "listenAddress": format!("127.0.0.1:{acme}"),
+                "managementListenAddress": format!("127.0.0.1:{admin}"),
+                "certificate": cert, "privateKey": key,
+                "httpPort": http_port, "tlsPort": tls_port,
+                "ocspResponderURL": "", "externalAccountBindingRequired": false
+            }})
+            .to_string(),
+        )
+        .expect("the config");
+        let quiet = || std::process::Stdio::null();
+        let challtestsrv = std::process::Command::new("pebble-challtestsrv")
+            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+            .args(["-dns01", &format!("127.0.0.1:{dns}")])
+            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .args(["-management", &format!("127.0.0.1:{dns_admin}")])
+            .stdout(quiet())
+            .stderr(quiet())
+            .spawn()
+            .expect("pebble-challtestsrv starts");
+        let pebble = std::process::Command::new("pebble")
+            .arg("-config")
+            .arg(&config)
+            .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
+            // No random waits before validation, no random nonce rejections.
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdout(quiet())
+            .stderr(quiet())
+            .spawn()
+            .expect("pebble starts");
+        Some(Self {
+            directory: format!("https://127.0.0.1:{acme}/dir"),
+            root,
+            dns_admin: format!("http://127.0.0.1:{dns_admin}"),
+            children: vec![challtestsrv, pebble],
+            _dir: dir,
+        })
+    }
+
+    /// Makes `host` resolve to an address where Harbor does not listen, so that its
+    /// challenges fail.
+    async fn misdirect(&self, host: &str) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/add-a", self.dns_admin))
+            .json(&json!({"host": host, "addresses": ["127.0.0.2"]}))
+            .send()
+            .await
+            .expect("challtestsrv answers");
+        assert!(resp.status().is_success());
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_issues_serves_renews_and_reports_failures_against_pebble() {
+    let (http_port, tls_port) = (free_port(), free_port());
+    let Some(pebble) = Pebble::start(http_port, tls_port) else {
+        return;
+    };
+    let (directory, root) = (pebble.directory.clone(), pebble.root.clone());
+    // Read at every start, so that a restart can renew early.
+    let renew_before = Arc::new(std::sync::Mutex::new(Duration::from_secs(30 * 86_400)));
+    let settings = {
+        let (directory, renew_before) = (directory.clone(), renew_before.clone());
+        move |c: &mut harbor::config::Config| {
+            c.proxy_listen = format!("127.0.0.1:{http_port}").parse().expect("addr");
+            c.tls_listen = Some(format!("127.0.0.1:{tls_port}").parse().expect("addr"));
+            c.acme_directory = directory.clone();
+            c.acme_ca_root = Some(root.clone());
+            c.acme_renew_before = *renew_before.lock().expect("the window");
+            c.acme_retry = Duration::from_millis(500);
+            c.rescan_interval = Some(Duration::from_millis(200));
+        }
+    };
+    // Pebble listens once it has read its certificate.
+    let acme_addr = directory
+        .trim_start_matches("https://")
+        .trim_end_matches("/dir")
+        .to_owned();
+    eventually(Duration::from_secs(10), "Pebble listening", || async {
+        tokio::net::TcpStream::connect(&acme_addr).await.ok()
+    })
+    .await;
+    let h = common::start_with(settings).await;
+    let shop = common::proxies::Upstream::start("shop").await;
+    let broken = common::proxies::Upstream::start("broken").await;
+    pebble.misdirect("broken.example.net").await;
+    // Public names: `auto` by default once a TLS listener is configured.
+    h.write_route(
+        "shop.route",
+        &format!(
+            "host = \"shop.example.com\"\nupstreams = [\"{}\"]\n",
+            shop.addr
+        ),
+    );
+    h.write_route(
+        "broken.route",
+        &format!(
+            "host = \"broken.example.net\"\nupstreams = [\"{}\"]\n",
+            broken.addr
+        ),
+    );
+    let mut events = h.events(None).await;
+
+    // Issued through HTTP-01 on the plain listener, and served by SNI.
+    let issued = eventually(
+        Duration::from_secs(60),
+        "a certificate from Pebble",
+        || async { handshake_unverified(&h, "shop.example.com").await },
+    )
+    .await;
+    let (_, cert) = x509_parser::parse_x509_certificate(&issued).expect("a certificate");
+    assert!(
+        cert.issuer().to_string().to_lowercase().contains("pebble"),
+        "issued by {}",
+        cert.issuer()
+    );
+    let key = h.state.path().join("tls/acme/shop.example.com.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key)
+            .expect("the key")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    // A host whose challenges cannot succeed: reported, and still served over plain HTTP.
+    let problem = loop {
+        let event = events.next_of("tls_problem").await;
+        if event.data["service"] == "broken"
+            && event.data["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("ACME order for broken.example.net failed"))
+        {
+            break event;
+        }
+    };
+    assert!(
+        problem.data["reason"]
+            .as_str()
+            .is_some_and(|r| r.len() > 40),
+        "{:?}",
+        problem.data
+    );
+    let proxy = h.harbor().proxy_addr().expect("the proxy");
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("a client");
+    let resp = client
+        .get(format!("http://{proxy}/"))
+        .header("host", "broken.example.net")
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(
+        resp.status().as_u16(),
+        200,
+        "served over plain HTTP, not redirected"
+    );
+    let resp = client
+        .get(format!("http://{proxy}/"))
+        .header("host", "shop.example.com")
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(
+        resp.status().as_u16(),
+        308,
+        "a host with its certificate is redirected"
+    );
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("harbor_acme_orders_total{result=\"failed\"}"),
+        "{metrics}"
+    );
+
+    // A restart keeps the certificate: nothing is ordered again.
+    let h = h.restart().await;
+    let again = eventually(Duration::from_secs(10), "the kept certificate", || async {
+        handshake_unverified(&h, "shop.example.com").await
+    })
+    .await;
+    assert_eq!(again, issued);
+    assert!(
+        !h.metrics()
+            .await
+            .contains("harbor_acme_orders_total{result=\"issued\"}"),
+        "ordered again after a restart"
+    );
+
+    // Renewal: with a window longer than the certificate's life, it is due at once, and the
+    // new certificate replaces the old one while serving.
+    *renew_before.lock().expect("the window") = Duration::from_secs(100 * 365 * 86_400);
+    let h = h.restart().await;
+    eventually(Duration::from_secs(60), "a renewed certificate", || async {
+        let served = handshake_unverified(&h, "shop.example.com").await?;
+        (served != issued).then_some(())
+    })
+    .await;
+    h.shutdown().await;
+}
+
+/// The certificate served for `name`, whoever issued it (the test reads the issuer itself).
+async fn handshake_unverified(h: &TestHarbor, name: &str) -> Option<CertificateDer<'static>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(h.harbor().tls_addr()?)
+        .await
+        .ok()?;
+    let server = ServerName::try_from(name.to_owned()).ok()?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(server, tcp)
+        .await
+        .ok()?;
+    tls.get_ref().1.peer_certificates()?.first().cloned()
+}
+
+/// Accepts any certificate, checking only that the handshake's signatures are sound.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
