@@ -197,6 +197,11 @@ pub struct RunArgs {
     )]
     pub acme_ca_root: Option<PathBuf>,
 
+    /// How the ACME CA is shown control of a name: http-01 (the plain listener, port 80) or
+    /// tls-alpn-01 (the TLS listener, port 443) [default: http-01].
+    #[arg(long, env = "HARBOR_ACME_CHALLENGE", value_enum, help_heading = "TLS")]
+    pub acme_challenge: Option<crate::tls::acme::Challenge>,
+
     /// Renew an ACME certificate when it has less than this left [default: 30d].
     #[arg(long, env = "HARBOR_ACME_RENEW_BEFORE", value_parser = humantime::parse_duration, value_name = "DURATION", help_heading = "TLS")]
     pub acme_renew_before: Option<Duration>,
@@ -632,6 +637,7 @@ pub struct Config {
     pub acme_directory: String,
     pub acme_email: Option<String>,
     pub acme_ca_root: Option<PathBuf>,
+    pub acme_challenge: crate::tls::acme::Challenge,
     #[serde(with = "written::duration")]
     pub acme_renew_before: Duration,
     /// The first wait after a failed ACME order (doubling, up to a day).
@@ -753,6 +759,7 @@ impl Config {
             acme_directory: crate::tls::acme::LETS_ENCRYPT.to_owned(),
             acme_email: None,
             acme_ca_root: None,
+            acme_challenge: crate::tls::acme::Challenge::default(),
             acme_renew_before: Duration::from_secs(30 * 24 * 3600),
             acme_retry: Duration::from_secs(60),
             gangway_listen: None,

@@ -330,6 +330,7 @@ async fn start_certificates(
             ca_root: config.acme_ca_root.clone(),
             renew_before: config.acme_renew_before,
             retry_after: config.acme_retry,
+            challenge: config.acme_challenge,
         },
         dir.join("acme"),
     ));

@@ -34,7 +34,13 @@ pub fn server_config(certificates: Arc<Certificates>) -> anyhow::Result<rustls::
         .map_err(|e| anyhow::anyhow!("TLS versions: {e}"))?
         .with_no_client_auth()
         .with_cert_resolver(certificates);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Last: chosen only by an ACME CA validating a TLS-ALPN-01 challenge, which offers nothing
+    // else; such a connection ends after its handshake.
+    config.alpn_protocols = vec![
+        b"h2".to_vec(),
+        b"http/1.1".to_vec(),
+        crate::tls::acme::ACME_TLS_ALPN.to_vec(),
+    ];
     Ok(config)
 }
 
@@ -123,7 +129,12 @@ pub async fn serve(
             Box::pin(async move {
                 let timeout = shared.settings.header_timeout;
                 if let Some(tls) = handshake(&shared, &acceptor, stream, peer, timeout).await {
-                    super::http::serve_full(shared, tls, Bytes::new(), peer, builder, true).await;
+                    let validation =
+                        tls.get_ref().1.alpn_protocol() == Some(crate::tls::acme::ACME_TLS_ALPN);
+                    if !validation {
+                        super::http::serve_full(shared, tls, Bytes::new(), peer, builder, true)
+                            .await;
+                    }
                 }
                 drop(open);
                 drop(admission);

@@ -43,7 +43,36 @@ pub struct AcmeSettings {
     pub renew_before: Duration,
     /// The first wait after a failed order (doubling, up to a day).
     pub retry_after: Duration,
+    /// How the CA is shown control of a name.
+    pub challenge: Challenge,
 }
+
+/// The challenge an order answers.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+pub enum Challenge {
+    /// A file on the plain HTTP listener (which the CA reaches on port 80).
+    #[default]
+    #[serde(rename = "http-01")]
+    #[value(name = "http-01")]
+    Http01,
+    /// A certificate on the TLS listener (port 443), for hosts whose port 80 is closed.
+    #[serde(rename = "tls-alpn-01")]
+    #[value(name = "tls-alpn-01")]
+    TlsAlpn01,
+}
+
+/// The ALPN protocol a TLS-ALPN-01 validation offers (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 /// A host's failed orders: how many, the last reason, and when to try again.
 struct Failure {
@@ -55,8 +84,10 @@ struct Failure {
 pub struct Acme {
     settings: AcmeSettings,
     dir: PathBuf,
-    /// Key authorizations by token, while their challenges are open.
+    /// Key authorizations by token, while their HTTP-01 challenges are open.
     challenges: Mutex<HashMap<String, String>>,
+    /// Validation certificates by host, while their TLS-ALPN-01 challenges are open.
+    alpn_challenges: Mutex<HashMap<String, Arc<CertifiedKey>>>,
     /// Certificates as read from the directory, by host.
     issued: Mutex<HashMap<String, Pair>>,
     failures: Mutex<HashMap<String, Failure>>,
@@ -72,6 +103,7 @@ impl Acme {
             settings,
             dir,
             challenges: Mutex::default(),
+            alpn_challenges: Mutex::default(),
             issued: Mutex::default(),
             failures: Mutex::default(),
             changed: Notify::new(),
@@ -81,6 +113,11 @@ impl Acme {
     /// The key authorization for an open challenge's `token`.
     pub fn challenge(&self, token: &str) -> Option<String> {
         lock(&self.challenges).get(token).cloned()
+    }
+
+    /// The validation certificate of an open TLS-ALPN-01 challenge for `host`.
+    pub fn alpn_challenge(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        lock(&self.alpn_challenges).get(host).cloned()
     }
 
     /// The host's certificate as issued, if it has one that is still valid.
@@ -250,12 +287,28 @@ impl Acme {
                     AuthorizationStatus::Pending => {}
                     other => return Err(format!("the authorization is {other:?}")),
                 }
+                let kind = match self.settings.challenge {
+                    Challenge::Http01 => ChallengeType::Http01,
+                    Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+                };
                 let mut challenge = authorization
-                    .challenge(ChallengeType::Http01)
-                    .ok_or("the CA offers no HTTP-01 challenge")?;
-                let key_authorization = challenge.key_authorization().as_str().to_owned();
-                lock(&self.challenges).insert(challenge.token.clone(), key_authorization);
-                tokens.push(challenge.token.clone());
+                    .challenge(kind.clone())
+                    .ok_or_else(|| format!("the CA offers no {kind:?} challenge"))?;
+                let key_authorization = challenge.key_authorization();
+                match self.settings.challenge {
+                    Challenge::Http01 => {
+                        lock(&self.challenges).insert(
+                            challenge.token.clone(),
+                            key_authorization.as_str().to_owned(),
+                        );
+                        tokens.push(challenge.token.clone());
+                    }
+                    Challenge::TlsAlpn01 => {
+                        let proof =
+                            validation_certificate(host, key_authorization.digest().as_ref())?;
+                        lock(&self.alpn_challenges).insert(host.to_owned(), proof);
+                    }
+                }
                 challenge.set_ready().await.map_err(|e| e.to_string())?;
             }
             Ok::<(), String>(())
@@ -271,6 +324,7 @@ impl Acme {
         for token in &tokens {
             lock(&self.challenges).remove(token);
         }
+        lock(&self.alpn_challenges).remove(host);
         match ready? {
             OrderStatus::Ready => {}
             status => {
@@ -301,6 +355,28 @@ impl Acme {
         lock(&self.issued).insert(host.to_owned(), pair);
         Ok(not_after)
     }
+}
+
+/// The self-signed certificate a TLS-ALPN-01 validation is shown: the host's name, and the
+/// key authorization's digest in the acmeIdentifier extension (RFC 8737).
+fn validation_certificate(host: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, String> {
+    let err = |e: rcgen::Error| format!("cannot make the validation certificate: {e}");
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let mut params = rcgen::CertificateParams::new(vec![host.to_owned()]).map_err(err)?;
+    params
+        .custom_extensions
+        .push(rcgen::CustomExtension::new_acme_identifier(digest));
+    let cert = params.self_signed(&key).map_err(err)?;
+    let private = rustls::pki_types::PrivateKeyDer::Pkcs8(
+        rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()),
+    );
+    // Not `from_der`: its key check parses the certificate, and webpki refuses the critical
+    // acmeIdentifier extension that only the validating CA reads.
+    let signing = super::provider()
+        .key_provider
+        .load_private_key(private)
+        .map_err(|e| format!("the validation key is unusable: {e}"))?;
+    Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing)))
 }
 
 /// What the CA said about a failed order: the first challenge error it reports.

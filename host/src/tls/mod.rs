@@ -239,7 +239,15 @@ fn split(got: Result<Arc<CertifiedKey>, String>) -> (Option<Arc<CertifiedKey>>, 
 
 impl ResolvesServerCert for Certificates {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.table.load().find(hello.server_name()?).cloned()
+        let name = hello.server_name()?;
+        // An ACME CA validating a TLS-ALPN-01 challenge offers only its own protocol.
+        let validation = hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == acme::ACME_TLS_ALPN));
+        if validation {
+            return self.acme.as_ref()?.alpn_challenge(name);
+        }
+        self.table.load().find(name).cloned()
     }
 }
 

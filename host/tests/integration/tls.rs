@@ -759,3 +759,52 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// With `--acme-challenge tls-alpn-01` the CA is answered on the TLS listener alone: Pebble
+/// validates here against a port where nothing answers plain HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_answers_tls_alpn_01_on_the_tls_listener() {
+    let (nowhere, tls_port) = (free_port(), free_port());
+    let Some(pebble) = Pebble::start(nowhere, tls_port) else {
+        return;
+    };
+    let (directory, root) = (pebble.directory.clone(), pebble.root.clone());
+    let acme_addr = directory
+        .trim_start_matches("https://")
+        .trim_end_matches("/dir")
+        .to_owned();
+    eventually(Duration::from_secs(10), "Pebble listening", || async {
+        tokio::net::TcpStream::connect(&acme_addr).await.ok()
+    })
+    .await;
+    let h = common::start_with(move |c| {
+        c.tls_listen = Some(format!("127.0.0.1:{tls_port}").parse().expect("addr"));
+        c.acme_directory = directory.clone();
+        c.acme_ca_root = Some(root.clone());
+        c.acme_challenge = harbor::tls::acme::Challenge::TlsAlpn01;
+        c.acme_retry = Duration::from_millis(500);
+        c.rescan_interval = Some(Duration::from_millis(200));
+    })
+    .await;
+    let upstream = common::proxies::Upstream::start("alpn").await;
+    h.write_route(
+        "alpn.route",
+        &format!(
+            "host = \"alpn.example.org\"\ntls = \"auto\"\nupstreams = [\"{}\"]\n",
+            upstream.addr
+        ),
+    );
+    let issued = eventually(
+        Duration::from_secs(60),
+        "a certificate from Pebble",
+        || async { handshake_unverified(&h, "alpn.example.org").await },
+    )
+    .await;
+    let (_, cert) = x509_parser::parse_x509_certificate(&issued).expect("a certificate");
+    assert!(
+        cert.issuer().to_string().to_lowercase().contains("pebble"),
+        "issued by {}",
+        cert.issuer()
+    );
+    h.shutdown().await;
+}
