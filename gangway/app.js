@@ -308,7 +308,18 @@
     else { sync.textContent = s.backend === 'embedded' ? 'built in' : 'unknown'; sync.className = ''; }
     $('st-plugins').textContent = String(s.plugins);
     $('st-version').textContent = s.version;
+    renderHttps(s.https);
     renderUptime();
+  }
+
+  // Whether every service that asks for HTTPS has its certificate; the operator's API says which
+  // do not, and why.
+  function renderHttps(https) {
+    const node = $('st-https');
+    if (!https) { node.textContent = 'off'; node.className = ''; return; }
+    const n = https.problems;
+    node.textContent = n === 0 ? 'ok' : `${n} without certificate`;
+    node.className = n === 0 ? 'ok' : 'bad';
   }
 
   function renderUptime() {
@@ -366,6 +377,12 @@
     on('load', (d) => { for (const svc of d.services || []) upsert(svc); });
     on('backend', (d) => {
       if (status && typeof d.in_sync === 'boolean') setStatus({ ...status, in_sync: d.in_sync });
+    });
+    on('tls', (d) => {
+      if (status && typeof d.problems === 'number') {
+        status.https = { problems: d.problems };
+        renderHttps(status.https);
+      }
     });
     on('plugin', (d) => {
       if (status && typeof d.plugins === 'number') {

@@ -147,6 +147,10 @@ pub enum Event {
         service: String,
         reason: String,
     },
+    /// How many services lack the certificate they ask for, when that changes.
+    TlsStatus {
+        problems: usize,
+    },
 }
 
 impl Event {
@@ -191,6 +195,7 @@ impl Event {
             Event::BackendSwapped { .. } => "backend_swapped",
             Event::BackendSwapFailed { .. } => "backend_swap_failed",
             Event::TlsProblem { .. } => "tls_problem",
+            Event::TlsStatus { .. } => "tls_status",
         }
     }
 }

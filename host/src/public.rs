@@ -258,6 +258,10 @@ impl PublicView {
                 Event::BackendFailed { adapter, .. } => self.backend(adapter, "failed", false),
                 Event::BackendDrift { adapter, .. } => self.backend(adapter, "drift", false),
                 Event::BackendSwapped { to, .. } => self.backend(to, "swapped", false),
+                // A count only: which services and why may name internals.
+                Event::TlsStatus { problems } => {
+                    self.publish("tls", &json!({ "type": "tls", "problems": problems }))
+                }
                 Event::BackendSwapFailed { .. }
                 | Event::TlsProblem { .. }
                 | Event::PluginCompiling { .. }

@@ -47,6 +47,9 @@ pub fn status_of(app: &App) -> Value {
             .map_or_else(|| app.public.proxy_port(), |d| Some(d.proxy_port())),
         // Whether registrations are being saved; why not, with paths, only on the operator's API.
         "state_writable": app.registry.state_condition().write_error.is_none(),
+        // How many services lack the certificate they ask for; `null` without a TLS listener.
+        // Which and why, only on the operator's API.
+        "https": app.certificates.as_ref().map(|c| json!({"problems": c.problems().len()})),
     })
 }
 

@@ -376,7 +376,10 @@ fn validation_certificate(host: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>
         .key_provider
         .load_private_key(private)
         .map_err(|e| format!("the validation key is unusable: {e}"))?;
-    Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing)))
+    Ok(Arc::new(CertifiedKey::new(
+        vec![cert.der().clone()],
+        signing,
+    )))
 }
 
 /// What the CA said about a failed order: the first challenge error it reports.

@@ -262,11 +262,17 @@ pub async fn follow(
     cancel: tokio_util::sync::CancellationToken,
 ) {
     let mut changes = routing.subscribe();
+    let mut count = certificates.problems().len();
     loop {
         let snapshot = routing.snapshot();
         let store = certificates.clone();
         match tokio::task::spawn_blocking(move || store.sync(&snapshot)).await {
             Ok(problems) => {
+                let now = certificates.problems().len();
+                if now != count {
+                    count = now;
+                    bus.publish(crate::events::Event::TlsStatus { problems: now });
+                }
                 for problem in problems {
                     tracing::warn!(service = %problem.service, reason = %problem.reason, "TLS problem");
                     bus.publish(crate::events::Event::TlsProblem {

@@ -127,7 +127,7 @@ async fn the_page_renders_the_static_services() {
 
     let strip = b
         .value(
-            "['st-backend','st-sync','st-plugins','st-version','st-uptime']
+            "['st-backend','st-sync','st-plugins','st-version','st-uptime','st-https']
                .map(id => document.getElementById(id).textContent)",
         )
         .await;
@@ -135,6 +135,7 @@ async fn the_page_renders_the_static_services() {
     assert_eq!(strip[1], "built in");
     assert!(strip[2].as_str().unwrap().parse::<u32>().unwrap() >= 8);
     assert_eq!(strip[3], env!("CARGO_PKG_VERSION"));
+    assert_eq!(strip[5], "off", "no TLS listener");
 
     // Everything came from Harbor itself: no request left for another origin.
     let foreign = b
@@ -865,6 +866,56 @@ async fn a_shadows_agreement_shows_on_the_page() {
         "the shadow's agreement on the page",
         "const s = document.querySelector('#rows tr[data-name=web] .shadow');
          return s !== null && s.textContent === 'shadow first: 33 % agree'",
+    )
+    .await;
+    h.shutdown().await;
+}
+
+/// The status strip says how many services lack the certificate they ask for, live: a public
+/// name whose ACME CA cannot be reached has none, and the count goes back to nothing when its
+/// route goes. Which service and why stay on the operator's API.
+#[tokio::test]
+async fn the_https_line_counts_services_without_their_certificate() {
+    let Some(tools) = browser::tools() else {
+        return;
+    };
+    let _one = ONE_BROWSER.lock().await;
+    let h = start_with(|c| {
+        c.tls_listen = Some("127.0.0.1:0".parse().expect("addr"));
+        // Nothing listens there: every order fails.
+        c.acme_directory = "https://127.0.0.1:9/dir".to_owned();
+        c.rescan_interval = Some(Duration::from_millis(200));
+    })
+    .await;
+    let b = Browser::launch(&tools).await;
+    open_page(&b, &h).await;
+    b.wait_for(
+        Duration::from_secs(5),
+        "HTTPS ok",
+        "return document.getElementById('st-https').textContent === 'ok'",
+    )
+    .await;
+    h.write_route(
+        "shop.route",
+        "host = \"shop.example.com\"\npublic = true\nupstreams = [\"127.0.0.1:9\"]\n",
+    );
+    b.wait_for(
+        Duration::from_secs(10),
+        "one service without its certificate",
+        "const s = document.getElementById('st-https');
+         return s.textContent === '1 without certificate' && s.className === 'bad'",
+    )
+    .await;
+    let (_, status) = h.get("/api/v1/status").await;
+    let reason = status["tls"]["problems"][0]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("shop.example.com"), "{status}");
+    std::fs::remove_file(h.routes.path().join("shop.route")).expect("removed");
+    b.wait_for(
+        Duration::from_secs(10),
+        "HTTPS ok again",
+        "return document.getElementById('st-https').textContent === 'ok'",
     )
     .await;
     h.shutdown().await;
