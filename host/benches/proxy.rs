@@ -19,15 +19,19 @@
 //!    HTTP request answered, or 16 bytes echoed through a tcp route) and then left idle; the
 //!    growth of the proxy's resident memory, per connection, against HAProxy's (`mode http`
 //!    and `mode tcp`); then 1,000 connections each holding an unfinished 60,000-byte request
-//!    head (under Harbor's 64 KiB limit: the most a client can make it hold).
+//!    head (under Harbor's 64 KiB limit: the most a client can make it hold);
+//! 5. HTTPS: the same certificate (ECDSA P-256) on Harbor's TLS listener, HAProxy (OpenSSL),
+//!    Caddy and Envoy, in front of the nginx: keep-alive requests/s and, with every request on
+//!    a new connection, full TLS 1.3 handshakes/s, each with the proxy's CPU per request or
+//!    handshake (see `support/tls_case.rs`).
 //!
 //! Every Harbor pick goes through its WebAssembly strategy (`round-robin`), as in production.
 //! Every server binds 127.0.0.1 on a free port, is its own process group, dies with the bench
 //! (`PR_SET_PDEATHSIG`) and is stopped by a drop guard, also on panic. A missing peer is
 //! skipped with a printed reason; only a Harbor that does not work fails the run.
 //!
-//! Run with `cargo bench -p harbor --bench proxy` (about 8 minutes); `-- http`, `-- l4`,
-//! `-- conns` or `-- idle` runs one case. It is a benchmark, not a
+//! Run with `cargo bench -p harbor --bench proxy` (about 10 minutes); `-- http`, `-- l4`,
+//! `-- conns`, `-- idle` or `-- tls` runs one case. It is a benchmark, not a
 //! test: a missed goal is reported, not a failure.
 
 use std::fmt::Write as _;
@@ -47,6 +51,8 @@ use anyhow::{Context, bail, ensure};
 mod machine;
 #[path = "support/stats.rs"]
 mod stats;
+#[path = "support/tls_case.rs"]
+mod tls_case;
 use machine::{MAX_STOLEN_PCT, MachineTicks};
 
 /// Measured runs per target; the tables show medians.
@@ -213,6 +219,15 @@ fn run(dir: &Path) -> anyhow::Result<()> {
             http: nginx.is_some(),
         };
         summary.idle = Some(idle_case(&peers)?);
+    }
+
+    // 5. HTTPS.
+    match (&nginx, find_program("wrk")) {
+        _ if !wanted("tls") => {}
+        (Some(_), Some(_)) => {
+            summary.tls = tls_case::tls_case(dir, &harbor_bin, ports.nginx)?;
+        }
+        _ => println!("skipped the HTTPS case: it needs nginx and wrk"),
     }
 
     // Harbor must still be up: a crash mid-run would make its numbers meaningless. A peer that
@@ -1322,6 +1337,8 @@ struct Summary {
     stream: Option<Vec<StreamRow>>,
     conns: Option<Conns>,
     idle: Option<Vec<IdleRow>>,
+    /// The HTTPS case prints its own table; these are its goal lines.
+    tls: Vec<String>,
 }
 
 fn find<'a, R>(rows: &'a [R], name: impl Fn(&R) -> &str, wanted: &str) -> Option<&'a R> {
@@ -1515,6 +1532,7 @@ impl Summary {
             }
         }
 
+        goals.extend(self.tls.iter().cloned());
         println!();
         for goal in goals {
             println!("goal: {goal}");

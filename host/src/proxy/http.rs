@@ -55,6 +55,44 @@ pub async fn serve(
 ) {
     // Shared: each connection holds its settings for as long as it lives.
     let builder = Arc::new(builder());
+    let serve = move |shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr| {
+        let builder = builder.clone();
+        async move {
+            if shared.settings.direct_http1 {
+                let full =
+                    |stream, read| serve_full(shared.clone(), stream, read, peer, builder, false);
+                super::h1::serve(shared.clone(), stream, peer, full).await;
+            } else {
+                Box::pin(serve_full(
+                    shared,
+                    stream,
+                    Bytes::new(),
+                    peer,
+                    builder,
+                    false,
+                ))
+                .await;
+            }
+        }
+    };
+    accept(shared, listener, lanes, stop, "HTTP", serve).await;
+}
+
+/// Accepts clients on `listener` until `stop`: each one admitted by the HTTP door (past
+/// `--max-http-connections` or the descriptors set aside for connections, closed at once, and
+/// counted by the door) and served by `serve` on its own task in one of the lanes. `what` names
+/// the listener in logs.
+pub(super) async fn accept<F, Fut>(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    lanes: Option<Arc<Lanes>>,
+    stop: CancellationToken,
+    what: &'static str,
+    serve: F,
+) where
+    F: Fn(Arc<Shared>, TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let mut failures = 0u32;
     loop {
         let accepted = tokio::select! {
@@ -68,40 +106,22 @@ pub async fn serve(
             }
             Err(e) => {
                 failures += 1;
-                tracing::warn!(error = %e, "HTTP proxy cannot accept; retrying");
+                tracing::warn!(error = %e, "{what} proxy cannot accept; retrying");
                 accept_backoff(failures, &stop).await;
                 continue;
             }
         };
-        // Past `--max-http-connections` or the descriptors set aside for connections, closed
-        // at once (and counted by the door).
         let Ok(admission) = shared.http_door.admit() else {
-            tracing::debug!(%peer, "HTTP connection refused: too many open");
+            tracing::debug!(%peer, "{what} connection refused: too many open");
             drop(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
         let open = shared.conns.open();
-        let shared = shared.clone();
-        let builder = builder.clone();
+        let (shared, serve) = (shared.clone(), serve.clone());
         let job: Job = Box::new(move |stream: TcpStream| {
             Box::pin(async move {
-                if shared.settings.direct_http1 {
-                    let full = |stream, read| {
-                        serve_full(shared.clone(), stream, read, peer, builder, false)
-                    };
-                    super::h1::serve(shared.clone(), stream, peer, full).await;
-                } else {
-                    Box::pin(serve_full(
-                        shared,
-                        stream,
-                        Bytes::new(),
-                        peer,
-                        builder,
-                        false,
-                    ))
-                    .await;
-                }
+                serve(shared, stream, peer).await;
                 drop(open);
                 drop(admission);
             })

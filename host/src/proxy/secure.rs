@@ -16,9 +16,9 @@ use crate::model::{HostName, TlsMode};
 use crate::routing::ServiceRoute;
 use crate::tls::Certificates;
 
-use super::lanes::{Job, Lanes};
+use super::Shared;
+use super::lanes::Lanes;
 use super::policy::Answer;
-use super::{Shared, accept_backoff};
 
 /// What the proxy knows of its TLS listener.
 pub struct TlsFront {
@@ -52,7 +52,7 @@ pub fn redirect(shared: &Shared, route: &ServiceRoute, host: &str, target: &str)
     if !route.tls.redirects() || target.starts_with("/.well-known/acme-challenge/") {
         return None;
     }
-    let bare = without_port(host);
+    let bare = crate::routing::strip_port(host);
     let name = HostName::parse(bare).ok()?;
     if route.tls.mode_for(&name) == TlsMode::Off || !front.certificates.covers(bare) {
         return None;
@@ -76,18 +76,6 @@ pub fn challenge(shared: &Shared, path: &str) -> Option<Answer> {
         .map(Answer::acme_challenge)
 }
 
-fn without_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        return rest.split_once(']').map_or(host, |(ip, _)| ip);
-    }
-    match host.rsplit_once(':') {
-        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
-            name
-        }
-        _ => host,
-    }
-}
-
 /// Accepts TLS connections until `stop`, each handshaken and served on its own task in one of
 /// the lanes. A handshake gets the head timeout: a client that opens a connection and says
 /// nothing holds it no longer than one that sends half a request head.
@@ -99,54 +87,20 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let builder = Arc::new(super::http::builder());
-    let mut failures = 0u32;
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = stop.cancelled() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(conn) => {
-                failures = 0;
-                conn
-            }
-            Err(e) => {
-                failures += 1;
-                tracing::warn!(error = %e, "HTTPS proxy cannot accept; retrying");
-                accept_backoff(failures, &stop).await;
-                continue;
-            }
-        };
-        let Ok(admission) = shared.http_door.admit() else {
-            tracing::debug!(%peer, "HTTPS connection refused: too many open");
-            drop(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let open = shared.conns.open();
-        let (shared, builder, acceptor) = (shared.clone(), builder.clone(), acceptor.clone());
-        let job: Job = Box::new(move |stream: TcpStream| {
-            Box::pin(async move {
-                let timeout = shared.settings.header_timeout;
-                if let Some(tls) = handshake(&shared, &acceptor, stream, peer, timeout).await {
-                    let validation =
-                        tls.get_ref().1.alpn_protocol() == Some(crate::tls::acme::ACME_TLS_ALPN);
-                    if !validation {
-                        super::http::serve_full(shared, tls, Bytes::new(), peer, builder, true)
-                            .await;
-                    }
-                }
-                drop(open);
-                drop(admission);
-            })
-        });
-        match &lanes {
-            Some(lanes) => lanes.hand(stream, peer, job),
-            None => {
-                tokio::spawn(job(stream));
+    let serve = move |shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr| {
+        let (builder, acceptor) = (builder.clone(), acceptor.clone());
+        async move {
+            let timeout = shared.settings.header_timeout;
+            let Some(tls) = handshake(&shared, &acceptor, stream, peer, timeout).await else {
+                return;
+            };
+            // A CA validating a TLS-ALPN-01 challenge wants only the handshake.
+            if tls.get_ref().1.alpn_protocol() != Some(crate::tls::acme::ACME_TLS_ALPN) {
+                super::http::serve_full(shared, tls, Bytes::new(), peer, builder, true).await;
             }
         }
-    }
+    };
+    super::http::accept(shared, listener, lanes, stop, "HTTPS", serve).await;
 }
 
 async fn handshake(

@@ -65,7 +65,8 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
-fn strip_port(host: &str) -> &str {
+/// `host` without its port: `a.example:8080` → `a.example`, `[::1]:80` → `::1`.
+pub fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         // [v6]:port → v6
         return rest.split_once(']').map_or(host, |(ip, _)| ip);

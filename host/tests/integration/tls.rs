@@ -516,6 +516,34 @@ impl Pebble {
         })
     }
 
+    /// Waits until Pebble listens (once it has read its certificate).
+    async fn ready(&self) {
+        let addr = self
+            .directory
+            .trim_start_matches("https://")
+            .trim_end_matches("/dir")
+            .to_owned();
+        eventually(Duration::from_secs(10), "Pebble listening", || async {
+            tokio::net::TcpStream::connect(&addr).await.ok()
+        })
+        .await;
+    }
+
+    /// Settings that point Harbor's ACME at this Pebble, its TLS listener on `tls_port`.
+    fn settings(
+        &self,
+        tls_port: u16,
+    ) -> impl Fn(&mut harbor::config::Config) + Send + Sync + 'static {
+        let (directory, root) = (self.directory.clone(), self.root.clone());
+        move |c| {
+            c.tls_listen = Some(format!("127.0.0.1:{tls_port}").parse().expect("addr"));
+            c.acme_directory = directory.clone();
+            c.acme_ca_root = Some(root.clone());
+            c.acme_retry = Duration::from_millis(500);
+            c.rescan_interval = Some(Duration::from_millis(200));
+        }
+    }
+
     /// Makes `host` resolve to an address where Harbor does not listen, so that its
     /// challenges fail.
     async fn misdirect(&self, host: &str) {
@@ -544,30 +572,17 @@ async fn acme_issues_serves_renews_and_reports_failures_against_pebble() {
     let Some(pebble) = Pebble::start(http_port, tls_port) else {
         return;
     };
-    let (directory, root) = (pebble.directory.clone(), pebble.root.clone());
     // Read at every start, so that a restart can renew early.
     let renew_before = Arc::new(std::sync::Mutex::new(Duration::from_secs(30 * 86_400)));
     let settings = {
-        let (directory, renew_before) = (directory.clone(), renew_before.clone());
+        let (acme, renew_before) = (pebble.settings(tls_port), renew_before.clone());
         move |c: &mut harbor::config::Config| {
+            acme(c);
             c.proxy_listen = format!("127.0.0.1:{http_port}").parse().expect("addr");
-            c.tls_listen = Some(format!("127.0.0.1:{tls_port}").parse().expect("addr"));
-            c.acme_directory = directory.clone();
-            c.acme_ca_root = Some(root.clone());
             c.acme_renew_before = *renew_before.lock().expect("the window");
-            c.acme_retry = Duration::from_millis(500);
-            c.rescan_interval = Some(Duration::from_millis(200));
         }
     };
-    // Pebble listens once it has read its certificate.
-    let acme_addr = directory
-        .trim_start_matches("https://")
-        .trim_end_matches("/dir")
-        .to_owned();
-    eventually(Duration::from_secs(10), "Pebble listening", || async {
-        tokio::net::TcpStream::connect(&acme_addr).await.ok()
-    })
-    .await;
+    pebble.ready().await;
     let h = common::start_with(settings).await;
     let shop = common::proxies::Upstream::start("shop").await;
     let broken = common::proxies::Upstream::start("broken").await;
@@ -768,22 +783,11 @@ async fn acme_answers_tls_alpn_01_on_the_tls_listener() {
     let Some(pebble) = Pebble::start(nowhere, tls_port) else {
         return;
     };
-    let (directory, root) = (pebble.directory.clone(), pebble.root.clone());
-    let acme_addr = directory
-        .trim_start_matches("https://")
-        .trim_end_matches("/dir")
-        .to_owned();
-    eventually(Duration::from_secs(10), "Pebble listening", || async {
-        tokio::net::TcpStream::connect(&acme_addr).await.ok()
-    })
-    .await;
+    pebble.ready().await;
+    let acme = pebble.settings(tls_port);
     let h = common::start_with(move |c| {
-        c.tls_listen = Some(format!("127.0.0.1:{tls_port}").parse().expect("addr"));
-        c.acme_directory = directory.clone();
-        c.acme_ca_root = Some(root.clone());
+        acme(c);
         c.acme_challenge = harbor::tls::acme::Challenge::TlsAlpn01;
-        c.acme_retry = Duration::from_millis(500);
-        c.rescan_interval = Some(Duration::from_millis(200));
     })
     .await;
     let upstream = common::proxies::Upstream::start("alpn").await;
