@@ -83,7 +83,23 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         proxy_port,
     ));
     let public_as_of = public::build(&public, &core.registry, &routing);
+    // Cancelled once the backend driver has written what the proxy needs while Harbor is away.
+    let settled = CancellationToken::new();
     let zone = bind_dns(&config, &core.registry, &routing).await?;
+    let dns_addr = zone.as_ref().map(|z| z.bound.addr);
+    // Served as soon as it is bound: Caddy finds the responder at the address it had before a
+    // restart, and a query left unanswered while the rest starts (the adapter compiling, say)
+    // would hold its requests until its resolver gives up.
+    let zone = zone.map(|zone| {
+        tracing::info!(addr = %zone.bound.addr, "upstream DNS responder for Caddy listening");
+        tasks.spawn(dns::serve(
+            zone.zone.clone(),
+            zone.bound,
+            core.cancel.clone(),
+            settled.clone(),
+        ));
+        (zone.zone, zone.as_of)
+    });
     // The proxy may be down: the dispatcher starts anyway and converges once it is up.
     let dispatcher = match config.backend {
         BackendKind::Embedded => None,
@@ -92,7 +108,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
             PluginEngine::shared()?,
             core.registry.bus().clone(),
             core.metrics.clone(),
-            zone.as_ref().map(|z| z.bound.addr),
+            dns_addr,
             proxy.tcp_carriage().clone(),
         )?),
     };
@@ -122,8 +138,6 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     // Everything that follows the registry, each from the event it was built as of.
     let cancel = &core.cancel;
     let registry = &core.registry;
-    // Cancelled once the backend driver has written what the proxy needs while Harbor is away.
-    let settled = CancellationToken::new();
     tasks.spawn(public::follow(
         public,
         registry.clone(),
@@ -133,19 +147,12 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         cancel.clone(),
     ));
     tasks.spawn(registry::reaper(registry.clone(), cancel.clone()));
-    if let Some(zone) = zone {
-        tracing::info!(addr = %zone.bound.addr, "upstream DNS responder for Caddy listening");
-        tasks.spawn(dns::serve(
-            zone.zone.clone(),
-            zone.bound,
-            cancel.clone(),
-            settled.clone(),
-        ));
+    if let Some((zone, as_of)) = zone {
         tasks.spawn(dns::follow(
-            zone.zone,
+            zone,
             registry.clone(),
             routing.clone(),
-            zone.as_of,
+            as_of,
             cancel.clone(),
         ));
     }

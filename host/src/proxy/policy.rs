@@ -290,6 +290,36 @@ mod tests {
     }
 
     #[test]
+    fn a_redirect_and_a_challenge_answer_say_the_same_in_bytes_and_responses() {
+        let redirect = || Answer::redirect("https://a.test:8443/x?y=1".to_owned());
+        let mut raw = Vec::new();
+        redirect().write(&mut raw);
+        let raw = String::from_utf8(raw).unwrap();
+        assert!(
+            raw.starts_with("HTTP/1.1 308 Permanent Redirect\r\n"),
+            "{raw}"
+        );
+        assert!(
+            raw.contains("location: https://a.test:8443/x?y=1\r\n"),
+            "{raw}"
+        );
+        let response = redirect().response();
+        assert_eq!(response.headers()["location"], "https://a.test:8443/x?y=1");
+
+        let mut raw = Vec::new();
+        Answer::acme_challenge("token.thumbprint".to_owned()).write(&mut raw);
+        let raw = String::from_utf8(raw).unwrap();
+        assert!(
+            raw.ends_with("\r\n\r\ntoken.thumbprint"),
+            "the key authorization as it is: {raw}"
+        );
+        assert!(
+            raw.contains("content-type: application/octet-stream\r\n"),
+            "{raw}"
+        );
+    }
+
+    #[test]
     fn answers_are_the_same_bytes_and_responses() {
         let answer = Answer::bad_request("a chunk size has a stray character");
         let mut raw = Vec::new();

@@ -301,3 +301,31 @@ pub async fn follow(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(host: &str) -> Arc<CertifiedKey> {
+        let ca = LocalCa::open(None).expect("a CA");
+        ca.issue(host).expect("a certificate").key
+    }
+
+    #[test]
+    fn an_exact_name_wins_over_a_wildcard_which_covers_one_label() {
+        let mut table = Table::default();
+        let (exact, wild) = (key("a.example.com"), key("*.example.com"));
+        table.insert("a.example.com", exact.clone());
+        table.insert("*.example.com", wild.clone());
+        let found = |host: &str| table.find(host).map(|k| Arc::ptr_eq(k, &exact));
+        assert_eq!(found("a.example.com"), Some(true));
+        assert_eq!(
+            found("A.Example.COM."),
+            Some(true),
+            "any case, a trailing dot"
+        );
+        assert_eq!(found("b.example.com"), Some(false), "the wildcard");
+        assert_eq!(found("x.b.example.com"), None, "one label only");
+        assert_eq!(found("example.com"), None);
+    }
+}
