@@ -124,6 +124,11 @@ impl Tls {
         }
     }
 
+    /// Whether the service is served over TLS at all (its default never turns it off).
+    pub fn serves(&self) -> bool {
+        self.mode != Some(TlsMode::Off)
+    }
+
     pub fn redirects(&self) -> bool {
         self.redirect_http.unwrap_or(true)
     }

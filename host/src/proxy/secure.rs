@@ -12,7 +12,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{HostName, TlsMode};
 use crate::routing::ServiceRoute;
 use crate::tls::Certificates;
 
@@ -49,12 +48,14 @@ pub fn server_config(certificates: Arc<Certificates>) -> anyhow::Result<rustls::
 /// ACME's HTTP-01 challenges stay on plain HTTP.
 pub fn redirect(shared: &Shared, route: &ServiceRoute, host: &str, target: &str) -> Option<Answer> {
     let front = shared.tls.as_ref()?;
-    if !route.tls.redirects() || target.starts_with("/.well-known/acme-challenge/") {
+    if !route.tls.serves()
+        || !route.tls.redirects()
+        || target.starts_with(crate::tls::acme::CHALLENGE_PREFIX)
+    {
         return None;
     }
     let bare = crate::routing::strip_port(host);
-    let name = HostName::parse(bare).ok()?;
-    if route.tls.mode_for(&name) == TlsMode::Off || !front.certificates.covers(bare) {
+    if !front.certificates.covers(bare) {
         return None;
     }
     let authority = match (front.port, bare.contains(':')) {
