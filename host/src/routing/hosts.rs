@@ -34,14 +34,8 @@ impl<T> HostIndex<T> {
 
     /// The route for `host` (any case, with or without a port) and `path`.
     pub fn find(&self, host: &str, path: &str) -> Option<&Arc<T>> {
-        let host = strip_port(host).trim_end_matches('.');
-        let lowered;
-        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
-            lowered = host.to_ascii_lowercase();
-            lowered.as_str()
-        } else {
-            host
-        };
+        let host = normalized(strip_port(host));
+        let host = host.as_ref();
         if let Some(found) = self.exact.get(host).and_then(|r| longest(r, path)) {
             return Some(found);
         }
@@ -62,6 +56,17 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     match path.strip_prefix(prefix) {
         Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'),
         None => false,
+    }
+}
+
+/// A host name as routes and certificates are keyed: lower case, without a trailing dot. Names
+/// come lower-cased nearly always, and are not copied then.
+pub fn normalized(host: &str) -> std::borrow::Cow<'_, str> {
+    let host = host.trim_end_matches('.');
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
     }
 }
 

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use hosts::{HostIndex, prefix_matches, strip_port};
+pub use hosts::{HostIndex, normalized, prefix_matches, strip_port};
 
 use crate::events::{Event, Follower, Since};
 use crate::model::{Kind, Match, RouteOptions, ServiceName, ServiceView, Tls};

@@ -42,15 +42,8 @@ struct Table {
 
 impl Table {
     fn find(&self, host: &str) -> Option<&Arc<CertifiedKey>> {
-        let host = host.trim_end_matches('.');
-        // Names come lower-cased nearly always: no copy for them.
-        let lowered;
-        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
-            lowered = host.to_ascii_lowercase();
-            lowered.as_str()
-        } else {
-            host
-        };
+        let host = crate::routing::normalized(host);
+        let host = host.as_ref();
         if let Some(key) = self.exact.get(host) {
             return Some(key);
         }

@@ -12,16 +12,23 @@ use crate::common::{self, TestHarbor, eventually, guests::component};
 
 async fn with_canary() -> TestHarbor {
     let h = common::start().await;
+    let (status, body) = upload_canary(&h, "wait=true").await;
+    assert_eq!(status, 201, "{body}");
+    h
+}
+
+/// Uploads the example canary strategy with `query`: the answer's status and body.
+async fn upload_canary(h: &TestHarbor, query: &str) -> (u16, Value) {
     let resp = h
         .client
-        .put(h.url("/api/v1/plugins/example-canary?wait=true"))
+        .put(h.url(&format!("/api/v1/plugins/example-canary?{query}")))
         .header("content-type", "application/wasm")
         .body(component("strategy-example-canary", &[]))
         .send()
         .await
         .expect("the API answers");
-    assert_eq!(resp.status().as_u16(), 201);
-    h
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
 }
 
 /// Where 20 requests to `host` went, by upstream body.
@@ -296,34 +303,17 @@ async fn plugin_wide_settings_come_from_the_sidecar_or_the_upload_and_routes_lay
     all_reach(&h, "own.localhost", "stable").await;
 
     // Settings the plugin refuses keep a new version out, in its words.
-    let resp = h
-        .client
-        .put(h.url(
-            "/api/v1/plugins/example-canary?wait=true&settings=%7B%22canary_percent%22%3A200%7D",
-        ))
-        .header("content-type", "application/wasm")
-        .body(component("strategy-example-canary", &[]))
-        .send()
-        .await
-        .expect("the API answers");
-    assert_eq!(resp.status().as_u16(), 400);
-    let body: Value = resp.json().await.expect("json");
+    let (status, body) =
+        upload_canary(&h, "wait=true&settings=%7B%22canary_percent%22%3A200%7D").await;
+    assert_eq!(status, 400, "{body}");
     let error = body["error"].as_str().unwrap_or_default();
     assert!(
         error.contains(r#"refuses its settings {"canary_percent":200}"#)
             && error.contains("must be a whole number from 0 to 100, got 200"),
         "{body}"
     );
-    let resp = h
-        .client
-        .put(h.url("/api/v1/plugins/example-canary?settings=%5B1%5D"))
-        .header("content-type", "application/wasm")
-        .body(component("strategy-example-canary", &[]))
-        .send()
-        .await
-        .expect("the API answers");
-    assert_eq!(resp.status().as_u16(), 400);
-    let body: Value = resp.json().await.expect("json");
+    let (status, body) = upload_canary(&h, "settings=%5B1%5D").await;
+    assert_eq!(status, 400, "{body}");
     assert_eq!(body["field"], "settings", "{body}");
     all_reach(&h, "wide.localhost", "canary").await;
     h.shutdown().await;

@@ -611,12 +611,7 @@ async fn acme_issues_serves_renews_and_reports_failures_against_pebble() {
         || async { handshake_unverified(&h, "shop.example.com").await },
     )
     .await;
-    let (_, cert) = x509_parser::parse_x509_certificate(&issued).expect("a certificate");
-    assert!(
-        cert.issuer().to_string().to_lowercase().contains("pebble"),
-        "issued by {}",
-        cert.issuer()
-    );
+    assert_issued_by_pebble(&issued);
     let key = h.state.path().join("tls/acme/shop.example.com.key");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
@@ -703,6 +698,15 @@ async fn acme_issues_serves_renews_and_reports_failures_against_pebble() {
     })
     .await;
     h.shutdown().await;
+}
+
+fn assert_issued_by_pebble(der: &CertificateDer<'_>) {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).expect("a certificate");
+    assert!(
+        cert.issuer().to_string().to_lowercase().contains("pebble"),
+        "issued by {}",
+        cert.issuer()
+    );
 }
 
 /// The certificate served for `name`, whoever issued it (the test reads the issuer itself).
@@ -804,11 +808,6 @@ async fn acme_answers_tls_alpn_01_on_the_tls_listener() {
         || async { handshake_unverified(&h, "alpn.example.org").await },
     )
     .await;
-    let (_, cert) = x509_parser::parse_x509_certificate(&issued).expect("a certificate");
-    assert!(
-        cert.issuer().to_string().to_lowercase().contains("pebble"),
-        "issued by {}",
-        cert.issuer()
-    );
+    assert_issued_by_pebble(&issued);
     h.shutdown().await;
 }
