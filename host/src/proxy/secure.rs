@@ -55,7 +55,7 @@ pub fn redirect(shared: &Shared, route: &ServiceRoute, host: &str, target: &str)
         return None;
     }
     let bare = crate::routing::strip_port(host);
-    if !front.certificates.covers(bare) {
+    if !plain_name(bare) || !front.certificates.covers(bare) {
         return None;
     }
     let authority = match (front.port, bare.contains(':')) {
@@ -65,6 +65,17 @@ pub fn redirect(shared: &Shared, route: &ServiceRoute, host: &str, target: &str)
         (port, true) => format!("[{bare}]:{port}"),
     };
     Some(Answer::redirect(format!("https://{authority}{target}")))
+}
+
+/// Whether a client's host is a plain DNS name or address, fit to be sent back in a Location.
+/// The framing policy lets a `Host` through with any RFC 9110 reg-name character, and a
+/// wildcard route matches any first label: a `%` or `;` there would make a Location that
+/// browsers read differently.
+fn plain_name(host: &str) -> bool {
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
 }
 
 /// The answer to an ACME HTTP-01 challenge for an order Harbor has open, whatever the host.
@@ -137,6 +148,34 @@ async fn handshake(
                 .inc();
             tracing::debug!(%peer, "TLS handshake not finished in time");
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_names_are_sent_back_in_a_location() {
+        for good in [
+            "a.test",
+            "x-1.w.test",
+            "127.0.0.1",
+            "::1",
+            "under_score.lan",
+        ] {
+            assert!(plain_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "evil%2Ecom.w.test",
+            "a;b.w.test",
+            "a!b.w.test",
+            "x~y.w.test",
+            "a*b.test",
+        ] {
+            assert!(!plain_name(bad), "{bad}");
         }
     }
 }

@@ -240,6 +240,16 @@ async fn files_are_chosen_by_sni_negotiate_h2_follow_replacement_and_redirect_pl
         );
     }
 
+    // A name the framing policy lets through but a Location would mangle is served as it is,
+    // never sent back.
+    let resp = plain
+        .get(format!("http://{proxy}/"))
+        .header("host", "x%2Fevil.w.test")
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(resp.status().as_u16(), 200, "not redirected");
+
     // A replaced certificate is served without a restart.
     let (fresh, _, _) = ca.valid(certs.path(), "a", &["a.test"]);
     eventually(
