@@ -853,6 +853,13 @@ impl Config {
         if self.protect_reads && self.token_file.is_none() {
             bail!("--protect-reads needs --token-file: without tokens no one could read");
         }
+        if self.tls_listen.is_some() && self.backend != BackendKind::Embedded {
+            bail!(
+                "--tls-listen is the embedded proxy's HTTPS listener; with --backend {} the proxy \
+                 serves HTTPS by its own configuration (Harbor does not drive its TLS yet)",
+                self.backend
+            );
+        }
         let l = &self.lease;
         if l.min.is_zero() || l.min > l.max {
             bail!(
@@ -1051,6 +1058,7 @@ mod tests {
             "Caddy:",
             "Envoy:",
             "Plugins:",
+            "TLS:",
             "Demo:",
         ] {
             assert!(help.contains(group), "no {group} group in\n{help}");
@@ -1103,6 +1111,17 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("ttl-min"), "{err}");
+
+        let err = Config::from_args(RunArgs {
+            tls_listen: Some("127.0.0.1:8443".parse().unwrap()),
+            backend: Some(BackendKind::Caddy),
+            ..RunArgs::default()
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("--tls-listen is the embedded"),
+            "{err}"
+        );
     }
 
     #[test]
