@@ -1326,10 +1326,12 @@ async fn caddy_keeps_routing_while_harbor_is_stopped_and_restarted(release: Rele
         (addr, "web.localhost", "web"),
         (addr, "hashed.localhost", "hashed-"),
     ]);
+    let streaming = std::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let writes = caddy.config_writes();
 
     let h = h.restart_after(Duration::from_secs(10)).await;
+    let restarted = streaming.elapsed();
     let in_sync = || async {
         let (_, status) = h.get("/api/v1/backend").await;
         (status["in_sync"] == true).then_some(())
@@ -1340,8 +1342,10 @@ async fn caddy_keeps_routing_while_harbor_is_stopped_and_restarted(release: Rele
     let (ok, failed) = stream.await.expect("the stream");
     none_failed(
         &format!(
-            "Caddy {}: a stop of 10 s and a restart ({} config writes meanwhile)",
+            "Caddy {}: a stop of 10 s from 0.5 s into the stream and a restart done at {:.2} s \
+             ({} config writes meanwhile)",
             caddy.version,
+            restarted.as_secs_f64(),
             caddy.config_writes() - writes
         ),
         ok,

@@ -593,13 +593,20 @@ pub fn steady_stream(
         async move {
             let client = reqwest::Client::new();
             let (mut ok, mut failed) = (0u64, Vec::new());
+            let started = std::time::Instant::now();
             for (addr, host, prefix) in targets.iter().cycle() {
                 if stop.is_cancelled() {
                     break;
                 }
+                let sent = started.elapsed();
                 match through_as_browsers_do(&client, *addr, host).await {
                     Some((200, body)) if body.starts_with(prefix) => ok += 1,
-                    other => failed.push(format!("{host} at {addr}: {other:?}")),
+                    // When it was sent, from the stream's start, to place it beside the test's
+                    // own steps (a stop, a restart, a reload).
+                    other => failed.push(format!(
+                        "{host} at {addr}, sent at {:.2} s: {other:?}",
+                        sent.as_secs_f64()
+                    )),
                 }
             }
             (ok, failed)
