@@ -1345,6 +1345,11 @@ async fn caddy_keeps_routing_while_harbor_is_stopped_and_restarted(release: Rele
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
     let (ok, failed) = stream.await.expect("the stream");
+    if !failed.is_empty() {
+        let log = std::fs::read_to_string(caddy.dir.path().join("caddy.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(80).collect();
+        eprintln!("Caddy's log, last lines first:\n{}", tail.join("\n"));
+    }
     none_failed(
         &format!(
             "Caddy {}: a stop of 10 s from 0.5 s into the stream and a restart done at {:.2} s \
