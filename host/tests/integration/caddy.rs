@@ -802,7 +802,9 @@ async fn a_caddy_reload_never_answers_harbors_hosts_wrongly(release: Release) {
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
-    eventually(Duration::from_secs(3), "web through Caddy", || async {
+    // Set-up, not what is measured: the first route also waits for Caddy to start a server on
+    // Harbor's own address, beside the other Caddy tests running at once.
+    eventually(Duration::from_secs(10), "web through Caddy", || async {
         (through(&fresh, own, "web.localhost", "/").await == Some((200, "web".into())))
             .then_some(())
     })
@@ -1332,6 +1334,20 @@ async fn caddy_keeps_routing_while_harbor_is_stopped_and_restarted(release: Rele
         (addr, "hashed.localhost", "hashed-"),
     ]);
     let streaming = std::time::Instant::now();
+    // How long the test's own runtime, which the daemon shares, was kept from running: a long
+    // stall while Harbor stops would be Harbor blocking its runtime.
+    let stalled = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let watchdog = tokio::spawn({
+        let stalled = stalled.clone();
+        async move {
+            loop {
+                let before = std::time::Instant::now();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let late = before.elapsed().as_millis() as u64;
+                stalled.fetch_max(late, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let writes = caddy.config_writes();
 
@@ -1345,6 +1361,11 @@ async fn caddy_keeps_routing_while_harbor_is_stopped_and_restarted(release: Rele
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
     let (ok, failed) = stream.await.expect("the stream");
+    watchdog.abort();
+    eprintln!(
+        "the test's runtime went at most {} ms between 20 ms ticks",
+        stalled.load(std::sync::atomic::Ordering::Relaxed)
+    );
     if !failed.is_empty() {
         let log = std::fs::read_to_string(caddy.dir.path().join("caddy.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(80).collect();

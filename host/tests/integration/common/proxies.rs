@@ -581,6 +581,10 @@ pub fn checked_route(host: &str, upstreams: &[SocketAddr]) -> String {
 /// with) in turn, until stopped; returns how many were answered by the service and what became
 /// of the others. Like browsers and Go's client (RFC 9112, 9.3.1), a GET whose keep-alive
 /// connection closed under it (a Caddy reload) is sent once more on a new one.
+///
+/// The client runs on a thread and runtime of its own, as a user's would: on the test's runtime,
+/// which the daemon under test shares, a moment the daemon keeps that thread busy (stopping, or
+/// starting) would count against the client's own timeouts.
 pub fn steady_stream(
     targets: Vec<(SocketAddr, &'static str, &'static str)>,
 ) -> (
@@ -588,31 +592,42 @@ pub fn steady_stream(
     tokio::task::JoinHandle<(u64, Vec<String>)>,
 ) {
     let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn({
+    let task = tokio::task::spawn_blocking({
         let stop = stop.clone();
-        async move {
-            let client = reqwest::Client::new();
-            let (mut ok, mut failed) = (0u64, Vec::new());
-            let started = std::time::Instant::now();
-            for (addr, host, prefix) in targets.iter().cycle() {
-                if stop.is_cancelled() {
-                    break;
-                }
-                let sent = started.elapsed();
-                match through_as_browsers_do(&client, *addr, host).await {
-                    Some((200, body)) if body.starts_with(prefix) => ok += 1,
-                    // When it was sent, from the stream's start, to place it beside the test's
-                    // own steps (a stop, a restart, a reload).
-                    other => failed.push(format!(
-                        "{host} at {addr}, sent at {:.2} s: {other:?}",
-                        sent.as_secs_f64()
-                    )),
-                }
-            }
-            (ok, failed)
+        move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("the client's runtime")
+                .block_on(stream_requests(targets, stop))
         }
     });
     (stop, task)
+}
+
+async fn stream_requests(
+    targets: Vec<(SocketAddr, &'static str, &'static str)>,
+    stop: tokio_util::sync::CancellationToken,
+) -> (u64, Vec<String>) {
+    let client = reqwest::Client::new();
+    let (mut ok, mut failed) = (0u64, Vec::new());
+    let started = std::time::Instant::now();
+    for (addr, host, prefix) in targets.iter().cycle() {
+        if stop.is_cancelled() {
+            break;
+        }
+        let sent = started.elapsed();
+        match through_as_browsers_do(&client, *addr, host).await {
+            Some((200, body)) if body.starts_with(prefix) => ok += 1,
+            // When it was sent, from the stream's start, to place it beside the test's own
+            // steps (a stop, a restart, a reload).
+            other => failed.push(format!(
+                "{host} at {addr}, sent at {:.2} s: {other:?}",
+                sent.as_secs_f64()
+            )),
+        }
+    }
+    (ok, failed)
 }
 
 /// Asserts that a [`steady_stream`] got through: a fair number answered, none failed.
