@@ -115,50 +115,14 @@ pub fn tls_case(dir: &Path, harbor_bin: &Path, nginx_port: u16) -> anyhow::Resul
          CPU is the proxy's"
     );
     let scratch = tempfile::tempdir()?;
-    let keepalive = rounds(
-        &targets,
-        RUNS,
-        |t| wrk_tls(t, WARMUP_SECS, false, scratch.path()).map(drop),
-        |t| wrk_tls(t, RUN_SECS, false, scratch.path()),
-        |r| {
-            format!(
-                "{:>9.0} req/s  {:>6.1} µs CPU/req  errors {}",
-                r.0, r.1, r.2
-            )
-        },
-    )?;
-    let handshakes = rounds(
-        &targets,
-        RUNS,
-        |t| wrk_tls(t, WARMUP_SECS, true, scratch.path()).map(drop),
-        |t| wrk_tls(t, RUN_SECS, true, scratch.path()),
-        |r| {
-            format!(
-                "{:>9.0} handshakes/s  {:>6.1} µs CPU/handshake  errors {}",
-                r.0, r.1, r.2
-            )
-        },
-    )?;
-    let kept = rows(&targets, &keepalive, |name, runs| {
-        (
-            name,
-            median(runs.iter().map(|r| r.0)),
-            median(runs.iter().map(|r| r.1)),
-            runs.iter().map(|r| r.2).sum::<u64>(),
-        )
-    });
-    let new = rows(&targets, &handshakes, |_, runs| {
-        (
-            median(runs.iter().map(|r| r.0)),
-            median(runs.iter().map(|r| r.1)),
-            runs.iter().map(|r| r.2).sum::<u64>(),
-        )
-    });
+    let kept = measure(&targets, false, "req", scratch.path())?;
+    let new = measure(&targets, true, "handshake", scratch.path())?;
     let table: Vec<TlsRow> = kept
         .into_iter()
         .zip(new)
-        .map(|((name, rps, cpu, e1), (hs, hs_cpu, e2))| TlsRow {
-            name,
+        .zip(&targets)
+        .map(|(((rps, cpu, e1), (hs, hs_cpu, e2)), target)| TlsRow {
+            name: target.name,
             keepalive_rps: rps,
             keepalive_cpu_us: cpu,
             handshakes: hs,
@@ -215,6 +179,35 @@ pub fn tls_case(dir: &Path, harbor_bin: &Path, nginx_port: u16) -> anyhow::Resul
         drop(proc);
     }
     Ok(goals)
+}
+
+/// Rounds of wrk runs over HTTPS against every target, keep-alive or (`close`) one request per
+/// connection: per target, the median rate and CPU per `unit`, and the errors of every run.
+fn measure(
+    targets: &[Target<'_>],
+    close: bool,
+    unit: &str,
+    scratch: &Path,
+) -> anyhow::Result<Vec<(f64, f64, u64)>> {
+    let runs = rounds(
+        targets,
+        RUNS,
+        |t| wrk_tls(t, WARMUP_SECS, close, scratch).map(drop),
+        |t| wrk_tls(t, RUN_SECS, close, scratch),
+        |r| {
+            format!(
+                "{:>9.0} {unit}s/s  {:>6.1} µs CPU/{unit}  errors {}",
+                r.0, r.1, r.2
+            )
+        },
+    )?;
+    Ok(rows(targets, &runs, |_, runs| {
+        (
+            median(runs.iter().map(|r| r.0)),
+            median(runs.iter().map(|r| r.1)),
+            runs.iter().map(|r| r.2).sum::<u64>(),
+        )
+    }))
 }
 
 /// One wrk run over HTTPS: requests (or handshakes) per second, the proxy's CPU µs for each,
