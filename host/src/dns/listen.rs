@@ -134,10 +134,30 @@ async fn serve_udp(zone: Arc<Zone>, socket: UdpSocket, stop: CancellationToken) 
                     continue;
                 }
             },
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => {
+                answer_pending(&zone, socket, &mut buf);
+                return;
+            }
         };
         if let Some(reply) = answer(&buf[..len], &zone, Over::Udp) {
             let _ = socket.send_to(&reply, from).await;
+        }
+    }
+}
+
+/// Answers every query already waiting on the socket, just before it closes. A datagram left in
+/// a closed socket's buffer is dropped without a word, and its sender (Caddy, holding a lookup
+/// lock while it waits) waits out its resolver's timeout, seconds; one that arrives after the
+/// close is refused at once.
+fn answer_pending(zone: &Zone, socket: UdpSocket, buf: &mut [u8]) {
+    // Straight from the socket, which is non-blocking: the runtime's own readiness may not have
+    // seen the latest datagrams yet.
+    let Ok(socket) = socket.into_std() else {
+        return;
+    };
+    while let Ok((len, from)) = socket.recv_from(buf) {
+        if let Some(reply) = answer(&buf[..len], zone, Over::Udp) {
+            let _ = socket.send_to(&reply, from);
         }
     }
 }
@@ -230,6 +250,34 @@ mod tests {
         let got = bind(Some(wanted), state.path()).await.expect("bound");
         assert_eq!(got.addr, wanted);
         drop(held);
+    }
+
+    #[tokio::test]
+    async fn queries_waiting_when_the_udp_socket_closes_are_answered_not_dropped() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.expect("bound");
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("bound");
+        client
+            .connect(server.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let zone = zone_with(vec![(9000, 1)]);
+        // Loopback delivers at once: these sit in the server's buffer, unread, as queries do
+        // that arrive while the responder stops.
+        for _ in 0..20 {
+            client
+                .send(&query("web.svc.harbor.", 33))
+                .await
+                .expect("send");
+        }
+        answer_pending(&zone, server, &mut [0u8; 4096]);
+        let mut reply = [0u8; 512];
+        for i in 0..20 {
+            let len = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut reply))
+                .await
+                .unwrap_or_else(|_| panic!("query {i} was never answered"))
+                .expect("an answer");
+            assert_eq!(ports(&reply[..len]), vec![9000]);
+        }
     }
 
     #[tokio::test]
