@@ -5,7 +5,8 @@
 //! a crash between writing a new snapshot and removing the old log never replays the old one.
 //!
 //! Loading reads the snapshot and replays its log: a line torn by a crash at the log's end is
-//! dropped (it was never acknowledged); a file that cannot be read is moved aside and reported.
+//! dropped (it was never acknowledged); a file that cannot be read is moved aside (kept, never
+//! removed as a leftover) and reported. A log whose snapshot cannot be read goes aside with it.
 //! A state file from before the log existed is read as the first snapshot. One daemon owns the
 //! directory at a time ([`lock`]).
 
@@ -94,26 +95,8 @@ impl Store {
 
     /// Reads the saved instances: the snapshot, then its log replayed over it.
     pub fn load(&mut self) -> Loaded {
-        let mut set_aside = None;
         let mut instances: BTreeMap<InstanceId, StoredInstance> = BTreeMap::new();
-        match self.read_snapshot() {
-            Ok(Some(file)) => {
-                self.generation = file.journal;
-                instances.extend(file.instances.into_iter().map(|i| (i.id, i)));
-                let log = self.log_path(self.generation);
-                if let Err(reason) = replay(&log, &mut instances) {
-                    set_aside = Some(self.set_aside(&log, reason));
-                }
-            }
-            Ok(None) => {
-                // No snapshot yet: everything is in the first log.
-                let log = self.log_path(0);
-                if let Err(reason) = replay(&log, &mut instances) {
-                    set_aside = Some(self.set_aside(&log, reason));
-                }
-            }
-            Err(reason) => set_aside = Some(self.set_aside(&self.path(), reason)),
-        }
+        let set_aside = self.read_into(&mut instances);
         self.remove_leftovers();
         let mut out = Vec::with_capacity(instances.len());
         for (id, record) in instances {
@@ -128,6 +111,35 @@ impl Store {
             instances: out,
             set_aside,
         }
+    }
+
+    /// Reads the snapshot and replays its log into `instances`; returns the file set aside.
+    fn read_into(
+        &mut self,
+        instances: &mut BTreeMap<InstanceId, StoredInstance>,
+    ) -> Option<SetAside> {
+        let log = match self.read_snapshot() {
+            Ok(Some(file)) => {
+                self.generation = file.journal;
+                instances.extend(file.instances.into_iter().map(|i| (i.id, i)));
+                self.log_path(self.generation)
+            }
+            Ok(None) => {
+                // No snapshot yet: everything is in the first log.
+                self.generation = 0;
+                self.log_path(0)
+            }
+            Err(reason) => {
+                let aside = self.set_aside(&self.path(), reason);
+                self.set_logs_aside();
+                // Without a snapshot the first log is read next time, so it must start empty.
+                self.generation = 0;
+                return Some(aside);
+            }
+        };
+        replay(&log, instances)
+            .err()
+            .map(|reason| self.set_aside(&log, reason))
     }
 
     fn read_snapshot(&mut self) -> Result<Option<StateFile>, String> {
@@ -149,15 +161,15 @@ impl Store {
     }
 
     /// Logs of other generations (a crash between a new snapshot and the old log's removal) and
-    /// temporary files of writes that never finished.
+    /// temporary files of writes that never finished. Files set aside are not among them: they
+    /// are kept for a person to inspect.
     fn remove_leftovers(&self) {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
         };
-        let current = format!("{LOG_PREFIX}{}", self.generation);
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let stale_log = name.starts_with(LOG_PREFIX) && name != current;
+            let stale_log = log_generation(&name).is_some_and(|g| g != self.generation);
             if (stale_log || name == format!(".{FILE_NAME}.tmp"))
                 && let Err(e) = fs::remove_file(entry.path())
             {
@@ -166,22 +178,27 @@ impl Store {
         }
     }
 
-    fn set_aside(&self, path: &Path, reason: String) -> SetAside {
-        let aside = path.with_file_name(format!(
-            "{}.corrupt-{}",
-            path.file_name().unwrap_or_default().to_string_lossy(),
-            unix_ms(SystemTime::now())
-        ));
-        let moved_to = match fs::rename(path, &aside) {
-            Ok(()) => Some(aside.display().to_string()),
-            Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "cannot move the bad state file aside");
-                None
-            }
+    /// Moves every log aside once the snapshot that says which one holds the latest changes
+    /// cannot be read: replayed without their snapshot they would restore a partial state,
+    /// yet they may hold what a person needs to recover by hand.
+    fn set_logs_aside(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
         };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if log_generation(&name).is_some()
+                && let Some(moved_to) = move_aside(&entry.path(), "orphan")
+            {
+                tracing::warn!(file = %entry.path().display(), %moved_to, "journal of an unreadable snapshot set aside");
+            }
+        }
+    }
+
+    fn set_aside(&self, path: &Path, reason: String) -> SetAside {
         SetAside {
             file: path.display().to_string(),
-            moved_to,
+            moved_to: move_aside(path, "corrupt"),
             reason,
         }
     }
@@ -194,8 +211,18 @@ impl Store {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open the journal {}", path.display()))?;
+        // The log may be new (the first, or one after a set-aside): changes acknowledged in it
+        // must not vanish with its directory entry at a power loss. This also makes the
+        // set-asides and removals of loading durable.
+        self.sync_dir()
+            .with_context(|| format!("cannot sync the state directory {}", self.dir.display()))?;
         let len = file.metadata()?.len();
         Ok(Log { file, len })
+    }
+
+    /// Makes the directory's entries (files created, renamed, removed) durable.
+    fn sync_dir(&self) -> std::io::Result<()> {
+        File::open(&self.dir)?.sync_all()
     }
 
     /// Writes a snapshot of `instances` that names a new, empty log, and removes the old log.
@@ -210,13 +237,12 @@ impl Store {
                 .truncate(true)
                 .open(&log_path)?;
             // Both new directory entries, durable at once.
-            File::open(&self.dir)?.sync_all()?;
+            self.sync_dir()?;
             Ok((len, file))
         });
         let (len, file) = match written {
             Ok(done) => done,
             Err(e) => {
-                let _ = fs::remove_file(self.tmp_path());
                 let _ = fs::remove_file(&log_path);
                 return Err(self.unwritable(&e));
             }
@@ -232,7 +258,8 @@ impl Store {
         Ok(Log { file, len: 0 })
     }
 
-    /// Replaces the snapshot; returns its size. The rename is made durable by the caller.
+    /// Replaces the snapshot; returns its size. The rename is made durable by the caller. On
+    /// failure the temporary file is removed: nothing half-written is left.
     fn write_snapshot(&self, instances: &[RestoredInstance], journal: u64) -> std::io::Result<u64> {
         let file = StateFile {
             version: FORMAT_VERSION,
@@ -244,12 +271,11 @@ impl Store {
         };
         let json = serde_json::to_vec(&file)?;
         let tmp = self.tmp_path();
-        let mut f = File::create(&tmp)?;
-        f.write_all(&json)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, self.path())?;
-        Ok(json.len() as u64)
+        let written = write_synced(&tmp, &json).and_then(|()| fs::rename(&tmp, self.path()));
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written.map(|()| json.len() as u64)
     }
 
     /// The reason a write failed, for people.
@@ -259,6 +285,39 @@ impl Store {
             self.dir.display()
         )
     }
+}
+
+/// The generation of a log named `name`; none for any other file, a set-aside log included.
+fn log_generation(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(LOG_PREFIX)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Renames `path` to `<name>.<label>-<unix ms>` beside it; returns the new path, or none (and
+/// says why in the log) if it could not be moved.
+fn move_aside(path: &Path, label: &str) -> Option<String> {
+    let aside = path.with_file_name(format!(
+        "{}.{label}-{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        unix_ms(SystemTime::now())
+    ));
+    match fs::rename(path, &aside) {
+        Ok(()) => Some(aside.display().to_string()),
+        Err(e) => {
+            tracing::error!(file = %path.display(), error = %e, "cannot move a state file aside");
+            None
+        }
+    }
+}
+
+/// Writes `bytes` to a new file at `path` and syncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 /// Replays the log at `path` over `instances`. A last line without its newline was torn by a
@@ -410,13 +469,122 @@ mod tests {
         ))))
         .unwrap();
         let log = dir.path().join(format!("{LOG_PREFIX}0"));
-        fs::write(&log, format!("{good}\nnot json\n{good}\n")).unwrap();
+        let bad = format!("{good}\nnot json\n{good}\n");
+        fs::write(&log, &bad).unwrap();
         let mut store = Store::open_unlocked(dir.path());
         let loaded = store.load();
         assert_eq!(loaded.instances.len(), 1);
         let aside = loaded.set_aside.expect("reported");
         assert!(aside.reason.contains("line 2"), "{}", aside.reason);
+        let moved_to = PathBuf::from(aside.moved_to.expect("moved"));
+        assert_eq!(
+            fs::read_to_string(&moved_to).unwrap(),
+            bad,
+            "kept as it was"
+        );
+        // The writer starts a new log where the bad one was.
+        store.open_log().unwrap();
+        assert_eq!(fs::read(&log).unwrap(), b"", "a new, empty log");
+
+        let mut again = Store::open_unlocked(dir.path());
+        let loaded = again.load();
+        assert!(loaded.set_aside.is_none());
+        assert_eq!(
+            fs::read_to_string(&moved_to).unwrap(),
+            bad,
+            "still kept after another start"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_snapshot_is_set_aside_with_its_log_and_both_outlast_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = registry();
+        r.register(reg("a", "127.0.0.1:1")).unwrap();
+        let good = serde_json::to_string(&Line::Put(Box::new(StoredInstance::from_restored(
+            &r.ephemeral_instances()[0],
+        ))))
+        .unwrap();
+        let snapshot = dir.path().join(FILE_NAME);
+        let bad = r#"{"version": 1, "journal": 3, "instances": [tru"#;
+        fs::write(&snapshot, bad).unwrap();
+        let log = dir.path().join(format!("{LOG_PREFIX}3"));
+        fs::write(&log, format!("{good}\n")).unwrap();
+
+        let mut store = Store::open_unlocked(dir.path());
+        let loaded = store.load();
+        assert!(
+            loaded.instances.is_empty(),
+            "a log is not read without its snapshot"
+        );
+        let aside = loaded.set_aside.expect("reported");
+        assert!(
+            aside.reason.contains("not a valid state file"),
+            "{}",
+            aside.reason
+        );
+        let moved_to = PathBuf::from(aside.moved_to.expect("moved"));
+        assert_eq!(fs::read_to_string(&moved_to).unwrap(), bad);
+        let orphans = files_containing(dir.path(), ".orphan-");
+        assert_eq!(orphans.len(), 1, "{orphans:?}");
+        assert!(
+            orphans[0].starts_with(&format!("{LOG_PREFIX}3.")),
+            "{orphans:?}"
+        );
         assert!(!log.exists(), "moved aside");
+        store.open_log().unwrap();
+        assert!(
+            dir.path().join(format!("{LOG_PREFIX}0")).exists(),
+            "a fresh first log"
+        );
+
+        let mut again = Store::open_unlocked(dir.path());
+        let loaded = again.load();
+        assert!(loaded.set_aside.is_none());
+        assert_eq!(fs::read_to_string(&moved_to).unwrap(), bad);
+        assert_eq!(
+            fs::read_to_string(dir.path().join(&orphans[0])).unwrap(),
+            format!("{good}\n"),
+            "the log is kept as it was"
+        );
+    }
+
+    #[test]
+    fn only_logs_of_other_generations_and_temporary_files_are_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "ephemeral.journal-1",
+            "ephemeral.journal-2",
+            "ephemeral.journal-1.corrupt-5",
+            "ephemeral.journal-1.orphan-5",
+            "ephemeral.json.corrupt-5",
+            ".ephemeral.json.tmp",
+        ];
+        for name in names {
+            fs::write(dir.path().join(name), "x").unwrap();
+        }
+        let mut store = Store::open_unlocked(dir.path());
+        store.generation = 2;
+        store.remove_leftovers();
+        let mut left = files_containing(dir.path(), "ephemeral");
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "ephemeral.journal-1.corrupt-5",
+                "ephemeral.journal-1.orphan-5",
+                "ephemeral.journal-2",
+                "ephemeral.json.corrupt-5",
+            ]
+        );
+    }
+
+    fn files_containing(dir: &Path, part: &str) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(part))
+            .collect()
     }
 
     #[tokio::test]
