@@ -1,8 +1,9 @@
 //! The gates around the full HTTP stack: hyper reads HTTP/1 bytes, a client's requests or an
 //! upstream's responses, only once [`super::wire`] has read them under the same policy as the
 //! direct path. A head is passed on whole once it is valid, and a body as far as its framing
-//! checks out. Connections that stop speaking HTTP/1 (HTTP/2 with prior knowledge, a protocol
-//! switched to) pass through untouched.
+//! checks out. On the proxy's port, connections that stop speaking HTTP/1 (HTTP/2 with prior
+//! knowledge, a protocol switched to) pass through untouched; Harbor's own listeners refuse h2c
+//! (see [`Clients::of_api`]).
 //!
 //! What the policy refuses from a client ends the client's side of the conversation: hyper sees
 //! the connection end there, answers what it already took, and the refusal's answer goes out
@@ -411,7 +412,21 @@ pub struct Clients {
     metrics: Option<Arc<ProxyMetrics>>,
     limits: ClientLimits,
     answer: Option<Answer>,
+    /// Whether a connection may leave HTTP/1 (h2c, an upgrade); the gate's timers stop there,
+    /// so only a server that bounds such connections itself may allow it.
+    leaves_http1: bool,
+    /// An h2c client was refused and is owed [`H2C_REFUSAL`].
+    refused_h2c: bool,
 }
+
+/// The server's HTTP/2 preface (an empty SETTINGS frame) and a GOAWAY with the error
+/// `HTTP_1_1_REQUIRED` (RFC 9113 §5.4.1, §7): an h2c client learns why it is closed, and clients
+/// such as curl retry over HTTP/1.1.
+const H2C_REFUSAL: [u8; 26] = [
+    0, 0, 0, 4, 0, 0, 0, 0, 0, // SETTINGS, empty, stream 0
+    0, 0, 8, 7, 0, 0, 0, 0, 0, // GOAWAY, 8 bytes, stream 0
+    0, 0, 0, 0, 0, 0, 0, 0xd, // last stream 0, HTTP_1_1_REQUIRED
+];
 
 /// What a client is allowed (see the proxy's flags of the same names).
 #[derive(Clone, Copy, Debug)]
@@ -439,17 +454,33 @@ impl Clients {
             metrics: Some(metrics),
             limits,
             answer: None,
+            leaves_http1: true,
+            refused_h2c: false,
         }
     }
 
     /// A client of Harbor's own API or Gangway: the same policy and patience, not counted
-    /// among the proxy's errors.
+    /// among the proxy's errors, and held to HTTP/1. axum's server cannot be given HTTP/2
+    /// timeouts, so an h2c client passed through could idle there forever; these are HTTP/1
+    /// JSON and SSE APIs, and browsers never speak h2c. Nothing there switches protocols
+    /// either, so a request asking to stays under the gate's timers.
     pub fn of_api(limits: ClientLimits) -> Self {
         Self {
             metrics: None,
             limits,
             answer: None,
+            leaves_http1: false,
+            refused_h2c: false,
         }
+    }
+
+    fn h2c(&mut self) -> Step {
+        if self.leaves_http1 {
+            return Step::Through;
+        }
+        tracing::debug!("h2c refused");
+        self.refused_h2c = true;
+        Step::End
     }
 
     fn count(&self, kind: ErrorKind) {
@@ -496,7 +527,7 @@ impl Side for Clients {
 
     fn head(&mut self, buf: &[u8], first: bool) -> Step {
         if first && buf.starts_with(H2_PREFACE) {
-            return Step::Through;
+            return self.h2c();
         }
         if first && H2_PREFACE.starts_with(buf) {
             return Step::Partial;
@@ -505,7 +536,7 @@ impl Side for Clients {
             Parse::Partial => Step::Partial,
             Parse::Done(head) => Step::Pass {
                 len: head.len(),
-                then: if head.upgrade {
+                then: if head.upgrade && self.leaves_http1 {
                     After::Through
                 } else {
                     After::Head
@@ -528,6 +559,9 @@ impl Side for Clients {
     }
 
     fn owed(&mut self) -> Option<Vec<u8>> {
+        if std::mem::take(&mut self.refused_h2c) {
+            return Some(H2C_REFUSAL.to_vec());
+        }
         let answer = self.answer.take()?;
         let mut bytes = Vec::new();
         answer.write(&mut bytes);

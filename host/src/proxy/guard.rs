@@ -1,7 +1,8 @@
 //! Harbor's own HTTP listeners (the API and Gangway) read their clients through the proxy's
 //! gate: the same strict reading of heads, the same `--header-timeout` (answered with `408`),
 //! `--keepalive-timeout` and `--body-idle-timeout`. An idle or slow client then costs a
-//! descriptor for a bounded time, as it does on the proxy's port.
+//! descriptor for a bounded time, as it does on the proxy's port. They speak HTTP/1 only: an h2c
+//! client would pass beyond the gate's timers, so it is refused.
 
 use bytes::Bytes;
 

@@ -559,6 +559,89 @@ async fn the_api_and_gangway_close_slow_and_idle_clients() {
     h.shutdown().await;
 }
 
+/// How an HTTP/2 connection with prior knowledge (h2c) starts.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Everything read from `conn` until it is closed (EOF or reset), or `None` if it is still
+/// open at `deadline`.
+async fn closed_within(conn: &mut TcpStream, deadline: Duration) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    tokio::time::timeout(deadline, async {
+        while let Ok(n @ 1..) = conn.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .ok()?;
+    Some(got)
+}
+
+/// The API and Gangway speak HTTP/1 only: an h2c client that sends its preface and then idles
+/// is closed, where hyper's HTTP/2 server would hold it untimed; HTTP/1 calls are served as
+/// before.
+#[tokio::test]
+async fn the_api_and_gangway_close_an_idle_h2c_client() {
+    let h = common::start_with(|c| {
+        c.proxy.header_timeout = Duration::from_secs(1);
+        c.proxy.keepalive_timeout = Duration::from_secs(1);
+        c.gangway_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await;
+    let api = h.harbor().api_addr().expect("api");
+    let gangway = h.harbor().gangway_addr().expect("gangway");
+    for addr in [api, gangway] {
+        let mut h2c = TcpStream::connect(addr).await.expect("connect");
+        h2c.write_all(H2_PREFACE).await.expect("write");
+        let said = closed_within(&mut h2c, Duration::from_secs(10)).await;
+        let said = said.unwrap_or_else(|| panic!("{addr}: an idle h2c client is held open"));
+        // A GOAWAY frame (type 7) on stream 0, its error HTTP_1_1_REQUIRED (0xd).
+        assert!(
+            said.windows(17)
+                .any(|frame| frame[..9] == [0, 0, 8, 7, 0, 0, 0, 0, 0]
+                    && frame[13..] == [0, 0, 0, 0xd]),
+            "{addr}: told to use HTTP/1.1: {said:?}"
+        );
+        assert!(
+            answered_200(
+                addr,
+                b"GET /api/v1/catalog HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .await
+            .is_some(),
+            "{addr}: HTTP/1 is served"
+        );
+    }
+    h.shutdown().await;
+}
+
+/// A request asking to switch protocols is answered as any other (the API and Gangway switch
+/// to none), and its connection's idle time is still bounded.
+#[tokio::test]
+async fn the_api_and_gangway_close_an_idle_client_that_asked_to_upgrade() {
+    let h = common::start_with(|c| {
+        c.proxy.header_timeout = Duration::from_secs(1);
+        c.proxy.keepalive_timeout = Duration::from_secs(1);
+        c.gangway_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await;
+    let api = h.harbor().api_addr().expect("api");
+    let gangway = h.harbor().gangway_addr().expect("gangway");
+    for addr in [api, gangway] {
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(
+            b"GET /api/v1/catalog HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let said = closed_within(&mut conn, Duration::from_secs(10)).await;
+        let said = said.unwrap_or_else(|| panic!("{addr}: an idle client is held open"));
+        let said = String::from_utf8_lossy(&said);
+        assert!(said.starts_with("HTTP/1.1 200"), "{addr}: {said:?}");
+    }
+    h.shutdown().await;
+}
+
 /// The API takes `--api-max-connections` at once; more are closed as they arrive, and the proxy
 /// serves all the while.
 #[tokio::test]
