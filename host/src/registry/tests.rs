@@ -256,6 +256,64 @@ async fn a_contested_port_goes_to_the_file_that_sorts_first_whatever_came_first(
 }
 
 #[tokio::test]
+async fn a_contested_host_goes_to_the_file_that_sorts_first_whatever_came_first() {
+    let r = registry();
+    let shop =
+        |port: u16| format!("host = \"shop.localhost\"\nupstreams = [\"127.0.0.1:{port}\"]\n");
+    let both = || {
+        vec![
+            static_file("a-shop.route", &shop(3001)),
+            static_file("shop.route", &shop(3002)),
+        ]
+    };
+    r.apply_routes(vec![static_file("shop.route", &shop(3002))]);
+    assert!(r.service(&name("shop")).is_some());
+    r.apply_routes(both());
+    assert!(r.service(&name("a-shop")).is_some());
+    assert!(r.service(&name("shop")).is_none());
+    let errors = r.route_errors();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].file, "shop.route");
+    assert_eq!(errors[0].line, Some(1));
+    assert_eq!(errors[0].field.as_deref(), Some("host"));
+    let restarted = registry();
+    restarted.apply_routes(both());
+    assert!(restarted.service(&name("a-shop")).is_some());
+    assert!(restarted.service(&name("shop")).is_none());
+}
+
+/// The limit of "the files alone decide": a broken winner holds the host with its last good
+/// version, which lives only in memory, so a restart while it is broken gives the host away.
+#[tokio::test]
+async fn a_broken_winner_keeps_a_contested_host_only_until_a_restart() {
+    let r = registry();
+    let shop = "host = \"shop.localhost\"\nupstreams = [\"127.0.0.1:3002\"]\n";
+    let files = |first: &str| {
+        vec![
+            static_file("a-shop.route", first),
+            static_file("shop.route", shop),
+        ]
+    };
+    r.apply_routes(files(
+        "host = \"shop.localhost\"\nupstreams = [\"127.0.0.1:3001\"]\n",
+    ));
+    let broken = || files("host = \"shop.localhost\"\nupstreams = [\n");
+    r.apply_routes(broken());
+    assert!(r.service(&name("a-shop")).is_some());
+    assert!(r.service(&name("shop")).is_none());
+    assert_eq!(r.route_errors().len(), 2);
+
+    let restarted = registry();
+    restarted.apply_routes(broken());
+    assert!(restarted.service(&name("a-shop")).is_none());
+    let took = restarted.service(&name("shop")).unwrap();
+    assert_eq!(took.upstreams[0].addr.as_str(), "127.0.0.1:3002");
+    let errors = restarted.route_errors();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].file, "a-shop.route");
+}
+
+#[tokio::test]
 async fn a_route_file_takes_over_an_ephemeral_name() {
     let r = registry();
     let grant = r.register(reg("api", "127.0.0.1:9001", 60)).unwrap();
