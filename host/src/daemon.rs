@@ -173,6 +173,12 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
     ));
     follow_plugins(&config, &app, plugins.watch, &mut tasks, cancel);
     let rescan = Arc::new(Notify::new());
+    tasks.spawn(routes::follow_strategies(
+        registry.clone(),
+        rescan.clone(),
+        registry.bus().last_id(),
+        cancel.clone(),
+    ));
     tasks.spawn(routes::follow(
         routes,
         registry.clone(),

@@ -26,6 +26,8 @@ pub struct Metrics {
     /// ACME orders, by result (`issued`, `failed`).
     pub acme_orders: IntCounterVec,
     pub plugin_pick_seconds: HistogramVec,
+    /// Guest stores alive: every instance, on every thread, with its memory.
+    plugin_stores: IntGauge,
     pub shadow: crate::plugins::ShadowMetrics,
     pub backend: BackendMetrics,
 }
@@ -100,6 +102,11 @@ impl Metrics {
             ]),
             &["plugin"],
         )?;
+        let plugin_stores = IntGauge::new(
+            "plugin_stores",
+            "Strategy instances alive in this process (every thread's, the checks' and those being made), each with its memory",
+        )?;
+        registry.register(Box::new(plugin_stores.clone()))?;
         let shadow = crate::plugins::ShadowMetrics {
             picks: IntCounterVec::new(
                 Opts::new(
@@ -158,6 +165,7 @@ impl Metrics {
             plugin_loads,
             acme_orders,
             plugin_pick_seconds,
+            plugin_stores,
             shadow,
             backend,
         })
@@ -180,6 +188,7 @@ impl Metrics {
             .with_label_values(&["ephemeral"])
             .set(counts.ephemeral_services as i64);
         self.instances.set(counts.instances as i64);
+        self.plugin_stores.set(crate::plugins::live_stores());
         self.route_file_errors_active
             .set(counts.route_errors as i64);
         let mut out = Vec::new();

@@ -397,6 +397,7 @@ impl Balancer {
             }
             loaded.reporter.fell_back(&loaded.name);
         } else {
+            shard::tidy();
             slot.reporter.fell_back_name(&slot.name);
         }
         fallback(set, sequence, exclude).map(|index| Picked {

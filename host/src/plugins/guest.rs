@@ -61,8 +61,24 @@ pub struct GuestState {
     printed: Vec<u8>,
 }
 
+/// Strategy stores alive in this process: each holds an instance's memory and a hold on its
+/// component's compiled code. Read by the `harbor_plugin_stores` gauge.
+static LIVE_STORES: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// How many guest stores (instances with their memory) are alive in this process.
+pub fn live_stores() -> i64 {
+    LIVE_STORES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+impl Drop for GuestState {
+    fn drop(&mut self) {
+        LIVE_STORES.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl GuestState {
     pub fn new(limits: &Limits) -> Self {
+        LIVE_STORES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self {
             overrun_from: None,
             limits: StoreLimitsBuilder::new()

@@ -41,7 +41,7 @@ pub use dir::{
     scan as scan_dir,
 };
 pub use engine::{PluginEngine, content_hash, ticks};
-pub use guest::{CONTRACT, Outcome, define_pure_wasi};
+pub use guest::{CONTRACT, Outcome, define_pure_wasi, live_stores};
 pub use limits::{Limits, Requested as RequestedLimits, Setup, Size, read_sidecar};
 pub use load::{BackendLoad, InFlight};
 pub use report::{FaultKind, Reporter};

@@ -58,6 +58,8 @@ struct Route {
 /// A strategy version's place on one picking thread.
 #[derive(Default)]
 struct Slot {
+    /// The strategy's name, which its successors share.
+    name: Option<crate::model::StrategyName>,
     shard: Option<Shard>,
     /// An instance being made off this thread, once asked for.
     preparing: Option<Arc<Preparing>>,
@@ -100,6 +102,52 @@ impl Hasher for IdHasher {
 
 thread_local! {
     static SHARDS: RefCell<IdMap<Slot>> = RefCell::new(IdMap::default());
+    /// The value of [`RELEASES`] when this thread last looked for versions let go of.
+    static RELEASES_SEEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts strategy versions let go of (removed, or replaced and no longer used anywhere). A
+/// replaced version's instances go once its successor has one on the thread (see [`sweep`]),
+/// but a removed one has no successor, and a thread that never picks for its successor never
+/// sweeps: so each picking thread looks again at its next pick after any version is let go,
+/// and drops the instances of versions that have neither force nor a successor here, with
+/// their memory and their hold on the compiled code.
+static RELEASES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Tells every picking thread that a strategy version is gone (its last holder dropped it).
+pub fn released() {
+    RELEASES.fetch_add(1, std::sync::atomic::Ordering::Release);
+}
+
+/// Lets go of this thread's instances of versions that are gone, for a pick that asks no
+/// strategy (its route's plugin was removed): the one place such a thread may still pass.
+pub fn tidy() {
+    SHARDS.with(|cell| {
+        if let Ok(mut shards) = cell.try_borrow_mut() {
+            drop_released(&mut shards, None);
+        }
+    });
+}
+
+/// Drops this thread's instances of versions no longer in force and not standing in for a
+/// successor (one of theirs here, or `picking`, the strategy this thread is about to ask), once
+/// per release: the check on every pick is one load.
+fn drop_released(shards: &mut IdMap<Slot>, picking: Option<&crate::model::StrategyName>) {
+    let releases = RELEASES.load(std::sync::atomic::Ordering::Acquire);
+    if RELEASES_SEEN.get() == releases {
+        return;
+    }
+    RELEASES_SEEN.set(releases);
+    let wanted: std::collections::HashSet<crate::model::StrategyName> = shards
+        .values()
+        .filter(|slot| slot.owner_in_force() != Some(false))
+        .filter_map(|slot| slot.name.clone())
+        .chain(picking.cloned())
+        .collect();
+    shards.retain(|_, slot| {
+        slot.owner_in_force() != Some(false)
+            || slot.name.as_ref().is_some_and(|n| wanted.contains(n))
+    });
 }
 
 /// A failed guest call. The instance it happened in has been discarded.
@@ -140,6 +188,7 @@ pub fn pick(
                 message: "re-entered the strategy runtime".into(),
             }));
         };
+        drop_released(&mut shards, Some(&loaded.name));
         let built_in = matches!(loaded.source, Source::Builtin);
         // The common case first, with one lookup: this thread's instance can answer.
         if let Some(slot) = shards.get_mut(&loaded.generation)
@@ -156,7 +205,10 @@ pub fn pick(
         if !shards.contains_key(&loaded.generation) {
             sweep(&mut shards);
         }
-        let slot = shards.entry(loaded.generation).or_default();
+        let slot = shards.entry(loaded.generation).or_insert_with(|| Slot {
+            name: Some(loaded.name.clone()),
+            ..Slot::default()
+        });
         if built_in {
             // Harbor's own code is set up where it picks.
             let shard = match &mut slot.shard {
@@ -198,6 +250,20 @@ pub fn pick(
 }
 
 impl Slot {
+    /// Whether the version this slot's instance belongs to is in force; `None` while its first
+    /// instance is still being made.
+    fn owner_in_force(&self) -> Option<bool> {
+        if let Some(shard) = &self.shard {
+            return Some(shard.owner.strong_count() > 0);
+        }
+        let preparing = self.preparing.as_ref()?;
+        let done = crate::events::lock(&preparing.done);
+        match done.as_ref()? {
+            Ok(shard) => Some(shard.owner.strong_count() > 0),
+            Err(_) => Some(false),
+        }
+    }
+
     /// Whether this thread's instance has built route `id` for backend set `version`.
     fn ready(&self, id: u64, version: u64) -> bool {
         self.shard.as_ref().is_some_and(|s| s.knows(id, version))

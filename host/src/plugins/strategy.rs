@@ -90,6 +90,13 @@ struct PickWindow {
 
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        // Picking threads may hold instances of this version that nothing will ask for again.
+        super::shard::released();
+    }
+}
+
 impl Loaded {
     /// Compiles `bytes` and checks that the component can serve: it instantiates, implements
     /// this contract version, describes itself with a valid name, accepts the default

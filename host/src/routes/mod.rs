@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 pub use parse::parse_route;
 
 use crate::dirwatch::DirWatch;
-use crate::events::RouteFileError;
+use crate::events::{Event, Follower, RouteFileError, Since};
 use crate::model::{SETTINGS_FIELD, ServiceName, TlsMode};
 use crate::registry::{Registry, RouteFile, SettingsCheck};
 
@@ -180,6 +180,32 @@ pub async fn rescan(registry: &Registry, dir: &Path) {
             tracing::error!(dir = %dir.display(), error = %e, "cannot read the routes directory; static services unchanged")
         }
         Err(e) => tracing::error!(error = %e, "route scan failed"),
+    }
+}
+
+/// Re-reads the routes directory whenever a strategy is loaded or removed, from event `cursor`
+/// on: a route file that names a plugin uploaded after it was written routes at once, rather
+/// than at the next periodic rescan.
+pub async fn follow_strategies(
+    registry: Arc<Registry>,
+    trigger: Arc<Notify>,
+    cursor: u64,
+    cancel: CancellationToken,
+) {
+    let mut events = Follower::new(registry.bus().clone(), cursor);
+    while let Some(since) = events.next(&cancel).await {
+        let changed = match since {
+            Since::Events(events) => events.iter().any(|e| {
+                matches!(
+                    e.event,
+                    Event::PluginLoaded { .. } | Event::PluginRemoved { .. }
+                )
+            }),
+            Since::Gap => true,
+        };
+        if changed {
+            trigger.notify_one();
+        }
     }
 }
 

@@ -248,13 +248,24 @@ fn code_and_rss(pid: u32) -> (usize, u64) {
     (code, rss_kib << 10)
 }
 
-/// Upload-and-delete cycles of ever new components leave no compiled code behind: the daemon's
-/// executable mappings stay as many as after the first cycles, whatever the number of cycles.
+/// Upload-and-delete cycles of ever new components, each serving traffic before it goes, leave
+/// no compiled code behind: the daemon's executable mappings stay as many as after the first
+/// cycles, whatever the number of cycles, and so does its memory within a few instances' worth.
 #[tokio::test]
 async fn upload_and_delete_cycles_leave_no_compiled_code_mapped() {
     let state = tempfile::tempdir().unwrap();
     let routes = tempfile::tempdir().unwrap();
-    let (child, base, _) = spawn(&[
+    let web = common::proxies::Upstream::start("web").await;
+    // Named before the plugin is loaded: each upload makes the route serve, at once.
+    std::fs::write(
+        routes.path().join("canary.route"),
+        format!(
+            "host = \"canary.localhost\"\nstrategy = \"example-canary\"\nupstreams = [\"{}\"]\n",
+            web.addr
+        ),
+    )
+    .unwrap();
+    let (child, base, proxy) = spawn(&[
         "--routes",
         routes.path().to_str().unwrap(),
         "--state-dir",
@@ -268,7 +279,7 @@ async fn upload_and_delete_cycles_leave_no_compiled_code_mapped() {
     let client = reqwest::Client::new();
     let canary = common::guests::component("strategy-example-canary", &[]);
     let cycle = |n: u32| {
-        let (client, base) = (client.clone(), base.clone());
+        let (client, base, proxy) = (client.clone(), base.clone(), proxy.clone());
         let bytes = common::guests::variant(&canary, 5000 + n);
         async move {
             let put = client
@@ -279,14 +290,71 @@ async fn upload_and_delete_cycles_leave_no_compiled_code_mapped() {
                 .await
                 .expect("upload");
             assert_eq!(put.status().as_u16(), 201, "cycle {n}");
+            // Until the plugin's instances answer every pick of a round, each round on fresh
+            // connections so that the proxy's threads share them.
+            let fell_back = || async {
+                let metrics = client
+                    .get(format!("{base}/metrics"))
+                    .send()
+                    .await
+                    .ok()?
+                    .text()
+                    .await
+                    .ok()?;
+                let line = "harbor_plugin_fallback_picks_total{plugin=\"example-canary\"} ";
+                Some(
+                    metrics
+                        .lines()
+                        .find_map(|l| l.strip_prefix(line))
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0),
+                )
+            };
+            let picked = || async {
+                let before = fell_back().await?;
+                for _ in 0..8 {
+                    let answer = reqwest::Client::new()
+                        .get(&proxy)
+                        .header("host", "canary.localhost")
+                        .send()
+                        .await
+                        .ok()?;
+                    (answer.status() == 200).then_some(())?;
+                }
+                (fell_back().await? == before).then_some(())
+            };
+            eventually(Duration::from_secs(20), "the plugin picking", picked).await;
             let delete = client
                 .delete(format!("{base}/api/v1/plugins/example-canary"))
                 .send()
                 .await
                 .expect("delete");
             assert_eq!(delete.status().as_u16(), 204, "cycle {n}");
+            // The next request after the delete is where a thread lets go of the old one.
+            for _ in 0..8 {
+                let _ = reqwest::Client::new()
+                    .get(&proxy)
+                    .header("host", "canary.localhost")
+                    .send()
+                    .await;
+            }
         }
     };
+    let stores = || async {
+        let metrics = reqwest::get(format!("{base}/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("harbor_plugin_stores "))
+            .and_then(|v| v.parse::<i64>().ok())
+            .expect("harbor_plugin_stores")
+    };
+    let (code_at_start, _) = code_and_rss(pid);
+    let stores_at_start = stores().await;
     for n in 0..5 {
         cycle(n).await;
     }
@@ -296,9 +364,15 @@ async fn upload_and_delete_cycles_leave_no_compiled_code_mapped() {
     }
     let (code_after, rss_after) = code_and_rss(pid);
     eprintln!(
-        "after 5 cycles: {code_before} code mappings, {} MiB resident; after 45: {code_after}, {} MiB",
+        "at start {code_at_start} code mappings; after 5 cycles: {code_before}, {} MiB resident; after 45: {code_after}, {} MiB",
         rss_before >> 20,
         rss_after >> 20
+    );
+    // Once deleted, and each picking thread has picked again, no instance of it is left.
+    assert_eq!(
+        stores().await,
+        stores_at_start,
+        "instances of deleted plugins are still alive"
     );
     // Forty more compiled components, had they stayed, would be forty more mappings.
     assert!(
