@@ -47,4 +47,5 @@ pub use load::{BackendLoad, InFlight};
 pub use report::{FaultKind, Reporter};
 pub use shadow::{Shadow, ShadowMetrics, ShadowReport};
 pub use shape::check as check_shape;
+pub use shard::setup_threads;
 pub use strategy::{Rejected, Source, classify};

@@ -28,6 +28,8 @@ use super::strategy::{Loaded, SETUP_DEADLINE_TICKS, Source, arm, failure};
 struct Shard {
     store: Store<GuestState>,
     plugin: Plugin,
+    /// Harbor's own code, whose setup may run where it picks.
+    built_in: bool,
     /// Which strategy version this instance belongs to; dead once that version is replaced.
     owner: Weak<Loaded>,
     /// The strategy's name, which the version replacing it shares.
@@ -335,6 +337,28 @@ impl Slot {
     }
 }
 
+/// Plugin setups (an instance made, a route built) by the kind of thread they ran on.
+static SETUP_THREADS: std::sync::Mutex<std::collections::BTreeMap<String, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Counts a plugin setup on this thread, by its name without a trailing number: the record that
+/// shows no picking thread (`harbor-lane-N`) ever made one. Setups are rare: a lock is cheap.
+fn setup_here() {
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("unnamed");
+    let kind = name.trim_end_matches(|c: char| c.is_ascii_digit());
+    let kind = kind.strip_suffix('-').unwrap_or(kind);
+    *crate::events::lock(&SETUP_THREADS)
+        .entry(kind.to_owned())
+        .or_default() += 1;
+}
+
+/// How many plugin setups (instantiate and configure, or a route's configure-route, forget and
+/// rebuild) ran on each kind of thread in this process.
+pub fn setup_threads() -> std::collections::BTreeMap<String, u64> {
+    crate::events::lock(&SETUP_THREADS).clone()
+}
+
 type Job = Box<dyn FnOnce() + Send>;
 
 /// Runs `job` on the setup thread, started on first use. One thread: a guest that loops in
@@ -413,6 +437,10 @@ impl Shard {
     }
 
     fn new(loaded: &Arc<Loaded>) -> Result<Self, Fault> {
+        let built_in = matches!(loaded.source, Source::Builtin);
+        if !built_in {
+            setup_here();
+        }
         let mut store = super::strategy::new_store(&loaded.engine, &loaded.limits);
         arm(&mut store, SETUP_DEADLINE_TICKS);
         let plugin = loaded
@@ -431,6 +459,7 @@ impl Shard {
         Ok(Self {
             store,
             plugin,
+            built_in,
             owner: Arc::downgrade(loaded),
             name: loaded.name.clone(),
             routes: IdMap::default(),
@@ -516,6 +545,9 @@ impl Shard {
     /// Gives the guest the route's current backends, numbering the route first if this
     /// instance has not seen it (and forgetting routes whose balancers are gone).
     fn rebuild(&mut self, id: u64, alive: &Weak<()>, set: &Arc<BackendSet>) -> Result<u32, Fault> {
+        if !self.built_in {
+            setup_here();
+        }
         let api = self.plugin.harbor_strategy_strategy();
         let number = match self.routes.get(&id) {
             Some(r) => r.number,

@@ -547,6 +547,14 @@ async fn a_rebuild_that_loops_never_holds_up_a_picking_thread() {
         message.contains("harbor-strategy-setup") && !message.contains("harbor-lane"),
         "{message}"
     );
+    // Every plugin setup in this process so far, this one's and other tests', ran off the
+    // picking threads.
+    let threads = harbor::plugins::setup_threads();
+    assert!(
+        threads.get("harbor-strategy-setup").is_some_and(|n| *n > 0)
+            && !threads.contains_key("harbor-lane"),
+        "plugin setups by thread: {threads:?}"
+    );
     assert!(
         fine_ok > 0,
         "the other route completed nothing while the rebuild was stuck"
@@ -865,4 +873,112 @@ async fn a_shadow_strategy_is_compared_and_never_routes() {
     let (_, view) = h.get("/api/v1/services/web").await;
     assert!(view.get("shadow").is_none(), "{view}");
     h.shutdown().await;
+}
+
+/// Each way a pick can misbehave without trapping the host, in a daemon serving two routes:
+/// the hostile guest serves one (its upstreams labelled to make every pick misbehave), the
+/// other is the built-in round-robin. Requests go to both in turn from before the guest is
+/// asked until its fault is reported, and for a hundred rounds after (the breaker's retries
+/// included); not one of them fails, on either route.
+async fn a_hostile_pick_costs_no_request(mode: &str, expect: impl Fn(&common::SseEvent) -> bool) {
+    let h = start().await;
+    upload_misbehaving(&h).await;
+    let fine = common::proxies::Upstream::start("fine").await;
+    let hostile = [
+        common::proxies::Upstream::start("hostile").await,
+        common::proxies::Upstream::start("hostile").await,
+    ];
+    h.register(json!({"name": "fine", "upstream": fine.addr.to_string(), "host": "fine.localhost", "ttl_secs": 60}))
+        .await;
+    let upstreams: Vec<String> = hostile
+        .iter()
+        .map(|u| {
+            format!(
+                "{{ addr = \"{}\", labels = {{ misbehave = \"{mode}\" }} }}",
+                u.addr
+            )
+        })
+        .collect();
+    h.write_route(
+        "hostile.route",
+        &format!(
+            "host = \"hostile.localhost\"\nstrategy = \"misbehaving\"\nupstreams = [{}]\n",
+            upstreams.join(", ")
+        ),
+    );
+    let proxy = h.harbor().proxy_addr().expect("the proxy");
+    let client = reqwest::Client::new();
+    for (host, want) in [("fine.localhost", "fine"), ("hostile.localhost", "hostile")] {
+        eventually(Duration::from_secs(10), host, || {
+            let client = client.clone();
+            async move {
+                let got = common::proxies::through(&client, proxy, host, "/").await;
+                (got == Some((200, want.to_owned()))).then_some(())
+            }
+        })
+        .await;
+    }
+    let mut events = h.events(None).await;
+    let (mut answered, mut failed) = (0u32, Vec::new());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let reported = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{mode}: never reported; {answered} requests answered, failed: {failed:?}"
+        );
+        for (host, want) in [("fine.localhost", "fine"), ("hostile.localhost", "hostile")] {
+            match common::proxies::through(&client, proxy, host, "/").await {
+                Some((200, body)) if body == want => answered += 1,
+                other => failed.push(format!("{host}: {other:?}")),
+            }
+        }
+        if let Some(e) = events.next_within(Duration::from_millis(1)).await
+            && expect(&e)
+        {
+            break e;
+        }
+    };
+    let until_reported = answered;
+    for _ in 0..100 {
+        for (host, want) in [("fine.localhost", "fine"), ("hostile.localhost", "hostile")] {
+            match common::proxies::through(&client, proxy, host, "/").await {
+                Some((200, body)) if body == want => answered += 1,
+                other => failed.push(format!("{host}: {other:?}")),
+            }
+        }
+    }
+    eprintln!(
+        "{mode}: {until_reported} requests answered until {:?}, {answered} in all",
+        reported.data
+    );
+    assert!(failed.is_empty(), "{mode}: failed requests {failed:?}");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_pick_over_its_budget_takes_the_plugin_out_of_service_and_costs_no_request() {
+    a_hostile_pick_costs_no_request("slow", |e| {
+        e.event == "plugin_disabled" && e.data["name"] == "misbehaving"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_answer_of_no_backend_is_a_fault_and_costs_no_request() {
+    a_hostile_pick_costs_no_request("none", |e| {
+        e.event == "plugin_fault" && e.data["fault"] == "bad_answer"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_panicking_pick_reports_its_message_and_costs_no_request() {
+    a_hostile_pick_costs_no_request("panic", |e| {
+        e.event == "plugin_fault"
+            && e.data["fault"] == "trap"
+            && e.data["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("asked to panic"))
+    })
+    .await;
 }

@@ -442,7 +442,6 @@ fn misbehaving_guests_are_contained_and_the_pick_falls_back() {
                 cpu < Duration::from_millis(50),
                 "the loop ran {cpu:?} of CPU ({took:?} by the clock) before interruption"
             );
-            assert!(took < Duration::from_secs(2), "{took:?}");
             eprintln!("loop interrupted after {cpu:?} of CPU, {took:?} by the clock");
         }
         // The instance is made anew, off this thread: ordinary picks are the guest's again.
@@ -603,11 +602,9 @@ fn components_that_cannot_serve_are_refused_with_a_reason() {
         stuck.contains("describe") && stuck.contains("deadline"),
         "{stuck}"
     );
-    // Timed again now that it is compiled: what is left is the set-up deadline stopping it.
-    let began = Instant::now();
-    refused(&stuck_component);
-    let took = began.elapsed();
-    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // Again now that it is compiled: what is left is the set-up deadline stopping it.
+    let again = refused(&stuck_component);
+    assert!(again.contains("deadline"), "{again}");
 
     // A pick table naming a backend that does not exist.
     let table = refused(&component("harbor-test-misbehaving", &["bad-table"]));
@@ -713,8 +710,8 @@ fn hot_swap_under_load_loses_no_pick() {
         // both threads have moved on.
         while latest.load(Ordering::Relaxed) != want || picks.load(Ordering::Relaxed) < before + 2 {
             assert!(
-                swapped.elapsed() < Duration::from_secs(1),
-                "swap {swap}: new version not picking within 1 s"
+                swapped.elapsed() < Duration::from_secs(10),
+                "swap {swap}: new version not picking within 10 s"
             );
             std::thread::yield_now();
         }
