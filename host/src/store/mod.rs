@@ -107,6 +107,14 @@ impl Store {
                 }
             }
         }
+        // What came before a bad line of the log is held only in memory now that the log is set
+        // aside: folded into a snapshot at once, it survives a crash before the next fold.
+        let log_set_aside = set_aside
+            .as_ref()
+            .is_some_and(|a| Path::new(&a.file) != self.path());
+        if log_set_aside && let Err(e) = self.compact(&out) {
+            tracing::error!(error = %e, "cannot save what came before the bad line of the journal");
+        }
         Loaded {
             instances: out,
             set_aside,
@@ -482,13 +490,17 @@ mod tests {
             bad,
             "kept as it was"
         );
-        // The writer starts a new log where the bad one was.
+        // What came before the bad line is folded into a snapshot naming a new, empty log.
         store.open_log().unwrap();
-        assert_eq!(fs::read(&log).unwrap(), b"", "a new, empty log");
+        let next = dir.path().join(format!("{LOG_PREFIX}1"));
+        assert_eq!(fs::read(&next).unwrap(), b"", "a new, empty log");
+        assert!(!log.exists(), "the bad log is only where it was moved");
 
+        // A crash now loses none of it.
         let mut again = Store::open_unlocked(dir.path());
         let loaded = again.load();
         assert!(loaded.set_aside.is_none());
+        assert_eq!(loaded.instances.len(), 1, "what came before the bad line");
         assert_eq!(
             fs::read_to_string(&moved_to).unwrap(),
             bad,
