@@ -6,23 +6,27 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::plugins::Outcome;
 use crate::routing::ServiceRoute;
 
-use super::body::{ClientBody, Flight, Loan, ResponseBody, Stall, UpstreamBody, text};
+use super::body::{BoxError, ClientBody, Flight, Loan, ResponseBody, Stall, UpstreamBody, text};
 use super::choose::{choose, request_key};
 use super::copy::{self, Tally};
 use super::gate::{ClientLimits, Clients, Gate};
@@ -31,6 +35,7 @@ use super::lanes::{Job, Lanes};
 use super::metrics::ErrorKind;
 use super::policy::Answer;
 use super::pool;
+use super::wire::H2_PREFACE;
 use super::{Shared, accept_backoff};
 
 /// The full stack's settings, shared by the plain and TLS listeners.
@@ -138,6 +143,11 @@ pub(super) async fn accept<F, Fut>(
 /// Serves one client connection through the full HTTP stack (hyper): HTTP/1.x and h2 (over
 /// TLS by ALPN, in cleartext by its preface), upgrades, until the connection or the proxy ends.
 /// `read`: bytes already read from it; `secure`: it came over TLS.
+///
+/// The gate holds HTTP/1 to its time limits, and an HTTP/2 preface to the head timeout; past the
+/// preface, hyper's HTTP/2 server would hold a connection with nothing to do for ever, so one
+/// with no stream open for `--keepalive-timeout` is sent a GOAWAY, and closed if it is still
+/// idle that long again (see [`Streams`]).
 pub(super) async fn serve_full<S>(
     shared: Arc<Shared>,
     stream: S,
@@ -149,23 +159,196 @@ pub(super) async fn serve_full<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let limits = ClientLimits::from(&shared.settings);
-    let io = Gate::new(stream, read, Clients::new(shared.metrics.clone(), limits));
+    let streams = Streams::new();
+    let gate = Gate::new(stream, read, Clients::new(shared.metrics.clone(), limits));
+    let io = Sniff::new(gate, streams.clone());
     let service = hyper::service::service_fn(|req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, peer, secure, req).await) }
+        // Taken before the first await: from here on the stream counts as open.
+        let open = (req.version() == Version::HTTP_2).then(|| streams.open());
+        async move {
+            let response = handle(&shared, peer, secure, req).await;
+            Ok::<_, Infallible>(response.map(|body| Counted { body, _open: open }))
+        }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
+    let idle = limits.keepalive_timeout;
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = shared.conns.finish.cancelled() => {}
+        () = streams.idle(idle) => tracing::debug!(%peer, "idle HTTP/2 connection closed"),
+    }
+    // Finish the requests in progress, answer no more on this connection.
+    conn.as_mut().graceful_shutdown();
     tokio::select! {
         _ = conn.as_mut() => {}
-        () = shared.conns.finish.cancelled() => {
-            // Finish the request in progress, answer no more on this connection.
-            conn.as_mut().graceful_shutdown();
+        () = shared.conns.cut.cancelled() => {}
+        // h2 closes an idle connection only once the client has answered the PING sent with
+        // the GOAWAY: one that never does would hold it as long as it liked.
+        () = streams.idle(idle) => {}
+    }
+}
+
+/// A connection's HTTP/2 streams in progress, for its idle timeout: a stream is open from its
+/// request's arrival until its response body is done with, sent or dropped.
+struct Streams {
+    state: watch::Sender<Use>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Use {
+    /// The client sent HTTP/2's preface: HTTP/1's limits, the gate's, no longer apply.
+    http2: bool,
+    open: usize,
+}
+
+impl Streams {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: watch::Sender::new(Use::default()),
+        })
+    }
+
+    fn http2(&self) {
+        self.state.send_modify(|u| u.http2 = true);
+    }
+
+    fn open(self: &Arc<Self>) -> StreamOpen {
+        self.state.send_modify(|u| u.open += 1);
+        StreamOpen(self.clone())
+    }
+
+    /// Resolves once the connection has been HTTP/2 with no stream open for `idle`; never for
+    /// HTTP/1, whose idle time the gate bounds.
+    async fn idle(&self, idle: Duration) {
+        let mut state = self.state.subscribe();
+        loop {
+            // Never closed: `self` holds the sender. Were it, this would wait for ever rather
+            // than spin.
+            let quiet = state.wait_for(|u| u.http2 && u.open == 0).await.is_ok();
+            if !quiet {
+                return std::future::pending().await;
+            }
             tokio::select! {
-                _ = conn.as_mut() => {}
-                () = shared.conns.cut.cancelled() => {}
+                () = tokio::time::sleep(idle) => return,
+                changed = state.changed() => if changed.is_err() {
+                    return std::future::pending().await;
+                },
             }
         }
+    }
+}
+
+/// One stream counted open in [`Streams`] while this lives.
+struct StreamOpen(Arc<Streams>);
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        self.0
+            .state
+            .send_modify(|u| u.open = u.open.saturating_sub(1));
+    }
+}
+
+/// A response body that holds its HTTP/2 stream open in [`Streams`] until it is done with.
+struct Counted {
+    body: ClientBody,
+    _open: Option<StreamOpen>,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The client's side of the connection as hyper reads it, telling [`Streams`] when its first
+/// bytes are HTTP/2's preface. The gate passes them only once the whole preface is there.
+struct Sniff<I> {
+    io: I,
+    /// How much of the preface the bytes so far match; `None` once that is decided.
+    matched: Option<usize>,
+    streams: Arc<Streams>,
+}
+
+impl<I> Sniff<I> {
+    fn new(io: I, streams: Arc<Streams>) -> Self {
+        Self {
+            io,
+            matched: Some(0),
+            streams,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Sniff<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        dst: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let before = dst.filled().len();
+        ready!(Pin::new(&mut this.io).poll_read(cx, dst))?;
+        if let Some(matched) = this.matched {
+            let new = &dst.filled()[before..];
+            let want = &H2_PREFACE[matched..];
+            let n = new.len().min(want.len());
+            this.matched = if new[..n] != want[..n] {
+                None
+            } else if n == want.len() {
+                this.streams.http2();
+                None
+            } else {
+                Some(matched + n)
+            };
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Sniff<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bytes: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, bytes)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

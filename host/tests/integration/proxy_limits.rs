@@ -688,3 +688,250 @@ async fn api_connections_past_the_cap_are_closed_and_the_proxy_serves_on() {
     drop(flood);
     h.shutdown().await;
 }
+
+/// HTTP/2 on the proxy's port, in cleartext (prior knowledge) and over TLS (ALPN): a client
+/// that holds a connection with no stream open is sent a GOAWAY after the keep-alive timeout and
+/// closed, where hyper's HTTP/2 server would hold it for ever; one inside its preface gets the
+/// head timeout; a stream in progress keeps its connection however long it takes.
+mod http2_idle {
+    use super::*;
+
+    use std::sync::Arc;
+    use tokio::io::AsyncRead;
+    use tokio::sync::Notify;
+
+    /// A client's empty SETTINGS frame, which follows its preface.
+    const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+    /// Everything read from `conn` until it is closed (EOF, reset or a TLS error), or `None`
+    /// if it is still open at `deadline`.
+    async fn said_until_closed(
+        conn: &mut (impl AsyncRead + Unpin),
+        deadline: Duration,
+    ) -> Option<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        tokio::time::timeout(deadline, async {
+            while let Ok(n @ 1..) = conn.read(&mut buf).await {
+                got.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .ok()?;
+        Some(got)
+    }
+
+    /// Whether `said` holds a GOAWAY frame with the error NO_ERROR: closed on purpose, not
+    /// refused.
+    fn graceful_goaway(mut said: &[u8]) -> bool {
+        while said.len() >= 9 {
+            let length =
+                usize::from(said[0]) << 16 | usize::from(said[1]) << 8 | usize::from(said[2]);
+            let kind = said[3];
+            let Some(payload) = said.get(9..9 + length) else {
+                return false;
+            };
+            if kind == 7 && payload.get(4..8) == Some(&[0, 0, 0, 0][..]) {
+                return true;
+            }
+            said = &said[9 + length..];
+        }
+        false
+    }
+
+    /// A raw h2c connection that has sent its preface and SETTINGS, and says no more.
+    async fn idle_h2c(h: &TestHarbor) -> TcpStream {
+        let mut conn = connect(h).await;
+        conn.write_all(&[H2_PREFACE, &EMPTY_SETTINGS[..]].concat())
+            .await
+            .expect("write the preface");
+        conn
+    }
+
+    async fn an_idle_http2_client_gets_a_goaway_and_is_closed(direct: bool) {
+        let h = start(direct, |p| {
+            p.header_timeout = Duration::from_secs(1);
+            p.keepalive_timeout = Duration::from_secs(1);
+        })
+        .await;
+        route_to(&h, counting_upstream().await).await;
+        let mut idle = idle_h2c(&h).await;
+        let mut partial = sent(&h, &H2_PREFACE[..10]).await;
+        let said = said_until_closed(&mut idle, Duration::from_secs(10))
+            .await
+            .expect("an idle h2c client is held open");
+        assert!(graceful_goaway(&said), "sent a GOAWAY first: {said:?}");
+        assert!(
+            said_until_closed(&mut partial, Duration::from_secs(10))
+                .await
+                .is_some(),
+            "a client stopped inside its preface is held open"
+        );
+        h.shutdown().await;
+    }
+
+    /// An upstream that answers `GET /held` with its head and `he` of a five-byte body, and
+    /// the rest once `release` is notified; anything else gets `ok` at once.
+    async fn held_upstream() -> (SocketAddr, Arc<Notify>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let release = Arc::new(Notify::new());
+        let released = release.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let released = released.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match conn.read(&mut buf).await {
+                                Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                                _ => return,
+                            }
+                            continue;
+                        };
+                        let held = got.starts_with(b"GET /held ");
+                        got.drain(..end + 4);
+                        let first: &[u8] = if held {
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                        };
+                        if conn.write_all(first).await.is_err() {
+                            return;
+                        }
+                        if held {
+                            released.notified().await;
+                            if conn.write_all(b"llo").await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, release)
+    }
+
+    async fn a_stream_in_progress_keeps_its_connection(direct: bool) {
+        let h = start(direct, |p| p.keepalive_timeout = Duration::from_secs(1)).await;
+        let (upstream, release) = held_upstream().await;
+        route_to(&h, upstream).await;
+        let proxy = proxy_addr(&h);
+        let client = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .resolve("app.localhost", proxy)
+            .build()
+            .expect("client");
+        let mut idle = idle_h2c(&h).await;
+        let mut response = client
+            .get(format!("http://app.localhost:{}/held", proxy.port()))
+            .send()
+            .await
+            .expect("an answer's head");
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        let mut body = response
+            .chunk()
+            .await
+            .expect("the body's first bytes")
+            .expect("some")
+            .to_vec();
+        // Two idle connections closed one after the other, each after at least two keep-alive
+        // timeouts (the GOAWAY, then the PING it never answers): the stream has been open
+        // longer than an idle connection lives.
+        for _ in 0..2 {
+            said_until_closed(&mut idle, PATIENCE)
+                .await
+                .expect("an idle h2c client is held open");
+            idle = idle_h2c(&h).await;
+        }
+        release.notify_one();
+        while let Some(chunk) = tokio::time::timeout(PATIENCE, response.chunk())
+            .await
+            .expect("the rest of the body")
+            .expect("the stream is whole")
+        {
+            body.extend_from_slice(&chunk);
+        }
+        assert_eq!(body, b"hello");
+        // And the connection, idle again, serves on until its own timeout.
+        let again = client
+            .get(format!("http://app.localhost:{}/", proxy.port()))
+            .send()
+            .await
+            .expect("a second request");
+        assert_eq!(again.text().await.expect("body"), "ok");
+        drop(idle);
+        h.shutdown().await;
+    }
+
+    common::on_both_paths!(
+        an_idle_http2_client_gets_a_goaway_and_is_closed,
+        a_stream_in_progress_keeps_its_connection,
+    );
+
+    /// Over TLS, with h2 chosen by ALPN, an idle client is closed as in cleartext.
+    #[tokio::test]
+    async fn an_idle_http2_client_over_tls_gets_a_goaway_and_is_closed() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        use rustls::pki_types::ServerName;
+
+        let h = common::start_with(|c| {
+            c.tls_listen = Some("127.0.0.1:0".parse().expect("addr"));
+            c.rescan_interval = Some(Duration::from_millis(200));
+            c.proxy.keepalive_timeout = Duration::from_secs(1);
+        })
+        .await;
+        let certs = tempfile::tempdir().expect("a directory");
+        let ca_key = KeyPair::generate().expect("a key");
+        let mut ca_params = CertificateParams::default();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root = ca_params.self_signed(&ca_key).expect("a root");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().expect("a key");
+        let cert = CertificateParams::new(vec!["h2.test".to_owned()])
+            .expect("names")
+            .signed_by(&key, &issuer)
+            .expect("signed");
+        let (cert_path, key_path) = (certs.path().join("h2.pem"), certs.path().join("h2.key"));
+        common::write_atomically(&cert_path, &cert.pem());
+        common::write_atomically(&key_path, &key.serialize_pem());
+        h.write_route(
+            "h2.route",
+            &format!(
+                "host = \"h2.test\"\nupstreams = [\"{}\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+                counting_upstream().await,
+                cert_path.display(),
+                key_path.display()
+            ),
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(root.der().clone()).expect("a root");
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let addr = h.harbor().tls_addr().expect("the HTTPS listener");
+        let mut tls = eventually(Duration::from_secs(10), "the certificate", || async {
+            let tcp = TcpStream::connect(addr).await.ok()?;
+            let name = ServerName::try_from("h2.test").ok()?;
+            connector.connect(name, tcp).await.ok()
+        })
+        .await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        tls.write_all(&[H2_PREFACE, &EMPTY_SETTINGS[..]].concat())
+            .await
+            .expect("write the preface");
+        let said = said_until_closed(&mut tls, Duration::from_secs(10))
+            .await
+            .expect("an idle h2 client is held open");
+        assert!(graceful_goaway(&said), "sent a GOAWAY first: {said:?}");
+        h.shutdown().await;
+    }
+}
