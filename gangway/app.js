@@ -376,6 +376,13 @@
     on('service_removed', (d) => removeService(d.name));
     on('load', (d) => { for (const svc of d.services || []) upsert(svc); });
     on('backend', (d) => {
+      // Another proxy now, on its own port: a fresh snapshot brings its name and every link.
+      if (d.state === 'swapped') {
+        es.close();
+        lastId = '';
+        connect();
+        return;
+      }
       if (status && typeof d.in_sync === 'boolean') setStatus({ ...status, in_sync: d.in_sync });
     });
     on('tls', (d) => {

@@ -86,9 +86,12 @@ impl Files {
         self.writes = 0;
         // Envoy may not be up yet, and its files are written all the same: it reads them when
         // it starts. Only an admin address that answers as something else is refused.
-        if let Err(AdapterError::Rejected(why)) = self.check_envoy() {
-            return Err(AdapterError::Rejected(why));
-        }
+        // Asked afresh each time: an Envoy known to be Envoy may have gone down since.
+        let down = match self.check_envoy().and_then(|()| admin_get("/server_info")) {
+            Err(AdapterError::Rejected(why)) => return Err(AdapterError::Rejected(why)),
+            Err(AdapterError::Retryable(why)) => Some(why),
+            Ok(_) => None,
+        };
         let (http, tcp) = (http_services(state), tcp_services(state));
         let all: Vec<&Service<'_>> = http.iter().chain(tcp.iter()).collect();
         let (offered, mut refused) = self.offer(all);
@@ -111,6 +114,13 @@ impl Files {
             self.refusals.insert(s.name.to_owned(), (looks(s), reason));
         }
         self.revision = state.revision;
+        if let Some(why) = down {
+            // Written, but not live: Harbor keeps the state out of step and tries again, and
+            // the try after Envoy answers finds the files in place and confirms them.
+            return Err(AdapterError::Retryable(format!(
+                "the files are written, but Envoy is not serving them yet: {why}"
+            )));
+        }
         Ok(Applied {
             revision: state.revision,
             refused,

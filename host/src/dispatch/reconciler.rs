@@ -375,13 +375,8 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             Ok(report) if report.in_sync => self.book.record_confirmed(),
             Ok(report) => {
                 self.book.record_drift(&report.detail);
-                self.applied = None;
-                self.refused = None;
-                self.retry_at = None;
-                let now = Instant::now();
                 // Applied at once: the quiet window is for bursts of registry changes.
-                self.dirty_since = Some(now - MAX_DELAY);
-                self.last_change = now - QUIET;
+                self.reapply_now();
             }
             Err(e) => {
                 let revision = self.book.edit(|s| s.applied_revision.unwrap_or(0));
@@ -474,36 +469,33 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
         let with_tcp = new.description().supports_tcp;
         // The new proxy carries the tcp routes: Harbor lets go of their ports first.
         let handed_over = with_tcp && self.tcp.carrying();
-        if handed_over {
-            self.tcp
-                .release(TCP_HANDOVER_WITHIN)
-                .await
-                .map_err(SwapError::Apply)?;
+        if handed_over && let Err(e) = self.tcp.release(TCP_HANDOVER_WITHIN).await {
+            self.take_tcp_back().await;
+            return Err(SwapError::Apply(e));
         }
         let revision = self.registry.bus().last_id();
         let desired = Desired::of(&self.registry.services(), with_tcp);
         let started = Instant::now();
         let proven = match new.apply(desired.to_wit(revision, false)).await {
-            Ok(applied) => match prove(&new).await {
-                Ok(()) => Ok(applied),
-                Err(why) => {
-                    if let Err(e) = new.release().await {
-                        tracing::warn!(error = %e, "the refused adapter could not remove what it wrote");
-                    }
-                    Err(SwapError::Apply(format!(
-                        "the new proxy did not show the state live within {PROVE_WITHIN:?}: {why}"
-                    )))
-                }
-            },
-            Err(e) => Err(SwapError::Apply(e.to_string())),
+            Ok(applied) => prove(&new).await.map(|()| applied).map_err(|why| {
+                format!("the new proxy did not show the state live within {PROVE_WITHIN:?}: {why}")
+            }),
+            Err(e) => Err(e.to_string()),
         };
         let applied = match proven {
             Ok(applied) => applied,
             Err(e) => {
-                if handed_over && let Err(why) = self.tcp.carry(TCP_HANDOVER_WITHIN).await {
-                    tracing::warn!(reason = %why, "Harbor takes its tcp listeners back more slowly than it should");
+                if new.description().name == self.adapter_name() {
+                    // The same proxy as the adapter in force: whatever the refused one wrote
+                    // there is mended by the old one applying its state again, at once.
+                    self.reapply_now();
+                } else if let Err(e) = new.release().await {
+                    tracing::warn!(error = %e, "the refused adapter could not remove what it wrote");
                 }
-                return Err(e);
+                if handed_over {
+                    self.take_tcp_back().await;
+                }
+                return Err(SwapError::Apply(e));
             }
         };
         let old = self.adapter.replace(new);
@@ -520,11 +512,8 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             None => (String::new(), false),
         };
         // The old proxy carried the tcp routes and has let go of them: Harbor takes them back.
-        if !with_tcp
-            && !self.tcp.carrying()
-            && let Err(why) = self.tcp.carry(TCP_HANDOVER_WITHIN).await
-        {
-            tracing::warn!(reason = %why, "Harbor takes the tcp listeners back more slowly than it should");
+        if !with_tcp && !self.tcp.carrying() {
+            self.take_tcp_back().await;
         }
         let Some(active) = &self.adapter else {
             return Err(SwapError::Stopped);
@@ -549,6 +538,23 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             released,
         });
         Ok(self.book.status())
+    }
+
+    /// Harbor's own tcp proxy takes back the listeners it let go of for a swap that failed.
+    async fn take_tcp_back(&self) {
+        if let Err(why) = self.tcp.carry(TCP_HANDOVER_WITHIN).await {
+            tracing::warn!(reason = %why, "Harbor takes its tcp listeners back more slowly than it should");
+        }
+    }
+
+    /// The full state goes to the proxy again without waiting for a quiet moment.
+    fn reapply_now(&mut self) {
+        let now = Instant::now();
+        self.applied = None;
+        self.refused = None;
+        self.retry_at = None;
+        self.dirty_since = Some(now - MAX_DELAY);
+        self.last_change = now - QUIET;
     }
 
     fn adapter_name(&self) -> String {
@@ -983,6 +989,10 @@ mod tests {
             "the old one keeps serving"
         );
         assert!(!lock(&old_proxy).released);
+        assert!(
+            lock(&broken_proxy).released,
+            "what the refused adapter may have written is removed"
+        );
         register(&rig.registry, "a");
         run_for(Duration::from_secs(1)).await;
         assert_eq!(
@@ -990,6 +1000,17 @@ mod tests {
             Some(1),
             "and keeps being driven"
         );
+
+        // A refused adapter for the same proxy removes nothing there, which would be the old
+        // one's: the old one applies its state again at once instead.
+        let (same, same_proxy) = Fake::new("old");
+        lock(&same_proxy).refuses = true;
+        lock(&rig.loads.0).push_back(same);
+        let before = applies(&old_proxy).len();
+        assert!(matches!(swap(&rig).await, Err(SwapError::Apply(_))));
+        run_for(Duration::from_millis(50)).await;
+        assert!(!lock(&same_proxy).released && !lock(&old_proxy).released);
+        assert_eq!(applies(&old_proxy).len(), before + 1, "the old state again");
 
         let (new, new_proxy) = Fake::new("new");
         lock(&rig.loads.0).push_back(new);

@@ -8,6 +8,11 @@
 
 use crate::common;
 
+// Only the swap test opens the page here: the rest of the browser's helpers go unused.
+#[allow(dead_code)]
+#[path = "common/browser.rs"]
+mod browser;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -443,6 +448,30 @@ async fn switching_between_caddy_and_envoy_leaves_nothing_of_the_other_behind(re
         status["proxy_port"], caddy.listen,
         "links point at Caddy: {status}"
     );
+    // Gangway, open through the swaps, names the proxy in force and links to its port.
+    let shown = h
+        .register(json!({"name": "shown", "upstream": "127.0.0.1:9", "ttl_secs": 60, "host": "shown.localhost", "public": true}))
+        .await;
+    assert!(shown["id"].is_string());
+    let page = match browser::tools() {
+        Some(tools) => Some(browser::Browser::launch(&tools).await),
+        None => None,
+    };
+    let on_page = |proxy: &'static str, port: u16| {
+        format!(
+            "return document.getElementById('st-backend').textContent === '{proxy}' \
+             && [...document.querySelectorAll('#rows a')].some(a => a.href === 'http://shown.localhost:{port}/')"
+        )
+    };
+    if let Some(b) = &page {
+        b.goto(&h.url("/")).await;
+        b.wait_for(
+            Duration::from_secs(10),
+            "Caddy and its port on the page",
+            &on_page("caddy", caddy.listen),
+        )
+        .await;
+    }
 
     // Envoy is not running: the swap is refused before anything is written, and Caddy keeps
     // serving through it.
@@ -484,6 +513,14 @@ async fn switching_between_caddy_and_envoy_leaves_nothing_of_the_other_behind(re
     let (_, status) = h.get("/api/v1/status").await;
     assert_eq!(status["backend"], "envoy", "{status}");
     assert_eq!(status["proxy_port"], envoy_listen.port(), "{status}");
+    if let Some(b) = &page {
+        b.wait_for(
+            Duration::from_secs(10),
+            "Envoy and its port on the page, without a reload",
+            &on_page("envoy", envoy_listen.port()),
+        )
+        .await;
+    }
     let client = reqwest::Client::new();
     eventually(Duration::from_secs(5), "web through Envoy", || {
         let client = client.clone();
@@ -506,6 +543,15 @@ async fn switching_between_caddy_and_envoy_leaves_nothing_of_the_other_behind(re
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     until_routed(&caddy, "web.localhost", "web", Duration::from_secs(3)).await;
+    if let Some(b) = page {
+        b.wait_for(
+            Duration::from_secs(10),
+            "Caddy and its port on the page again",
+            &on_page("caddy", caddy.listen),
+        )
+        .await;
+        b.close().await;
+    }
     let mut left: Vec<String> = std::fs::read_dir(&envoy.xds)
         .expect("the xDS directory")
         .map(|e| {

@@ -35,7 +35,26 @@ async fn harbor_then_envoy(envoy: &mut Envoy) -> TestHarbor {
         envoy.xds.join("lds.json").exists().then_some(())
     })
     .await;
+    // Written is not live: until Envoy serves them, Harbor says it is out of step, and why.
+    let status = eventually(Duration::from_secs(3), "the apply reported", || async {
+        let s = backend_status(&h).await;
+        s["last_error"].is_string().then_some(s)
+    })
+    .await;
+    assert_eq!(status["in_sync"], false, "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not serving them yet")),
+        "{status}"
+    );
     envoy.start_process().await;
+    eventually(
+        Duration::from_secs(10),
+        "in step once Envoy serves",
+        || async { (backend_status(&h).await["in_sync"] == true).then_some(()) },
+    )
+    .await;
     h
 }
 
@@ -137,8 +156,30 @@ async fn register_route_expire_and_restart_through_envoy() {
     })
     .await;
 
-    // Envoy restarts: it reads Harbor's files again.
+    // Envoy goes down: a change is written, and said to be out of step until Envoy serves it.
+    envoy.kill();
+    let c = Upstream::start("c").await;
+    h.register(json!({"name": "late", "upstream": c.addr.to_string(), "ttl_secs": 60, "host": "late.localhost"}))
+        .await;
+    let status = eventually(Duration::from_secs(5), "the outage reported", || async {
+        let s = backend_status(&h).await;
+        (s["in_sync"] == false).then_some(s)
+    })
+    .await;
+    assert!(
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not serving them yet")),
+        "{status}"
+    );
+
+    // Envoy restarts: it reads Harbor's files again, the change among them.
     envoy.start_process().await;
+    until_routed(&envoy, "late.localhost", "c", Duration::from_secs(5)).await;
+    eventually(Duration::from_secs(5), "in step again", || async {
+        (backend_status(&h).await["in_sync"] == true).then_some(())
+    })
+    .await;
     until_routed(&envoy, "web.localhost", "a", Duration::from_secs(5)).await;
     h.shutdown().await;
 }
