@@ -63,8 +63,11 @@
 
   function addressCell(svc) {
     const td = h('td', { role: 'cell', class: 'addr', 'data-label': 'Address' });
-    if (svc.protocol === 'tcp') {
-      td.append(h('span', { class: 'mono', text: `tcp ${svc.listen || ''}` }));
+    if (svc.protocol !== 'http') {
+      // A tcp service's names, if it has any, are its certificate's or its SNI names.
+      const names = (svc.hosts || []).length ? ` (${svc.hosts.join(', ')})` : '';
+      const kind = svc.protocol === 'tcp' ? 'tcp' : 'tls';
+      td.append(h('span', { class: 'mono', text: `${kind} ${svc.listen || ''}${names}` }));
       return td;
     }
     for (const host of svc.hosts || []) {
@@ -187,7 +190,7 @@
     switch (sortKey) {
       case 'kind': return s.kind;
       case 'strategy': return s.strategy || '';
-      case 'address': return s.protocol === 'tcp' ? `~${s.listen}` : ((s.hosts || [])[0] || '');
+      case 'address': return s.protocol !== 'http' ? `~${s.listen}` : ((s.hosts || [])[0] || '');
       case 'lease': return tr._expires;
       default: return s.name;
     }

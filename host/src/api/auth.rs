@@ -290,35 +290,37 @@ impl Caller {
         let Some(scope) = &self.scope else {
             return Ok(());
         };
-        match &route.matcher {
-            Match::Http { hosts, .. } => {
-                for host in hosts {
-                    let host = host.as_str();
-                    if host.starts_with("*.") {
-                        return Err(Self::forbidden(format!(
-                            "the wildcard host {host:?} needs a full-access token"
-                        )));
-                    }
-                    let allowed = if scope.hosts.is_empty() {
-                        host == format!("{name}.localhost")
-                    } else {
-                        scope.hosts.iter().any(|p| host_matches(p, host))
-                    };
-                    if !allowed {
-                        return Err(Self::forbidden(if scope.hosts.is_empty() {
-                            format!(
-                                "this token may register only the host {name}.localhost (its token file line grants no hosts=), not {host:?}"
-                            )
-                        } else {
-                            format!(
-                                "this token may not register the host {host:?}: it matches none of {}",
-                                scope.hosts.join(", ")
-                            )
-                        }));
-                    }
-                }
+        // A tcp service's names (its certificate's, or the SNI names it is routed by) are
+        // claims like an HTTP service's hosts, held to the same patterns.
+        let (Match::Http { hosts, .. } | Match::Tcp { hosts, .. }) = &route.matcher;
+        for host in hosts {
+            let host = host.as_str();
+            if host.starts_with("*.") {
+                return Err(Self::forbidden(format!(
+                    "the wildcard host {host:?} needs a full-access token"
+                )));
             }
-            Match::Tcp { listen } => {
+            let allowed = if scope.hosts.is_empty() {
+                host == format!("{name}.localhost")
+            } else {
+                scope.hosts.iter().any(|p| host_matches(p, host))
+            };
+            if !allowed {
+                return Err(Self::forbidden(if scope.hosts.is_empty() {
+                    format!(
+                        "this token may register only the host {name}.localhost (its token file line grants no hosts=), not {host:?}"
+                    )
+                } else {
+                    format!(
+                        "this token may not register the host {host:?}: it matches none of {}",
+                        scope.hosts.join(", ")
+                    )
+                }));
+            }
+        }
+        match &route.matcher {
+            Match::Http { .. } => {}
+            Match::Tcp { listen, .. } => {
                 if !scope.listen.iter().any(|r| r.holds(*listen)) {
                     return Err(Self::forbidden(format!(
                         "this token may not open a tcp listener on {listen}{}",

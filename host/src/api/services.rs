@@ -83,12 +83,7 @@ impl RegisterRequest {
             route.strategy_settings = StrategySettings::from_json(settings)?;
         }
         route.tls = Tls::parse(self.tls.as_ref(), self.redirect_http, self.hsts.as_ref())?;
-        if route.protocol() == Protocol::Tcp && !route.tls.is_default() {
-            return Err(ApiError::bad_request(
-                Some("tls".into()),
-                "TLS for tcp services (termination, SNI passthrough) is not supported yet",
-            ));
-        }
+        route.check_tls()?;
         let upstream = Upstream {
             addr: UpstreamAddr::parse(&self.upstream)?,
             weight: check_weight(self.weight.unwrap_or(1))?,
@@ -214,7 +209,7 @@ pub(super) async fn settings_accepted(
 /// Where Harbor's own TCP proxy carries tcp services, an address it cannot bind is refused at
 /// registration rather than retried in the background forever.
 fn check_listen(app: &AppState, reg: &Registration) -> Result<(), ApiError> {
-    let crate::model::Match::Tcp { listen } = reg.route.matcher else {
+    let crate::model::Match::Tcp { listen, .. } = reg.route.matcher else {
         return Ok(());
     };
     if !app.tcp.carrying() {

@@ -2,8 +2,8 @@
 //! (comparable, unlike the generated types), and its conversion for the adapter contract.
 
 use crate::backend::{
-    DesiredState, HashKey as WitHashKey, HealthCheck as WitHealthCheck, HttpService, TcpService,
-    Upstream,
+    DesiredState, HashKey as WitHashKey, HealthCheck as WitHealthCheck, HttpService,
+    RefusedService, TcpService, Upstream,
 };
 use crate::model::{HashKey, HealthCheck, Protocol, ServiceView};
 
@@ -12,7 +12,12 @@ use crate::model::{HashKey, HealthCheck, Protocol, ServiceView};
 pub struct Desired {
     http: Vec<DesiredService>,
     tcp: Vec<DesiredService>,
+    /// Services the adapter contract cannot express, refused by the host on its behalf.
+    unsupported: Vec<String>,
 }
+
+/// Why a service in [`Desired::unsupported`] is not given to the adapter.
+const UNSUPPORTED: &str = "TLS on tcp services (termination and SNI passthrough) is served by Harbor's own tcp proxy, in embedded and caddy modes; the driven proxy's adapter cannot carry it";
 
 /// One service: `hosts` and `path` for HTTP, `listen` for TCP.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +36,7 @@ impl Desired {
     pub fn of(services: &[ServiceView], with_tcp: bool) -> Self {
         let mut http = Vec::new();
         let mut tcp = Vec::new();
+        let mut unsupported = Vec::new();
         for s in services {
             let service = DesiredService {
                 name: s.name.to_string(),
@@ -48,13 +54,35 @@ impl Desired {
             };
             match s.route.protocol {
                 Protocol::Http => http.push(service),
+                // The adapter contract has no TLS for tcp services: a proxy that carries tcp
+                // would serve them as plain tcp, which their clients do not speak.
+                Protocol::Tcp | Protocol::TlsPassthrough
+                    if with_tcp
+                        && (s.route.terminates_tls()
+                            || s.route.protocol == Protocol::TlsPassthrough) =>
+                {
+                    unsupported.push(s.name.to_string());
+                }
                 Protocol::Tcp if with_tcp && s.route.listen.is_some() => tcp.push(service),
-                Protocol::Tcp => {}
+                Protocol::Tcp | Protocol::TlsPassthrough => {}
             }
         }
         http.sort_by(|a, b| a.name.cmp(&b.name));
         tcp.sort_by(|a, b| a.name.cmp(&b.name));
-        Self { http, tcp }
+        unsupported.sort();
+        Self {
+            http,
+            tcp,
+            unsupported,
+        }
+    }
+
+    /// The services refused on the adapter's behalf, as the adapter would refuse them.
+    pub fn refusals(&self) -> impl Iterator<Item = RefusedService> + '_ {
+        self.unsupported.iter().map(|name| RefusedService {
+            name: name.clone(),
+            reason: UNSUPPORTED.to_owned(),
+        })
     }
 
     pub fn services(&self) -> usize {

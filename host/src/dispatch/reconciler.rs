@@ -321,7 +321,8 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             return;
         }
         match adapter.apply(desired.to_wit(revision, refresh)).await {
-            Ok(applied) => {
+            Ok(mut applied) => {
+                applied.refused.extend(desired.refusals());
                 self.book
                     .record_applied(&applied, desired.services(), started.elapsed());
                 if refresh {
@@ -482,7 +483,7 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             }),
             Err(e) => Err(e.to_string()),
         };
-        let applied = match proven {
+        let mut applied = match proven {
             Ok(applied) => applied,
             Err(e) => {
                 if new.description().name == self.adapter_name() {
@@ -519,6 +520,7 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             return Err(SwapError::Stopped);
         };
         self.book.set_active(active);
+        applied.refused.extend(desired.refusals());
         self.book
             .record_applied(&applied, desired.services(), started.elapsed());
         self.fallbacks_due = applied
@@ -1067,6 +1069,46 @@ mod tests {
         rig.cancel.cancel();
         rig.settled.cancelled().await;
         assert_eq!(applies(&proxy).len(), 1, "no apply at shutdown");
+    }
+
+    /// The adapter contract has no TLS for tcp services: a proxy that carries tcp is not given
+    /// them, and they are refused on its behalf, named, while the rest is applied.
+    #[tokio::test(start_paused = true)]
+    async fn tcp_services_with_tls_are_refused_for_a_proxy_that_carries_tcp() {
+        let (mut fake, proxy) = Fake::new("fake");
+        fake.description.supports_tcp = true;
+        let rig = rig(fake);
+        register(&rig.registry, "web");
+        let name = ServiceName::parse("sni").expect("a name");
+        let route = RouteInput {
+            protocol: Some(crate::model::Protocol::TlsPassthrough),
+            listen: Some("127.0.0.1:9443"),
+            host: Some("a.test"),
+            ..RouteInput::new(&name)
+        }
+        .validate()
+        .expect("a route");
+        rig.registry
+            .register(Registration {
+                route,
+                name,
+                upstream: Upstream {
+                    addr: UpstreamAddr::parse("127.0.0.1:9").expect("an address"),
+                    weight: 1,
+                    labels: Default::default(),
+                },
+                ttl: Some(Duration::from_secs(3600)),
+                meta: Default::default(),
+            })
+            .expect("registered");
+        run_for(Duration::from_secs(1)).await;
+        assert_eq!(applies(&proxy).last().map(|a| a.1), Some(1), "web alone");
+        let status = rig.book.status();
+        assert_eq!(status.refused.len(), 1, "{status:?}");
+        assert_eq!(status.refused[0].service, "sni");
+        assert!(status.refused[0].reason.contains("Harbor's own tcp proxy"));
+        assert!(!status.in_sync);
+        rig.cancel.cancel();
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,7 +19,7 @@ pub use names::{
 pub use options::{HashKey, HealthCheck, HealthInput, RouteOptions};
 pub use route::{
     Claim, Kind, MAX_WEIGHT, Match, Meta, Protocol, Route, RouteInput, Upstream, check_meta,
-    check_weight,
+    check_weight, conflict, terminates_tls,
 };
 pub use settings::{FIELD as SETTINGS_FIELD, StrategySettings};
 pub use tls::{HstsInput, Tls, TlsInput, TlsMode, is_public};
@@ -101,11 +101,18 @@ pub struct RouteView {
     pub tls: Tls,
 }
 
+impl RouteView {
+    /// See [`Route::terminates_tls`].
+    pub fn terminates_tls(&self) -> bool {
+        terminates_tls(self.protocol, &self.tls)
+    }
+}
+
 impl From<&Route> for RouteView {
     fn from(route: &Route) -> Self {
         let (hosts, path, listen) = match &route.matcher {
             Match::Http { hosts, path } => (hosts.clone(), Some(path.clone()), None),
-            Match::Tcp { listen } => (Vec::new(), None, Some(*listen)),
+            Match::Tcp { listen, hosts, .. } => (hosts.clone(), None, Some(*listen)),
         };
         Self {
             protocol: route.protocol(),

@@ -15,6 +15,10 @@ pub enum Protocol {
     #[default]
     Http,
     Tcp,
+    /// TLS connections routed by the name their ClientHello asks for (SNI), never decrypted:
+    /// several services share one listen address.
+    #[serde(rename = "tls-passthrough")]
+    TlsPassthrough,
 }
 
 impl fmt::Display for Protocol {
@@ -22,6 +26,7 @@ impl fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Http => "http",
             Protocol::Tcp => "tcp",
+            Protocol::TlsPassthrough => "tls-passthrough",
         })
     }
 }
@@ -40,8 +45,12 @@ pub enum Match {
         hosts: Vec<HostName>,
         path: PathPrefix,
     },
+    /// Matched by its listen address. `hosts` are the names its certificate is for when it
+    /// terminates TLS; with `passthrough`, the SNI names its connections are routed by.
     Tcp {
         listen: SocketAddr,
+        hosts: Vec<HostName>,
+        passthrough: bool,
     },
 }
 
@@ -50,16 +59,47 @@ pub enum Match {
 pub enum Claim {
     HostPath(HostName, PathPrefix),
     Listen(SocketAddr),
+    /// An SNI name on a listen address that TLS passthrough services share.
+    Sni(SocketAddr, HostName),
 }
 
 impl Claim {
     /// The request field a conflicting claim is reported against.
     pub fn field(&self) -> &'static str {
         match self {
-            Claim::HostPath(..) => "host",
+            Claim::HostPath(..) | Claim::Sni(..) => "host",
             Claim::Listen(_) => "listen",
         }
     }
+
+    /// Whether `other`, held by another service, rules this one out though it is not the same
+    /// claim: a plain listener and SNI-routed services cannot share an address.
+    fn rivals(&self, other: &Claim) -> bool {
+        match (self, other) {
+            (Claim::Listen(a), Claim::Sni(b, _)) | (Claim::Sni(a, _), Claim::Listen(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// The claim among those `taken` (each with its holder) that rules out `claim` for service
+/// `name`, with its holder: the same claim, or a rival one on the same listen address.
+pub fn conflict<'a>(
+    taken: &'a std::collections::HashMap<Claim, ServiceName>,
+    name: &ServiceName,
+    claim: &Claim,
+) -> Option<(Claim, &'a ServiceName)> {
+    if let Some(owner) = taken.get(claim).filter(|owner| *owner != name) {
+        return Some((claim.clone(), owner));
+    }
+    if matches!(claim, Claim::HostPath(..)) {
+        return None;
+    }
+    // Only listen addresses have rivals, and services that hold them are few: a scan.
+    taken
+        .iter()
+        .find(|(held, owner)| *owner != name && claim.rivals(held))
+        .map(|(held, owner)| (held.clone(), owner))
 }
 
 impl fmt::Display for Claim {
@@ -67,6 +107,7 @@ impl fmt::Display for Claim {
         match self {
             Claim::HostPath(h, p) => write!(f, "host {h} with path {p}"),
             Claim::Listen(a) => write!(f, "listen address {a}"),
+            Claim::Sni(a, h) => write!(f, "SNI name {h} on {a}"),
         }
     }
 }
@@ -88,7 +129,12 @@ impl Route {
     pub fn protocol(&self) -> Protocol {
         match self.matcher {
             Match::Http { .. } => Protocol::Http,
-            Match::Tcp { .. } => Protocol::Tcp,
+            Match::Tcp {
+                passthrough: false, ..
+            } => Protocol::Tcp,
+            Match::Tcp {
+                passthrough: true, ..
+            } => Protocol::TlsPassthrough,
         }
     }
 
@@ -98,8 +144,63 @@ impl Route {
                 .iter()
                 .map(|h| Claim::HostPath(h.clone(), path.clone()))
                 .collect(),
-            Match::Tcp { listen } => vec![Claim::Listen(*listen)],
+            Match::Tcp {
+                listen,
+                hosts,
+                passthrough: true,
+            } => hosts
+                .iter()
+                .map(|h| Claim::Sni(*listen, h.clone()))
+                .collect(),
+            Match::Tcp { listen, .. } => vec![Claim::Listen(*listen)],
         }
+    }
+
+    /// Whether Harbor's proxy terminates TLS for it: an HTTP service on the TLS listener unless
+    /// it turned TLS off, a tcp service only when its `tls` says how.
+    pub fn terminates_tls(&self) -> bool {
+        terminates_tls(self.protocol(), &self.tls)
+    }
+
+    /// Checks that its `tls` setting fits its protocol.
+    pub fn check_tls(&self) -> Result<(), FieldError> {
+        let Match::Tcp {
+            hosts, passthrough, ..
+        } = &self.matcher
+        else {
+            return Ok(());
+        };
+        if self.tls.is_default() {
+            return Ok(());
+        }
+        if *passthrough {
+            return Err(FieldError::new(
+                "tls",
+                "a tls-passthrough service hands TLS to its upstreams untouched: it takes no tls setting",
+            ));
+        }
+        if self.tls.redirect_http.is_some() || self.tls.hsts.is_some() {
+            return Err(FieldError::new(
+                "tls",
+                "redirect_http and hsts are for HTTP services",
+            ));
+        }
+        if self.terminates_tls() && hosts.is_empty() {
+            return Err(FieldError::new(
+                "tls",
+                "a tcp service with tls needs host or hosts: the names its certificate is for",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// See [`Route::terminates_tls`].
+pub fn terminates_tls(protocol: Protocol, tls: &super::Tls) -> bool {
+    match protocol {
+        Protocol::Http => tls.serves(),
+        Protocol::Tcp => tls.mode.as_ref().is_some_and(|m| *m != super::TlsMode::Off),
+        Protocol::TlsPassthrough => false,
     }
 }
 
@@ -139,18 +240,12 @@ impl<'a> RouteInput<'a> {
             None => StrategyName::default(),
         };
         let matcher = match self.protocol.unwrap_or_default() {
-            Protocol::Tcp => {
-                for (field, given) in [
-                    ("host", self.host.is_some()),
-                    ("hosts", self.hosts.is_some()),
-                    ("path", self.path.is_some()),
-                ] {
-                    if given {
-                        return Err(FieldError::new(
-                            field,
-                            "a tcp service has no host or path; it is matched by its listen address",
-                        ));
-                    }
+            protocol @ (Protocol::Tcp | Protocol::TlsPassthrough) => {
+                if self.path.is_some() {
+                    return Err(FieldError::new(
+                        "path",
+                        "a tcp service has no path; it is matched by its listen address",
+                    ));
                 }
                 let raw = self.listen.ok_or_else(|| {
                     FieldError::new(
@@ -158,8 +253,18 @@ impl<'a> RouteInput<'a> {
                         "a tcp service needs a listen address, e.g. 127.0.0.1:15432",
                     )
                 })?;
+                let passthrough = protocol == Protocol::TlsPassthrough;
+                let hosts = self.hosts()?;
+                if passthrough && hosts.is_empty() {
+                    return Err(FieldError::new(
+                        "hosts",
+                        "a tls-passthrough service needs host or hosts: the SNI names its connections are routed by",
+                    ));
+                }
                 Match::Tcp {
                     listen: parse_listen(raw)?,
+                    hosts,
+                    passthrough,
                 }
             }
             Protocol::Http => {
@@ -169,25 +274,11 @@ impl<'a> RouteInput<'a> {
                         "listen is for tcp services; set protocol = \"tcp\" or remove it",
                     ));
                 }
-                let hosts = match (self.host, self.hosts) {
-                    (Some(_), Some(_)) => {
-                        return Err(FieldError::new(
-                            "hosts",
-                            "give either host or hosts, not both",
-                        ));
+                let hosts = match self.hosts()? {
+                    hosts if hosts.is_empty() => {
+                        vec![HostName::parse(&format!("{}.localhost", self.name))?]
                     }
-                    (Some(h), None) => vec![HostName::parse(h)?],
-                    (None, Some([])) => {
-                        return Err(FieldError::new(
-                            "hosts",
-                            "hosts must name at least one host",
-                        ));
-                    }
-                    (None, Some(list)) => list
-                        .iter()
-                        .map(|h| HostName::parse(h).map_err(|e| FieldError::new("hosts", e.reason)))
-                        .collect::<Result<_, _>>()?,
-                    (None, None) => vec![HostName::parse(&format!("{}.localhost", self.name))?],
+                    hosts => hosts,
                 };
                 let path = match self.path {
                     Some(p) => PathPrefix::parse(p)?,
@@ -204,6 +295,28 @@ impl<'a> RouteInput<'a> {
             public: self.public.unwrap_or(false),
             options: super::RouteOptions::default(),
         })
+    }
+}
+
+impl RouteInput<'_> {
+    /// The hosts given, by `host` or `hosts`; none when neither is.
+    fn hosts(&self) -> Result<Vec<HostName>, FieldError> {
+        match (self.host, self.hosts) {
+            (Some(_), Some(_)) => Err(FieldError::new(
+                "hosts",
+                "give either host or hosts, not both",
+            )),
+            (Some(h), None) => Ok(vec![HostName::parse(h)?]),
+            (None, Some([])) => Err(FieldError::new(
+                "hosts",
+                "hosts must name at least one host",
+            )),
+            (None, Some(list)) => list
+                .iter()
+                .map(|h| HostName::parse(h).map_err(|e| FieldError::new("hosts", e.reason)))
+                .collect(),
+            (None, None) => Ok(Vec::new()),
+        }
     }
 }
 
@@ -281,13 +394,35 @@ mod tests {
         assert_eq!(route.strategy.as_str(), "round-robin");
         assert!(!route.public);
 
-        let tcp_with_host = RouteInput {
+        let tcp_with_path = RouteInput {
             protocol: Some(Protocol::Tcp),
-            host: Some("a.com"),
+            path: Some("/a"),
             listen: Some("127.0.0.1:9000"),
             ..RouteInput::new(&name)
         };
-        assert_eq!(tcp_with_host.validate().unwrap_err().field, "host");
+        assert_eq!(tcp_with_path.validate().unwrap_err().field, "path");
+
+        // Passthrough needs the SNI names it is routed by, and claims each on its address.
+        let passthrough = |host: Option<&'static str>| RouteInput {
+            protocol: Some(Protocol::TlsPassthrough),
+            host,
+            listen: Some("127.0.0.1:9443"),
+            ..RouteInput::new(&name)
+        };
+        assert_eq!(passthrough(None).validate().unwrap_err().field, "hosts");
+        let sni = passthrough(Some("a.example.com")).validate().unwrap();
+        let addr: SocketAddr = "127.0.0.1:9443".parse().unwrap();
+        assert_eq!(
+            sni.claims(),
+            [Claim::Sni(addr, HostName::parse("a.example.com").unwrap())]
+        );
+        // A plain listener on the same address rivals it; another SNI name does not.
+        let other = ServiceName::parse("other").unwrap();
+        let taken = std::collections::HashMap::from([(sni.claims()[0].clone(), other.clone())]);
+        let (held, owner) = conflict(&taken, &name, &Claim::Listen(addr)).expect("rivals");
+        assert_eq!((held, owner), (sni.claims()[0].clone(), &other));
+        let b = Claim::Sni(addr, HostName::parse("b.example.com").unwrap());
+        assert!(conflict(&taken, &name, &b).is_none());
 
         let tcp_without_listen = RouteInput {
             protocol: Some(Protocol::Tcp),

@@ -27,6 +27,7 @@ pub mod metrics;
 mod policy;
 mod pool;
 mod secure;
+mod sni;
 mod splice;
 mod spread;
 mod tcp;

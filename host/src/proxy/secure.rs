@@ -43,6 +43,23 @@ pub fn server_config(certificates: Arc<Certificates>) -> anyhow::Result<rustls::
     Ok(config)
 }
 
+/// The acceptor of a tcp service whose TLS Harbor terminates: its own certificate (see
+/// [`crate::tls::ServiceCertificate`]), no ALPN (the bytes inside are the service's own
+/// protocol); none when the configuration cannot be made, which is logged.
+pub fn tcp_acceptor(front: &TlsFront, route: &ServiceRoute) -> Option<TlsAcceptor> {
+    let resolver = Arc::new(crate::tls::ServiceCertificate {
+        certificates: front.certificates.clone(),
+        hosts: route.certified_hosts().to_vec(),
+    });
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(crate::tls::provider()))
+        .with_safe_default_protocol_versions()
+        .inspect_err(|e| tracing::error!(service = %route.name, error = %e, "no TLS configuration"))
+        .ok()?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    Some(TlsAcceptor::from(Arc::new(config)))
+}
+
 /// Where a plain-HTTP request for `route` goes instead: the same host and target on the HTTPS
 /// listener, when the route is served over TLS, has a certificate for the host, and redirects.
 /// ACME's HTTP-01 challenges stay on plain HTTP.
@@ -115,7 +132,7 @@ pub async fn serve(
     super::http::accept(shared, listener, lanes, stop, "HTTPS", serve).await;
 }
 
-async fn handshake(
+pub(super) async fn handshake(
     shared: &Shared,
     acceptor: &TlsAcceptor,
     stream: TcpStream,

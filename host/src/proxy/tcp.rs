@@ -27,7 +27,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::descriptors::Admission;
 use crate::plugins::Outcome;
-use crate::routing::ServiceRoute;
+use crate::routing::{ServiceRoute, SniTable};
 
 use super::choose::{choose, client_key};
 use super::copy::{self, End, Tally};
@@ -72,9 +72,11 @@ pub async fn supervise(
         changes.borrow_and_update();
         let carrying = *wanted.borrow_and_update();
         let snapshot = shared.routing.snapshot();
+        let routed =
+            |addr: &SocketAddr| snapshot.tcp.contains_key(addr) || snapshot.sni.contains_key(addr);
         // A route gone, or handed to another proxy, has nothing left to report.
         failing.retain(|addr, name| {
-            let keep = carrying && snapshot.tcp.contains_key(addr);
+            let keep = carrying && routed(addr);
             if !keep {
                 (shared.listen_report)(name, None);
             }
@@ -82,7 +84,7 @@ pub async fn supervise(
         });
         let mut closing = Vec::new();
         listening.retain(|addr, l| {
-            let keep = carrying && snapshot.tcp.contains_key(addr) && !l.stop.is_cancelled();
+            let keep = carrying && routed(addr) && !l.stop.is_cancelled();
             if !keep {
                 tracing::info!(%addr, "TCP proxy stopped listening");
                 l.stop.cancel();
@@ -101,16 +103,23 @@ pub async fn supervise(
             }
         }
         let mut unbound = false;
-        let routes = snapshot.tcp.iter().filter(|_| carrying);
-        for (addr, route) in routes {
-            if listening.contains_key(addr) {
+        for (addr, name, unservable) in listeners_wanted(&shared, &snapshot, carrying) {
+            if listening.contains_key(&addr) {
                 continue;
             }
+            if let Some(why) = unservable {
+                if failing.insert(addr, name.clone()).is_none() {
+                    tracing::warn!(service = %name, %addr, reason = %why, "cannot serve a tcp route");
+                    (shared.listen_report)(&name, Some(why));
+                }
+                continue;
+            }
+            let (addr, route) = (&addr, &name);
             match bind(*addr, count) {
                 Ok(listeners) => {
-                    tracing::info!(service = %route.name, %addr, listeners = listeners.len(), "TCP proxy listening");
+                    tracing::info!(service = %route, %addr, listeners = listeners.len(), "TCP proxy listening");
                     if failing.remove(addr).is_some() {
-                        (shared.listen_report)(&route.name, None);
+                        (shared.listen_report)(route, None);
                     }
                     let l = Listening {
                         stop: stop.child_token(),
@@ -143,10 +152,10 @@ pub async fn supervise(
                 }
                 Err(e) => {
                     unbound = true;
-                    if failing.insert(*addr, route.name.clone()).is_none() {
-                        tracing::warn!(service = %route.name, %addr, error = %e, "cannot listen for a tcp route; retrying");
+                    if failing.insert(*addr, route.clone()).is_none() {
+                        tracing::warn!(service = %route, %addr, error = %e, "cannot listen for a tcp route; retrying");
                         (shared.listen_report)(
-                            &route.name,
+                            route,
                             Some(format!("cannot listen on {addr}: {e}")),
                         );
                     }
@@ -176,6 +185,30 @@ pub async fn supervise(
         tracing::info!(%addr, "TCP proxy stopped listening");
         l.stop.cancel();
     }
+}
+
+/// The addresses Harbor's tcp routes want listened on (none when another proxy carries them),
+/// each with the service a failure is reported against, and why it cannot be served at all, if
+/// it cannot.
+fn listeners_wanted(
+    shared: &Shared,
+    snapshot: &crate::routing::Snapshot,
+    carrying: bool,
+) -> Vec<(SocketAddr, crate::model::ServiceName, Option<String>)> {
+    if !carrying {
+        return Vec::new();
+    }
+    let plain = snapshot.tcp.iter().map(|(addr, route)| {
+        let unservable = (route.terminates_tls() && shared.tls.is_none()).then(|| {
+            "TLS for a tcp service needs Harbor's certificates, which it keeps when it runs its own proxy with --tls-listen".to_owned()
+        });
+        (*addr, route.name.clone(), unservable)
+    });
+    let shared_by_name = snapshot
+        .sni
+        .iter()
+        .filter_map(|(addr, table)| Some((*addr, table.services.first()?.clone(), None)));
+    plain.chain(shared_by_name).collect()
 }
 
 /// Whether Harbor could listen on `addr` now: the address is local, the port permitted and
@@ -296,10 +329,10 @@ async fn accept(
         };
         if here.is_none() || changes.has_changed().unwrap_or(false) {
             changes.borrow_and_update();
-            here = shared.routing.snapshot().tcp.get(&addr).map(|route| {
+            here = Target::at(&shared, addr).map(|target| {
                 Arc::new(Lane {
                     shared: shared.clone(),
-                    route: route.clone(),
+                    target,
                     open_here: open_here.clone(),
                     loads: spread.loads.clone(),
                     cut: shared.conns.cut.child_token(),
@@ -311,7 +344,7 @@ async fn accept(
         };
         let serving = this_lane.map_or(0, |here| spread.loads.choose(here));
         let Some(admitted) = Admitted::take(lane, serving) else {
-            let service = lane.route.name.as_str();
+            let service = lane.target.name();
             lane.shared.metrics.error(service, ErrorKind::OverCapacity);
             tracing::warn!(service, %peer, "connection closed: too many in flight");
             drop(client);
@@ -321,8 +354,7 @@ async fn accept(
         // would each move it again on the way to the heap.
         let serve = move |client: TcpStream| -> Pin<Box<dyn Future<Output = ()> + Send>> {
             Box::pin(async move {
-                let lane = &admitted.lane;
-                relay(&lane.shared, &lane.route, client, peer, &lane.cut).await;
+                serve_connection(&admitted.lane, client, peer).await;
                 drop(admitted);
             })
         };
@@ -364,7 +396,7 @@ fn register(client: std::net::TcpStream, peer: SocketAddr) -> Option<TcpStream> 
 /// move their cache lines between the cores at every connection.
 struct Lane {
     shared: Arc<Shared>,
-    route: Arc<ServiceRoute>,
+    target: Target,
     /// The route's connections in flight, across its lanes.
     open_here: Arc<AtomicUsize>,
     /// Every lane's connections in flight, across routes.
@@ -372,6 +404,113 @@ struct Lane {
     /// The shutdown's cut, as a child of its own so that this lane's connections wait on it
     /// apart from other lanes'.
     cut: CancellationToken,
+}
+
+/// What a listen address serves.
+enum Target {
+    /// One service, its connections relayed as they come.
+    Route(Arc<ServiceRoute>),
+    /// One service whose TLS Harbor terminates, with the acceptor that holds its certificate.
+    Terminated(Arc<ServiceRoute>, tokio_rustls::TlsAcceptor),
+    /// TLS passthrough services, chosen by the name each connection's hello asks for.
+    Sni(Arc<SniTable>),
+}
+
+impl Target {
+    /// What `addr` serves as of the routing table's latest snapshot.
+    fn at(shared: &Shared, addr: SocketAddr) -> Option<Self> {
+        let snapshot = shared.routing.snapshot();
+        if let Some(table) = snapshot.sni.get(&addr) {
+            return Some(Target::Sni(table.clone()));
+        }
+        let route = snapshot.tcp.get(&addr)?.clone();
+        if !route.terminates_tls() {
+            return Some(Target::Route(route));
+        }
+        // Without Harbor's certificates the address is not listened on at all (see
+        // `listeners_wanted`); this covers a listener that has yet to stop.
+        let front = shared.tls.as_ref()?;
+        let acceptor = super::secure::tcp_acceptor(front, &route)?;
+        Some(Target::Terminated(route, acceptor))
+    }
+
+    /// The service named in metrics and logs before a connection is routed.
+    fn name(&self) -> &str {
+        match self {
+            Target::Route(route) | Target::Terminated(route, _) => route.name.as_str(),
+            Target::Sni(table) => table.services.first().map_or("", |n| n.as_str()),
+        }
+    }
+
+    fn max_connections(&self) -> usize {
+        match self {
+            Target::Route(route) | Target::Terminated(route, _) => route
+                .options
+                .max_connections
+                .map_or(usize::MAX, |n| n as usize),
+            // Shared by several services: only the door's caps hold.
+            Target::Sni(_) => usize::MAX,
+        }
+    }
+}
+
+/// Serves one admitted connection: handshaken first where Harbor terminates its TLS, routed by
+/// its hello where services share the address, then relayed.
+async fn serve_connection(lane: &Lane, mut client: TcpStream, peer: SocketAddr) {
+    let shared = &lane.shared;
+    let within = shared.settings.header_timeout;
+    match &lane.target {
+        Target::Route(route) => {
+            relay(
+                shared,
+                route,
+                Inbound::Plain(client, Vec::new()),
+                peer,
+                &lane.cut,
+            )
+            .await;
+        }
+        Target::Terminated(route, acceptor) => {
+            let Some(tls) = super::secure::handshake(shared, acceptor, client, peer, within).await
+            else {
+                return;
+            };
+            relay(shared, route, Inbound::Tls(Box::new(tls)), peer, &lane.cut).await;
+        }
+        Target::Sni(table) => {
+            let (hello, name) = match super::sni::read_hello(&mut client, within).await {
+                Ok(read) => read,
+                Err(why) => {
+                    shared
+                        .metrics
+                        .error(lane.target.name(), ErrorKind::BadRequest);
+                    tracing::debug!(%peer, ?why, "TLS passthrough: no usable ClientHello");
+                    return;
+                }
+            };
+            let Some(route) = name.as_deref().and_then(|n| table.names.find(n, "/")) else {
+                shared.metrics.error(lane.target.name(), ErrorKind::NoRoute);
+                tracing::debug!(%peer, name = name.as_deref().unwrap_or(""), "TLS passthrough: no service for the name asked for");
+                return;
+            };
+            relay(
+                shared,
+                route,
+                Inbound::Plain(client, hello),
+                peer,
+                &lane.cut,
+            )
+            .await;
+        }
+    }
+}
+
+/// A client connection as the relay gets it.
+enum Inbound {
+    /// Its bytes as sent, with those already read (a passthrough hello) for the upstream first.
+    Plain(TcpStream, Vec<u8>),
+    /// Decrypted by Harbor.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
 /// A connection's place under the tcp routes' door (`--max-connections` and the descriptors)
@@ -388,11 +527,7 @@ impl Admitted {
     fn take(lane: &Arc<Lane>, serving: usize) -> Option<Self> {
         let shared = &lane.shared;
         let admission = shared.tcp_door.admit().ok()?;
-        let cap = lane
-            .route
-            .options
-            .max_connections
-            .map_or(usize::MAX, |n| n as usize);
+        let cap = lane.target.max_connections();
         // Count first and check after, so that two listeners racing cannot both squeeze in.
         let r = lane.open_here.fetch_add(1, Ordering::AcqRel);
         shared.conns.enter();
@@ -429,12 +564,13 @@ fn keep_alive(stream: &TcpStream) {
 async fn relay(
     shared: &Arc<Shared>,
     route: &ServiceRoute,
-    client: TcpStream,
+    client: Inbound,
     peer: SocketAddr,
     cut: &CancellationToken,
 ) {
     let service = route.name.as_str();
-    let splice = shared.settings.splice;
+    // Splicing moves bytes between sockets in the kernel: not for bytes Harbor decrypts.
+    let splice = shared.settings.splice && matches!(client, Inbound::Plain(..));
     let chosen = choose(
         shared,
         route,
@@ -443,7 +579,7 @@ async fn relay(
         |address| async move { dial(&address, splice).await },
     )
     .await;
-    let chosen = match chosen {
+    let mut chosen = match chosen {
         Ok(chosen) => chosen,
         Err(failure) => {
             shared.metrics.error(service, failure.kind());
@@ -462,20 +598,41 @@ async fn relay(
         outbound: &metrics.bytes_out,
     };
     let idle = shared.settings.tcp_idle_timeout;
-    let end = if splice {
-        // Keepalive finds peers that vanished under a connection that lives long; keepalive's
-        // first probe comes after a minute of silence anyway, so the upstream socket gets it
-        // once the connection has lived that long: three system calls fewer for every short
-        // connection. (The client's socket inherits it from the listener at no cost.)
-        let conn = &chosen.conn;
-        let long_lived = || keep_alive(conn);
-        // The upstream's handshake ACK was held back for the client's first bytes; a client that
-        // has sent none may be waiting for the server to speak (SMTP, SSH), so it goes now.
-        let silent = || dial::send_ack_now(conn);
-        splice::duplex(&client, conn, idle, cut, tally, long_lived, silent).await
-    } else {
-        keep_alive(&chosen.conn);
-        copy::duplex(client, chosen.conn, idle, cut, tally).await
+    let (client, first) = match client {
+        Inbound::Plain(client, first) => (Ok(client), first),
+        Inbound::Tls(tls) => (Err(tls), Vec::new()),
+    };
+    if !first.is_empty() {
+        use tokio::io::AsyncWriteExt as _;
+        if let Err(e) = chosen.conn.write_all(&first).await {
+            tracing::debug!(service, %peer, upstream, error = %e, "TCP connection failed");
+            route
+                .balancer
+                .done(&chosen.picked, Outcome::Success, chosen.connect_time);
+            return;
+        }
+    }
+    let end = match client {
+        Ok(client) if splice => {
+            // Keepalive finds peers that vanished under a connection that lives long; keepalive's
+            // first probe comes after a minute of silence anyway, so the upstream socket gets it
+            // once the connection has lived that long: three system calls fewer for every short
+            // connection. (The client's socket inherits it from the listener at no cost.)
+            let conn = &chosen.conn;
+            let long_lived = || keep_alive(conn);
+            // The upstream's handshake ACK was held back for the client's first bytes; a client that
+            // has sent none may be waiting for the server to speak (SMTP, SSH), so it goes now.
+            let silent = || dial::send_ack_now(conn);
+            splice::duplex(&client, conn, idle, cut, tally, long_lived, silent).await
+        }
+        Ok(client) => {
+            keep_alive(&chosen.conn);
+            copy::duplex(client, chosen.conn, idle, cut, tally).await
+        }
+        Err(tls) => {
+            keep_alive(&chosen.conn);
+            copy::duplex(tls, chosen.conn, idle, cut, tally).await
+        }
     };
     let elapsed = started.elapsed();
     metrics.duration.observe(elapsed.as_secs_f64());

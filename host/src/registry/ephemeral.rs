@@ -409,7 +409,7 @@ fn check_claims(
     route: &Route,
 ) -> Result<(), RegistryError> {
     for claim in route.claims() {
-        if let Some(owner) = claims.get(&claim).filter(|owner| *owner != name) {
+        if let Some((claim, owner)) = crate::model::conflict(claims, name, &claim) {
             return Err(RegistryError::Claimed {
                 claim,
                 owner: owner.clone(),
@@ -440,9 +440,26 @@ fn route_difference(a: &Route, b: &Route) -> &'static str {
                 return "path";
             }
         }
-        (Match::Tcp { listen: la }, Match::Tcp { listen: lb }) => {
+        (
+            Match::Tcp {
+                listen: la,
+                hosts: ha,
+                passthrough: pa,
+            },
+            Match::Tcp {
+                listen: lb,
+                hosts: hb,
+                passthrough: pb,
+            },
+        ) => {
+            if pa != pb {
+                return "protocol";
+            }
             if la != lb {
                 return "listen";
+            }
+            if ha != hb {
+                return "hosts";
             }
         }
         _ => return "protocol",

@@ -283,8 +283,7 @@ fn first_conflict(
     route: &Route,
 ) -> Option<(Claim, ServiceName)> {
     route.claims().into_iter().find_map(|claim| {
-        let owner = taken.get(&claim).filter(|owner| *owner != name)?.clone();
-        Some((claim, owner))
+        crate::model::conflict(taken, name, &claim).map(|(claim, owner)| (claim, owner.clone()))
     })
 }
 

@@ -81,30 +81,24 @@ impl<'de> Deserialize<'de> for RawUpstream {
     }
 }
 
-/// The TLS settings of a route file, for HTTP routes.
+/// The TLS settings of a route file, checked against its protocol.
 fn tls_of(raw: &RawRoute, route: &Route) -> Result<Tls, FieldError> {
     let tls = Tls::parse(
         raw.tls.as_ref().map(Spanned::get_ref),
         raw.redirect_http.as_ref().map(|r| *r.get_ref()),
         raw.hsts.as_ref().map(Spanned::get_ref),
     )?;
-    if route.protocol() == Protocol::Tcp && !tls.is_default() {
-        let field = match (&raw.tls, &raw.redirect_http) {
-            (Some(_), _) => "tls",
-            (None, Some(_)) => "redirect_http",
-            (None, None) => "hsts",
-        };
-        return Err(FieldError::new(
-            field,
-            "TLS for tcp routes (termination, SNI passthrough) is not supported yet; serve it over HTTP or terminate in the upstream",
-        ));
+    Route {
+        tls: tls.clone(),
+        ..route.clone()
     }
+    .check_tls()?;
     Ok(tls)
 }
 
 /// The proxy options of a route file, checked against its protocol.
 fn options(raw: &RawRoute, route: &Route) -> Result<RouteOptions, FieldError> {
-    let tcp = route.protocol() == Protocol::Tcp;
+    let tcp = route.protocol() != Protocol::Http;
     let upstream_host = match &raw.upstream_host {
         Some(_) if tcp => {
             return Err(FieldError::new(
@@ -122,6 +116,12 @@ fn options(raw: &RawRoute, route: &Route) -> Result<RouteOptions, FieldError> {
             return Err(FieldError::new(
                 "max_connections",
                 "max_connections caps a tcp route's connections; set protocol = \"tcp\" or remove it",
+            ));
+        }
+        Some(_) if route.protocol() == Protocol::TlsPassthrough => {
+            return Err(FieldError::new(
+                "max_connections",
+                "max_connections caps one service's listener; tls-passthrough services share theirs, under --max-connections",
             ));
         }
         Some(n) if *n.get_ref() == 0 => {
@@ -339,9 +339,22 @@ meta = { team = "ops" }
         assert_eq!(
             p.spec.route.matcher,
             Match::Tcp {
-                listen: "127.0.0.1:15432".parse().unwrap()
+                listen: "127.0.0.1:15432".parse().unwrap(),
+                hosts: Vec::new(),
+                passthrough: false,
             }
         );
+        let p = parse(
+            "protocol = \"tls-passthrough\"\nlisten = \"127.0.0.1:8443\"\nhost = \"a.test\"\nupstreams = [\"127.0.0.1:9443\"]\n",
+        )
+        .unwrap();
+        assert_eq!(p.spec.route.protocol(), Protocol::TlsPassthrough);
+        // Passthrough leaves TLS to the upstream: it takes no tls setting.
+        let err = parse(
+            "protocol = \"tls-passthrough\"\nlisten = \"127.0.0.1:8443\"\nhost = \"a.test\"\nupstreams = [\"127.0.0.1:9443\"]\ntls = \"internal\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("tls"), "{err:?}");
     }
 
     #[test]

@@ -44,6 +44,18 @@ impl<T> HostIndex<T> {
     }
 }
 
+/// Whether a route's host `pattern` (a name, or `*.` and a name for one more label) covers
+/// the client's `name`, as [`HostIndex::find`] matches them.
+pub fn host_covers(pattern: &str, name: &str) -> bool {
+    let name = normalized(strip_port(name));
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => name
+            .split_once('.')
+            .is_some_and(|(_, parent)| parent == suffix),
+        None => pattern == name.as_ref(),
+    }
+}
+
 fn longest<'a, T>(routes: &'a [(String, Arc<T>)], path: &str) -> Option<&'a Arc<T>> {
     routes
         .iter()

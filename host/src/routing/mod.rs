@@ -13,10 +13,10 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use hosts::{HostIndex, normalized, prefix_matches, strip_port};
+pub use hosts::{HostIndex, host_covers, normalized, prefix_matches, strip_port};
 
 use crate::events::{Event, Follower, Since};
-use crate::model::{Kind, Match, RouteOptions, ServiceName, ServiceView, Tls};
+use crate::model::{HostName, Kind, Match, Protocol, RouteOptions, ServiceName, ServiceView, Tls};
 use crate::plugins::{BackendSpec, Balancer, Slot, Strategies};
 use crate::registry::Registry;
 
@@ -38,12 +38,48 @@ pub struct ServiceRoute {
     pub balancer: Arc<Balancer>,
 }
 
+impl ServiceRoute {
+    /// See [`crate::model::Route::terminates_tls`].
+    pub fn terminates_tls(&self) -> bool {
+        let protocol = match &self.matcher {
+            Match::Http { .. } => Protocol::Http,
+            Match::Tcp {
+                passthrough: false, ..
+            } => Protocol::Tcp,
+            Match::Tcp { .. } => Protocol::TlsPassthrough,
+        };
+        crate::model::terminates_tls(protocol, &self.tls)
+    }
+
+    /// The names it needs Harbor's certificates for: an HTTP service's hosts (each served as
+    /// its `tls` says), a tcp service's names when it terminates TLS; none otherwise.
+    pub fn certified_hosts(&self) -> &[HostName] {
+        match &self.matcher {
+            Match::Http { hosts, .. } => hosts,
+            Match::Tcp { hosts, .. } if self.terminates_tls() => hosts,
+            Match::Tcp { .. } => &[],
+        }
+    }
+}
+
 /// What routes where, as of one registry state; immutable once published.
 #[derive(Default)]
 pub struct Snapshot {
     pub services: HashMap<ServiceName, Arc<ServiceRoute>>,
     pub http: HostIndex<ServiceRoute>,
     pub tcp: BTreeMap<SocketAddr, Arc<ServiceRoute>>,
+    /// Listen addresses that TLS passthrough services share, each with its services by the SNI
+    /// names they are routed by.
+    pub sni: BTreeMap<SocketAddr, Arc<SniTable>>,
+}
+
+/// The TLS passthrough services on one listen address.
+#[derive(Default)]
+pub struct SniTable {
+    /// By the SNI names they are routed by, exact or wildcard.
+    pub names: HostIndex<ServiceRoute>,
+    /// Their names, sorted: whose route error an address that cannot be bound is.
+    pub services: Vec<ServiceName>,
 }
 
 pub struct RoutingTable {
@@ -101,6 +137,7 @@ impl RoutingTable {
     pub fn sync(&self, services: &[ServiceView]) {
         let current = self.table.load();
         let mut next = Snapshot::default();
+        let mut sni: BTreeMap<SocketAddr, SniTable> = BTreeMap::new();
         for service in services {
             let backends = backends_of(service);
             let slot = self.slot_for(service.route.strategy.as_str());
@@ -122,7 +159,11 @@ impl RoutingTable {
                 }
             };
             let matcher = match (&service.route.listen, &service.route.path) {
-                (Some(listen), _) => Match::Tcp { listen: *listen },
+                (Some(listen), _) => Match::Tcp {
+                    listen: *listen,
+                    hosts: service.route.hosts.clone(),
+                    passthrough: service.route.protocol == Protocol::TlsPassthrough,
+                },
                 (None, path) => Match::Http {
                     hosts: service.route.hosts.clone(),
                     path: path.clone().unwrap_or_default(),
@@ -142,12 +183,30 @@ impl RoutingTable {
                             .insert(host.as_str(), path.as_str(), route.clone());
                     }
                 }
-                Match::Tcp { listen } => {
+                Match::Tcp {
+                    listen,
+                    hosts,
+                    passthrough: true,
+                } => {
+                    let table = sni.entry(*listen).or_default();
+                    for host in hosts {
+                        table.names.insert(host.as_str(), "/", route.clone());
+                    }
+                    table.services.push(service.name.clone());
+                }
+                Match::Tcp { listen, .. } => {
                     next.tcp.insert(*listen, route.clone());
                 }
             }
             next.services.insert(service.name.clone(), route);
         }
+        next.sni = sni
+            .into_iter()
+            .map(|(addr, mut table)| {
+                table.services.sort();
+                (addr, Arc::new(table))
+            })
+            .collect();
         self.table.store(Arc::new(next));
         self.published.send_modify(|n| *n += 1);
     }

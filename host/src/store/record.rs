@@ -83,7 +83,8 @@ impl StoredInstance {
     pub fn into_restored(self) -> anyhow::Result<RestoredInstance> {
         let name = ServiceName::parse(&self.name)?;
         let mut route = RouteInput {
-            hosts: (self.protocol == Protocol::Http).then_some(self.hosts.as_slice()),
+            // An HTTP service without hosts of its own was given its default one.
+            hosts: (!self.hosts.is_empty()).then_some(self.hosts.as_slice()),
             path: self.path.as_deref(),
             protocol: Some(self.protocol),
             listen: self.listen.as_deref(),

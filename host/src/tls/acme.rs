@@ -402,18 +402,14 @@ fn wanted(routing: &RoutingTable) -> Vec<String> {
     let mut hosts: Vec<String> = snapshot
         .services
         .values()
-        .filter_map(|route| match &route.matcher {
-            crate::model::Match::Http { hosts, .. } => Some(
-                hosts
-                    .iter()
-                    .filter(|h| route.tls.mode_for(h) == TlsMode::Auto)
-                    .filter(|h| !h.as_str().starts_with("*."))
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>(),
-            ),
-            crate::model::Match::Tcp { .. } => None,
+        .flat_map(|route| {
+            route
+                .certified_hosts()
+                .iter()
+                .filter(|h| route.tls.mode_for(h) == TlsMode::Auto)
+                .filter(|h| !h.as_str().starts_with("*."))
+                .map(ToString::to_string)
         })
-        .flatten()
         .collect();
     hosts.sort();
     hosts.dedup();

@@ -143,10 +143,7 @@ impl Certificates {
         let mut services: Vec<_> = snapshot.services.values().collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
         for route in services {
-            let crate::model::Match::Http { hosts, .. } = &route.matcher else {
-                continue;
-            };
-            for host in hosts {
+            for host in route.certified_hosts() {
                 let (key, problem) = match route.tls.mode_for(host) {
                     TlsMode::Off => continue,
                     TlsMode::Files { cert, key } => {
@@ -235,6 +232,30 @@ fn split(got: Result<Arc<CertifiedKey>, String>) -> (Option<Arc<CertifiedKey>>, 
     match got {
         Ok(key) => (Some(key), None),
         Err(reason) => (None, Some(reason)),
+    }
+}
+
+/// The certificate of one tcp service that terminates TLS: the one for the name the client
+/// asks for, when the service has that name, else the one for its first name (clients of
+/// tcp services often connect by address and ask for none).
+#[derive(Debug)]
+pub struct ServiceCertificate {
+    pub certificates: Arc<Certificates>,
+    pub hosts: Vec<crate::model::HostName>,
+}
+
+impl ResolvesServerCert for ServiceCertificate {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let table = self.certificates.table.load();
+        let asked = hello.server_name().filter(|name| {
+            self.hosts
+                .iter()
+                .any(|h| crate::routing::host_covers(h.as_str(), name))
+        });
+        match asked {
+            Some(name) => table.find(name).cloned(),
+            None => table.find(self.hosts.first()?.as_str()).cloned(),
+        }
     }
 }
 

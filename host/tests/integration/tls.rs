@@ -821,3 +821,262 @@ async fn acme_answers_tls_alpn_01_on_the_tls_listener() {
     assert_issued_by_pebble(&issued);
     h.shutdown().await;
 }
+
+/// A TLS server on 127.0.0.1 with `cert`/`key`, which says `name` to every client once the
+/// handshake is done: what a passthrough client reaches proves who terminated its TLS.
+async fn tls_upstream(name: &'static str, cert: &Path, key: &Path) -> std::net::SocketAddr {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    let chain = CertificateDer::pem_file_iter(cert)
+        .expect("the chain")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("certificates");
+    let key = PrivateKeyDer::from_pem_file(key).expect("the key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .expect("a config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    let _ = tls.write_all(name.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Connects to `addr` over TLS asking for `name` (none for an IP address), trusting `roots`,
+/// and reads what the other end says until it closes; `None` if the handshake fails.
+async fn tls_says(
+    addr: std::net::SocketAddr,
+    roots: &[CertificateDer<'static>],
+    name: &str,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let server = ServerName::try_from(name.to_owned()).ok()?;
+    let mut tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        connector(roots).connect(server, tcp),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let mut said = String::new();
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_string(&mut said))
+        .await
+        .ok()?
+        .ok()?;
+    Some(said)
+}
+
+/// A tcp service whose TLS Harbor terminates, with its certificate from files: a client asking
+/// for its name gets it, and so does one asking for none (connecting by address); the upstream
+/// gets the plain bytes.
+#[tokio::test]
+async fn a_tcp_service_terminates_tls_with_its_own_certificate() {
+    let h = with_tls().await;
+    let dir = tempfile::tempdir().expect("a directory");
+    let ca = TestCa::new();
+    let (_, cert, key) = ca.valid(dir.path(), "db", &["db.test"]);
+    let upstream = common::proxies::Upstream::start("db").await;
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    h.write_route(
+        "db.route",
+        &format!(
+            "protocol = \"tcp\"\nlisten = \"{listen}\"\nhost = \"db.test\"\nupstreams = [\"{}\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+            upstream.addr,
+            cert.display(),
+            key.display()
+        ),
+    );
+    let roots = [ca.root.clone()];
+    // HTTP inside, since the test upstream speaks it; to Harbor these are a tcp service's bytes.
+    let tls_client = connector(&roots);
+    let ask = |server: &'static str| {
+        let tls_client = tls_client.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let tcp = tokio::net::TcpStream::connect(listen).await.ok()?;
+            let mut tls = tls_client
+                .connect(ServerName::try_from(server).ok()?, tcp)
+                .await
+                .ok()?;
+            tls.write_all(b"GET / HTTP/1.1\r\nHost: db\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut answer = String::new();
+            tls.read_to_string(&mut answer).await.ok()?;
+            answer.ends_with("db").then_some(())
+        }
+    };
+    eventually(Duration::from_secs(10), "db.test over TLS", || {
+        ask("db.test")
+    })
+    .await;
+    // No SNI at all: rustls sends none for an address. The certificate is db.test's, which the
+    // client then refuses to take for 127.0.0.1: the handshake reached the service's own key.
+    let by_address = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect");
+    let refused = connector(&roots)
+        .connect(
+            ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+            by_address,
+        )
+        .await
+        .expect_err("db.test's certificate is not 127.0.0.1's");
+    assert!(
+        refused.to_string().contains("not valid for name"),
+        "{refused}"
+    );
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("harbor_proxy_tls_handshakes_total{result=\"ok\"}"),
+        "{metrics}"
+    );
+    h.shutdown().await;
+}
+
+/// Without Harbor's certificates (no --tls-listen), a tcp service asking for TLS is a route
+/// error that says so, and its address is not listened on.
+#[tokio::test]
+async fn tls_on_a_tcp_service_without_a_tls_listener_is_a_route_error() {
+    let h = common::start().await;
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    h.write_route(
+        "db.route",
+        &format!(
+            "protocol = \"tcp\"\nlisten = \"{listen}\"\nhost = \"db.lan\"\nupstreams = [\"127.0.0.1:9\"]\ntls = \"internal\"\n",
+        ),
+    );
+    let errors = eventually(Duration::from_secs(5), "the route error", || async {
+        let (_, errors) = h.get("/api/v1/route-errors").await;
+        errors
+            .to_string()
+            .contains("--tls-listen")
+            .then_some(errors)
+    })
+    .await;
+    assert!(errors.to_string().contains("db"), "{errors}");
+    assert!(tokio::net::TcpStream::connect(listen).await.is_err());
+    // A tcp service asking for TLS names what its certificate is for.
+    h.write_route(
+        "nameless.route",
+        "protocol = \"tcp\"\nlisten = \"127.0.0.1:9\"\nupstreams = [\"127.0.0.1:9\"]\ntls = \"internal\"\n",
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the nameless route refused",
+        || async {
+            let (_, errors) = h.get("/api/v1/route-errors").await;
+            errors
+                .to_string()
+                .contains("needs host or hosts: the names its certificate is for")
+                .then_some(())
+        },
+    )
+    .await;
+    h.shutdown().await;
+}
+
+/// TLS passthrough: two services share one listen address, each reached by the name its
+/// clients ask for, their TLS untouched (each client verifies its own upstream's certificate).
+/// A name no service has gets no upstream; a plain tcp service may not take the address; a
+/// scoped token claims only the names its patterns allow.
+#[tokio::test]
+async fn passthrough_routes_by_sni_between_services_on_one_address() {
+    let dir = tempfile::tempdir().expect("a directory");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        "admin-token-0123456789abcdef\nscoped-token-0123456789abcdef pt- hosts=*.mine.test listen=127.0.0.1:1-65535\n",
+    )
+    .expect("tokens");
+    let h = common::start_with(move |c| c.token_file = Some(tokens.clone())).await;
+    let ca = TestCa::new();
+    let (_, a_cert, a_key) = ca.valid(dir.path(), "a", &["a.test"]);
+    let (_, b_cert, b_key) = ca.valid(dir.path(), "b", &["b.test", "x.wild.test"]);
+    let a = tls_upstream("a", &a_cert, &a_key).await;
+    let b = tls_upstream("b", &b_cert, &b_key).await;
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let passthrough = |hosts: &str, upstream: std::net::SocketAddr| {
+        format!(
+            "protocol = \"tls-passthrough\"\nlisten = \"{listen}\"\nhosts = [{hosts}]\nupstreams = [\"{upstream}\"]\n"
+        )
+    };
+    h.write_route("a.route", &passthrough("\"a.test\"", a));
+    h.write_route("b.route", &passthrough("\"b.test\", \"*.wild.test\"", b));
+    let roots = [ca.root.clone()];
+    for (name, want) in [("a.test", "a"), ("b.test", "b"), ("x.wild.test", "b")] {
+        eventually(Duration::from_secs(10), name, || async {
+            (tls_says(listen, &roots, name).await.as_deref() == Some(want)).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        tls_says(listen, &roots, "c.test").await,
+        None,
+        "no service has c.test"
+    );
+
+    // The address is shared by SNI: a plain tcp service cannot have it, nor a name twice.
+    h.write_route(
+        "plain.route",
+        &format!("protocol = \"tcp\"\nlisten = \"{listen}\"\nupstreams = [\"{a}\"]\n"),
+    );
+    h.write_route("again.route", &passthrough("\"a.test\"", b));
+    let errors = eventually(Duration::from_secs(5), "both refused", || async {
+        let (_, errors) = h.get("/api/v1/route-errors").await;
+        let text = errors.to_string();
+        (text.contains("plain.route") && text.contains("again.route")).then_some(errors)
+    })
+    .await;
+    assert!(errors.to_string().contains("SNI name a.test"), "{errors}");
+    assert_eq!(
+        tls_says(listen, &roots, "a.test").await.as_deref(),
+        Some("a")
+    );
+
+    // A scoped token: names inside its patterns only.
+    let register = |name: &str, host: &str| {
+        h.client
+            .post(h.url("/api/v1/services"))
+            .bearer_auth("scoped-token-0123456789abcdef")
+            .json(
+                &json!({"name": name, "upstream": b.to_string(), "protocol": "tls-passthrough",
+                          "listen": listen.to_string(), "host": host, "ttl_secs": 60}),
+            )
+            .send()
+    };
+    let refused = register("pt-1", "a.test").await.expect("the API answers");
+    assert_eq!(refused.status().as_u16(), 403);
+    let granted = register("pt-2", "db.mine.test")
+        .await
+        .expect("the API answers");
+    assert_eq!(granted.status().as_u16(), 201);
+    eventually(Duration::from_secs(5), "db.mine.test", || async {
+        // b's certificate has no db.mine.test: the handshake reaching b and failing its name
+        // check is the proof it went there; a.test still reaches a.
+        (tls_says(listen, &roots, "db.mine.test").await.is_none()
+            && tls_says(listen, &roots, "a.test").await.as_deref() == Some("a"))
+        .then_some(())
+    })
+    .await;
+    h.shutdown().await;
+}
