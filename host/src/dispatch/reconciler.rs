@@ -800,8 +800,13 @@ mod tests {
 
     fn register(registry: &Registry, service: &str) {
         let name = ServiceName::parse(service).expect("a name");
+        let route = RouteInput::new(&name).validate().expect("a route");
+        register_route(registry, name, route);
+    }
+
+    fn register_route(registry: &Registry, name: ServiceName, route: crate::model::Route) {
         let registration = Registration {
-            route: RouteInput::new(&name).validate().expect("a route"),
+            route,
             name,
             upstream: Upstream {
                 addr: UpstreamAddr::parse("127.0.0.1:9").expect("an address"),
@@ -1088,19 +1093,7 @@ mod tests {
         }
         .validate()
         .expect("a route");
-        rig.registry
-            .register(Registration {
-                route,
-                name,
-                upstream: Upstream {
-                    addr: UpstreamAddr::parse("127.0.0.1:9").expect("an address"),
-                    weight: 1,
-                    labels: Default::default(),
-                },
-                ttl: Some(Duration::from_secs(3600)),
-                meta: Default::default(),
-            })
-            .expect("registered");
+        register_route(&rig.registry, name, route);
         run_for(Duration::from_secs(1)).await;
         assert_eq!(applies(&proxy).last().map(|a| a.1), Some(1), "web alone");
         let status = rig.book.status();
