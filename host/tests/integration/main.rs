@@ -13,6 +13,7 @@ mod binary;
 mod durability;
 mod events;
 mod example_js;
+mod example_py;
 mod framing_properties;
 mod gangway;
 mod http_framing;
