@@ -520,10 +520,9 @@ async fn a_flood_on_the_proxy_port_leaves_the_api_and_tcp_routes_working() {
     drop(daemon);
 }
 
-/// Harbor's own listeners hold the proxy's client limits: a slow head gets `408`, an idle
-/// connection is closed after the keep-alive timeout, on the API and on Gangway alike.
-#[tokio::test]
-async fn the_api_and_gangway_close_slow_and_idle_clients() {
+/// A daemon whose header and keep-alive timeouts are a second, with Gangway on a listener of
+/// its own, and the two listeners' addresses.
+async fn api_and_gangway_with_short_timeouts() -> (common::TestHarbor, [std::net::SocketAddr; 2]) {
     let h = common::start_with(|c| {
         c.proxy.header_timeout = Duration::from_secs(1);
         c.proxy.keepalive_timeout = Duration::from_secs(1);
@@ -532,6 +531,14 @@ async fn the_api_and_gangway_close_slow_and_idle_clients() {
     .await;
     let api = h.harbor().api_addr().expect("api");
     let gangway = h.harbor().gangway_addr().expect("gangway");
+    (h, [api, gangway])
+}
+
+/// Harbor's own listeners hold the proxy's client limits: a slow head gets `408`, an idle
+/// connection is closed after the keep-alive timeout, on the API and on Gangway alike.
+#[tokio::test]
+async fn the_api_and_gangway_close_slow_and_idle_clients() {
+    let (h, [api, gangway]) = api_and_gangway_with_short_timeouts().await;
     for addr in [api, gangway] {
         let mut slow = TcpStream::connect(addr).await.expect("connect");
         slow.write_all(b"GET /api/v1/catalog HTTP/1.1\r\nHo")
@@ -582,14 +589,7 @@ async fn closed_within(conn: &mut TcpStream, deadline: Duration) -> Option<Vec<u
 /// before.
 #[tokio::test]
 async fn the_api_and_gangway_close_an_idle_h2c_client() {
-    let h = common::start_with(|c| {
-        c.proxy.header_timeout = Duration::from_secs(1);
-        c.proxy.keepalive_timeout = Duration::from_secs(1);
-        c.gangway_listen = Some("127.0.0.1:0".parse().expect("addr"));
-    })
-    .await;
-    let api = h.harbor().api_addr().expect("api");
-    let gangway = h.harbor().gangway_addr().expect("gangway");
+    let (h, [api, gangway]) = api_and_gangway_with_short_timeouts().await;
     for addr in [api, gangway] {
         let mut h2c = TcpStream::connect(addr).await.expect("connect");
         h2c.write_all(H2_PREFACE).await.expect("write");
@@ -619,14 +619,7 @@ async fn the_api_and_gangway_close_an_idle_h2c_client() {
 /// to none), and its connection's idle time is still bounded.
 #[tokio::test]
 async fn the_api_and_gangway_close_an_idle_client_that_asked_to_upgrade() {
-    let h = common::start_with(|c| {
-        c.proxy.header_timeout = Duration::from_secs(1);
-        c.proxy.keepalive_timeout = Duration::from_secs(1);
-        c.gangway_listen = Some("127.0.0.1:0".parse().expect("addr"));
-    })
-    .await;
-    let api = h.harbor().api_addr().expect("api");
-    let gangway = h.harbor().gangway_addr().expect("gangway");
+    let (h, [api, gangway]) = api_and_gangway_with_short_timeouts().await;
     for addr in [api, gangway] {
         let mut conn = TcpStream::connect(addr).await.expect("connect");
         conn.write_all(
