@@ -5,7 +5,9 @@
 //!
 //! - [`xds`]: the desired state as xDS JSON (pure, unit-tested natively).
 //! - [`sync`]: writing only the files that changed, and reading Envoy's verdict back.
+//! - [`live`]: which listeners and clusters Envoy runs, from its configuration dump (pure).
 
+mod live;
 mod sync;
 pub mod xds;
 

@@ -7,7 +7,13 @@
 //! clusters or routes, an apply watches those counters until they move. When Envoy refuses an
 //! update, the adapter finds the services it refuses by halving the services it writes, as the
 //! Caddy adapter does, and applies the rest. `probe` reads the same counters and the route
-//! configuration's live version.
+//! configuration's live version, and looks for every listener and cluster Harbor wrote among
+//! those Envoy runs: a tcp service is a listener and a cluster, and no route.
+//!
+//! Envoy judges a file when it reads it, at its start too: a listener on a port something else
+//! holds by then is refused with no write of Harbor's there to see it. Such a listener (or
+//! cluster) is offered again by the next apply, as if its file had changed, so that Envoy's
+//! verdict on it is seen and the service it belongs to is found and reported.
 
 use std::collections::BTreeMap;
 
@@ -21,6 +27,7 @@ use harbor_adapter_common::bindings::harbor::backend::types::{Applied, RefusedSe
 use harbor_adapter_common::bindings::harbor::backend::{files, http_client, timer};
 use harbor_adapter_common::{Service, http_services, tcp_services};
 
+use crate::live::{self, Gap, Standing};
 use crate::xds::{self, Settings};
 
 pub struct Files {
@@ -266,9 +273,12 @@ impl Files {
     /// Writes the files for `services` that changed and waits for Envoy's verdict on them.
     fn write(&mut self, revision: u64, services: &[&Service<'_>]) -> Result<Verdict, AdapterError> {
         let plan = self.plan(services);
+        let again = self.to_offer_again(&plan);
         let changed: Vec<&(String, Value)> = plan
             .iter()
-            .filter(|(name, resources)| self.written.get(name).is_none_or(|(w, _)| w != resources))
+            .filter(|(name, resources)| {
+                again.contains(name) || self.written.get(name).is_none_or(|(w, _)| w != resources)
+            })
             .collect();
         // Envoy may not be up yet: then there is no verdict to wait for, and `probe` tells.
         let before = if changed.is_empty() {
@@ -322,6 +332,87 @@ impl Files {
         Ok(verdict)
     }
 
+    /// The files of `plan` that are unchanged since written but hold a listener or cluster
+    /// Envoy does not have at all (it refused it when it read the file, or lost it): written
+    /// again, they get a verdict. Only while Envoy answers and reads that kind of file (its
+    /// counters tell), so that an Envoy that never reads them is not written to in a loop.
+    fn to_offer_again(&self, plan: &[(String, Value)]) -> Vec<String> {
+        let unchanged = |file: &str| {
+            plan.iter().any(|(name, resources)| {
+                name == file && self.written.get(name).is_some_and(|(w, _)| w == resources)
+            })
+        };
+        let files: Vec<&str> = ["lds.json", "cds.json"]
+            .into_iter()
+            .filter(|f| unchanged(f))
+            .collect();
+        if files.is_empty() {
+            return Vec::new();
+        }
+        let Ok(gaps) = self.gaps(&files) else {
+            return Vec::new();
+        };
+        let missing: Vec<Gap> = gaps
+            .into_iter()
+            .filter(|g| matches!(g.standing, Standing::Missing(_)))
+            .collect();
+        if missing.is_empty() {
+            return Vec::new();
+        }
+        let Ok(counters) = counters() else {
+            return Vec::new();
+        };
+        files
+            .into_iter()
+            .filter(|file| {
+                let kind = Kind::of_file(file).expect("lds.json or cds.json");
+                missing.iter().any(|g| Kind::of_gap(g) == kind)
+                    && counters.keys().any(|name| kind.counts(name))
+            })
+            .inspect(|file| {
+                let why = live::summary(&missing);
+                log::log(Level::Info, &format!("{why}; offering {file} again"));
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The listeners and clusters in `files` (of `lds.json` and `cds.json`), as last written,
+    /// that Envoy does not run.
+    fn gaps(&self, files: &[&str]) -> Result<Vec<Gap>, AdapterError> {
+        let written = |file: &str| {
+            self.written
+                .get(file)
+                .map(|(resources, _)| live::names(resources))
+                .unwrap_or_default()
+        };
+        let dump = |resource: &str| -> Result<Value, AdapterError> {
+            let text = admin_get(&format!("/config_dump?resource={resource}"))?;
+            Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+        };
+        let mut gaps = Vec::new();
+        if files.contains(&"lds.json") {
+            let names = written("lds.json");
+            if !names.is_empty() {
+                gaps.extend(live::listener_gaps(&names, &dump("dynamic_listeners")?));
+            }
+        }
+        if files.contains(&"cds.json") {
+            let names = written("cds.json");
+            if !names.is_empty() {
+                let active = live::clusters(&dump("dynamic_active_clusters")?);
+                let missing = names.iter().any(|n| !active.contains(n));
+                let warming = if missing {
+                    live::clusters(&dump("dynamic_warming_clusters")?)
+                } else {
+                    Default::default()
+                };
+                gaps.extend(live::cluster_gaps(&names, &active, &warming));
+            }
+        }
+        Ok(gaps)
+    }
+
     pub fn probe(&mut self) -> Result<ProbeReport, AdapterError> {
         // Envoy is asked first, so that a probe of an Envoy that is down fails.
         self.check_envoy()?;
@@ -354,16 +445,38 @@ impl Files {
                 )));
             }
         }
-        let live = live_route_version()?;
-        let in_sync = live == Some(rds_version);
+        let routes = live_route_version()?;
+        let detail = match routes {
+            Some(v) if v == rds_version => None,
+            Some(v) => Some(format!(
+                "Envoy runs routes version {v}, Harbor wrote {rds_version}"
+            )),
+            None => Some("Envoy has not loaded Harbor's routes".into()),
+        };
+        // The whole desired state: the routes, and every listener and cluster with them.
+        let detail = match detail {
+            Some(detail) => Some(detail),
+            None => {
+                let gaps = self.gaps(&["lds.json", "cds.json"])?;
+                (!gaps.is_empty()).then(|| live::summary(&gaps))
+            }
+        };
+        let in_sync = detail.is_none();
         Ok(ProbeReport {
             in_sync,
             applied_revision: if in_sync { Some(self.revision) } else { None },
-            detail: match live {
-                Some(v) if v == rds_version => format!("Envoy runs routes version {v}"),
-                Some(v) => format!("Envoy runs routes version {v}, Harbor wrote {rds_version}"),
-                None => "Envoy has not loaded Harbor's routes".into(),
-            },
+            detail: detail.unwrap_or_else(|| {
+                let count = |file: &str| {
+                    self.written
+                        .get(file)
+                        .map_or(0, |(resources, _)| live::names(resources).len())
+                };
+                format!(
+                    "Envoy runs routes version {rds_version}, and Harbor's {} listeners and {} clusters",
+                    count("lds.json"),
+                    count("cds.json")
+                )
+            }),
         })
     }
 
@@ -450,6 +563,15 @@ impl Kind {
             Kind::Listeners => "lds.json",
             Kind::Clusters => "cds.json",
             Kind::Routes => "rds.json",
+        }
+    }
+
+    /// The kind whose file holds what `gap` names.
+    fn of_gap(gap: &Gap) -> Self {
+        if gap.what == "listener" {
+            Kind::Listeners
+        } else {
+            Kind::Clusters
         }
     }
 

@@ -199,6 +199,30 @@ async fn tcp_services_become_tcp_proxy_listeners() {
             a.addr
         ),
     );
+    // In step only once the listener is live: the first status that says so after the change
+    // is one Envoy's listener already forwards for.
+    let before = backend_status(&h).await["applied_revision"].clone();
+    eventually(
+        Duration::from_secs(5),
+        "the tcp service applied and in step",
+        || async {
+            let s = backend_status(&h).await;
+            (s["in_sync"] == true && s["applied_revision"] != before).then_some(())
+        },
+    )
+    .await;
+    let answer = through(
+        &reqwest::Client::new(),
+        ([127, 0, 0, 1], port).into(),
+        "x",
+        "/",
+    )
+    .await;
+    assert_eq!(
+        answer,
+        Some((200, "tcp-a".to_owned())),
+        "in step, and not forwarding"
+    );
     until_forwarding(([127, 0, 0, 1], port).into(), "tcp-a").await;
     h.shutdown().await;
 }
@@ -395,5 +419,103 @@ async fn a_header_or_cookie_hash_key_keeps_a_session_on_one_upstream() {
     };
     let h = harbor_then_envoy(&mut envoy).await;
     common::hash_keys_keep_sessions_on_one_upstream(&h, envoy.listen_addr()).await;
+    h.shutdown().await;
+}
+
+/// A tcp service written while Envoy is down, on a port something else holds by the time Envoy
+/// starts: Envoy runs the rest of Harbor's files and refuses that one listener, and no write of
+/// Harbor's is there to see the verdict. Harbor's routes are live all the same, which a probe
+/// of the routes alone took for in step. The probe looks for every listener and cluster
+/// Harbor wrote, the listener is offered again, and Envoy's refusal of it is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_listener_envoy_cannot_bind_when_it_starts_is_not_in_step() {
+    let Some(mut envoy) = Envoy::prepare() else {
+        return;
+    };
+    let h = harbor_for(&envoy).await;
+    let (web, db) = (Upstream::start("web").await, Upstream::start("db").await);
+    h.register(json!({"name": "web", "upstream": web.addr.to_string(), "ttl_secs": 60, "host": "web.localhost"}))
+        .await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to hold");
+    let port = taken.local_addr().expect("its address").port();
+    let route = |upstream: std::net::SocketAddr| {
+        format!("protocol = \"tcp\"\nlisten = \"127.0.0.1:{port}\"\nupstreams = [\"{upstream}\"]\n")
+    };
+    h.write_route("db.route", &route(db.addr));
+    eventually(Duration::from_secs(3), "both services written", || async {
+        let lds = std::fs::read_to_string(envoy.xds.join("lds.json")).unwrap_or_default();
+        let rds = std::fs::read_to_string(envoy.xds.join("rds.json")).unwrap_or_default();
+        (lds.contains("harbor_tcp_db") && rds.contains("web.localhost")).then_some(())
+    })
+    .await;
+    envoy.start_process().await;
+    until_routed(&envoy, "web.localhost", "web", Duration::from_secs(5)).await;
+
+    let status = eventually(Duration::from_secs(10), "the listener reported", || async {
+        let s = backend_status(&h).await;
+        (s["refused"] != json!([])).then_some(s)
+    })
+    .await;
+    assert_eq!(status["in_sync"], false, "{status}");
+    assert_eq!(status["refused"][0]["service"], "db", "{status}");
+    let reason = status["refused"][0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("cannot bind '127.0.0.1:{port}'")),
+        "Envoy's own reason: {status}"
+    );
+    // And it stays so: no probe takes the live routes for the whole.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let s = backend_status(&h).await;
+        assert_eq!(s["in_sync"], false, "{s}");
+    }
+    until_routed(&envoy, "web.localhost", "web", Duration::from_secs(2)).await;
+
+    // Once the port is free and the route changes, the listener is offered again and live.
+    drop(taken);
+    h.write_route("db.route", &route(web.addr));
+    until_forwarding(([127, 0, 0, 1], port).into(), "web").await;
+    eventually(Duration::from_secs(5), "in step again", || async {
+        let s = backend_status(&h).await;
+        (s["in_sync"] == true && s["refused"] == json!([])).then_some(())
+    })
+    .await;
+
+    // Envoy restarts while something else takes the port. Harbor writes nothing, and Envoy's
+    // count of rejected updates starts again below what Harbor last saw: only the listener's
+    // absence tells, and the probe finds it.
+    let mut events = h.events(None).await;
+    envoy.kill();
+    let taken = eventually(Duration::from_secs(3), "the port held again", || async {
+        std::net::TcpListener::bind(("127.0.0.1", port)).ok()
+    })
+    .await;
+    envoy.start_process().await;
+    until_routed(&envoy, "web.localhost", "web", Duration::from_secs(5)).await;
+    let mut drifts = Vec::new();
+    let status = eventually(
+        Duration::from_secs(10),
+        "the listener reported again",
+        || {
+            let h = &h;
+            async move {
+                let s = backend_status(h).await;
+                (s["refused"] != json!([])).then_some(s)
+            }
+        },
+    )
+    .await;
+    while let Some(e) = events.next_within(Duration::from_millis(100)).await {
+        if e.event == "backend_drift" {
+            drifts.push(e.data["detail"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    assert!(
+        !drifts.is_empty(),
+        "nothing changed but Envoy: a probe found it"
+    );
+    assert_eq!(status["in_sync"], false, "{status}");
+    assert_eq!(status["refused"][0]["service"], "db", "{status}");
+    drop(taken);
     h.shutdown().await;
 }
