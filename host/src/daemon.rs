@@ -442,7 +442,9 @@ async fn bind_api(
     };
     // A client's API connections come through a door of their own, as Gangway's do: a flood
     // on the proxy's port leaves them room, and a flood here leaves the proxy room.
-    let api_door = core.descriptors.door("api", 1, config.api_max_connections);
+    let api_door = core
+        .descriptors
+        .control_door("api", config.api_max_connections);
     for listen in &config.api {
         let (router, stop) = (router.clone(), core.cancel.clone());
         match listen {
@@ -478,7 +480,7 @@ async fn bind_api(
         let router = api::gangway::router(app.clone());
         let door = core
             .descriptors
-            .door("gangway", 1, config.api_max_connections);
+            .control_door("gangway", config.api_max_connections);
         let listener = Guarded::new(
             Admitting::new(listener.tap_io(nodelay), door),
             &config.proxy,

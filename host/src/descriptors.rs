@@ -8,8 +8,10 @@
 //!   loads, its calls to Caddy or Envoy), never given to connections;
 //! - room for **idle pooled** upstream sockets, which the pools keep within;
 //! - the rest, the **budget**, for connections, taken through a [`Door`] per listener, of which
-//!   no one door may hold more than three quarters: a flooded listener leaves a quarter of the
-//!   budget to the others.
+//!   no one proxy door may hold more than three quarters, and no one door of Harbor's own
+//!   (the API's, Gangway's) more than an eighth: a flooded proxy listener leaves a quarter of
+//!   the budget to the others, and the API and Gangway flooded together leave the proxy three
+//!   quarters.
 //!
 //! A connection that finds its door or the budget full is accepted and closed at once, and
 //! counted (`harbor_connections_refused_total`), rather than left in the kernel's backlog where
@@ -160,11 +162,28 @@ impl Descriptors {
         self.pooled
     }
 
-    /// A door for listener `name`, whose connections cost `cost` descriptors each, and of which
-    /// at most `cap` may be open at once.
+    /// A door for proxy listener `name`, whose connections cost `cost` descriptors each, and of
+    /// which at most `cap` may be open at once, within three quarters of the budget.
     pub fn door(self: &Arc<Self>, name: &'static str, cost: usize, cap: usize) -> Arc<Door> {
+        self.door_within(name, cost, cap, self.budget / 4 * 3)
+    }
+
+    /// A door for one of Harbor's own listeners (the API, Gangway): one descriptor a
+    /// connection, at most `cap` at once, within an eighth of the budget. A person needs a few
+    /// connections; a flood of them must leave the proxy its share.
+    pub fn control_door(self: &Arc<Self>, name: &'static str, cap: usize) -> Arc<Door> {
+        self.door_within(name, 1, cap, self.budget / 8)
+    }
+
+    fn door_within(
+        self: &Arc<Self>,
+        name: &'static str,
+        cost: usize,
+        cap: usize,
+        descriptors: usize,
+    ) -> Arc<Door> {
         let cost = cost.max(1);
-        let share = self.budget / 4 * 3 / cost;
+        let share = descriptors / cost;
         // A door held to its share of descriptors says so when it refuses.
         let full = if share < cap { "descriptors" } else { "cap" };
         Arc::new(Door {
@@ -358,6 +377,23 @@ mod tests {
             "each refusal counted"
         );
         assert_eq!(d.refused.with_label_values(&["http", "cap"]).get(), 1);
+        drop(held);
+        drop(others);
+
+        // Harbor's own listeners, flooded together, leave the proxy three quarters.
+        let api = d.control_door("api", 1024);
+        let gangway = d.control_door("gangway", 1024);
+        assert_eq!(api.cap(), 1526 / 8);
+        let api_held: Vec<_> = std::iter::from_fn(|| api.admit().ok()).collect();
+        let gangway_held: Vec<_> = std::iter::from_fn(|| gangway.admit().ok()).collect();
+        assert_eq!(api_held.len() + gangway_held.len(), 1526 / 8 * 2);
+        let proxy = d.door("http", 2, usize::MAX);
+        let proxied: Vec<_> = std::iter::from_fn(|| proxy.admit().ok()).collect();
+        assert_eq!(
+            proxied.len(),
+            1526 / 4 * 3 / 2,
+            "the proxy's whole share is left"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, TestHarbor, eventually};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Long enough for any of the second-long timeouts here to have fired on a loaded machine.
@@ -373,14 +373,91 @@ common::on_both_paths!(
     an_idle_keepalive_connection_is_closed,
 );
 
+/// The binary with `args`, its descriptor table cut to 256 entries.
+fn spawn_with_256_descriptors(args: &[&str]) -> Daemon {
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_harbor"));
+    command.args(args).stdout(std::process::Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 256,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Daemon(command.spawn().expect("harbor starts"))
+}
+
+/// The reverse: the API's and Gangway's ports flooded together, past the whole descriptor
+/// table, while requests through the proxy are served and the flood is turned away.
+#[tokio::test]
+async fn a_flood_on_the_api_and_gangway_leaves_the_proxy_working() {
+    harbor::descriptors::raise_limit().expect("the limit is readable");
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+    };
+    let (api, gangway, proxy) = (free_port(), free_port(), free_port());
+    let routes = tempfile::tempdir().expect("routes dir");
+    let state = tempfile::tempdir().expect("state dir");
+    std::fs::write(
+        routes.path().join("app.route"),
+        format!(
+            "host = \"app.localhost\"\nupstreams = [\"{}\"]\n",
+            counting_upstream().await
+        ),
+    )
+    .expect("http route");
+    let daemon = spawn_with_256_descriptors(&[
+        "--api",
+        &api.to_string(),
+        "--gangway-listen",
+        &gangway.to_string(),
+        "--proxy-listen",
+        &proxy.to_string(),
+        "--routes",
+        routes.path().to_str().expect("a path"),
+        "--state-dir",
+        state.path().to_str().expect("a path"),
+    ]);
+    eventually(Duration::from_secs(30), "the proxy to serve", || {
+        served(proxy)
+    })
+    .await;
+    let mut flood = Vec::new();
+    for target in [api, gangway] {
+        for _ in 0..300 {
+            if let Ok(Ok(conn)) =
+                tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(target)).await
+            {
+                flood.push(conn);
+            }
+        }
+    }
+    assert!(flood.len() > 256, "the flood got in: {}", flood.len());
+    for _ in 0..20 {
+        assert!(
+            served(proxy).await.is_some(),
+            "the proxy serves while the API and Gangway are flooded"
+        );
+    }
+    drop(flood);
+    drop(daemon);
+}
+
 /// The real binary, its hard descriptor limit lowered to 256 before it starts (the in-process
 /// daemon would share this test process's limits). A flood of connections on the proxy's port
 /// takes the HTTP door's share; the API's `/healthz` and a tcp route still answer, the refusals
 /// are counted, and once the flood goes the proxy serves again.
 #[tokio::test]
 async fn a_flood_on_the_proxy_port_leaves_the_api_and_tcp_routes_working() {
-    use std::os::unix::process::CommandExt;
-
     // This process opens the flood's sockets: its own soft limit is raised to its hard one.
     harbor::descriptors::raise_limit().expect("the limit is readable");
     let free_port = || {
@@ -408,33 +485,16 @@ async fn a_flood_on_the_proxy_port_leaves_the_api_and_tcp_routes_working() {
         ),
     )
     .expect("http route");
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_harbor"));
-    command
-        .args([
-            "--api",
-            &api.to_string(),
-            "--proxy-listen",
-            &proxy.to_string(),
-        ])
-        .arg("--routes")
-        .arg(routes.path())
-        .arg("--state-dir")
-        .arg(state.path())
-        .stdout(std::process::Stdio::null());
-    // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 256,
-                rlim_max: 256,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let daemon = Daemon(command.spawn().expect("harbor starts"));
+    let daemon = spawn_with_256_descriptors(&[
+        "--api",
+        &api.to_string(),
+        "--proxy-listen",
+        &proxy.to_string(),
+        "--routes",
+        routes.path().to_str().expect("a path"),
+        "--state-dir",
+        state.path().to_str().expect("a path"),
+    ]);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()
@@ -569,9 +629,12 @@ async fn the_api_and_gangway_close_slow_and_idle_clients() {
 /// How an HTTP/2 connection with prior knowledge (h2c) starts.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Everything read from `conn` until it is closed (EOF or reset), or `None` if it is still
-/// open at `deadline`.
-async fn closed_within(conn: &mut TcpStream, deadline: Duration) -> Option<Vec<u8>> {
+/// Everything read from `conn` until it is closed (EOF, reset or a TLS error), or `None` if it
+/// is still open at `deadline`.
+async fn said_until_closed(
+    conn: &mut (impl AsyncRead + Unpin),
+    deadline: Duration,
+) -> Option<Vec<u8>> {
     let mut got = Vec::new();
     let mut buf = [0u8; 8192];
     tokio::time::timeout(deadline, async {
@@ -593,7 +656,7 @@ async fn the_api_and_gangway_close_an_idle_h2c_client() {
     for addr in [api, gangway] {
         let mut h2c = TcpStream::connect(addr).await.expect("connect");
         h2c.write_all(H2_PREFACE).await.expect("write");
-        let said = closed_within(&mut h2c, Duration::from_secs(10)).await;
+        let said = said_until_closed(&mut h2c, Duration::from_secs(10)).await;
         let said = said.unwrap_or_else(|| panic!("{addr}: an idle h2c client is held open"));
         // A GOAWAY frame (type 7) on stream 0, its error HTTP_1_1_REQUIRED (0xd).
         assert!(
@@ -627,7 +690,7 @@ async fn the_api_and_gangway_close_an_idle_client_that_asked_to_upgrade() {
         )
         .await
         .expect("write");
-        let said = closed_within(&mut conn, Duration::from_secs(10)).await;
+        let said = said_until_closed(&mut conn, Duration::from_secs(10)).await;
         let said = said.unwrap_or_else(|| panic!("{addr}: an idle client is held open"));
         let said = String::from_utf8_lossy(&said);
         assert!(said.starts_with("HTTP/1.1 200"), "{addr}: {said:?}");
@@ -690,29 +753,10 @@ mod http2_idle {
     use super::*;
 
     use std::sync::Arc;
-    use tokio::io::AsyncRead;
     use tokio::sync::Notify;
 
     /// A client's empty SETTINGS frame, which follows its preface.
     const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
-
-    /// Everything read from `conn` until it is closed (EOF, reset or a TLS error), or `None`
-    /// if it is still open at `deadline`.
-    async fn said_until_closed(
-        conn: &mut (impl AsyncRead + Unpin),
-        deadline: Duration,
-    ) -> Option<Vec<u8>> {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 8192];
-        tokio::time::timeout(deadline, async {
-            while let Ok(n @ 1..) = conn.read(&mut buf).await {
-                got.extend_from_slice(&buf[..n]);
-            }
-        })
-        .await
-        .ok()?;
-        Some(got)
-    }
 
     /// Whether `said` holds a GOAWAY frame with the error NO_ERROR: closed on purpose, not
     /// refused.
