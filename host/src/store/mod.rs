@@ -433,6 +433,13 @@ mod tests {
         all
     }
 
+    /// The record of one registered instance (`a` at 127.0.0.1:1), as the journal stores it.
+    fn one_instance() -> StoredInstance {
+        let (r, _) = registry();
+        r.register(reg("a", "127.0.0.1:1")).unwrap();
+        StoredInstance::from_restored(&r.ephemeral_instances()[0])
+    }
+
     #[tokio::test]
     async fn saved_changes_come_back_in_order_and_a_torn_last_line_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
@@ -470,12 +477,7 @@ mod tests {
     #[test]
     fn a_bad_line_before_the_end_sets_the_log_aside_and_keeps_what_came_before() {
         let dir = tempfile::tempdir().unwrap();
-        let (r, _) = registry();
-        r.register(reg("a", "127.0.0.1:1")).unwrap();
-        let good = serde_json::to_string(&Line::Put(Box::new(StoredInstance::from_restored(
-            &r.ephemeral_instances()[0],
-        ))))
-        .unwrap();
+        let good = serde_json::to_string(&Line::Put(Box::new(one_instance()))).unwrap();
         let log = dir.path().join(format!("{LOG_PREFIX}0"));
         let bad = format!("{good}\nnot json\n{good}\n");
         fs::write(&log, &bad).unwrap();
@@ -511,12 +513,7 @@ mod tests {
     #[test]
     fn an_unreadable_snapshot_is_set_aside_with_its_log_and_both_outlast_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let (r, _) = registry();
-        r.register(reg("a", "127.0.0.1:1")).unwrap();
-        let good = serde_json::to_string(&Line::Put(Box::new(StoredInstance::from_restored(
-            &r.ephemeral_instances()[0],
-        ))))
-        .unwrap();
+        let good = serde_json::to_string(&Line::Put(Box::new(one_instance()))).unwrap();
         let snapshot = dir.path().join(FILE_NAME);
         let bad = r#"{"version": 1, "journal": 3, "instances": [tru"#;
         fs::write(&snapshot, bad).unwrap();
@@ -636,11 +633,7 @@ mod tests {
     #[test]
     fn a_state_file_from_before_the_journal_is_read_as_the_first_snapshot() {
         let dir = tempfile::tempdir().unwrap();
-        let (r, _) = registry();
-        r.register(reg("a", "127.0.0.1:1")).unwrap();
-        let record =
-            serde_json::to_value(StoredInstance::from_restored(&r.ephemeral_instances()[0]))
-                .unwrap();
+        let record = serde_json::to_value(one_instance()).unwrap();
         let old = serde_json::json!({"version": 1, "instances": [record]});
         fs::write(dir.path().join(FILE_NAME), old.to_string()).unwrap();
         let mut store = Store::open_unlocked(dir.path());

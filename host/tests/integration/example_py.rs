@@ -11,9 +11,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use common::examples::{Example, run, try_run};
 
 const NAME: &str = "example-py";
+
+const EXAMPLE: Example = Example {
+    name: NAME,
+    language: "Python",
+    service: "py",
+    // No limits in the upload's query: componentize-py's 14 core instances and 12 MiB of memory
+    // fit the defaults. Compiling it takes about 20 s in a debug build.
+    upload_within: Some(Duration::from_secs(120)),
+    // A cold, busy machine takes seconds to make an instance of this runtime.
+    picks_within: Duration::from_secs(120),
+};
 
 fn example_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-strategies/example-py")
@@ -27,28 +38,6 @@ fn work_dir() -> PathBuf {
         .nth(2)
         .expect("the target directory")
         .join(NAME)
-}
-
-/// Runs `cmd`, failing the test with its output when it fails.
-fn run(cmd: &mut Command, what: &str) -> String {
-    try_run(cmd, what).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Runs `cmd`: its output, or why it did not succeed.
-fn try_run(cmd: &mut Command, what: &str) -> Result<String, String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {what}: {e}"))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.success() {
-        Ok(text)
-    } else {
-        Err(format!("{what} failed:\n{text}"))
-    }
 }
 
 /// The componentize-py version that `requirements.txt` pins.
@@ -152,74 +141,11 @@ async fn the_python_example_builds_and_routes_under_the_default_limits() {
     // A directory of this run's own, so that concurrent runs sharing the target directory do not
     // build over each other.
     let out = tempfile::tempdir_in(work_dir()).expect("a build directory");
-    let Some(wasm) = tokio::task::spawn_blocking({
-        let out = out.path().to_owned();
-        move || build(&out)
-    })
-    .await
-    .expect("the build") else {
+    let Some((h, _upstreams)) = EXAMPLE.routing(out.path(), build).await else {
         return;
     };
-    let checked = run(
-        Command::new(env!("CARGO_BIN_EXE_harbor"))
-            .args(["plugin", "check"])
-            .arg(&wasm),
-        "harbor plugin check",
-    );
-    assert!(
-        checked.starts_with("ok: strategy example-py 0.1.0"),
-        "{checked}"
-    );
-
-    let h = common::start().await;
-    let bytes = std::fs::read(&wasm).expect("the component");
-    // No limits in the query: componentize-py's 14 core instances and 12 MiB of memory fit the
-    // defaults. Compiling it takes about 20 s in a debug build.
-    let resp = tokio::time::timeout(
-        Duration::from_secs(120),
-        h.client
-            .put(h.url("/api/v1/plugins/example-py?wait=true"))
-            .header("content-type", "application/wasm")
-            .body(bytes)
-            .send(),
-    )
-    .await
-    .expect("the upload is checked within 120 s")
-    .expect("the API answers");
-    assert_eq!(
-        resp.status().as_u16(),
-        201,
-        "{}",
-        resp.text().await.unwrap_or_default()
-    );
-    let upstreams = [
-        common::proxies::Upstream::start("a").await,
-        common::proxies::Upstream::start("b").await,
-    ];
-    for u in &upstreams {
-        h.register(json!({"name": "py", "upstream": u.addr.to_string(), "host": "py.localhost", "strategy": NAME, "ttl_secs": 60}))
-            .await;
-    }
-    let proxy = h.harbor().proxy_addr().expect("the proxy");
-    let client = reqwest::Client::new();
-    // Round-robin by the pick's sequence: one request at a time, so the picks alternate. Until a
-    // picking thread's instance is made (seconds for this runtime on a cold, busy machine) the
-    // host picks, so a round counts only when the Python made every one of its picks.
-    let served = common::eventually(Duration::from_secs(120), "ten picks by the Python", || {
-        let (client, h) = (client.clone(), &h);
-        async move {
-            let before = guest_picks(&h.metrics().await);
-            let mut seen = Vec::new();
-            for _ in 0..10 {
-                let (status, body) =
-                    common::proxies::through(&client, proxy, "py.localhost", "/").await?;
-                assert_eq!(status, 200, "{body}");
-                seen.push(body);
-            }
-            (guest_picks(&h.metrics().await) - before >= 10).then_some(seen)
-        }
-    })
-    .await;
+    // Round-robin by the pick's sequence: one request at a time, so the picks alternate.
+    let served = EXAMPLE.ten_guest_picks(&h).await;
     assert!(
         served.windows(2).all(|w| w[0] != w[1]),
         "the picks do not alternate: {served:?}"
@@ -229,28 +155,10 @@ async fn the_python_example_builds_and_routes_under_the_default_limits() {
     backends.dedup();
     assert_eq!(backends, ["a", "b"]);
 
-    let (status, list) = h.get("/api/v1/plugins").await;
-    assert_eq!(status, 200);
-    let p = plugin(&list, NAME).unwrap_or_else(|| panic!("{NAME} not listed: {list}"));
+    let p = EXAMPLE.listed(&h).await;
     assert_eq!(p["state"], "active", "{p}");
     assert_eq!(p["faults"], 0, "{p}");
     assert_eq!(p["limits"]["instances"], 32, "the default: {p}");
     assert_eq!(p["limits"]["memory_bytes"], 32 << 20, "the default: {p}");
     h.shutdown().await;
-}
-
-fn plugin<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
-    list["plugins"]
-        .as_array()?
-        .iter()
-        .find(|p| p["name"] == name)
-}
-
-/// How many picks the Python strategy has made.
-fn guest_picks(metrics: &str) -> u64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with("harbor_plugin_pick_seconds_count{plugin=\"example-py\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
 }
