@@ -27,6 +27,7 @@ use super::Shared;
 use super::body::Flight;
 use super::choose::{choose, request_key};
 use super::chunked::Check;
+use super::client_io::ClientIo;
 use super::deadline::Deadline;
 use super::dial::dial;
 use super::gate::LINGER;
@@ -56,9 +57,10 @@ enum Read {
 
 /// Serves `client` until it closes; the first request this path does not take hands the
 /// connection, with the bytes already read from it, to `full`.
-pub async fn serve<F, Fut>(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, full: F)
+pub async fn serve<C, F, Fut>(shared: Arc<Shared>, mut client: C, peer: SocketAddr, full: F)
 where
-    F: FnOnce(TcpStream, Bytes) -> Fut,
+    C: ClientIo,
+    F: FnOnce(C, Bytes) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     // Waited on for the connection's whole life, not registered afresh for every request.
@@ -68,6 +70,7 @@ where
         finish: Box::pin(shared.conns.finish.clone().cancelled_owned()),
         shared,
         peer,
+        secure: client.secure(),
         inbound: BytesMut::new(),
         upstream_bytes: BytesMut::new(),
         out: Vec::new(),
@@ -108,8 +111,8 @@ where
 /// [`LINGER`]: closing on bytes it sent and nobody read makes the kernel answer them with a
 /// reset, which can destroy the last answer before the client has read it (nginx's lingering
 /// close).
-async fn close(
-    mut client: TcpStream,
+async fn close<C: ClientIo>(
+    mut client: C,
     cut: &mut Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 ) {
     if client.shutdown().await.is_err() {
@@ -133,6 +136,8 @@ struct Conn {
     /// Resolves when shutdown asks connections to finish.
     finish: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     peer: SocketAddr,
+    /// The client came over TLS.
+    secure: bool,
     /// Client bytes read and not yet forwarded (the head being parsed, or a pipelined request).
     inbound: BytesMut,
     /// Upstream bytes read and not yet forwarded.
@@ -196,9 +201,9 @@ impl Conn {
     /// The next request head. `first`: nothing has been read on the connection before, so an
     /// HTTP/2 preface may come. A new connection and a head begun get `--header-timeout`; a
     /// connection between requests, `--keepalive-timeout`, and closes quietly when it runs out.
-    async fn read_head(
+    async fn read_head<C: ClientIo>(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut C,
         deadline: &mut Deadline,
         first: bool,
     ) -> Read {
@@ -268,13 +273,16 @@ impl Conn {
         self.out = Vec::new();
     }
 
-    async fn exchange(
+    async fn exchange<C: ClientIo>(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut C,
         head: RequestHead,
         deadline: &mut Deadline,
     ) -> Next {
-        if let Some(answer) = super::secure::challenge(&self.shared, head.path(&self.inbound)) {
+        // ACME's HTTP-01 challenges come over plain HTTP, and only plain HTTP is redirected.
+        if !self.secure
+            && let Some(answer) = super::secure::challenge(&self.shared, head.path(&self.inbound))
+        {
             let answer = answer.closing(head.close || !head.framing.complete());
             return self.answer(client, answer, head.len()).await;
         }
@@ -294,7 +302,9 @@ impl Conn {
             return self.answer(client, answer, head.len()).await;
         };
         let (host, target) = (head.host(&self.inbound), head.origin_target(&self.inbound));
-        if let Some(redirect) = super::secure::redirect(&self.shared, &route, host, target) {
+        if !self.secure
+            && let Some(redirect) = super::secure::redirect(&self.shared, &route, host, target)
+        {
             let answer = redirect.closing(head.close || !head.framing.complete());
             return self.answer(client, answer, head.len()).await;
         }
@@ -303,7 +313,7 @@ impl Conn {
 
     /// Sends the proxy's own `answer`. On a connection that goes on, the request's `unread`
     /// bytes (its head) are dropped first.
-    async fn answer(&mut self, client: &mut TcpStream, answer: Answer, unread: usize) -> Next {
+    async fn answer<C: ClientIo>(&mut self, client: &mut C, answer: Answer, unread: usize) -> Next {
         if !answer.close {
             self.inbound.advance(unread);
         }
@@ -315,9 +325,9 @@ impl Conn {
         }
     }
 
-    async fn forward(
+    async fn forward<C: ClientIo>(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut C,
         head: RequestHead,
         route: &ServiceRoute,
         deadline: &mut Deadline,
@@ -369,7 +379,12 @@ impl Conn {
                     .as_ref()
                     .map_or_else(|| head.host(&self.inbound), |h| h.as_str());
                 self.out.clear();
-                head.write_upstream(&self.inbound, upstream_host, self.peer.ip(), &mut self.out);
+                head.write_upstream(
+                    &self.inbound,
+                    upstream_host,
+                    (self.peer.ip(), self.secure),
+                    &mut self.out,
+                );
                 self.inbound.advance(head.len());
                 let now = match framing.relay(&self.inbound, &mut self.out) {
                     Ok(now) => now,
@@ -452,9 +467,9 @@ impl Conn {
 
     /// Relays the upstream's response (its head already in `upstream_bytes`) to the client,
     /// and pools the upstream socket if it ended at a clean message boundary.
-    async fn respond(
+    async fn respond<C: ClientIo>(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut C,
         exchange: Exchange<'_>,
         mut upstream: TcpStream,
         response: ResponseHead,
@@ -485,7 +500,8 @@ impl Conn {
         // The response head, and as much of the body as has arrived.
         let close = close || response.close || self.shared.conns.finishing();
         self.out.clear();
-        response.write_client(&self.upstream_bytes, close, &mut self.out);
+        let hsts = self.secure.then_some(route.tls.hsts.as_deref()).flatten();
+        response.write_client(&self.upstream_bytes, close, hsts, &mut self.out);
         self.upstream_bytes.advance(response.len());
         let mut framing = response.framing.clone();
         let Ok(now) = framing.relay(&self.upstream_bytes, &mut self.out) else {
@@ -546,7 +562,7 @@ impl Conn {
 
     /// Answers `400` for a request body that cannot be read, and closes: the connection is out
     /// of step.
-    async fn bad_request(&mut self, client: &mut TcpStream, service: &str, why: &str) -> Next {
+    async fn bad_request<C: ClientIo>(&mut self, client: &mut C, service: &str, why: &str) -> Next {
         self.shared.metrics.error(service, ErrorKind::BadRequest);
         tracing::debug!(service, peer = %self.peer, why, "bad request body");
         self.answer(client, Answer::bad_request(why), 0).await
@@ -555,9 +571,9 @@ impl Conn {
     /// Sends the request built in `out` and relays the rest of its body from the client as it
     /// arrives: the head within `--upstream-timeout`, each piece of the body within
     /// `--body-idle-timeout`, however long the whole upload takes.
-    async fn send(
+    async fn send<C: ClientIo>(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut C,
         upstream: &mut TcpStream,
         framing: &mut Framing,
         metrics: &super::metrics::UpstreamMetrics,
@@ -592,11 +608,11 @@ impl Conn {
 
     /// Reads the upstream's response head into `upstream_bytes`; interim (1xx) responses are
     /// passed on to the client as they come.
-    async fn read_response_head(
+    async fn read_response_head<C: ClientIo>(
         &mut self,
         upstream: &mut TcpStream,
         head_request: bool,
-        client: &mut TcpStream,
+        client: &mut C,
     ) -> Result<ResponseHead, Failed> {
         let mut answered = false;
         loop {
@@ -610,7 +626,7 @@ impl Conn {
                     }
                     Parse::Done(r) if r.status < 200 => {
                         let mut interim = Vec::new();
-                        r.write_client(&self.upstream_bytes, false, &mut interim);
+                        r.write_client(&self.upstream_bytes, false, None, &mut interim);
                         self.upstream_bytes.advance(r.len());
                         client
                             .write_all(&interim)
@@ -649,7 +665,7 @@ async fn pass(
     framing: &mut Framing,
     from: &mut BytesMut,
     scratch: &mut Vec<u8>,
-    to: &mut TcpStream,
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
 ) -> Result<usize, Pass> {
     let (n, written) = if framing.rewritten() {
         scratch.clear();

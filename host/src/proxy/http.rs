@@ -391,10 +391,12 @@ async fn handle(
     }
     let hsts = secure.then(|| route.tls.hsts.clone()).flatten();
     let mut response = forward(shared, &route, peer, secure, host, req).await;
+    // The upstream's own policy, if it states one, stands: it knows its subdomains.
     if let Some(value) = hsts.and_then(|v| HeaderValue::try_from(v).ok()) {
         response
             .headers_mut()
-            .insert(header::STRICT_TRANSPORT_SECURITY, value);
+            .entry(header::STRICT_TRANSPORT_SECURITY)
+            .or_insert(value);
     }
     response
 }

@@ -12,6 +12,7 @@ mod body;
 mod carriage;
 mod choose;
 mod chunked;
+mod client_io;
 mod conns;
 mod copy;
 mod deadline;

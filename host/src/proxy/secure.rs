@@ -123,9 +123,23 @@ pub async fn serve(
             let Some(tls) = handshake(&shared, &acceptor, stream, peer, timeout).await else {
                 return;
             };
-            // A CA validating a TLS-ALPN-01 challenge wants only the handshake.
-            if tls.get_ref().1.alpn_protocol() != Some(crate::tls::acme::ACME_TLS_ALPN) {
-                super::http::serve_full(shared, tls, Bytes::new(), peer, builder, true).await;
+            match tls.get_ref().1.alpn_protocol() {
+                // A CA validating a TLS-ALPN-01 challenge wants only the handshake.
+                Some(crate::tls::acme::ACME_TLS_ALPN) => {}
+                Some(b"h2") => {
+                    super::http::serve_full(shared, tls, Bytes::new(), peer, builder, true).await;
+                }
+                // HTTP/1.1 takes the direct path, as on the plain listener; what it does not
+                // take goes on to the full stack with the bytes already read.
+                _ if shared.settings.direct_http1 => {
+                    let full = |tls, read| {
+                        super::http::serve_full(shared.clone(), tls, read, peer, builder, true)
+                    };
+                    super::h1::serve(shared.clone(), tls, peer, full).await;
+                }
+                _ => {
+                    super::http::serve_full(shared, tls, Bytes::new(), peer, builder, true).await;
+                }
             }
         }
     };

@@ -431,7 +431,13 @@ impl RequestHead {
 
     /// The head for the upstream: the target in origin form, `Host` as `host`, end-to-end
     /// headers as they came, the forwarding headers, and the framing decided here.
-    pub fn write_upstream(&self, buf: &[u8], host: &str, client: IpAddr, out: &mut Vec<u8>) {
+    pub fn write_upstream(
+        &self,
+        buf: &[u8],
+        host: &str,
+        (client, secure): (IpAddr, bool),
+        out: &mut Vec<u8>,
+    ) {
         out.extend_from_slice(&buf[self.method.clone()]);
         out.push(b' ');
         let target = &buf[self.target.clone()];
@@ -450,8 +456,7 @@ impl RequestHead {
             prior_for: &self.head.all(buf, "x-forwarded-for"),
             prior_via: &self.head.all(buf, "via"),
             version: "1.1",
-            // The direct path serves plain connections only.
-            secure: false,
+            secure,
         }
         .write(out);
         self.framing.write(out);
@@ -606,13 +611,21 @@ impl ResponseHead {
     }
 
     /// The head for the client: end-to-end headers, `Via` appended, the framing decided here;
-    /// `close` adds `Connection: close`.
-    pub fn write_client(&self, buf: &[u8], close: bool, out: &mut Vec<u8>) {
+    /// `close` adds `Connection: close`, `hsts` a `Strict-Transport-Security` of that value
+    /// where the upstream sent none.
+    pub fn write_client(&self, buf: &[u8], close: bool, hsts: Option<&str>, out: &mut Vec<u8>) {
         let _ = write!(out, "HTTP/1.1 {} ", self.status);
         out.extend_from_slice(&buf[self.reason.clone()]);
         out.extend_from_slice(b"\r\n");
         self.head.copy_end_to_end(buf, out);
         super::policy::via(&self.head.all(buf, "via"), "1.1", out);
+        if let Some(value) = hsts
+            && !self.head.has(buf, "strict-transport-security")
+        {
+            out.extend_from_slice(b"strict-transport-security: ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
         match self.declared {
             Some(n) => {
                 let _ = write!(out, "content-length: {n}\r\n");
@@ -649,7 +662,7 @@ mod tests {
         h.write_upstream(
             text.as_bytes(),
             "backend.internal",
-            "127.0.0.1".parse().unwrap(),
+            ("127.0.0.1".parse().unwrap(), false),
             &mut out,
         );
         String::from_utf8(out).unwrap()
@@ -817,7 +830,7 @@ mod tests {
 
     fn client(r: &ResponseHead, text: &str, close: bool) -> String {
         let mut out = Vec::new();
-        r.write_client(text.as_bytes(), close, &mut out);
+        r.write_client(text.as_bytes(), close, None, &mut out);
         String::from_utf8(out).unwrap()
     }
 

@@ -207,14 +207,41 @@ async fn files_are_chosen_by_sni_negotiate_h2_follow_replacement_and_redirect_pl
         let (status, body) = curl(&h, &ca_file, "x.w.test", &[version]).await;
         assert_eq!((status, body.as_str()), (200, "w"), "{version}");
     }
-    let (status, headers) = curl(&h, &ca_file, "a.test", &["-D", "-", "-o", "/dev/null"]).await;
-    assert_eq!(status, 200, "{headers}");
-    assert!(
-        headers
-            .to_ascii_lowercase()
-            .contains("strict-transport-security: max-age=31536000"),
-        "{headers}"
+    // HTTP/1.1 takes the direct path, h2 the full stack: both add HSTS and tell the upstream
+    // the request came over HTTPS.
+    let echo = common::upstreams::Backend::echo().await;
+    h.write_route(
+        "e.route",
+        &file_route("e.w.test", echo.addr, &w_cert, &w_key),
     );
+    for version in ["--http2", "--http1.1"] {
+        let (status, headers) = curl(
+            &h,
+            &ca_file,
+            "a.test",
+            &[version, "-D", "-", "-o", "/dev/null"],
+        )
+        .await;
+        assert_eq!(status, 200, "{version}: {headers}");
+        assert!(
+            headers
+                .to_ascii_lowercase()
+                .contains("strict-transport-security: max-age=31536000"),
+            "{version}: {headers}"
+        );
+        let echoed = eventually(Duration::from_secs(5), "the echo route", || async {
+            let (status, body) = curl(&h, &ca_file, "e.w.test", &[version]).await;
+            // Until the route is in force the wildcard route answers for the name.
+            (status == 200 && body.contains("x-forwarded-")).then_some(body)
+        })
+        .await;
+        assert!(
+            echoed
+                .to_ascii_lowercase()
+                .contains("x-forwarded-proto: https"),
+            "{version}: {echoed}"
+        );
+    }
 
     // Plain HTTP is redirected to the same place on the HTTPS listener.
     let port = h.harbor().tls_addr().expect("TLS").port();
