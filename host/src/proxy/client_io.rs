@@ -49,8 +49,16 @@ impl ClientIo for TlsStream<TcpStream> {
         }
     }
 
+    /// Ready at once when rustls holds plaintext already (a request that came with the
+    /// handshake's last flight, or more than the last read took), or the peer's close; else
+    /// when the socket is.
     fn readable(&mut self) -> impl Future<Output = io::Result<()>> + Send {
-        self.get_ref().0.readable()
+        let (tcp, tls) = self.get_mut();
+        // An error is for the next read to report.
+        let held = tls.process_new_packets().map_or(true, |state| {
+            state.plaintext_bytes_to_read() > 0 || state.peer_has_closed()
+        });
+        async move { if held { Ok(()) } else { tcp.readable().await } }
     }
 
     fn secure(&self) -> bool {
@@ -133,6 +141,28 @@ mod tests {
             }
         }
         assert_eq!(&buf[..], b"GET / HTTP/1.1\r\n");
+
+        // Plaintext rustls holds, with nothing new on the socket: readable at once (a request
+        // that arrived with the handshake is held so).
+        client.write_all(b"Host: a\r\n").await.expect("write");
+        client.flush().await.expect("flush");
+        buf.clear();
+        while buf.is_empty() {
+            server.readable().await.expect("readable");
+            match server.try_read_buf(&mut (&mut buf).limit(1)) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(1), server.readable())
+            .await
+            .expect("ready with plaintext held")
+            .expect("readable");
+        while buf.len() < 9 {
+            server.try_read_buf(&mut buf).expect("the rest, held");
+        }
+        assert_eq!(&buf[..], b"Host: a\r\n");
         // The end of the stream reads as none.
         client.shutdown().await.expect("close_notify");
         loop {
