@@ -89,12 +89,23 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJsonBody<T>
     }
 }
 
+/// The body limit in force for a request and what sets it, put beside axum's own on the router
+/// for the `413` to name.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize, pub &'static str);
+
 async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    let limit = req.extensions().get::<BodyLimit>().copied();
     Bytes::from_request(req, state).await.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "request body is larger than the limit",
+                match limit {
+                    Some(BodyLimit(n, set_by)) => {
+                        format!("the request body is larger than the limit, {n} bytes ({set_by})")
+                    }
+                    None => "the request body is larger than the limit".to_owned(),
+                },
             )
         } else {
             ApiError::bad_request(None, format!("cannot read the request body: {rejection}"))

@@ -90,9 +90,13 @@ pub fn router(state: AppState, max_body: usize) -> Router {
             "/api/v1/backend",
             get(backend::status)
                 .put(backend::swap)
-                .layer(DefaultBodyLimit::max(
+                .layer::<_, std::convert::Infallible>(DefaultBodyLimit::max(
                     crate::plugins::MAX_COMPONENT_BYTES as usize,
-                )),
+                ))
+                .layer(axum::Extension(json::BodyLimit(
+                    crate::plugins::MAX_COMPONENT_BYTES as usize,
+                    "a swap may carry an adapter component",
+                ))),
         )
         .route("/api/v1/backend/config", get(backend::config))
         .route("/api/v1/route-errors", get(services::route_errors))
@@ -105,6 +109,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::Extension(json::BodyLimit(max_body, "--max-body")))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,

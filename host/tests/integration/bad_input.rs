@@ -267,6 +267,10 @@ async fn each_bad_request_gets_its_status_and_field() {
     )
     .await;
     assert_eq!(s, 413, "oversized body: {e}");
+    assert!(
+        e.to_string().contains("65536 bytes (--max-body)"),
+        "the limit named: {e}"
+    );
     let (s, e) = raw(
         &h,
         "POST",

@@ -373,11 +373,46 @@ common::on_both_paths!(
     an_idle_keepalive_connection_is_closed,
 );
 
-/// The binary with `args`, its descriptor table cut to 256 entries.
-fn spawn_with_256_descriptors(args: &[&str]) -> Daemon {
+/// A free address on 127.0.0.1 (bound and let go), for the binary's listeners.
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+/// A routes directory with `app.localhost` on a counting upstream and the route files given,
+/// and a state directory.
+struct AppDirs {
+    routes: tempfile::TempDir,
+    state: tempfile::TempDir,
+}
+
+impl AppDirs {
+    async fn new(more: &[(&str, String)]) -> Self {
+        let routes = tempfile::tempdir().expect("routes dir");
+        let app = format!(
+            "host = \"app.localhost\"\nupstreams = [\"{}\"]\n",
+            counting_upstream().await
+        );
+        for (file, text) in more.iter().chain([&("app.route", app)]) {
+            std::fs::write(routes.path().join(file), text).expect("a route file");
+        }
+        let state = tempfile::tempdir().expect("state dir");
+        Self { routes, state }
+    }
+}
+
+/// The binary with `args` on `dirs`, its descriptor table cut to 256 entries.
+fn spawn_with_256_descriptors(args: &[&str], dirs: &AppDirs) -> Daemon {
     use std::os::unix::process::CommandExt;
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_harbor"));
-    command.args(args).stdout(std::process::Stdio::null());
+    command
+        .args(args)
+        .arg("--routes")
+        .arg(dirs.routes.path())
+        .arg("--state-dir")
+        .arg(dirs.state.path())
+        .stdout(std::process::Stdio::null());
     // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
     unsafe {
         command.pre_exec(|| {
@@ -399,34 +434,19 @@ fn spawn_with_256_descriptors(args: &[&str]) -> Daemon {
 #[tokio::test]
 async fn a_flood_on_the_api_and_gangway_leaves_the_proxy_working() {
     harbor::descriptors::raise_limit().expect("the limit is readable");
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-    };
-    let (api, gangway, proxy) = (free_port(), free_port(), free_port());
-    let routes = tempfile::tempdir().expect("routes dir");
-    let state = tempfile::tempdir().expect("state dir");
-    std::fs::write(
-        routes.path().join("app.route"),
-        format!(
-            "host = \"app.localhost\"\nupstreams = [\"{}\"]\n",
-            counting_upstream().await
-        ),
-    )
-    .expect("http route");
-    let daemon = spawn_with_256_descriptors(&[
-        "--api",
-        &api.to_string(),
-        "--gangway-listen",
-        &gangway.to_string(),
-        "--proxy-listen",
-        &proxy.to_string(),
-        "--routes",
-        routes.path().to_str().expect("a path"),
-        "--state-dir",
-        state.path().to_str().expect("a path"),
-    ]);
+    let (api, gangway, proxy) = (free_addr(), free_addr(), free_addr());
+    let dirs = AppDirs::new(&[]).await;
+    let daemon = spawn_with_256_descriptors(
+        &[
+            "--api",
+            &api.to_string(),
+            "--gangway-listen",
+            &gangway.to_string(),
+            "--proxy-listen",
+            &proxy.to_string(),
+        ],
+        &dirs,
+    );
     eventually(Duration::from_secs(30), "the proxy to serve", || {
         served(proxy)
     })
@@ -460,41 +480,25 @@ async fn a_flood_on_the_api_and_gangway_leaves_the_proxy_working() {
 async fn a_flood_on_the_proxy_port_leaves_the_api_and_tcp_routes_working() {
     // This process opens the flood's sockets: its own soft limit is raised to its hard one.
     harbor::descriptors::raise_limit().expect("the limit is readable");
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-    };
-    let (api, proxy, tcp) = (free_port(), free_port(), free_port());
+    let (api, proxy, tcp) = (free_addr(), free_addr(), free_addr());
     let echo = common::upstreams::Backend::echo().await;
-    let routes = tempfile::tempdir().expect("routes dir");
-    let state = tempfile::tempdir().expect("state dir");
-    std::fs::write(
-        routes.path().join("echo.route"),
+    let dirs = AppDirs::new(&[(
+        "echo.route",
         format!(
             "protocol = \"tcp\"\nlisten = \"{tcp}\"\nupstreams = [\"{}\"]\n",
             echo.addr
         ),
-    )
-    .expect("tcp route");
-    std::fs::write(
-        routes.path().join("app.route"),
-        format!(
-            "host = \"app.localhost\"\nupstreams = [\"{}\"]\n",
-            counting_upstream().await
-        ),
-    )
-    .expect("http route");
-    let daemon = spawn_with_256_descriptors(&[
-        "--api",
-        &api.to_string(),
-        "--proxy-listen",
-        &proxy.to_string(),
-        "--routes",
-        routes.path().to_str().expect("a path"),
-        "--state-dir",
-        state.path().to_str().expect("a path"),
-    ]);
+    )])
+    .await;
+    let daemon = spawn_with_256_descriptors(
+        &[
+            "--api",
+            &api.to_string(),
+            "--proxy-listen",
+            &proxy.to_string(),
+        ],
+        &dirs,
+    );
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()
