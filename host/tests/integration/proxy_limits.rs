@@ -104,6 +104,21 @@ enum Reply {
     AnswerAndHold(Vec<u8>),
 }
 
+/// Reads from `conn` into `got` until it holds a whole head; where the head ends, or `None`
+/// once the connection closes first.
+async fn head_end(conn: &mut TcpStream, got: &mut Vec<u8>) -> Option<usize> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(end);
+        }
+        match conn.read(&mut buf).await {
+            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+}
+
 /// An upstream that reads each request whole (bodies framed by `Content-Length`) and answers as
 /// `reply` says, given the request's head and its body's length.
 async fn raw_upstream(reply: fn(&str, usize) -> Reply) -> SocketAddr {
@@ -115,12 +130,8 @@ async fn raw_upstream(reply: fn(&str, usize) -> Reply) -> SocketAddr {
                 let mut got = Vec::new();
                 let mut buf = [0u8; 4096];
                 loop {
-                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match conn.read(&mut buf).await {
-                            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
-                            _ => return,
-                        }
-                        continue;
+                    let Some(end) = head_end(&mut conn, &mut got).await else {
+                        return;
                     };
                     let head = String::from_utf8_lossy(&got[..end]).into_owned();
                     let length: usize = head
@@ -823,14 +834,9 @@ mod http2_idle {
                 let released = released.clone();
                 tokio::spawn(async move {
                     let mut got = Vec::new();
-                    let mut buf = [0u8; 4096];
                     loop {
-                        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
-                            match conn.read(&mut buf).await {
-                                Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
-                                _ => return,
-                            }
-                            continue;
+                        let Some(end) = super::head_end(&mut conn, &mut got).await else {
+                            return;
                         };
                         let held = got.starts_with(b"GET /held ");
                         got.drain(..end + 4);
