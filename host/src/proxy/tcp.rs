@@ -204,11 +204,12 @@ fn listeners_wanted(
         });
         (*addr, route.name.clone(), unservable)
     });
-    let shared_by_name = snapshot
+    // A failure on an address several services share is reported against the first by name.
+    let passthrough = snapshot
         .sni
         .iter()
         .filter_map(|(addr, table)| Some((*addr, table.services.first()?.clone(), None)));
-    plain.chain(shared_by_name).collect()
+    plain.chain(passthrough).collect()
 }
 
 /// Whether Harbor could listen on `addr` now: the address is local, the port permitted and
