@@ -7,9 +7,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 /// Each connection allocates and frees a few small objects (its tasks, its I/O registrations)
-/// on whichever lane serves it; with mimalloc's per-thread pages instead of glibc's arenas the
-/// proxy spent 6 % less CPU per new TCP connection and took 4 % more of them a second (median
-/// of eight paired rounds of the proxy benchmark's connection case).
+/// on whichever lane serves it, which mimalloc's per-thread pages do more cheaply than glibc's
+/// arenas (see host/benches/README.md, Proxy throughput).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

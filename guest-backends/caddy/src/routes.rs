@@ -318,10 +318,11 @@ fn route(s: &Service<'_>, settings: &Settings, features: Features, kept: Option<
             },
         });
         // Caddy 2.6 provisions every dynamic upstream on every request, and with passive checks
-        // that includes a new named logger per upstream: with 25 instances of a service it cost
-        // a tenth of its throughput. Round-robin does without them, because its retry moves on
-        // to the next instance by itself. The other policies can retry onto the same dead
-        // instance (least-conn finds a dead one least loaded every time), so they keep them.
+        // that includes a new named logger per upstream, a cost that grows with a service's
+        // instances (see host/benches/README.md, Backends: registration to routable). Round-robin
+        // does without them, because its retry moves on to the next instance by itself. The other
+        // policies can retry onto the same dead instance (least-conn finds a dead one least loaded
+        // every time), so they keep them.
         if !round_robin {
             handler["health_checks"] = json!({"passive": passive});
         }

@@ -231,7 +231,8 @@ struct HostLoad {
     in_flight: OnceCell<Vec<u32>>,
 }
 
-/// In-flight reads per pick made one by one; an `in-flight-all` costs about as much as five.
+/// In-flight reads per pick made one by one; past them one `in-flight-all` costs less (see
+/// host/benches/README.md, Strategy pick cost).
 const SINGLE_READS: u32 = 4;
 
 impl Load for HostLoad {

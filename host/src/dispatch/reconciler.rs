@@ -33,8 +33,8 @@ use super::{Dispatcher, Pending, Rendered, RenderedDocument, Request, SwapError}
 use crate::model::ServiceView;
 
 /// A change waits this long for more before it is applied (a burst of registrations arrives
-/// closer together than this; 20 ms here cost a new service's route a fifth of a second at the
-/// 99th percentile through Caddy, against a goal of 50 ms)...
+/// closer together than this; a longer wait was most of a new service's time to routable, see
+/// host/benches/README.md, Backends: registration to routable)...
 pub(super) const QUIET: Duration = Duration::from_millis(5);
 /// ...but never longer than this after the first change of a burst.
 pub(super) const MAX_DELAY: Duration = Duration::from_millis(150);

@@ -31,8 +31,9 @@ pub fn timestamp(t: SystemTime) -> String {
 
 /// A lease as views show it. The times are formatted when the view is serialized, not when it
 /// is built: the routing table, the DNS zone and the proxy read views of every instance on
-/// each change and never show them, and formatting two timestamps per instance was a tenth of
-/// the daemon's CPU under churn. `remaining_ms` is therefore as of serialization.
+/// each change and never show them, and formatting two timestamps per instance showed in the
+/// daemon's CPU under churn (see host/benches/README.md, Backends: registration to routable).
+/// `remaining_ms` is therefore as of serialization.
 #[derive(Debug, Clone)]
 pub struct LeaseView {
     pub ttl: Duration,

@@ -60,15 +60,15 @@ struct Local {
 
 /// A thread's share of a route's pick sequence.
 ///
-/// Picks take numbers from the route's one counter, one at a time, so that a strategy cycling
-/// on them is exact across threads. Two threads picking for one route in a tight loop would then
-/// pass the counter's cache line back and forth on every pick (a two-thread round-robin pick
-/// cost five times a one-thread one), so a thread that finds another one taking numbers between
-/// its own picks, less than [`DENSE`] apart per pick, takes the next numbers in a block,
-/// doubling it each time up to [`MAX_BLOCK`]; otherwise it goes back to one number at a time. A
-/// proxy's picks are a request apart (tens of microseconds on a thread), so a route's picks
-/// cycle exactly across threads; only a route picked for millions of times a second on several
-/// threads cycles exactly block by block instead.
+/// Picks take numbers from the route's one counter, one at a time, so that a strategy cycling on
+/// them is exact across threads. Two threads picking for one route in a tight loop would then pass
+/// the counter's cache line back and forth on every pick (see host/benches/README.md, Strategy
+/// pick cost), so a thread that finds another one taking numbers between its own picks, less than
+/// [`DENSE`] apart per pick, takes the next numbers in a block, doubling it each time up to
+/// [`MAX_BLOCK`]; otherwise it goes back to one number at a time. A proxy's picks are a request
+/// apart (tens of microseconds on a thread), so a route's picks cycle exactly across threads; only
+/// a route picked for millions of times a second on several threads cycles exactly block by block
+/// instead.
 #[derive(Default)]
 struct Numbers {
     next: u64,
@@ -123,8 +123,8 @@ pub struct Balancer {
     sequence: Counter,
     /// A candidate strategy picking beside the live one, compared and never used.
     shadow: ArcSwapOption<Shadow>,
-    /// Whether `shadow` holds one: a plain load on every pick, where loading the shadow itself
-    /// cost a route without one 8 ns a pick.
+    /// Whether `shadow` holds one: a plain load on every pick, cheaper than loading the shadow
+    /// itself (see host/benches/README.md, Strategy pick cost).
     shadowed: std::sync::atomic::AtomicBool,
 }
 

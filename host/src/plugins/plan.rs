@@ -1,9 +1,10 @@
-//! Pick plans: how the host answers a route's first tries natively, the way the strategy said
-//! when it was given the backends, instead of calling the guest per pick (a component call costs
-//! more than the whole pick should). A table answers by one number of the pick; a load rule
-//! compares the live load of the candidates the strategy chose, read from the host's own
-//! counters. The contract (`pick-plan` in `wit/strategy`) defines each rule exactly, so a
-//! strategy's own `pick` can make the same choices for the retries the plan does not answer.
+//! Pick plans: how the host answers a route's first tries natively, the way the strategy said when
+//! it was given the backends, instead of calling the guest per pick (a component call costs more
+//! than the whole pick should: see host/benches/README.md, Strategy pick cost). A table answers by
+//! one number of the pick; a load rule compares the live load of the candidates the strategy
+//! chose, read from the host's own counters. The contract (`pick-plan` in `wit/strategy`) defines
+//! each rule exactly, so a strategy's own `pick` can make the same choices for the retries the
+//! plan does not answer.
 
 use std::cmp::Ordering;
 use std::sync::Arc;

@@ -175,7 +175,7 @@ pub struct Ask<'a> {
 
 /// Asks the strategy for a backend of `set` on behalf of route balancer `id`. A fault comes
 /// boxed: unboxed, the result's odd layout was copied through the stack with overlapping
-/// unaligned moves on every pick, which cost a table pick a fifth of its time.
+/// unaligned moves on every pick (see host/benches/README.md, Strategy pick cost).
 pub fn pick(
     loaded: &Arc<Loaded>,
     id: u64,

@@ -10,8 +10,8 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-/// Bytes per direction. tokio's default 8 KiB costs a third of loopback throughput; past
-/// 64 KiB the gain is within noise (see the proxy benchmark).
+/// Bytes per direction: tokio's default 8 KiB costs loopback throughput, and more than 64 KiB
+/// gains nothing measurable (see host/benches/README.md, Proxy throughput).
 pub const BUFFER: usize = 64 * 1024;
 
 /// How long a connection lives before it counts as long-lived (see [`drive`]).

@@ -4,12 +4,11 @@
 //!
 //! On one multi-threaded runtime a connection's task may move between workers at every wake-up,
 //! and the workers park and wake each other around the one I/O driver. A lane serves its
-//! connections start to finish on one thread, as HAProxy's and nginx's threads do: 15 % more
-//! requests/s in the proxy benchmark, at less CPU per request. Handing connections out in turn
-//! keeps the lanes evenly loaded, where the kernel's `SO_REUSEPORT` hashing did not (12 % fewer
-//! requests/s than one shared runtime). What lanes give up is work stealing: the connections of
-//! a lane that waits for a core wait with it, so each lane has a core of its own (see
-//! [`Affinity`]).
+//! connections start to finish on one thread, as HAProxy's and nginx's threads do, for more
+//! requests/s at less CPU per request. Handing connections out in turn keeps the lanes evenly
+//! loaded, where the kernel's `SO_REUSEPORT` hashing did not (see host/benches/README.md, Proxy
+//! throughput). What lanes give up is work stealing: the connections of a lane that waits for a
+//! core wait with it, so each lane has a core of its own (see [`Affinity`]).
 
 use std::cell::Cell;
 use std::future::Future;
@@ -58,11 +57,11 @@ pub enum Affinity {
     /// Lane `n` runs only on the `n`-th core this process may use. Two busy lanes left to the
     /// scheduler can end up sharing one core while the load generator and the upstream share
     /// the other: the load looks balanced, so nothing moves them, and they take turns at the
-    /// scheduler's tick (4 ms here), each stalling its connections meanwhile. That was the
-    /// proxy benchmark's HTTP p99 of 4.4 ms in about half of the runs; bound, 1.2–1.6 ms in
-    /// every run on a quiet machine. (Spinning before sleeping, tried first, only hid part of it, and with bound
-    /// lanes it costs 9 % of requests/s.) nginx (`worker_cpu_affinity`) and HAProxy (`cpu-map`)
-    /// bind the same way.
+    /// scheduler's tick (4 ms here), each stalling its connections meanwhile: that was the
+    /// proxy benchmark's HTTP tail until lanes were bound (see host/benches/README.md, Proxy
+    /// throughput). Spinning before sleeping, tried first, only hid part of it and costs
+    /// requests/s with bound lanes. nginx (`worker_cpu_affinity`) and HAProxy (`cpu-map`) bind
+    /// the same way.
     Cores,
     /// The scheduler places lanes, for machines where other pinned work owns some cores.
     Free,

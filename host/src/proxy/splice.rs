@@ -7,8 +7,8 @@
 //! receive that comes back short proves the socket drained, so the next call waits for data; a
 //! splice that comes back short proves nothing (it stops at the pipe's slots, not at the
 //! socket's end) and is followed by one that fails with EAGAIN. That, and the second FIN left to
-//! the close, took a 16-byte echo through the proxy from 24 system calls to 21. HAProxy's `mode
-//! tcp` splices only with `option splice-auto`, by a similar rule.
+//! the close, saves system calls on every short connection (see host/benches/README.md, Proxy
+//! throughput). HAProxy's `mode tcp` splices only with `option splice-auto`, by a similar rule.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -30,8 +30,8 @@ const SMALL: usize = 16 * 1024;
 
 /// Receive buffers kept per thread for the next connections: 16 KiB is too big for glibc's
 /// per-thread cache, so two fresh buffers per connection went through `malloc`'s slow paths and
-/// the consolidation that freeing chunks that size sets off (libc was 9.2 % of the proxy's CPU
-/// samples at 14,000 connections/s, 7.8 % with the spares).
+/// the consolidation that freeing chunks that size sets off, which showed in profiles at high
+/// connection rates (see host/benches/README.md, Proxy throughput).
 const SPARE_BUFFERS: usize = 64;
 
 thread_local! {
@@ -107,9 +107,9 @@ struct Pipe {
     write: OwnedFd,
 }
 
-/// Empty pipes kept for the next connection: creating and sizing two pipes per connection was
-/// an eighth of the proxy's CPU at high connection rates. Few, since each holds two descriptors
-/// outside the connections' budget ([`crate::descriptors`]).
+/// Empty pipes kept for the next connection: creating and sizing two pipes per connection cost CPU
+/// at high connection rates (see host/benches/README.md, Proxy throughput). Few, since each holds
+/// two descriptors outside the connections' budget ([`crate::descriptors`]).
 static SPARE: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 const SPARE_MAX: usize = 32;
 

@@ -3,8 +3,8 @@
 //! their addresses, blind to how busy each lane is: one lane can have a queue while the other
 //! sleeps. So a lane that accepts a connection while another lane serves fewer hands it over, as
 //! HAProxy's threads do with the connections one of them accepts. (HAProxy with a socket per
-//! thread, `shards by-thread`, made 91 % of its rate with one shared socket in the connection
-//! benchmark, and left the machine idle 4.5 % of the time against 1.5 %.)
+//! thread, `shards by-thread`, lost rate and left the machine idle more than with one shared
+//! socket: see host/benches/README.md, Proxy throughput.)
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::unix::AsyncFd;
 
 /// How much busier than the least busy lane a lane must be to hand a connection over. Handing
-/// over wakes the other lane; with a margin of 2 the lanes handed over 39 % of the connections in
-/// the connection benchmark, with 6 only 22 %, for the same rate (25 alternating windows).
+/// over wakes the other lane, and a smaller margin handed over more connections for the same
+/// rate (see host/benches/README.md, Proxy throughput).
 const MARGIN: usize = 6;
 
 /// How many connections each lane serves, for the lanes to compare.

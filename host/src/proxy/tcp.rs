@@ -6,8 +6,8 @@
 //! lanes' sockets by their addresses), and each lane accepts, relays and closes its connections
 //! on its own thread, as HAProxy's threads do; a lane that serves clearly more than another
 //! hands it the connections it accepts ([`super::spread`]). On one multi-threaded runtime the
-//! same work cost about 4 % more CPU per connection than HAProxy's; on the lanes, about 3 % less
-//! in most runs.
+//! same work cost more CPU per connection than HAProxy's; on the lanes it does not (see
+//! host/benches/README.md, Proxy throughput).
 
 use std::collections::HashMap;
 use std::future::Future;

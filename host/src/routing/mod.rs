@@ -280,12 +280,12 @@ pub async fn on_routing_changes(
     on_changes(registry, cursor, cancel, Event::changes_routing, apply).await;
 }
 
-/// The least time between two calls of a follower's `apply`. Each call reads every service
-/// and rebuilds from all of them, so a steady trickle of changes (a registration every few
-/// milliseconds, each its own batch) cost a call per change: with 10,000 instances live, 50
-/// registrations a second and as many expiries took 1.6 cores. Changes that arrive within the
-/// gap wait for its end and are applied together; a change after a quiet spell is applied at
-/// once.
+/// The least time between two calls of a follower's `apply`. Each call reads every service and
+/// rebuilds from all of them, so a steady trickle of changes (a registration every few
+/// milliseconds, each its own batch) cost a call per change, which with a large registry under
+/// churn kept cores busy (see host/benches/README.md, Backends: registration to routable). Changes
+/// that arrive within the gap wait for its end and are applied together; a change after a quiet
+/// spell is applied at once.
 const REBUILD_GAP: Duration = Duration::from_millis(20);
 
 /// Like [`on_routing_changes`], for the events `relevant` picks.

@@ -1353,7 +1353,8 @@ async fn caddy_keeps_routing_while_harbor_is_stopped_and_restarted(release: Rele
     }
     // One route file, one change: Caddy's static list holds every instance from the first
     // write, so nothing lags at the stop. (A list that lags is refreshed at shutdown, and that
-    // reload closes keep-alive connections: what it costs clients is in the benchmark notes.)
+    // reload closes keep-alive connections: what it costs clients is in host/benches/README.md,
+    // Backends: registration to routable.)
     let upstreams: Vec<String> = pool.iter().map(|u| format!("\"{}\"", u.addr)).collect();
     h.write_route(
         "hashed.route",
