@@ -142,12 +142,23 @@ async fn files_and_registrations_reach_caddy_and_leave_it(release: Release) {
         metrics.contains("harbor_backend_applies_total{adapter=\"caddy\",result=\"ok\"}"),
         "{metrics}"
     );
-    // Every write Harbor counts is one Caddy's admin API received, and no more.
-    let counted: usize = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("harbor_backend_writes_total{adapter=\"caddy\"} "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no writes counted: {metrics}"));
+    // Every write Harbor counts is one Caddy's admin API received, and no more. Both are read
+    // again until they agree: Caddy's log, where its writes are counted, may lag a loaded
+    // machine by a moment.
+    let counted = |metrics: &str| -> usize {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("harbor_backend_writes_total{adapter=\"caddy\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no writes counted: {metrics}"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut metrics = metrics;
+    while counted(&metrics) != caddy.config_writes() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        metrics = h.metrics().await;
+    }
+    let counted = counted(&metrics);
     assert_eq!(counted, caddy.config_writes(), "{metrics}");
     h.shutdown().await;
 }
