@@ -25,22 +25,9 @@
 //! | [`api`]    | the HTTP API: services, catalog, events, health, metrics; Gangway and its public view |
 //! | [`metrics`] | Prometheus metrics |
 //! | [`daemon`] | starting and stopping a whole daemon in-process |
-
 //!
-//! ## House words
-//!
-//! | word | means |
-//! |------|-------|
-//! | lane | one proxy thread with a single-threaded runtime of its own, bound to a core; a connection lives on one lane ([`proxy`]) |
-//! | spread | handing a tcp route's new connection from a busy lane to a quieter one |
-//! | rewind | a socket with bytes already read from it put back in front (`rewind`) |
-//! | plan | how a strategy tells the host to answer picks natively, without a call per pick ([`plugins`]) |
-//! | shard | a per-thread instance of a strategy's component ([`plugins`]) |
-//! | fallback | the static list of instances Caddy serves a service from while Harbor is away ([`dns`], the Caddy adapter) |
-//! | aperture, window | the rotating subset of a service's instances one DNS answer names, for Caddy 2.6 |
-//! | follower | a reader of a feed (events, public events) from a cursor, told of gaps ([`events`]) |
-//! | door | a listener's way in, within its share of the file descriptors ([`descriptors`]) |
-//! | loan | a pooled upstream connection out with a response, back when its body is read |
+//! The data flow, where each concern lives and the house words (lane, door, shard, plan,
+//! fallback, …) are in `host/ARCHITECTURE.md`.
 
 // Module notes link the private modules and items they describe: they are read by developers,
 // with `cargo doc --document-private-items`, where every such link resolves.
