@@ -428,17 +428,24 @@ async fn bad_certificate_files_are_refused_with_the_reason_and_the_last_good_one
     h.shutdown().await;
 }
 
+/// A token file in `dir` with a full-access token and `scoped-token-0123456789abcdef` scoped
+/// as `scope` says (a prefix and its claims).
+fn token_file(dir: &Path, scope: &str) -> PathBuf {
+    let tokens = dir.join("tokens");
+    std::fs::write(
+        &tokens,
+        format!("admin-token-0123456789abcdef\nscoped-token-0123456789abcdef {scope}\n"),
+    )
+    .expect("tokens");
+    tokens
+}
+
 /// Certificate files are read with Harbor's permissions, so only a full-access token may name
 /// them.
 #[tokio::test]
 async fn a_scoped_token_may_not_name_certificate_files() {
     let dir = tempfile::tempdir().expect("a directory");
-    let tokens = dir.path().join("tokens");
-    std::fs::write(
-        &tokens,
-        "admin-token-0123456789abcdef\nscoped-token-0123456789abcdef app- hosts=app.test,app.lan\n",
-    )
-    .expect("tokens");
+    let tokens = token_file(dir.path(), "app- hosts=app.test,app.lan");
     let h = common::start_with(move |c| {
         c.token_file = Some(tokens.clone());
         c.tls_listen = Some("127.0.0.1:0".parse().expect("addr"));
@@ -1029,12 +1036,7 @@ async fn tls_on_a_tcp_service_without_a_tls_listener_is_a_route_error() {
 #[tokio::test]
 async fn passthrough_routes_by_sni_between_services_on_one_address() {
     let dir = tempfile::tempdir().expect("a directory");
-    let tokens = dir.path().join("tokens");
-    std::fs::write(
-        &tokens,
-        "admin-token-0123456789abcdef\nscoped-token-0123456789abcdef pt- hosts=*.mine.test listen=127.0.0.1:1-65535\n",
-    )
-    .expect("tokens");
+    let tokens = token_file(dir.path(), "pt- hosts=*.mine.test listen=127.0.0.1:1-65535");
     let h = common::start_with(move |c| c.token_file = Some(tokens.clone())).await;
     let ca = TestCa::new();
     let (_, a_cert, a_key) = ca.valid(dir.path(), "a", &["a.test"]);
