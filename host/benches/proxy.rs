@@ -706,10 +706,15 @@ fn start_caddy(dir: &Path, ports: &Ports) -> anyhow::Result<Proc> {
             } ] } ]
         } } } }
     });
-    let file = dir.join("caddy.json");
-    std::fs::write(&file, serde_json::to_vec_pretty(&config)?)?;
+    spawn_caddy(dir, "caddy", &config)
+}
+
+/// Caddy running `config`, written as `<name>.json` in `dir`.
+fn spawn_caddy(dir: &Path, name: &str, config: &serde_json::Value) -> anyhow::Result<Proc> {
+    let file = dir.join(format!("{name}.json"));
+    std::fs::write(&file, serde_json::to_vec_pretty(config)?)?;
     // Caddy autosaves its config and keeps state under the XDG directories: keep both in here.
-    let home = dir.join("caddy-home");
+    let home = dir.join(format!("{name}-home"));
     std::fs::create_dir_all(&home)?;
     let mut cmd = Command::new("caddy");
     cmd.arg("run")
@@ -718,7 +723,7 @@ fn start_caddy(dir: &Path, ports: &Ports) -> anyhow::Result<Proc> {
         .env("HOME", &home)
         .env("XDG_CONFIG_HOME", home.join("config"))
         .env("XDG_DATA_HOME", home.join("data"));
-    Proc::spawn("caddy", cmd, dir)
+    Proc::spawn(name, cmd, dir)
 }
 
 fn start_envoy(dir: &Path, ports: &Ports, iperf: bool) -> anyhow::Result<Proc> {

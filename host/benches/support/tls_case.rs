@@ -287,18 +287,7 @@ fn start_caddy(
             } } }
         }
     });
-    let file = dir.join("caddy-tls.json");
-    std::fs::write(&file, serde_json::to_vec_pretty(&config)?)?;
-    let home = dir.join("caddy-tls-home");
-    std::fs::create_dir_all(&home)?;
-    let mut cmd = Command::new("caddy");
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&file)
-        .env("HOME", &home)
-        .env("XDG_CONFIG_HOME", home.join("config"))
-        .env("XDG_DATA_HOME", home.join("data"));
-    Proc::spawn("caddy-tls", cmd, dir)
+    super::spawn_caddy(dir, "caddy-tls", &config)
 }
 
 fn start_envoy(
