@@ -726,6 +726,23 @@ fn spawn_caddy(dir: &Path, name: &str, config: &serde_json::Value) -> anyhow::Re
     Proc::spawn(name, cmd, dir)
 }
 
+/// The filter of an Envoy listener that proxies every HTTP request to the `nginx` cluster, as
+/// YAML at the indentation of a listener's filter chain; stats under `stat_prefix`.
+fn envoy_to_nginx(stat_prefix: &str) -> String {
+    format!(
+        "      - name: envoy.filters.network.http_connection_manager\n\
+         \x20       typed_config:\n\
+         \x20         \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n\
+         \x20         stat_prefix: {stat_prefix}\n          codec_type: AUTO\n          route_config:\n\
+         \x20           name: local\n            virtual_hosts:\n            - name: all\n\
+         \x20             domains: [\"*\"]\n              routes:\n\
+         \x20             - match: {{ prefix: \"/\" }}\n                route: {{ cluster: nginx }}\n\
+         \x20         http_filters:\n          - name: envoy.filters.http.router\n\
+         \x20           typed_config:\n\
+         \x20             \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n"
+    )
+}
+
 fn start_envoy(dir: &Path, ports: &Ports, iperf: bool) -> anyhow::Result<Proc> {
     let cluster = |name: &str, port: u16| {
         format!(
@@ -739,18 +756,10 @@ fn start_envoy(dir: &Path, ports: &Ports, iperf: bool) -> anyhow::Result<Proc> {
         "admin:\n  address:\n    socket_address: {{ address: 127.0.0.1, port_value: {admin} }}\n\
          static_resources:\n  listeners:\n\
          \x20 - name: http\n    address:\n      socket_address: {{ address: 127.0.0.1, port_value: {http} }}\n\
-         \x20   filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n\
-         \x20       typed_config:\n\
-         \x20         \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n\
-         \x20         stat_prefix: http\n          codec_type: AUTO\n          route_config:\n\
-         \x20           name: local\n            virtual_hosts:\n            - name: all\n\
-         \x20             domains: [\"*\"]\n              routes:\n\
-         \x20             - match: {{ prefix: \"/\" }}\n                route: {{ cluster: nginx }}\n\
-         \x20         http_filters:\n          - name: envoy.filters.http.router\n\
-         \x20           typed_config:\n\
-         \x20             \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n",
+         \x20   filter_chains:\n    - filters:\n{hcm}",
         admin = ports.envoy_admin,
         http = ports.envoy_http,
+        hcm = envoy_to_nginx("http"),
     );
     if iperf {
         write!(

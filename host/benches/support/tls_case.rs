@@ -307,22 +307,14 @@ fn start_envoy(
          \x20         common_tls_context:\n            alpn_protocols: [\"http/1.1\"]\n\
          \x20           tls_certificates:\n            - certificate_chain: {{ filename: \"{cert}\" }}\n\
          \x20             private_key: {{ filename: \"{key}\" }}\n\
-         \x20     filters:\n      - name: envoy.filters.network.http_connection_manager\n\
-         \x20       typed_config:\n\
-         \x20         \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n\
-         \x20         stat_prefix: https\n          codec_type: AUTO\n          route_config:\n\
-         \x20           name: local\n            virtual_hosts:\n            - name: all\n\
-         \x20             domains: [\"*\"]\n              routes:\n\
-         \x20             - match: {{ prefix: \"/\" }}\n                route: {{ cluster: nginx }}\n\
-         \x20         http_filters:\n          - name: envoy.filters.http.router\n\
-         \x20           typed_config:\n\
-         \x20             \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n\
+         \x20     filters:\n{hcm}\
          \x20 clusters:\n  - name: nginx\n    type: STATIC\n    connect_timeout: 3s\n    load_assignment:\n\
          \x20     cluster_name: nginx\n      endpoints:\n      - lb_endpoints:\n\
          \x20       - endpoint:\n            address:\n              socket_address: \
          {{ address: 127.0.0.1, port_value: {nginx} }}\n",
         cert = cert.cert.display(),
         key = cert.key.display(),
+        hcm = super::envoy_to_nginx("https"),
     );
     let file = dir.join("envoy-tls.yaml");
     std::fs::write(&file, yaml)?;
