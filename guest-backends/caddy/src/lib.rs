@@ -32,6 +32,7 @@ impl Guest for Caddy {
             name: "caddy".into(),
             version: VERSION.into(),
             supports_tcp: false,
+            obtains_certificates: true,
         }
     }
 

@@ -6,7 +6,7 @@
 pub mod bindings;
 mod services;
 
-pub use services::{HashKey, Health, Service, http_services, tcp_services};
+pub use services::{HashKey, Health, Service, Source, Tls, http_services, tcp_services};
 
 /// The adapter crate's version, marked `+rebuilt` when it is built with its `rebuilt` feature
 /// (a build that differs only in its version, for hot-swap tests).

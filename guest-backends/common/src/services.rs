@@ -1,7 +1,9 @@
 //! The desired state's services, borrowed from the generated records.
 
 use crate::bindings::exports::harbor::backend::adapter::DesiredState;
-use crate::bindings::harbor::backend::types::{HashKey as WitHashKey, HealthCheck, Upstream};
+use crate::bindings::harbor::backend::types::{
+    CertificateSource, HashKey as WitHashKey, HealthCheck, TcpTls, Upstream,
+};
 
 /// A service as an adapter sees it, free of the generated binding types.
 #[derive(Debug, Clone)]
@@ -18,6 +20,35 @@ pub struct Service<'a> {
     /// What the strategy hashes, if it hashes (HTTP only).
     pub hash_key: HashKey<'a>,
     pub health: Option<Health<'a>>,
+    /// How it is served over TLS (HTTP: HTTPS; TCP: termination or passthrough).
+    pub tls: Tls<'a>,
+}
+
+/// Where a host's certificate comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source<'a> {
+    Acme,
+    Internal,
+    /// (chain, key) file paths.
+    Files(&'a str, &'a str),
+}
+
+/// What a service does with TLS, free of the generated binding types.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Tls<'a> {
+    /// Plain HTTP or TCP.
+    #[default]
+    None,
+    /// HTTPS: each host with its certificate's source, in the order of `hosts`.
+    Https {
+        certificates: Vec<(&'a str, Source<'a>)>,
+        redirect_http: bool,
+        hsts: Option<&'a str>,
+    },
+    /// TCP whose TLS the proxy terminates with these names' certificates.
+    Terminate(&'a [String]),
+    /// TCP routed by SNI, unopened, for these names.
+    Passthrough(&'a [String]),
 }
 
 /// What a request's hash key is made of; a request without the header or cookie is hashed by
@@ -48,6 +79,15 @@ impl<'a> Service<'a> {
             strategy,
             hash_key: HashKey::ClientIp,
             health: None,
+            tls: Tls::None,
+        }
+    }
+
+    /// The hosts it serves over HTTPS, with their certificates' sources.
+    pub fn https_hosts(&self) -> &[(&'a str, Source<'a>)] {
+        match &self.tls {
+            Tls::Https { certificates, .. } => certificates,
+            _ => &[],
         }
     }
 }
@@ -83,8 +123,29 @@ pub fn http_services(state: &DesiredState) -> Vec<Service<'_>> {
                 WitHashKey::Cookie(name) => HashKey::Cookie(name),
             },
             health: s.health.as_ref().map(health),
+            tls: match &s.https {
+                None => Tls::None,
+                Some(https) => Tls::Https {
+                    certificates: s
+                        .hosts
+                        .iter()
+                        .zip(&https.certificates)
+                        .map(|(host, source)| (host.as_str(), self::source(source)))
+                        .collect(),
+                    redirect_http: https.redirect_http,
+                    hsts: https.hsts.as_deref(),
+                },
+            },
         })
         .collect()
+}
+
+fn source(s: &CertificateSource) -> Source<'_> {
+    match s {
+        CertificateSource::Acme => Source::Acme,
+        CertificateSource::Internal => Source::Internal,
+        CertificateSource::Files((cert, key)) => Source::Files(cert, key),
+    }
 }
 
 /// The state's TCP services, in order.
@@ -101,6 +162,11 @@ pub fn tcp_services(state: &DesiredState) -> Vec<Service<'_>> {
             strategy: &s.strategy,
             hash_key: HashKey::ClientIp,
             health: s.health.as_ref().map(health),
+            tls: match &s.tls {
+                TcpTls::None => Tls::None,
+                TcpTls::Terminate(names) => Tls::Terminate(names),
+                TcpTls::Passthrough(names) => Tls::Passthrough(names),
+            },
         })
         .collect()
 }

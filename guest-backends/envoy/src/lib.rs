@@ -43,6 +43,7 @@ impl Guest for Envoy {
             name: "envoy".into(),
             version: VERSION.into(),
             supports_tcp: true,
+            obtains_certificates: false,
         }
     }
 

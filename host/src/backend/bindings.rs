@@ -28,7 +28,7 @@ pub use generated::harbor::backend::types::{
 pub use generated::{AdapterPlugin, AdapterPluginPre};
 
 /// The version of the adapter contract this host speaks.
-pub const CONTRACT: &str = "harbor:backend@0.5.0";
+pub const CONTRACT: &str = "harbor:backend@0.6.0";
 
 /// Linear memory an adapter instance may use: room for the JSON of a few thousand services.
 pub const MEMORY_LIMIT: usize = 128 << 20;

@@ -23,6 +23,7 @@ impl Guest for Bad {
             name: "caddy".into(),
             version: "0.0.1-bad".into(),
             supports_tcp: false,
+            obtains_certificates: false,
         }
     }
 
