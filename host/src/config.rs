@@ -160,8 +160,9 @@ pub struct RunArgs {
     )]
     pub proxy_listen: Option<SocketAddr>,
 
-    /// Where the embedded proxy serves HTTPS (TLS terminated with the certificate each host's
-    /// `tls` setting names). Without it nothing is served over TLS.
+    /// Where the proxy serves HTTPS (TLS terminated with the certificate each host's `tls`
+    /// setting names): the embedded proxy's listener, or Envoy's, with certificates Harbor
+    /// obtains. Without it (and without --caddy-tls-listen) nothing is served over TLS.
     #[arg(
         long,
         env = "HARBOR_TLS_LISTEN",
@@ -298,6 +299,17 @@ pub struct RunArgs {
         help_heading = "Caddy"
     )]
     pub caddy_listen: Option<SocketAddr>,
+
+    /// Caddy's HTTPS server, by its listen address: Harbor's hosts are served there with
+    /// Caddy's automatic HTTPS, and plain HTTP to them is redirected. Harbor creates the server
+    /// when Caddy has none there. Without it Harbor's hosts are plain HTTP in Caddy.
+    #[arg(
+        long,
+        env = "HARBOR_CADDY_TLS_LISTEN",
+        value_name = "ADDR",
+        help_heading = "Caddy"
+    )]
+    pub caddy_tls_listen: Option<SocketAddr>,
 
     /// Where Harbor's DNS responder for Caddy's dynamic upstreams listens. [default: where it
     /// listened last (kept in the state directory), else a free loopback port]
@@ -632,7 +644,7 @@ pub struct Config {
     pub api: Vec<ListenAddr>,
     pub backend: BackendKind,
     pub proxy_listen: SocketAddr,
-    /// Where the embedded proxy serves HTTPS; none: no TLS.
+    /// Where the embedded proxy or Envoy serves HTTPS; none: no TLS there.
     pub tls_listen: Option<SocketAddr>,
     pub acme_directory: String,
     pub acme_email: Option<String>,
@@ -662,6 +674,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub caddy_admin: BaseUrl,
     pub caddy_listen: SocketAddr,
+    /// Caddy's HTTPS server for Harbor's hosts; none: plain HTTP only in Caddy.
+    pub caddy_tls_listen: Option<SocketAddr>,
     pub dns_listen: Option<SocketAddr>,
     pub envoy_dir: PathBuf,
     pub envoy_admin: BaseUrl,
@@ -774,6 +788,7 @@ impl Config {
             log_format: LogFormat::Text,
             caddy_admin: BaseUrl::tcp("127.0.0.1:2019"),
             caddy_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            caddy_tls_listen: None,
             dns_listen: None,
             envoy_admin: BaseUrl::tcp("127.0.0.1:9901"),
             event_ring: 4096,
@@ -853,12 +868,10 @@ impl Config {
         if self.protect_reads && self.token_file.is_none() {
             bail!("--protect-reads needs --token-file: without tokens no one could read");
         }
-        if self.tls_listen.is_some() && self.backend != BackendKind::Embedded {
-            bail!(
-                "--tls-listen is the embedded proxy's HTTPS listener; with --backend {} the proxy \
-                 serves HTTPS by its own configuration (Harbor does not drive its TLS yet)",
-                self.backend
-            );
+        if let Some(tls) = self.caddy_tls_listen
+            && tls == self.caddy_listen
+        {
+            bail!("--caddy-tls-listen ({tls}) must differ from --caddy-listen, Caddy's plain HTTP server");
         }
         let l = &self.lease;
         if l.min.is_zero() || l.min > l.max {
@@ -1113,13 +1126,13 @@ mod tests {
         assert!(err.to_string().contains("ttl-min"), "{err}");
 
         let err = Config::from_args(RunArgs {
-            tls_listen: Some("127.0.0.1:8443".parse().unwrap()),
+            caddy_tls_listen: Some("127.0.0.1:8080".parse().unwrap()),
             backend: Some(BackendKind::Caddy),
             ..RunArgs::default()
         })
         .unwrap_err();
         assert!(
-            err.to_string().contains("--tls-listen is the embedded"),
+            err.to_string().contains("must differ from --caddy-listen"),
             "{err}"
         );
     }

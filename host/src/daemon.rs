@@ -110,6 +110,7 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
             core.metrics.clone(),
             dns_addr,
             proxy.tcp_carriage().clone(),
+            certificates.clone(),
         )?),
     };
 
@@ -332,7 +333,13 @@ async fn start_certificates(
     config: &Config,
     routing: &Arc<RoutingTable>,
 ) -> anyhow::Result<Option<Arc<Certificates>>> {
-    if config.tls_listen.is_none() || config.backend != BackendKind::Embedded {
+    // Caddy obtains its own, but issues `internal` ones from Harbor's CA, and a swap to Envoy
+    // needs Harbor's.
+    let wanted = match config.backend {
+        BackendKind::Embedded | BackendKind::Envoy => config.tls_listen.is_some(),
+        BackendKind::Caddy => config.tls_listen.is_some() || config.caddy_tls_listen.is_some(),
+    };
+    if !wanted {
         return Ok(None);
     }
     let dir = config.state_dir.join("tls");
@@ -347,6 +354,8 @@ async fn start_certificates(
         },
         dir.join("acme"),
     ));
+    // Caddy orders its own: until a swap says otherwise, Harbor's client stays idle.
+    acme.set_active(config.backend != BackendKind::Caddy);
     let (routing, made) = (routing.clone(), dir.clone());
     let certificates = tokio::task::spawn_blocking(move || {
         let certificates = Certificates::new(Some(&made), Some(acme));

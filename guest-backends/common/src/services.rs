@@ -148,6 +148,41 @@ fn source(s: &CertificateSource) -> Source<'_> {
     }
 }
 
+/// A certificate the host obtained for a host name, for a proxy that does not obtain its own.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Certificate<'a> {
+    /// The host name it is served for; may start with `*.`.
+    pub host: &'a str,
+    /// The chain, leaf first, PEM.
+    pub chain: &'a str,
+    /// The private key, PEM.
+    pub key: &'a str,
+}
+
+/// Never the key: a certificate ends up in logs and test failures through `{:?}`.
+impl std::fmt::Debug for Certificate<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certificate")
+            .field("host", &self.host)
+            .field("chain", &format_args!("<{} bytes>", self.chain.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The certificates the host gives in `state`, in its order (empty for a proxy that obtains
+/// its own).
+pub fn certificates(state: &DesiredState) -> Vec<Certificate<'_>> {
+    state
+        .certificates
+        .iter()
+        .map(|c| Certificate {
+            host: &c.host,
+            chain: &c.chain,
+            key: &c.key,
+        })
+        .collect()
+}
+
 /// The state's TCP services, in order.
 pub fn tcp_services(state: &DesiredState) -> Vec<Service<'_>> {
     state

@@ -229,6 +229,7 @@ impl Worker {
                 name: String::new(),
                 version: String::new(),
                 supports_tcp: false,
+                obtains_certificates: false,
             },
             config: spec.config.clone(),
             faults,

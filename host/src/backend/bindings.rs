@@ -22,8 +22,9 @@ mod generated {
 use generated::harbor::backend::{files, http_client, log, timer, types};
 
 pub use generated::harbor::backend::types::{
-    AdapterError, Applied, Description, DesiredState, Document, HashKey, HealthCheck, HttpService,
-    ProbeReport, RefusedService, TcpService, Upstream,
+    AdapterError, Applied, Certificate, CertificateSource, Description, DesiredState, Document,
+    HashKey, HealthCheck, HttpService, Https, ProbeReport, RefusedService, TcpService, TcpTls,
+    TlsSettings, Upstream,
 };
 pub use generated::{AdapterPlugin, AdapterPluginPre};
 

@@ -18,8 +18,9 @@ mod http;
 
 pub use adapter::{Adapter, AdapterSpec, CallError, Capabilities, FaultSink};
 pub use bindings::{
-    AdapterError, Applied, CONTRACT, Description, DesiredState, Document, HashKey, HealthCheck,
-    HttpService, ProbeReport, RefusedService, TcpService, Upstream,
+    AdapterError, Applied, CONTRACT, Certificate, CertificateSource, Description, DesiredState,
+    Document, HashKey, HealthCheck, HttpService, Https, ProbeReport, RefusedService, TcpService,
+    TcpTls, TlsSettings, Upstream,
 };
 pub use builtin::{builtin, builtin_names};
 pub use files::ConfinedDir;

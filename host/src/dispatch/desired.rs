@@ -1,11 +1,17 @@
 //! The desired state: what the registry says the proxy should run, in the host's own terms
 //! (comparable, unlike the generated types), and its conversion for the adapter contract.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use crate::backend::{
-    DesiredState, HashKey as WitHashKey, HealthCheck as WitHealthCheck, HttpService,
-    RefusedService, TcpService, Upstream,
+    Certificate, CertificateSource, DesiredState, HashKey as WitHashKey,
+    HealthCheck as WitHealthCheck, HttpService, Https, RefusedService, TcpService, TcpTls,
+    TlsSettings, Upstream,
 };
-use crate::model::{HashKey, HealthCheck, Protocol, ServiceView};
+use crate::model::{HashKey, HealthCheck, Protocol, ServiceView, TlsMode};
+use crate::tls::Certificates;
+use crate::tls::files::Pem;
 
 /// The desired state in the host's own terms (comparable, unlike the generated types).
 #[derive(Debug, Clone, PartialEq)]
@@ -13,11 +19,31 @@ pub struct Desired {
     http: Vec<DesiredService>,
     tcp: Vec<DesiredService>,
     /// Services the adapter contract cannot express, refused by the host on its behalf.
-    unsupported: Vec<String>,
+    unsupported: Vec<(String, String)>,
+    tls: Issuers,
+    /// The certificates of the hosts served over TLS, for a proxy that is handed them.
+    certificates: Vec<(String, Arc<Pem>)>,
 }
 
-/// Why a service in [`Desired::unsupported`] is not given to the adapter.
-const UNSUPPORTED: &str = "TLS on tcp services (termination and SNI passthrough) is served by Harbor's own tcp proxy, in embedded and caddy modes; the driven proxy's adapter cannot carry it";
+/// Where a proxy that obtains its own certificates gets them, from Harbor's settings.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Issuers {
+    pub acme_directory: String,
+    pub acme_email: Option<String>,
+    pub acme_ca_root: Option<PathBuf>,
+    /// Harbor's local CA: its root certificate's file and its key's.
+    pub local_ca: Option<(PathBuf, PathBuf)>,
+}
+
+/// What the adapter in force can take, and where certificates come from.
+#[derive(Clone, Copy)]
+pub struct Shape<'a> {
+    pub with_tcp: bool,
+    /// Whether the proxy obtains its own certificates; if not, the host hands them over.
+    pub obtains_certificates: bool,
+    pub issuers: &'a Issuers,
+    pub certificates: Option<&'a Arc<Certificates>>,
+}
 
 /// One service: `hosts` and `path` for HTTP, `listen` for TCP.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,14 +56,45 @@ struct DesiredService {
     strategy: String,
     hash_key: HashKey,
     health: Option<HealthCheck>,
+    tls: ServiceTls,
+}
+
+/// What a service does with TLS, as the contract has it.
+#[derive(Debug, Clone, PartialEq)]
+enum ServiceTls {
+    None,
+    Https {
+        /// One per host, in the order of `hosts`.
+        sources: Vec<TlsMode>,
+        redirect: bool,
+        hsts: Option<String>,
+    },
+    Terminate(Vec<String>),
+    Passthrough(Vec<String>),
 }
 
 impl Desired {
-    pub fn of(services: &[ServiceView], with_tcp: bool) -> Self {
+    pub fn of(services: &[ServiceView], shape: Shape<'_>) -> Self {
+        let with_tcp = shape.with_tcp;
         let mut http = Vec::new();
         let mut tcp = Vec::new();
         let mut unsupported = Vec::new();
+        let mut certified: Vec<&str> = Vec::new();
         for s in services {
+            let hosts = || s.route.hosts.iter().map(ToString::to_string).collect();
+            let tls = match s.route.protocol {
+                Protocol::Http if s.route.tls.serves() => ServiceTls::Https {
+                    sources: s.route.hosts.iter().map(|h| s.route.tls.mode_for(h)).collect(),
+                    redirect: s.route.tls.redirects(),
+                    hsts: s.route.tls.hsts.clone(),
+                },
+                Protocol::Tcp if s.route.terminates_tls() => ServiceTls::Terminate(hosts()),
+                Protocol::TlsPassthrough => ServiceTls::Passthrough(hosts()),
+                _ => ServiceTls::None,
+            };
+            if matches!(tls, ServiceTls::Https { .. } | ServiceTls::Terminate(_)) {
+                certified.extend(s.route.hosts.iter().map(|h| h.as_str()));
+            }
             let service = DesiredService {
                 name: s.name.to_string(),
                 hosts: s.route.hosts.iter().map(ToString::to_string).collect(),
@@ -51,38 +108,52 @@ impl Desired {
                 strategy: s.route.strategy.to_string(),
                 hash_key: s.proxy.hash_key.clone(),
                 health: s.proxy.health.clone(),
+                tls,
             };
             match s.route.protocol {
                 Protocol::Http => http.push(service),
-                // The adapter contract has no TLS for tcp services: a proxy that carries tcp
-                // would serve them as plain tcp, which their clients do not speak.
-                Protocol::Tcp | Protocol::TlsPassthrough
+                // A proxy that terminates TLS for tcp needs the certificates handed to it.
+                Protocol::Tcp
                     if with_tcp
-                        && (s.route.terminates_tls()
-                            || s.route.protocol == Protocol::TlsPassthrough) =>
+                        && shape.obtains_certificates
+                        && matches!(service.tls, ServiceTls::Terminate(_)) =>
                 {
-                    unsupported.push(s.name.to_string());
+                    unsupported.push((s.name.to_string(), NO_TCP_CERTIFICATES.to_owned()));
                 }
-                Protocol::Tcp if with_tcp && s.route.listen.is_some() => tcp.push(service),
+                Protocol::Tcp | Protocol::TlsPassthrough
+                    if with_tcp && s.route.listen.is_some() =>
+                {
+                    tcp.push(service);
+                }
                 Protocol::Tcp | Protocol::TlsPassthrough => {}
             }
         }
         http.sort_by(|a, b| a.name.cmp(&b.name));
         tcp.sort_by(|a, b| a.name.cmp(&b.name));
         unsupported.sort();
+        certified.sort_unstable();
+        certified.dedup();
+        let certificates = match shape.certificates {
+            Some(store) if !shape.obtains_certificates => store.pems(certified),
+            _ => Vec::new(),
+        };
         Self {
             http,
             tcp,
             unsupported,
+            tls: shape.issuers.clone(),
+            certificates,
         }
     }
 
     /// The services refused on the adapter's behalf, as the adapter would refuse them.
     pub fn refusals(&self) -> impl Iterator<Item = RefusedService> + '_ {
-        self.unsupported.iter().map(|name| RefusedService {
-            name: name.clone(),
-            reason: UNSUPPORTED.to_owned(),
-        })
+        self.unsupported
+            .iter()
+            .map(|(name, reason)| RefusedService {
+                name: name.clone(),
+                reason: reason.clone(),
+            })
     }
 
     pub fn services(&self) -> usize {
@@ -116,6 +187,18 @@ impl Desired {
                         HashKey::Cookie(name) => WitHashKey::Cookie(name.clone()),
                     },
                     health: s.health.as_ref().map(health_to_wit),
+                    https: match &s.tls {
+                        ServiceTls::Https {
+                            sources,
+                            redirect,
+                            hsts,
+                        } => Some(Https {
+                            certificates: sources.iter().map(source_to_wit).collect(),
+                            redirect_http: *redirect,
+                            hsts: hsts.clone(),
+                        }),
+                        _ => None,
+                    },
                 })
                 .collect(),
             tcp: self
@@ -127,10 +210,52 @@ impl Desired {
                     upstreams: ups(&s.upstreams),
                     strategy: s.strategy.clone(),
                     health: s.health.as_ref().map(health_to_wit),
+                    tls: match &s.tls {
+                        ServiceTls::Terminate(names) => TcpTls::Terminate(names.clone()),
+                        ServiceTls::Passthrough(names) => TcpTls::Passthrough(names.clone()),
+                        _ => TcpTls::None,
+                    },
                 })
                 .collect(),
             refresh_fallbacks,
+            tls: TlsSettings {
+                acme_directory: self.tls.acme_directory.clone(),
+                acme_email: self.tls.acme_email.clone(),
+                acme_ca_root: self.tls.acme_ca_root.as_ref().map(|p| path_text(p)),
+                local_ca: self
+                    .tls
+                    .local_ca
+                    .as_ref()
+                    .map(|(cert, key)| (path_text(cert), path_text(key))),
+            },
+            certificates: self
+                .certificates
+                .iter()
+                .map(|(host, pem)| Certificate {
+                    host: host.clone(),
+                    chain: pem.chain.clone(),
+                    key: pem.key.clone(),
+                })
+                .collect(),
         }
+    }
+}
+
+/// Why a tcp service that terminates TLS is not given to a proxy that obtains its own
+/// certificates (no such proxy carries tcp today).
+const NO_TCP_CERTIFICATES: &str = "the driven proxy obtains its own certificates and cannot terminate TLS for tcp services; Harbor's own tcp proxy serves them in embedded and caddy modes";
+
+fn path_text(path: &std::path::Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+fn source_to_wit(mode: &TlsMode) -> CertificateSource {
+    match mode {
+        TlsMode::Auto => CertificateSource::Acme,
+        TlsMode::Internal => CertificateSource::Internal,
+        TlsMode::Files { cert, key } => CertificateSource::Files((path_text(cert), path_text(key))),
+        // Not served over TLS: never among a service's sources.
+        TlsMode::Off => CertificateSource::Internal,
     }
 }
 

@@ -117,6 +117,7 @@ pub struct Dispatcher {
     caddy_version: Mutex<Option<String>>,
     /// Whether Harbor's own TCP proxy carries the tcp routes; a swap moves them.
     tcp: TcpCarriage,
+    tls: reconciler::TlsSource,
 }
 
 /// Where the dispatcher's task picks up.
@@ -133,7 +134,17 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
         upstream_dns: Option<std::net::SocketAddr>,
         tcp: TcpCarriage,
+        certificates: Option<Arc<crate::tls::Certificates>>,
     ) -> anyhow::Result<(Arc<Self>, Pending)> {
+        let tls = reconciler::TlsSource {
+            issuers: desired::Issuers {
+                acme_directory: config.acme_directory.clone(),
+                acme_email: config.acme_email.clone(),
+                acme_ca_root: config.acme_ca_root.clone(),
+                local_ca: certificates.as_ref().and_then(|c| c.ca_files()),
+            },
+            certificates,
+        };
         let (requests, rx) = mpsc::channel(4);
         let dispatcher = Arc::new(Self {
             kind: config.backend,
@@ -144,6 +155,7 @@ impl Dispatcher {
             upstream_dns,
             caddy_version: Mutex::new(None),
             tcp,
+            tls,
         });
         let name = config.backend.to_string();
         if builtin(&name).is_none() {
@@ -225,6 +237,7 @@ impl Dispatcher {
             BackendKind::Caddy => (
                 serde_json::json!({
                     "listen": c.caddy_listen.to_string(),
+                    "tls_listen": c.caddy_tls_listen.map(|a| a.to_string()).unwrap_or_default(),
                     "upstream_dns": self.upstream_dns.map(|a| a.to_string()).unwrap_or_default(),
                     "version": self.caddy_version().await,
                 }),
@@ -241,6 +254,7 @@ impl Dispatcher {
                     serde_json::json!({
                         "dir": dir.to_string_lossy(),
                         "listen": c.proxy_listen.to_string(),
+                        "tls_listen": c.tls_listen.map(|a| a.to_string()).unwrap_or_default(),
                     }),
                     Capabilities {
                         http: Some(c.envoy_admin.clone()),

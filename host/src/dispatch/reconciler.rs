@@ -27,7 +27,7 @@ use crate::events::{Event, EventBus, Follower, Since};
 use crate::proxy::TcpCarriage;
 use crate::registry::Registry;
 
-use super::desired::Desired;
+use super::desired::{Desired, Issuers, Shape};
 use super::status::{BackendStatus, Book};
 use super::{Dispatcher, Pending, Rendered, RenderedDocument, Request, SwapError};
 use crate::model::ServiceView;
@@ -141,6 +141,24 @@ struct Reconciler<A, L> {
     fallbacks_due: Option<Instant>,
     /// When they were last refreshed (or the reconciler started).
     last_refresh: Instant,
+    tls: TlsSource,
+}
+
+/// Where the TLS part of the desired state comes from.
+#[derive(Clone, Default)]
+pub struct TlsSource {
+    pub issuers: Issuers,
+    /// Harbor's certificates, for a proxy that is handed them; none without a TLS listener.
+    pub certificates: Option<Arc<crate::tls::Certificates>>,
+}
+
+impl TlsSource {
+    /// Tells Harbor's ACME client whether the proxy `description` describes needs it.
+    fn serve(&self, description: &Description) {
+        if let Some(acme) = self.certificates.as_ref().and_then(|c| c.acme()) {
+            acme.set_active(!description.obtains_certificates);
+        }
+    }
 }
 
 /// Runs the dispatcher's reconciler until cancelled.
@@ -161,8 +179,9 @@ pub async fn run(
         }
     };
     let tcp = dispatcher.tcp.clone();
+    let tls = dispatcher.tls.clone();
     let until = Until { cancel, settled };
-    reconcile(book, dispatcher, first, requests, registry, tcp, until).await;
+    reconcile(book, dispatcher, first, requests, registry, (tcp, tls), until).await;
 }
 
 /// When the reconciler stops, and what it tells once the proxy is settled for Harbor's absence.
@@ -178,10 +197,11 @@ async fn reconcile<A: Driven, L: Loader<A>>(
     first: Option<AdapterSpec>,
     mut requests: mpsc::Receiver<Request>,
     registry: Arc<Registry>,
-    tcp: TcpCarriage,
+    (tcp, tls): (TcpCarriage, TlsSource),
     until: Until,
 ) {
     let Until { cancel, settled } = until;
+    let mut certificates = tls.certificates.as_ref().map(|c| c.subscribe());
     let _settled = settled.drop_guard();
     let mut r = Reconciler {
         book: book.clone(),
@@ -200,12 +220,14 @@ async fn reconcile<A: Driven, L: Loader<A>>(
         next_probe: Instant::now() + PROBE_EVERY,
         fallbacks_due: None,
         last_refresh: Instant::now(),
+        tls,
     };
     if let Some(spec) = first {
         let source = spec.source.clone();
         match loader.load(spec).await {
             Ok(adapter) => {
                 book.set_active(&adapter);
+                r.tls.serve(adapter.description());
                 let description = adapter.description();
                 tracing::info!(adapter = %description.name, version = %description.version, %source, "backend adapter loaded");
                 r.adapter = Some(adapter);
@@ -222,6 +244,7 @@ async fn reconcile<A: Driven, L: Loader<A>>(
         let wake = r.next_wake();
         tokio::select! {
             changed = r.events.changed() => if !changed { return },
+            Some(()) = renewed(certificates.as_mut()) => r.mark_dirty(),
             Some(request) = requests.recv() => r.answer(request).await,
             () = tokio::time::sleep_until(wake) => {}
             () = cancel.cancelled() => {
@@ -232,7 +255,26 @@ async fn reconcile<A: Driven, L: Loader<A>>(
     }
 }
 
+/// Resolves when a certificate Harbor serves changed; never without certificates.
+async fn renewed(changes: Option<&mut tokio::sync::watch::Receiver<u64>>) -> Option<()> {
+    match changes {
+        Some(changes) => changes.changed().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
 impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
+    /// What `adapter` takes, for [`Desired::of`].
+    fn shape<'a>(&'a self, adapter: &A) -> Shape<'a> {
+        let description = adapter.description();
+        Shape {
+            with_tcp: description.supports_tcp,
+            obtains_certificates: description.obtains_certificates,
+            issuers: &self.tls.issuers,
+            certificates: self.tls.certificates.as_ref(),
+        }
+    }
+
     fn follow(&mut self) {
         let relevant = match self.events.read() {
             Since::Events(events) => events.iter().any(|e| e.event.changes_routing()),
@@ -298,14 +340,13 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
         }
     }
 
-    fn desired(&self) -> (u64, Desired) {
-        let with_tcp = self
-            .adapter
-            .as_ref()
-            .is_some_and(|a| a.description().supports_tcp);
+    fn desired(&self, adapter: &A) -> (u64, Desired) {
         // The revision is read before the services, so it never claims more than they hold.
         let revision = self.registry.bus().last_id();
-        (revision, Desired::of(&self.registry.services(), with_tcp))
+        (
+            revision,
+            Desired::of(&self.registry.services(), self.shape(adapter)),
+        )
     }
 
     async fn apply(&mut self) {
@@ -313,7 +354,7 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             self.dirty_since = None;
             return;
         };
-        let (revision, desired) = self.desired();
+        let (revision, desired) = self.desired(adapter);
         let started = Instant::now();
         let refresh = self.fallbacks_due.is_some_and(|due| started >= due);
         if self.refused.as_ref() == Some(&desired) && !refresh {
@@ -407,11 +448,10 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
     /// state last applied.
     async fn render(&self, services: Option<Vec<ServiceView>>) -> Result<Rendered, SwapError> {
         let adapter = self.adapter.as_ref().ok_or(SwapError::NoAdapter)?;
-        let with_tcp = adapter.description().supports_tcp;
         let (revision, desired) = match services {
             Some(services) => (
                 self.registry.bus().last_id(),
-                Desired::of(&services, with_tcp),
+                Desired::of(&services, self.shape(adapter)),
             ),
             None => match &self.applied {
                 Some(applied) => (self.applied_revision, applied.clone()),
@@ -429,9 +469,8 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
     /// and the adapter in force never knows.
     async fn dry_swap(&self, spec: AdapterSpec) -> Result<Rendered, SwapError> {
         let new = self.loader.load(spec).await?;
-        let with_tcp = new.description().supports_tcp;
         let revision = self.registry.bus().last_id();
-        let desired = Desired::of(&self.registry.services(), with_tcp);
+        let desired = Desired::of(&self.registry.services(), self.shape(&new));
         let documents = new
             .render(desired.to_wit(revision, false))
             .await
@@ -475,7 +514,7 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             return Err(SwapError::Apply(e));
         }
         let revision = self.registry.bus().last_id();
-        let desired = Desired::of(&self.registry.services(), with_tcp);
+        let desired = Desired::of(&self.registry.services(), self.shape(&new));
         let started = Instant::now();
         let proven = match new.apply(desired.to_wit(revision, false)).await {
             Ok(applied) => prove(&new).await.map(|()| applied).map_err(|why| {
@@ -520,6 +559,7 @@ impl<A: Driven, L: Loader<A>> Reconciler<A, L> {
             return Err(SwapError::Stopped);
         };
         self.book.set_active(active);
+        self.tls.serve(active.description());
         applied.refused.extend(desired.refusals());
         self.book
             .record_applied(&applied, desired.services(), started.elapsed());
@@ -638,6 +678,7 @@ mod tests {
                 name: name.to_owned(),
                 version: "1".to_owned(),
                 supports_tcp: false,
+                obtains_certificates: false,
             };
             let fake = Self {
                 description,
@@ -782,7 +823,7 @@ mod tests {
             Some(spec()),
             rx,
             registry.clone(),
-            TcpCarriage::new(true),
+            (TcpCarriage::new(true), TlsSource::default()),
             Until {
                 cancel: cancel.clone(),
                 settled: settled.clone(),

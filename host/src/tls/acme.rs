@@ -93,6 +93,9 @@ pub struct Acme {
     failures: Mutex<HashMap<String, Failure>>,
     /// Told when a certificate was issued or an order failed.
     pub changed: Notify,
+    /// Whether certificates are ordered at all: not while the driven proxy obtains its own
+    /// (Caddy), which would make two clients order the same names.
+    active: std::sync::atomic::AtomicBool,
 }
 
 impl Acme {
@@ -107,7 +110,18 @@ impl Acme {
             issued: Mutex::default(),
             failures: Mutex::default(),
             changed: Notify::new(),
+            active: std::sync::atomic::AtomicBool::new(true),
         }
+    }
+
+    /// Orders certificates, or stops ordering them (see [`Acme::active`]).
+    pub fn set_active(&self, active: bool) {
+        self.active
+            .store(active, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn is_active(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The key authorization for an open challenge's `token`.
@@ -174,7 +188,12 @@ impl Acme {
         let mut changes = routing.subscribe();
         let mut account = None;
         loop {
-            for host in wanted(&routing) {
+            let hosts = if self.is_active() {
+                wanted(&routing)
+            } else {
+                Vec::new()
+            };
+            for host in hosts {
                 if cancel.is_cancelled() {
                     return;
                 }
@@ -423,7 +442,7 @@ fn write_public(path: &Path, bytes: &[u8]) -> Result<(), String> {
 }
 
 /// The served certificate of an ACME host, for the store.
-pub fn served(acme: &Acme, host: &str) -> (Option<Arc<CertifiedKey>>, Option<String>) {
+pub fn served(acme: &Acme, host: &str) -> (Option<super::Served>, Option<String>) {
     if host.starts_with("*.") {
         return (
             None,
@@ -438,5 +457,5 @@ pub fn served(acme: &Acme, host: &str) -> (Option<Arc<CertifiedKey>>, Option<Str
             .is_none()
             .then(|| format!("waiting for an ACME certificate for {host}"))
     });
-    (current.map(|pair| pair.key), problem)
+    (current.map(|pair| (pair.key, pair.pem)), problem)
 }

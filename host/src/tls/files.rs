@@ -14,8 +14,23 @@ use rustls::sign::CertifiedKey;
 #[derive(Clone)]
 pub struct Pair {
     pub key: Arc<CertifiedKey>,
+    /// The same certificate as text, for a proxy that is handed its certificates (Envoy).
+    pub pem: Arc<Pem>,
     pub not_after: SystemTime,
     stamp: Stamp,
+}
+
+/// A certificate chain (leaf first) and its private key, PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Pem {
+    pub chain: String,
+    pub key: String,
+}
+
+impl std::fmt::Debug for Pem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pem").finish_non_exhaustive()
+    }
 }
 
 /// The files' sizes and modification times.
@@ -32,6 +47,10 @@ pub fn stamp(paths: &[&Path]) -> Stamp {
 }
 
 impl Pair {
+    pub fn served(&self) -> super::Served {
+        (self.key.clone(), self.pem.clone())
+    }
+
     /// Whether the files are as they were when this pair was read.
     pub fn current(&self, cert: &Path, key: &Path) -> bool {
         stamp(&[cert, key]) == self.stamp
@@ -41,16 +60,19 @@ impl Pair {
 /// Reads and checks the pair; the error says which file and what is wrong with it.
 pub fn load(cert: &Path, key: &Path) -> Result<Pair, String> {
     let stamp = stamp(&[cert, key]);
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("cannot read the certificate {}: {e}", cert.display()))?
+    let chain_text = std::fs::read_to_string(cert)
+        .map_err(|e| format!("cannot read the certificate {}: {e}", cert.display()))?;
+    let key_text = std::fs::read_to_string(key)
+        .map_err(|e| format!("cannot read the private key {}: {e}", key.display()))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_text.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{} is not a PEM certificate: {e}", cert.display()))?;
     let Some(leaf) = chain.first() else {
         return Err(format!("{} holds no certificate", cert.display()));
     };
     let not_after = validity(leaf, cert)?;
-    let private = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("cannot read the private key {}: {e}", key.display()))?;
+    let private = PrivateKeyDer::from_pem_slice(key_text.as_bytes())
+        .map_err(|e| format!("{} is not a PEM private key: {e}", key.display()))?;
     let certified = CertifiedKey::from_der(chain, private, &super::provider()).map_err(|e| {
         format!(
             "the key {} does not go with the certificate {}: {e}",
@@ -60,6 +82,10 @@ pub fn load(cert: &Path, key: &Path) -> Result<Pair, String> {
     })?;
     Ok(Pair {
         key: Arc::new(certified),
+        pem: Arc::new(Pem {
+            chain: chain_text,
+            key: key_text,
+        }),
         not_after,
         stamp,
     })

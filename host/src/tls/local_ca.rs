@@ -23,11 +23,14 @@ pub struct LocalCa {
     issuer: Issuer<'static, KeyPair>,
     root_pem: String,
     root_der: CertificateDer<'static>,
+    /// Where the root and its key are kept, for a proxy that issues from the same root.
+    files: Option<(PathBuf, PathBuf)>,
 }
 
 /// A certificate issued for one host.
 pub struct Issued {
     pub key: Arc<CertifiedKey>,
+    pub pem: Arc<super::files::Pem>,
     pub not_after: SystemTime,
 }
 
@@ -53,6 +56,7 @@ impl LocalCa {
                     issuer,
                     root_pem,
                     root_der,
+                    files: Some((cert, key)),
                 })
             }
             _ => Self::create(Some(dir)),
@@ -91,7 +95,13 @@ impl LocalCa {
             root_der: root.der().clone(),
             issuer: Issuer::new(params, key),
             root_pem,
+            files: dir.map(paths),
         })
+    }
+
+    /// The root certificate's file and its key's, when the CA is kept in a directory.
+    pub fn files(&self) -> Option<&(PathBuf, PathBuf)> {
+        self.files.as_ref()
     }
 
     /// The root certificate, PEM, for users to trust.
@@ -114,11 +124,16 @@ impl LocalCa {
         params.not_after = not_after.into();
         let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
         let chain = vec![cert.der().clone(), self.root_der.clone()];
+        let pem = super::files::Pem {
+            chain: format!("{}{}", cert.pem(), self.root_pem),
+            key: key.serialize_pem(),
+        };
         let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let certified = CertifiedKey::from_der(chain, private, &super::provider())
             .map_err(|e| format!("the local CA's certificate for {host} is unusable: {e}"))?;
         Ok(Issued {
             key: Arc::new(certified),
+            pem: Arc::new(pem),
             not_after,
         })
     }

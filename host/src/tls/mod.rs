@@ -12,7 +12,7 @@ pub mod files;
 pub mod local_ca;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -24,7 +24,7 @@ use crate::events::lock;
 use crate::model::TlsMode;
 use crate::routing::Snapshot;
 
-use self::files::Pair;
+use self::files::{Pair, Pem};
 use self::local_ca::{Issued, LocalCa};
 
 /// The one crypto provider: ring, as built.
@@ -32,12 +32,17 @@ pub fn provider() -> rustls::crypto::CryptoProvider {
     rustls::crypto::ring::default_provider()
 }
 
+/// A certificate as served, and as text for a proxy that is handed it.
+pub type Served = (Arc<CertifiedKey>, Arc<Pem>);
+
 /// Certificates by host, as served.
 #[derive(Default)]
 struct Table {
     exact: HashMap<String, Arc<CertifiedKey>>,
     /// Keyed by the suffix after `*.`.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
+    /// Every host's certificate as text, by the host as routes name it.
+    pem: BTreeMap<String, Arc<Pem>>,
 }
 
 impl Table {
@@ -51,7 +56,8 @@ impl Table {
         self.wildcard.get(parent)
     }
 
-    fn insert(&mut self, host: &str, key: Arc<CertifiedKey>) {
+    fn insert(&mut self, host: &str, (key, pem): Served) {
+        self.pem.insert(host.to_owned(), pem);
         match host.strip_prefix("*.") {
             Some(parent) => self.wildcard.insert(parent.to_owned(), key),
             None => self.exact.insert(host.to_owned(), key),
@@ -76,6 +82,8 @@ pub struct Certificates {
     problems: Mutex<BTreeMap<String, String>>,
     /// Where `auto` certificates come from.
     acme: Option<Arc<acme::Acme>>,
+    /// Moves on whenever a certificate served changes, for a proxy that is handed them.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Certificates {
@@ -99,7 +107,27 @@ impl Certificates {
             internal: Mutex::default(),
             problems: Mutex::default(),
             acme,
+            changed: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Told whenever a certificate served changes (issued, renewed, files replaced, dropped).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The certificates of `hosts` as text, for those that have one, in the order asked.
+    pub fn pems<'a>(&self, hosts: impl IntoIterator<Item = &'a str>) -> Vec<(String, Arc<Pem>)> {
+        let table = self.table.load();
+        hosts
+            .into_iter()
+            .filter_map(|host| Some((host.to_owned(), table.pem.get(host)?.clone())))
+            .collect()
+    }
+
+    /// The local CA's root certificate file and its key's, for a proxy that issues from it.
+    pub fn ca_files(&self) -> Option<(PathBuf, PathBuf)> {
+        self.ca.as_ref().ok()?.files().cloned()
     }
 
     /// The key authorization of an open ACME challenge, for the plain listener to answer.
@@ -169,7 +197,11 @@ impl Certificates {
         }
         lock(&self.files).retain(|pair, _| used_files.contains(pair));
         lock(&self.internal).retain(|host, _| used_hosts.contains(host));
+        let moved = self.table.load().pem != table.pem;
         self.table.store(Arc::new(table));
+        if moved {
+            self.changed.send_modify(|n| *n += 1);
+        }
         let mut known = lock(&self.problems);
         let new = problems
             .iter()
@@ -186,23 +218,23 @@ impl Certificates {
     /// The certificate of a file pair, and what is wrong with the files if anything: as last
     /// read if they are unchanged, read again if they changed. A pair that fails its check
     /// keeps serving its last good certificate while that is valid.
-    fn file_pair(&self, cert: &Path, key: &Path) -> (Option<Arc<CertifiedKey>>, Option<String>) {
+    fn file_pair(&self, cert: &Path, key: &Path) -> (Option<Served>, Option<String>) {
         let pair = (cert.to_owned(), key.to_owned());
         let mut known = lock(&self.files);
         if let Some(good) = known.get(&pair)
             && good.current(cert, key)
         {
-            return (Some(good.key.clone()), None);
+            return (Some(good.served()), None);
         }
         match files::load(cert, key) {
             Ok(fresh) => {
-                let served = fresh.key.clone();
+                let served = fresh.served();
                 known.insert(pair, fresh);
                 (Some(served), None)
             }
             Err(reason) => match known.get(&pair) {
                 Some(good) if good.not_after > SystemTime::now() => (
-                    Some(good.key.clone()),
+                    Some(good.served()),
                     Some(format!("{reason}; the last good certificate keeps serving")),
                 ),
                 _ => (None, Some(reason)),
@@ -211,24 +243,24 @@ impl Certificates {
     }
 
     /// A local CA certificate for `host`, issued if there is none or it is a third from its end.
-    fn internal(&self, host: &str) -> Result<Arc<CertifiedKey>, String> {
+    fn internal(&self, host: &str) -> Result<Served, String> {
         let ca = self.ca.as_ref().map_err(Clone::clone)?;
         let mut known = lock(&self.internal);
         let renew_after = SystemTime::now() + local_ca::LEAF_LIFETIME / 3;
         if let Some(issued) = known.get(host)
             && issued.not_after > renew_after
         {
-            return Ok(issued.key.clone());
+            return Ok((issued.key.clone(), issued.pem.clone()));
         }
         let issued = ca.issue(host)?;
-        let key = issued.key.clone();
+        let served = (issued.key.clone(), issued.pem.clone());
         known.insert(host.to_owned(), issued);
-        Ok(key)
+        Ok(served)
     }
 }
 
 /// A certificate or why there is none.
-fn split(got: Result<Arc<CertifiedKey>, String>) -> (Option<Arc<CertifiedKey>>, Option<String>) {
+fn split(got: Result<Served, String>) -> (Option<Served>, Option<String>) {
     match got {
         Ok(key) => (Some(key), None),
         Err(reason) => (None, Some(reason)),
@@ -328,18 +360,20 @@ pub async fn follow(
 mod tests {
     use super::*;
 
-    fn key(host: &str) -> Arc<CertifiedKey> {
+    fn key(host: &str) -> Served {
         let ca = LocalCa::open(None).expect("a CA");
-        ca.issue(host).expect("a certificate").key
+        let issued = ca.issue(host).expect("a certificate");
+        (issued.key, issued.pem)
     }
 
     #[test]
     fn an_exact_name_wins_over_a_wildcard_which_covers_one_label() {
         let mut table = Table::default();
         let (exact, wild) = (key("a.example.com"), key("*.example.com"));
+        let exact_key = exact.0.clone();
         table.insert("a.example.com", exact.clone());
         table.insert("*.example.com", wild.clone());
-        let found = |host: &str| table.find(host).map(|k| Arc::ptr_eq(k, &exact));
+        let found = |host: &str| table.find(host).map(|k| Arc::ptr_eq(k, &exact_key));
         assert_eq!(found("a.example.com"), Some(true));
         assert_eq!(
             found("A.Example.COM."),
