@@ -19,7 +19,8 @@ use harbor_adapter_common::bindings::harbor::backend::log::{self, Level};
 use harbor_adapter_common::bindings::harbor::backend::types::{Applied, RefusedService};
 use harbor_adapter_common::http_services;
 
-use crate::routes::{self, Fallbacks, Features, Settings, service_of};
+use crate::routes::{self, Fallbacks, Features, Service, Settings, service_of};
+use crate::tls::{self, Issuers, Plan as TlsPlan};
 
 /// Conditional writes retried after a `412` before the apply is given up (and retried later).
 const MAX_CONFLICTS: usize = 5;
@@ -36,6 +37,10 @@ pub struct Admin {
     refusals: HashMap<String, (Value, String)>,
     /// Configuration writes sent during the current apply.
     writes: u32,
+    /// Harbor's HTTPS parts (see [`tls::harbor_parts`]) as last written; `None` until known.
+    tls_live: Option<Value>,
+    /// HTTPS services Caddy refused, by service, with its reason.
+    tls_refusals: HashMap<String, String>,
 }
 
 struct Read {
@@ -75,6 +80,8 @@ impl Admin {
             revision: None,
             refusals: HashMap::new(),
             writes: 0,
+            tls_live: None,
+            tls_refusals: HashMap::new(),
         }
     }
 
@@ -107,6 +114,7 @@ impl Admin {
             self.refusals.insert(name, (route, reason));
         }
         self.live = Some(Value::Array(accepted));
+        refused.extend(self.apply_tls(state)?);
         self.revision = Some(state.revision);
         Ok(Applied {
             revision: state.revision,
@@ -117,15 +125,185 @@ impl Admin {
     }
 
     /// Harbor's inner routes for `state`, as `apply` would write them (reading Caddy only to
-    /// keep the fallback lists it holds), writing nothing.
+    /// keep the fallback lists it holds), and its HTTPS parts, writing nothing.
     pub fn render(&self, state: &DesiredState) -> Result<Vec<Document>, AdapterError> {
-        let offered = self.plan(state)?.offered;
-        let content = serde_json::to_string_pretty(&Value::Array(offered))
-            .map_err(|e| AdapterError::Rejected(e.to_string()))?;
-        Ok(vec![Document {
+        let plan = self.plan(state)?;
+        let pretty = |v: &Value| {
+            serde_json::to_string_pretty(v).map_err(|e| AdapterError::Rejected(e.to_string()))
+        };
+        let mut documents = vec![Document {
             target: self.inner_path(),
-            content,
-        }])
+            content: pretty(&Value::Array(plan.offered))?,
+        }];
+        if !self.settings.tls_listen.is_empty() {
+            let services = http_services(state);
+            let offered: Vec<Service<'_>> = tls::https_services(&services)
+                .into_iter()
+                .filter(|s| !self.tls_refusals.contains_key(s.name))
+                .collect();
+            let kept = routes::fallbacks_of(&plan.live);
+            let tls_plan = self.tls_plan(state, &offered, &kept);
+            documents.push(Document {
+                target: "/config/apps (Harbor's HTTPS parts)".into(),
+                content: pretty(&tls::planned_parts(tls_plan.as_ref()))?,
+            });
+        }
+        Ok(documents)
+    }
+
+    fn tls_plan(
+        &self,
+        state: &DesiredState,
+        services: &[Service<'_>],
+        kept: &Fallbacks,
+    ) -> Option<TlsPlan> {
+        let issuers = Issuers {
+            acme_directory: state.tls.acme_directory.clone(),
+            acme_email: state.tls.acme_email.clone(),
+            acme_ca_root: state.tls.acme_ca_root.clone(),
+            local_ca: state.tls.local_ca.clone(),
+        };
+        let plan = tls::plan(services, &issuers, &self.settings, self.features, kept);
+        plan.container.is_some().then_some(plan)
+    }
+
+    /// Brings Harbor's HTTPS parts to `state`'s HTTPS services, in one write of Caddy's apps
+    /// (one reload) when they changed. A write Caddy refuses is narrowed down to the services
+    /// it refuses, one at a time (HTTPS services are few, and most refusals are a certificate
+    /// file Caddy cannot load); those stay plain HTTP and are reported.
+    fn apply_tls(&mut self, state: &DesiredState) -> Result<Vec<RefusedService>, AdapterError> {
+        if self.settings.tls_listen.is_empty() {
+            return Ok(Vec::new());
+        }
+        let services = http_services(state);
+        let https = tls::https_services(&services);
+        let kept = self
+            .live
+            .as_ref()
+            .map(routes::fallbacks_of)
+            .unwrap_or_default();
+        let offered: Vec<Service<'_>> = https
+            .iter()
+            .filter(|s| !self.tls_refusals.contains_key(s.name))
+            .cloned()
+            .collect();
+        self.tls_refusals
+            .retain(|name, _| https.iter().any(|s| s.name == name));
+        let plan = self.tls_plan(state, &offered, &kept);
+        if let Err(reason) = self.write_tls(plan.as_ref())? {
+            log::log(
+                Level::Warn,
+                &format!(
+                    "Caddy refused Harbor's HTTPS configuration ({reason}); finding the services it refuses"
+                ),
+            );
+            let mut accepted: Vec<Service<'_>> = Vec::new();
+            for s in offered {
+                let mut trial = accepted.clone();
+                trial.push(s.clone());
+                match self.write_tls(self.tls_plan(state, &trial, &kept).as_ref())? {
+                    Ok(()) => accepted = trial,
+                    Err(reason) => {
+                        log::log(
+                            Level::Warn,
+                            &format!("Caddy refuses HTTPS for {}: {reason}", s.name),
+                        );
+                        self.tls_refusals.insert(s.name.to_owned(), reason);
+                    }
+                }
+            }
+            if let Err(reason) = self.write_tls(self.tls_plan(state, &accepted, &kept).as_ref())? {
+                return Err(AdapterError::Rejected(format!(
+                    "Caddy refuses Harbor's HTTPS configuration whatever services it holds: {reason}"
+                )));
+            }
+        }
+        Ok(self
+            .tls_refusals
+            .iter()
+            .map(|(name, reason)| RefusedService {
+                name: name.clone(),
+                reason: format!("served over plain HTTP only: {reason}"),
+            })
+            .collect())
+    }
+
+    /// Makes Harbor's HTTPS parts in Caddy `plan`'s: `Ok(Err(reason))` when Caddy refuses.
+    fn write_tls(&mut self, plan: Option<&TlsPlan>) -> Result<Result<(), String>, AdapterError> {
+        let want = tls::planned_parts(plan);
+        if self.tls_live.as_ref() == Some(&want) {
+            return Ok(Ok(()));
+        }
+        let mut conflicts = 0;
+        loop {
+            let apps = get("/config/apps")?;
+            if apps.status == 200 && tls::harbor_parts(&apps.body, &self.settings) == want {
+                self.tls_live = Some(want);
+                return Ok(Ok(()));
+            }
+            let mut merged = tls::merged_apps(&apps.body, plan);
+            self.place_tls_container(&mut merged, plan.and_then(|p| p.container.clone()));
+            self.writes += 1;
+            let written = send("PATCH", "/config/apps", apps.etag.as_deref(), &merged)?;
+            match verdict(&written)? {
+                Verdict::Taken => {
+                    self.tls_live = Some(want);
+                    return Ok(Ok(()));
+                }
+                Verdict::Conflict if conflicts < MAX_CONFLICTS => conflicts += 1,
+                Verdict::Conflict => {
+                    return Err(AdapterError::Retryable(
+                        "Caddy's configuration keeps changing under us".into(),
+                    ));
+                }
+                Verdict::Refused(reason) => {
+                    self.tls_live = None;
+                    return Ok(Err(reason));
+                }
+            }
+        }
+    }
+
+    /// Puts the HTTPS container first in the server listening on the HTTPS address (made if
+    /// there is none), or takes it out of every server for `None`; a server Harbor made for it
+    /// goes once empty.
+    fn place_tls_container(&self, apps: &mut Value, container: Option<Value>) {
+        let id = tls::container_id(&self.settings);
+        if !apps["http"]["servers"].is_object() {
+            apps["http"]["servers"] = json!({});
+        }
+        let Some(servers) = apps["http"]["servers"].as_object_mut() else {
+            return;
+        };
+        for server in servers.values_mut() {
+            if let Some(routes) = server["routes"].as_array_mut() {
+                routes.retain(|r| r["@id"] != id.as_str());
+            }
+        }
+        let Some(container) = container else {
+            let ours_empty = servers
+                .get(TLS_SERVER)
+                .is_some_and(|s| s["routes"].as_array().is_none_or(Vec::is_empty));
+            if ours_empty {
+                servers.remove(TLS_SERVER);
+            }
+            return;
+        };
+        match server_on(servers, &self.settings.tls_listen) {
+            Some(name) => {
+                let server = &mut servers[&name];
+                match server["routes"].as_array_mut() {
+                    Some(routes) => routes.insert(0, container),
+                    None => server["routes"] = json!([container]),
+                }
+            }
+            None => {
+                servers.insert(
+                    TLS_SERVER.into(),
+                    json!({"listen": [self.settings.tls_listen], "routes": [container]}),
+                );
+            }
+        }
     }
 
     /// The routes for `state`: those to offer Caddy, and those it refused before and would
@@ -349,17 +527,7 @@ impl Admin {
                 .contains_key(&self.settings.server)
                 .then(|| self.settings.server.clone());
         }
-        let port = self.settings.listen.rsplit_once(':').map(|(_, p)| p)?;
-        servers
-            .iter()
-            .find(|(_, s)| {
-                s["listen"].as_array().is_some_and(|l| {
-                    l.iter()
-                        .filter_map(Value::as_str)
-                        .any(|a| a.rsplit_once(':').map(|(_, p)| p) == Some(port))
-                })
-            })
-            .map(|(name, _)| name.clone())
+        server_on(servers, &self.settings.listen)
     }
 
     pub fn probe(&mut self) -> Result<ProbeReport, AdapterError> {
@@ -386,6 +554,12 @@ impl Admin {
                 applied_revision: None,
                 detail: "Harbor's routes in Caddy were changed by someone else".into(),
             }
+        } else if let Some(why) = self.tls_drift()? {
+            ProbeReport {
+                in_sync: false,
+                applied_revision: None,
+                detail: why,
+            }
         } else {
             ProbeReport {
                 in_sync: true,
@@ -395,11 +569,29 @@ impl Admin {
         };
         if !report.in_sync {
             self.live = None;
+            self.tls_live = None;
         }
         Ok(report)
     }
 
+    /// What differs in Harbor's HTTPS parts from what was written, if anything.
+    fn tls_drift(&self) -> Result<Option<String>, AdapterError> {
+        let Some(written) = &self.tls_live else {
+            return Ok(None);
+        };
+        let apps = get("/config/apps")?;
+        Ok((tls::harbor_parts(&apps.body, &self.settings) != *written)
+            .then(|| "Harbor's HTTPS configuration in Caddy is gone or was changed".to_owned()))
+    }
+
     pub fn release(&mut self) -> Result<(), AdapterError> {
+        self.tls_live = None;
+        if let Err(reason) = self.write_tls(None)? {
+            return Err(AdapterError::Rejected(format!(
+                "Caddy refuses the removal of Harbor's HTTPS configuration: {reason}"
+            )));
+        }
+        self.tls_live = None;
         let path = format!("/id/{}", self.settings.route_id);
         let current = get(&path)?;
         if current.status == 200 {
@@ -423,6 +615,24 @@ impl Admin {
         self.revision = None;
         Ok(())
     }
+}
+
+/// The name of the HTTPS server Harbor creates when Caddy has none on the HTTPS address.
+const TLS_SERVER: &str = "harbor-tls";
+
+/// The server listening on `addr`'s port.
+fn server_on(servers: &serde_json::Map<String, Value>, addr: &str) -> Option<String> {
+    let port = addr.rsplit_once(':').map(|(_, p)| p)?;
+    servers
+        .iter()
+        .find(|(_, s)| {
+            s["listen"].as_array().is_some_and(|l| {
+                l.iter()
+                    .filter_map(Value::as_str)
+                    .any(|a| a.rsplit_once(':').map(|(_, p)| p) == Some(port))
+            })
+        })
+        .map(|(name, _)| name.clone())
 }
 
 /// What Caddy's answer to a write says. Caddy answers a configuration it cannot load with `400`

@@ -3,11 +3,13 @@
 //! configuration is touched.
 //!
 //! - [`routes`]: the desired state as Caddy route JSON (pure, unit-tested natively).
+//! - [`tls`]: HTTPS for Harbor's hosts through Caddy's automatic HTTPS (pure, unit-tested).
 //! - [`admin`]: the admin API through the host's bound HTTP client: reads with `ETag`, writes
 //!   with `If-Match`, the container route found or created.
 
 mod admin;
 pub mod routes;
+pub mod tls;
 
 use std::cell::RefCell;
 

@@ -31,6 +31,9 @@ pub struct Settings {
     pub server: String,
     /// The address of the server Harbor creates when no server listens there.
     pub listen: String,
+    /// The HTTPS server, by its listen address, where Harbor's HTTPS hosts are served (Harbor
+    /// creates it when no server listens there); empty: no HTTPS.
+    pub tls_listen: String,
     /// Retries of a failed upstream connection.
     pub retries: u32,
     /// Harbor's DNS responder (`ip:port`); when set, services whose instances all have IPv4
@@ -58,6 +61,7 @@ impl Default for Settings {
             route_id: "harbor".into(),
             server: String::new(),
             listen: "127.0.0.1:8080".into(),
+            tls_listen: String::new(),
             retries: 2,
             upstream_dns: String::new(),
             dns_zone: "svc.harbor.".into(),
@@ -89,6 +93,10 @@ impl Settings {
             .is_none()
         {
             return Err(format!("listen {:?} must be HOST:PORT", s.listen));
+        }
+        let port_of = |a: &str| a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+        if !s.tls_listen.is_empty() && port_of(&s.tls_listen).is_none() {
+            return Err(format!("tls_listen {:?} must be HOST:PORT", s.tls_listen));
         }
         if s.aperture > MAX_WINDOW {
             return Err(format!(
