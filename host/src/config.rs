@@ -871,7 +871,9 @@ impl Config {
         if let Some(tls) = self.caddy_tls_listen
             && tls == self.caddy_listen
         {
-            bail!("--caddy-tls-listen ({tls}) must differ from --caddy-listen, Caddy's plain HTTP server");
+            bail!(
+                "--caddy-tls-listen ({tls}) must differ from --caddy-listen, Caddy's plain HTTP server"
+            );
         }
         let l = &self.lease;
         if l.min.is_zero() || l.min > l.max {

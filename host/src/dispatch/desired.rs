@@ -84,7 +84,12 @@ impl Desired {
             let hosts = || s.route.hosts.iter().map(ToString::to_string).collect();
             let tls = match s.route.protocol {
                 Protocol::Http if s.route.tls.serves() => ServiceTls::Https {
-                    sources: s.route.hosts.iter().map(|h| s.route.tls.mode_for(h)).collect(),
+                    sources: s
+                        .route
+                        .hosts
+                        .iter()
+                        .map(|h| s.route.tls.mode_for(h))
+                        .collect(),
                     redirect: s.route.tls.redirects(),
                     hsts: s.route.tls.hsts.clone(),
                 },

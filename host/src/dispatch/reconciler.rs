@@ -181,7 +181,16 @@ pub async fn run(
     let tcp = dispatcher.tcp.clone();
     let tls = dispatcher.tls.clone();
     let until = Until { cancel, settled };
-    reconcile(book, dispatcher, first, requests, registry, (tcp, tls), until).await;
+    reconcile(
+        book,
+        dispatcher,
+        first,
+        requests,
+        registry,
+        (tcp, tls),
+        until,
+    )
+    .await;
 }
 
 /// When the reconciler stops, and what it tells once the proxy is settled for Harbor's absence.

@@ -8,5 +8,7 @@ mod common;
 
 #[path = "../integration/caddy.rs"]
 mod caddy;
+#[path = "../integration/caddy_https.rs"]
+mod caddy_https;
 #[path = "../integration/envoy.rs"]
 mod envoy;

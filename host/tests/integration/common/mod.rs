@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod examples;
 pub mod guests;
 pub mod proxies;

@@ -143,10 +143,40 @@ pub struct Caddy {
     /// The admin API: `http://127.0.0.1:PORT` or `unix:/path`.
     admin: String,
     pub listen: u16,
+    /// The user's HTTPS site (`localhost`), when started with one.
+    pub tls_listen: Option<u16>,
     process: Process,
 }
 
 impl Caddy {
+    /// A Caddy as a user runs one with HTTPS: automatic HTTPS on, its local CA for names no
+    /// public CA certifies (`local_certs`), a plain HTTP site on Caddy's HTTP port (where its
+    /// redirects are served) and an HTTPS site for `localhost`.
+    pub async fn start_https(release: Release) -> Option<Caddy> {
+        let (binary, version) = release.binary()?;
+        let dir = tempfile::tempdir().expect("caddy dir");
+        let (listen, tls, admin) = (free_port(), free_port(), free_port());
+        let caddyfile = format!(
+            "{{\n\tadmin 127.0.0.1:{admin}\n\thttp_port {listen}\n\tlocal_certs\n\tskip_install_trust\n}}\n\n\
+             http://:{listen} {{\n\tbind 127.0.0.1\n\trespond /user \"user route\" 200\n}}\n\n\
+             localhost:{tls} {{\n\tbind 127.0.0.1\n\trespond /user \"user https route\" 200\n}}\n"
+        );
+        std::fs::write(dir.path().join("Caddyfile"), caddyfile).expect("write Caddyfile");
+        let process = spawn_caddy(&binary, dir.path());
+        let caddy = Caddy {
+            dir,
+            release,
+            version,
+            binary,
+            admin: format!("http://127.0.0.1:{admin}"),
+            listen,
+            tls_listen: Some(tls),
+            process,
+        };
+        caddy.wait_ready().await;
+        Some(caddy)
+    }
+
     /// A Caddy whose admin API listens on a loopback port.
     pub async fn start(release: Release) -> Option<Caddy> {
         Self::launch(release, false).await
@@ -186,6 +216,7 @@ impl Caddy {
             binary,
             admin,
             listen,
+            tls_listen: None,
             process,
         };
         caddy.wait_ready().await;

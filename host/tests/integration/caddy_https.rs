@@ -1,0 +1,312 @@
+//! HTTPS for Harbor's hosts through a real Caddy (each test on both supported releases): Caddy
+//! sees Harbor's hosts, obtains their certificates from the issuer Harbor names (its internal
+//! issuer with Harbor's local CA, an ACME CA, files) and redirects plain HTTP itself.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::certs::{Pebble, TestCa};
+use crate::common::proxies::{Caddy, Release, Upstream};
+use crate::common::{self, TestHarbor, eventually};
+use harbor::config::BackendKind;
+
+/// A Harbor driving `caddy`, attached to its HTTPS site; `more` adds settings.
+async fn harbor_for(
+    caddy: &Caddy,
+    more: impl Fn(&mut harbor::config::Config) + Send + Sync + 'static,
+) -> TestHarbor {
+    let admin: harbor::config::BaseUrl = caddy.admin_url().parse().unwrap();
+    let listen = caddy.listen_addr();
+    let tls = SocketAddr::from(([127, 0, 0, 1], caddy.tls_listen.unwrap()));
+    common::start_with(move |c| {
+        c.backend = BackendKind::Caddy;
+        c.caddy_admin = admin.clone();
+        c.caddy_listen = listen;
+        c.caddy_tls_listen = Some(tls);
+        c.rescan_interval = Some(Duration::from_millis(200));
+        more(c);
+    })
+    .await
+}
+
+/// `curl` to `https://host:port/path` through Caddy's HTTPS site, trusting `ca` (none: any
+/// certificate): the status, the headers and the body, or curl's complaint.
+async fn curl(
+    caddy: &Caddy,
+    ca: Option<&Path>,
+    url_host: &str,
+    path: &str,
+) -> Result<(u16, String, String), String> {
+    let port = caddy.tls_listen.unwrap();
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "5", "-D", "-", "-o", "-"])
+        .arg("--resolve")
+        .arg(format!("{url_host}:{port}:127.0.0.1"));
+    match ca {
+        Some(ca) => cmd.arg("--cacert").arg(ca),
+        None => cmd.arg("-k"),
+    };
+    let out = cmd
+        .arg(format!("https://{url_host}:{port}{path}"))
+        .output()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no head")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("no status")?;
+    Ok((status, head.to_owned(), body.to_owned()))
+}
+
+/// The root of Caddy's CA `id`, as its admin API gives it, written to `dir`; none while Caddy
+/// has no such CA.
+async fn caddy_root(caddy: &Caddy, id: &str, dir: &Path) -> Option<std::path::PathBuf> {
+    let url = format!("{}/pki/ca/{id}", caddy.admin_url());
+    let ca: Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+    let pem = ca["root_certificate"].as_str()?.to_owned();
+    let path = dir.join(format!("{id}-root.pem"));
+    std::fs::write(&path, pem).unwrap();
+    Some(path)
+}
+
+/// The issuer of the certificate Caddy's HTTPS site serves for `name`.
+async fn issuer_of(caddy: &Caddy, name: &str) -> String {
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{} -servername {name} </dev/null 2>/dev/null | openssl x509 -noout -issuer",
+            caddy.tls_listen.unwrap()
+        ))
+        .output()
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+async fn harbor_routes_in(caddy: &Caddy) -> Vec<String> {
+    let url = format!("{}/config/apps/http/servers", caddy.admin_url());
+    let servers: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    servers
+        .as_object()
+        .into_iter()
+        .flat_map(|s| s.values())
+        .flat_map(|s| s["routes"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| r["@id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A `.localhost` host is served over HTTPS by Caddy with a certificate from Harbor's local CA,
+/// which Caddy's `pki` app holds as CA `harbor`; plain HTTP is redirected by Caddy, HSTS is
+/// sent, the user's own HTTPS site is untouched, and a release leaves nothing of Harbor's.
+async fn local_hosts_get_https_from_caddy_with_harbors_root(release: Release) {
+    let _turn = common::MACHINE.read().await;
+    let Some(caddy) = Caddy::start_https(release).await else {
+        return;
+    };
+    let h = harbor_for(&caddy, |_| {}).await;
+    let app = Upstream::start("app").await;
+    let grant = h
+        .register(
+            json!({"name": "app", "upstream": app.addr.to_string(), "ttl_secs": 60,
+                         "host": "app.localhost", "hsts": true}),
+        )
+        .await;
+    let id = grant["id"].as_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let (status, head, body) = eventually(
+        Duration::from_secs(15),
+        "app.localhost over HTTPS",
+        || async {
+            // Caddy's root for Harbor's hosts, as Caddy gives it.
+            let root = caddy_root(&caddy, "harbor", dir.path()).await?;
+            curl(&caddy, Some(&root), "app.localhost", "/").await.ok()
+        },
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "app"), "{head}");
+    assert!(
+        head.to_lowercase()
+            .contains("strict-transport-security: max-age=31536000"),
+        "{head}"
+    );
+    // One root in every mode: Caddy's is Harbor's own.
+    let harbor_root = h
+        .client
+        .get(h.url("/api/v1/tls/ca.pem"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let served_root =
+        std::fs::read_to_string(caddy_root(&caddy, "harbor", dir.path()).await.unwrap()).unwrap();
+    assert_eq!(served_root.trim(), harbor_root.trim());
+
+    // Plain HTTP to the host is redirected by Caddy, to its HTTPS port.
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = plain
+        .get(format!("http://{}/x?y=1", caddy.listen_addr()))
+        .header("host", "app.localhost")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 308);
+    assert_eq!(
+        resp.headers()["location"],
+        format!("https://app.localhost:{}/x?y=1", caddy.tls_listen.unwrap()).as_str()
+    );
+    // The user's own site keeps its certificate and its route.
+    let local = caddy_root(&caddy, "local", dir.path()).await.unwrap();
+    let (status, _, body) = curl(&caddy, Some(&local), "localhost", "/user")
+        .await
+        .unwrap();
+    assert_eq!((status, body.as_str()), (200, "user https route"));
+
+    // Gone from Harbor, gone from Caddy: no container, no policy, no CA of Harbor's.
+    assert_eq!(h.delete(&format!("/api/v1/services/{id}")).await, 204);
+    eventually(
+        Duration::from_secs(5),
+        "Harbor's HTTPS container removed",
+        || async {
+            (!harbor_routes_in(&caddy)
+                .await
+                .contains(&"harbor-tls".to_owned()))
+            .then_some(())
+        },
+    )
+    .await;
+    let apps: Value = reqwest::get(format!("{}/config/apps", caddy.admin_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        apps["pki"]["certificate_authorities"]["harbor"].is_null(),
+        "{apps}"
+    );
+    let policies = apps["tls"]["automation"]["policies"].to_string();
+    assert!(!policies.contains("harbor-"), "{policies}");
+    let (status, _, _) = curl(&caddy, Some(&local), "localhost", "/user")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    h.shutdown().await;
+}
+
+/// With Caddy's ACME issuer pointed at Pebble by Harbor's `--acme-directory`, a public name
+/// registered with Harbor gets a certificate Pebble issued, through Caddy's own ACME client.
+async fn caddy_gets_a_certificate_from_harbors_acme_directory(release: Release) {
+    let _turn = common::MACHINE.read().await;
+    let Some(caddy) = Caddy::start_https(release).await else {
+        return;
+    };
+    let Some(pebble) = Pebble::start(caddy.listen, caddy.tls_listen.unwrap()) else {
+        return;
+    };
+    pebble.ready().await;
+    let (directory, root) = (pebble.directory.clone(), pebble.root.clone());
+    let h = harbor_for(&caddy, move |c| {
+        c.acme_directory = directory.clone();
+        c.acme_ca_root = Some(root.clone());
+        c.acme_email = Some("ops@example.com".into());
+    })
+    .await;
+    let shop = Upstream::start("shop").await;
+    h.register(
+        json!({"name": "shop", "upstream": shop.addr.to_string(), "ttl_secs": 60,
+                      "host": "shop.example.com"}),
+    )
+    .await;
+    let issuer = eventually(
+        Duration::from_secs(30),
+        "a certificate from Pebble",
+        || async {
+            let issuer = issuer_of(&caddy, "shop.example.com").await;
+            issuer.to_lowercase().contains("pebble").then_some(issuer)
+        },
+    )
+    .await;
+    assert!(issuer.to_lowercase().contains("pebble"), "{issuer}");
+    let (status, _, body) = curl(&caddy, None, "shop.example.com", "/").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "shop"));
+    h.shutdown().await;
+}
+
+/// A route's certificate files are loaded into Caddy and served for its host.
+async fn certificate_files_are_served_by_caddy(release: Release) {
+    let _turn = common::MACHINE.read().await;
+    let Some(caddy) = Caddy::start_https(release).await else {
+        return;
+    };
+    let h = harbor_for(&caddy, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (_, cert, key) = ca.valid(dir.path(), "files", &["files.example.com"]);
+    let root = dir.path().join("root.pem");
+    std::fs::write(&root, &ca.root_pem).unwrap();
+    let web = Upstream::start("files").await;
+    h.write_route(
+        "files.route",
+        &format!(
+            "host = \"files.example.com\"\nupstreams = [\"{}\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+            web.addr,
+            cert.display(),
+            key.display()
+        ),
+    );
+    let (status, _, body) = eventually(
+        Duration::from_secs(15),
+        "the file certificate served",
+        || async {
+            curl(&caddy, Some(&root), "files.example.com", "/")
+                .await
+                .ok()
+        },
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "files"));
+    h.shutdown().await;
+}
+
+macro_rules! on_each_caddy {
+    ($($test:ident),* $(,)?) => {
+        mod on_caddy_2_6 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Release::Debian).await;
+                }
+            )*
+        }
+        mod on_current_caddy {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Release::Current).await;
+                }
+            )*
+        }
+    };
+}
+
+on_each_caddy!(
+    local_hosts_get_https_from_caddy_with_harbors_root,
+    caddy_gets_a_certificate_from_harbors_acme_directory,
+    certificate_files_are_served_by_caddy,
+);

@@ -1,0 +1,209 @@
+//! Certificates for tests: a CA that signs for any names, and Pebble, Let's Encrypt's ACME test
+//! server, with pebble-challtestsrv as its DNS.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::CertificateDer;
+use serde_json::json;
+
+use super::eventually;
+
+/// A CA for tests, which signs certificates for any names.
+pub struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    pub root: CertificateDer<'static>,
+    pub root_pem: String,
+}
+
+impl TestCa {
+    pub fn new() -> Self {
+        let key = KeyPair::generate().expect("a key");
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root = params.self_signed(&key).expect("a root");
+        Self {
+            root: root.der().clone(),
+            root_pem: root.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate for `names` valid from `from` to `until`, written as `stem.pem` and
+    /// `stem.key` in `dir`; returns its DER and the two paths.
+    pub fn issue(
+        &self,
+        dir: &Path,
+        stem: &str,
+        names: &[&str],
+        (from, until): (SystemTime, SystemTime),
+    ) -> (CertificateDer<'static>, PathBuf, PathBuf) {
+        let key = KeyPair::generate().expect("a key");
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                .expect("names");
+        params.not_before = from.into();
+        params.not_after = until.into();
+        let cert = params.signed_by(&key, &self.issuer).expect("signed");
+        let (cert_path, key_path) = (
+            dir.join(format!("{stem}.pem")),
+            dir.join(format!("{stem}.key")),
+        );
+        super::write_atomically(&cert_path, &cert.pem());
+        super::write_atomically(&key_path, &key.serialize_pem());
+        (cert.der().clone(), cert_path, key_path)
+    }
+
+    pub fn valid(
+        &self,
+        dir: &Path,
+        stem: &str,
+        names: &[&str],
+    ) -> (CertificateDer<'static>, PathBuf, PathBuf) {
+        let now = SystemTime::now();
+        self.issue(
+            dir,
+            stem,
+            names,
+            (
+                now - Duration::from_secs(3600),
+                now + Duration::from_secs(86_400),
+            ),
+        )
+    }
+}
+
+/// A free port on 127.0.0.1 (bound and let go: Pebble and Harbor's ACME need fixed ports).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Pebble (the ACME test server) with pebble-challtestsrv as its DNS, validating challenges
+/// against Harbor's listeners on `http_port` and `tls_port`. Killed when dropped.
+pub struct Pebble {
+    pub directory: String,
+    /// The root Pebble's own HTTPS is signed with.
+    pub root: PathBuf,
+    dns_admin: String,
+    children: Vec<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Pebble {
+    pub fn start(http_port: u16, tls_port: u16) -> Option<Self> {
+        let available = ["pebble", "pebble-challtestsrv"]
+            .iter()
+            .all(|bin| std::process::Command::new(bin).arg("-h").output().is_ok());
+        if !available {
+            assert!(
+                std::env::var("CI").is_err(),
+                "pebble and pebble-challtestsrv are required in CI (Debian package pebble)"
+            );
+            eprintln!("skipped: pebble is not installed (Debian package pebble)");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("a directory");
+        let ca = TestCa::new();
+        let root = dir.path().join("root.pem");
+        std::fs::write(&root, &ca.root_pem).expect("the root");
+        let (_, cert, key) = ca.valid(dir.path(), "pebble", &["127.0.0.1", "localhost"]);
+        let (acme, admin, dns, dns_admin) = (free_port(), free_port(), free_port(), free_port());
+        let config = dir.path().join("pebble.json");
+        std::fs::write(
+            &config,
+            json!({"pebble": {
+                "listenAddress": format!("127.0.0.1:{acme}"),
+                "managementListenAddress": format!("127.0.0.1:{admin}"),
+                "certificate": cert, "privateKey": key,
+                "httpPort": http_port, "tlsPort": tls_port,
+                "ocspResponderURL": "", "externalAccountBindingRequired": false
+            }})
+            .to_string(),
+        )
+        .expect("the config");
+        let quiet = || std::process::Stdio::null();
+        let challtestsrv = std::process::Command::new("pebble-challtestsrv")
+            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+            .args(["-dns01", &format!("127.0.0.1:{dns}")])
+            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .args(["-management", &format!("127.0.0.1:{dns_admin}")])
+            .stdout(quiet())
+            .stderr(quiet())
+            .spawn()
+            .expect("pebble-challtestsrv starts");
+        let pebble = std::process::Command::new("pebble")
+            .arg("-config")
+            .arg(&config)
+            .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
+            // No random waits before validation, no random nonce rejections.
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdout(quiet())
+            .stderr(quiet())
+            .spawn()
+            .expect("pebble starts");
+        Some(Self {
+            directory: format!("https://127.0.0.1:{acme}/dir"),
+            root,
+            dns_admin: format!("http://127.0.0.1:{dns_admin}"),
+            children: vec![challtestsrv, pebble],
+            _dir: dir,
+        })
+    }
+
+    /// Waits until Pebble listens (once it has read its certificate).
+    pub async fn ready(&self) {
+        let addr = self
+            .directory
+            .trim_start_matches("https://")
+            .trim_end_matches("/dir")
+            .to_owned();
+        eventually(Duration::from_secs(10), "Pebble listening", || async {
+            tokio::net::TcpStream::connect(&addr).await.ok()
+        })
+        .await;
+    }
+
+    /// Settings that point Harbor's ACME at this Pebble, its TLS listener on `tls_port`.
+    pub fn settings(
+        &self,
+        tls_port: u16,
+    ) -> impl Fn(&mut harbor::config::Config) + Send + Sync + 'static {
+        let (directory, root) = (self.directory.clone(), self.root.clone());
+        move |c| {
+            c.tls_listen = Some(format!("127.0.0.1:{tls_port}").parse().expect("addr"));
+            c.acme_directory = directory.clone();
+            c.acme_ca_root = Some(root.clone());
+            c.acme_retry = Duration::from_millis(500);
+            c.rescan_interval = Some(Duration::from_millis(200));
+        }
+    }
+
+    /// Makes `host` resolve to an address where Harbor does not listen, so that its
+    /// challenges fail.
+    pub async fn misdirect(&self, host: &str) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/add-a", self.dns_admin))
+            .json(&json!({"host": host, "addresses": ["127.0.0.2"]}))
+            .send()
+            .await
+            .expect("challtestsrv answers");
+        assert!(resp.status().is_success());
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
