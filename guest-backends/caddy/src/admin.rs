@@ -242,7 +242,7 @@ impl Admin {
                 return Ok(Ok(()));
             }
             let mut merged = tls::merged_apps(&apps.body, plan);
-            self.place_tls_container(&mut merged, plan.and_then(|p| p.container.clone()));
+            self.place_tls_routes(&mut merged, plan);
             self.writes += 1;
             let written = send("PATCH", "/config/apps", apps.etag.as_deref(), &merged)?;
             match verdict(&written)? {
@@ -265,43 +265,66 @@ impl Admin {
     }
 
     /// Puts the HTTPS container first in the server listening on the HTTPS address (made if
-    /// there is none), or takes it out of every server for `None`; a server Harbor made for it
-    /// goes once empty.
-    fn place_tls_container(&self, apps: &mut Value, container: Option<Value>) {
-        let id = tls::container_id(&self.settings);
+    /// there is none), and the route of unredirected hosts first in the plain server; takes
+    /// them out of every server where the plan has none. A server Harbor made for HTTPS goes
+    /// once empty.
+    fn place_tls_routes(&self, apps: &mut Value, plan: Option<&TlsPlan>) {
+        let http_port = apps["http"]["http_port"].as_u64().unwrap_or(80);
         if !apps["http"]["servers"].is_object() {
             apps["http"]["servers"] = json!({});
         }
         let Some(servers) = apps["http"]["servers"].as_object_mut() else {
             return;
         };
+        let ids = [
+            tls::container_id(&self.settings),
+            tls::unredirected_id(&self.settings),
+        ];
         for server in servers.values_mut() {
             if let Some(routes) = server["routes"].as_array_mut() {
-                routes.retain(|r| r["@id"] != id.as_str());
+                routes.retain(|r| !ids.iter().any(|id| r["@id"] == id.as_str()));
             }
         }
-        let Some(container) = container else {
-            let ours_empty = servers
-                .get(TLS_SERVER)
-                .is_some_and(|s| s["routes"].as_array().is_none_or(Vec::is_empty));
-            if ours_empty {
-                servers.remove(TLS_SERVER);
-            }
-            return;
-        };
-        match server_on(servers, &self.settings.tls_listen) {
-            Some(name) => {
-                let server = &mut servers[&name];
-                match server["routes"].as_array_mut() {
-                    Some(routes) => routes.insert(0, container),
-                    None => server["routes"] = json!([container]),
-                }
-            }
-            None => {
-                servers.insert(
-                    TLS_SERVER.into(),
-                    json!({"listen": [self.settings.tls_listen], "routes": [container]}),
+        let unredirected = plan.and_then(|p| p.unredirected.clone());
+        if let (Some(route), Some(name)) = (unredirected, self.pick_server(servers)) {
+            let server = &mut servers[&name];
+            // A host matcher in a server Caddy takes for an HTTPS one would make Caddy serve
+            // HTTPS there: only a server on Caddy's HTTP port, or one without automatic
+            // HTTPS, can hold it.
+            let port_of = |a: &str| a.rsplit_once(':').and_then(|(_, p)| p.parse::<u64>().ok());
+            let on_http_port = server["listen"].as_array().is_some_and(|l| {
+                l.iter()
+                    .filter_map(Value::as_str)
+                    .all(|a| port_of(a) == Some(http_port))
+            });
+            if on_http_port || server["automatic_https"]["disable"] == true {
+                insert_first(server, route);
+            } else {
+                log::log(
+                    Level::Warn,
+                    &format!(
+                        "Caddy's server {name:?} is not on its HTTP port ({http_port}): Caddy redirects every HTTPS host of Harbor's there, redirect_http = false or not"
+                    ),
                 );
+            }
+        }
+        match plan.and_then(|p| p.container.clone()) {
+            Some(container) => match server_on(servers, &self.settings.tls_listen) {
+                Some(name) => insert_first(&mut servers[&name], container),
+                None => {
+                    servers.insert(
+                        TLS_SERVER.into(),
+                        json!({"listen": [self.settings.tls_listen], "routes": [container]}),
+                    );
+                }
+            },
+            None => {
+                let ours_empty = servers
+                    .get(TLS_SERVER)
+                    .is_some_and(|s| s["routes"].as_array().is_none_or(Vec::is_empty));
+                if ours_empty {
+                    servers.remove(TLS_SERVER);
+                }
             }
         }
     }
@@ -619,6 +642,14 @@ impl Admin {
 
 /// The name of the HTTPS server Harbor creates when Caddy has none on the HTTPS address.
 const TLS_SERVER: &str = "harbor-tls";
+
+/// Puts `route` first among `server`'s routes.
+fn insert_first(server: &mut Value, route: Value) {
+    match server["routes"].as_array_mut() {
+        Some(routes) => routes.insert(0, route),
+        None => server["routes"] = json!([route]),
+    }
+}
 
 /// The server listening on `addr`'s port.
 fn server_on(servers: &serde_json::Map<String, Value>, addr: &str) -> Option<String> {

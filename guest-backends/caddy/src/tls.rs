@@ -15,6 +15,10 @@
 //! - certificate files: `tls.certificates.load_files`, tagged `harbor`. Caddy manages no
 //!   certificate for a name that has a loaded one.
 //!
+//! A host that asks for no redirect (`redirect_http = false`) is lifted the same way in the plain
+//! HTTP server, into a route of its own before the plain container: Caddy adds its redirects
+//! only for names no top-level route of that server matches.
+//!
 //! Everything Harbor puts in the `tls` and `pki` apps is marked (an `@id`, a tag, a CA id), so
 //! that it can be found, replaced and removed without touching the user's.
 
@@ -45,6 +49,9 @@ pub struct Issuers {
 pub struct Plan {
     /// The container route for the HTTPS server; none when no service is served over HTTPS.
     pub container: Option<Value>,
+    /// The route for the plain server that serves the hosts asking for no redirect over plain
+    /// HTTP too; none when every host is redirected.
+    pub unredirected: Option<Value>,
     pub policies: Vec<Value>,
     pub load_files: Vec<Value>,
     /// Harbor's CA for Caddy's `pki` app, when an `internal` host needs it.
@@ -54,6 +61,11 @@ pub struct Plan {
 /// The id of the container route in the HTTPS server.
 pub fn container_id(settings: &Settings) -> String {
     format!("{}-tls", settings.route_id)
+}
+
+/// The id of the plain server's route for hosts that are not redirected.
+pub fn unredirected_id(settings: &Settings) -> String {
+    format!("{}-unredirected", settings.route_id)
 }
 
 /// The services of `services` served over HTTPS.
@@ -102,6 +114,29 @@ pub fn plan(
             "handle": [{"handler": "subroute", "routes": inner}],
         })
     });
+    let plain: Vec<Service<'_>> = https
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.tls,
+                Tls::Https {
+                    redirect_http: false,
+                    ..
+                }
+            )
+        })
+        .cloned()
+        .collect();
+    let unredirected = (!plain.is_empty()).then(|| {
+        let mut hosts: Vec<&str> = plain.iter().flat_map(|s| s.hosts.iter().map(String::as_str)).collect();
+        hosts.sort_unstable();
+        hosts.dedup();
+        json!({
+            "@id": unredirected_id(settings),
+            "match": [{"host": hosts}],
+            "handle": [{"handler": "subroute", "routes": routes::routes(&plain, settings, features, kept)}],
+        })
+    });
     let mut policies = Vec::new();
     if !acme.is_empty() {
         let mut issuer = json!({"module": "acme", "ca": issuers.acme_directory});
@@ -145,6 +180,7 @@ pub fn plan(
         .collect();
     Plan {
         container,
+        unredirected,
         policies,
         load_files,
         ca,
@@ -255,15 +291,16 @@ pub fn merged_apps(apps: &Value, plan: Option<&Plan>) -> Value {
 
 /// Harbor's parts of `apps` as they stand, for telling whether they are in place.
 pub fn harbor_parts(apps: &Value, settings: &Settings) -> Value {
-    let id = container_id(settings);
-    let container = apps["http"]["servers"]
-        .as_object()
-        .into_iter()
-        .flat_map(|servers| servers.values())
-        .flat_map(|server| server["routes"].as_array().into_iter().flatten())
-        .find(|route| route["@id"] == id.as_str())
-        .cloned()
-        .unwrap_or(Value::Null);
+    let route = |id: String| {
+        apps["http"]["servers"]
+            .as_object()
+            .into_iter()
+            .flat_map(|servers| servers.values())
+            .flat_map(|server| server["routes"].as_array().into_iter().flatten())
+            .find(|route| route["@id"] == id.as_str())
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
     let policies: Vec<Value> = apps["tls"]["automation"]["policies"]
         .as_array()
         .into_iter()
@@ -279,7 +316,8 @@ pub fn harbor_parts(apps: &Value, settings: &Settings) -> Value {
         .cloned()
         .collect();
     json!({
-        "container": container,
+        "container": route(container_id(settings)),
+        "unredirected": route(unredirected_id(settings)),
         "policies": policies,
         "load_files": files,
         "ca": apps["pki"]["certificate_authorities"][CA_ID],
@@ -290,6 +328,7 @@ pub fn harbor_parts(apps: &Value, settings: &Settings) -> Value {
 pub fn planned_parts(plan: Option<&Plan>) -> Value {
     json!({
         "container": plan.and_then(|p| p.container.clone()).unwrap_or(Value::Null),
+        "unredirected": plan.and_then(|p| p.unredirected.clone()).unwrap_or(Value::Null),
         "policies": plan.map(|p| p.policies.clone()).unwrap_or_default(),
         "load_files": plan.map(|p| p.load_files.clone()).unwrap_or_default(),
         "ca": plan.and_then(|p| p.ca.clone()).unwrap_or(Value::Null),
