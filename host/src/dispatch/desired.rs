@@ -275,3 +275,135 @@ fn health_to_wit(h: &HealthCheck) -> WitHealthCheck {
         fall: h.fall,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::events::EventBus;
+    use crate::metrics::Metrics;
+    use crate::model::{Route, RouteInput, ServiceName, Tls, TlsInput, Upstream, UpstreamAddr};
+    use crate::registry::{LeaseLimits, Registration, Registry};
+
+    fn registry() -> Registry {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        Registry::new(Arc::new(EventBus::new(64)), metrics, LeaseLimits::default())
+    }
+
+    fn route(
+        name: &ServiceName,
+        input: impl FnOnce(RouteInput<'_>) -> Result<Route, crate::model::FieldError>,
+    ) -> Route {
+        input(RouteInput::new(name)).expect("a route")
+    }
+
+    fn register(registry: &Registry, name: ServiceName, mut route: Route, tls: Tls) {
+        route.tls = tls;
+        let registration = Registration {
+            route,
+            name,
+            upstream: Upstream {
+                addr: UpstreamAddr::parse("127.0.0.1:9").expect("an address"),
+                weight: 1,
+                labels: Default::default(),
+            },
+            ttl: Some(Duration::from_secs(3600)),
+            meta: Default::default(),
+        };
+        registry.register(registration).expect("registered");
+    }
+
+    fn word(mode: &str) -> Tls {
+        Tls::parse(Some(&TlsInput::Word(mode.into())), None, None).expect("tls")
+    }
+
+    fn shape(issuers: &Issuers, with_tcp: bool, obtains_certificates: bool) -> Shape<'_> {
+        Shape {
+            with_tcp,
+            obtains_certificates,
+            issuers,
+            certificates: None,
+        }
+    }
+
+    #[test]
+    fn each_host_gets_its_certificates_source_and_tcp_keeps_its_tls() {
+        let registry = registry();
+        let hosts = vec!["shop.example.com".to_owned(), "shop.localhost".to_owned()];
+        let shop = ServiceName::parse("shop").expect("a name");
+        let r = route(&shop, |r| {
+            RouteInput {
+                hosts: Some(&hosts),
+                ..r
+            }
+            .validate()
+        });
+        register(&registry, shop, r, Tls::default());
+        let plain = ServiceName::parse("plain").expect("a name");
+        let r = route(&plain, |r| r.validate());
+        register(&registry, plain, r, word("off"));
+        let db = ServiceName::parse("db").expect("a name");
+        let r = route(&db, |r| {
+            RouteInput {
+                protocol: Some(Protocol::TlsPassthrough),
+                listen: Some("127.0.0.1:5433"),
+                host: Some("db.example.com"),
+                ..r
+            }
+            .validate()
+        });
+        register(&registry, db, r, Tls::default());
+        let issuers = Issuers::default();
+        let desired = Desired::of(&registry.services(), shape(&issuers, true, false));
+        let state = desired.to_wit(1, false);
+        let shop = state.http.iter().find(|s| s.name == "shop").expect("shop");
+        let https = shop.https.as_ref().expect("served over HTTPS");
+        assert!(matches!(
+            https.certificates.as_slice(),
+            [CertificateSource::Acme, CertificateSource::Internal]
+        ));
+        assert!(https.redirect_http);
+        let plain = state
+            .http
+            .iter()
+            .find(|s| s.name == "plain")
+            .expect("plain");
+        assert!(plain.https.is_none(), "tls = \"off\" is plain HTTP only");
+        assert!(
+            matches!(&state.tcp[0].tls, TcpTls::Passthrough(names) if names == &["db.example.com".to_owned()])
+        );
+        assert_eq!(desired.refusals().count(), 0);
+        assert!(state.certificates.is_empty(), "no store, no certificates");
+    }
+
+    #[test]
+    fn tcp_termination_is_refused_for_a_proxy_that_obtains_its_own_certificates() {
+        let registry = registry();
+        let mail = ServiceName::parse("mail").expect("a name");
+        let r = route(&mail, |r| {
+            RouteInput {
+                protocol: Some(Protocol::Tcp),
+                listen: Some("127.0.0.1:4465"),
+                host: Some("mail.localhost"),
+                ..r
+            }
+            .validate()
+        });
+        register(&registry, mail, r, word("internal"));
+        let issuers = Issuers::default();
+        let desired = Desired::of(&registry.services(), shape(&issuers, true, true));
+        let refused: Vec<_> = desired.refusals().collect();
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].name, "mail");
+        assert!(desired.to_wit(1, false).tcp.is_empty());
+        // A proxy that is handed certificates takes it.
+        let desired = Desired::of(&registry.services(), shape(&issuers, true, false));
+        assert_eq!(desired.refusals().count(), 0);
+        assert!(matches!(
+            &desired.to_wit(1, false).tcp[0].tls,
+            TcpTls::Terminate(_)
+        ));
+    }
+}
