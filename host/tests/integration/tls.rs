@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
 
-use crate::common::certs::{Pebble, TestCa, free_port};
+use crate::common::certs::{Pebble, TestCa, connector, free_port, tls_says, tls_upstream};
 use crate::common::{self, TestHarbor, eventually};
 
 async fn with_tls() -> TestHarbor {
@@ -19,23 +19,6 @@ async fn with_tls() -> TestHarbor {
         c.rescan_interval = Some(Duration::from_millis(200));
     })
     .await
-}
-
-/// A TLS client trusting `roots`, offering h2 and HTTP/1.1.
-fn connector(roots: &[CertificateDer<'static>]) -> tokio_rustls::TlsConnector {
-    let mut store = rustls::RootCertStore::empty();
-    for root in roots {
-        store.add(root.clone()).expect("a root");
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(store)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
 /// The certificate served for `name` and the protocol ALPN chose, or the handshake's error.
@@ -656,69 +639,6 @@ async fn acme_answers_tls_alpn_01_on_the_tls_listener() {
     .await;
     assert_issued_by_pebble(&issued);
     h.shutdown().await;
-}
-
-/// A TLS server on 127.0.0.1 with `cert`/`key`, which says `name` to every client once the
-/// handshake is done: what a passthrough client reaches proves who terminated its TLS.
-async fn tls_upstream(name: &'static str, cert: &Path, key: &Path) -> std::net::SocketAddr {
-    use rustls::pki_types::PrivateKeyDer;
-    use rustls::pki_types::pem::PemObject;
-    let chain = CertificateDer::pem_file_iter(cert)
-        .expect("the chain")
-        .collect::<Result<Vec<_>, _>>()
-        .expect("certificates");
-    let key = PrivateKeyDer::from_pem_file(key).expect("the key");
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .expect("a config");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                use tokio::io::AsyncWriteExt;
-                if let Ok(mut tls) = acceptor.accept(tcp).await {
-                    let _ = tls.write_all(name.as_bytes()).await;
-                    let _ = tls.shutdown().await;
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// Connects to `addr` over TLS asking for `name` (none for an IP address), trusting `roots`,
-/// and reads what the other end says until it closes; `None` if the handshake fails.
-async fn tls_says(
-    addr: std::net::SocketAddr,
-    roots: &[CertificateDer<'static>],
-    name: &str,
-) -> Option<String> {
-    use tokio::io::AsyncReadExt;
-    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let server = ServerName::try_from(name.to_owned()).ok()?;
-    let mut tls = tokio::time::timeout(
-        Duration::from_secs(5),
-        connector(roots).connect(server, tcp),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let mut said = String::new();
-    tokio::time::timeout(Duration::from_secs(5), tls.read_to_string(&mut said))
-        .await
-        .ok()?
-        .ok()?;
-    Some(said)
 }
 
 /// A tcp service whose TLS Harbor terminates, with its certificate from files: a client asking

@@ -12,3 +12,5 @@ mod caddy;
 mod caddy_https;
 #[path = "../integration/envoy.rs"]
 mod envoy;
+#[path = "../integration/envoy_https.rs"]
+mod envoy_https;
