@@ -397,6 +397,9 @@ async fn start_proxy(
                 }
                 _ => None,
             },
+            tcp_certificates: certificates
+                .filter(|_| config.backend != BackendKind::Embedded)
+                .cloned(),
         },
         tasks,
     )

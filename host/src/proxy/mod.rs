@@ -98,6 +98,9 @@ pub struct Options {
     pub descriptors: Arc<Descriptors>,
     /// Where HTTPS is served, and with which certificates.
     pub tls: Option<(SocketAddr, Arc<crate::tls::Certificates>)>,
+    /// Harbor's certificates where it serves no HTTPS itself (Caddy mode), for the tcp
+    /// services whose TLS it terminates.
+    pub tcp_certificates: Option<Arc<crate::tls::Certificates>>,
 }
 
 impl Proxy {
@@ -139,12 +142,17 @@ impl Proxy {
             tcp_door,
             lanes,
             listen_report: options.listen_report.clone(),
-            tls: tls_listener
-                .as_ref()
-                .map(|(_, bound, certificates, _)| TlsFront {
+            tls: match (&tls_listener, options.tcp_certificates) {
+                (Some((_, bound, certificates, _)), _) => Some(TlsFront {
                     certificates: certificates.clone(),
-                    port: bound.port(),
+                    port: Some(bound.port()),
                 }),
+                (None, Some(certificates)) => Some(TlsFront {
+                    certificates,
+                    port: None,
+                }),
+                (None, None) => None,
+            },
         });
         let stop = CancellationToken::new();
         // Each accept loop holds the lanes and drops them when it stops, so the lane threads end

@@ -19,11 +19,13 @@ use super::Shared;
 use super::lanes::Lanes;
 use super::policy::Answer;
 
-/// What the proxy knows of its TLS listener.
+/// What the proxy knows of its TLS listener, and the certificates its tcp services terminate
+/// TLS with.
 pub struct TlsFront {
     pub certificates: Arc<Certificates>,
-    /// The port HTTPS is served on, for redirects.
-    pub port: u16,
+    /// The port HTTPS is served on, for redirects; none where another proxy serves HTTP
+    /// (Caddy), and Harbor's certificates serve only its tcp services.
+    pub port: Option<u16>,
 }
 
 /// The server configuration every TLS connection shares.
@@ -65,6 +67,7 @@ pub fn tcp_acceptor(front: &TlsFront, route: &ServiceRoute) -> Option<TlsAccepto
 /// ACME's HTTP-01 challenges stay on plain HTTP.
 pub fn redirect(shared: &Shared, route: &ServiceRoute, host: &str, target: &str) -> Option<Answer> {
     let front = shared.tls.as_ref()?;
+    let port = front.port?;
     if !route.tls.serves()
         || !route.tls.redirects()
         || target.starts_with(crate::tls::acme::CHALLENGE_PREFIX)
@@ -75,7 +78,7 @@ pub fn redirect(shared: &Shared, route: &ServiceRoute, host: &str, target: &str)
     if !plain_name(bare) || !front.certificates.covers(bare) {
         return None;
     }
-    let authority = match (front.port, bare.contains(':')) {
+    let authority = match (port, bare.contains(':')) {
         (443, false) => bare.to_owned(),
         (443, true) => format!("[{bare}]"),
         (port, false) => format!("{bare}:{port}"),

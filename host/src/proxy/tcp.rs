@@ -200,7 +200,7 @@ fn listeners_wanted(
     }
     let plain = snapshot.tcp.iter().map(|(addr, route)| {
         let unservable = (route.terminates_tls() && shared.tls.is_none()).then(|| {
-            "TLS for a tcp service needs Harbor's certificates, which it keeps when it runs its own proxy with --tls-listen".to_owned()
+            "TLS for a tcp service needs Harbor's certificates, which it keeps with --tls-listen (or, driving Caddy, --caddy-tls-listen)".to_owned()
         });
         (*addr, route.name.clone(), unservable)
     });
