@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::certs::{Pebble, TestCa};
+use crate::common::certs::{Pebble, TestCa, free_port, http_inside_tls};
 use crate::common::proxies::{Caddy, Release, Upstream};
 use crate::common::{self, TestHarbor, eventually};
 use harbor::config::BackendKind;
@@ -327,6 +327,31 @@ async fn certificate_files_are_served_by_caddy(release: Release) {
     )
     .await;
     assert_eq!((status, body.as_str()), (200, "files"));
+
+    // Beside Caddy, Harbor's own tcp proxy terminates TLS for tcp services with its
+    // certificates.
+    let (_, cert, key) = ca.valid(dir.path(), "db", &["db.test"]);
+    let db = Upstream::start("db").await;
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    h.write_route(
+        "db.route",
+        &format!(
+            "protocol = \"tcp\"\nlisten = \"{listen}\"\nhost = \"db.test\"\nupstreams = [\"{}\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+            db.addr,
+            cert.display(),
+            key.display()
+        ),
+    );
+    let roots = [ca.root.clone()];
+    eventually(
+        Duration::from_secs(10),
+        "db.test terminated by Harbor",
+        || async {
+            let answer = http_inside_tls(listen, &roots, "db.test").await?;
+            answer.ends_with("db").then_some(())
+        },
+    )
+    .await;
     h.shutdown().await;
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::common::certs::{TestCa, free_port, tls_says, tls_upstream};
+use crate::common::certs::{TestCa, free_port, http_inside_tls, tls_says, tls_upstream};
 use crate::common::proxies::{Caddy, Envoy, Release, Upstream};
 use crate::common::{self, TestHarbor, eventually};
 use harbor::config::BackendKind;
@@ -226,6 +226,29 @@ async fn envoy_routes_tls_passthrough_by_sni() {
     // Envoy, not Harbor, holds the address.
     let status = h.get("/api/v1/backend").await.1;
     assert_eq!(status["in_sync"], true, "{status}");
+
+    // A tcp service whose TLS Envoy terminates, with the certificate Harbor hands it.
+    let db = Upstream::start("db").await;
+    let (_, cert, key) = ca.valid(dir.path(), "db", &["db.test"]);
+    let db_listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    h.write_route(
+        "db.route",
+        &format!(
+            "protocol = \"tcp\"\nlisten = \"{db_listen}\"\nhost = \"db.test\"\nupstreams = [\"{}\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+            db.addr,
+            cert.display(),
+            key.display()
+        ),
+    );
+    eventually(
+        Duration::from_secs(10),
+        "db.test terminated by Envoy",
+        || async {
+            let answer = http_inside_tls(db_listen, &roots, "db.test").await?;
+            answer.ends_with("db").then_some(())
+        },
+    )
+    .await;
     h.shutdown().await;
 }
 

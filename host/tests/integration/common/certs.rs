@@ -288,3 +288,32 @@ pub fn connector(roots: &[CertificateDer<'static>]) -> tokio_rustls::TlsConnecto
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
+
+/// Over TLS to `addr` asking for `name`, trusting `roots`: an HTTP/1.1 request for `/` inside,
+/// and the whole answer; `None` if the handshake or the exchange fails. For tcp services whose
+/// TLS is terminated in front of an HTTP test upstream.
+pub async fn http_inside_tls(
+    addr: std::net::SocketAddr,
+    roots: &[CertificateDer<'static>],
+    name: &str,
+) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let server = ServerName::try_from(name.to_owned()).ok()?;
+    let mut tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        connector(roots).connect(server, tcp),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: upstream\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_string(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    Some(answer)
+}
