@@ -116,11 +116,16 @@ impl Acme {
 
     /// Orders certificates, or stops ordering them (see [`Acme::active`]).
     pub fn set_active(&self, active: bool) {
-        self.active
-            .store(active, std::sync::atomic::Ordering::Relaxed);
+        let was = self
+            .active
+            .swap(active, std::sync::atomic::Ordering::Relaxed);
+        if was != active {
+            // The store looks again: its `auto` hosts are Harbor's to serve, or no longer.
+            self.changed.notify_waiters();
+        }
     }
 
-    fn is_active(&self) -> bool {
+    pub fn is_active(&self) -> bool {
         self.active.load(std::sync::atomic::Ordering::Relaxed)
     }
 

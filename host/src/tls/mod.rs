@@ -183,7 +183,9 @@ impl Certificates {
                         split(self.internal(host.as_str()))
                     }
                     TlsMode::Auto => match &self.acme {
-                        Some(acme) => acme::served(acme, host.as_str()),
+                        Some(acme) if acme.is_active() => acme::served(acme, host.as_str()),
+                        // The driven proxy orders it (Caddy): nothing to serve, nothing wrong.
+                        Some(_) => continue,
                         None => (None, Some(format!("no ACME client for {host}"))),
                     },
                 };

@@ -290,6 +290,22 @@ async fn caddy_gets_a_certificate_from_harbors_acme_directory(release: Release) 
     assert!(issuer.to_lowercase().contains("pebble"), "{issuer}");
     let (status, _, body) = curl(&caddy, None, "shop.example.com", "/").await.unwrap();
     assert_eq!((status, body.as_str()), (200, "shop"));
+    // Caddy ordered it: Harbor's own ACME client stayed idle, and sees nothing wrong.
+    let (_, status) = h.get("/api/v1/status").await;
+    assert_eq!(status["tls"]["problems"], json!([]), "{status}");
+    let metrics = h
+        .client
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("harbor_acme_orders_total{"),
+        "Harbor ordered certificates itself"
+    );
     h.shutdown().await;
 }
 
