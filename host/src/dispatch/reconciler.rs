@@ -1126,12 +1126,14 @@ mod tests {
         assert_eq!(applies(&proxy).len(), 1, "no apply at shutdown");
     }
 
-    /// The adapter contract has no TLS for tcp services: a proxy that carries tcp is not given
-    /// them, and they are refused on its behalf, named, while the rest is applied.
+    /// A proxy that carries tcp but obtains its own certificates cannot terminate TLS for a tcp
+    /// service with Harbor's: that service is refused on its behalf, named, while the rest
+    /// (passthrough included, which needs no certificate) is applied.
     #[tokio::test(start_paused = true)]
-    async fn tcp_services_with_tls_are_refused_for_a_proxy_that_carries_tcp() {
+    async fn tcp_termination_is_refused_for_a_proxy_that_obtains_its_own_certificates() {
         let (mut fake, proxy) = Fake::new("fake");
         fake.description.supports_tcp = true;
+        fake.description.obtains_certificates = true;
         let rig = rig(fake);
         register(&rig.registry, "web");
         let name = ServiceName::parse("sni").expect("a name");
@@ -1144,11 +1146,31 @@ mod tests {
         .validate()
         .expect("a route");
         register_route(&rig.registry, name, route);
+        let name = ServiceName::parse("db").expect("a name");
+        let mut route = RouteInput {
+            protocol: Some(crate::model::Protocol::Tcp),
+            listen: Some("127.0.0.1:9444"),
+            host: Some("db.test"),
+            ..RouteInput::new(&name)
+        }
+        .validate()
+        .expect("a route");
+        route.tls = crate::model::Tls::parse(
+            Some(&crate::model::TlsInput::Word("internal".into())),
+            None,
+            None,
+        )
+        .expect("tls");
+        register_route(&rig.registry, name, route);
         run_for(Duration::from_secs(1)).await;
-        assert_eq!(applies(&proxy).last().map(|a| a.1), Some(1), "web alone");
+        assert_eq!(
+            applies(&proxy).last().map(|a| a.1),
+            Some(2),
+            "web and the passthrough service"
+        );
         let status = rig.book.status();
         assert_eq!(status.refused.len(), 1, "{status:?}");
-        assert_eq!(status.refused[0].service, "sni");
+        assert_eq!(status.refused[0].service, "db");
         assert!(status.refused[0].reason.contains("Harbor's own tcp proxy"));
         assert!(!status.in_sync);
         rig.cancel.cancel();
