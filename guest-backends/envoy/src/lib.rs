@@ -1,14 +1,18 @@
 //! The Envoy backend adapter. Harbor's services become Envoy dynamic configuration files in one
-//! directory: listeners (LDS), clusters (CDS), one route configuration (RDS) and one endpoint
-//! file per cluster (EDS), each replaced atomically through the host's file capability. The
-//! host's HTTP capability is bound to Envoy's admin address, which `probe` reads.
+//! directory: listeners (LDS), clusters (CDS), a route configuration per HTTP listener (RDS),
+//! one endpoint file per cluster (EDS) and one secret file per certificate (SDS), each replaced
+//! atomically through the host's file capability. Envoy obtains no certificates: the host gives
+//! them in the desired state. The host's HTTP capability is bound to Envoy's admin address,
+//! which `probe` reads.
 //!
 //! - [`xds`]: the desired state as xDS JSON (pure, unit-tested natively).
+//! - [`tls`]: certificates as SDS secrets, the HTTPS listener, TLS for tcp services (pure).
 //! - [`sync`]: writing only the files that changed, and reading Envoy's verdict back.
 //! - [`live`]: which listeners and clusters Envoy runs, from its configuration dump (pure).
 
 mod live;
 mod sync;
+pub mod tls;
 pub mod xds;
 
 use std::cell::RefCell;

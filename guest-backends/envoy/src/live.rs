@@ -6,9 +6,11 @@
 //! while a new one waits for its routes, `error_state` alone when Envoy refused it (a port it
 //! cannot bind). A nameless entry repeats each error. `dynamic_active_clusters` and
 //! `dynamic_warming_clusters` list clusters under `cluster.name`; Envoy keeps no state of a
-//! cluster it refused.
+//! cluster it refused. `dynamic_active_secrets` lists the secrets it took, by `name`, each with
+//! the `version_info` of the file it read last, and `dynamic_route_configs` the route
+//! configurations likewise, under `route_config.name`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
@@ -124,6 +126,41 @@ pub fn cluster_gaps(
         .collect()
 }
 
+/// The versions of the resources in a `dynamic_route_configs` or `dynamic_active_secrets`
+/// dump, by name.
+pub fn versions(dump: &Value) -> BTreeMap<String, u64> {
+    dump["configs"]
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .filter_map(|c| {
+                    let name = c["name"].as_str().or(c["route_config"]["name"].as_str())?;
+                    let version = c["version_info"].as_str()?.parse().ok()?;
+                    Some((name.to_owned(), version))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// How the resources Harbor wrote, by name with the version written, stand against the
+/// versions Envoy runs: a sentence for the first that differs.
+pub fn lag<'n>(
+    what: &str,
+    written: impl IntoIterator<Item = (&'n str, u64)>,
+    running: &BTreeMap<String, u64>,
+) -> Option<String> {
+    written
+        .into_iter()
+        .find_map(|(name, wrote)| match running.get(name) {
+            Some(runs) if *runs == wrote => None,
+            Some(runs) => Some(format!(
+                "Envoy runs {what} {name} version {runs}, Harbor wrote {wrote}"
+            )),
+            None => Some(format!("Envoy has not loaded {what} {name}")),
+        })
+}
+
 /// The gaps told in a sentence, the first few by name.
 pub fn summary(gaps: &[Gap]) -> String {
     const NAMED: usize = 3;
@@ -222,5 +259,31 @@ mod tests {
             })
             .collect();
         assert!(summary(&many).ends_with("cluster c2 yet (and 2 more)"));
+    }
+
+    #[test]
+    fn secrets_and_routes_are_compared_by_version() {
+        let secrets = versions(&json!({"configs": [
+            {"name": "harbor_cert_a.test", "version_info": "4", "secret": {}},
+            {"name": "harbor_cert_*.b.test", "version_info": "2", "secret": {}},
+        ]}));
+        let routes = versions(&json!({"configs": [
+            {"version_info": "5", "route_config": {"name": "harbor_routes"}},
+        ]}));
+        assert_eq!(routes.get("harbor_routes"), Some(&5));
+        assert_eq!(lag("secret", [("harbor_cert_a.test", 4)], &secrets), None);
+        assert_eq!(
+            lag(
+                "secret",
+                [("harbor_cert_a.test", 4), ("harbor_cert_*.b.test", 3)],
+                &secrets
+            )
+            .as_deref(),
+            Some("Envoy runs secret harbor_cert_*.b.test version 2, Harbor wrote 3")
+        );
+        assert_eq!(
+            lag("routes", [("harbor_routes_tls", 5)], &routes).as_deref(),
+            Some("Envoy has not loaded routes harbor_routes_tls")
+        );
     }
 }

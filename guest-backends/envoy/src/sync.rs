@@ -1,6 +1,7 @@
 //! Writing the xDS files and reading Envoy's verdict. Only files whose resources changed are
 //! replaced, so an instance coming or going rewrites one EDS file and nothing else: Envoy
-//! updates the endpoints without touching listeners, routes or clusters.
+//! updates the endpoints without touching listeners, routes or clusters. A certificate's
+//! renewal, likewise, rewrites its SDS file alone.
 //!
 //! Filesystem xDS has no ACK/NACK: Envoy's verdict on a file is a counter that moves after the
 //! write (`update_success` or `update_rejected` of its resource type). After writing listeners,
@@ -25,9 +26,10 @@ use harbor_adapter_common::bindings::exports::harbor::backend::adapter::{
 use harbor_adapter_common::bindings::harbor::backend::log::{self, Level};
 use harbor_adapter_common::bindings::harbor::backend::types::{Applied, RefusedService};
 use harbor_adapter_common::bindings::harbor::backend::{files, http_client, timer};
-use harbor_adapter_common::{Service, http_services, tcp_services};
+use harbor_adapter_common::{Service, certificates, http_services, tcp_services};
 
 use crate::live::{self, Gap, Standing};
+use crate::tls::{self, Served};
 use crate::xds::{self, Settings};
 
 pub struct Files {
@@ -100,15 +102,17 @@ impl Files {
             Ok(_) => None,
         };
         let (http, tcp) = (http_services(state), tcp_services(state));
+        let certs = certificates(state);
+        let served = Served::new(&self.settings, &certs);
         let all: Vec<&Service<'_>> = http.iter().chain(tcp.iter()).collect();
-        let (offered, mut refused) = self.offer(all);
+        let (offered, mut refused) = self.offer(all, &served);
         let mut newly = Vec::new();
-        if let Verdict::Refused(reason) = self.write(state.revision, &offered)? {
+        if let Verdict::Refused(reason) = self.write(state.revision, &offered, &served)? {
             log::log(
                 Level::Warn,
                 &format!("{reason}; finding the services it refuses"),
             );
-            newly = self.isolate(state.revision, &offered, reason)?;
+            newly = self.isolate(state.revision, &offered, &served, reason)?;
         }
         self.refusals
             .retain(|name, _| refused.iter().any(|r| &r.name == name));
@@ -118,7 +122,8 @@ impl Files {
                 name: s.name.to_owned(),
                 reason: reason.clone(),
             });
-            self.refusals.insert(s.name.to_owned(), (looks(s), reason));
+            self.refusals
+                .insert(s.name.to_owned(), (looks(s, &served), reason));
         }
         self.revision = state.revision;
         if let Some(why) = down {
@@ -139,18 +144,22 @@ impl Files {
 
     /// The files `apply` would write for `state`, as they would stand after it, writing
     /// nothing. A file whose resources are unchanged keeps the version it was written with.
+    /// Private keys are left out: what `render` gives is shown to the API's users.
     pub fn render(&self, state: &DesiredState) -> Result<Vec<Document>, AdapterError> {
         let (http, tcp) = (http_services(state), tcp_services(state));
-        let (offered, _) = self.offer(http.iter().chain(tcp.iter()).collect());
-        self.plan(&offered)
+        let certs = certificates(state);
+        let served = Served::new(&self.settings, &certs);
+        let (offered, _) = self.offer(http.iter().chain(tcp.iter()).collect(), &served);
+        self.plan(&offered, &served)
             .into_iter()
             .map(|(name, resources)| {
                 let version = match self.written.get(&name) {
                     Some((written, version)) if *written == resources => *version,
                     _ => state.revision,
                 };
-                let doc =
+                let mut doc =
                     xds::discovery(version, resources.as_array().cloned().unwrap_or_default());
+                tls::hide_keys(&mut doc);
                 let content = serde_json::to_string_pretty(&doc)
                     .map_err(|e| AdapterError::Rejected(e.to_string()))?;
                 Ok(Document {
@@ -162,29 +171,40 @@ impl Files {
     }
 
     /// The services to offer Envoy, and those it refused before and would refuse again, which
-    /// are not offered.
+    /// are not offered. A tcp service terminating TLS with no certificate yet is refused too,
+    /// and not remembered: it is offered once the host gives one of its certificates.
     fn offer<'s, 'a>(
         &self,
         all: Vec<&'s Service<'a>>,
+        served: &Served<'a>,
     ) -> (Vec<&'s Service<'a>>, Vec<RefusedService>) {
         let mut refused = Vec::new();
         let mut offered = Vec::with_capacity(all.len());
         for s in all {
-            match self.refusals.get(s.name) {
-                Some((looked, reason)) if *looked == looks(s) => refused.push(RefusedService {
+            if let Some(reason) = served.waiting(s) {
+                refused.push(RefusedService {
                     name: s.name.to_owned(),
-                    reason: reason.clone(),
-                }),
+                    reason,
+                });
+                continue;
+            }
+            match self.refusals.get(s.name) {
+                Some((looked, reason)) if *looked == looks(s, served) => {
+                    refused.push(RefusedService {
+                        name: s.name.to_owned(),
+                        reason: reason.clone(),
+                    })
+                }
                 _ => offered.push(s),
             }
         }
         (offered, refused)
     }
 
-    /// Every file for `services`, with its resources, in the order they are written: endpoints
-    /// first and listeners last, so that a new cluster finds its EDS file, a new route finds
-    /// its cluster, and a new listener finds its routes.
-    fn plan(&self, services: &[&Service<'_>]) -> Vec<(String, Value)> {
+    /// Every file for `services`, with its resources, in the order they are written: secrets
+    /// and endpoints first and listeners last, so that a new cluster finds its EDS file, a new
+    /// route finds its cluster, and a new listener finds its secrets and routes.
+    fn plan(&self, services: &[&Service<'_>], served: &Served<'_>) -> Vec<(String, Value)> {
         let http: Vec<Service<'_>> = services
             .iter()
             .filter(|s| s.listen.is_none())
@@ -195,8 +215,18 @@ impl Files {
             .copied()
             .filter(|s| s.listen.is_some())
             .collect();
+        let mut https: Vec<&str> = http.iter().flat_map(|s| served.https_hosts(s)).collect();
+        https.sort_unstable();
+        https.dedup();
+        let mut secrets: Vec<&str> = services.iter().flat_map(|s| served.hosts(s)).collect();
+        secrets.sort_unstable();
+        secrets.dedup();
+        let mut plan: Vec<(String, Value)> = secrets
+            .into_iter()
+            .filter_map(|host| served.certificate(host))
+            .map(|c| (tls::secret_file(c.host), Value::Array(vec![tls::secret(c)])))
+            .collect();
         let eds = |i: usize| i < self.settings.eds_max && !xds::names_upstreams(services[i]);
-        let mut plan: Vec<(String, Value)> = Vec::new();
         for (i, s) in services.iter().enumerate() {
             if eds(i) {
                 plan.push((xds::eds_file(s.name), Value::Array(vec![xds::endpoints(s)])));
@@ -213,11 +243,25 @@ impl Files {
             ),
         ));
         plan.push((
-            "rds.json".into(),
-            Value::Array(vec![xds::route_config(&http)]),
+            xds::RDS_FILE.into(),
+            Value::Array(vec![xds::route_config(&http, served)]),
         ));
         let mut listeners = vec![xds::http_listener(&self.settings)];
-        listeners.extend(tcp.iter().map(|s| xds::tcp_listener(s)));
+        // Only with a listener that asks for them: Envoy reads a route file no listener names
+        // at no time, and an apply would wait for its verdict in vain.
+        if !https.is_empty() {
+            plan.push((
+                xds::TLS_RDS_FILE.into(),
+                Value::Array(vec![xds::tls_route_config(&http, served)]),
+            ));
+            listeners.push(tls::https_listener(&self.settings, &https));
+        }
+        listeners.extend(
+            tcp.iter()
+                .filter(|s| !matches!(s.tls, xds::Tls::Passthrough(_)))
+                .map(|s| xds::tcp_listener(&self.settings, s, &served.terminated(s))),
+        );
+        listeners.extend(tls::sni_listeners(&tcp));
         plan.push(("lds.json".into(), Value::Array(listeners)));
         plan
     }
@@ -228,6 +272,7 @@ impl Files {
         &mut self,
         revision: u64,
         services: &[&'s Service<'a>],
+        served: &Served<'a>,
         reason: String,
     ) -> Result<Vec<(&'s Service<'a>, String)>, AdapterError> {
         let mut accepted: Vec<usize> = Vec::new();
@@ -249,7 +294,7 @@ impl Files {
         while let Some(group) = groups.pop() {
             let mut trial: Vec<usize> = accepted.iter().chain(&group).copied().collect();
             trial.sort_unstable();
-            match self.write(revision, &pick(&trial))? {
+            match self.write(revision, &pick(&trial), served)? {
                 Verdict::Taken => accepted = trial,
                 Verdict::Refused(reason) if group.len() == 1 => {
                     refused.push((services[group[0]], reason));
@@ -262,7 +307,7 @@ impl Files {
             }
         }
         // Envoy holds what it took last; bring every file to the services it takes.
-        if let Verdict::Refused(reason) = self.write(revision, &pick(&accepted))? {
+        if let Verdict::Refused(reason) = self.write(revision, &pick(&accepted), served)? {
             return Err(AdapterError::Rejected(format!(
                 "Envoy refuses Harbor's configuration whatever services it holds: {reason}"
             )));
@@ -271,8 +316,13 @@ impl Files {
     }
 
     /// Writes the files for `services` that changed and waits for Envoy's verdict on them.
-    fn write(&mut self, revision: u64, services: &[&Service<'_>]) -> Result<Verdict, AdapterError> {
-        let plan = self.plan(services);
+    fn write(
+        &mut self,
+        revision: u64,
+        services: &[&Service<'_>],
+        served: &Served<'_>,
+    ) -> Result<Verdict, AdapterError> {
+        let plan = self.plan(services, served);
         let again = self.to_offer_again(&plan);
         let changed: Vec<&(String, Value)> = plan
             .iter()
@@ -289,7 +339,7 @@ impl Files {
         if before.is_some() {
             self.rejected_before = before.as_ref().map(rejected_only);
         }
-        let mut judged = Vec::new();
+        let mut judged: Vec<(Kind, &str)> = Vec::new();
         for (name, resources) in changed {
             let doc = xds::discovery(revision, resources.as_array().cloned().unwrap_or_default());
             let bytes = serde_json::to_vec_pretty(&doc)
@@ -297,36 +347,32 @@ impl Files {
             files::write(name, &bytes)
                 .map_err(|e| AdapterError::Retryable(format!("cannot write {name}: {e}")))?;
             self.writes += 1;
-            if name == "rds.json" {
+            if name == xds::RDS_FILE {
                 self.rds_version = Some(revision);
             }
             self.written
                 .insert(name.clone(), (resources.clone(), revision));
             if let Some(kind) = Kind::of_file(name) {
-                judged.push(kind);
+                judged.push((kind, name));
             }
         }
-        // EDS files of services that are gone, once no cluster names them.
-        let keep: Vec<String> = services
-            .iter()
-            .take(self.settings.eds_max)
-            .map(|s| xds::eds_file(s.name))
-            .collect();
-        let existing = files::list().map_err(AdapterError::Retryable)?;
-        for name in existing {
-            if name.starts_with("eds-") && name.ends_with(".json") && !keep.contains(&name) {
+        // The files of services, hosts and listeners that are gone, once nothing names them.
+        for name in files::list().map_err(AdapterError::Retryable)? {
+            if comes_and_goes(&name) && !plan.iter().any(|(p, _)| *p == name) {
                 files::remove(&name).map_err(AdapterError::Retryable)?;
                 self.written.remove(&name);
             }
         }
+        let mut kinds: Vec<Kind> = judged.iter().map(|(kind, _)| *kind).collect();
+        kinds.dedup();
         let verdict = match before {
-            Some(before) if !judged.is_empty() => verdict(&before, &judged)?,
+            Some(before) if !kinds.is_empty() => verdict(&before, &kinds)?,
             _ => Verdict::Taken,
         };
         if let Verdict::Refused(_) = verdict {
             // Envoy kept what it had: these files are not in force, whatever they hold.
-            for kind in judged {
-                self.written.remove(kind.file());
+            for (_, name) in judged {
+                self.written.remove(name);
             }
         }
         Ok(verdict)
@@ -453,12 +499,16 @@ impl Files {
             )),
             None => Some("Envoy has not loaded Harbor's routes".into()),
         };
-        // The whole desired state: the routes, and every listener and cluster with them.
+        // The whole desired state: the routes, every listener and cluster with them, and the
+        // HTTPS routes and secrets where there are some (a renewal changes a secret alone).
         let detail = match detail {
             Some(detail) => Some(detail),
             None => {
                 let gaps = self.gaps(&["lds.json", "cds.json"])?;
-                (!gaps.is_empty()).then(|| live::summary(&gaps))
+                match (!gaps.is_empty()).then(|| live::summary(&gaps)) {
+                    Some(detail) => Some(detail),
+                    None => self.tls_lag()?,
+                }
             }
         };
         let in_sync = detail.is_none();
@@ -471,13 +521,52 @@ impl Files {
                         .get(file)
                         .map_or(0, |(resources, _)| live::names(resources).len())
                 };
+                let secrets = self
+                    .written
+                    .keys()
+                    .filter(|file| tls::is_secret_file(file))
+                    .count();
+                let certificates = match secrets {
+                    0 => String::new(),
+                    n => format!(" with {n} certificates"),
+                };
                 format!(
-                    "Envoy runs routes version {rds_version}, and Harbor's {} listeners and {} clusters",
+                    "Envoy runs routes version {rds_version}, and Harbor's {} listeners and {} clusters{certificates}",
                     count("lds.json"),
                     count("cds.json")
                 )
             }),
         })
+    }
+
+    /// How the HTTPS routes and the secrets Envoy runs differ from those last written, if they
+    /// do.
+    fn tls_lag(&self) -> Result<Option<String>, AdapterError> {
+        let dump = |resource: &str| -> Result<Value, AdapterError> {
+            let text = admin_get(&format!("/config_dump?resource={resource}"))?;
+            Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+        };
+        if let Some((_, version)) = self.written.get(xds::TLS_RDS_FILE) {
+            let running = live::versions(&dump("dynamic_route_configs")?);
+            let written = [(xds::TLS_ROUTE_CONFIG, *version)];
+            if let Some(lag) = live::lag("routes", written, &running) {
+                return Ok(Some(lag));
+            }
+        }
+        let secrets: Vec<(String, u64)> = self
+            .written
+            .iter()
+            .filter(|(file, _)| tls::is_secret_file(file))
+            .flat_map(|(_, (resources, version))| {
+                live::names(resources).into_iter().map(|n| (n, *version))
+            })
+            .collect();
+        if secrets.is_empty() {
+            return Ok(None);
+        }
+        let running = live::versions(&dump("dynamic_active_secrets")?);
+        let written = secrets.iter().map(|(name, v)| (name.as_str(), *v));
+        Ok(live::lag("secret", written, &running))
     }
 
     pub fn release(&mut self) -> Result<(), AdapterError> {
@@ -490,14 +579,13 @@ impl Files {
                 .map_err(|e| AdapterError::Rejected(e.to_string()))?;
             files::write(name, &bytes).map_err(AdapterError::Retryable)?;
         }
-        // Once no listener refers to the routes and no cluster to its endpoints, their files
-        // go too.
+        // Once no listener refers to the routes or secrets and no cluster to its endpoints,
+        // their files go too.
         if let Some(before) = before {
             verdict(&before, &[Kind::Listeners, Kind::Clusters])?;
         }
         for name in files::list().map_err(AdapterError::Retryable)? {
-            let ours = name == "rds.json" || (name.starts_with("eds-") && name.ends_with(".json"));
-            if ours {
+            if name == xds::RDS_FILE || comes_and_goes(&name) {
                 files::remove(&name).map_err(AdapterError::Retryable)?;
             }
         }
@@ -549,23 +637,26 @@ fn rejected_only(counters: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// A resource type whose file Envoy judges.
+/// Whether Harbor writes `file` for some services only, and removes it once they are gone: an
+/// EDS or SDS file, or the HTTPS listener's routes. `lds.json`, `cds.json` (which the bootstrap
+/// names) and `rds.json` are always there.
+fn comes_and_goes(file: &str) -> bool {
+    (file.starts_with("eds-") && file.ends_with(".json"))
+        || tls::is_secret_file(file)
+        || file == xds::TLS_RDS_FILE
+}
+
+/// A resource type whose files Envoy judges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Listeners,
     Clusters,
     Routes,
+    TlsRoutes,
+    Secrets,
 }
 
 impl Kind {
-    fn file(self) -> &'static str {
-        match self {
-            Kind::Listeners => "lds.json",
-            Kind::Clusters => "cds.json",
-            Kind::Routes => "rds.json",
-        }
-    }
-
     /// The kind whose file holds what `gap` names.
     fn of_gap(gap: &Gap) -> Self {
         if gap.what == "listener" {
@@ -579,7 +670,9 @@ impl Kind {
         match name {
             "lds.json" => Some(Kind::Listeners),
             "cds.json" => Some(Kind::Clusters),
-            "rds.json" => Some(Kind::Routes),
+            xds::RDS_FILE => Some(Kind::Routes),
+            xds::TLS_RDS_FILE => Some(Kind::TlsRoutes),
+            _ if tls::is_secret_file(name) => Some(Kind::Secrets),
             _ => None,
         }
     }
@@ -590,6 +683,8 @@ impl Kind {
             Kind::Listeners => counter.starts_with("listener_manager.lds."),
             Kind::Clusters => counter.starts_with("cluster_manager.cds."),
             Kind::Routes => counter.contains(&format!(".rds.{}.", xds::ROUTE_CONFIG)),
+            Kind::TlsRoutes => counter.contains(&format!(".rds.{}.", xds::TLS_ROUTE_CONFIG)),
+            Kind::Secrets => counter.starts_with(&format!("sds.{}", tls::secret_name(""))),
         }
     }
 }
@@ -646,9 +741,10 @@ fn listener_errors() -> Option<String> {
     (!details.is_empty()).then(|| details.join("; "))
 }
 
-/// What a service looked like when Envoy judged it.
-fn looks(s: &Service<'_>) -> String {
-    format!("{s:?}")
+/// What a service looked like when Envoy judged it: the service, TLS and all, and the
+/// certificates it is served with.
+fn looks(s: &Service<'_>, served: &Served<'_>) -> String {
+    format!("{s:?} {:x}", served.fingerprint(s))
 }
 
 /// The version of Harbor's route configuration Envoy runs.
@@ -661,4 +757,354 @@ fn live_route_version() -> Result<Option<u64>, AdapterError> {
         .find(|c| c["route_config"]["name"] == xds::ROUTE_CONFIG)
         .and_then(|c| c["version_info"].as_str())
         .and_then(|v| v.parse().ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use harbor_adapter_common::bindings::harbor::backend::types::{
+        Certificate, CertificateSource, HashKey, HttpService, Https, TcpService, TcpTls,
+        TlsSettings, Upstream,
+    };
+    use serde_json::json;
+
+    fn files(tls_listen: &str) -> Files {
+        let settings = format!(r#"{{"dir": "/run/h", "tls_listen": "{tls_listen}"}}"#);
+        Files::new(Settings::parse(&settings).unwrap())
+    }
+
+    fn upstream(port: u16) -> Vec<Upstream> {
+        vec![Upstream {
+            address: format!("127.0.0.1:{port}"),
+            weight: 1,
+        }]
+    }
+
+    fn web(name: &str, hosts: &[&str], hsts: Option<&str>) -> HttpService {
+        HttpService {
+            name: name.into(),
+            hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            path_prefix: "/".into(),
+            upstreams: upstream(9001),
+            strategy: "round-robin".into(),
+            hash_key: HashKey::ClientIp,
+            health: None,
+            https: Some(Https {
+                certificates: hosts.iter().map(|_| CertificateSource::Acme).collect(),
+                redirect_http: true,
+                hsts: hsts.map(str::to_owned),
+            }),
+        }
+    }
+
+    fn tcp(name: &str, listen: &str, tls: TcpTls) -> TcpService {
+        TcpService {
+            name: name.into(),
+            listen: listen.into(),
+            upstreams: upstream(5432),
+            strategy: "round-robin".into(),
+            health: None,
+            tls,
+        }
+    }
+
+    fn cert(host: &str, serial: u32) -> Certificate {
+        Certificate {
+            host: host.into(),
+            chain: format!("-----BEGIN CERTIFICATE-----\n{host} {serial}\n"),
+            key: format!("-----BEGIN PRIVATE KEY-----\nsecret of {host} {serial}\n"),
+        }
+    }
+
+    fn state(
+        http: Vec<HttpService>,
+        tcp: Vec<TcpService>,
+        certs: Vec<Certificate>,
+    ) -> DesiredState {
+        DesiredState {
+            revision: 7,
+            http,
+            tcp,
+            refresh_fallbacks: false,
+            tls: TlsSettings {
+                acme_directory: String::new(),
+                acme_email: None,
+                acme_ca_root: None,
+                local_ca: None,
+            },
+            certificates: certs,
+        }
+    }
+
+    /// The files `f` would write for `state`, by name.
+    fn plan(f: &Files, state: &DesiredState) -> BTreeMap<String, Value> {
+        let (http, tcp) = (http_services(state), tcp_services(state));
+        let certs = certificates(state);
+        let served = Served::new(&f.settings, &certs);
+        let (offered, _) = f.offer(http.iter().chain(tcp.iter()).collect(), &served);
+        f.plan(&offered, &served).into_iter().collect()
+    }
+
+    fn listener<'v>(plan: &'v BTreeMap<String, Value>, name: &str) -> &'v Value {
+        plan["lds.json"]
+            .as_array()
+            .and_then(|all| all.iter().find(|l| l["name"] == name))
+            .unwrap_or_else(|| panic!("no listener {name} in {}", plan["lds.json"]))
+    }
+
+    #[test]
+    fn https_is_one_listener_with_a_filter_chain_per_certificate() {
+        let s = state(
+            vec![
+                web("shop", &["shop.test", "*.shop.test"], None),
+                web("blog", &["blog.test", "new.test"], None),
+            ],
+            vec![],
+            // new.test has no certificate yet.
+            vec![
+                cert("shop.test", 1),
+                cert("*.shop.test", 1),
+                cert("blog.test", 1),
+            ],
+        );
+        let p = plan(&files("127.0.0.1:8443"), &s);
+        let secrets: Vec<&str> = p
+            .keys()
+            .filter(|n| n.starts_with("sds-"))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            secrets,
+            [
+                "sds-_wildcard.shop.test.json",
+                "sds-blog.test.json",
+                "sds-shop.test.json"
+            ]
+        );
+        assert_eq!(
+            p["sds-_wildcard.shop.test.json"][0]["name"],
+            "harbor_cert_*.shop.test"
+        );
+        let https = listener(&p, "harbor_https");
+        assert_eq!(
+            https["address"],
+            json!({"socket_address": {"address": "127.0.0.1", "port_value": 8443}})
+        );
+        let names: Vec<&Value> = https["filter_chains"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| &c["filter_chain_match"]["server_names"])
+            .collect();
+        assert_eq!(
+            names,
+            [
+                &json!(["*.shop.test"]),
+                &json!(["blog.test"]),
+                &json!(["shop.test"])
+            ]
+        );
+        let chain = &https["filter_chains"][2];
+        assert_eq!(
+            chain["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificate_sds_secret_configs"]
+                [0]["sds_config"]["path_config_source"]["path"],
+            "/run/h/sds-shop.test.json"
+        );
+        let tls_routes = &p["rds-tls.json"][0];
+        assert_eq!(tls_routes["name"], "harbor_routes_tls");
+        let domains: Vec<&Value> = tls_routes["virtual_hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| &v["domains"][0])
+            .collect();
+        assert_eq!(domains, ["*.shop.test", "blog.test", "shop.test"]);
+        // new.test stays on plain HTTP, unredirected; the rest redirect.
+        let plain = &p["rds.json"][0]["virtual_hosts"];
+        let vh = |host: &str| {
+            plain
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["domains"][0] == host)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(
+            vh("new.test")["routes"][0]["route"]["cluster"],
+            "harbor_blog"
+        );
+        assert_eq!(
+            vh("blog.test")["routes"][0]["redirect"]["port_redirect"],
+            8443
+        );
+
+        // Without tls_listen: no HTTPS listener, no secrets, no TLS routes.
+        let p = plan(&files(""), &s);
+        assert!(
+            p.keys()
+                .all(|n| !n.starts_with("sds-") && n != "rds-tls.json")
+        );
+        assert_eq!(p["lds.json"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_renewal_rewrites_only_its_secret_file() {
+        let services = || {
+            (
+                vec![web("shop", &["shop.test", "www.test"], Some("max-age=60"))],
+                vec![tcp(
+                    "db",
+                    "127.0.0.1:5433",
+                    TcpTls::Terminate(vec!["shop.test".into()]),
+                )],
+            )
+        };
+        let f = files("127.0.0.1:8443");
+        let (http, tcp) = services();
+        let before = plan(
+            &f,
+            &state(http, tcp, vec![cert("shop.test", 1), cert("www.test", 1)]),
+        );
+        let (http, tcp) = services();
+        let after = plan(
+            &f,
+            &state(http, tcp, vec![cert("shop.test", 2), cert("www.test", 1)]),
+        );
+        assert_eq!(
+            before.keys().collect::<Vec<_>>(),
+            after.keys().collect::<Vec<_>>()
+        );
+        let changed: Vec<&String> = after
+            .iter()
+            .filter(|(name, resources)| before[*name] != **resources)
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(changed, ["sds-shop.test.json"]);
+        assert_eq!(
+            after["sds-shop.test.json"][0]["tls_certificate"]["certificate_chain"]["inline_string"],
+            "-----BEGIN CERTIFICATE-----\nshop.test 2\n"
+        );
+    }
+
+    #[test]
+    fn passthrough_services_share_a_listener_per_listen_address() {
+        let pass =
+            |names: &[&str]| TcpTls::Passthrough(names.iter().map(|n| (*n).into()).collect());
+        let s = state(
+            vec![],
+            vec![
+                tcp("a", "127.0.0.1:8444", pass(&["a.test"])),
+                tcp("b", "127.0.0.1:8444", pass(&["b.test", "*.b.test"])),
+                tcp("c", "127.0.0.1:8445", pass(&["c.test"])),
+                tcp("plain", "127.0.0.1:5432", TcpTls::None),
+            ],
+            vec![],
+        );
+        let p = plan(&files(""), &s);
+        let names: Vec<&Value> = p["lds.json"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| &l["name"])
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "harbor_http",
+                "harbor_tcp_plain",
+                "harbor_sni_8444",
+                "harbor_sni_8445"
+            ]
+        );
+        let shared = listener(&p, "harbor_sni_8444");
+        assert_eq!(
+            shared["listener_filters"][0]["name"],
+            "envoy.filters.listener.tls_inspector"
+        );
+        assert_eq!(shared["enable_reuse_port"], false);
+        let chains = shared["filter_chains"].as_array().unwrap();
+        assert_eq!(chains.len(), 2);
+        assert_eq!(
+            chains[1]["filter_chain_match"]["server_names"],
+            json!(["b.test", "*.b.test"])
+        );
+        assert_eq!(
+            chains[1]["filters"][0]["typed_config"]["cluster"],
+            "harbor_b"
+        );
+        assert!(chains[1].get("transport_socket").is_none());
+        // Every passthrough service keeps its own cluster.
+        assert_eq!(p["cds.json"].as_array().unwrap().len(), 4);
+
+        // Two addresses on one port: named by address too.
+        let s = state(
+            vec![],
+            vec![
+                tcp("a", "127.0.0.1:8444", pass(&["a.test"])),
+                tcp("b", "127.0.0.2:8444", pass(&["b.test"])),
+            ],
+            vec![],
+        );
+        let p = plan(&files(""), &s);
+        listener(&p, "harbor_sni_127.0.0.1_8444");
+        listener(&p, "harbor_sni_127.0.0.2_8444");
+    }
+
+    #[test]
+    fn terminating_tcp_services_wait_for_a_certificate() {
+        let names = || TcpTls::Terminate(vec!["db.test".into(), "db2.test".into()]);
+        let f = files("");
+        let waiting = state(vec![], vec![tcp("db", "127.0.0.1:5433", names())], vec![]);
+        let (tcp_s, certs) = (tcp_services(&waiting), certificates(&waiting));
+        let served = Served::new(&f.settings, &certs);
+        let (offered, refused) = f.offer(tcp_s.iter().collect(), &served);
+        assert!(offered.is_empty());
+        assert_eq!(refused[0].name, "db");
+        assert_eq!(
+            refused[0].reason,
+            "waiting for a certificate for db.test, db2.test"
+        );
+
+        // Once one of its names has a certificate, it is served with it, tls_listen or not.
+        let ready = state(
+            vec![],
+            vec![tcp("db", "127.0.0.1:5433", names())],
+            vec![cert("db2.test", 1)],
+        );
+        let p = plan(&f, &ready);
+        let chain = &listener(&p, "harbor_tcp_db")["filter_chains"][0];
+        assert_eq!(
+            chain["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificate_sds_secret_configs"]
+                [0]["name"],
+            "harbor_cert_db2.test"
+        );
+        assert!(p.contains_key("sds-db2.test.json"));
+    }
+
+    #[test]
+    fn render_shows_secrets_without_their_keys() {
+        let s = state(
+            vec![web("shop", &["shop.test"], None)],
+            vec![],
+            vec![cert("shop.test", 1)],
+        );
+        let docs = files("127.0.0.1:8443").render(&s).unwrap();
+        let secret = docs
+            .iter()
+            .find(|d| d.target == "sds-shop.test.json")
+            .expect("the secret's document");
+        assert!(secret.content.contains("shop.test 1"), "{}", secret.content);
+        assert!(secret.content.contains(tls::HIDDEN_KEY));
+        for d in &docs {
+            assert!(
+                !d.content.contains("secret of"),
+                "{}: {}",
+                d.target,
+                d.content
+            );
+        }
+        let targets: Vec<&str> = docs.iter().map(|d| d.target.as_str()).collect();
+        assert!(targets.contains(&"rds-tls.json"), "{targets:?}");
+    }
 }

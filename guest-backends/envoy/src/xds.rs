@@ -1,6 +1,7 @@
 //! The desired state as Envoy xDS resources: one HTTP listener whose connection manager takes
 //! its routes from RDS, one EDS cluster per service, a virtual host per host name, and a
-//! `tcp_proxy` listener per TCP service.
+//! `tcp_proxy` listener per TCP service. What TLS adds (secrets, the HTTPS listener, SNI) is
+//! in [`crate::tls`].
 
 use std::collections::BTreeMap;
 
@@ -12,8 +13,13 @@ pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ROUTES: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 pub const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 
-/// The route configuration's name, which the listener asks RDS for.
+/// The plain HTTP listener's route configuration, which it asks RDS for, and its file.
 pub const ROUTE_CONFIG: &str = "harbor_routes";
+pub const RDS_FILE: &str = "rds.json";
+/// The HTTPS listener's route configuration and its file: Envoy takes one route configuration
+/// per file ("Unexpected RDS resource length" otherwise).
+pub const TLS_ROUTE_CONFIG: &str = "harbor_routes_tls";
+pub const TLS_RDS_FILE: &str = "rds-tls.json";
 
 /// The adapter's settings (the JSON given to `configure`).
 #[derive(Debug, Clone, Deserialize)]
@@ -29,6 +35,10 @@ pub struct Settings {
     /// those (often 128 per user) is shared with every other watcher.
     #[serde(default = "default_eds_max")]
     pub eds_max: usize,
+    /// Where the HTTPS listener listens, `ip:port`; empty for none, and then services with
+    /// HTTPS are served over plain HTTP only, unredirected.
+    #[serde(default)]
+    pub tls_listen: String,
 }
 
 fn default_eds_max() -> usize {
@@ -47,7 +57,22 @@ impl Settings {
             return Err(format!("dir {:?} must be an absolute path", s.dir));
         }
         split_addr(&s.listen).ok_or_else(|| format!("listen {:?} must be IP:PORT", s.listen))?;
+        if !s.tls_listen.is_empty() {
+            split_addr(&s.tls_listen)
+                .ok_or_else(|| format!("tls_listen {:?} must be IP:PORT", s.tls_listen))?;
+            if s.tls_listen == s.listen {
+                return Err(format!(
+                    "tls_listen {:?} is the plain HTTP listener's address too",
+                    s.tls_listen
+                ));
+            }
+        }
         Ok(s)
+    }
+
+    /// The HTTPS listener's address, if it has one.
+    pub fn tls_listen(&self) -> Option<(String, u16)> {
+        split_addr(&self.tls_listen)
     }
 
     pub fn path(&self, file: &str) -> String {
@@ -67,12 +92,14 @@ pub fn split_addr(addr: &str) -> Option<(String, u16)> {
     ))
 }
 
-fn socket_address(addr: &str) -> Value {
+pub fn socket_address(addr: &str) -> Value {
     let (host, port) = split_addr(addr).unwrap_or_else(|| (addr.to_owned(), 0));
     json!({"socket_address": {"address": host, "port_value": port}})
 }
 
-pub use harbor_adapter_common::{HashKey, Health, Service};
+pub use harbor_adapter_common::{Certificate, HashKey, Health, Service, Source, Tls};
+
+use crate::tls::{self, Served};
 
 /// Envoy's health checker for `h`. Envoy checks idle clusters only every
 /// `no_traffic_interval` (60 s by default), so that is set to the interval too: a check that
@@ -191,7 +218,6 @@ pub fn endpoints(s: &Service<'_>) -> Value {
     json!({"@type": ENDPOINTS, "cluster_name": cluster_name(s.name), "endpoints": groups})
 }
 
-/// One route configuration: a virtual host per host name, longer path prefixes first.
 /// What a route hashes: the header or cookie, if the request has it (`terminal`: the client's
 /// address is then left out), else the client's address. Without a `ttl` Envoy never sets the
 /// cookie itself.
@@ -206,11 +232,65 @@ fn hash_policy(key: HashKey<'_>) -> Value {
     }
 }
 
-pub fn route_config(http: &[Service<'_>]) -> Value {
+/// The plain HTTP listener's routes. A service's route for a host served over HTTPS answers
+/// with a redirect there instead, when the service asks for one.
+pub fn route_config(http: &[Service<'_>], served: &Served<'_>) -> Value {
+    let hosts = http
+        .iter()
+        .map(|s| (s, s.hosts.iter().map(String::as_str).collect()))
+        .collect();
+    let mut redirect = json!({"https_redirect": true, "response_code": "PERMANENT_REDIRECT"});
+    if let Some(port) = served.redirect_port() {
+        redirect["port_redirect"] = json!(port);
+    }
+    by_host(ROUTE_CONFIG, hosts, |s, host, matcher| {
+        if served.redirects(s, host) {
+            json!({"match": matcher, "redirect": redirect})
+        } else {
+            forward(s, matcher)
+        }
+    })
+}
+
+/// The HTTPS listener's routes: each service's, for its hosts served over HTTPS, with its
+/// `Strict-Transport-Security` header if it sends one.
+pub fn tls_route_config(http: &[Service<'_>], served: &Served<'_>) -> Value {
+    let hosts = http.iter().map(|s| (s, served.https_hosts(s))).collect();
+    by_host(TLS_ROUTE_CONFIG, hosts, |s, _, matcher| {
+        let mut route = forward(s, matcher);
+        if let Tls::Https {
+            hsts: Some(hsts), ..
+        } = s.tls
+        {
+            route["response_headers_to_add"] = json!([{
+                "header": {"key": "Strict-Transport-Security", "value": hsts},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }]);
+        }
+        route
+    })
+}
+
+/// A route to the service's cluster.
+fn forward(s: &Service<'_>, matcher: Value) -> Value {
+    let mut route = json!({"cluster": cluster_name(s.name), "timeout": "0s"});
+    if lb_policy(s.strategy) == "RING_HASH" {
+        route["hash_policy"] = hash_policy(s.hash_key);
+    }
+    json!({"match": matcher, "route": route})
+}
+
+/// One route configuration: a virtual host per host name, longer path prefixes first, each
+/// service's route made by `route` from the service, the host and the path matcher.
+fn by_host<'s, 'a>(
+    name: &str,
+    hosts: Vec<(&'s Service<'a>, Vec<&'a str>)>,
+    route: impl Fn(&Service<'a>, &str, Value) -> Value,
+) -> Value {
     let mut by_host: BTreeMap<&str, Vec<&Service<'_>>> = BTreeMap::new();
-    for s in http {
-        for h in s.hosts {
-            by_host.entry(h.as_str()).or_default().push(s);
+    for (s, names) in hosts {
+        for h in names {
+            by_host.entry(h).or_default().push(s);
         }
     }
     let vhosts: Vec<Value> = by_host
@@ -231,17 +311,41 @@ pub fn route_config(http: &[Service<'_>]) -> Value {
                     } else {
                         json!({"path_separated_prefix": prefix})
                     };
-                    let mut route = json!({"cluster": cluster_name(s.name), "timeout": "0s"});
-                    if lb_policy(s.strategy) == "RING_HASH" {
-                        route["hash_policy"] = hash_policy(s.hash_key);
-                    }
-                    json!({"match": matcher, "route": route})
+                    route(s, host, matcher)
                 })
                 .collect();
             json!({"name": format!("host_{host}"), "domains": [host], "routes": routes})
         })
         .collect();
-    json!({"@type": ROUTES, "name": ROUTE_CONFIG, "virtual_hosts": vhosts})
+    json!({"@type": ROUTES, "name": name, "virtual_hosts": vhosts})
+}
+
+/// An HTTP connection manager taking the route configuration `routes` from `file`.
+pub fn connection_manager(
+    settings: &Settings,
+    stat_prefix: &str,
+    routes: &str,
+    file: &str,
+) -> Value {
+    json!({
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": stat_prefix,
+            "strip_any_host_port": true,
+            "rds": {
+                "route_config_name": routes,
+                "config_source": {
+                    "path_config_source": {"path": settings.path(file)},
+                    "resource_api_version": "V3",
+                },
+            },
+            "http_filters": [{
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            }],
+        },
+    })
 }
 
 pub fn http_listener(settings: &Settings) -> Value {
@@ -250,29 +354,15 @@ pub fn http_listener(settings: &Settings) -> Value {
         "@type": LISTENER,
         "name": "harbor_http",
         "address": {"socket_address": {"address": host, "port_value": port}},
-        "filter_chains": [{"filters": [{
-            "name": "envoy.filters.network.http_connection_manager",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": "harbor_http",
-                "strip_any_host_port": true,
-                "rds": {
-                    "route_config_name": ROUTE_CONFIG,
-                    "config_source": {
-                        "path_config_source": {"path": settings.path("rds.json")},
-                        "resource_api_version": "V3",
-                    },
-                },
-                "http_filters": [{
-                    "name": "envoy.filters.http.router",
-                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-                }],
-            },
-        }]}],
+        "filter_chains": [{"filters": [
+            connection_manager(settings, "harbor_http", ROUTE_CONFIG, RDS_FILE),
+        ]}],
     })
 }
 
-pub fn tcp_listener(s: &Service<'_>) -> Value {
+/// A tcp service's own listener; its TLS terminated with the certificates of `names` when it
+/// has any (passthrough services share [`tls::sni_listeners`] instead).
+pub fn tcp_listener(settings: &Settings, s: &Service<'_>, names: &[&str]) -> Value {
     json!({
         "@type": LISTENER,
         "name": format!("harbor_tcp_{}", s.name),
@@ -280,14 +370,7 @@ pub fn tcp_listener(s: &Service<'_>) -> Value {
         // Alone on its port: were Harbor's own TCP proxy still listening there, Envoy refuses
         // the listener instead of sharing the port with it.
         "enable_reuse_port": false,
-        "filter_chains": [{"filters": [{
-            "name": "envoy.filters.network.tcp_proxy",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-                "stat_prefix": format!("harbor_tcp_{}", s.name),
-                "cluster": cluster_name(s.name),
-            },
-        }]}],
+        "filter_chains": [tls::tcp_chain(settings, s, names)],
     })
 }
 
@@ -345,10 +428,14 @@ mod tests {
     #[test]
     fn one_virtual_host_per_host_longest_prefix_first() {
         let h = vec!["a.localhost".to_owned()];
-        let rc = route_config(&[
-            svc("a", &h, "/", "random"),
-            svc("b", &h, "/api", "consistent-hash"),
-        ]);
+        let settings = Settings::parse(r#"{"dir": "/x"}"#).unwrap();
+        let rc = route_config(
+            &[
+                svc("a", &h, "/", "random"),
+                svc("b", &h, "/api", "consistent-hash"),
+            ],
+            &Served::new(&settings, &[]),
+        );
         let vh = &rc["virtual_hosts"][0];
         assert_eq!(vh["domains"], json!(["a.localhost"]));
         assert_eq!(vh["routes"][0]["match"]["path_separated_prefix"], "/api");
@@ -382,6 +469,104 @@ mod tests {
         assert_eq!(
             c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"],
             json!({"socket_address": {"address": "localhost", "port_value": 3000}})
+        );
+    }
+
+    fn https<'a>(s: &mut Service<'a>, redirect_http: bool, hsts: Option<&'a str>) {
+        s.tls = Tls::Https {
+            certificates: s.hosts.iter().map(|h| (h.as_str(), Source::Acme)).collect(),
+            redirect_http,
+            hsts,
+        };
+    }
+
+    fn cert(host: &str) -> Certificate<'_> {
+        Certificate {
+            host,
+            chain: "CHAIN",
+            key: "KEY",
+        }
+    }
+
+    #[test]
+    fn plain_routes_redirect_where_https_is_served() {
+        let hosts = vec!["a.test".to_owned(), "b.test".to_owned()];
+        let plain_only = vec!["a.test".to_owned()];
+        let mut web = svc("web", &hosts, "/", "round-robin");
+        https(&mut web, true, None);
+        let mut api = svc("api", &plain_only, "/api", "round-robin");
+        https(&mut api, false, None);
+        let http = [web, api];
+        // b.test has no certificate yet: it keeps being served over plain HTTP.
+        let certs = [cert("a.test")];
+        let settings = Settings::parse(r#"{"dir": "/x", "tls_listen": "127.0.0.1:8443"}"#).unwrap();
+        let rc = route_config(&http, &Served::new(&settings, &certs));
+        let vh = &rc["virtual_hosts"];
+        assert_eq!(vh[0]["domains"], json!(["a.test"]));
+        // The service that does not redirect still forwards; the one that does, redirects.
+        assert_eq!(vh[0]["routes"][0]["route"]["cluster"], "harbor_api");
+        assert_eq!(
+            vh[0]["routes"][1],
+            json!({"match": {"prefix": "/"}, "redirect": {"https_redirect": true,
+                "port_redirect": 8443, "response_code": "PERMANENT_REDIRECT"}})
+        );
+        assert_eq!(vh[1]["domains"], json!(["b.test"]));
+        assert_eq!(vh[1]["routes"][0]["route"]["cluster"], "harbor_web");
+
+        let on_443 = Settings::parse(r#"{"dir": "/x", "tls_listen": "0.0.0.0:443"}"#).unwrap();
+        let rc = route_config(&http, &Served::new(&on_443, &certs));
+        let redirect = &rc["virtual_hosts"][0]["routes"][1]["redirect"];
+        assert_eq!(redirect["https_redirect"], true);
+        assert!(redirect.get("port_redirect").is_none());
+
+        // Without an HTTPS listener nothing redirects.
+        let no_tls = Settings::parse(r#"{"dir": "/x"}"#).unwrap();
+        let rc = route_config(&http, &Served::new(&no_tls, &certs));
+        assert_eq!(
+            rc["virtual_hosts"][0]["routes"][1]["route"]["cluster"],
+            "harbor_web"
+        );
+    }
+
+    #[test]
+    fn tls_routes_serve_https_hosts_with_their_hsts_header() {
+        let hosts = vec!["a.test".to_owned(), "b.test".to_owned()];
+        let plain = vec!["a.test".to_owned()];
+        let mut web = svc("web", &hosts, "/", "consistent-hash");
+        https(&mut web, true, Some("max-age=31536000"));
+        let mut api = svc("api", &hosts, "/api", "round-robin");
+        https(&mut api, false, None);
+        let http = [web, api, svc("old", &plain, "/old", "round-robin")];
+        let certs = [cert("a.test")];
+        let settings = Settings::parse(r#"{"dir": "/x", "tls_listen": "127.0.0.1:8443"}"#).unwrap();
+        let rc = tls_route_config(&http, &Served::new(&settings, &certs));
+        assert_eq!(rc["name"], TLS_ROUTE_CONFIG);
+        // Only a.test has a certificate; the plain-only service is not served over HTTPS.
+        let vhosts = rc["virtual_hosts"].as_array().unwrap();
+        assert_eq!(vhosts.len(), 1);
+        let routes = vhosts[0]["routes"].as_array().unwrap();
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[0]["route"]["cluster"], "harbor_api");
+        assert!(routes[0].get("response_headers_to_add").is_none());
+        assert_eq!(routes[1]["route"]["cluster"], "harbor_web");
+        assert!(routes[1]["route"]["hash_policy"].is_array());
+        assert_eq!(
+            routes[1]["response_headers_to_add"],
+            json!([{"header": {"key": "Strict-Transport-Security", "value": "max-age=31536000"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}])
+        );
+    }
+
+    #[test]
+    fn tls_listen_is_checked() {
+        assert!(Settings::parse(r#"{"dir": "/x", "tls_listen": "nope"}"#).is_err());
+        let same = r#"{"dir": "/x", "listen": "127.0.0.1:80", "tls_listen": "127.0.0.1:80"}"#;
+        assert!(Settings::parse(same).is_err());
+        let s = Settings::parse(r#"{"dir": "/x", "tls_listen": "[::1]:443"}"#).unwrap();
+        assert_eq!(s.tls_listen(), Some(("::1".into(), 443)));
+        assert_eq!(
+            Settings::parse(r#"{"dir": "/x"}"#).unwrap().tls_listen(),
+            None
         );
     }
 }
