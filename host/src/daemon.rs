@@ -135,6 +135,9 @@ pub async fn start(config: Config) -> anyhow::Result<Harbor> {
         certificates: certificates.clone(),
     });
     let listeners = bind_api(&config, &core, &app, &mut tasks).await?;
+    if let Some((dispatcher, _)) = &dispatcher {
+        dispatcher.set_acme_answerer(&listeners.api);
+    }
 
     // Everything that follows the registry, each from the event it was built as of.
     let cancel = &core.cancel;

@@ -232,19 +232,19 @@ impl Files {
                 plan.push((xds::eds_file(s.name), Value::Array(vec![xds::endpoints(s)])));
             }
         }
-        plan.push((
-            "cds.json".into(),
-            Value::Array(
-                services
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| xds::cluster(s, &self.settings, eds(i)))
-                    .collect(),
-            ),
-        ));
+        let mut clusters: Vec<Value> = services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| xds::cluster(s, &self.settings, eds(i)))
+            .collect();
+        if xds::answers_acme(&self.settings, &http) {
+            clusters.push(xds::acme_cluster(&self.settings));
+        }
+        plan.push(("cds.json".into(), Value::Array(clusters)));
+        let routes = xds::route_config(&http, served);
         plan.push((
             xds::RDS_FILE.into(),
-            Value::Array(vec![xds::route_config(&http, served)]),
+            Value::Array(vec![xds::with_challenges(routes, &self.settings, &http)]),
         ));
         let mut listeners = vec![xds::http_listener(&self.settings)];
         // Only with a listener that asks for them: Envoy reads a route file no listener names

@@ -39,6 +39,10 @@ pub struct Settings {
     /// HTTPS are served over plain HTTP only, unredirected.
     #[serde(default)]
     pub tls_listen: String,
+    /// Where Harbor answers ACME HTTP-01 challenges, `ip:port`: Envoy's plain listener sends
+    /// them there for the hosts whose certificates Harbor orders. Empty for none.
+    #[serde(default)]
+    pub acme_answerer: String,
 }
 
 fn default_eds_max() -> usize {
@@ -66,6 +70,10 @@ impl Settings {
                     s.tls_listen
                 ));
             }
+        }
+        if !s.acme_answerer.is_empty() {
+            split_addr(&s.acme_answerer)
+                .ok_or_else(|| format!("acme_answerer {:?} must be IP:PORT", s.acme_answerer))?;
         }
         Ok(s)
     }
@@ -269,6 +277,60 @@ pub fn tls_route_config(http: &[Service<'_>], served: &Served<'_>) -> Value {
         }
         route
     })
+}
+
+/// The cluster of Harbor's ACME challenge answers.
+pub const ACME_CLUSTER: &str = "harbor_acme";
+const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// Whether Envoy sends ACME challenges to Harbor: with an answerer to send them to, and a host
+/// whose certificate Harbor orders.
+pub fn answers_acme(settings: &Settings, http: &[Service<'_>]) -> bool {
+    !settings.acme_answerer.is_empty() && !acme_hosts(http).is_empty()
+}
+
+fn acme_hosts<'a>(http: &[Service<'a>]) -> Vec<&'a str> {
+    http.iter()
+        .flat_map(|s| s.https_hosts().iter())
+        .filter(|(_, source)| *source == Source::Acme)
+        .map(|(host, _)| *host)
+        .collect()
+}
+
+/// The static cluster of Harbor's challenge answers.
+pub fn acme_cluster(settings: &Settings) -> Value {
+    json!({
+        "@type": CLUSTER,
+        "name": ACME_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": ACME_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(&settings.acme_answerer)}}]}],
+        },
+    })
+}
+
+/// `routes` (the plain listener's) with each ACME host's challenges sent to Harbor first,
+/// ahead of its redirect to HTTPS: the CA asks over plain HTTP, for a renewal too.
+pub fn with_challenges(mut routes: Value, settings: &Settings, http: &[Service<'_>]) -> Value {
+    if !answers_acme(settings, http) {
+        return routes;
+    }
+    let hosts = acme_hosts(http);
+    let challenge = json!({
+        "match": {"prefix": CHALLENGE_PREFIX},
+        "route": {"cluster": ACME_CLUSTER, "timeout": "5s"},
+    });
+    for vhost in routes["virtual_hosts"].as_array_mut().into_iter().flatten() {
+        let ours = vhost["domains"][0]
+            .as_str()
+            .is_some_and(|d| hosts.contains(&d));
+        if let (true, Some(list)) = (ours, vhost["routes"].as_array_mut()) {
+            list.insert(0, challenge.clone());
+        }
+    }
+    routes
 }
 
 /// A route to the service's cluster.
@@ -526,6 +588,42 @@ mod tests {
             rc["virtual_hosts"][0]["routes"][1]["route"]["cluster"],
             "harbor_web"
         );
+    }
+
+    #[test]
+    fn acme_challenges_go_to_harbor_ahead_of_the_redirect() {
+        let hosts = vec!["shop.example.com".to_owned()];
+        let mut shop = svc("shop", &hosts, "/", "round-robin");
+        https(&mut shop, true, None);
+        let http = [shop];
+        let certs = [cert("shop.example.com")];
+        let settings = Settings::parse(
+            r#"{"dir": "/x", "tls_listen": "127.0.0.1:8443", "acme_answerer": "127.0.0.1:7070"}"#,
+        )
+        .unwrap();
+        assert!(answers_acme(&settings, &http));
+        let rc = with_challenges(
+            route_config(&http, &Served::new(&settings, &certs)),
+            &settings,
+            &http,
+        );
+        let routes = &rc["virtual_hosts"][0]["routes"];
+        assert_eq!(routes[0]["match"]["prefix"], "/.well-known/acme-challenge/");
+        assert_eq!(routes[0]["route"]["cluster"], ACME_CLUSTER);
+        assert!(routes[1]["redirect"].is_object(), "then the redirect: {rc}");
+        let cluster = acme_cluster(&settings);
+        assert_eq!(
+            cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"],
+            json!({"socket_address": {"address": "127.0.0.1", "port_value": 7070}})
+        );
+        // No answerer, or no host Harbor orders for: no challenge route.
+        let without = Settings::parse(r#"{"dir": "/x", "tls_listen": "127.0.0.1:8443"}"#).unwrap();
+        assert!(!answers_acme(&without, &http));
+        let mut internal = http[0].clone();
+        if let Tls::Https { certificates, .. } = &mut internal.tls {
+            certificates[0].1 = Source::Internal;
+        }
+        assert!(!answers_acme(&settings, &[internal]));
     }
 
     #[test]

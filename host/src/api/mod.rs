@@ -61,6 +61,10 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/healthz", get(healthz))
         .route("/api/v1/catalog", get(services::catalog))
         .route("/api/v1/catalog/events", get(public::stream))
+        .route(
+            "/.well-known/acme-challenge/{token}",
+            get(public::acme_challenge),
+        )
         .merge(gangway::files());
     let operator = Router::new()
         .route("/metrics", get(metrics))

@@ -86,6 +86,29 @@ pub async fn ca_pem(State(app): State<AppState>) -> axum::response::Response {
     }
 }
 
+/// `GET /.well-known/acme-challenge/{token}`: the key authorization of an ACME HTTP-01
+/// challenge Harbor has open, for a proxy that forwards the CA's request here (Envoy). Public,
+/// as the CA fetches it: it is what the plain listener would answer anyone.
+pub async fn acme_challenge(
+    State(app): State<AppState>,
+    axum::extract::Path(token): axum::extract::Path<String>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match app
+        .certificates
+        .as_ref()
+        .and_then(|c| c.acme_challenge(&token))
+    {
+        Some(answer) => (
+            [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+            answer,
+        )
+            .into_response(),
+        None => super::error::ApiError::not_found("no open ACME challenge has this token")
+            .into_response(),
+    }
+}
+
 /// `GET /api/v1/catalog/events`: the public view as Server-Sent Events, snapshot first. A client
 /// resumes with the `Last-Event-ID` header (what `EventSource` sends by itself) or, when it had
 /// to open a new `EventSource`, with `?last_event_id=`; the header wins, being the newer.

@@ -118,6 +118,9 @@ pub struct Dispatcher {
     /// Whether Harbor's own TCP proxy carries the tcp routes; a swap moves them.
     tcp: TcpCarriage,
     tls: reconciler::TlsSource,
+    /// Where Harbor answers ACME HTTP-01 challenges (an API listener), for Envoy to forward
+    /// them to; set once the API is listening.
+    acme_answerer: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 /// Where the dispatcher's task picks up.
@@ -156,6 +159,7 @@ impl Dispatcher {
             caddy_version: Mutex::new(None),
             tcp,
             tls,
+            acme_answerer: std::sync::OnceLock::new(),
         });
         let name = config.backend.to_string();
         if builtin(&name).is_none() {
@@ -166,6 +170,22 @@ impl Dispatcher {
 
     pub fn status(&self) -> BackendStatus {
         self.book.status()
+    }
+
+    /// Tells where the API listens, for Envoy to send Harbor's ACME challenges there: the
+    /// first TCP listener, reached over loopback when it listens on every address.
+    pub fn set_acme_answerer(&self, api: &[std::net::SocketAddr]) {
+        let Some(addr) = api.first() else {
+            return;
+        };
+        let mut addr = *addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = self.acme_answerer.set(addr);
     }
 
     /// The proxy Harbor was started to drive.
@@ -255,6 +275,7 @@ impl Dispatcher {
                         "dir": dir.to_string_lossy(),
                         "listen": c.proxy_listen.to_string(),
                         "tls_listen": c.tls_listen.map(|a| a.to_string()).unwrap_or_default(),
+                        "acme_answerer": self.acme_answerer.get().map(|a| a.to_string()).unwrap_or_default(),
                     }),
                     Capabilities {
                         http: Some(c.envoy_admin.clone()),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::common::certs::{TestCa, free_port, http_inside_tls, tls_says, tls_upstream};
+use crate::common::certs::{Pebble, TestCa, free_port, http_inside_tls, tls_says, tls_upstream};
 use crate::common::proxies::{Caddy, Envoy, Release, Upstream};
 use crate::common::{self, TestHarbor, eventually};
 use harbor::config::BackendKind;
@@ -20,6 +20,14 @@ use harbor::config::BackendKind;
 /// A Harbor driving `envoy` with HTTPS on `tls`, and Envoy started once Harbor has written its
 /// first files.
 async fn harbor_then_envoy(envoy: &mut Envoy, tls: SocketAddr) -> TestHarbor {
+    harbor_then_envoy_with(envoy, tls, |_| {}).await
+}
+
+async fn harbor_then_envoy_with(
+    envoy: &mut Envoy,
+    tls: SocketAddr,
+    more: impl Fn(&mut harbor::config::Config) + Send + Sync + 'static,
+) -> TestHarbor {
     let admin: harbor::config::BaseUrl = envoy.admin_url().parse().unwrap();
     let (dir, listen) = (envoy.xds.clone(), envoy.listen_addr());
     let h = common::start_with(move |c| {
@@ -29,6 +37,7 @@ async fn harbor_then_envoy(envoy: &mut Envoy, tls: SocketAddr) -> TestHarbor {
         c.proxy_listen = listen;
         c.tls_listen = Some(tls);
         c.rescan_interval = Some(Duration::from_millis(200));
+        more(c);
     })
     .await;
     eventually(Duration::from_secs(3), "the first xDS files", || async {
@@ -249,6 +258,50 @@ async fn envoy_routes_tls_passthrough_by_sni() {
         },
     )
     .await;
+    h.shutdown().await;
+}
+
+/// A public name gets a certificate from Harbor's ACME client (Pebble here), whose HTTP-01
+/// challenge Envoy's plain listener forwards to Harbor; Envoy then serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_serves_a_certificate_harbor_ordered_over_acme() {
+    let _turn = common::MACHINE.read().await;
+    let Some(mut envoy) = Envoy::prepare() else {
+        return;
+    };
+    let tls_port = free_port();
+    let Some(pebble) = Pebble::start(envoy.listen, tls_port) else {
+        return;
+    };
+    pebble.ready().await;
+    let (directory, root) = (pebble.directory.clone(), pebble.root.clone());
+    let tls = SocketAddr::from(([127, 0, 0, 1], tls_port));
+    let h = harbor_then_envoy_with(&mut envoy, tls, move |c| {
+        c.acme_directory = directory.clone();
+        c.acme_ca_root = Some(root.clone());
+        c.acme_retry = Duration::from_millis(500);
+    })
+    .await;
+    let shop = Upstream::start("shop").await;
+    h.register(
+        json!({"name": "shop", "upstream": shop.addr.to_string(), "ttl_secs": 60,
+                      "host": "shop.example.com"}),
+    )
+    .await;
+    let issuer = eventually(Duration::from_secs(30), "a certificate from Pebble", || async {
+        let out = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "openssl s_client -connect 127.0.0.1:{tls_port} -servername shop.example.com </dev/null 2>/dev/null | openssl x509 -noout -issuer"
+            ))
+            .output()
+            .await
+            .ok()?;
+        let issuer = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        issuer.contains("pebble").then_some(issuer)
+    })
+    .await;
+    assert!(issuer.contains("pebble"), "{issuer}");
     h.shutdown().await;
 }
 
