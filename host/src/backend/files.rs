@@ -3,6 +3,7 @@
 //! fsync), which is also the only kind of change Envoy's file watcher reacts to.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Largest file an adapter may write.
@@ -56,7 +57,13 @@ impl ConfinedDir {
             fastrand::u64(..)
         ));
         let written = (|| -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
+            // Not readable by others: Envoy's secret files hold private keys. The group may
+            // read, for a proxy that runs as another user of Harbor's group.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o640)
+                .open(&tmp)?;
             f.write_all(contents)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
@@ -126,6 +133,12 @@ mod tests {
         dir.write("cds.json", b"one").unwrap();
         dir.write("cds.json", b"two").unwrap();
         assert_eq!(dir.read("cds.json").unwrap(), b"two");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(tmp.path().join("xds/cds.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o007, 0, "others may not read what may hold keys");
         assert_eq!(dir.list().unwrap(), vec!["cds.json".to_owned()]);
         dir.remove("cds.json").unwrap();
         dir.remove("cds.json").unwrap();
