@@ -868,6 +868,12 @@ impl Config {
         if self.protect_reads && self.token_file.is_none() {
             bail!("--protect-reads needs --token-file: without tokens no one could read");
         }
+        if self.tls_listen == Some(self.proxy_listen) {
+            bail!(
+                "--tls-listen ({}) must differ from --proxy-listen, the plain HTTP listener",
+                self.proxy_listen
+            );
+        }
         if let Some(tls) = self.caddy_tls_listen
             && tls == self.caddy_listen
         {
@@ -1135,6 +1141,18 @@ mod tests {
         .unwrap_err();
         assert!(
             err.to_string().contains("must differ from --caddy-listen"),
+            "{err}"
+        );
+
+        let err = Config::from_args(RunArgs {
+            tls_listen: Some("127.0.0.1:8080".parse().unwrap()),
+            proxy_listen: Some("127.0.0.1:8080".parse().unwrap()),
+            backend: Some(BackendKind::Envoy),
+            ..RunArgs::default()
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("must differ from --proxy-listen"),
             "{err}"
         );
     }

@@ -195,6 +195,12 @@ async fn envoy_serves_sds_certificates_and_a_renewal_rewrites_only_the_secret_fi
     assert_eq!(changed.len(), 1, "only one file rewritten: {changed:?}");
     assert!(changed[0].starts_with("sds-"), "{changed:?}");
     until_https(tls_port, &ca_file, "files.example.com", "files").await;
+    // What Harbor shows it pushed names the secrets, and never shows a key.
+    let (status, pushed) = h.get("/api/v1/backend/config").await;
+    assert_eq!(status, 200);
+    let pushed = pushed.to_string();
+    assert!(pushed.contains("sds-files.example.com.json"), "{pushed}");
+    assert!(!pushed.contains("PRIVATE KEY"), "a key in {pushed}");
     h.shutdown().await;
 }
 
