@@ -868,7 +868,8 @@ impl Config {
         if self.protect_reads && self.token_file.is_none() {
             bail!("--protect-reads needs --token-file: without tokens no one could read");
         }
-        if self.tls_listen == Some(self.proxy_listen) {
+        // Port 0 asks for any free port, twice over.
+        if self.tls_listen == Some(self.proxy_listen) && self.proxy_listen.port() != 0 {
             bail!(
                 "--tls-listen ({}) must differ from --proxy-listen, the plain HTTP listener",
                 self.proxy_listen

@@ -1534,29 +1534,8 @@ async fn a_header_or_cookie_hash_key_keeps_a_session_on_one_upstream(release: Re
     h.shutdown().await;
 }
 
-/// Every test above, once against each Caddy release.
-macro_rules! on_each_caddy {
-    ($($test:ident),* $(,)?) => {
-        mod on_caddy_2_6 {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Release::Debian).await;
-                }
-            )*
-        }
-        mod on_current_caddy {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Release::Current).await;
-                }
-            )*
-        }
-    };
-}
-
-on_each_caddy!(
+// Every test above, once against each Caddy release.
+common::on_each_caddy!(
     files_and_registrations_reach_caddy_and_leave_it,
     a_restarted_caddy_gets_harbors_routes_back,
     routes_registered_during_a_long_caddy_outage_arrive_soon_after_it_ends,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::certs::{Pebble, TestCa, free_port, http_inside_tls};
+use crate::common::certs::{Pebble, TestCa, free_port, http_inside_tls, served_certificate};
 use crate::common::proxies::{Caddy, Release, Upstream};
 use crate::common::{self, TestHarbor, eventually};
 use harbor::config::BackendKind;
@@ -80,20 +80,6 @@ async fn caddy_root(caddy: &Caddy, id: &str, dir: &Path) -> Option<std::path::Pa
     Some(path)
 }
 
-/// The issuer of the certificate Caddy's HTTPS site serves for `name`.
-async fn issuer_of(caddy: &Caddy, name: &str) -> String {
-    let out = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "openssl s_client -connect 127.0.0.1:{} -servername {name} </dev/null 2>/dev/null | openssl x509 -noout -issuer",
-            caddy.tls_listen.unwrap()
-        ))
-        .output()
-        .await
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 /// The `@id`s of the routes in Caddy's servers; none when the admin API could not answer
 /// (it closes its connections while it reloads).
 async fn harbor_routes_in(caddy: &Caddy) -> Option<Vec<String>> {
@@ -145,15 +131,7 @@ async fn local_hosts_get_https_from_caddy_with_harbors_root(release: Release) {
         "{head}"
     );
     // One root in every mode: Caddy's is Harbor's own.
-    let harbor_root = h
-        .client
-        .get(h.url("/api/v1/tls/ca.pem"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let harbor_root = h.get_text("/api/v1/tls/ca.pem").await;
     let served_root =
         std::fs::read_to_string(caddy_root(&caddy, "harbor", dir.path()).await.unwrap()).unwrap();
     assert_eq!(served_root.trim(), harbor_root.trim());
@@ -282,7 +260,8 @@ async fn caddy_gets_a_certificate_from_harbors_acme_directory(release: Release) 
         Duration::from_secs(30),
         "a certificate from Pebble",
         || async {
-            let issuer = issuer_of(&caddy, "shop.example.com").await;
+            let issuer =
+                served_certificate(caddy.tls_listen.unwrap(), "shop.example.com", "-issuer").await;
             issuer.to_lowercase().contains("pebble").then_some(issuer)
         },
     )
@@ -293,15 +272,7 @@ async fn caddy_gets_a_certificate_from_harbors_acme_directory(release: Release) 
     // Caddy ordered it: Harbor's own ACME client stayed idle, and sees nothing wrong.
     let (_, status) = h.get("/api/v1/status").await;
     assert_eq!(status["tls"]["problems"], json!([]), "{status}");
-    let metrics = h
-        .client
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.get_text("/metrics").await;
     assert!(
         !metrics.contains("harbor_acme_orders_total{"),
         "Harbor ordered certificates itself"
@@ -371,28 +342,7 @@ async fn certificate_files_are_served_by_caddy(release: Release) {
     h.shutdown().await;
 }
 
-macro_rules! on_each_caddy {
-    ($($test:ident),* $(,)?) => {
-        mod on_caddy_2_6 {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Release::Debian).await;
-                }
-            )*
-        }
-        mod on_current_caddy {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Release::Current).await;
-                }
-            )*
-        }
-    };
-}
-
-on_each_caddy!(
+common::on_each_caddy!(
     local_hosts_get_https_from_caddy_with_harbors_root,
     caddy_gets_a_certificate_from_harbors_acme_directory,
     certificate_files_are_served_by_caddy,

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::common::certs::{Pebble, TestCa, free_port, http_inside_tls, tls_says, tls_upstream};
+use crate::common::certs::{
+    Pebble, TestCa, free_port, http_inside_tls, served_certificate, tls_says, tls_upstream,
+};
 use crate::common::proxies::{Caddy, Envoy, Release, Upstream};
 use crate::common::{self, TestHarbor, eventually};
 use harbor::config::BackendKind;
@@ -83,31 +85,10 @@ async fn until_https(port: u16, ca: &Path, host: &str, want: &str) {
 
 /// Harbor's local CA root, written to `dir`.
 async fn harbor_root(h: &TestHarbor, dir: &Path) -> std::path::PathBuf {
-    let pem = h
-        .client
-        .get(h.url("/api/v1/tls/ca.pem"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let pem = h.get_text("/api/v1/tls/ca.pem").await;
     let path = dir.join("harbor-root.pem");
     std::fs::write(&path, pem).unwrap();
     path
-}
-
-/// The serial number of the certificate served for `name` on `port`.
-async fn served_serial(port: u16, name: &str) -> String {
-    let out = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "openssl s_client -connect 127.0.0.1:{port} -servername {name} </dev/null 2>/dev/null | openssl x509 -noout -serial"
-        ))
-        .output()
-        .await
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// Every file in `dir` with its contents.
@@ -174,14 +155,14 @@ async fn envoy_serves_sds_certificates_and_a_renewal_rewrites_only_the_secret_fi
         ),
     );
     until_https(tls_port, &ca_file, "files.example.com", "files").await;
-    let before_serial = served_serial(tls_port, "files.example.com").await;
+    let before_serial = served_certificate(tls_port, "files.example.com", "-serial").await;
     let before = files_in(&envoy.xds);
     ca.valid(dir.path(), "files", &["files.example.com"]);
     eventually(
         Duration::from_secs(10),
         "the renewed certificate served",
         || async {
-            let now = served_serial(tls_port, "files.example.com").await;
+            let now = served_certificate(tls_port, "files.example.com", "-serial").await;
             (!now.is_empty() && now != before_serial).then_some(())
         },
     )
@@ -294,18 +275,16 @@ async fn envoy_serves_a_certificate_harbor_ordered_over_acme() {
                       "host": "shop.example.com"}),
     )
     .await;
-    let issuer = eventually(Duration::from_secs(30), "a certificate from Pebble", || async {
-        let out = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "openssl s_client -connect 127.0.0.1:{tls_port} -servername shop.example.com </dev/null 2>/dev/null | openssl x509 -noout -issuer"
-            ))
-            .output()
-            .await
-            .ok()?;
-        let issuer = String::from_utf8_lossy(&out.stdout).to_lowercase();
-        issuer.contains("pebble").then_some(issuer)
-    })
+    let issuer = eventually(
+        Duration::from_secs(30),
+        "a certificate from Pebble",
+        || async {
+            let issuer = served_certificate(tls_port, "shop.example.com", "-issuer")
+                .await
+                .to_lowercase();
+            issuer.contains("pebble").then_some(issuer)
+        },
+    )
     .await;
     assert!(issuer.contains("pebble"), "{issuer}");
     h.shutdown().await;
@@ -362,25 +341,4 @@ async fn https_keeps_serving_across_swaps_between_caddy_and_envoy(release: Relea
     h.shutdown().await;
 }
 
-macro_rules! on_each_caddy {
-    ($($test:ident),* $(,)?) => {
-        mod on_caddy_2_6 {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Release::Debian).await;
-                }
-            )*
-        }
-        mod on_current_caddy {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(super::Release::Current).await;
-                }
-            )*
-        }
-    };
-}
-
-on_each_caddy!(https_keeps_serving_across_swaps_between_caddy_and_envoy);
+common::on_each_caddy!(https_keeps_serving_across_swaps_between_caddy_and_envoy);

@@ -247,6 +247,37 @@ pub async fn tls_upstream(name: &'static str, cert: &Path, key: &Path) -> std::n
     addr
 }
 
+/// A TLS connection to `addr` asking for `name`, trusting `roots`; `None` if the handshake
+/// fails or takes over five seconds.
+async fn tls_to(
+    addr: std::net::SocketAddr,
+    roots: &[CertificateDer<'static>],
+    name: &str,
+) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let server = ServerName::try_from(name.to_owned()).ok()?;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        connector(roots).connect(server, tcp),
+    )
+    .await
+    .ok()?
+    .ok()
+}
+
+/// Everything the other end of `tls` says until it closes, within five seconds.
+async fn read_all(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut said = String::new();
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_string(&mut said))
+        .await
+        .ok()?
+        .ok()?;
+    Some(said)
+}
+
 /// Connects to `addr` over TLS asking for `name` (none for an IP address), trusting `roots`,
 /// and reads what the other end says until it closes; `None` if the handshake fails.
 pub async fn tls_says(
@@ -254,22 +285,8 @@ pub async fn tls_says(
     roots: &[CertificateDer<'static>],
     name: &str,
 ) -> Option<String> {
-    use tokio::io::AsyncReadExt;
-    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let server = ServerName::try_from(name.to_owned()).ok()?;
-    let mut tls = tokio::time::timeout(
-        Duration::from_secs(5),
-        connector(roots).connect(server, tcp),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let mut said = String::new();
-    tokio::time::timeout(Duration::from_secs(5), tls.read_to_string(&mut said))
-        .await
-        .ok()?
-        .ok()?;
-    Some(said)
+    let mut tls = tls_to(addr, roots, name).await?;
+    read_all(&mut tls).await
 }
 
 /// A TLS client trusting `roots`, offering h2 and HTTP/1.1.
@@ -297,23 +314,24 @@ pub async fn http_inside_tls(
     roots: &[CertificateDer<'static>],
     name: &str,
 ) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let server = ServerName::try_from(name.to_owned()).ok()?;
-    let mut tls = tokio::time::timeout(
-        Duration::from_secs(5),
-        connector(roots).connect(server, tcp),
-    )
-    .await
-    .ok()?
-    .ok()?;
+    use tokio::io::AsyncWriteExt;
+    let mut tls = tls_to(addr, roots, name).await?;
     tls.write_all(b"GET / HTTP/1.1\r\nHost: upstream\r\nConnection: close\r\n\r\n")
         .await
         .ok()?;
-    let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(5), tls.read_to_string(&mut answer))
+    read_all(&mut tls).await
+}
+
+/// A field of the certificate served on 127.0.0.1:`port` for `name`, as `openssl x509` prints
+/// it (`-issuer`, `-serial`); empty when none is served.
+pub async fn served_certificate(port: u16, name: &str, field: &str) -> String {
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{port} -servername {name} </dev/null 2>/dev/null | openssl x509 -noout {field}"
+        ))
+        .output()
         .await
-        .ok()?
-        .ok()?;
-    Some(answer)
+        .expect("openssl runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }

@@ -99,6 +99,12 @@ impl TestHarbor {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// `GET path`, its body as text.
+    pub async fn get_text(&self, path: &str) -> String {
+        let resp = self.client.get(self.url(path)).send().await.expect("GET");
+        resp.text().await.expect("a body")
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
         let resp = self
             .client
@@ -561,3 +567,30 @@ pub async fn hash_keys_keep_sessions_on_one_upstream(h: &TestHarbor, proxy: std:
         );
     }
 }
+
+/// Runs each named `async fn(Release)` once per supported Caddy release, as a test of its own
+/// in the modules `on_caddy_2_6` and `on_current_caddy`; the caller has `Release` in scope.
+// Only the binary that drives Caddy uses it.
+#[allow(unused_macros)]
+macro_rules! on_each_caddy {
+    ($($test:ident),* $(,)?) => {
+        mod on_caddy_2_6 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Release::Debian).await;
+                }
+            )*
+        }
+        mod on_current_caddy {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Release::Current).await;
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_each_caddy;

@@ -133,6 +133,17 @@ fn current_caddy_on_path() -> Option<PathBuf> {
         .find(|candidate| std::fs::canonicalize(candidate).ok() != debian)
 }
 
+/// How a test's Caddyfile sets Caddy up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    /// A plain HTTP site, automatic HTTPS off, the admin API on a loopback port.
+    Plain,
+    /// The same with the admin API on a unix socket only.
+    UnixAdmin,
+    /// See [`Caddy::start_https`].
+    Https,
+}
+
 /// A Caddy started from a Caddyfile with one user route (`/user` answers "user route").
 pub struct Caddy {
     pub dir: TempDir,
@@ -153,45 +164,24 @@ impl Caddy {
     /// public CA certifies (`local_certs`), a plain HTTP site on Caddy's HTTP port (where its
     /// redirects are served) and an HTTPS site for `localhost`.
     pub async fn start_https(release: Release) -> Option<Caddy> {
-        let (binary, version) = release.binary()?;
-        let dir = tempfile::tempdir().expect("caddy dir");
-        let (listen, tls, admin) = (free_port(), free_port(), free_port());
-        let caddyfile = format!(
-            "{{\n\tadmin 127.0.0.1:{admin}\n\thttp_port {listen}\n\tlocal_certs\n\tskip_install_trust\n}}\n\n\
-             http://:{listen} {{\n\tbind 127.0.0.1\n\trespond /user \"user route\" 200\n}}\n\n\
-             localhost:{tls} {{\n\tbind 127.0.0.1\n\trespond /user \"user https route\" 200\n}}\n"
-        );
-        std::fs::write(dir.path().join("Caddyfile"), caddyfile).expect("write Caddyfile");
-        let process = spawn_caddy(&binary, dir.path());
-        let caddy = Caddy {
-            dir,
-            release,
-            version,
-            binary,
-            admin: format!("http://127.0.0.1:{admin}"),
-            listen,
-            tls_listen: Some(tls),
-            process,
-        };
-        caddy.wait_ready().await;
-        Some(caddy)
+        Self::launch(release, Setup::Https).await
     }
 
     /// A Caddy whose admin API listens on a loopback port.
     pub async fn start(release: Release) -> Option<Caddy> {
-        Self::launch(release, false).await
+        Self::launch(release, Setup::Plain).await
     }
 
     /// A Caddy whose admin API listens on a unix socket only.
     pub async fn start_with_unix_admin(release: Release) -> Option<Caddy> {
-        Self::launch(release, true).await
+        Self::launch(release, Setup::UnixAdmin).await
     }
 
-    async fn launch(release: Release, unix_admin: bool) -> Option<Caddy> {
+    async fn launch(release: Release, setup: Setup) -> Option<Caddy> {
         let (binary, version) = release.binary()?;
         let dir = tempfile::tempdir().expect("caddy dir");
         let listen = free_port();
-        let (admin, admin_directive) = if unix_admin {
+        let (admin, admin_directive) = if setup == Setup::UnixAdmin {
             let socket = dir.path().join("admin.sock");
             (
                 format!("unix:{}", socket.display()),
@@ -204,9 +194,21 @@ impl Caddy {
                 format!("127.0.0.1:{port}"),
             )
         };
-        let caddyfile = format!(
-            "{{\n\tadmin {admin_directive}\n\tauto_https off\n}}\n\nhttp://:{listen} {{\n\tbind 127.0.0.1\n\trespond /user \"user route\" 200\n}}\n"
+        let plain_site = format!(
+            "http://:{listen} {{\n\tbind 127.0.0.1\n\trespond /user \"user route\" 200\n}}\n"
         );
+        let (caddyfile, tls_listen) = if setup == Setup::Https {
+            let tls = free_port();
+            let caddyfile = format!(
+                "{{\n\tadmin {admin_directive}\n\thttp_port {listen}\n\tlocal_certs\n\tskip_install_trust\n}}\n\n{plain_site}\n\
+                 localhost:{tls} {{\n\tbind 127.0.0.1\n\trespond /user \"user https route\" 200\n}}\n"
+            );
+            (caddyfile, Some(tls))
+        } else {
+            let caddyfile =
+                format!("{{\n\tadmin {admin_directive}\n\tauto_https off\n}}\n\n{plain_site}");
+            (caddyfile, None)
+        };
         std::fs::write(dir.path().join("Caddyfile"), caddyfile).expect("write Caddyfile");
         let process = spawn_caddy(&binary, dir.path());
         let caddy = Caddy {
@@ -216,7 +218,7 @@ impl Caddy {
             binary,
             admin,
             listen,
-            tls_listen: None,
+            tls_listen,
             process,
         };
         caddy.wait_ready().await;
