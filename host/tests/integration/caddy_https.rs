@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::certs::{Pebble, TestCa, free_port, http_inside_tls, served_certificate};
+use crate::common::certs::{
+    Pebble, TestCa, free_port, http_inside_tls, route_with_files, served_certificate,
+};
 use crate::common::proxies::{Caddy, Release, Upstream};
 use crate::common::{self, TestHarbor, eventually};
 use harbor::config::BackendKind;
@@ -290,17 +292,12 @@ async fn certificate_files_are_served_by_caddy(release: Release) {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new();
     let (_, cert, key) = ca.valid(dir.path(), "files", &["files.example.com"]);
-    let root = dir.path().join("root.pem");
-    std::fs::write(&root, &ca.root_pem).unwrap();
+    let root = ca.root_file(dir.path());
     let web = Upstream::start("files").await;
+    let head = "host = \"files.example.com\"\n";
     h.write_route(
         "files.route",
-        &format!(
-            "host = \"files.example.com\"\nupstreams = [\"{}\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
-            web.addr,
-            cert.display(),
-            key.display()
-        ),
+        &route_with_files(head, web.addr, &cert, &key),
     );
     let (status, _, body) = eventually(
         Duration::from_secs(15),
@@ -320,15 +317,8 @@ async fn certificate_files_are_served_by_caddy(release: Release) {
     let (_, cert, key) = ca.valid(dir.path(), "db", &["db.test"]);
     let db = Upstream::start("db").await;
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    h.write_route(
-        "db.route",
-        &format!(
-            "protocol = \"tcp\"\nlisten = \"{listen}\"\nhost = \"db.test\"\nupstreams = [\"{}\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
-            db.addr,
-            cert.display(),
-            key.display()
-        ),
-    );
+    let head = format!("protocol = \"tcp\"\nlisten = \"{listen}\"\nhost = \"db.test\"\n");
+    h.write_route("db.route", &route_with_files(&head, db.addr, &cert, &key));
     let roots = [ca.root.clone()];
     eventually(
         Duration::from_secs(10),

@@ -13,18 +13,25 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::common::certs::{
-    Pebble, TestCa, free_port, http_inside_tls, served_certificate, tls_says, tls_upstream,
+    Pebble, TestCa, free_port, http_inside_tls, route_with_files, served_certificate, tls_says,
+    tls_upstream,
 };
 use crate::common::proxies::{Caddy, Envoy, Release, Upstream};
 use crate::common::{self, TestHarbor, eventually};
 use harbor::config::BackendKind;
 
-/// A Harbor driving `envoy` with HTTPS on `tls`, and Envoy started once Harbor has written its
-/// first files.
-async fn harbor_then_envoy(envoy: &mut Envoy, tls: SocketAddr) -> TestHarbor {
-    harbor_then_envoy_with(envoy, tls, |_| {}).await
+/// An Envoy driven by a Harbor with HTTPS, and the HTTPS port; none when Envoy is not
+/// installed and not required.
+async fn envoy_with_https() -> Option<(Envoy, TestHarbor, u16)> {
+    let mut envoy = Envoy::prepare()?;
+    let tls_port = free_port();
+    let tls = SocketAddr::from(([127, 0, 0, 1], tls_port));
+    let h = harbor_then_envoy_with(&mut envoy, tls, |_| {}).await;
+    Some((envoy, h, tls_port))
 }
 
+/// A Harbor driving `envoy` with HTTPS on `tls` and `more` settings, and Envoy started once
+/// Harbor has written its first files.
 async fn harbor_then_envoy_with(
     envoy: &mut Envoy,
     tls: SocketAddr,
@@ -106,11 +113,9 @@ fn files_in(dir: &Path) -> BTreeMap<String, String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_serves_sds_certificates_and_a_renewal_rewrites_only_the_secret_file() {
     let _turn = common::MACHINE.read().await;
-    let Some(mut envoy) = Envoy::prepare() else {
+    let Some((envoy, h, tls_port)) = envoy_with_https().await else {
         return;
     };
-    let tls_port = free_port();
-    let h = harbor_then_envoy(&mut envoy, SocketAddr::from(([127, 0, 0, 1], tls_port))).await;
     let dir = tempfile::tempdir().unwrap();
 
     // A local name: a certificate from Harbor's local CA, by default.
@@ -142,17 +147,12 @@ async fn envoy_serves_sds_certificates_and_a_renewal_rewrites_only_the_secret_fi
     // Certificate files, then the same files replaced: a renewal.
     let ca = TestCa::new();
     let (_, cert, key) = ca.valid(dir.path(), "files", &["files.example.com"]);
-    let ca_file = dir.path().join("test-root.pem");
-    std::fs::write(&ca_file, &ca.root_pem).unwrap();
+    let ca_file = ca.root_file(dir.path());
     let web = Upstream::start("files").await;
+    let head = "host = \"files.example.com\"\n";
     h.write_route(
         "files.route",
-        &format!(
-            "host = \"files.example.com\"\nupstreams = [\"{}\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
-            web.addr,
-            cert.display(),
-            key.display()
-        ),
+        &route_with_files(head, web.addr, &cert, &key),
     );
     until_https(tls_port, &ca_file, "files.example.com", "files").await;
     let before_serial = served_certificate(tls_port, "files.example.com", "-serial").await;
@@ -188,11 +188,9 @@ async fn envoy_serves_sds_certificates_and_a_renewal_rewrites_only_the_secret_fi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_routes_tls_passthrough_by_sni() {
     let _turn = common::MACHINE.read().await;
-    let Some(mut envoy) = Envoy::prepare() else {
+    let Some((_envoy, h, _)) = envoy_with_https().await else {
         return;
     };
-    let tls_port = free_port();
-    let h = harbor_then_envoy(&mut envoy, SocketAddr::from(([127, 0, 0, 1], tls_port))).await;
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new();
     let (_, a_cert, a_key) = ca.valid(dir.path(), "a", &["a.test"]);
@@ -227,15 +225,8 @@ async fn envoy_routes_tls_passthrough_by_sni() {
     let db = Upstream::start("db").await;
     let (_, cert, key) = ca.valid(dir.path(), "db", &["db.test"]);
     let db_listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    h.write_route(
-        "db.route",
-        &format!(
-            "protocol = \"tcp\"\nlisten = \"{db_listen}\"\nhost = \"db.test\"\nupstreams = [\"{}\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
-            db.addr,
-            cert.display(),
-            key.display()
-        ),
-    );
+    let head = format!("protocol = \"tcp\"\nlisten = \"{db_listen}\"\nhost = \"db.test\"\n");
+    h.write_route("db.route", &route_with_files(&head, db.addr, &cert, &key));
     eventually(
         Duration::from_secs(10),
         "db.test terminated by Envoy",

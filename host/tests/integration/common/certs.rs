@@ -59,6 +59,13 @@ impl TestCa {
         (cert.der().clone(), cert_path, key_path)
     }
 
+    /// The root written to `dir`, for clients (curl) that read it from a file.
+    pub fn root_file(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("test-root.pem");
+        std::fs::write(&path, &self.root_pem).expect("the root");
+        path
+    }
+
     pub fn valid(
         &self,
         dir: &Path,
@@ -334,4 +341,19 @@ pub async fn served_certificate(port: u16, name: &str, field: &str) -> String {
         .await
         .expect("openssl runs");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A route file's text: `head` (its own lines, each ending in a newline), then `upstream` and
+/// the certificate files `tls` names.
+pub fn route_with_files(
+    head: &str,
+    upstream: std::net::SocketAddr,
+    cert: &Path,
+    key: &Path,
+) -> String {
+    format!(
+        "{head}upstreams = [\"{upstream}\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+        cert.display(),
+        key.display()
+    )
 }
