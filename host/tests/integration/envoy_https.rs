@@ -252,32 +252,15 @@ async fn envoy_serves_a_certificate_harbor_ordered_over_acme() {
         return;
     };
     pebble.ready().await;
-    let (directory, root) = (pebble.directory.clone(), pebble.root.clone());
     let tls = SocketAddr::from(([127, 0, 0, 1], tls_port));
-    let h = harbor_then_envoy_with(&mut envoy, tls, move |c| {
-        c.acme_directory = directory.clone();
-        c.acme_ca_root = Some(root.clone());
-        c.acme_retry = Duration::from_millis(500);
-    })
-    .await;
+    let h = harbor_then_envoy_with(&mut envoy, tls, pebble.directory_settings()).await;
     let shop = Upstream::start("shop").await;
     h.register(
         json!({"name": "shop", "upstream": shop.addr.to_string(), "ttl_secs": 60,
                       "host": "shop.example.com"}),
     )
     .await;
-    let issuer = eventually(
-        Duration::from_secs(30),
-        "a certificate from Pebble",
-        || async {
-            let issuer = served_certificate(tls_port, "shop.example.com", "-issuer")
-                .await
-                .to_lowercase();
-            issuer.contains("pebble").then_some(issuer)
-        },
-    )
-    .await;
-    assert!(issuer.contains("pebble"), "{issuer}");
+    pebble.until_issued(tls_port, "shop.example.com").await;
     h.shutdown().await;
 }
 

@@ -194,6 +194,33 @@ impl Pebble {
         }
     }
 
+    /// Settings that make this Pebble the ACME directory Harbor names (to its own client, or
+    /// to the driven proxy's), its own HTTPS trusted.
+    pub fn directory_settings(
+        &self,
+    ) -> impl Fn(&mut harbor::config::Config) + Send + Sync + 'static {
+        let (directory, root) = (self.directory.clone(), self.root.clone());
+        move |c| {
+            c.acme_directory = directory.clone();
+            c.acme_ca_root = Some(root.clone());
+            c.acme_email = Some("ops@example.com".into());
+            c.acme_retry = Duration::from_millis(500);
+        }
+    }
+
+    /// Waits until the certificate served on 127.0.0.1:`port` for `name` is one Pebble issued.
+    pub async fn until_issued(&self, port: u16, name: &str) {
+        eventually(
+            Duration::from_secs(30),
+            "a certificate from Pebble",
+            || async {
+                let issuer = served_certificate(port, name, "-issuer").await;
+                issuer.to_lowercase().contains("pebble").then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Makes `host` resolve to an address where Harbor does not listen, so that its
     /// challenges fail.
     pub async fn misdirect(&self, host: &str) {
