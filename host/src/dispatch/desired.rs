@@ -279,13 +279,12 @@ fn health_to_wit(h: &HealthCheck) -> WitHealthCheck {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::Duration;
 
     use super::*;
     use crate::events::EventBus;
     use crate::metrics::Metrics;
-    use crate::model::{Route, RouteInput, ServiceName, Tls, TlsInput, Upstream, UpstreamAddr};
-    use crate::registry::{LeaseLimits, Registration, Registry};
+    use crate::model::{Route, RouteInput, ServiceName, Tls, TlsInput};
+    use crate::registry::{LeaseLimits, Registry};
 
     fn registry() -> Registry {
         let metrics = Arc::new(Metrics::new().expect("metrics"));
@@ -301,17 +300,7 @@ mod tests {
 
     fn register(registry: &Registry, name: ServiceName, mut route: Route, tls: Tls) {
         route.tls = tls;
-        let registration = Registration {
-            route,
-            name,
-            upstream: Upstream {
-                addr: UpstreamAddr::parse("127.0.0.1:9").expect("an address"),
-                weight: 1,
-                labels: Default::default(),
-            },
-            ttl: Some(Duration::from_secs(3600)),
-            meta: Default::default(),
-        };
+        let registration = crate::registry::tests::reg_route(name, route, "127.0.0.1:9", 3600);
         registry.register(registration).expect("registered");
     }
 

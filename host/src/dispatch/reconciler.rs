@@ -650,8 +650,8 @@ mod tests {
     use crate::backend::{AdapterError, Capabilities, RefusedService};
     use crate::events::lock;
     use crate::metrics::Metrics;
-    use crate::model::{RouteInput, ServiceName, Upstream, UpstreamAddr};
-    use crate::registry::{LeaseLimits, Registration};
+    use crate::model::{RouteInput, ServiceName};
+    use crate::registry::LeaseLimits;
 
     /// What a stand-in proxy saw and what it is to answer.
     #[derive(Default)]
@@ -855,17 +855,7 @@ mod tests {
     }
 
     fn register_route(registry: &Registry, name: ServiceName, route: crate::model::Route) {
-        let registration = Registration {
-            route,
-            name,
-            upstream: Upstream {
-                addr: UpstreamAddr::parse("127.0.0.1:9").expect("an address"),
-                weight: 1,
-                labels: Default::default(),
-            },
-            ttl: Some(Duration::from_secs(3600)),
-            meta: Default::default(),
-        };
+        let registration = crate::registry::tests::reg_route(name, route, "127.0.0.1:9", 3600);
         registry.register(registration).expect("registered");
     }
 

@@ -23,8 +23,19 @@ fn name(n: &str) -> ServiceName {
 
 pub(crate) fn reg(service: &str, upstream: &str, ttl_secs: u64) -> Registration {
     let name = name(service);
+    let route = RouteInput::new(&name).validate().unwrap();
+    reg_route(name, route, upstream, ttl_secs)
+}
+
+/// A registration of `route` for `name`, one instance at `upstream`.
+pub(crate) fn reg_route(
+    name: ServiceName,
+    route: crate::model::Route,
+    upstream: &str,
+    ttl_secs: u64,
+) -> Registration {
     Registration {
-        route: RouteInput::new(&name).validate().unwrap(),
+        route,
         name,
         upstream: Upstream {
             addr: UpstreamAddr::parse(upstream).unwrap(),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::common::certs::{Pebble, TestCa, free_port, http_inside_tls, route_with_files};
-use crate::common::proxies::{Caddy, Release, Upstream};
+use crate::common::proxies::{Caddy, Release, Upstream, plain_get};
 use crate::common::{self, TestHarbor, eventually};
 use harbor::config::BackendKind;
 
@@ -137,16 +137,7 @@ async fn local_hosts_get_https_from_caddy_with_harbors_root(release: Release) {
     assert_eq!(served_root.trim(), harbor_root.trim());
 
     // Plain HTTP to the host is redirected by Caddy, to its HTTPS port.
-    let plain = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let resp = plain
-        .get(format!("http://{}/x?y=1", caddy.listen_addr()))
-        .header("host", "app.localhost")
-        .send()
-        .await
-        .unwrap();
+    let resp = plain_get(caddy.listen_addr(), "app.localhost", "/x?y=1").await;
     assert_eq!(resp.status().as_u16(), 308);
     assert_eq!(
         resp.headers()["location"],
@@ -171,12 +162,7 @@ async fn local_hosts_get_https_from_caddy_with_harbors_root(release: Release) {
         },
     )
     .await;
-    let resp = plain
-        .get(format!("http://{}/", caddy.listen_addr()))
-        .header("host", "open.localhost")
-        .send()
-        .await
-        .unwrap();
+    let resp = plain_get(caddy.listen_addr(), "open.localhost", "/").await;
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(resp.text().await.unwrap(), "open");
 

@@ -16,7 +16,7 @@ use crate::common::certs::{
     Pebble, TestCa, free_port, http_inside_tls, route_with_files, served_certificate, tls_says,
     tls_upstream,
 };
-use crate::common::proxies::{Caddy, Envoy, Release, Upstream};
+use crate::common::proxies::{Caddy, Envoy, Release, Upstream, plain_get};
 use crate::common::{self, TestHarbor, eventually};
 use harbor::config::BackendKind;
 
@@ -128,16 +128,7 @@ async fn envoy_serves_sds_certificates_and_a_renewal_rewrites_only_the_secret_fi
     let root = harbor_root(&h, dir.path()).await;
     until_https(tls_port, &root, "app.localhost", "app").await;
     // Plain HTTP is redirected to the HTTPS listener.
-    let plain = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let resp = plain
-        .get(format!("http://{}/x", envoy.listen_addr()))
-        .header("host", "app.localhost")
-        .send()
-        .await
-        .unwrap();
+    let resp = plain_get(envoy.listen_addr(), "app.localhost", "/x").await;
     assert!(resp.status().is_redirection(), "{}", resp.status());
     assert_eq!(
         resp.headers()["location"],

@@ -674,3 +674,17 @@ pub fn none_failed(what: &str, ok: u64, failed: &[String]) {
         &failed[..failed.len().min(5)]
     );
 }
+
+/// `GET http://addr{target}` for `host`, its redirects not followed: what a proxy's plain
+/// listener answers itself.
+pub async fn plain_get(addr: SocketAddr, host: &str, target: &str) -> reqwest::Response {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("a client")
+        .get(format!("http://{addr}{target}"))
+        .header("host", host)
+        .send()
+        .await
+        .expect("the plain listener answers")
+}
