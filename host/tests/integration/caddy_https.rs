@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::certs::{Pebble, TestCa, free_port, http_inside_tls, route_with_files};
+use crate::common::certs::{Pebble, TestCa, route_with_files, tcp_tls_is_terminated};
 use crate::common::proxies::{Caddy, Release, Upstream, plain_get};
 use crate::common::{self, TestHarbor, eventually};
 use harbor::config::BackendKind;
@@ -284,21 +284,7 @@ async fn certificate_files_are_served_by_caddy(release: Release) {
 
     // Beside Caddy, Harbor's own tcp proxy terminates TLS for tcp services with its
     // certificates.
-    let (_, cert, key) = ca.valid(dir.path(), "db", &["db.test"]);
-    let db = Upstream::start("db").await;
-    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let head = format!("protocol = \"tcp\"\nlisten = \"{listen}\"\nhost = \"db.test\"\n");
-    h.write_route("db.route", &route_with_files(&head, db.addr, &cert, &key));
-    let roots = [ca.root.clone()];
-    eventually(
-        Duration::from_secs(10),
-        "db.test terminated by Harbor",
-        || async {
-            let answer = http_inside_tls(listen, &roots, "db.test").await?;
-            answer.ends_with("db").then_some(())
-        },
-    )
-    .await;
+    tcp_tls_is_terminated(&h, &ca, dir.path(), "Harbor").await;
     h.shutdown().await;
 }
 

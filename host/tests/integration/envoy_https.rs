@@ -13,8 +13,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::common::certs::{
-    Pebble, TestCa, free_port, http_inside_tls, route_with_files, served_certificate, tls_says,
-    tls_upstream,
+    Pebble, TestCa, free_port, route_with_files, served_certificate, tcp_tls_is_terminated,
+    tls_says, tls_upstream,
 };
 use crate::common::proxies::{Caddy, Envoy, Release, Upstream, plain_get};
 use crate::common::{self, TestHarbor, eventually};
@@ -213,20 +213,7 @@ async fn envoy_routes_tls_passthrough_by_sni() {
     assert_eq!(status["in_sync"], true, "{status}");
 
     // A tcp service whose TLS Envoy terminates, with the certificate Harbor hands it.
-    let db = Upstream::start("db").await;
-    let (_, cert, key) = ca.valid(dir.path(), "db", &["db.test"]);
-    let db_listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let head = format!("protocol = \"tcp\"\nlisten = \"{db_listen}\"\nhost = \"db.test\"\n");
-    h.write_route("db.route", &route_with_files(&head, db.addr, &cert, &key));
-    eventually(
-        Duration::from_secs(10),
-        "db.test terminated by Envoy",
-        || async {
-            let answer = http_inside_tls(db_listen, &roots, "db.test").await?;
-            answer.ends_with("db").then_some(())
-        },
-    )
-    .await;
+    tcp_tls_is_terminated(&h, &ca, dir.path(), "Envoy").await;
     h.shutdown().await;
 }
 

@@ -384,3 +384,24 @@ pub fn route_with_files(
         key.display()
     )
 }
+
+/// Routes a tcp service `db.test`, whose TLS is terminated in front of an HTTP upstream with a
+/// certificate `ca` issues, and waits until a client trusting `ca` reaches that upstream through
+/// it; `by` names who terminates, for the failure message.
+pub async fn tcp_tls_is_terminated(h: &super::TestHarbor, ca: &TestCa, dir: &Path, by: &str) {
+    let (_, cert, key) = ca.valid(dir, "db", &["db.test"]);
+    let db = super::proxies::Upstream::start("db").await;
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let head = format!("protocol = \"tcp\"\nlisten = \"{listen}\"\nhost = \"db.test\"\n");
+    h.write_route("db.route", &route_with_files(&head, db.addr, &cert, &key));
+    let roots = [ca.root.clone()];
+    eventually(
+        Duration::from_secs(10),
+        &format!("db.test terminated by {by}"),
+        || async {
+            let answer = http_inside_tls(listen, &roots, "db.test").await?;
+            answer.ends_with("db").then_some(())
+        },
+    )
+    .await;
+}
