@@ -216,6 +216,27 @@ fn harbor_files(entry: &Value) -> bool {
         .is_some_and(|tags| tags.iter().any(|t| t == FILES_TAG))
 }
 
+/// The object under `key`, taken out of `map` (empty when there is none, or it is not one).
+fn take_object(map: &mut Map<String, Value>, key: &str) -> Map<String, Value> {
+    match map.remove(key) {
+        Some(Value::Object(object)) => object,
+        _ => Map::new(),
+    }
+}
+
+/// Puts `value` under `key` unless it is an empty object or list: Caddy's configuration keeps
+/// no empty parts of Harbor's making.
+fn put_unless_empty(map: &mut Map<String, Value>, key: &str, value: Value) {
+    let empty = match &value {
+        Value::Object(object) => object.is_empty(),
+        Value::Array(list) => list.is_empty(),
+        _ => false,
+    };
+    if !empty {
+        map.insert(key.into(), value);
+    }
+}
+
 /// Caddy's `apps` with Harbor's `tls` and `pki` parts made `plan`'s (or removed, for `None`),
 /// and everything else as it was.
 pub fn merged_apps(apps: &Value, plan: Option<&Plan>) -> Value {
@@ -223,15 +244,9 @@ pub fn merged_apps(apps: &Value, plan: Option<&Plan>) -> Value {
         Value::Object(map) => map.clone(),
         _ => Map::new(),
     };
-    let mut tls = match apps.remove("tls") {
-        Some(Value::Object(map)) => map,
-        _ => Map::new(),
-    };
+    let mut tls = take_object(&mut apps, "tls");
     // Automation policies: Harbor's first, so that they win over a catch-all of the user's.
-    let mut automation = match tls.remove("automation") {
-        Some(Value::Object(map)) => map,
-        _ => Map::new(),
-    };
+    let mut automation = take_object(&mut tls, "automation");
     let theirs: Vec<Value> = automation
         .remove("policies")
         .and_then(|p| p.as_array().cloned())
@@ -241,16 +256,9 @@ pub fn merged_apps(apps: &Value, plan: Option<&Plan>) -> Value {
         .collect();
     let mut policies: Vec<Value> = plan.map(|p| p.policies.clone()).unwrap_or_default();
     policies.extend(theirs);
-    if !policies.is_empty() {
-        automation.insert("policies".into(), Value::Array(policies));
-    }
-    if !automation.is_empty() {
-        tls.insert("automation".into(), Value::Object(automation));
-    }
-    let mut certificates = match tls.remove("certificates") {
-        Some(Value::Object(map)) => map,
-        _ => Map::new(),
-    };
+    put_unless_empty(&mut automation, "policies", Value::Array(policies));
+    put_unless_empty(&mut tls, "automation", Value::Object(automation));
+    let mut certificates = take_object(&mut tls, "certificates");
     let mut files: Vec<Value> = certificates
         .remove("load_files")
         .and_then(|f| f.as_array().cloned())
@@ -259,33 +267,21 @@ pub fn merged_apps(apps: &Value, plan: Option<&Plan>) -> Value {
         .filter(|f| !harbor_files(f))
         .collect();
     files.extend(plan.map(|p| p.load_files.clone()).unwrap_or_default());
-    if !files.is_empty() {
-        certificates.insert("load_files".into(), Value::Array(files));
-    }
-    if !certificates.is_empty() {
-        tls.insert("certificates".into(), Value::Object(certificates));
-    }
-    if !tls.is_empty() {
-        apps.insert("tls".into(), Value::Object(tls));
-    }
-    let mut pki = match apps.remove("pki") {
-        Some(Value::Object(map)) => map,
-        _ => Map::new(),
-    };
-    let mut authorities = match pki.remove("certificate_authorities") {
-        Some(Value::Object(map)) => map,
-        _ => Map::new(),
-    };
+    put_unless_empty(&mut certificates, "load_files", Value::Array(files));
+    put_unless_empty(&mut tls, "certificates", Value::Object(certificates));
+    put_unless_empty(&mut apps, "tls", Value::Object(tls));
+    let mut pki = take_object(&mut apps, "pki");
+    let mut authorities = take_object(&mut pki, "certificate_authorities");
     authorities.remove(CA_ID);
     if let Some(ca) = plan.and_then(|p| p.ca.clone()) {
         authorities.insert(CA_ID.into(), ca);
     }
-    if !authorities.is_empty() {
-        pki.insert("certificate_authorities".into(), Value::Object(authorities));
-    }
-    if !pki.is_empty() {
-        apps.insert("pki".into(), Value::Object(pki));
-    }
+    put_unless_empty(
+        &mut pki,
+        "certificate_authorities",
+        Value::Object(authorities),
+    );
+    put_unless_empty(&mut apps, "pki", Value::Object(pki));
     Value::Object(apps)
 }
 
