@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::certs::{Pebble, TestCa, route_with_files, tcp_tls_is_terminated};
+use crate::common::certs::{Pebble, TestCa, curl_https, route_with_files, tcp_tls_is_terminated};
 use crate::common::proxies::{Caddy, Release, Upstream, plain_get};
 use crate::common::{self, TestHarbor, eventually};
 use harbor::config::BackendKind;
@@ -34,39 +34,14 @@ async fn harbor_for(
     .await
 }
 
-/// `curl` to `https://host:port/path` through Caddy's HTTPS site, trusting `ca` (none: any
-/// certificate): the status, the headers and the body, or curl's complaint.
+/// `curl` to `https://host:port/path` through Caddy's HTTPS site (see [`curl_https`]).
 async fn curl(
     caddy: &Caddy,
     ca: Option<&Path>,
     url_host: &str,
     path: &str,
 ) -> Result<(u16, String, String), String> {
-    let port = caddy.tls_listen.unwrap();
-    let mut cmd = tokio::process::Command::new("curl");
-    cmd.args(["-sS", "--max-time", "5", "-D", "-", "-o", "-"])
-        .arg("--resolve")
-        .arg(format!("{url_host}:{port}:127.0.0.1"));
-    match ca {
-        Some(ca) => cmd.arg("--cacert").arg(ca),
-        None => cmd.arg("-k"),
-    };
-    let out = cmd
-        .arg(format!("https://{url_host}:{port}{path}"))
-        .output()
-        .await
-        .map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("no head")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or("no status")?;
-    Ok((status, head.to_owned(), body.to_owned()))
+    curl_https(caddy.tls_listen.unwrap(), ca, url_host, path).await
 }
 
 /// The root of Caddy's CA `id`, as its admin API gives it, written to `dir`; none while Caddy

@@ -13,8 +13,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::common::certs::{
-    Pebble, TestCa, free_port, route_with_files, served_certificate, tcp_tls_is_terminated,
-    tls_says, tls_upstream,
+    Pebble, TestCa, curl_https, free_port, route_with_files, served_certificate,
+    tcp_tls_is_terminated, tls_says, tls_upstream,
 };
 use crate::common::proxies::{Caddy, Envoy, Release, Upstream, plain_get};
 use crate::common::{self, TestHarbor, eventually};
@@ -57,34 +57,14 @@ async fn harbor_then_envoy_with(
     h
 }
 
-/// `curl` to `https://host:port/` trusting `ca`: the status and the body, or curl's complaint.
-async fn curl(port: u16, ca: &Path, host: &str) -> Result<(u16, String), String> {
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--max-time", "5", "-w", "\n%{http_code}"])
-        .arg("--resolve")
-        .arg(format!("{host}:{port}:127.0.0.1"))
-        .arg("--cacert")
-        .arg(ca)
-        .arg(format!("https://{host}:{port}/"))
-        .output()
-        .await
-        .map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, status) = text.rsplit_once('\n').ok_or("no status")?;
-    Ok((status.parse().map_err(|_| "no status")?, body.to_owned()))
-}
-
 /// Waits until `https://host:port/` answers `want`, verified against `ca`.
 async fn until_https(port: u16, ca: &Path, host: &str, want: &str) {
     eventually(
         Duration::from_secs(15),
         &format!("{host} over HTTPS"),
         || async {
-            let got = curl(port, ca, host).await.ok()?;
-            (got == (200, want.to_owned())).then_some(())
+            let (status, _, body) = curl_https(port, Some(ca), host, "/").await.ok()?;
+            (status == 200 && body == want).then_some(())
         },
     )
     .await;

@@ -405,3 +405,37 @@ pub async fn tcp_tls_is_terminated(h: &super::TestHarbor, ca: &TestCa, dir: &Pat
     )
     .await;
 }
+
+/// `curl` to `https://host:port/path` on 127.0.0.1, trusting `ca` (none: any certificate): the
+/// status, the head and the body, or curl's complaint.
+pub async fn curl_https(
+    port: u16,
+    ca: Option<&Path>,
+    url_host: &str,
+    path: &str,
+) -> Result<(u16, String, String), String> {
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "5", "-D", "-", "-o", "-"])
+        .arg("--resolve")
+        .arg(format!("{url_host}:{port}:127.0.0.1"));
+    match ca {
+        Some(ca) => cmd.arg("--cacert").arg(ca),
+        None => cmd.arg("-k"),
+    };
+    let out = cmd
+        .arg(format!("https://{url_host}:{port}{path}"))
+        .output()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no head")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("no status")?;
+    Ok((status, head.to_owned(), body.to_owned()))
+}
